@@ -1,0 +1,1 @@
+"""Adapters between inference engines' KV caches and kvtier's engine-agnostic layout."""

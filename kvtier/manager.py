@@ -1,0 +1,629 @@
+"""TieredCache: the public, in-process API and the cascade across tiers.
+
+Blocks enter the fastest tier; a full tier demotes victims (chosen by its eviction policy) one
+tier down; a block leaving its last tier is dropped together with its descendants, children
+before parents (a child is useless without its parent). Persistent tiers below memory receive
+blocks as their admission policy says (write-through in the background, on eviction, or after N
+hits). Reads pin every block of the prefix so nothing is evicted or freed under a reader.
+
+Locking: one re-entrant lock guards the index, policies and counters. Encoding, decoding and
+reads from pinned blocks happen outside it; background writes to persistent tiers take it only
+to make room and to publish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvtier.block import decode_block_into, encode_block
+from kvtier.codecs import get_codec
+from kvtier.config import CacheConfig
+from kvtier.errors import CorruptBlock, KVTierError, StorageFull
+from kvtier.keys import as_token_array, prefix_hashes
+from kvtier.layout import KV, KVLayout
+from kvtier.namespaces import Namespace, NamespaceRegistry, validate_name
+from kvtier.policies import make_policy
+from kvtier.policies.admission import make_admission
+from kvtier.prefetch import PrefetchHandle
+from kvtier.records import BlockLocation, Hit
+from kvtier.stats import CacheStats, TierStats
+from kvtier.tiers.base import BlockMeta, Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    key: bytes
+    namespace: str
+    parent: bytes | None
+    index: int
+    tokens: int
+    nbytes: int
+    created: float
+    tiers: set[int] = field(default_factory=set)
+    children: set[bytes] = field(default_factory=set)
+    pins: int = 0
+    hits: int = 0
+    doomed: bool = False  # dropped while pinned: freed when the last reader lets go
+
+    def meta(self, codec: str) -> BlockMeta:
+        return BlockMeta(self.namespace, self.parent, self.tokens, codec, self.created)
+
+
+@dataclass(slots=True)
+class LeasedBlock:
+    """A pinned block of a lease: ``tiers`` lists where copies live, fastest first."""
+
+    index: int
+    key: bytes
+    nbytes: int
+    tiers: list[str]
+
+
+@dataclass(slots=True)
+class Lease:
+    """A pinned cached prefix: safe to read until released."""
+
+    namespace: Namespace | None
+    blocks: list[LeasedBlock]
+    requested_tokens: int
+    _entries: list = field(default_factory=list, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.blocks) * self.namespace.block_tokens if self.namespace else 0
+
+
+class _Pinned:
+    """``key in protected`` for eviction: blocks a reader holds."""
+
+    def __init__(self, index: dict[bytes, _Entry]) -> None:
+        self._index = index
+
+    def __contains__(self, key: object) -> bool:
+        e = self._index.get(key)  # type: ignore[arg-type]
+        return e is not None and e.pins > 0
+
+
+def build_tiers(config: CacheConfig) -> list[Tier]:
+    """The tiers a config asks for, fastest first."""
+    from kvtier.tiers.memory import make_device_tier, make_host_tier
+
+    tiers: list[Tier] = []
+    if config.device.capacity_bytes > 0:
+        tiers.append(make_device_tier(config.device))
+    if config.host.capacity_bytes > 0:
+        tiers.append(make_host_tier(config.host))
+    if config.ssd.path:
+        from kvtier.tiers.ssd import SSDTier
+
+        tiers.append(SSDTier(config.ssd))
+    if config.remote.backend:
+        from kvtier.tiers.remote import make_remote_tier
+
+        remote = make_remote_tier(config.remote)
+        if remote is not None:
+            tiers.append(remote)
+    if not tiers:
+        raise KVTierError("no tier is configured: give the host, device or SSD tier a capacity")
+    return tiers
+
+
+class TieredCache:
+    """KV blocks keyed by prefix hashes across device -> host -> SSD (-> remote) tiers."""
+
+    def __init__(self, config: CacheConfig | None = None, *, tiers: Sequence[Tier] | None = None) -> None:
+        self.config = config or CacheConfig()
+        self.tiers: list[Tier] = list(tiers) if tiers is not None else build_tiers(self.config)
+        self._lock = threading.RLock()
+        self._index: dict[bytes, _Entry] = {}
+        self._protected = _Pinned(self._index)
+        self._policies = [make_policy(self._tier_cfg(t).policy) for t in self.tiers]
+        self._stats = CacheStats({t.name: TierStats(t.name) for t in self.tiers})
+        self._admission = make_admission(self.config.ssd.admission, self.config.ssd.admission_min_hits)
+        ssd_path = self.config.ssd.path
+        self.namespaces_registry = NamespaceRegistry(Path(ssd_path) / "namespaces.json" if ssd_path else None)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvtier-writer")
+        self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-prefetch")
+        self._pending_writes: set = set()
+        self._prefetches: dict[str, PrefetchHandle] = {}
+        self._closed = False
+        self._warm_start()
+
+    # ---- namespaces -------------------------------------------------------------------
+    def register_namespace(self, name: str, *, model_id: str | None = None, layout: KVLayout | None = None,
+                           block_tokens: int | None = None, codec: str | None = None,
+                           ttl_s: float | None = None, tenant: str = "") -> Namespace:
+        """Register (idempotently) a namespace; a conflicting re-registration raises InvalidRequest."""
+        validate_name(name)
+        ns = Namespace(name, model_id or name, block_tokens or self.config.block_tokens,
+                       codec or self.config.codec, layout, ttl_s, tenant)
+        return self.namespaces_registry.register(ns)
+
+    def get_namespace(self, name: str) -> Namespace:
+        return self.namespaces_registry.get(name)
+
+    def namespaces(self) -> list[Namespace]:
+        return self.namespaces_registry.all()
+
+    def drop_namespace(self, name: str) -> int:
+        """Drop a namespace and every block it owns; returns the blocks dropped."""
+        self.namespaces_registry.get(name)
+        with self._lock:
+            roots = [e.key for e in self._index.values() if e.namespace == name and e.parent is None]
+            dropped = sum(self._drop(k, "namespace_dropped") for k in roots)
+            self.namespaces_registry.remove(name)
+        return dropped
+
+    # ---- write path -------------------------------------------------------------------
+    def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> int:
+        """Store every full block of ``token_ids`` not already stored; returns the tokens stored."""
+        tokens = as_token_array(token_ids)
+        ns = self._namespace_for_put(namespace, kv)
+        ns.layout.validate(kv, len(tokens))
+        ns = self.namespaces_registry.register(ns)
+        bt = ns.block_tokens
+        keys = prefix_hashes(ns.digest, tokens, bt)
+        codec = get_codec(ns.codec)
+        stored = 0
+        parent: bytes | None = None
+        for i, key in enumerate(keys):
+            if key not in self._index:
+                data = encode_block(codec, [[t[i * bt:(i + 1) * bt] for t in layer] for layer in kv])
+                entry = _Entry(key, ns.name, parent, i, bt, len(data), time.time())
+                with self._lock:
+                    if parent is not None and parent not in self._index:
+                        break  # the parent was dropped meanwhile: a child alone is useless
+                    if key not in self._index:
+                        if not self._place_new(entry, data, ns.codec):
+                            break
+                        stored += bt
+            parent = key
+        with self._lock:
+            for key in reversed(keys):  # parents end up more recent: leaves are evicted first
+                e = self._index.get(key)
+                for t in e.tiers if e else ():
+                    self._policies[t].touch(key)
+            self._stats.puts += 1
+            self._stats.tokens_put += stored
+        return stored
+
+    def _namespace_for_put(self, name: str, kv: KV) -> Namespace:
+        ns = self.namespaces_registry.find(validate_name(name))
+        if ns is None:
+            return Namespace(name, name, self.config.block_tokens, self.config.codec, KVLayout.from_kv(kv))
+        if ns.layout is None:
+            return Namespace(ns.name, ns.model_id, ns.block_tokens, ns.codec, KVLayout.from_kv(kv),
+                             ns.ttl_s, ns.tenant)
+        return ns
+
+    def _place_new(self, entry: _Entry, data: bytes, codec: str) -> bool:
+        """Put a new block into the fastest tier that can ever hold it (lock held)."""
+        for t, tier in enumerate(self.tiers):
+            if not _fits_ever(tier, len(data)) or not self._make_room(t, len(data)):
+                continue
+            try:
+                tier.put(entry.key, data, entry.meta(codec))
+            except KVTierError as e:
+                self._stats.tiers[tier.name].put_failures += 1
+                log.warning("put to %s failed: %s", tier.name, e)
+                continue
+            self._publish(entry, t, len(data))
+            if entry.parent is not None:
+                self._index[entry.parent].children.add(entry.key)
+            self._schedule_write_through(entry, data, codec, below=t)
+            return True
+        return False
+
+    def _publish(self, entry: _Entry, t: int, nbytes: int) -> None:
+        self._index[entry.key] = entry
+        entry.tiers.add(t)
+        self._policies[t].insert(entry.key)
+        s = self._stats.tiers[self.tiers[t].name]
+        s.blocks_written += 1
+        s.bytes_written += nbytes
+
+    def _make_room(self, t: int, nbytes: int) -> bool:
+        """Demote victims of tier ``t`` until ``nbytes`` fit; False if pinned blocks prevent it."""
+        tier = self.tiers[t]
+        while not tier.can_fit(nbytes):
+            victim = self._policies[t].evict(self._protected)
+            if victim is None:
+                return False
+            self._demote(victim, t)
+        return True
+
+    def _demote(self, key: bytes, t: int) -> None:
+        """Move a victim of tier ``t`` one tier down (or drop it if it leaves its last tier)."""
+        entry = self._index[key]
+        below = t + 1 if t + 1 < len(self.tiers) else None
+        stats = self._stats.tiers[self.tiers[t].name]
+        if below is not None and below not in entry.tiers and self._admission.admit_on_evict(entry.hits):
+            self._copy_down(entry, t, below)
+        self.tiers[t].delete(key)
+        entry.tiers.discard(t)
+        stats.evictions["capacity"] += 1
+        if entry.tiers:
+            stats.demotions += 1
+        else:
+            self._drop(key, "capacity")
+
+    def _copy_down(self, entry: _Entry, src: int, dst: int) -> None:
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        self.tiers[src].read_into(entry.key, buf)
+        if not (_fits_ever(self.tiers[dst], entry.nbytes) and self._make_room(dst, entry.nbytes)):
+            return
+        try:
+            self.tiers[dst].put(entry.key, buf, entry.meta(self._codec_of(entry)))
+        except KVTierError as e:
+            self._stats.tiers[self.tiers[dst].name].put_failures += 1
+            log.warning("demotion to %s failed: %s", self.tiers[dst].name, e)
+            return
+        self._publish(entry, dst, entry.nbytes)
+
+    def _schedule_write_through(self, entry: _Entry, data: bytes, codec: str, below: int) -> None:
+        for t in range(below + 1, len(self.tiers)):
+            if self.tiers[t].persistent and self._admission.admit_on_put():
+                fut = self._writer.submit(self._write_through, entry.key, data, codec, t)
+                self._pending_writes.add(fut)
+                fut.add_done_callback(self._pending_writes.discard)
+                return  # one persistent tier below is enough; demotion carries it further
+
+    def _write_through(self, key: bytes, data: bytes, codec: str, t: int) -> None:
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None or entry.doomed or t in entry.tiers:
+                return
+            if not (_fits_ever(self.tiers[t], len(data)) and self._make_room(t, len(data))):
+                return
+            meta = entry.meta(codec)
+        try:
+            self.tiers[t].put(key, data, meta)  # disk I/O outside the lock
+        except KVTierError as e:
+            with self._lock:
+                self._stats.tiers[self.tiers[t].name].put_failures += 1
+            log.warning("write-through to %s failed: %s", self.tiers[t].name, e)
+            return
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None or entry.doomed:
+                self.tiers[t].delete(key)
+            elif t not in entry.tiers:
+                self._publish(entry, t, len(data))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until background writes to persistent tiers are done."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._pending_writes:
+            fut = next(iter(list(self._pending_writes)), None)
+            if fut is not None:
+                fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    # ---- drops ------------------------------------------------------------------------
+    def _drop(self, key: bytes, reason: str) -> int:
+        """Drop a block and its descendants from every tier, children first (lock held)."""
+        order: list[bytes] = []
+        stack = [key]
+        while stack:
+            k = stack.pop()
+            if k in self._index:
+                order.append(k)
+                stack.extend(self._index[k].children)
+        for k in reversed(order):
+            entry = self._index.pop(k)
+            if entry.parent is not None and entry.parent in self._index:
+                self._index[entry.parent].children.discard(k)
+            for t in entry.tiers:
+                self._policies[t].remove(k)
+                if k != key or reason != "capacity":
+                    self._stats.tiers[self.tiers[t].name].evictions[reason if k == key else "orphaned"] += 1
+            if entry.pins:
+                entry.doomed = True
+            else:
+                self._free(entry)
+            self._stats.blocks_dropped += 1
+        return len(order)
+
+    def _free(self, entry: _Entry) -> None:
+        for t in entry.tiers:
+            self.tiers[t].delete(entry.key)
+        entry.tiers.clear()
+
+    def evict(self, namespace: str, token_ids: Sequence[int]) -> int:
+        """Remove a prefix's blocks (and anything cached beyond them); returns blocks removed."""
+        ns = self.namespaces_registry.get(namespace)
+        if ns.layout is None:
+            return 0
+        keys = prefix_hashes(ns.digest, as_token_array(token_ids), ns.block_tokens)
+        with self._lock:
+            return sum(self._drop(k, "evicted") for k in keys if k in self._index)
+
+    # ---- read path --------------------------------------------------------------------
+    def _acquire(self, namespace: str, token_ids: Sequence[int], *, pin: bool) -> tuple[Namespace | None, list[_Entry], int]:
+        """Entries of the longest cached prefix (pinned if asked), with lookup accounting."""
+        tokens = as_token_array(token_ids)
+        ns = self.namespaces_registry.find(validate_name(namespace))
+        entries: list[_Entry] = []
+        n_blocks = 0
+        if ns is not None and ns.layout is not None:
+            keys = prefix_hashes(ns.digest, tokens, ns.block_tokens)
+            n_blocks = len(keys)
+        with self._lock:
+            if n_blocks:
+                now = time.time()
+                for key in keys:
+                    e = self._index.get(key)
+                    if e is None or e.doomed:
+                        break
+                    if ns.ttl_s is not None and now - e.created > ns.ttl_s:
+                        self._drop(key, "expired")
+                        break
+                    entries.append(e)
+                for e in reversed(entries):  # parents end up more recent than children
+                    e.hits += 1
+                    if pin:
+                        e.pins += 1
+                    for t in e.tiers:
+                        self._policies[t].touch(e.key)
+            self._count_lookup(entries, n_blocks, len(tokens), ns)
+        return ns, entries, len(tokens)
+
+    def _count_lookup(self, entries: list[_Entry], n_blocks: int, n_tokens: int, ns: Namespace | None) -> None:
+        st = self._stats
+        st.lookups += 1
+        st.tokens_looked_up += n_tokens
+        if entries:
+            st.lookup_hits += 1
+            st.tokens_hit += len(entries) * ns.block_tokens
+        for e in entries:
+            fastest = min(e.tiers)
+            for t in range(fastest):
+                st.tiers[self.tiers[t].name].misses += 1
+            ts = st.tiers[self.tiers[fastest].name]
+            ts.hits += 1
+            ts.hit_tokens += e.tokens
+        for tier in self.tiers:
+            st.tiers[tier.name].misses += n_blocks - len(entries)
+
+    def _release(self, entries: list[_Entry]) -> None:
+        with self._lock:
+            for e in entries:
+                e.pins -= 1
+                if e.pins == 0 and e.doomed:
+                    self._free(e)
+
+    def acquire(self, namespace: str, token_ids: Sequence[int]) -> Lease:
+        """Pin the longest cached prefix for a reader; pair with ``release(lease)``.
+
+        While leased, no block of the prefix is evicted or freed. Used by the loader.
+        """
+        ns, entries, n = self._acquire(namespace, token_ids, pin=True)
+        blocks = [LeasedBlock(e.index, e.key, e.nbytes, [self.tiers[t].name for t in sorted(e.tiers)])
+                  for e in entries]
+        return Lease(ns, blocks, n, entries)
+
+    def release(self, lease: Lease) -> None:
+        """Unpin a lease's blocks (idempotent)."""
+        entries, lease._entries = lease._entries, []
+        self._release(entries)
+
+    def tier(self, name: str) -> Tier:
+        """The tier called ``name`` (``device``, ``host``, ``ssd``, ``remote``)."""
+        return self.tiers[self._tier_index(name)]
+
+    def lookup(self, namespace: str, token_ids: Sequence[int]) -> Hit:
+        """The longest cached prefix of ``token_ids`` and where each block lives."""
+        ns, entries, n = self._acquire(namespace, token_ids, pin=False)
+        bt = ns.block_tokens if ns else self.config.block_tokens
+        blocks = [BlockLocation(e.index, e.key, self.tiers[min(e.tiers)].name) for e in entries if e.tiers]
+        return Hit(namespace, len(blocks) * bt, bt, n, blocks)
+
+    def get(self, namespace: str, token_ids: Sequence[int], *, device: str | torch.device = "cpu") -> tuple[list[tuple[torch.Tensor, ...]] | None, int]:
+        """KV of the longest cached prefix (layers of tensors ``[n_tokens, ...]``) and ``n_tokens``."""
+        ns, entries, _ = self._acquire(namespace, token_ids, pin=True)
+        try:
+            if not entries:
+                return None, 0
+            bt = ns.block_tokens
+            out = ns.layout.empty(len(entries) * bt, device)
+            loaded = 0
+            for i, e in enumerate(entries):
+                views = [[t[i * bt:(i + 1) * bt] for t in layer] for layer in out]
+                if not self.load_block(e.key, views, ns.codec):
+                    break
+                loaded += 1
+            if loaded == 0:
+                return None, 0
+            n = loaded * bt
+            return [tuple(t[:n] for t in layer) for layer in out], n
+        finally:
+            self._release(entries)
+
+    def load_block(self, key: bytes, outs: Sequence[Sequence[torch.Tensor]], codec: str) -> bool:
+        """Decode one pinned block from its fastest tier into ``outs``; promote it if configured.
+
+        A corrupt copy is dropped from its tier and the next tier is tried; False if none is left.
+        """
+        entry = self._index.get(key)
+        while entry is not None and entry.tiers:
+            t = min(entry.tiers)
+            tier = self.tiers[t]
+            start = time.perf_counter()
+            try:
+                if hasattr(tier, "view"):
+                    data, verify = tier.view(key), False
+                else:
+                    data, verify = torch.empty(entry.nbytes, dtype=torch.uint8), True
+                    tier.read_into(key, data)
+                decode_block_into(data, outs, verify=verify)
+            except (CorruptBlock, KeyError) as e:
+                self._lose_copy(entry, t, e)
+                continue
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                s = self._stats.tiers[tier.name]
+                s.blocks_read += 1
+                s.bytes_read += entry.nbytes
+                s.reload_seconds.observe(elapsed)
+            if t > 0 and self.config.promote_on_get:
+                self._promote(entry, data if verify else None, codec)
+            return True
+        return False
+
+    def _lose_copy(self, entry: _Entry, t: int, err: Exception) -> None:
+        with self._lock:
+            if isinstance(err, CorruptBlock):
+                self._stats.tiers[self.tiers[t].name].corrupt_blocks += 1
+                log.warning("corrupt block %s in %s: %s", entry.key.hex(), self.tiers[t].name, err)
+            self.tiers[t].delete(entry.key)
+            self._policies[t].remove(entry.key)
+            entry.tiers.discard(t)
+            if not entry.tiers:
+                self._drop(entry.key, "corrupt" if isinstance(err, CorruptBlock) else "lost")
+
+    def _promote(self, entry: _Entry, data: torch.Tensor | None, codec: str, target: int = 0) -> bool:
+        """Copy a pinned block into tier ``target`` (a faster one); True if it lives there now."""
+        if data is None:
+            src = min(entry.tiers)
+            data = torch.empty(entry.nbytes, dtype=torch.uint8)
+            self.tiers[src].read_into(entry.key, data)
+        with self._lock:
+            if entry.doomed or target in entry.tiers:
+                return target in entry.tiers
+            tier = self.tiers[target]
+            if not (_fits_ever(tier, entry.nbytes) and self._make_room(target, entry.nbytes)):
+                return False
+            tier.put(entry.key, data, entry.meta(codec))
+            self._publish(entry, target, entry.nbytes)
+            self._stats.tiers[tier.name].promotions += 1
+            return True
+
+    # ---- prefetch ---------------------------------------------------------------------
+    def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host") -> PrefetchHandle:
+        """Promote a prefix toward tier ``to`` in the background; returns a handle at once."""
+        target = self._tier_index(to)
+        handle = PrefetchHandle(namespace, to, len(as_token_array(token_ids)))
+        with self._lock:
+            self._prefetches[handle.id] = handle
+        self._prefetcher.submit(self._run_prefetch, handle, namespace, token_ids, target)
+        return handle
+
+    def prefetch_status(self, prefetch_id: str) -> PrefetchHandle:
+        return self._prefetches[prefetch_id]
+
+    def _run_prefetch(self, handle: PrefetchHandle, namespace: str, token_ids: Sequence[int], target: int) -> None:
+        handle.state = "running"
+        ns, entries, _ = self._acquire(namespace, token_ids, pin=True)
+        try:
+            for e in entries:
+                if handle.cancelled:
+                    return self._finish_prefetch(handle, "cancelled")
+                if target not in e.tiers and not self._promote(e, None, ns.codec, target):
+                    break
+                handle.ready_tokens += e.tokens
+            self._finish_prefetch(handle, "done")
+        except Exception as e:  # noqa: BLE001  a failed prefetch is reported, never raised
+            log.exception("prefetch %s failed", handle.id)
+            self._finish_prefetch(handle, "failed", str(e))
+        finally:
+            self._release(entries)
+
+    def _finish_prefetch(self, handle: PrefetchHandle, state: str, error: str | None = None) -> None:
+        with self._lock:
+            self._stats.prefetch[state] += 1
+        handle.finish(state, error)
+
+    # ---- stats, lifecycle -------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        """A consistent snapshot of every counter, with tier fill and block ages."""
+        now = time.time()
+        with self._lock:
+            snap = CacheStats({}, self._stats.lookups, self._stats.lookup_hits,
+                              self._stats.tokens_looked_up, self._stats.tokens_hit,
+                              self._stats.puts, self._stats.tokens_put, self._stats.blocks_dropped,
+                              self._stats.prefetch.copy(), self._stats.cost_decisions.copy(),
+                              dict(self._stats.extra))
+            for t, tier in enumerate(self.tiers):
+                src = self._stats.tiers[tier.name]
+                ts = TierStats(**{f: getattr(src, f) for f in TierStats.__slots__})
+                ts.evictions = src.evictions.copy()
+                ts.reload_seconds = src.reload_seconds.copy()
+                ts.age_seconds = type(src.age_seconds)(src.age_seconds.buckets)
+                ts.capacity_bytes, ts.used_bytes, ts.blocks = tier.capacity_bytes, tier.used_bytes, len(self._policies[t])
+                snap.tiers[tier.name] = ts
+            for e in self._index.values():
+                for t in e.tiers:
+                    snap.tiers[self.tiers[t].name].age_seconds.observe(now - e.created)
+        for tier in self.tiers:
+            extra = getattr(tier, "stats", None)
+            if callable(extra):
+                snap.tiers[tier.name].extra = extra()
+        return snap
+
+    def close(self) -> None:
+        """Finish background writes and close every tier. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> TieredCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _tier_cfg(self, tier: Tier):
+        return getattr(self.config, tier.name, self.config.host)
+
+    def _tier_index(self, name: str) -> int:
+        for i, t in enumerate(self.tiers):
+            if t.name == name:
+                return i
+        raise KVTierError(f"unknown tier {name!r}: this cache has {[t.name for t in self.tiers]}")
+
+    def _codec_of(self, entry: _Entry) -> str:
+        ns = self.namespaces_registry.find(entry.namespace)
+        return ns.codec if ns else self.config.codec
+
+    def _warm_start(self) -> None:
+        """Rebuild the index from persistent tiers (a warm restart)."""
+        found: dict[bytes, tuple[BlockMeta, int, int]] = {}
+        for t, tier in enumerate(self.tiers):
+            if tier.persistent:
+                for key, meta, size in tier.scan():
+                    found.setdefault(key, (meta, size, t))
+        for key, (meta, size, t) in sorted(found.items(), key=lambda kv: kv[1][0].created):
+            chain, k = 0, meta.parent
+            while k is not None and k in found:
+                chain, k = chain + 1, found[k][0].parent
+            if k is not None:  # an ancestor is missing: the block can never be reached
+                self.tiers[t].delete(key)
+                continue
+            entry = _Entry(key, meta.namespace, meta.parent, chain, meta.tokens, size, meta.created)
+            self._index[key] = entry
+            entry.tiers.add(t)
+            self._policies[t].insert(key)
+        for e in self._index.values():
+            if e.parent is not None and e.parent in self._index:
+                self._index[e.parent].children.add(e.key)
+        if self._index:
+            log.info("warm start: %d blocks recovered", len(self._index))
+
+
+def _fits_ever(tier: Tier, nbytes: int) -> bool:
+    fits = getattr(tier, "fits_ever", None)
+    return fits(nbytes) if fits else nbytes <= tier.capacity_bytes

@@ -1,0 +1,141 @@
+"""Counters and latency histograms the manager keeps; ``metrics.py`` exports them.
+
+Plain, lock-protected records: the manager mutates them, ``CacheStats.to_dict()`` gives a
+JSON-able snapshot, and the Prometheus collector reads the same snapshot at scrape time so
+``/v1/stats`` and ``/metrics`` never disagree.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Reload latency buckets (seconds): 50 us .. 30 s.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+)
+# Block age buckets (seconds): 1 s .. 7 days.
+AGE_BUCKETS: tuple[float, ...] = (1, 10, 60, 300, 900, 3600, 3 * 3600, 12 * 3600, 86400, 7 * 86400)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-bucket histogram with percentile estimates (linear within a bucket)."""
+
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def percentile(self, q: float) -> float | None:
+        """Estimated q-quantile (0..1); None when empty."""
+        if self.count == 0:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, c in enumerate(self.counts):
+            if c and seen + c >= rank:
+                lo = self.buckets[i - 1] if i > 0 else 0.0
+                hi = self.buckets[i] if i < len(self.buckets) else self.buckets[-1]
+                return lo + (hi - lo) * max(0.0, rank - seen) / c
+            seen += c
+        return self.buckets[-1]
+
+    def copy(self) -> Histogram:
+        return Histogram(self.buckets, list(self.counts), self.total, self.count)
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "sum": self.total, "p50": self.percentile(0.5),
+                "p99": self.percentile(0.99), "buckets": list(self.buckets), "counts": list(self.counts)}
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Per-tier counters. ``hits``/``misses`` count blocks a lookup found / fell through."""
+
+    name: str
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    blocks: int = 0
+    hits: int = 0
+    misses: int = 0
+    hit_tokens: int = 0
+    blocks_read: int = 0
+    blocks_written: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    promotions: int = 0  # blocks copied into this tier from a slower one
+    demotions: int = 0  # blocks moved from this tier to a slower one
+    evictions: Counter = field(default_factory=Counter)  # reason -> blocks
+    corrupt_blocks: int = 0
+    put_failures: int = 0
+    reload_seconds: Histogram = field(default_factory=Histogram)
+    age_seconds: Histogram = field(default_factory=lambda: Histogram(AGE_BUCKETS))
+    extra: dict = field(default_factory=dict)  # tier-specific figures (direct_io, compactions...)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "capacity_bytes": self.capacity_bytes, "used_bytes": self.used_bytes,
+            "blocks": self.blocks, "hits": self.hits, "misses": self.misses,
+            "hit_tokens": self.hit_tokens, "blocks_read": self.blocks_read,
+            "blocks_written": self.blocks_written, "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written, "promotions": self.promotions,
+            "demotions": self.demotions, "evictions": dict(self.evictions),
+            "corrupt_blocks": self.corrupt_blocks, "put_failures": self.put_failures,
+            "reload_seconds": self.reload_seconds.to_dict(),
+            "age_seconds": self.age_seconds.to_dict(), **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """A snapshot of the whole cache's counters."""
+
+    tiers: dict[str, TierStats]
+    lookups: int = 0
+    lookup_hits: int = 0  # lookups that found at least one block
+    tokens_looked_up: int = 0
+    tokens_hit: int = 0
+    puts: int = 0
+    tokens_put: int = 0
+    blocks_dropped: int = 0  # left the last tier
+    prefetch: Counter = field(default_factory=Counter)  # outcome -> count
+    cost_decisions: Counter = field(default_factory=Counter)  # accepted/declined/partial
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def hit_rate_lookups(self) -> float:
+        return self.lookup_hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def hit_rate_tokens(self) -> float:
+        return self.tokens_hit / self.tokens_looked_up if self.tokens_looked_up else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "lookups": self.lookups, "lookup_hits": self.lookup_hits,
+            "tokens_looked_up": self.tokens_looked_up, "tokens_hit": self.tokens_hit,
+            "hit_rate_lookups": self.hit_rate_lookups, "hit_rate_tokens": self.hit_rate_tokens,
+            "puts": self.puts, "tokens_put": self.tokens_put, "blocks_dropped": self.blocks_dropped,
+            "prefetch": dict(self.prefetch), "cost_decisions": dict(self.cost_decisions),
+            "tiers": {k: v.to_dict() for k, v in self.tiers.items()}, **self.extra,
+        }
+
+
+class StatsLock:
+    """One lock for all counters; held only for increments, never across I/O."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()

@@ -1,0 +1,77 @@
+"""The Tier extension point: one storage level of the hierarchy.
+
+Tiers hold opaque encoded blocks (see ``kvtier.block``) by 16-byte key. The manager owns
+placement, eviction order and admission; a tier only stores, reads and reports. The manager
+never asks which kind of tier it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class BlockMeta:
+    """What a tier persists beside a block so an index can be rebuilt after a restart."""
+
+    namespace: str
+    parent: bytes | None  # None for block 0 of a prefix
+    tokens: int
+    codec: str
+    created: float  # unix seconds
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """One storage level. All methods are thread-safe.
+
+    - ``put`` stores the whole block or nothing; raises ``StorageFull`` when it does not fit
+      (the manager makes room first via ``can_fit``) and never harms blocks already stored.
+      Putting a key that exists is a no-op (content-addressed keys: first writer wins).
+    - ``read_into`` copies ``out.numel()`` bytes starting at byte ``offset`` of the block into
+      ``out`` (a 1-D uint8 tensor, possibly pinned or on a GPU) and returns the count; raises
+      ``KeyError`` if absent and ``CorruptBlock`` if stored bytes fail their checksum (the tier
+      then drops the block).
+    - ``delete`` returns False if the key was absent.
+    - ``scan`` yields what a persistent tier holds (for warm restarts); volatile tiers yield
+      nothing.
+    """
+
+    name: str
+    persistent: bool
+
+    @property
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    def used_bytes(self) -> int: ...
+
+    def can_fit(self, nbytes: int) -> bool: ...
+
+    def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta) -> None: ...
+
+    def contains(self, key: bytes) -> bool: ...
+
+    def size(self, key: bytes) -> int | None: ...
+
+    def read_into(self, key: bytes, out: torch.Tensor, offset: int = 0) -> int: ...
+
+    def delete(self, key: bytes) -> bool: ...
+
+    def scan(self) -> Iterator[tuple[bytes, BlockMeta, int]]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class MemoryTier(Tier, Protocol):
+    """A tier in addressable memory, which can lend a zero-copy view of a stored block.
+
+    The view stays valid only while the manager holds the block pinned.
+    """
+
+    def view(self, key: bytes) -> torch.Tensor: ...

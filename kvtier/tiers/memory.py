@@ -1,0 +1,137 @@
+"""Memory tiers: host DRAM (pinned when CUDA is present) and GPU device memory.
+
+Both are one preallocated uint8 tensor carved by the slab allocator; a put copies the block's
+bytes into its slot and allocates no tensors. The device tier uses fixed-size slots and runs on
+a CPU tensor when there is no GPU, so the same code is tested everywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from kvtier.config import DeviceTierConfig, HostTierConfig
+from kvtier.errors import StorageFull
+from kvtier.tiers.allocator import SlabAllocator
+from kvtier.tiers.base import BlockMeta
+
+
+def as_uint8(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 tensor over ``data`` without copying (read-only buffers are not written)."""
+    if isinstance(data, torch.Tensor):
+        return data.reshape(-1).view(torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
+        return torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+
+
+class MemoryTier:
+    """A tier in one preallocated buffer. Thread-safe; the lock covers bookkeeping only."""
+
+    persistent = False
+
+    def __init__(self, name: str, buffer: torch.Tensor, allocator: SlabAllocator) -> None:
+        self.name = name
+        self.buffer = buffer
+        self._alloc = allocator
+        self._slots: dict[bytes, tuple[int, int]] = {}  # key -> (offset, nbytes)
+        self._used = 0
+        self._lock = threading.Lock()
+        self._np = buffer.numpy() if buffer.device.type == "cpu" else None
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._alloc.capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def pinned(self) -> bool:
+        return self.buffer.device.type == "cpu" and self.buffer.is_pinned()
+
+    def can_fit(self, nbytes: int) -> bool:
+        with self._lock:
+            return self._alloc.can_alloc(nbytes)
+
+    def fits_ever(self, nbytes: int) -> bool:
+        return self._alloc.fits_ever(nbytes)
+
+    def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta | None = None) -> None:
+        src = as_uint8(data)
+        n = src.numel()
+        with self._lock:
+            if key in self._slots:
+                return
+            offset = self._alloc.alloc(n)
+            if offset is None:
+                raise StorageFull(f"{self.name} tier has no free slot for a {n}-byte block "
+                                  f"({self._used} of {self.capacity_bytes} bytes used)")
+            self._slots[key] = (offset, n)
+            self._used += n
+        # Copying after publishing is safe: the manager exposes a block only after put returns.
+        if self._np is not None and src.device.type == "cpu":
+            self._np[offset: offset + n] = src.numpy()
+        else:
+            self.buffer[offset: offset + n].copy_(src, non_blocking=True)
+
+    def contains(self, key: bytes) -> bool:
+        return key in self._slots
+
+    def size(self, key: bytes) -> int | None:
+        slot = self._slots.get(key)
+        return slot[1] if slot else None
+
+    def view(self, key: bytes) -> torch.Tensor:
+        """Zero-copy view of a stored block; valid while the manager holds it pinned."""
+        offset, n = self._slots[key]
+        return self.buffer[offset: offset + n]
+
+    def read_into(self, key: bytes, out: torch.Tensor, offset: int = 0) -> int:
+        start, n = self._slots[key]
+        count = min(out.numel(), n - offset)
+        if self._np is not None and out.device.type == "cpu":
+            out.numpy()[:count] = self._np[start + offset: start + offset + count]
+        else:
+            out[:count].copy_(self.buffer[start + offset: start + offset + count], non_blocking=True)
+        return count
+
+    def delete(self, key: bytes) -> bool:
+        with self._lock:
+            slot = self._slots.pop(key, None)
+            if slot is None:
+                return False
+            self._alloc.free(slot[0])
+            self._used -= slot[1]
+            return True
+
+    def keys(self) -> list[bytes]:
+        return list(self._slots)
+
+    def scan(self) -> Iterator[tuple[bytes, BlockMeta, int]]:
+        return iter(())
+
+    def close(self) -> None:
+        with self._lock:
+            self._slots.clear()
+            self._used = 0
+
+
+def make_host_tier(cfg: HostTierConfig) -> MemoryTier:
+    pinned = torch.cuda.is_available() if cfg.pinned is None else cfg.pinned
+    alloc = SlabAllocator(cfg.capacity_bytes, cfg.page_bytes)
+    buffer = torch.empty(alloc.capacity, dtype=torch.uint8, pin_memory=pinned)
+    return MemoryTier("host", buffer, alloc)
+
+
+def make_device_tier(cfg: DeviceTierConfig) -> MemoryTier:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    alloc = SlabAllocator(cfg.capacity_bytes, cfg.slot_bytes, fixed_slot=True)
+    buffer = torch.empty(alloc.capacity, dtype=torch.uint8, device=device)
+    return MemoryTier("device", buffer, alloc)
+
+
