@@ -175,24 +175,42 @@ class TieredCache:
         keys = prefix_hashes(ns.digest, tokens, bt)
         codec = get_codec(ns.codec)
         stored = 0
-        parent: bytes | None = None
-        for i, key in enumerate(keys):
-            if key not in self._index:
+        new: set[bytes] = set()
+        chain: list[_Entry] = []  # pinned as we go: eviction never takes this put's ancestors
+        try:
+            for i, key in enumerate(keys):
+                with self._lock:
+                    existing = self._index.get(key)
+                    if existing is not None and not existing.doomed:
+                        existing.pins += 1
+                        chain.append(existing)
+                        continue
                 data = encode_block(codec, [[t[i * bt:(i + 1) * bt] for t in layer] for layer in kv])
+                parent = chain[-1].key if chain else None
                 entry = _Entry(key, ns.name, parent, i, bt, len(data), time.time())
                 with self._lock:
-                    if parent is not None and parent not in self._index:
+                    if parent is not None and chain[-1].doomed:
                         break  # the parent was dropped meanwhile: a child alone is useless
-                    if key not in self._index:
+                    existing = self._index.get(key)
+                    if existing is None:
                         if not self._place_new(entry, data, ns.codec):
                             break
+                        new.add(key)
                         stored += bt
-            parent = key
+                    entry = self._index[key]
+                    entry.pins += 1
+                    chain.append(entry)
+        finally:
+            self._release(chain)
         with self._lock:
             for key in reversed(keys):  # parents end up more recent: leaves are evicted first
                 e = self._index.get(key)
                 for t in e.tiers if e else ():
-                    self._policies[t].touch(key)
+                    if key in new:  # re-insert: reorders without counting an access
+                        self._policies[t].remove(key)
+                        self._policies[t].insert(key)
+                    else:
+                        self._policies[t].touch(key)
             self._stats.puts += 1
             self._stats.tokens_put += stored
         return stored
@@ -207,7 +225,7 @@ class TieredCache:
         return ns
 
     def _place_new(self, entry: _Entry, data: bytes, codec: str) -> bool:
-        """Put a new block into the fastest tier that can ever hold it (lock held)."""
+        """Put a new block into the fastest tier that can ever hold it (lock held, parent pinned)."""
         for t, tier in enumerate(self.tiers):
             if not _fits_ever(tier, len(data)) or not self._make_room(t, len(data)):
                 continue
@@ -219,7 +237,7 @@ class TieredCache:
                 continue
             self._publish(entry, t, len(data))
             if entry.parent is not None:
-                self._index[entry.parent].children.add(entry.key)
+                self._index[entry.parent].children.add(entry.key)  # pinned: still indexed
             self._schedule_write_through(entry, data, codec, below=t)
             return True
         return False

@@ -49,7 +49,6 @@ def register_byte_codec(name: str, factory: Callable[[Codec], Codec]) -> None:
 
 def normalize_spec(spec: str) -> str:
     """Canonical spec string, e.g. ``"zstd"`` -> ``"none+zstd"``. Raises InvalidRequest."""
-    _ensure_builtin()
     if not isinstance(spec, str) or not spec:
         raise InvalidRequest(f"codec must be a non-empty string, got {spec!r}")
     parts = spec.lower().split("+")
@@ -77,7 +76,6 @@ def get_codec(spec: str) -> Codec:
 
 
 def available_codecs() -> list[str]:
-    _ensure_builtin()
     return sorted(_VALUE_CODECS) + [f"{v}+{b}" for v in sorted(_VALUE_CODECS) for b in _BYTE_CODECS]
 
 
@@ -99,8 +97,3 @@ def take(data: torch.Tensor, offset: int, n: int, dtype: torch.dtype) -> torch.T
     if dtype.itemsize > 1 and chunk.data_ptr() % dtype.itemsize:
         chunk = chunk.clone()
     return chunk.view(dtype)
-
-
-def _ensure_builtin() -> None:
-    if not _VALUE_CODECS:
-        from kvtier.codecs import fp8, int8, none, zstd  # noqa: F401  (registers them)

@@ -44,8 +44,6 @@ def register_policy(name: str, factory: Callable[[], EvictionPolicy]) -> None:
 
 def make_policy(name: str) -> EvictionPolicy:
     """A new policy by config name (``lru``, ``s3fifo``). Raises InvalidRequest if unknown."""
-    if not _POLICIES:
-        from kvtier.policies import lru, s3fifo  # noqa: F401  (registers them)
     try:
         return _POLICIES[name]()
     except KeyError:

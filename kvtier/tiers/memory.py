@@ -40,7 +40,6 @@ class MemoryTier:
         self._slots: dict[bytes, tuple[int, int]] = {}  # key -> (offset, nbytes)
         self._used = 0
         self._lock = threading.Lock()
-        self._np = buffer.numpy() if buffer.device.type == "cpu" else None
 
     @property
     def capacity_bytes(self) -> int:
@@ -74,10 +73,7 @@ class MemoryTier:
             self._slots[key] = (offset, n)
             self._used += n
         # Copying after publishing is safe: the manager exposes a block only after put returns.
-        if self._np is not None and src.device.type == "cpu":
-            self._np[offset: offset + n] = src.numpy()
-        else:
-            self.buffer[offset: offset + n].copy_(src, non_blocking=True)
+        self.buffer[offset: offset + n].copy_(src, non_blocking=True)
 
     def contains(self, key: bytes) -> bool:
         return key in self._slots
@@ -94,10 +90,7 @@ class MemoryTier:
     def read_into(self, key: bytes, out: torch.Tensor, offset: int = 0) -> int:
         start, n = self._slots[key]
         count = min(out.numel(), n - offset)
-        if self._np is not None and out.device.type == "cpu":
-            out.numpy()[:count] = self._np[start + offset: start + offset + count]
-        else:
-            out[:count].copy_(self.buffer[start + offset: start + offset + count], non_blocking=True)
+        out[:count].copy_(self.buffer[start + offset: start + offset + count], non_blocking=True)
         return count
 
     def delete(self, key: bytes) -> bool:

@@ -1,0 +1,1 @@
+"""kvtier benchmarks: run as ``python -m bench.<name>`` (or through ``kvtier bench``)."""

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny real transformers decoder and small caches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_llama_config(layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 2,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, max_position_embeddings=32768)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A Llama-architecture decoder with GQA and random weights, float32, eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_llama_config()
+    return LlamaForCausalLM(cfg).eval()
+
+
+def random_kv(tokens: int, layers: int = 2, heads: int = 2, dim: int = 8, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(tokens, heads, dim, generator=g).to(dtype) for _ in range(2)) for _ in range(layers)]

@@ -1,0 +1,264 @@
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from kvtier import CacheConfig, DeviceTierConfig, HostTierConfig, TieredCache
+from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch, UnknownNamespace
+from tests.conftest import random_kv
+
+BT = 16
+
+
+def small_cache(host="256KiB", device=0, policy="lru", **kw) -> TieredCache:
+    return TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=host, page_bytes="64KiB", policy=policy),
+                                   device=DeviceTierConfig(capacity_bytes=device, slot_bytes="8KiB"), **kw))
+
+
+def same(kv_a, kv_b, n):
+    return all(torch.equal(a[:n], b[:n]) for la, lb in zip(kv_a, kv_b, strict=True) for a, b in zip(la, lb, strict=True))
+
+
+def test_put_lookup_get_roundtrip():
+    with small_cache() as c:
+        kv = random_kv(100)
+        toks = list(range(100))
+        assert c.put("m", toks, kv) == 96  # 6 full blocks; the partial block is not cached
+        assert c.put("m", toks, kv) == 0  # already stored
+        hit = c.lookup("m", toks + [7, 7, 7])
+        assert hit.tokens == 96 and hit.tiers == {"host": 6} and [b.index for b in hit.blocks] == list(range(6))
+        out, n = c.get("m", toks)
+        assert n == 96 and same(kv, out, 96)
+        assert c.lookup("m", [1] + toks[1:]).tokens == 0  # first block differs: no hit
+        assert c.lookup("other", toks).tokens == 0
+
+
+def test_shared_prefix_extends():
+    with small_cache() as c:
+        kv = random_kv(64)
+        c.put("m", list(range(32)), [tuple(t[:32] for t in layer) for layer in kv])
+        assert c.put("m", list(range(64)), kv) == 32  # only the two new blocks
+        out, n = c.get("m", list(range(64)))
+        assert n == 64 and same(kv, out, 64)
+
+
+def test_tenants_and_namespaces_never_share_hits():
+    with small_cache() as c:
+        kv = random_kv(32)
+        toks = list(range(32))
+        c.register_namespace("a", model_id="llama", tenant="t1")
+        c.register_namespace("b", model_id="llama", tenant="t2")
+        c.put("a", toks, kv)
+        assert c.lookup("a", toks).tokens == 32
+        assert c.lookup("b", toks).tokens == 0
+        c.put("b", toks, kv)
+        ka = {b.key for b in c.lookup("a", toks).blocks}
+        kb = {b.key for b in c.lookup("b", toks).blocks}
+        assert ka and kb and not ka & kb
+
+
+def test_capacity_never_exceeded_and_every_eviction_accounted():
+    """Write 10x the host capacity through device -> host; usage never exceeds capacity."""
+    with small_cache(host="128KiB", device="32KiB") as c:
+        host, device = c.tier("host"), c.tier("device")
+        cap = host.capacity_bytes
+        block_bytes = c.tier("host").fits_ever(1) and None
+        over, stop = [], threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                if host.used_bytes > cap or device.used_bytes > device.capacity_bytes:
+                    over.append((host.used_bytes, device.used_bytes))
+                time.sleep(0)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        written, blocks, i = 0, 0, 0
+        try:
+            while written < 10 * cap:
+                kv = random_kv(BT * 2, seed=i)
+                assert c.put("m", [i, *range(2 * BT - 1)], kv) == 2 * BT
+                written += sum(t.numel() * 4 for layer in kv for t in layer)
+                blocks += 2
+                i += 1
+                assert host.used_bytes <= cap
+        finally:
+            stop.set()
+            watcher.join()
+        assert not over, f"usage exceeded capacity: {over[:3]}"
+        s = c.stats()
+        resident = s.tiers["host"].blocks + s.tiers["device"].blocks
+        assert resident > 0 and s.blocks_dropped > 0 and block_bytes is None
+        assert resident + s.blocks_dropped == blocks  # every block is somewhere or counted dropped
+        assert s.tiers["device"].demotions > 0 and s.tiers["host"].evictions["capacity"] > 0
+        # Demoted blocks really are in the tier below, and still read back.
+        latest = i - 1
+        out, n = c.get("m", [latest, *range(2 * BT - 1)])
+        assert n == 2 * BT and same(random_kv(2 * BT, seed=latest), out, n)
+
+
+def test_dropping_a_parent_drops_its_children_first():
+    with small_cache(host="64KiB") as c:
+        kv = random_kv(BT * 8)
+        c.put("m", list(range(BT * 8)), kv)
+        assert c.evict("m", list(range(BT))) == 8  # block 0 plus 7 descendants
+        assert c.lookup("m", list(range(BT * 8))).tokens == 0
+        s = c.stats()
+        assert s.tiers["host"].evictions["orphaned"] == 7 and s.tiers["host"].used_bytes == 0
+
+
+def test_pinned_blocks_survive_pressure():
+    with small_cache(host="64KiB") as c:
+        kv = random_kv(BT * 2)
+        toks = list(range(BT * 2))
+        c.put("m", toks, kv)
+        lease = c.acquire("m", toks)
+        for i in range(50):
+            c.put("m", [1000 + i] * BT * 2, random_kv(BT * 2, seed=i))
+        assert c.lookup("m", toks).tokens == 2 * BT  # pinned: not evicted
+        c.release(lease)
+        for i in range(50):
+            c.put("m", [5000 + i] * BT * 2, random_kv(BT * 2, seed=i))
+        assert c.lookup("m", toks).tokens == 0
+
+
+def test_frequency_aware_policy_keeps_hot_prefixes_through_a_scan():
+    kept = {}
+    for policy in ("lru", "s3fifo"):
+        with small_cache(host="160KiB", policy=policy) as c:
+            hot = [[h] * BT for h in range(8)]
+            for _ in range(4):
+                for t in hot:
+                    if not c.lookup("m", t).tokens:
+                        c.put("m", t, random_kv(BT))
+            for i in range(200):  # one-off scan
+                c.put("m", [10_000 + i] * BT, random_kv(BT, seed=i))
+            kept[policy] = sum(c.lookup("m", t).tokens == BT for t in hot)
+    assert kept["lru"] == 0 and kept["s3fifo"] == 8
+
+
+def test_prefetch_promotes_to_host():
+    with small_cache(host="256KiB", device="64KiB") as c:
+        toks = list(range(BT * 4))
+        c.put("m", toks, random_kv(BT * 4))
+        for i in range(30):  # push the prefix out of the device tier into host
+            c.put("m", [900 + i] * BT, random_kv(BT, seed=i))
+        assert c.lookup("m", toks).tiers.get("host")
+        h = c.prefetch("m", toks, to="device")
+        assert h.wait(10) and h.state == "done" and h.ready_tokens == BT * 4
+        assert c.lookup("m", toks).tiers == {"device": 4}
+        assert c.prefetch_status(h.id) is h
+
+
+def test_concurrent_put_get_lookup():
+    """8 threads, random put/get/lookup for 10 s on a small cache: no error, no wrong KV."""
+    with small_cache(host="192KiB", device="32KiB", policy="s3fifo") as c:
+        prompts = {p: (list(range(p * 1000, p * 1000 + BT * 3)), random_kv(BT * 3, seed=p)) for p in range(40)}
+        errors: list[BaseException] = []
+        counts = [0] * 8
+        deadline = time.monotonic() + 10
+
+        def worker(w):
+            rnd = random.Random(w)
+            try:
+                while time.monotonic() < deadline:
+                    p = rnd.randrange(40)
+                    toks, kv = prompts[p]
+                    op = rnd.random()
+                    if op < 0.4:
+                        c.put("m", toks, kv)
+                    elif op < 0.8:
+                        out, n = c.get("m", toks)
+                        if n:
+                            assert same(kv, out, n), f"wrong KV for prompt {p}"
+                    else:
+                        hit = c.lookup("m", toks)
+                        assert hit.tokens % BT == 0 and hit.tokens <= BT * 3
+                    counts[w] += 1
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        s = c.stats()
+        assert all(counts) and s.lookups >= sum(counts) * 0.5
+        for name, ts in s.tiers.items():
+            assert ts.used_bytes <= ts.capacity_bytes
+            assert ts.blocks == len(c._policies[c._tier_index(name)])
+        assert sum(ts.blocks for ts in s.tiers.values()) >= len(c._index)
+        assert s.lookup_hits <= s.lookups and s.tokens_hit <= s.tokens_looked_up
+
+
+def snapshot(c):
+    s = c.stats()
+    return (s.puts, s.tokens_put, {k: (v.blocks, v.used_bytes) for k, v in s.tiers.items()},
+            [ns.to_dict() for ns in c.namespaces()])
+
+
+BAD = [
+    ("wrong dtype", lambda kv, t: ("m", t, [tuple(x.half() for x in layer) for layer in kv]), LayoutMismatch, "dtype"),
+    ("wrong heads", lambda kv, t: ("m", t, [tuple(x[:, :1] for x in layer) for layer in kv]), LayoutMismatch, "shape"),
+    ("wrong layers", lambda kv, t: ("m", t, kv[:1]), LayoutMismatch, "layers"),
+    ("token mismatch", lambda kv, t: ("m", t[:-1], kv), LayoutMismatch, "tokens"),
+    ("float tokens", lambda kv, t: ("m", [float(x) for x in t], kv), InvalidType, "integers"),
+    ("string tokens", lambda kv, t: ("m", "hello", kv), InvalidType, "integers"),
+    ("empty tokens", lambda kv, t: ("m", [], kv), InvalidRequest, "empty"),
+    ("negative tokens", lambda kv, t: ("m", [-1] * len(t), kv), InvalidRequest, ">= 0"),
+    ("kv not a list", lambda kv, t: ("m", t, torch.zeros(3)), InvalidType, "kv"),
+    ("kv item not tensor", lambda kv, t: ("m", t, [("a", "b")] * 2), InvalidType, "torch.Tensor"),
+    ("bad namespace", lambda kv, t: ("", t, kv), InvalidRequest, "namespace"),
+]
+
+
+@pytest.mark.parametrize("name, make, exc, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_clear_error_and_changes_nothing(name, make, exc, words):
+    with small_cache() as c:
+        kv, toks = random_kv(32), list(range(32))
+        c.put("m", toks, kv)
+        before = snapshot(c)
+        with pytest.raises(exc, match=words):
+            c.put(*make(kv, toks))
+        assert snapshot(c) == before
+        out, n = c.get("m", toks)
+        assert n == 32 and same(kv, out, 32)
+
+
+def test_unknown_codec_and_namespace_errors():
+    with pytest.raises(InvalidRequest, match="codec"):
+        TieredCache(CacheConfig(codec="gzip")).register_namespace("x")
+    with small_cache() as c:
+        with pytest.raises(InvalidRequest, match="codec"):
+            c.register_namespace("x", codec="lz9")
+        assert c.namespaces() == []
+        with pytest.raises(UnknownNamespace):
+            c.drop_namespace("nope")
+        c.register_namespace("x", block_tokens=BT)
+        with pytest.raises(InvalidRequest, match="different settings"):
+            c.register_namespace("x", block_tokens=32)
+    with pytest.raises(InvalidRequest, match="size"):
+        CacheConfig(host=HostTierConfig(capacity_bytes="12 parsecs"))
+
+
+def test_drop_namespace():
+    with small_cache() as c:
+        c.put("a", list(range(32)), random_kv(32))
+        c.put("b", list(range(32)), random_kv(32))
+        assert c.drop_namespace("a") == 2
+        assert c.lookup("a", list(range(32))).tokens == 0 and c.lookup("b", list(range(32))).tokens == 32
+
+
+def test_ttl_expires_blocks(monkeypatch):
+    with small_cache() as c:
+        c.register_namespace("m", ttl_s=60)
+        c.put("m", list(range(32)), random_kv(32))
+        assert c.lookup("m", list(range(32))).tokens == 32
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 61)
+        assert c.lookup("m", list(range(32))).tokens == 0
+        assert c.stats().tiers["host"].evictions["expired"] == 1
