@@ -59,6 +59,9 @@ class DeviceTierConfig:
     slot_bytes: int = 32 * 1024**2
     policy: str = "lru"
 
+    def __post_init__(self) -> None:
+        normalize_sizes(self)
+
 
 @dataclass(slots=True)
 class HostTierConfig:
@@ -68,6 +71,9 @@ class HostTierConfig:
     policy: str = "lru"
     pinned: bool | None = None  # None: pin when CUDA is available
     page_bytes: int = 4 * 1024**2  # slab page; raised automatically to fit the largest block
+
+    def __post_init__(self) -> None:
+        normalize_sizes(self)
 
 
 @dataclass(slots=True)
@@ -89,6 +95,9 @@ class SSDTierConfig:
     compaction_live_fraction: float = 0.5
     map_size: int = 8 * 1024**3  # LMDB map size (address space, not disk)
 
+    def __post_init__(self) -> None:
+        normalize_sizes(self)
+
 
 @dataclass(slots=True)
 class RemoteTierConfig:
@@ -98,6 +107,9 @@ class RemoteTierConfig:
     url: str | None = None
     timeout_s: float = 1.0
     max_inflight_bytes: int = 256 * 1024**2
+
+    def __post_init__(self) -> None:
+        normalize_sizes(self)
 
 
 @dataclass(slots=True)

@@ -46,11 +46,10 @@ def as_token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         raise InvalidRequest(f"token_ids must be one-dimensional, got shape {tuple(arr.shape)}")
     if arr.size == 0:
         raise InvalidRequest("token_ids is empty: expected at least one token id")
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
-        if arr.dtype == bool or not all(
-            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in arr.tolist()
-        ):
-            raise InvalidType(f"token_ids must all be integers, got dtype {arr.dtype}")
+    integral = np.issubdtype(arr.dtype, np.integer) or (
+        arr.dtype == object and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in arr.tolist()))
+    if not integral:
+        raise InvalidType(f"token_ids must all be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=False)
     if (arr < 0).any():
         raise InvalidRequest(f"token_ids must be >= 0, got {int(arr.min())}")

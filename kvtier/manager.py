@@ -26,7 +26,7 @@ import torch
 from kvtier.block import decode_block_into, encode_block
 from kvtier.codecs import get_codec
 from kvtier.config import CacheConfig
-from kvtier.errors import CorruptBlock, KVTierError, StorageFull
+from kvtier.errors import CorruptBlock, KVTierError
 from kvtier.keys import as_token_array, prefix_hashes
 from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace, NamespaceRegistry, validate_name

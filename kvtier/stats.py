@@ -8,7 +8,6 @@ JSON-able snapshot, and the Prometheus collector reads the same snapshot at scra
 from __future__ import annotations
 
 import bisect
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -132,10 +131,3 @@ class CacheStats:
             "prefetch": dict(self.prefetch), "cost_decisions": dict(self.cost_decisions),
             "tiers": {k: v.to_dict() for k, v in self.tiers.items()}, **self.extra,
         }
-
-
-class StatsLock:
-    """One lock for all counters; held only for increments, never across I/O."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from kvtier.config import DeviceTierConfig, HostTierConfig
+from kvtier.errors import StorageFull
+from kvtier.tiers.base import BlockMeta, MemoryTier, Tier
+from kvtier.tiers.memory import make_device_tier, make_host_tier
+
+META = BlockMeta("ns", None, 16, "none", 0.0)
+
+
+def test_host_tier_roundtrip_views_and_capacity():
+    tier = make_host_tier(HostTierConfig(capacity_bytes="64KiB", page_bytes="16KiB"))
+    assert isinstance(tier, Tier) and isinstance(tier, MemoryTier)
+    data = bytes(range(256)) * 20  # 5120 bytes
+    tier.put(b"k" * 16, data, META)
+    tier.put(b"k" * 16, b"other", META)  # first writer wins
+    assert tier.contains(b"k" * 16) and tier.size(b"k" * 16) == len(data)
+    out = torch.empty(100, dtype=torch.uint8)
+    assert tier.read_into(b"k" * 16, out, offset=256) == 100
+    assert bytes(out.numpy()) == data[256:356]
+    assert bytes(tier.view(b"k" * 16).numpy()) == data
+    assert tier.used_bytes == len(data) <= tier.capacity_bytes
+    assert tier.delete(b"k" * 16) and not tier.delete(b"k" * 16) and tier.used_bytes == 0
+
+
+def test_host_tier_full_raises_and_keeps_what_it_has():
+    tier = make_host_tier(HostTierConfig(capacity_bytes="32KiB", page_bytes="16KiB"))
+    stored = []
+    with pytest.raises(StorageFull, match="host tier"):
+        for i in range(100):
+            tier.put(bytes([i]) * 16, bytes([i]) * 7000, META)
+            stored.append(i)
+    assert stored and tier.used_bytes <= tier.capacity_bytes
+    for i in stored:
+        assert bytes(tier.view(bytes([i]) * 16).numpy()) == bytes([i]) * 7000
+
+
+def test_device_tier_uses_fixed_slots_and_rejects_oversized_blocks():
+    tier = make_device_tier(DeviceTierConfig(capacity_bytes="64KiB", slot_bytes="16KiB"))
+    assert tier.buffer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert tier.fits_ever(16 * 1024) and not tier.fits_ever(16 * 1024 + 1)
+    for i in range(4):
+        tier.put(bytes([i]) * 16, b"x" * 100, META)  # each small block still takes a slot
+    assert not tier.can_fit(1)
