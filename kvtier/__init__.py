@@ -1,6 +1,12 @@
 """kvtier: a tiered KV-cache offload service (GPU -> pinned host DRAM -> SSD -> remote)."""
 
-from kvtier.config import CacheConfig, DeviceTierConfig, HostTierConfig, RemoteTierConfig, SSDTierConfig
+from kvtier.config import (
+    CacheConfig,
+    DeviceTierConfig,
+    HostTierConfig,
+    RemoteTierConfig,
+    SSDTierConfig,
+)
 from kvtier.errors import (
     CorruptBlock,
     InvalidRequest,

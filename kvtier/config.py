@@ -103,10 +103,14 @@ class SSDTierConfig:
 class RemoteTierConfig:
     """Shared remote tier (Redis/Valkey or Mooncake). None backend disables it."""
 
-    backend: str | None = None
+    backend: str | None = None  # redis | redis-cluster | mooncake
     url: str | None = None
     timeout_s: float = 1.0
     max_inflight_bytes: int = 256 * 1024**2
+    policy: str = "lru"
+    key_prefix: str = "kvtier"
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 2.0
 
     def __post_init__(self) -> None:
         normalize_sizes(self)

@@ -32,7 +32,7 @@ from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace, NamespaceRegistry, validate_name
 from kvtier.policies import make_policy
 from kvtier.policies.admission import make_admission
-from kvtier.prefetch import PrefetchHandle
+from kvtier.prefetch import PrefetchBudget, PrefetchHandle, PrefetchTimeout, check_policy
 from kvtier.records import BlockLocation, Hit
 from kvtier.stats import CacheStats, TierStats
 from kvtier.tiers.base import BlockMeta, Tier
@@ -110,7 +110,9 @@ def build_tiers(config: CacheConfig) -> list[Tier]:
     if config.remote.backend:
         from kvtier.tiers.remote import make_remote_tier
 
-        remote = make_remote_tier(config.remote)
+        rc = config.remote
+        remote = make_remote_tier(rc, breaker_failures=rc.breaker_failures,
+                                  breaker_cooldown_s=rc.breaker_cooldown_s, prefix=rc.key_prefix)
         if remote is not None:
             tiers.append(remote)
     if not tiers:
@@ -137,6 +139,7 @@ class TieredCache:
         self._pending_writes: set = set()
         self._prefetches: dict[str, PrefetchHandle] = {}
         self._closed = False
+        self._remote = next((t for t in self.tiers if hasattr(t, "contains_many")), None)
         self._warm_start()
 
     # ---- namespaces -------------------------------------------------------------------
@@ -289,12 +292,14 @@ class TieredCache:
         self._publish(entry, dst, entry.nbytes)
 
     def _schedule_write_through(self, entry: _Entry, data: bytes, codec: str, below: int) -> None:
+        """Write a new block to every persistent tier below (local SSD and a shared remote)."""
+        if not self._admission.admit_on_put():
+            return
         for t in range(below + 1, len(self.tiers)):
-            if self.tiers[t].persistent and self._admission.admit_on_put():
+            if self.tiers[t].persistent:
                 fut = self._writer.submit(self._write_through, entry.key, data, codec, t)
                 self._pending_writes.add(fut)
                 fut.add_done_callback(self._pending_writes.discard)
-                return  # one persistent tier below is enough; demotion carries it further
 
     def _write_through(self, key: bytes, data: bytes, codec: str, t: int) -> None:
         with self._lock:
@@ -392,8 +397,38 @@ class TieredCache:
                         e.pins += 1
                     for t in e.tiers:
                         self._policies[t].touch(e.key)
+        if n_blocks and len(entries) < n_blocks and self._remote is not None:
+            self._extend_from_remote(ns, keys, entries, pin)
+        with self._lock:
             self._count_lookup(entries, n_blocks, len(tokens), ns)
         return ns, entries, len(tokens)
+
+    def _extend_from_remote(self, ns: Namespace, keys: list[bytes], entries: list[_Entry], pin: bool) -> None:
+        """Ask the shared remote tier, in one batched query, for the blocks past the local prefix."""
+        start = len(entries)
+        found = self._remote.contains_many(keys[start:])  # network call: outside the lock
+        r = self._tier_index(self._remote.name)
+        now = time.time()
+        with self._lock:
+            for i, present in enumerate(found, start):
+                if not present:
+                    break
+                key = keys[i]
+                parent = entries[-1] if entries else None
+                if parent is not None and parent.doomed:
+                    break
+                e = self._index.get(key)
+                if e is None:
+                    e = _Entry(key, ns.name, parent.key if parent else None, i, ns.block_tokens, 0, now)
+                    self._index[key] = e
+                    e.tiers.add(r)
+                    self._policies[r].insert(key)
+                    if parent is not None:
+                        parent.children.add(key)
+                e.hits += 1
+                if pin:
+                    e.pins += 1
+                entries.append(e)
 
     def _count_lookup(self, entries: list[_Entry], n_blocks: int, n_tokens: int, ns: Namespace | None) -> None:
         st = self._stats
@@ -403,6 +438,8 @@ class TieredCache:
             st.lookup_hits += 1
             st.tokens_hit += len(entries) * ns.block_tokens
         for e in entries:
+            if not e.tiers:  # dropped since the walk (an unpinned lookup races with eviction)
+                continue
             fastest = min(e.tiers)
             for t in range(fastest):
                 st.tiers[self.tiers[t].name].misses += 1
@@ -480,6 +517,10 @@ class TieredCache:
                 if hasattr(tier, "view"):
                     data, verify = tier.view(key), False
                 else:
+                    if not entry.nbytes:  # learned from a remote existence query: size unknown yet
+                        entry.nbytes = tier.size(key) or 0
+                        if not entry.nbytes:
+                            raise KeyError(key)
                     data, verify = torch.empty(entry.nbytes, dtype=torch.uint8), True
                     tier.read_into(key, data)
                 decode_block_into(data, outs, verify=verify)
@@ -526,28 +567,63 @@ class TieredCache:
             return True
 
     # ---- prefetch ---------------------------------------------------------------------
-    def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host") -> PrefetchHandle:
-        """Promote a prefix toward tier ``to`` in the background; returns a handle at once."""
+    def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host", *,
+                 policy: str = "best_effort", timeout_s: float | None = None) -> PrefetchHandle:
+        """Promote a prefix toward tier ``to`` in the background (see ``kvtier.prefetch``).
+
+        ``best_effort`` returns at once; ``wait_complete`` when done; ``timeout`` when done or
+        after ``timeout_s`` (default: grows with the prefix length, capped), stopping the
+        prefetch with the contiguous tokens that arrived reported in ``ready_tokens``.
+        """
+        check_policy(policy)
         target = self._tier_index(to)
-        handle = PrefetchHandle(namespace, to, len(as_token_array(token_ids)))
+        tokens = as_token_array(token_ids)
+        handle = PrefetchHandle(namespace, to, len(tokens), policy)
         with self._lock:
             self._prefetches[handle.id] = handle
-        self._prefetcher.submit(self._run_prefetch, handle, namespace, token_ids, target)
+        self._prefetcher.submit(self._run_prefetch, handle, namespace, tokens, target)
+        if policy == "wait_complete":
+            handle.wait()
+        elif policy == "timeout":
+            wait_s = PrefetchTimeout().seconds(len(tokens)) if timeout_s is None else timeout_s
+            if not handle.wait(wait_s):
+                self._finish_prefetch(handle, "timeout", f"timed out after {wait_s:.3f} s")
         return handle
 
     def prefetch_status(self, prefetch_id: str) -> PrefetchHandle:
         return self._prefetches[prefetch_id]
 
+    def prefetch_budget(self, to: str = "host") -> PrefetchBudget:
+        """The budget of prefetched bytes held in tier ``to`` (stale holdings pruned first)."""
+        t = self._tier_index(to)
+        with self._lock:
+            budgets = self.__dict__.setdefault("_prefetch_budgets", {})
+            budget = budgets.get(t)
+            if budget is None:
+                budget = budgets[t] = PrefetchBudget(getattr(self.config, "prefetch_budget", 0.5))
+            for key, (_, hits) in budget.held().items():
+                e = self._index.get(key)
+                if e is None or t not in e.tiers or e.hits > hits:  # gone, or a reader used it
+                    budget.release(key)
+        return budget
+
     def _run_prefetch(self, handle: PrefetchHandle, namespace: str, token_ids: Sequence[int], target: int) -> None:
-        handle.state = "running"
+        if not handle.start():
+            return
+        budget = self.prefetch_budget(self.tiers[target].name)
         ns, entries, _ = self._acquire(namespace, token_ids, pin=True)
         try:
             for e in entries:
                 if handle.cancelled:
                     return self._finish_prefetch(handle, "cancelled")
-                if target not in e.tiers and not self._promote(e, None, ns.codec, target):
-                    break
-                handle.ready_tokens += e.tokens
+                if target not in e.tiers:
+                    if not budget.reserve(e.key, e.nbytes, self.tiers[target].capacity_bytes, e.hits):
+                        handle.stopped_by = "budget"
+                        break
+                    if not self._promote(e, None, ns.codec, target):
+                        budget.release(e.key)
+                        break
+                handle.advance(e.tokens)
             self._finish_prefetch(handle, "done")
         except Exception as e:  # noqa: BLE001  a failed prefetch is reported, never raised
             log.exception("prefetch %s failed", handle.id)
@@ -556,9 +632,9 @@ class TieredCache:
             self._release(entries)
 
     def _finish_prefetch(self, handle: PrefetchHandle, state: str, error: str | None = None) -> None:
-        with self._lock:
-            self._stats.prefetch[state] += 1
-        handle.finish(state, error)
+        if handle.finish(state, error):
+            with self._lock:
+                self._stats.prefetch[state] += 1
 
     # ---- stats, lifecycle -------------------------------------------------------------
     def stats(self) -> CacheStats:

@@ -37,7 +37,7 @@ class Int8Codec:
             n = g.numel()
             q = take(data, offset, n, torch.int8).reshape(g.shape)
             offset += n
-            g.copy_((q.to(out.device).float() * scale.to(out.device)[:, :, None]))
+            g.copy_(q.to(out.device).float() * scale.to(out.device)[:, :, None])
 
 
 register_value_codec("int8", Int8Codec)

@@ -1,0 +1,227 @@
+"""RemoteTier: a shared engine as the slowest tier, which must never slow the local ones.
+
+Guarantees:
+- Writes are asynchronous (a small executor) and bounded: a put that would push the bytes in
+  flight over ``max_inflight_bytes`` is dropped, counted and refused with ``StorageFull``; one
+  arriving while the breaker is open likewise with ``BackendUnavailable`` (so the manager does
+  not record a copy that was never sent). ``put`` never blocks on the network. A queued write
+  that later fails is counted; the block then reads as a miss.
+- ``can_fit``/``fits_ever`` only say whether a block is within the in-flight bound: the engine
+  evicts by itself, so the manager never has to make room in a shared tier.
+- Every engine call is bounded by the backend's timeout. Errors and timeouts are misses:
+  ``contains``/``contains_many`` answer False, ``read_into`` raises ``KeyError``,
+  ``delete`` returns False, ``size`` returns None. They are counted, never raised.
+- While the circuit breaker is open no call touches the network (a short-circuited miss);
+  it lets one probe through after the cool-down and closes when the engine answers again.
+- ``scan`` yields nothing: the index of a shared tier is the engine itself.
+- A block failing its checksum raises ``CorruptBlock`` and is deleted from the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+from kvtier.config import RemoteTierConfig
+from kvtier.errors import BackendUnavailable, CorruptBlock, StorageFull
+from kvtier.stats import Histogram
+from kvtier.tiers.base import BlockMeta
+from kvtier.tiers.remote.base import RemoteBackend, as_byte_view
+from kvtier.tiers.remote.breaker import CircuitBreaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_FAILED = object()
+
+
+class RemoteTier:
+    """The Tier Protocol over a RemoteBackend. All methods are thread-safe."""
+
+    name = "remote"
+    persistent = True
+
+    def __init__(
+        self, backend: RemoteBackend, config: RemoteTierConfig, *,
+        breaker: CircuitBreaker | None = None, write_threads: int = 2,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.breaker = breaker or CircuitBreaker()
+        self._pool = ThreadPoolExecutor(write_threads, thread_name_prefix="kvtier-remote-put")
+        self._lock = threading.Lock()  # counters and in-flight accounting only
+        self._idle = threading.Condition(self._lock)
+        self._inflight_bytes = 0
+        self._inflight_puts = 0
+        self._closed = False
+        self._c = dict.fromkeys((
+            "hits", "misses", "blocks_read", "read_misses", "bytes_read", "errors", "timeouts",
+            "short_circuits", "corrupt_blocks", "puts", "blocks_written", "bytes_written",
+            "puts_dropped_inflight", "puts_dropped_breaker", "put_failures",
+        ), 0)
+        self._read_seconds = Histogram()
+        self._lookup_seconds = Histogram()
+
+    # -- sizes: a shared engine's capacity is not ours to account ------------------------------
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0
+
+    @property
+    def used_bytes(self) -> int:
+        return 0
+
+    def can_fit(self, nbytes: int) -> bool:
+        return self.fits_ever(nbytes)
+
+    def fits_ever(self, nbytes: int) -> bool:
+        return nbytes <= self.config.max_inflight_bytes
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T]) -> T | object:
+        """Run one engine call through the breaker; return ``_FAILED`` on error or timeout."""
+        if not self.breaker.allow():
+            self._bump("short_circuits")
+            return _FAILED
+        try:
+            result = fn()
+        except (KeyError, CorruptBlock):
+            self.breaker.record_success()  # the engine answered
+            raise
+        except TimeoutError as e:
+            self._fail("timeouts", e)
+            return _FAILED
+        except (BackendUnavailable, OSError) as e:
+            self._fail("errors", e)
+            return _FAILED
+        self.breaker.record_success()
+        return result
+
+    def _fail(self, counter: str, e: Exception) -> None:
+        self._bump(counter)
+        self.breaker.record_failure()
+        log.debug("remote %s call failed: %s", self.backend.name, e)
+
+    def _bump(self, counter: str, n: int = 1) -> None:
+        with self._lock:
+            self._c[counter] += n
+
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """One batched existence query for a prefix's remaining blocks; failures are misses."""
+        if not keys:
+            return []
+        t0 = time.perf_counter()
+        found = self._call(lambda: self.backend.exists_many(list(keys)))
+        if found is _FAILED:
+            found = [False] * len(keys)
+        else:
+            with self._lock:
+                self._lookup_seconds.observe(time.perf_counter() - t0)
+        hits = sum(found)
+        with self._lock:
+            self._c["hits"] += hits
+            self._c["misses"] += len(keys) - hits
+        return found
+
+    def contains(self, key: bytes) -> bool:
+        return self.contains_many([key])[0]
+
+    def size(self, key: bytes) -> int | None:
+        n = self._call(lambda: self.backend.size(key))
+        return None if n is _FAILED else n
+
+    def read_into(self, key: bytes, out: torch.Tensor, offset: int = 0) -> int:
+        t0 = time.perf_counter()
+        try:
+            n = self._call(lambda: self.backend.get_into(key, out, offset))
+        except KeyError:
+            self._bump("read_misses")
+            raise
+        except CorruptBlock:
+            self._bump("corrupt_blocks")
+            self._call(lambda: self.backend.delete(key))
+            raise
+        if n is _FAILED:
+            self._bump("read_misses")
+            raise KeyError(key)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._c["blocks_read"] += 1
+            self._c["bytes_read"] += n
+            self._read_seconds.observe(dt)
+        return n
+
+    def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta) -> None:
+        """Queue an asynchronous write; refuses (and counts) it if over the bound or breaker open."""
+        view = as_byte_view(data)
+        nbytes = view.nbytes
+        if self.breaker.state == "open":
+            self._bump("puts_dropped_breaker")
+            raise BackendUnavailable(f"remote {self.backend.name} breaker is open; put dropped")
+        with self._lock:
+            if self._closed or self._inflight_bytes + nbytes > self.config.max_inflight_bytes:
+                self._c["puts_dropped_inflight"] += 1
+                raise StorageFull(
+                    f"remote writes in flight ({self._inflight_bytes} bytes) + {nbytes} exceed "
+                    f"max_inflight_bytes={self.config.max_inflight_bytes}; put dropped")
+            self._inflight_bytes += nbytes
+            self._inflight_puts += 1
+            self._c["puts"] += 1
+        # The caller may reuse its buffer as soon as we return: own a copy.
+        payload = memoryview(bytes(view))
+        self._pool.submit(self._write, key, payload)
+
+    def _write(self, key: bytes, payload: memoryview) -> None:
+        nbytes = payload.nbytes
+        try:
+            ok = self._call(lambda: self.backend.put(key, payload))
+        except Exception:  # a bug in a backend must not kill the writer thread silently
+            log.exception("remote put of %s failed", key.hex())
+            ok = _FAILED
+        with self._lock:
+            if ok is _FAILED:
+                self._c["put_failures"] += 1
+            else:
+                self._c["blocks_written"] += 1
+                self._c["bytes_written"] += nbytes
+            self._inflight_bytes -= nbytes
+            self._inflight_puts -= 1
+            self._idle.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued writes have finished; False if ``timeout`` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight_puts == 0, timeout)
+
+    def delete(self, key: bytes) -> bool:
+        ok = self._call(lambda: self.backend.delete(key))
+        return False if ok is _FAILED else bool(ok)
+
+    def scan(self) -> Iterator[tuple[bytes, BlockMeta, int]]:
+        return iter(())
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.flush(timeout=self.backend.timeout_s * 2)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+
+    def stats(self) -> dict:
+        """A JSON-able snapshot: counters, bytes in flight, breaker, latency histograms."""
+        with self._lock:
+            snap = dict(self._c)
+            snap["inflight_bytes"] = self._inflight_bytes
+            snap["inflight_puts"] = self._inflight_puts
+            snap["read_seconds"] = self._read_seconds.to_dict()
+            snap["lookup_seconds"] = self._lookup_seconds.to_dict()
+        snap["backend"] = self.backend.name
+        snap["breaker"] = self.breaker.to_dict()
+        return snap
