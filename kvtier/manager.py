@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,18 +27,20 @@ import torch
 from kvtier.block import decode_block_into, encode_block
 from kvtier.codecs import get_codec
 from kvtier.config import CacheConfig
-from kvtier.errors import CorruptBlock, KVTierError
+from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError
 from kvtier.keys import as_token_array, prefix_hashes
 from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace, NamespaceRegistry, validate_name
 from kvtier.policies import make_policy
 from kvtier.policies.admission import make_admission
-from kvtier.prefetch import PrefetchBudget, PrefetchHandle, PrefetchTimeout, check_policy
+from kvtier.prefetch import TERMINAL, PrefetchBudget, PrefetchHandle, PrefetchTimeout, check_policy
 from kvtier.records import BlockLocation, Hit
 from kvtier.stats import CacheStats, TierStats
 from kvtier.tiers.base import BlockMeta, Tier
 
 log = logging.getLogger(__name__)
+
+MAX_PREFETCH_HANDLES = 10_000  # finished handles kept for status queries
 
 
 @dataclass(slots=True, eq=False)
@@ -137,7 +140,7 @@ class TieredCache:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvtier-writer")
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-prefetch")
         self._pending_writes: set = set()
-        self._prefetches: dict[str, PrefetchHandle] = {}
+        self._prefetches: OrderedDict[str, PrefetchHandle] = OrderedDict()  # newest last, bounded
         self._closed = False
         self._remote = next((t for t in self.tiers if hasattr(t, "contains_many")), None)
         self._warm_start()
@@ -581,6 +584,11 @@ class TieredCache:
         handle = PrefetchHandle(namespace, to, len(tokens), policy)
         with self._lock:
             self._prefetches[handle.id] = handle
+            while len(self._prefetches) > MAX_PREFETCH_HANDLES:  # forget the oldest finished ones
+                oldest = next(iter(self._prefetches.values()))
+                if oldest.state not in TERMINAL:
+                    break
+                self._prefetches.popitem(last=False)
         self._prefetcher.submit(self._run_prefetch, handle, namespace, tokens, target)
         if policy == "wait_complete":
             handle.wait()
@@ -663,6 +671,10 @@ class TieredCache:
                 snap.tiers[tier.name].extra = extra()
         return snap
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Finish background writes and close every tier. Idempotent."""
         if self._closed:
@@ -687,7 +699,7 @@ class TieredCache:
         for i, t in enumerate(self.tiers):
             if t.name == name:
                 return i
-        raise KVTierError(f"unknown tier {name!r}: this cache has {[t.name for t in self.tiers]}")
+        raise InvalidRequest(f"unknown tier {name!r}: this cache has {[t.name for t in self.tiers]}")
 
     def _codec_of(self, entry: _Entry) -> str:
         ns = self.namespaces_registry.find(entry.namespace)

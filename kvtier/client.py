@@ -1,0 +1,587 @@
+"""HTTP client for the kvtier sidecar, with the same methods as the in-process ``TieredCache``.
+
+Switching an engine between in-process and sidecar is one line::
+
+    cache = TieredCache(config)                      # in-process
+    cache = KVTierClient("http://127.0.0.1:8400")    # sidecar (AsyncKVTierClient for asyncio)
+
+KV travels as msgpack with raw tensor bytes, or with ``use_shm=True`` (same host only) through
+a shared-memory region the client creates, reuses and unlinks, so only control messages cross
+HTTP. Server errors come back as the same ``kvtier.errors`` classes; others as ``RemoteError``.
+
+Wire formats (shared with the server):
+
+- msgpack (``application/msgpack``): ``kv`` is a list over layers of lists of
+  ``{"shape": [tokens, ...], "dtype": "float16", "data": <raw C-order bytes>}``.
+- shared memory: the KV of ``n`` tokens packed layer by layer, tensor by tensor, each
+  ``[n, *tensor_shape]`` C-contiguous, with no padding (``packed_nbytes`` bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import warnings
+from collections.abc import Generator, Sequence
+from math import prod
+from multiprocessing import shared_memory
+from typing import Any
+
+import httpx
+import msgpack
+import numpy as np
+import torch
+
+from kvtier import errors as kerrors
+from kvtier.errors import InvalidType, KVTierError, LayoutMismatch
+from kvtier.layout import KV, KVLayout, dtype_from_name, dtype_name
+from kvtier.namespaces import Namespace
+from kvtier.records import BlockLocation, Hit
+from kvtier.stats import CacheStats, Histogram, TierStats
+
+MSGPACK = "application/msgpack"
+
+# ---- wire format -------------------------------------------------------------------------
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def kv_to_wire(kv: KV) -> list[list[dict[str, Any]]]:
+    """msgpack-ready layers; ``data`` views the tensors' bytes (no copy for CPU tensors)."""
+    return [[{"shape": list(t.shape), "dtype": dtype_name(t.dtype), "data": _raw(t)} for t in layer]
+            for layer in kv]
+
+
+def kv_from_wire(layers: Any) -> list[tuple[torch.Tensor, ...]]:
+    """Tensors viewing the received bytes; raises InvalidType/LayoutMismatch naming the bad item."""
+    if not isinstance(layers, list) or not layers:
+        raise InvalidType(f"kv must be a non-empty list over layers, got {type(layers).__name__}")
+    out = []
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, list) or not layer:
+            raise InvalidType(f"kv layer {i} must be a non-empty list of tensors, got {type(layer).__name__}")
+        tensors = []
+        for j, item in enumerate(layer):
+            where = f"kv layer {i} tensor {j}"
+            if not isinstance(item, dict) or set(item) != {"shape", "dtype", "data"}:
+                raise InvalidType(f"{where} must be a map with keys shape, dtype, data")
+            shape, dtype, data = item["shape"], item["dtype"], item["data"]
+            if (not isinstance(shape, list) or not shape
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                raise InvalidType(f"{where}: shape must be a non-empty list of integers >= 0, got {shape!r}")
+            if not isinstance(dtype, str):
+                raise InvalidType(f"{where}: dtype must be a string, got {dtype!r}")
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InvalidType(f"{where}: data must be binary, got {type(data).__name__}")
+            tdtype = dtype_from_name(dtype)
+            need = prod(shape) * tdtype.itemsize
+            if len(data) != need:
+                raise LayoutMismatch(f"{where}: shape {shape} of {dtype} needs {need} bytes, got {len(data)}")
+            if need == 0:
+                tensors.append(torch.empty(shape, dtype=tdtype))
+                continue
+            with warnings.catch_warnings():  # read-only bytes: the cache only reads them
+                warnings.simplefilter("ignore", UserWarning)
+                tensors.append(torch.frombuffer(data, dtype=tdtype).view(shape))
+        out.append(tuple(tensors))
+    return out
+
+
+def packed_nbytes(layout: KVLayout, n_tokens: int) -> int:
+    return n_tokens * layout.bytes_per_token
+
+
+def pack_into(kv: KV, buf: memoryview) -> int:
+    """Copy ``kv`` into ``buf`` in the packed layout; returns bytes written."""
+    off = 0
+    flat = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else None
+    for layer in kv:
+        for t in layer:
+            nb = t.numel() * t.element_size()
+            if nb == 0:
+                continue
+            if flat is None or off + nb > len(buf):
+                raise LayoutMismatch(f"kv needs more than the {len(buf)} bytes given")
+            flat[off:off + nb].view(t.dtype).view(t.shape).copy_(t)
+            off += nb
+    return off
+
+
+def packed_views(flat: torch.Tensor, layout: KVLayout, n_tokens: int) -> list[tuple[torch.Tensor, ...]]:
+    """Views of a packed uint8 buffer as KV tensors ``[n_tokens, *shape]`` (no copy)."""
+    need = packed_nbytes(layout, n_tokens)
+    if flat.numel() < need:
+        raise LayoutMismatch(f"{n_tokens} tokens of layout {layout.fingerprint()} need {need} bytes, "
+                             f"the region has {flat.numel()}")
+    dtype = dtype_from_name(layout.dtype)
+    out, off = [], 0
+    for _ in range(layout.num_layers):
+        tensors = []
+        for shape in layout.tensor_shapes:
+            nb = n_tokens * prod(shape) * dtype.itemsize
+            tensors.append(flat[off:off + nb].view(dtype).view(n_tokens, *shape))
+            off += nb
+        out.append(tuple(tensors))
+    return out
+
+
+def unpack_from(buf: memoryview, layout: KVLayout, n_tokens: int, *, copy: bool) -> list[tuple[torch.Tensor, ...]]:
+    """KV of ``n_tokens`` in ``layout`` read from packed ``buf`` (views unless ``copy``)."""
+    if len(buf) == 0 or n_tokens == 0:
+        return [tuple(torch.empty((n_tokens, *s), dtype=layout.torch_dtype) for s in layout.tensor_shapes)
+                for _ in range(layout.num_layers)]
+    views = packed_views(torch.frombuffer(buf, dtype=torch.uint8), layout, n_tokens)
+    return [tuple(t.clone() for t in layer) for layer in views] if copy else views
+
+
+# ---- errors and records ------------------------------------------------------------------
+class RemoteError(KVTierError):
+    """An error answer the client has no local class for (401, 403, 413, 5xx...)."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(f"{status} {error}: {message}")
+        self.status, self.error, self.message = status, error, message
+
+
+_ERRORS: dict[str, type[KVTierError]] = {
+    name: cls for name, cls in vars(kerrors).items()
+    if isinstance(cls, type) and issubclass(cls, KVTierError)
+}
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        body = resp.json()
+        error, message = str(body["error"]), str(body["message"])
+    except (ValueError, KeyError, TypeError):
+        error, message = "HTTPError", resp.text[:500]
+    cls = _ERRORS.get(error)
+    if cls is not None:
+        raise cls(message)
+    raise RemoteError(resp.status_code, error, message)
+
+
+def _histogram(d: dict) -> Histogram:
+    return Histogram(tuple(d["buckets"]), list(d["counts"]), d["sum"], d["count"])
+
+
+def stats_from_dict(d: dict) -> CacheStats:
+    """Rebuild a ``CacheStats`` from ``/v1/stats`` JSON."""
+    from collections import Counter
+
+    tiers = {}
+    for name, t in d["tiers"].items():
+        ts = TierStats(name)
+        for f in TierStats.__slots__:
+            if f in t and f not in ("evictions", "reload_seconds", "age_seconds"):
+                setattr(ts, f, t[f])
+        ts.evictions = Counter(t.get("evictions", {}))
+        ts.reload_seconds = _histogram(t["reload_seconds"])
+        ts.age_seconds = _histogram(t["age_seconds"])
+        tiers[name] = ts
+    known = {"lookups", "lookup_hits", "tokens_looked_up", "tokens_hit", "hit_rate_lookups",
+             "hit_rate_tokens", "puts", "tokens_put", "blocks_dropped", "prefetch",
+             "cost_decisions", "tiers"}
+    return CacheStats(tiers, d["lookups"], d["lookup_hits"], d["tokens_looked_up"], d["tokens_hit"],
+                      d["puts"], d["tokens_put"], d["blocks_dropped"], Counter(d["prefetch"]),
+                      Counter(d["cost_decisions"]), {k: v for k, v in d.items() if k not in known})
+
+
+def _hit(d: dict) -> Hit:
+    blocks = [BlockLocation(b["index"], bytes.fromhex(b["key"]), b["tier"]) for b in d["blocks"]]
+    return Hit(d["namespace"], d["tokens"], d["block_tokens"], d["requested_tokens"], blocks)
+
+
+def _tokens(token_ids: Any) -> list[int]:
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.detach().cpu().reshape(-1).tolist()
+    elif isinstance(token_ids, np.ndarray):
+        token_ids = token_ids.reshape(-1).tolist()
+    return list(token_ids)
+
+
+class _ShmPool:
+    """Reusable client-owned shared-memory regions (creating and faulting in pages is slow)."""
+
+    def __init__(self) -> None:
+        self._free: list[shared_memory.SharedMemory] = []
+        self._all: list[shared_memory.SharedMemory] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> shared_memory.SharedMemory:
+        with self._lock:
+            fits = [s for s in self._free if s.size >= nbytes]
+            if fits:
+                shm = min(fits, key=lambda s: s.size)
+                self._free.remove(shm)
+                return shm
+        size = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
+        shm = shared_memory.SharedMemory(create=True, size=size)
+        with self._lock:
+            self._all.append(shm)
+        return shm
+
+    def release(self, shm: shared_memory.SharedMemory) -> None:
+        with self._lock:
+            self._free.append(shm)
+
+    def close(self) -> None:
+        with self._lock:
+            regions, self._all, self._free = self._all, [], []
+        for shm in regions:
+            with contextlib.suppress(BufferError):
+                shm.close()
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+
+
+# ---- requests as generators: one implementation for the sync and async clients -------------
+Op = Generator["_Call", httpx.Response, Any]
+
+
+class _Call:
+    __slots__ = ("method", "path", "json", "content", "headers", "params")
+
+    def __init__(self, method: str, path: str, *, json: Any = None, content: bytes | None = None,
+                 headers: dict | None = None, params: dict | None = None) -> None:
+        self.method, self.path, self.json = method, path, json
+        self.content, self.headers, self.params = content, headers, params
+
+
+class _Ops:
+    """Builds each operation as a generator yielding HTTP calls and returning the result."""
+
+    def __init__(self, use_shm: bool) -> None:
+        self.use_shm = use_shm
+        self._shm = _ShmPool()
+        self._layouts: dict[str, KVLayout] = {}
+
+    def register_namespace(self, name: str, *, model_id: str | None = None, layout: KVLayout | None = None,
+                           block_tokens: int | None = None, codec: str | None = None,
+                           ttl_s: float | None = None) -> Op:
+        body = {"name": name, "model_id": model_id, "block_tokens": block_tokens, "codec": codec,
+                "ttl_s": ttl_s, "layout": layout.to_dict() if layout else None}
+        resp = yield _Call("POST", "/v1/namespaces", json={k: v for k, v in body.items() if v is not None})
+        return Namespace.from_dict(resp.json())
+
+    def get_namespace(self, name: str) -> Op:
+        resp = yield _Call("GET", f"/v1/namespaces/{name}")
+        return Namespace.from_dict(resp.json())
+
+    def namespaces(self) -> Op:
+        resp = yield _Call("GET", "/v1/namespaces")
+        return [Namespace.from_dict(d) for d in resp.json()]
+
+    def drop_namespace(self, name: str) -> Op:
+        resp = yield _Call("DELETE", f"/v1/namespaces/{name}")
+        self._layouts.pop(name, None)
+        return resp.json()["blocks"]
+
+    def lookup(self, namespace: str, token_ids: Sequence[int]) -> Op:
+        resp = yield _Call("POST", "/v1/lookup", json={"namespace": namespace, "token_ids": _tokens(token_ids)})
+        return _hit(resp.json())
+
+    def evict(self, namespace: str, token_ids: Sequence[int]) -> Op:
+        resp = yield _Call("DELETE", "/v1/kv", json={"namespace": namespace, "token_ids": _tokens(token_ids)})
+        return resp.json()["blocks"]
+
+    def stats(self) -> Op:
+        resp = yield _Call("GET", "/v1/stats")
+        return stats_from_dict(resp.json())
+
+    def metrics_text(self) -> Op:
+        resp = yield _Call("GET", "/metrics")
+        return resp.text
+
+    def ready(self) -> Op:
+        resp = yield _Call("GET", "/readyz")
+        return resp.json()["status"] == "ok"
+
+    def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host") -> Op:
+        resp = yield _Call("POST", "/v1/prefetch",
+                           json={"namespace": namespace, "token_ids": _tokens(token_ids), "to": to})
+        return resp.json()
+
+    def prefetch_status(self, prefetch_id: str, wait_s: float = 0.0) -> Op:
+        try:
+            resp = yield _Call("GET", f"/v1/prefetch/{prefetch_id}", params={"wait_s": wait_s} if wait_s else None)
+        except RemoteError as e:
+            if e.status == 404:
+                raise KeyError(prefetch_id) from None
+            raise
+        return resp.json()
+
+    def cancel_prefetch(self, prefetch_id: str) -> Op:
+        resp = yield _Call("DELETE", f"/v1/prefetch/{prefetch_id}")
+        return resp.json()
+
+    def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> Op:
+        ids = _tokens(token_ids)
+        if not self.use_shm:
+            body = msgpack.packb({"namespace": namespace, "token_ids": ids, "kv": kv_to_wire(kv)})
+            resp = yield _Call("PUT", "/v1/kv", content=body, headers={"content-type": MSGPACK})
+            return resp.json()["tokens"]
+        layout = KVLayout.from_kv(kv)
+        nbytes = packed_nbytes(layout, len(ids))
+        shm = self._shm.acquire(nbytes)
+        try:
+            pack_into(kv, shm.buf[:nbytes])
+            resp = yield _Call("PUT", "/v1/kv/shm", json={
+                "namespace": namespace, "token_ids": ids, "layout": layout.to_dict(),
+                "region": {"name": shm.name, "offset": 0, "size": nbytes}})
+            return resp.json()["tokens"]
+        finally:
+            self._shm.release(shm)
+
+    def get(self, namespace: str, token_ids: Sequence[int]) -> Op:
+        ids = _tokens(token_ids)
+        if not self.use_shm:
+            body = msgpack.packb({"namespace": namespace, "token_ids": ids})
+            resp = yield _Call("POST", "/v1/kv/get", content=body,
+                               headers={"content-type": MSGPACK, "accept": MSGPACK})
+            d = msgpack.unpackb(resp.content)
+            return (kv_from_wire(d["kv"]) if d["kv"] is not None else None), d["tokens"]
+        layout = self._layouts.get(namespace)
+        if layout is None:
+            ns = yield from self.get_namespace(namespace)
+            if ns.layout is None:
+                return None, 0
+            layout = self._layouts[namespace] = ns.layout
+        nbytes = packed_nbytes(layout, len(ids))
+        # A pooled region (its pages already faulted in) and one copy out: cheaper than a fresh
+        # tmpfs region per get whose page faults cost more than the copy.
+        shm = self._shm.acquire(nbytes)
+        try:
+            resp = yield _Call("POST", "/v1/kv/shm/get", json={
+                "namespace": namespace, "token_ids": ids,
+                "region": {"name": shm.name, "offset": 0, "size": max(nbytes, 1)}})
+            d = resp.json()
+            if d["tokens"] == 0:
+                return None, 0
+            views = unpack_from(shm.buf, KVLayout.from_dict(d["layout"]), d["slot_tokens"], copy=False)
+            kv = [tuple(t[:d["tokens"]].clone() for t in layer) for layer in views]
+            del views
+            return kv, d["tokens"]
+        finally:
+            self._shm.release(shm)
+
+    def close(self) -> None:
+        self._shm.close()
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+class RemotePrefetch:
+    """A sidecar prefetch: same fields and methods as ``PrefetchHandle``."""
+
+    TERMINAL = ("done", "failed", "cancelled", "timeout")
+
+    def __init__(self, client: KVTierClient, d: dict) -> None:
+        self._client = client
+        self._update(d)
+
+    def _update(self, d: dict) -> None:
+        self._d = d
+        self.id, self.state, self.ready_tokens = d["id"], d["state"], d["ready_tokens"]
+        self.namespace, self.target, self.error = d["namespace"], d["target"], d.get("error")
+        self.requested_tokens = d["requested_tokens"]
+
+    def to_dict(self) -> dict:
+        return dict(self._d)
+
+    def refresh(self) -> RemotePrefetch:
+        self._update(self._client._run(self._client._ops.prefetch_status(self.id)))
+        return self
+
+    def cancel(self) -> bool:
+        was_running = self.state not in self.TERMINAL
+        self._update(self._client._run(self._client._ops.cancel_prefetch(self.id)))
+        return was_running
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Long-poll the server until the prefetch finishes; True if it did within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state not in self.TERMINAL:
+            left = 10.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._update(self._client._run(self._client._ops.prefetch_status(self.id, min(left, 10.0))))
+        return True
+
+
+class AsyncRemotePrefetch(RemotePrefetch):
+    """``RemotePrefetch`` for ``AsyncKVTierClient``: refresh, cancel and wait are coroutines."""
+
+    async def refresh(self) -> AsyncRemotePrefetch:  # type: ignore[override]
+        self._update(await self._client._run(self._client._ops.prefetch_status(self.id)))
+        return self
+
+    async def cancel(self) -> bool:  # type: ignore[override]
+        was_running = self.state not in self.TERMINAL
+        self._update(await self._client._run(self._client._ops.cancel_prefetch(self.id)))
+        return was_running
+
+    async def wait(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state not in self.TERMINAL:
+            left = 10.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._update(await self._client._run(self._client._ops.prefetch_status(self.id, min(left, 10.0))))
+        return True
+
+
+class KVTierClient:
+    """Synchronous sidecar client; thread-safe."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8400", token: str | None = None, *,
+                 use_shm: bool = False, timeout: float = 120.0, transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport)
+        self._ops = _Ops(use_shm)
+
+    def _run(self, op: Op) -> Any:
+        try:
+            call = next(op)
+            while True:
+                resp = self._http.request(call.method, call.path, json=call.json, content=call.content,
+                                          headers=call.headers, params=call.params)
+                try:
+                    _raise_for(resp)
+                except Exception as e:  # let the op see it (and clean up, or translate it)
+                    call = op.throw(e)
+                    continue
+                call = op.send(resp)
+        except StopIteration as stop:
+            return stop.value
+
+    def register_namespace(self, name: str, **kw: Any) -> Namespace:
+        return self._run(self._ops.register_namespace(name, **kw))
+
+    def get_namespace(self, name: str) -> Namespace:
+        return self._run(self._ops.get_namespace(name))
+
+    def namespaces(self) -> list[Namespace]:
+        return self._run(self._ops.namespaces())
+
+    def drop_namespace(self, name: str) -> int:
+        return self._run(self._ops.drop_namespace(name))
+
+    def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> int:
+        return self._run(self._ops.put(namespace, token_ids, kv))
+
+    def lookup(self, namespace: str, token_ids: Sequence[int]) -> Hit:
+        return self._run(self._ops.lookup(namespace, token_ids))
+
+    def get(self, namespace: str, token_ids: Sequence[int]) -> tuple[list[tuple[torch.Tensor, ...]] | None, int]:
+        return self._run(self._ops.get(namespace, token_ids))
+
+    def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host") -> RemotePrefetch:
+        return RemotePrefetch(self, self._run(self._ops.prefetch(namespace, token_ids, to)))
+
+    def prefetch_status(self, prefetch_id: str) -> RemotePrefetch:
+        return RemotePrefetch(self, self._run(self._ops.prefetch_status(prefetch_id)))
+
+    def evict(self, namespace: str, token_ids: Sequence[int]) -> int:
+        return self._run(self._ops.evict(namespace, token_ids))
+
+    def stats(self) -> CacheStats:
+        return self._run(self._ops.stats())
+
+    def metrics_text(self) -> str:
+        return self._run(self._ops.metrics_text())
+
+    def ready(self) -> bool:
+        return self._run(self._ops.ready())
+
+    def close(self) -> None:
+        self._ops.close()
+        self._http.close()
+
+    def __enter__(self) -> KVTierClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncKVTierClient:
+    """asyncio sidecar client: ``KVTierClient``'s methods as coroutines."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8400", token: str | None = None, *,
+                 use_shm: bool = False, timeout: float = 120.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(token), timeout=timeout,
+                                       transport=transport)
+        self._ops = _Ops(use_shm)
+
+    async def _run(self, op: Op) -> Any:
+        try:
+            call = next(op)
+            while True:
+                resp = await self._http.request(call.method, call.path, json=call.json, content=call.content,
+                                                headers=call.headers, params=call.params)
+                try:
+                    _raise_for(resp)
+                except Exception as e:
+                    call = op.throw(e)
+                    continue
+                call = op.send(resp)
+        except StopIteration as stop:
+            return stop.value
+
+    async def register_namespace(self, name: str, **kw: Any) -> Namespace:
+        return await self._run(self._ops.register_namespace(name, **kw))
+
+    async def get_namespace(self, name: str) -> Namespace:
+        return await self._run(self._ops.get_namespace(name))
+
+    async def namespaces(self) -> list[Namespace]:
+        return await self._run(self._ops.namespaces())
+
+    async def drop_namespace(self, name: str) -> int:
+        return await self._run(self._ops.drop_namespace(name))
+
+    async def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> int:
+        return await self._run(self._ops.put(namespace, token_ids, kv))
+
+    async def lookup(self, namespace: str, token_ids: Sequence[int]) -> Hit:
+        return await self._run(self._ops.lookup(namespace, token_ids))
+
+    async def get(self, namespace: str, token_ids: Sequence[int]) -> tuple[list[tuple[torch.Tensor, ...]] | None, int]:
+        return await self._run(self._ops.get(namespace, token_ids))
+
+    async def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host") -> AsyncRemotePrefetch:
+        return AsyncRemotePrefetch(self, await self._run(self._ops.prefetch(namespace, token_ids, to)))  # type: ignore[arg-type]
+
+    async def prefetch_status(self, prefetch_id: str) -> AsyncRemotePrefetch:
+        return AsyncRemotePrefetch(self, await self._run(self._ops.prefetch_status(prefetch_id)))  # type: ignore[arg-type]
+
+    async def evict(self, namespace: str, token_ids: Sequence[int]) -> int:
+        return await self._run(self._ops.evict(namespace, token_ids))
+
+    async def stats(self) -> CacheStats:
+        return await self._run(self._ops.stats())
+
+    async def metrics_text(self) -> str:
+        return await self._run(self._ops.metrics_text())
+
+    async def ready(self) -> bool:
+        return await self._run(self._ops.ready())
+
+    async def aclose(self) -> None:
+        self._ops.close()
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncKVTierClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

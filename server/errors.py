@@ -1,0 +1,113 @@
+"""The one place that maps kvtier errors to HTTP statuses.
+
+Every error answer has the body ``{"error": <class name>, "message": <what was wrong>,
+"status": <code>}``; the client turns it back into the same exception class.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvtier.errors import (
+    BackendUnavailable,
+    CorruptBlock,
+    DataDirError,
+    InvalidRequest,
+    InvalidType,
+    KVTierError,
+    LayoutMismatch,
+    StorageFull,
+    UnknownNamespace,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Unauthorized(KVTierError):
+    """No bearer token, or one the server does not know."""
+
+
+class Forbidden(KVTierError):
+    """A valid token touching another tenant's namespace."""
+
+
+class NotFound(KVTierError):
+    """An unknown resource id (e.g. a prefetch id)."""
+
+
+class PayloadTooLarge(KVTierError):
+    """A body or transfer over the configured limit."""
+
+
+class UnsupportedMediaType(KVTierError):
+    """A body in a content type the endpoint does not take."""
+
+
+# First isinstance match wins: subclasses before their bases.
+STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (UnknownNamespace, 404),
+    (PayloadTooLarge, 413),
+    (UnsupportedMediaType, 415),
+    (LayoutMismatch, 422),
+    (InvalidType, 422),
+    (InvalidRequest, 400),
+    (StorageFull, 507),
+    (BackendUnavailable, 503),
+    (CorruptBlock, 500),
+    (DataDirError, 500),
+    (KVTierError, 500),
+)
+
+
+def status_of(exc: BaseException) -> int:
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(status: int, error: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": error, "message": message, "status": status}, status, headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        e = next(e for e in errs if e.get("type") == "json_invalid")
+        detail = (e.get("ctx") or {}).get("error", "")
+        return "InvalidRequest", f"malformed JSON body: {detail}".rstrip(": ")
+    parts = []
+    for e in errs[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg')}")
+    more = f" (+{len(errs) - 5} more)" if len(errs) > 5 else ""
+    return "InvalidType", "; ".join(parts) + more
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers on ``app``."""
+
+    @app.exception_handler(KVTierError)
+    async def _kvtier(_: Request, exc: KVTierError) -> JSONResponse:
+        status = status_of(exc)
+        if status >= 500:
+            log.error("request failed: %s: %s", type(exc).__name__, exc)
+        return error_response(status, type(exc).__name__, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        error, message = _validation_message(exc)
+        return error_response(400 if error == "InvalidRequest" else 422, error, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, "HTTPError", str(exc.detail))

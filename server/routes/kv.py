@@ -1,0 +1,187 @@
+"""The data plane: KV in and out as msgpack with raw tensor bytes, or through shared memory.
+
+msgpack suits a remote engine (one copy into the body each way); the shared-memory path
+suits an engine on the same host: the client names a region it created, the server reads
+from or writes into it, and only a small JSON control message crosses HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import torch
+from fastapi import APIRouter, Request, Response
+
+from kvtier.client import (
+    MSGPACK,
+    kv_from_wire,
+    kv_to_wire,
+    packed_nbytes,
+    packed_views,
+    unpack_from,
+)
+from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch
+from kvtier.layout import KVLayout
+from server.deps import Ctx, CtxDep
+from server.errors import Forbidden, PayloadTooLarge, UnsupportedMediaType
+from server.schemas import ShmGetOut, ShmGetRequest, ShmPutRequest, StoredOut
+from server.shm import open_region
+
+router = APIRouter(prefix="/v1/kv", tags=["kv"])
+
+_TENSOR = {"type": "object", "required": ["shape", "dtype", "data"], "properties": {
+    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "dtype": {"type": "string"}, "data": {"type": "string", "format": "binary"}}}
+_KV = {"type": "array", "description": "layers, each a list of tensors [tokens, ...]",
+       "items": {"type": "array", "items": _TENSOR}}
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_PUT_BODY = {"requestBody": {"required": True, "content": {MSGPACK: {"schema": {
+    "type": "object", "required": ["namespace", "token_ids", "kv"],
+    "properties": {"namespace": {"type": "string"}, "token_ids": _TOKENS, "kv": _KV}}}}}}
+_GET_BODY = {"requestBody": {"required": True, "content": {
+    ct: {"schema": {"type": "object", "required": ["namespace", "token_ids"],
+                    "properties": {"namespace": {"type": "string"}, "token_ids": _TOKENS}}}
+    for ct in (MSGPACK, "application/json")}}}
+_GET_RESPONSE = {200: {"description": "KV of the longest cached prefix (kv is null on a miss)",
+                       "content": {MSGPACK: {"schema": {"type": "object", "properties": {
+                           "tokens": {"type": "integer"}, "kv": {**_KV, "nullable": True}}}}}}}
+
+
+async def _decode(request: Request, *, json_ok: bool) -> dict[str, Any]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if ctype == MSGPACK:
+        try:
+            d = msgpack.unpackb(body, raw=False)
+        except Exception as e:  # noqa: BLE001  msgpack raises many types for bad input
+            raise InvalidRequest(f"malformed msgpack body: {e}") from None
+    elif json_ok and ctype == "application/json":
+        import json
+
+        try:
+            d = json.loads(body)
+        except ValueError as e:
+            raise InvalidRequest(f"malformed JSON body: {e}") from None
+    else:
+        want = MSGPACK + (" or application/json" if json_ok else "")
+        raise UnsupportedMediaType(f"content-type {ctype or '(none)'!r} is not accepted here: send {want}")
+    if not isinstance(d, dict):
+        raise InvalidType(f"body must be a map, got {type(d).__name__}")
+    return d
+
+
+def _field(d: dict, name: str, kind: type) -> Any:
+    if name not in d:
+        raise InvalidRequest(f"body is missing field {name!r}")
+    if not isinstance(d[name], kind):
+        raise InvalidType(f"field {name!r} must be {kind.__name__}, got {type(d[name]).__name__}")
+    return d[name]
+
+
+@router.put("", response_model=StoredOut, openapi_extra=_PUT_BODY)
+async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
+    """Store KV (msgpack) for ``token_ids``; shape and dtype must match the namespace layout."""
+    d = await _decode(request, json_ok=False)
+    extra = set(d) - {"namespace", "token_ids", "kv"}
+    if extra:
+        raise InvalidRequest(f"unknown body fields {sorted(extra)}")
+    ids = _field(d, "token_ids", list)
+    ctx.check_tokens(ids)
+    ns = ctx.namespace(_field(d, "namespace", str))
+    layers = _field(d, "kv", list)
+
+    def work() -> int:
+        return ctx.cache.put(ns.name, ids, kv_from_wire(layers))
+
+    return {"tokens": await ctx.call(work)}
+
+
+@router.post("/get", openapi_extra=_GET_BODY, responses=_GET_RESPONSE, response_class=Response)
+async def get(request: Request, ctx: Ctx = CtxDep) -> Response:
+    """KV of the longest cached prefix of ``token_ids``, as msgpack."""
+    d = await _decode(request, json_ok=True)
+    ids = _field(d, "token_ids", list)
+    ctx.check_tokens(ids)
+    ns = ctx.namespace(_field(d, "namespace", str))
+
+    def work() -> bytes:
+        kv, n = ctx.cache.get(ns.name, ids)
+        if kv is not None and n * (ns.layout.bytes_per_token if ns.layout else 0) > ctx.settings.max_kv_bytes:
+            raise PayloadTooLarge(f"the answer would carry {n} tokens, over the data-plane limit")
+        return msgpack.packb({"tokens": n, "kv": kv_to_wire(kv) if kv is not None else None})
+
+    return Response(await ctx.call(work), media_type=MSGPACK)
+
+
+def _shm_on(ctx: Ctx) -> None:
+    if not ctx.settings.shm:
+        raise Forbidden("the shared-memory data path is disabled on this server (--shm false)")
+
+
+@router.put("/shm", response_model=StoredOut)
+async def put_shm(body: ShmPutRequest, ctx: Ctx = CtxDep) -> dict:
+    """Store KV the client packed into shared-memory region ``region.name``."""
+    _shm_on(ctx)
+    ctx.check_tokens(body.token_ids)
+    ns = ctx.namespace(body.namespace)
+    layout = KVLayout.from_dict(body.layout.model_dump())
+    if ns.layout is not None and ns.layout != layout:
+        raise LayoutMismatch(f"layout {layout.fingerprint()} does not match namespace "
+                             f"{body.namespace!r} layout {ns.layout.fingerprint()}")
+    nbytes = packed_nbytes(layout, len(body.token_ids))
+    if nbytes > ctx.settings.max_kv_bytes:
+        raise PayloadTooLarge(f"{nbytes} bytes of KV exceed the data-plane limit {ctx.settings.max_kv_bytes}")
+    if nbytes > body.region.size:
+        raise InvalidRequest(f"{len(body.token_ids)} tokens of this layout need {nbytes} bytes, "
+                             f"region.size is {body.region.size}")
+
+    def work() -> int:
+        with open_region(body.region.name, body.region.offset, nbytes, ctx.settings.max_kv_bytes) as buf:
+            kv = unpack_from(buf, layout, len(body.token_ids), copy=False)
+            try:
+                return ctx.cache.put(ns.name, body.token_ids, kv)
+            finally:
+                del kv
+
+    return {"tokens": await ctx.call(work)}
+
+
+@router.post("/shm/get", response_model=ShmGetOut)
+async def get_shm(body: ShmGetRequest, ctx: Ctx = CtxDep) -> dict:
+    """Decode the longest cached prefix straight into region ``region.name`` (packed layout with
+    ``slot_tokens`` rows per tensor; the first ``tokens`` rows are valid)."""
+    _shm_on(ctx)
+    ctx.check_tokens(body.token_ids)
+    ns = ctx.namespace(body.namespace)
+    if ns.layout is None:
+        return {"tokens": 0, "slot_tokens": 0, "layout": None, "nbytes": 0}
+    layout, bt = ns.layout, ns.block_tokens
+    need = packed_nbytes(layout, len(body.token_ids) // bt * bt)
+    if need > ctx.settings.max_kv_bytes:
+        raise PayloadTooLarge(f"{need} bytes of KV exceed the data-plane limit {ctx.settings.max_kv_bytes}")
+    if need > body.region.size:
+        raise InvalidRequest(f"a hit on all of token_ids needs {need} bytes, region.size is {body.region.size}")
+
+    def work() -> dict:
+        with open_region(body.region.name, body.region.offset, body.region.size,
+                         ctx.settings.max_kv_bytes) as buf:
+            lease = ctx.cache.acquire(ns.name, body.token_ids)
+            try:
+                slot = len(lease.blocks) * bt
+                if slot == 0:
+                    return {"tokens": 0, "slot_tokens": 0, "layout": layout.to_dict(), "nbytes": 0}
+                outs = packed_views(torch.frombuffer(buf, dtype=torch.uint8), layout, slot)
+                loaded = 0
+                for i, blk in enumerate(lease.blocks):
+                    views = [[t[i * bt:(i + 1) * bt] for t in layer] for layer in outs]
+                    if not ctx.cache.load_block(blk.key, views, ns.codec):
+                        break
+                    loaded += 1
+                del outs, views
+            finally:
+                ctx.cache.release(lease)
+        return {"tokens": loaded * bt, "slot_tokens": slot, "layout": layout.to_dict(),
+                "nbytes": packed_nbytes(layout, slot)}
+
+    return await ctx.call(work)

@@ -1,0 +1,162 @@
+"""Request and response models: the OpenAPI schema is generated from these.
+
+Token ids are strict non-negative integers (``"5"`` or ``5.0`` are rejected, not coerced);
+the per-request length limit is a setting, checked in the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TokenId = Annotated[int, Field(strict=True, ge=0, le=2**62)]
+Dim = Annotated[int, Field(strict=True, ge=1, le=1 << 20)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Layout(Strict):
+    """Per-token KV shape: ``num_layers`` layers of tensors shaped ``[tokens, *tensor_shape]``."""
+
+    num_layers: Annotated[int, Field(strict=True, ge=1, le=4096)]
+    tensor_shapes: list[list[Dim]] = Field(min_length=1, max_length=16)
+    dtype: str = Field(examples=["float16", "bfloat16", "float32"])
+
+
+class NamespaceCreate(Strict):
+    name: str = Field(min_length=1, max_length=200, examples=["llama3-8b"])
+    model_id: str | None = Field(None, max_length=256)
+    layout: Layout | None = None
+    block_tokens: Annotated[int, Field(strict=True, ge=1, le=1 << 20)] | None = None
+    codec: str | None = Field(None, max_length=64, examples=["none", "fp8", "int8+zstd"])
+    ttl_s: Annotated[float, Field(gt=0, le=10 * 365 * 86400)] | None = None
+
+
+class NamespaceOut(BaseModel):
+    name: str
+    model_id: str
+    block_tokens: int
+    codec: str
+    layout: Layout | None
+    ttl_s: float | None
+    tenant: str
+
+
+class TokensRequest(Strict):
+    namespace: str = Field(min_length=1, max_length=300)
+    token_ids: list[TokenId] = Field(min_length=1)
+
+
+class PrefetchRequest(TokensRequest):
+    to: str = Field("host", max_length=32, description="target tier: device or host")
+
+
+class BlockOut(BaseModel):
+    index: int
+    key: str = Field(description="hex of the 16-byte chained prefix hash")
+    tier: str
+
+
+class HitOut(BaseModel):
+    namespace: str
+    tokens: int = Field(description="cached prefix length (a multiple of block_tokens)")
+    block_tokens: int
+    requested_tokens: int
+    tiers: dict[str, int]
+    blocks: list[BlockOut]
+
+
+class PrefetchOut(BaseModel):
+    id: str
+    namespace: str
+    target: str
+    state: Literal["pending", "running", "done", "failed", "cancelled", "timeout"]
+    ready_tokens: int
+    requested_tokens: int
+    error: str | None = None
+
+
+class CountOut(BaseModel):
+    blocks: int = Field(description="blocks removed")
+
+
+class StoredOut(BaseModel):
+    tokens: int = Field(description="tokens newly stored")
+
+
+class ShmRegion(Strict):
+    name: str = Field(min_length=1, max_length=256, description="multiprocessing.shared_memory name")
+    offset: Annotated[int, Field(strict=True, ge=0)] = 0
+    size: Annotated[int, Field(strict=True, ge=0)] = Field(
+        description="bytes the client made available at offset")
+
+
+class ShmPutRequest(TokensRequest):
+    """KV for ``len(token_ids)`` tokens, packed layer by layer, tensor by tensor, each
+    ``[tokens, *tensor_shape]`` C-contiguous, starting at ``region.offset``."""
+
+    layout: Layout
+    region: ShmRegion
+
+
+class ShmGetRequest(TokensRequest):
+    region: ShmRegion
+
+
+class ShmGetOut(BaseModel):
+    tokens: int = Field(description="valid tokens: the first rows of each tensor slot")
+    slot_tokens: int = Field(description="rows per tensor in the packed region (>= tokens)")
+    layout: Layout | None
+    nbytes: int
+
+
+class TierStatsOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    capacity_bytes: int
+    used_bytes: int
+    blocks: int
+    hits: int
+    misses: int
+    hit_tokens: int
+    blocks_read: int
+    blocks_written: int
+    bytes_read: int
+    bytes_written: int
+    promotions: int
+    demotions: int
+    evictions: dict[str, int]
+    corrupt_blocks: int
+    put_failures: int
+    reload_seconds: dict[str, Any]
+    age_seconds: dict[str, Any]
+
+
+class StatsOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    lookups: int
+    lookup_hits: int
+    tokens_looked_up: int
+    tokens_hit: int
+    hit_rate_lookups: float
+    hit_rate_tokens: float
+    puts: int
+    tokens_put: int
+    blocks_dropped: int
+    prefetch: dict[str, int]
+    cost_decisions: dict[str, int]
+    tiers: dict[str, TierStatsOut]
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="exception class, e.g. UnknownNamespace")
+    message: str = Field(description="what was wrong, naming the bad value")
+    status: int
+
+
+class HealthOut(BaseModel):
+    status: str
+    detail: str | None = None

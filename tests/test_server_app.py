@@ -1,0 +1,37 @@
+"""server.app: OpenAPI schema, health, route-template latency metric (in-process ASGI)."""
+
+from __future__ import annotations
+
+import torch
+from fastapi.testclient import TestClient
+
+from kvtier import CacheConfig, TieredCache
+from server.app import create_app
+
+
+def test_openapi_lists_every_endpoint_and_binary_bodies():
+    with TieredCache(CacheConfig(block_tokens=16)) as cache:
+        schema = TestClient(create_app(cache)).get("/openapi.json").json()
+    paths = schema["paths"]
+    for p in ("/v1/namespaces", "/v1/namespaces/{name}", "/v1/lookup", "/v1/prefetch",
+              "/v1/prefetch/{prefetch_id}", "/v1/kv", "/v1/kv/get", "/v1/kv/shm", "/v1/kv/shm/get",
+              "/v1/stats", "/metrics", "/healthz", "/readyz"):
+        assert p in paths, p
+    assert "application/msgpack" in paths["/v1/kv"]["put"]["requestBody"]["content"]
+    assert "application/msgpack" in paths["/v1/kv/get"]["post"]["responses"]["200"]["content"]
+    assert set(paths["/v1/kv"]) == {"put", "delete"}
+    assert paths["/v1/lookup"]["post"]["responses"]["404"]
+
+
+def test_health_stats_and_latency_by_route_template():
+    with TieredCache(CacheConfig(block_tokens=16)) as cache:
+        client = TestClient(create_app(cache))
+        assert client.get("/healthz").json()["status"] == "ok"
+        assert client.get("/readyz").json() == {"status": "ok"}
+        cache.put("n", list(range(32)), [(torch.zeros(32, 1, 4),)])
+        client.get("/v1/prefetch/abc")
+        assert client.get("/v1/stats").json()["tiers"]["host"]["blocks"] == 2
+        text = client.get("/metrics").text
+    assert 'route="/v1/prefetch/{prefetch_id}"' in text and 'status="404"' in text
+    assert "abc" not in text
+    assert 'kvtier_tier_blocks{tier="host"} 2.0' in text

@@ -1,0 +1,147 @@
+"""Bad requests against the real sidecar: each gets the right 4xx and a JSON message naming the
+problem, and none of them changes anything (readyz stays OK, stored blocks are unchanged)."""
+
+from __future__ import annotations
+
+from multiprocessing import shared_memory
+
+import httpx
+import msgpack
+import pytest
+import torch
+
+from kvtier import CacheConfig, KVLayout, TieredCache
+from kvtier.client import MSGPACK, KVTierClient, kv_to_wire
+from kvtier.config import HostTierConfig, SSDTierConfig
+from kvtier.settings import ServerSettings
+from server.testing import serve_in_thread
+
+A, B = "alpha-token-0001", "beta-token-00002"
+BT = 16
+LAYOUT = KVLayout(2, ((2, 8), (2, 8)), "float32")
+IDS = list(range(64))
+
+
+def kv(tokens: int, dtype=torch.float32, heads: int = 2):
+    g = torch.Generator().manual_seed(7)
+    return [tuple(torch.randn(tokens, heads, 8, generator=g).to(dtype) for _ in range(2)) for _ in range(2)]
+
+
+def mp(obj) -> dict:
+    return {"content": msgpack.packb(obj), "headers": {"content-type": MSGPACK}}
+
+
+def lookup(**over):
+    return {"json": {"namespace": "chat", "token_ids": IDS, **over}}
+
+
+def put_body(tensors, ids=IDS):
+    return mp({"namespace": "chat", "token_ids": ids, "kv": kv_to_wire(tensors)})
+
+
+def shm_get(name: str, size: int = 1 << 20, offset: int = 0):
+    return {"json": {"namespace": "chat", "token_ids": IDS,
+                     "region": {"name": name, "offset": offset, "size": size}}}
+
+
+SMALL_SHM = "kvtier-test-small-region"
+bad_len_kv = kv_to_wire(kv(64))
+bad_len_kv[0][0]["data"] = bytes(bad_len_kv[0][0]["data"])[:-4]
+
+# (id, token, method, path, request kwargs, status, words the message must contain)
+CASES = [
+    ("malformed-json", A, "POST", "/v1/lookup",
+     {"content": b'{"namespace": "chat", ', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
+    ("token-not-int", A, "POST", "/v1/lookup", lookup(token_ids=[1, "2", 3]), 422, "token_ids.1"),
+    ("token-float", A, "POST", "/v1/lookup", lookup(token_ids=[1.5]), 422, "token_ids.0"),
+    ("token-negative", A, "POST", "/v1/lookup", lookup(token_ids=[3, -1]), 422, "token_ids.1"),
+    ("tokens-not-list", A, "POST", "/v1/lookup", lookup(token_ids="0123"), 422, "token_ids"),
+    ("missing-namespace", A, "POST", "/v1/lookup", {"json": {"token_ids": IDS}}, 422, "namespace"),
+    ("unknown-field", A, "POST", "/v1/lookup", lookup(tokens=[1]), 422, "tokens"),
+    ("tokens-over-limit", A, "POST", "/v1/lookup", lookup(token_ids=list(range(5000))), 413, "limit is 4096"),
+    ("body-over-limit", A, "POST", "/v1/lookup", lookup(token_ids=[7] * 40000), 413, "exceeds the limit"),
+    ("unknown-namespace", A, "POST", "/v1/lookup", lookup(namespace="nope"), 404, "nope"),
+    ("bad-namespace-name", A, "POST", "/v1/lookup", lookup(namespace="a b"), 400, "invalid namespace name"),
+    ("negative-block-tokens", A, "POST", "/v1/namespaces", {"json": {"name": "x", "block_tokens": -16}},
+     422, "block_tokens"),
+    ("absurd-block-tokens", A, "POST", "/v1/namespaces", {"json": {"name": "x", "block_tokens": 10**12}},
+     422, "block_tokens"),
+    ("zero-layout-dim", A, "POST", "/v1/namespaces",
+     {"json": {"name": "x", "layout": {"num_layers": 2, "tensor_shapes": [[0, 8]], "dtype": "float32"}}},
+     422, "tensor_shapes"),
+    ("unknown-dtype", A, "POST", "/v1/namespaces",
+     {"json": {"name": "x", "layout": {"num_layers": 2, "tensor_shapes": [[2, 8]], "dtype": "float99"}}},
+     422, "float99"),
+    ("negative-ttl", A, "POST", "/v1/namespaces", {"json": {"name": "x", "ttl_s": -5}}, 422, "ttl_s"),
+    ("conflicting-register", A, "POST", "/v1/namespaces", {"json": {"name": "chat", "block_tokens": 32}},
+     400, "already exists"),
+    ("kv-shape-mismatch", A, "PUT", "/v1/kv", put_body(kv(64, heads=3)), 422, "shape"),
+    ("kv-dtype-mismatch", A, "PUT", "/v1/kv", put_body(kv(64, torch.float16)), 422, "float16"),
+    ("kv-tokens-mismatch", A, "PUT", "/v1/kv", put_body(kv(48)), 422, "48 tokens"),
+    ("kv-data-length", A, "PUT", "/v1/kv",
+     mp({"namespace": "chat", "token_ids": IDS, "kv": bad_len_kv}), 422, "needs 4096 bytes"),
+    ("kv-malformed-msgpack", A, "PUT", "/v1/kv",
+     {"content": b"\xc1\xc1garbage", "headers": {"content-type": MSGPACK}}, 400, "msgpack"),
+    ("kv-json-body", A, "PUT", "/v1/kv", {"json": {"namespace": "chat"}}, 415, "application/msgpack"),
+    ("kv-missing-field", A, "PUT", "/v1/kv", mp({"namespace": "chat", "token_ids": IDS}), 400, "'kv'"),
+    ("missing-token", None, "GET", "/v1/namespaces", {}, 401, "missing bearer token"),
+    ("wrong-token", "not-a-real-token", "GET", "/v1/namespaces", {}, 401, "unknown bearer token"),
+    ("malformed-auth", "", "GET", "/v1/namespaces", {"headers": {"authorization": "Basic abc"}}, 401, "Bearer"),
+    ("other-tenant-namespace", B, "POST", "/v1/lookup", lookup(namespace="alpha/chat"), 403, "alpha"),
+    ("other-tenant-drop", B, "DELETE", "/v1/namespaces/alpha%2Fchat", {}, 403, "belongs to tenant"),
+    ("unknown-prefetch", A, "GET", "/v1/prefetch/deadbeef", {}, 404, "deadbeef"),
+    ("unknown-tier", A, "POST", "/v1/prefetch", lookup(to="gpu9"), 400, "gpu9"),
+    ("bad-shm-name", A, "POST", "/v1/kv/shm/get", shm_get("../../etc/passwd"), 400, "shared-memory name"),
+    ("missing-shm", A, "POST", "/v1/kv/shm/get", shm_get("kvtier-no-such-region"), 404, "does not exist"),
+    ("shm-too-small", A, "POST", "/v1/kv/shm/get", shm_get(SMALL_SHM), 400, "has 4096 bytes"),
+    ("shm-negative-offset", A, "POST", "/v1/kv/shm/get", shm_get(SMALL_SHM, offset=-1), 422, "offset"),
+    ("shm-size-short", A, "PUT", "/v1/kv/shm",
+     {"json": {"namespace": "chat", "token_ids": IDS, "layout": LAYOUT.to_dict(),
+               "region": {"name": SMALL_SHM, "size": 100}}}, 400, "region.size is 100"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="4MiB"),
+                      ssd=SSDTierConfig(path=str(tmp_path_factory.mktemp("d") / "ssd"), direct_io=False,
+                                        capacity_bytes="64MiB", min_free_bytes=0))
+    settings = ServerSettings(tokens={A: "alpha", B: "beta"}, max_tokens=4096, max_body_bytes=64 * 1024)
+    small = shared_memory.SharedMemory(name=SMALL_SHM, create=True, size=4096)
+    with TieredCache(cfg) as cache, serve_in_thread(cache, settings) as url, KVTierClient(url, A) as client:
+        client.register_namespace("chat", layout=LAYOUT, block_tokens=BT)
+        assert client.put("chat", IDS, kv(64)) == 64
+        yield url, client
+    small.close()
+    small.unlink()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_request_is_refused_and_named(server, case):
+    url, _ = server
+    _, token, method, path, kwargs, status, words = case
+    headers = dict(kwargs.get("headers", {}))
+    if token:
+        headers.setdefault("authorization", f"Bearer {token}")
+    resp = httpx.request(method, url + path, **{**kwargs, "headers": headers}, timeout=30)
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["status"] == status and body["error"] and words in body["message"], body
+
+
+def test_nothing_changed_after_bad_requests(server):
+    url, client = server
+    for case in CASES:  # run them all again, then check the stored state
+        _, token, method, path, kwargs, status, _ = case
+        headers = {**kwargs.get("headers", {}), **({"authorization": f"Bearer {token}"} if token else {})}
+        assert httpx.request(method, url + path, **{**kwargs, "headers": headers}).status_code == status
+    assert httpx.get(url + "/readyz").json() == {"status": "ok"}
+    assert len(CASES) >= 15
+    got, n = client.get("chat", IDS)
+    assert n == 64
+    for layer_got, layer_want in zip(got, kv(64), strict=True):
+        for g, w in zip(layer_got, layer_want, strict=True):
+            assert torch.equal(g, w)
+    assert [ns.name for ns in client.namespaces()] == ["chat"]
+    assert client.get_namespace("chat").block_tokens == BT
+    assert client.lookup("chat", IDS).tokens == 64
