@@ -23,6 +23,7 @@ import contextlib
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Generator, Sequence
 from math import prod
 from multiprocessing import shared_memory
@@ -206,6 +207,9 @@ def _tokens(token_ids: Any) -> list[int]:
     return list(token_ids)
 
 
+_LOANED_AFTER_CLOSE: list[shared_memory.SharedMemory] = []  # never closed under a live view
+
+
 class _ShmPool:
     """Reusable client-owned shared-memory regions (creating and faulting in pages is slow)."""
 
@@ -232,13 +236,16 @@ class _ShmPool:
             self._free.append(shm)
 
     def close(self) -> None:
+        """Unlink every region; mappings still viewed by returned tensors stay until those go."""
         with self._lock:
             regions, self._all, self._free = self._all, [], []
         for shm in regions:
-            with contextlib.suppress(BufferError):
-                shm.close()
             with contextlib.suppress(FileNotFoundError):
                 shm.unlink()
+            try:
+                shm.close()
+            except BufferError:  # tensors from get() still view it: keep it mapped
+                _LOANED_AFTER_CLOSE.append(shm)
 
 
 # ---- requests as generators: one implementation for the sync and async clients -------------
@@ -354,9 +361,11 @@ class _Ops:
                 return None, 0
             layout = self._layouts[namespace] = ns.layout
         nbytes = packed_nbytes(layout, len(ids))
-        # A pooled region (its pages already faulted in) and one copy out: cheaper than a fresh
-        # tmpfs region per get whose page faults cost more than the copy.
+        # The server decodes straight into a pooled region (pages already faulted in) and the
+        # returned tensors alias it: no copy on either side. The region goes back to the pool
+        # when the last tensor viewing it is freed.
         shm = self._shm.acquire(nbytes)
+        loaned = False
         try:
             resp = yield _Call("POST", "/v1/kv/shm/get", json={
                 "namespace": namespace, "token_ids": ids,
@@ -364,12 +373,14 @@ class _Ops:
             d = resp.json()
             if d["tokens"] == 0:
                 return None, 0
-            views = unpack_from(shm.buf, KVLayout.from_dict(d["layout"]), d["slot_tokens"], copy=False)
-            kv = [tuple(t[:d["tokens"]].clone() for t in layer) for layer in views]
-            del views
-            return kv, d["tokens"]
+            arr = np.frombuffer(shm.buf, dtype=np.uint8)
+            weakref.finalize(arr, self._shm.release, shm)  # torch's storage keeps arr alive
+            loaned = True
+            views = packed_views(torch.from_numpy(arr), KVLayout.from_dict(d["layout"]), d["slot_tokens"])
+            return [tuple(t[:d["tokens"]] for t in layer) for layer in views], d["tokens"]
         finally:
-            self._shm.release(shm)
+            if not loaned:
+                self._shm.release(shm)
 
     def close(self) -> None:
         self._shm.close()

@@ -1,0 +1,272 @@
+"""``kvtier bench``: benchmarks as sub-commands (``trace`` now; ``io`` joins ``SUBCOMMANDS``).
+
+``kvtier bench trace`` replays a generated or JSONL agentic trace against kvtier's TieredCache and
+reports hit rates per tier, bytes moved, evictions, retention and prefill time saved;
+``--sweep host=1GiB..64GiB[,ssd=...]`` replays it at each capacity and plots hit rate vs capacity.
+Bad arguments print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, TextIO
+
+from kvtier.config import format_size, parse_size
+from kvtier.errors import InvalidRequest, KVTierError
+
+if TYPE_CHECKING:
+    from bench.trace import ReplayResult
+
+
+Configure = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True, slots=True)
+class SubCommand:
+    help: str
+    configure: Configure
+    run: Run
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmarks: trace replay (and I/O)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, sc in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=sc.help, description=sc.help)
+        sc.configure(sp)
+        sp.set_defaults(bench_run=sc.run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.bench_run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m kvtier.commands.bench trace ...``) until ``kvtier.cli`` exists."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="kvtier")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return run(args)
+
+
+# ---- kvtier bench trace ---------------------------------------------------------------------
+def configure_trace(p: argparse.ArgumentParser) -> None:
+    from bench.trace import TraceParams
+
+    d = TraceParams()
+    g = p.add_argument_group("trace (generated unless --trace is given)")
+    g.add_argument("--trace", help="replay this JSONL trace (format: docs/bench-trace.md)")
+    g.add_argument("--save-trace", help="also write the replayed trace as JSONL here")
+    g.add_argument("--sessions", type=int, default=d.sessions)
+    g.add_argument("--system-prompts", type=int, default=d.system_prompts,
+                   help="distinct system prompts shared across sessions")
+    g.add_argument("--system-tokens", type=int, default=d.system_tokens)
+    g.add_argument("--user-tokens", type=int, default=d.user_tokens, help="mean per turn")
+    g.add_argument("--assistant-tokens", type=int, default=d.assistant_tokens, help="mean per turn")
+    g.add_argument("--turns", type=float, default=d.mean_turns, help="mean turns per session")
+    g.add_argument("--max-turns", type=int, default=d.max_turns)
+    g.add_argument("--zipf", type=float, default=d.zipf_alpha, help="session popularity exponent")
+    g.add_argument("--think-time", type=float, default=d.think_time_s, help="mean seconds between turns")
+    g.add_argument("--arrival-rate", type=float, default=d.arrival_rate, help="new sessions per second")
+    g.add_argument("--seed", type=int, default=d.seed)
+    c = p.add_argument_group("cache")
+    c.add_argument("--model", default="Llama-3-8B", help="kvtier calc preset whose KV size sets block bytes")
+    c.add_argument("--kv-dtype", default="bf16", help="KV dtype of the model preset (bf16, fp8, fp4...)")
+    c.add_argument("--bytes-per-token", type=int, help="KV bytes per token (overrides --model)")
+    c.add_argument("--block-tokens", type=int, default=256)
+    c.add_argument("--host", default="8GiB", help="host DRAM capacity (real bytes)")
+    c.add_argument("--ssd", default="0", help="SSD capacity (real bytes); 0 disables the SSD tier")
+    c.add_argument("--sweep", help="capacity what-if, e.g. host=1GiB..64GiB,ssd=64GiB..1TiB")
+    c.add_argument("--sweep-points", type=int, help="points per swept tier (default: doubling)")
+    c.add_argument("--out", default="kvtier-bench-out", help="directory for plots and sweep.json")
+    r = p.add_argument_group("report")
+    r.add_argument("--prefill-rate", type=float, default=10_000.0,
+                   help="prefill tokens/s used for time saved (default 10000)")
+    r.add_argument("--measure-prefill", action="store_true",
+                   help="measure the prefill rate of a small transformers model on this machine")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    try:
+        return _run_trace(args)
+    except (KVTierError, OSError) as e:
+        print(f"kvtier bench trace: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    from bench import trace as tr
+
+    bpt, model = _bytes_per_token(args)
+    if args.block_tokens < 1:
+        raise InvalidRequest(f"--block-tokens must be >= 1, got {args.block_tokens}")
+    if not args.prefill_rate > 0:
+        raise InvalidRequest(f"--prefill-rate must be > 0 tokens/s, got {args.prefill_rate}")
+    caps = {"host": parse_size(args.host), "ssd": parse_size(args.ssd)}
+    sweep = parse_sweep(args.sweep, args.sweep_points) if args.sweep else None
+    if args.trace:
+        requests, source = tr.read_jsonl(args.trace), args.trace
+    else:
+        params = tr.TraceParams(args.sessions, args.system_prompts, args.system_tokens, args.user_tokens,
+                                args.assistant_tokens, args.turns, args.max_turns, args.zipf,
+                                args.think_time, args.arrival_rate, args.seed)
+        requests, source = tr.generate(params), f"generated (seed {args.seed})"
+    if args.save_trace:
+        tr.write_jsonl(requests, args.save_trace)
+    rate = tr.measure_prefill_rate() if args.measure_prefill else args.prefill_rate
+    head = (f"trace: {source}, {len(requests)} requests, {len({r.session for r in requests})} sessions, "
+            f"{sum(r.prompt_tokens for r in requests):,} prompt tokens over {requests[-1].t:.0f} s\n"
+            f"model: {model}, {bpt:,.0f} B/token, {args.block_tokens}-token blocks of "
+            f"{format_size(bpt * args.block_tokens)}; prefill {rate:,.0f} tokens/s"
+            f"{' (measured here, small model)' if args.measure_prefill else ''}")
+    if sweep is None:
+        plan = tr.TierPlan(args.block_tokens, bpt, {k: v for k, v in caps.items() if v})
+        res = tr.replay(requests, plan, progress=ProgressLine("replay"))
+        if args.json:
+            print(json.dumps({**res.to_dict(), "ttft": res.ttft(rate), "model": model}, indent=2))
+        else:
+            print(head + "\n\n" + format_report(res, rate))
+        return 0
+    return _run_sweep(args, tr, requests, bpt, caps, sweep, rate, head)
+
+
+def _bytes_per_token(args: argparse.Namespace) -> tuple[float, str]:
+    from kvtier.calc import Precision, kv_size, preset
+
+    if args.bytes_per_token is not None:
+        if args.bytes_per_token < 1:
+            raise InvalidRequest(f"--bytes-per-token must be >= 1, got {args.bytes_per_token}")
+        return args.bytes_per_token, "custom"
+    spec = preset(args.model)
+    return kv_size(spec, 0, Precision(kv=args.kv_dtype)).bytes_per_token, f"{spec.name} ({args.kv_dtype} KV)"
+
+
+def parse_sweep(spec: str, points: int | None) -> dict[str, list[int]]:
+    """``host=1GiB..64GiB,ssd=256GiB`` -> capacities per tier (geometric steps)."""
+    from bench.trace import default_points, geometric
+
+    if points is not None and points < 1:
+        raise InvalidRequest(f"--sweep-points must be >= 1, got {points}")
+    out: dict[str, list[int]] = {}
+    for part in spec.split(","):
+        tier, eq, rng = part.partition("=")
+        tier = tier.strip()
+        if not eq or tier not in ("host", "ssd") or tier in out:
+            raise InvalidRequest(f"malformed --sweep item {part!r}: expected host=LO..HI or ssd=LO..HI, once each")
+        lo_s, dots, hi_s = rng.partition("..")
+        lo = parse_size(lo_s)
+        hi = parse_size(hi_s) if dots else lo
+        if not 0 < lo <= hi:
+            raise InvalidRequest(f"malformed --sweep range {rng!r}: expected 0 < LO <= HI")
+        out[tier] = geometric(lo, hi, points or default_points(lo, hi))
+    return out
+
+
+def _run_sweep(args: argparse.Namespace, tr: ModuleType, requests: list, bpt: int,
+               caps: dict[str, int], sweep: dict[str, list[int]], rate: float, head: str) -> int:
+    from bench.common import table
+    from bench.plots import hit_rate_vs_capacity
+
+    axes = list(sweep)
+    x_tier, series_tier = axes[0], axes[1] if len(axes) > 1 else None
+    grid = [(x, s) for s in (sweep[series_tier] if series_tier else [None]) for x in sweep[x_tier]]
+    progress = ProgressLine("sweep")
+    rows, results, series = [], [], {}
+    for i, (x, s) in enumerate(grid):
+        point = {**caps, x_tier: x, **({series_tier: s} if series_tier else {})}
+        plan = tr.TierPlan(args.block_tokens, bpt, {k: v for k, v in point.items() if v})
+        res = tr.replay(requests, plan, progress=lambda d, n, i=i: progress(i * n + d, len(grid) * n))
+        label = f"{series_tier} {format_size(s)}" if series_tier else _fixed_label(point, x_tier)
+        series.setdefault(label, []).append((x, res.hit_rate_tokens))
+        ttft = res.ttft(rate)
+        results.append({"capacities": point, **res.to_dict(), "ttft": ttft})
+        rows.append([*(format_size(point[t]) for t in axes), plan.blocks(x_tier),
+                     f"{100 * res.hit_rate_lookups:.1f}%", f"{100 * res.hit_rate_tokens:.1f}%",
+                     f"{ttft['saved_s']:.1f}"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = hit_rate_vs_capacity(out / f"hit_rate_vs_{x_tier}.png", series, xlabel=f"{x_tier} capacity",
+                               title=f"token hit rate vs {x_tier} capacity ({len(requests)} requests)")
+    (out / "sweep.json").write_text(json.dumps({"results": results}, indent=2))
+    if args.json:
+        print(json.dumps({"plot": str(png), "results": results}, indent=2))
+    else:
+        print(head + "\n\n" + table([*axes, f"{x_tier} blocks", "hit % lookups", "hit % tokens",
+                                     "prefill saved s"], rows) + f"\n\nplot: {png}")
+    return 0
+
+
+def _fixed_label(point: dict[str, int], x_tier: str) -> str:
+    rest = [f"{t} {format_size(v)}" for t, v in point.items() if t != x_tier and v]
+    return ", ".join(rest) or f"{x_tier} only"
+
+
+def format_report(res: ReplayResult, rate: float) -> str:
+    from bench.common import table
+
+    def age(d: dict) -> str:
+        return "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in ("p50", "p90", "p99"))
+
+    rows = [[t.name, format_size(t.capacity_bytes), t.capacity_blocks,
+             f"{100 * t.hit_lookups / max(1, res.requests):.1f}%",
+             f"{100 * t.hit_tokens / max(1, res.prompt_tokens):.1f}%", t.hit_blocks,
+             format_size(t.bytes_written), format_size(t.bytes_reloaded), t.evicted_blocks,
+             t.demotions, t.promotions, age(t.hit_age_s), age(t.resident_age_s)]
+            for t in res.tiers.values()]
+    tt = res.ttft(rate)
+    return "\n".join([
+        f"hit rate: {100 * res.hit_rate_lookups:.1f}% of lookups, {100 * res.hit_rate_tokens:.1f}% "
+        f"of prompt tokens; {res.dropped_blocks} blocks dropped from the last tier",
+        "",
+        table(["tier", "capacity", "blocks", "hit % lookups", "hit % tokens", "hit blocks", "written", "reloaded",
+               "evicted", "demoted", "promoted", "age at hit s p50/p90/p99",
+               "resident age s p50/p90/p99"], rows),
+        "",
+        f"prefill at {rate:,.0f} tokens/s: recompute everything {tt['recompute_s']:.1f} s, saved "
+        f"{tt['saved_s']:.1f} s; mean TTFT {tt['mean_ttft_recompute_s']:.3f} s -> "
+        f"{tt['mean_ttft_cached_s']:.3f} s per request (reload time not counted)",
+        f"replay: {res.wall_s:.2f} s wall (TieredCache, tiny layout at the same block counts)",
+    ])
+
+
+class ProgressLine:
+    """A throttled progress line on stderr (rewritten in place on a terminal)."""
+
+    def __init__(self, label: str, interval_s: float = 0.5, stream: TextIO | None = None) -> None:
+        self.label, self.interval_s = label, interval_s
+        self.stream = stream or sys.stderr
+        self.start = self.last = time.monotonic()
+        self.tty = self.stream.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < self.interval_s:
+            return
+        self.last = now
+        start, end = ("\r", "\n" if done >= total else "") if self.tty else ("", "\n")
+        self.stream.write(f"{start}{self.label}: {done}/{total} requests "
+                          f"({100 * done / max(1, total):.0f}%) {now - self.start:.1f} s{end}")
+        self.stream.flush()
+
+
+SUBCOMMANDS: dict[str, SubCommand] = {
+    "trace": SubCommand("replay an agentic trace against a tier configuration", configure_trace, run_trace),
+    # "io": SubCommand("fio-style reload benchmark of one tier", configure_io, run_io),
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
