@@ -1,0 +1,105 @@
+"""The SSD tier's data directory: format-version file, layout and the single-owner lock.
+
+::
+
+    <path>/KVTIER_FORMAT     {"format": "kvtier-ssd", "version": 1}
+    <path>/LOCK              flock'ed by the one process that has the directory open
+    <path>/index/            LMDB environment (data.mdb, lock.mdb)
+    <path>/segments/         append-only segment files, 00000001.seg, ...
+
+An empty or absent directory is initialised; anything else that is not ours, or is of a newer
+format version, is refused with a one-line ``DataDirError`` rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from kvtier.errors import DataDirError
+
+FORMAT = "kvtier-ssd"
+VERSION = 1
+VERSION_FILE = "KVTIER_FORMAT"
+LOCK_FILE = "LOCK"
+
+
+def open_data_dir(path: str | os.PathLike) -> tuple[Path, int]:
+    """Validate (or initialise) ``path`` and lock it; returns (path, lock fd).
+
+    Raises DataDirError naming the directory and the problem.
+    """
+    root = Path(path)
+    try:
+        if root.exists() and not root.is_dir():
+            raise DataDirError(f"data directory {root}: exists but is not a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        marker = root / VERSION_FILE
+        if marker.exists() or marker.is_symlink():
+            _check_version(root, marker)
+        else:
+            others = sorted(os.listdir(root))
+            if others:
+                raise DataDirError(
+                    f"data directory {root}: not a kvtier data directory (no {VERSION_FILE} "
+                    f"file, but {len(others)} other entries such as {others[0]!r})")
+            _write_version(root, marker)
+        (root / "segments").mkdir(exist_ok=True)
+        (root / "index").mkdir(exist_ok=True)
+        lock_fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except DataDirError:
+        raise
+    except OSError as e:
+        raise DataDirError(f"data directory {root}: unreadable ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(lock_fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise DataDirError(f"data directory {root}: in use by another process") from None
+        raise DataDirError(f"data directory {root}: cannot lock ({e.strerror})") from None
+    return root, lock_fd
+
+
+def _check_version(root: Path, marker: Path) -> None:
+    try:
+        info = json.loads(marker.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise DataDirError(
+            f"data directory {root}: not a kvtier data directory ({VERSION_FILE} is not a "
+            "kvtier format file)") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise DataDirError(
+            f"data directory {root}: not a kvtier data directory ({VERSION_FILE} names format "
+            f"{info.get('format') if isinstance(info, dict) else info!r}, expected {FORMAT!r})")
+    version = info.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DataDirError(f"data directory {root}: unknown format version {version!r}")
+    if version > VERSION:
+        raise DataDirError(
+            f"data directory {root}: format version {version} is newer than this kvtier "
+            f"supports ({VERSION}); upgrade kvtier or use another directory")
+
+
+def _write_version(root: Path, marker: Path) -> None:
+    tmp = root / (VERSION_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, json.dumps({"format": FORMAT, "version": VERSION}).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, marker)
+    fsync_dir(root)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a created, renamed or removed directory entry durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

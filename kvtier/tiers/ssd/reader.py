@@ -1,0 +1,221 @@
+"""Reads for the SSD tier: resolve keys, coalesce adjacent records, read on the I/O pool, verify.
+
+Requests are resolved and their segments pinned under the tier's lock, then read without it.
+Records of one segment lying end to end (gaps up to ``MAX_GAP``: the 4 KiB padding) become one
+``preadv`` with a buffer per block and a scratch buffer per gap. Whole-block reads are checked
+against the stored crc32c in the pool thread (crc32c releases the GIL).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kvtier.block import checksum
+from kvtier.errors import InvalidRequest, InvalidType, KVTierError
+from kvtier.tiers.ssd.directio import ALIGN, aligned_empty, is_aligned, read_vectored
+from kvtier.tiers.ssd.index import Location
+from kvtier.tiers.ssd.segments import Segment
+
+if TYPE_CHECKING:
+    from kvtier.tiers.ssd.tier import SSDTier
+
+MAX_GAP = 64 * 1024
+MAX_RUN = 64 * 1024**2
+MAX_IOV = min(512, os.sysconf("SC_IOV_MAX") // 2 if hasattr(os, "sysconf") else 512)
+
+
+@dataclass(slots=True, eq=False)
+class _Read:
+    index: int
+    key: bytes
+    out: torch.Tensor
+    arr: np.ndarray  # where the bytes land: out's memory, or a staging buffer
+    staged: bool
+    loc: Location
+    offset: int
+    n: int
+    seg: Segment | None
+    blob: bytes | None = None  # inline payload not yet committed
+    got: int = 0
+    direct: bool = False
+    coalesced: bool = False
+    crc_ok: bool = True
+    error: Exception | None = None
+
+    @property
+    def start(self) -> int:
+        return self.loc.offset + self.offset
+
+    @property
+    def whole(self) -> bool:
+        return self.offset == 0 and self.n == self.loc.length
+
+
+def host_array(out: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """The numpy view to read into (out's own memory on CPU, else a staging buffer)."""
+    if not isinstance(out, torch.Tensor):
+        raise InvalidType(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous():
+        raise InvalidRequest(f"out must be a contiguous 1-D uint8 tensor, got {out.dtype} "
+                             f"of shape {tuple(out.shape)}")
+    if out.device.type == "cpu":
+        return out.numpy(), False
+    return aligned_empty(out.numel()).numpy(), True
+
+
+def read_many(tier: SSDTier, requests: list[tuple[bytes, torch.Tensor, int]],
+              use_pool: bool = True) -> list[int | Exception]:
+    results: list[int | Exception] = [0] * len(requests)
+    prepared = []
+    for i, (key, out, offset) in enumerate(requests):
+        try:
+            arr, staged = host_array(out)
+            if not isinstance(offset, int) or offset < 0:
+                raise InvalidRequest(f"offset must be a non-negative int, got {offset!r}")
+        except KVTierError as e:
+            results[i] = e
+            continue
+        prepared.append((i, key, out, arr, staged, offset))
+    reads: list[_Read] = []
+    with tier._lock:
+        if tier._closed:
+            raise KVTierError("the ssd tier is closed")
+        for i, key, out, arr, staged, offset in prepared:
+            loc = tier._loc.get(key)
+            if loc is None:
+                results[i] = KeyError(key)
+                continue
+            if offset > loc.length:
+                results[i] = InvalidRequest(
+                    f"offset {offset} is past the end of block {key.hex()} ({loc.length} bytes)")
+                continue
+            seg = tier._segments.by_id[loc.segment] if loc.segment else None
+            if seg is not None:
+                seg.readers += 1
+            n = min(len(arr), loc.length - offset)
+            reads.append(_Read(i, key, out, arr, staged, loc, offset, n, seg,
+                               tier._pending_inline.get(key) if seg is None else None))
+    try:
+        for r in reads:
+            if r.seg is None:
+                _read_inline(tier, r)
+        runs = plan_runs([r for r in reads if r.seg is not None])
+        if use_pool and len(runs) > 1:
+            for f in [tier._pool.submit(_read_run, tier, run) for run in runs]:
+                f.result()
+        else:
+            for run in runs:
+                _read_run(tier, run)
+    finally:
+        with tier._lock:
+            for r in reads:
+                if r.seg is not None:
+                    tier._segments.release(r.seg)
+    _finish(tier, reads, results)
+    return results
+
+
+def plan_runs(reads: list[_Read]) -> list[list[_Read]]:
+    """Group reads into runs of one segment whose file ranges lie end to end."""
+    runs: list[list[_Read]] = []
+    for r in sorted(reads, key=lambda r: (r.seg.id, r.start)):
+        run = runs[-1] if runs else None
+        if run is not None:
+            last = run[-1]
+            end = last.start + last.n
+            if (last.seg is r.seg and 0 <= r.start - end <= MAX_GAP and len(run) < MAX_IOV
+                    and r.start + r.n - run[0].start <= MAX_RUN):
+                run.append(r)
+                continue
+        runs.append([r])
+    return runs
+
+
+def _read_inline(tier: SSDTier, r: _Read) -> None:
+    if r.blob is not None:
+        r.arr[:r.n] = np.frombuffer(r.blob, dtype=np.uint8, count=r.n, offset=r.offset)
+        r.got = r.n
+    else:
+        got = tier._index.read_inline(r.key, r.arr[:r.n], r.offset)
+        r.got = got if got >= 0 else 0
+    if r.whole and r.got == r.n:
+        r.crc_ok = checksum(r.arr[:r.n]) == r.loc.crc
+
+
+def _read_run(tier: SSDTier, run: list[_Read]) -> None:
+    seg = run[0].seg
+    try:
+        if len(run) == 1:
+            r = run[0]
+            r.got, r.direct = tier._pread(seg, r.arr[:r.n], r.start)
+        else:
+            _read_coalesced(tier, seg, run)
+        for r in run:
+            if r.whole and r.got == r.n:
+                r.crc_ok = checksum(r.arr[:r.n]) == r.loc.crc
+    except OSError as e:
+        for r in run:
+            r.error = KVTierError(
+                f"ssd read of block {r.key.hex()} from {seg.path.name} failed ({e.strerror or e})")
+
+
+def _read_coalesced(tier: SSDTier, seg: Segment, run: list[_Read]) -> None:
+    base = run[0].start
+    direct = tier.direct_io and seg.dfd >= 0 and base % ALIGN == 0 and all(
+        is_aligned(r.arr) and r.n % ALIGN == 0 for r in run)
+    arrays, pos = [], base
+    for r in run:
+        if r.start > pos:
+            gap = r.start - pos
+            arrays.append(aligned_empty(gap).numpy() if direct else np.empty(gap, np.uint8))
+        arrays.append(r.arr[:r.n])
+        pos = r.start + r.n
+    try:
+        total = read_vectored(seg.dfd if direct else seg.fd, arrays, base)
+    except OSError as e:
+        if not direct or e.errno != errno.EINVAL:
+            raise
+        direct = False
+        total = read_vectored(seg.fd, arrays, base)
+    for r in run:
+        r.got = max(0, min(r.n, total - (r.start - base)))
+        r.direct = direct
+        r.coalesced = True
+
+
+def _finish(tier: SSDTier, reads: list[_Read], results: list[int | Exception]) -> None:
+    done = []
+    for r in reads:
+        if r.error is not None:
+            results[r.index] = r.error
+        elif r.got < r.n:
+            if r.seg is None and r.blob is None and r.key not in tier._loc:
+                results[r.index] = KeyError(r.key)  # deleted while we read
+            else:
+                results[r.index] = tier.drop_corrupt(r.key, r.loc, "is truncated in its segment")
+        elif not r.crc_ok:
+            results[r.index] = tier.drop_corrupt(r.key, r.loc, "failed its checksum")
+        else:
+            if r.staged:
+                r.out[:r.n].copy_(torch.from_numpy(r.arr[:r.n]))
+            results[r.index] = r.n
+            done.append(r)
+    if not done:
+        return
+    now = time.time()
+    with tier._lock:
+        c = tier._counters
+        for r in done:
+            c["blocks_read"] += 1
+            c["bytes_read"] += r.n
+            c["direct_reads" if r.direct else "buffered_reads"] += 1
+            c["coalesced_reads"] += r.coalesced
+            _, hits = tier._touches.get(r.key, (0.0, 0))
+            tier._touches[r.key] = (now, hits + 1)

@@ -1,0 +1,478 @@
+"""SSDTier: the persistent tier — an LMDB index plus append-only segment files.
+
+Guarantees (each has a test in tests/test_ssd_*.py):
+
+- ``sync``: ``put`` returns after the payload is fsync'd and then its index record committed
+  (LMDB fsyncs the commit). A crash loses nothing acknowledged.
+- ``batch``: payloads are fsync'd and their records committed together every
+  ``batch_interval_ms``; a crash loses at most the last interval's puts (never a torn block).
+- ``none``: nothing is fsync'd; a crash may lose recent puts. Records whose payload was not
+  fsync'd are checksum-verified on the next open after an unclean shutdown.
+- A payload always reaches the disk before its record; a block is served only if its stored
+  crc32c matches (whole-block reads), else it is dropped, counted as corrupt and raised as
+  ``CorruptBlock``.
+- A failed put (capacity, free-disk floor, ENOSPC, EIO) changes nothing already stored.
+
+Locks: ``_lock`` guards the in-memory maps and counters and is never held across payload I/O;
+``_commit_lock`` orders index mutations (puts, deletes, batch commits, compaction moves).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from kvtier.block import checksum
+from kvtier.config import SSDTierConfig, format_size
+from kvtier.errors import (
+    CorruptBlock,
+    DataDirError,
+    InvalidRequest,
+    InvalidType,
+    KVTierError,
+    StorageFull,
+)
+from kvtier.tiers.base import BlockMeta
+from kvtier.tiers.ssd import compaction, reader
+from kvtier.tiers.ssd.datadir import fsync_dir, open_data_dir
+from kvtier.tiers.ssd.directio import probe_direct_io, read_exact
+from kvtier.tiers.ssd.index import Index, Location, Record
+from kvtier.tiers.ssd.recovery import check, recover
+from kvtier.tiers.ssd.segments import Segment, SegmentSet
+
+log = logging.getLogger(__name__)
+
+DURABILITY = ("sync", "batch", "none")
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class SSDTier:
+    """The SSD tier (see the module docstring for its guarantees). All methods are thread-safe."""
+
+    name = "ssd"
+    persistent = True
+
+    def __init__(self, config: SSDTierConfig, *, compact_interval_s: float | None = None) -> None:
+        if not config.path:
+            raise InvalidRequest("the ssd tier needs a data directory: set ssd.path")
+        if config.durability not in DURABILITY:
+            raise InvalidRequest(
+                f"unknown ssd durability {config.durability!r}: expected one of {DURABILITY}")
+        self.config = config
+        self.durability = config.durability
+        self.root, self._lock_fd = open_data_dir(config.path)
+        try:
+            self._index = Index(self.root / "index", config.map_size,
+                                sync=config.durability != "none")
+        except Exception as e:
+            os.close(self._lock_fd)
+            raise DataDirError(f"data directory {self.root}: index unreadable ({e})") from None
+        self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self.direct_io = bool(config.direct_io) and probe_direct_io(self.root / "segments")
+        self._segments = SegmentSet(self.root / "segments", config.segment_bytes,
+                                    self.direct_io, self._segment_created)
+        try:
+            found = recover(self._index, self._segments)
+            self._index.set_flag(b"clean", b"0")
+            self._index.sync()
+        except Exception as e:
+            self._close_files()
+            raise DataDirError(f"data directory {self.root}: recovery failed ({e})") from None
+        self._loc: dict[bytes, Location] = found.locations
+        self._used = sum(loc.length for loc in self._loc.values())
+        self._reserved = 0
+        self._inflight: set[bytes] = set()
+        self._pending: list[tuple[bytes, Record, bytes | None, Segment | None]] = []
+        self._pending_inline: dict[bytes, bytes] = {}
+        self._touches: dict[bytes, tuple[float, int]] = {}
+        self._counters: Counter = Counter(recovered_blocks=len(self._loc),
+                                          recovery_dropped=found.dropped)
+        self._closed = False
+        self._pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="kvtier-ssd")
+        self._stop = threading.Event()
+        self._compact_interval_s = compact_interval_s
+        self._flusher = threading.Thread(target=self._flush_loop, name="kvtier-ssd-flush",
+                                         daemon=True)
+        self._flusher.start()
+        log.info("ssd tier at %s: %d blocks (%s), direct_io=%s, durability=%s", self.root,
+                 len(self._loc), format_size(self._used), self.direct_io, self.durability)
+
+    # ---- capacity --------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self.config.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Live payload bytes (dead space awaiting compaction is not counted)."""
+        return self._used
+
+    def fits_ever(self, nbytes: int) -> bool:
+        return nbytes <= self.config.capacity_bytes
+
+    def can_fit(self, nbytes: int) -> bool:
+        """Whether a put of ``nbytes`` would pass the byte budget and the free-disk floor."""
+        free = self._free_disk()
+        with self._lock:
+            return self._room_problem(nbytes, free) is None
+
+    def _free_disk(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def _room_problem(self, nbytes: int, free: int) -> str | None:
+        used = self._used + self._reserved
+        if used + nbytes > self.config.capacity_bytes:
+            return (f"ssd tier full: a {nbytes}-byte block does not fit "
+                    f"({format_size(used)} of {format_size(self.config.capacity_bytes)} used)")
+        if free - nbytes < self.config.min_free_bytes:
+            return (f"ssd tier: free disk under {self.root} would fall below the floor "
+                    f"({format_size(free)} free, floor {format_size(self.config.min_free_bytes)})")
+        return None
+
+    # ---- writes ----------------------------------------------------------------------------
+    def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta) -> None:
+        """Store a block (whole or nothing). A key already stored is a no-op.
+
+        Raises StorageFull (budget, disk floor, ENOSPC) or KVTierError (EIO, missing segment
+        directory) for this put only; nothing already stored is touched.
+        """
+        _check_key(key)
+        if not isinstance(meta, BlockMeta):
+            raise InvalidType(f"meta must be a BlockMeta, got {type(meta).__name__}")
+        mv = _byte_view(data)
+        n = len(mv)
+        if n == 0:
+            raise InvalidRequest("cannot store an empty block")
+        crc = checksum(mv)
+        inline = n < self.config.inline_threshold
+        free = self._free_disk()
+        seg: Segment | None = None
+        offset = 0
+        with self._lock:
+            if self._closed:
+                raise KVTierError("the ssd tier is closed")
+            if key in self._loc or key in self._inflight:
+                return
+            problem = self._room_problem(n, free)
+            if problem:
+                self._counters["put_failures"] += 1
+                raise StorageFull(problem)
+            if not inline:
+                try:
+                    seg, offset = self._segments.reserve(n)
+                except OSError as e:  # e.g. the segment directory is gone
+                    self._counters["put_failures"] += 1
+                    raise self._put_error(e, n, counted=True) from None
+            self._inflight.add(key)
+            self._reserved += n
+        ok = False
+        try:
+            if seg is not None:
+                seg.write(mv, offset)
+                if self.durability == "sync":
+                    seg.sync()
+            loc = Location(seg.id if seg else 0, offset, n, crc, self.durability != "none")
+            rec = Record(loc, meta, time.time())
+            blob = bytes(mv) if inline else None
+            if self.durability == "batch":
+                with self._lock:
+                    self._pending.append((key, rec, blob, seg))
+                    if blob is not None:
+                        self._pending_inline[key] = blob
+                    if seg is not None:
+                        seg.uncommitted += 1
+                    self._insert(key, loc, seg)
+            else:
+                with self._commit_lock:
+                    self._index.commit([(key, rec, blob)])
+                    with self._lock:
+                        self._insert(key, loc, seg)
+            ok = True
+        except OSError as e:
+            raise self._put_error(e, n) from None
+        except KVTierError:
+            with self._lock:
+                self._counters["put_failures"] += 1
+            raise
+        finally:
+            with self._lock:
+                self._inflight.discard(key)
+                self._reserved -= n
+                if seg is not None:
+                    if ok:
+                        seg.writers -= 1
+                    else:
+                        self._segments.unreserve(seg, offset, n)
+
+    def _insert(self, key: bytes, loc: Location, seg: Segment | None) -> None:
+        self._loc[key] = loc
+        self._used += loc.length
+        if seg is not None:
+            seg.live += loc.length
+        self._counters["blocks_written"] += 1
+        self._counters["bytes_written"] += loc.length
+
+    def _put_error(self, e: OSError, nbytes: int, counted: bool = False) -> KVTierError:
+        if not counted:
+            with self._lock:
+                self._counters["put_failures"] += 1
+        if e.errno in _FULL_ERRNOS:
+            return StorageFull(f"ssd tier: no space left on the device under {self.root} for a "
+                               f"{nbytes}-byte block ({e.strerror})")
+        if e.errno == errno.ENOENT:
+            return KVTierError(f"ssd tier: segment missing under {self.root} ({e})")
+        return KVTierError(f"ssd tier: write of a {nbytes}-byte block under {self.root} failed "
+                           f"({e.strerror or e})")
+
+    def _segment_created(self) -> None:
+        if self.durability != "none":
+            fsync_dir(self._segments.directory)
+
+    def flush(self) -> None:
+        """Commit puts waiting for a batch commit: payloads fsync'd first, then the index."""
+        with self._commit_lock:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            if not pending:
+                return
+            try:
+                for seg in {p[3] for p in pending if p[3] is not None}:
+                    seg.sync()
+                self._index.commit(p[:3] for p in pending)
+            except (OSError, KVTierError) as e:
+                log.error("ssd batch commit of %d blocks failed, dropping them: %s", len(pending), e)
+                with self._lock:
+                    for key, rec, _, _ in pending:
+                        if self._loc.get(key) == rec.loc:
+                            self._forget(key)
+                    self._counters["put_failures"] += len(pending)
+            finally:
+                with self._lock:
+                    for key, _, _, seg in pending:
+                        self._pending_inline.pop(key, None)
+                        if seg is not None:
+                            seg.uncommitted -= 1
+
+    # ---- deletes ---------------------------------------------------------------------------
+    def delete(self, key: bytes) -> bool:
+        """Remove a block; False if absent. Its space is reclaimed by ``compact``."""
+        with self._commit_lock:
+            with self._lock:
+                committed = not any(p[0] == key for p in self._pending)
+                loc = self._forget(key)
+            if loc is None:
+                return False
+            if committed:
+                self._index.commit(deletes=[key])
+        return True
+
+    def _forget(self, key: bytes) -> Location | None:
+        """Drop ``key`` from memory (caller holds ``_lock``)."""
+        loc = self._loc.pop(key, None)
+        if loc is None:
+            return None
+        self._used -= loc.length
+        seg = self._segments.by_id.get(loc.segment)
+        if seg is not None:
+            seg.live -= loc.length
+        if self._pending and any(p[0] == key for p in self._pending):
+            # Callers hold _commit_lock, so no batch commit is half-way through this list.
+            self._pending = [p for p in self._pending if p[0] != key]
+            self._pending_inline.pop(key, None)
+            if seg is not None:
+                seg.uncommitted -= 1
+        self._touches.pop(key, None)
+        return loc
+
+    def expire(self, namespace: str, older_than: float) -> int:
+        """Delete every block of ``namespace`` created before unix time ``older_than``."""
+        self.flush()
+        doomed = [k for k, rec in self._index.records()
+                  if rec.meta.namespace == namespace and rec.meta.created < older_than]
+        with self._commit_lock:
+            with self._lock:
+                doomed = [k for k in doomed if self._forget(k) is not None]
+                self._counters["expired"] += len(doomed)
+            if doomed:
+                self._index.commit(deletes=doomed)
+        return len(doomed)
+
+    def drop_corrupt(self, key: bytes, loc: Location, why: str) -> CorruptBlock:
+        """Remove a block whose bytes failed verification; returns the error to raise."""
+        with self._commit_lock:
+            with self._lock:
+                mine = self._loc.get(key) == loc and self._forget(key) is not None
+                if mine:
+                    self._counters["corrupt_blocks"] += 1
+            if mine:
+                try:
+                    self._index.delete_if(key, loc)
+                except KVTierError as e:
+                    log.error("could not remove corrupt block %s from the index: %s", key.hex(), e)
+        log.warning("ssd block %s %s; dropped", key.hex(), why)
+        return CorruptBlock(f"ssd block {key.hex()} {why}; dropped")
+
+    # ---- reads -----------------------------------------------------------------------------
+    def contains(self, key: bytes) -> bool:
+        return key in self._loc
+
+    def size(self, key: bytes) -> int | None:
+        loc = self._loc.get(key)
+        return loc.length if loc is not None else None
+
+    def read_into(self, key: bytes, out: torch.Tensor, offset: int = 0) -> int:
+        """Read ``out.numel()`` bytes of the block from byte ``offset`` into ``out``; returns the count.
+
+        Positional reads go straight into ``out`` (O_DIRECT for the aligned bulk when ``out`` is
+        4 KiB-aligned, see ``aligned_empty``). A whole-block read (offset 0, ``out`` at least
+        the block's size) verifies the stored crc32c; partial reads are not verified here — the
+        caller verifies them with the block format's per-layer crc (``kvtier.block``).
+        Raises KeyError if absent, CorruptBlock if the bytes fail verification (then dropped).
+        """
+        res = self.read_many_into([(key, out, offset)], _inline_pool=False)[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
+    def read_many_into(self, requests: list[tuple[bytes, torch.Tensor, int]],
+                       _inline_pool: bool = True) -> list[int | Exception]:
+        """Many ``read_into`` calls with reads in flight on the I/O pool.
+
+        Adjacent records of one segment are coalesced into one ``preadv`` with several buffers.
+        Returns, per request, the byte count or the exception ``read_into`` would raise.
+        """
+        return reader.read_many(self, requests, use_pool=_inline_pool)
+
+    def _pread(self, seg: Segment, arr: np.ndarray, file_offset: int) -> tuple[int, bool]:
+        return read_exact(seg.fd, seg.dfd if self.direct_io else -1, arr, file_offset)
+
+    # ---- maintenance and reports -----------------------------------------------------------
+    def compact(self) -> int:
+        """Rewrite segments whose live fraction is below ``compaction_live_fraction``.
+
+        Reads continue throughout; returns the number of segments whose files were removed.
+        """
+        return compaction.compact(self)
+
+    def scan(self) -> Iterator[tuple[bytes, BlockMeta, int]]:
+        """Every stored block with its metadata and size (a snapshot)."""
+        self.flush()
+        live = dict(self._loc)
+        for key, rec in self._index.records():
+            if live.get(key) == rec.loc:
+                yield key, rec.meta, rec.loc.length
+
+    def ages(self, now: float | None = None) -> list[float]:
+        """Age in seconds of every stored block (for the retention report)."""
+        now = time.time() if now is None else now
+        return [max(0.0, now - meta.created) for _, meta, _ in self.scan()]
+
+    def check(self) -> list[str]:
+        """Problems between index, memory and segments (empty when consistent); reads everything."""
+        self.flush()
+        return check(self._index, self._segments.directory, dict(self._loc))
+
+    def stats(self) -> dict:
+        with self._lock:
+            segs = list(self._segments.by_id.values())
+            head = sum(s.head for s in segs)
+            live = sum(s.live for s in segs)
+            out = {"blocks": len(self._loc), "used_bytes": self._used,
+                   "capacity_bytes": self.config.capacity_bytes, "durability": self.durability,
+                   "direct_io": self.direct_io, "segments": len(segs), "segment_bytes": head,
+                   "live_fraction": live / head if head else 1.0}
+            counters = dict(self._counters)
+        out["disk_bytes"] = sum(s.disk_bytes() for s in segs)
+        for name in ("corrupt_blocks", "put_failures", "bytes_read", "bytes_written", "blocks_read",
+                     "blocks_written", "direct_reads", "buffered_reads", "coalesced_reads", "compactions",
+                     "compacted_segments", "compacted_bytes", "expired"):
+            out[name] = counters.pop(name, 0)
+        out.update(counters)
+        return out
+
+    def _flush_touches(self) -> None:
+        with self._lock:
+            touches, self._touches = self._touches, {}
+        if touches:
+            try:
+                self._index.touch(touches)
+            except Exception as e:  # access times are advisory; never fail a caller for them
+                log.warning("could not persist access times: %s", e)
+
+    def _flush_loop(self) -> None:
+        interval = self.config.batch_interval_ms / 1000 if self.durability == "batch" else 1.0
+        last_touch = last_compact = time.monotonic()
+        while not self._stop.wait(interval):
+            try:
+                self.flush()
+                now = time.monotonic()
+                if now - last_touch >= 1.0:
+                    self._flush_touches()
+                    last_touch = now
+                if self._compact_interval_s and now - last_compact >= self._compact_interval_s:
+                    self.compact()
+                    last_compact = now
+            except Exception:
+                log.exception("ssd background flush failed")
+
+    def close(self) -> None:
+        """Commit what is pending, mark the directory cleanly closed and release it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        self._flusher.join()
+        self.flush()
+        self._flush_touches()
+        self._pool.shutdown(wait=True)
+        try:
+            if self.durability == "none":
+                for seg in list(self._segments.by_id.values()):
+                    seg.sync()
+            self._index.set_flag(b"clean", b"1")
+            self._index.sync()
+        finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
+        for seg in list(self._segments.by_id.values()):
+            seg.close()
+        self._segments.by_id.clear()
+        self._index.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> SSDTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes):
+        raise InvalidType(f"key must be bytes, got {type(key).__name__}")
+    if not 1 <= len(key) <= 511:
+        raise InvalidRequest(f"key must be 1..511 bytes, got {len(key)}")
+
+
+def _byte_view(data: bytes | bytearray | memoryview | torch.Tensor) -> memoryview:
+    if isinstance(data, torch.Tensor):
+        t = data.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return memoryview(data).cast("B")
+    raise InvalidType(f"block data must be bytes, memoryview or a tensor, got {type(data).__name__}")
