@@ -41,6 +41,7 @@ from kvtier.tiers.base import BlockMeta, Tier
 log = logging.getLogger(__name__)
 
 MAX_PREFETCH_HANDLES = 10_000  # finished handles kept for status queries
+REAP_INTERVAL_S = 1.0  # how often put() sweeps expired blocks out
 
 
 @dataclass(slots=True, eq=False)
@@ -142,6 +143,7 @@ class TieredCache:
         self._pending_writes: set = set()
         self._prefetches: OrderedDict[str, PrefetchHandle] = OrderedDict()  # newest last, bounded
         self._closed = False
+        self._next_reap = 0.0
         self._remote = next((t for t in self.tiers if hasattr(t, "contains_many")), None)
         self._warm_start()
 
@@ -219,7 +221,25 @@ class TieredCache:
                         self._policies[t].touch(key)
             self._stats.puts += 1
             self._stats.tokens_put += stored
+        if time.monotonic() >= self._next_reap:
+            self.reap_expired()
         return stored
+
+    def reap_expired(self) -> int:
+        """Drop every block past its namespace's TTL from every tier; returns blocks dropped.
+
+        Lookups never serve an expired block anyway; this returns their space. Runs from ``put``
+        at most every ``REAP_INTERVAL_S``.
+        """
+        self._next_reap = time.monotonic() + REAP_INTERVAL_S
+        now = time.time()
+        ttls = {ns.name: ns.ttl_s for ns in self.namespaces_registry.all() if ns.ttl_s is not None}
+        if not ttls:
+            return 0
+        with self._lock:
+            expired = [e.key for e in self._index.values()
+                       if e.namespace in ttls and now - e.created > ttls[e.namespace]]
+            return sum(self._drop(k, "expired") for k in expired if k in self._index)
 
     def _namespace_for_put(self, name: str, kv: KV) -> Namespace:
         ns = self.namespaces_registry.find(validate_name(name))

@@ -1,0 +1,63 @@
+"""``kvtier`` command line: one argparse sub-command per module in ``kvtier/commands/``.
+
+A command module exposes ``add_parser(subparsers)`` and ``run(args) -> int``; adding a command is
+adding its name to ``COMMANDS``. Bad input never shows a traceback: usage errors and kvtier's own
+errors print one ``kvtier <command>: error: ...`` line on stderr and exit 2; other OS errors exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import NoReturn
+
+from kvtier.errors import InvalidRequest, KVTierError
+
+COMMANDS: tuple[str, ...] = ("serve", "bench", "calc")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="kvtier", description="tiered KV-cache offload service")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name in COMMANDS:
+        module = importlib.import_module(f"kvtier.commands.{name}")
+        module.add_parser(sub)
+        sub.choices[name].set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as e:  # argparse's own exits (--help, usage errors)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    prog = f"kvtier {args.command}"
+    if extra:  # reported here so the message names the command, not just "kvtier"
+        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args._run(args) or 0)
+    except (InvalidRequest, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (KVTierError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,125 @@
+"""The manager over a real SSD tier: warm restart, corruption, admission modes, retention."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier import CacheConfig, HostTierConfig, SSDTierConfig, TieredCache
+from kvtier.block import encode_block
+from kvtier.codecs import get_codec
+from tests.conftest import random_kv
+
+BT = 16
+
+
+def cache(path, host="64KiB", admission="write_through", durability="sync") -> TieredCache:
+    return TieredCache(CacheConfig(
+        block_tokens=BT, host=HostTierConfig(capacity_bytes=host, page_bytes="16KiB"),
+        ssd=SSDTierConfig(path=str(path), capacity_bytes="64MiB", min_free_bytes=0, durability=durability,
+                          admission=admission, segment_bytes="1MiB", direct_io=False,
+                          inline_threshold=0)))
+
+
+def prompt(i, blocks=3):
+    return [i * 7919 + j for j in range(BT * blocks)], random_kv(BT * blocks, seed=i)
+
+
+def same(kv_a, kv_b, n):
+    return all(torch.equal(a[:n], b[:n]) for la, lb in zip(kv_a, kv_b, strict=True) for a, b in zip(la, lb, strict=True))
+
+
+def test_warm_restart_serves_every_block_bit_exact(tmp_path):
+    with cache(tmp_path) as c:
+        for i in range(20):
+            c.put("m", *prompt(i))
+        c.flush(30)
+    with cache(tmp_path) as c:
+        s = c.stats()
+        assert s.tiers["ssd"].blocks == 60 and s.tiers["host"].blocks == 0
+        for i in range(20):
+            toks, kv = prompt(i)
+            assert c.lookup("m", toks).tiers == {"ssd": 3}
+            out, n = c.get("m", toks)
+            assert n == 3 * BT and same(kv, out, n)
+        assert c.stats().tiers["host"].promotions > 0  # reads promoted blocks back to host
+
+
+def test_corrupt_block_on_disk_is_a_counted_miss_never_served(tmp_path):
+    toks, kv = prompt(1)
+    with cache(tmp_path) as c:
+        c.put("m", toks, kv)
+        c.flush(30)
+    block1 = encode_block(get_codec("none"), [[t[BT:2 * BT] for t in layer] for layer in kv])
+    for seg in Path(tmp_path).rglob("*.seg"):
+        raw = bytearray(seg.read_bytes())
+        at = raw.find(block1)
+        if at >= 0:
+            raw[at + len(block1) - 3] ^= 0xFF
+            seg.write_bytes(raw)
+            break
+    else:
+        pytest.fail("block 1 not found in any segment")
+    with cache(tmp_path) as c:
+        out, n = c.get("m", toks)
+        assert n == BT and same(kv, out, BT)  # block 0 only: block 1 is corrupt, block 2 orphaned
+        s = c.stats()
+        assert s.tiers["ssd"].corrupt_blocks == 1
+        assert c.lookup("m", toks).tokens == BT
+
+
+def test_write_back_writes_only_on_eviction(tmp_path):
+    with cache(tmp_path, host="256KiB", admission="write_back") as c:
+        c.put("m", *prompt(0))
+        c.flush(30)
+        assert c.stats().tiers["ssd"].blocks == 0
+        for i in range(1, 60):  # push prompt 0 out of host
+            c.put("m", *prompt(i))
+        c.flush(30)
+        toks, kv = prompt(0)
+        assert c.lookup("m", toks).tiers == {"ssd": 3}
+        assert c.stats().tiers["host"].demotions > 0
+
+
+def test_selective_admission_keeps_only_blocks_hit_twice(tmp_path):
+    with cache(tmp_path, host="128KiB", admission="selective") as c:
+        hot_toks, hot_kv = prompt(0)
+        c.put("m", hot_toks, hot_kv)
+        for _ in range(2):
+            assert c.lookup("m", hot_toks).tokens == 3 * BT
+        for i in range(1, 60):
+            c.put("m", *prompt(i))
+        c.flush(30)
+        assert c.lookup("m", hot_toks).tiers.get("ssd") == 3  # hit twice: demoted to SSD
+        assert c.lookup("m", prompt(1)[0]).tokens == 0  # never hit: dropped, no SSD write
+        assert c.stats().blocks_dropped > 0
+
+
+def test_ttl_reaps_expired_blocks_from_every_tier(tmp_path, monkeypatch):
+    with cache(tmp_path, host="1MiB") as c:
+        c.register_namespace("short", ttl_s=30)
+        c.put("short", *prompt(0))
+        c.put("keep", *prompt(1))
+        c.flush(30)
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 31)
+        assert c.reap_expired() == 3
+        s = c.stats()
+        assert s.tiers["ssd"].blocks == 3 and s.tiers["host"].blocks == 3
+        assert s.tiers["host"].evictions["expired"] >= 1
+        assert c.lookup("keep", prompt(1)[0]).tokens == 3 * BT
+
+
+def test_pressure_cascades_to_ssd_and_reads_promote(tmp_path):
+    with cache(tmp_path, host="64KiB") as c:
+        for i in range(40):
+            c.put("m", *prompt(i))
+        c.flush(30)
+        s = c.stats()
+        assert s.tiers["host"].used_bytes <= s.tiers["host"].capacity_bytes
+        assert s.tiers["ssd"].blocks == 120 and s.blocks_dropped == 0
+        for i in range(40):
+            toks, kv = prompt(i)
+            out, n = c.get("m", toks)
+            assert n == 3 * BT and same(kv, out, n)
