@@ -19,7 +19,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from kvtier.block import decode_block_into, encode_block
 from kvtier.codecs import get_codec
 from kvtier.config import CacheConfig
 from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError
+from kvtier.index import BlockEntry, Lease, LeasedBlock, PinnedKeys, rebuild_index
 from kvtier.keys import as_token_array, prefix_hashes
 from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace, NamespaceRegistry, validate_name
@@ -36,66 +36,12 @@ from kvtier.policies.admission import make_admission
 from kvtier.prefetch import TERMINAL, PrefetchBudget, PrefetchHandle, PrefetchTimeout, check_policy
 from kvtier.records import BlockLocation, Hit
 from kvtier.stats import CacheStats, TierStats
-from kvtier.tiers.base import BlockMeta, Tier
+from kvtier.tiers.base import Tier
 
 log = logging.getLogger(__name__)
 
 MAX_PREFETCH_HANDLES = 10_000  # finished handles kept for status queries
 REAP_INTERVAL_S = 1.0  # how often put() sweeps expired blocks out
-
-
-@dataclass(slots=True, eq=False)
-class _Entry:
-    key: bytes
-    namespace: str
-    parent: bytes | None
-    index: int
-    tokens: int
-    nbytes: int
-    created: float
-    tiers: set[int] = field(default_factory=set)
-    children: set[bytes] = field(default_factory=set)
-    pins: int = 0
-    hits: int = 0
-    doomed: bool = False  # dropped while pinned: freed when the last reader lets go
-
-    def meta(self, codec: str) -> BlockMeta:
-        return BlockMeta(self.namespace, self.parent, self.tokens, codec, self.created)
-
-
-@dataclass(slots=True)
-class LeasedBlock:
-    """A pinned block of a lease: ``tiers`` lists where copies live, fastest first."""
-
-    index: int
-    key: bytes
-    nbytes: int
-    tiers: list[str]
-
-
-@dataclass(slots=True)
-class Lease:
-    """A pinned cached prefix: safe to read until released."""
-
-    namespace: Namespace | None
-    blocks: list[LeasedBlock]
-    requested_tokens: int
-    _entries: list = field(default_factory=list, repr=False)
-
-    @property
-    def tokens(self) -> int:
-        return len(self.blocks) * self.namespace.block_tokens if self.namespace else 0
-
-
-class _Pinned:
-    """``key in protected`` for eviction: blocks a reader holds."""
-
-    def __init__(self, index: dict[bytes, _Entry]) -> None:
-        self._index = index
-
-    def __contains__(self, key: object) -> bool:
-        e = self._index.get(key)  # type: ignore[arg-type]
-        return e is not None and e.pins > 0
 
 
 def build_tiers(config: CacheConfig) -> list[Tier]:
@@ -131,8 +77,8 @@ class TieredCache:
         self.config = config or CacheConfig()
         self.tiers: list[Tier] = list(tiers) if tiers is not None else build_tiers(self.config)
         self._lock = threading.RLock()
-        self._index: dict[bytes, _Entry] = {}
-        self._protected = _Pinned(self._index)
+        self._index: dict[bytes, BlockEntry] = {}
+        self._protected = PinnedKeys(self._index)
         self._policies = [make_policy(self._tier_cfg(t).policy) for t in self.tiers]
         self._stats = CacheStats({t.name: TierStats(t.name) for t in self.tiers})
         self._admission = make_admission(self.config.ssd.admission, self.config.ssd.admission_min_hits)
@@ -184,7 +130,7 @@ class TieredCache:
         codec = get_codec(ns.codec)
         stored = 0
         new: set[bytes] = set()
-        chain: list[_Entry] = []  # pinned as we go: eviction never takes this put's ancestors
+        chain: list[BlockEntry] = []  # pinned as we go: eviction never takes this put's ancestors
         try:
             for i, key in enumerate(keys):
                 with self._lock:
@@ -195,7 +141,7 @@ class TieredCache:
                         continue
                 data = encode_block(codec, [[t[i * bt:(i + 1) * bt] for t in layer] for layer in kv])
                 parent = chain[-1].key if chain else None
-                entry = _Entry(key, ns.name, parent, i, bt, len(data), time.time())
+                entry = BlockEntry(key, ns.name, parent, i, bt, len(data), time.time())
                 with self._lock:
                     if parent is not None and chain[-1].doomed:
                         break  # the parent was dropped meanwhile: a child alone is useless
@@ -250,7 +196,7 @@ class TieredCache:
                              ns.ttl_s, ns.tenant)
         return ns
 
-    def _place_new(self, entry: _Entry, data: bytes, codec: str) -> bool:
+    def _place_new(self, entry: BlockEntry, data: bytes, codec: str) -> bool:
         """Put a new block into the fastest tier that can ever hold it (lock held, parent pinned)."""
         for t, tier in enumerate(self.tiers):
             if not _fits_ever(tier, len(data)) or not self._make_room(t, len(data)):
@@ -268,7 +214,7 @@ class TieredCache:
             return True
         return False
 
-    def _publish(self, entry: _Entry, t: int, nbytes: int) -> None:
+    def _publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:
         self._index[entry.key] = entry
         entry.tiers.add(t)
         self._policies[t].insert(entry.key)
@@ -301,7 +247,7 @@ class TieredCache:
         else:
             self._drop(key, "capacity")
 
-    def _copy_down(self, entry: _Entry, src: int, dst: int) -> None:
+    def _copy_down(self, entry: BlockEntry, src: int, dst: int) -> None:
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)
         self.tiers[src].read_into(entry.key, buf)
         if not (_fits_ever(self.tiers[dst], entry.nbytes) and self._make_room(dst, entry.nbytes)):
@@ -314,7 +260,7 @@ class TieredCache:
             return
         self._publish(entry, dst, entry.nbytes)
 
-    def _schedule_write_through(self, entry: _Entry, data: bytes, codec: str, below: int) -> None:
+    def _schedule_write_through(self, entry: BlockEntry, data: bytes, codec: str, below: int) -> None:
         """Write a new block to every persistent tier below (local SSD and a shared remote)."""
         if not self._admission.admit_on_put():
             return
@@ -379,7 +325,7 @@ class TieredCache:
             self._stats.blocks_dropped += 1
         return len(order)
 
-    def _free(self, entry: _Entry) -> None:
+    def _free(self, entry: BlockEntry) -> None:
         for t in entry.tiers:
             self.tiers[t].delete(entry.key)
         entry.tiers.clear()
@@ -394,11 +340,11 @@ class TieredCache:
             return sum(self._drop(k, "evicted") for k in keys if k in self._index)
 
     # ---- read path --------------------------------------------------------------------
-    def _acquire(self, namespace: str, token_ids: Sequence[int], *, pin: bool) -> tuple[Namespace | None, list[_Entry], int]:
+    def _acquire(self, namespace: str, token_ids: Sequence[int], *, pin: bool) -> tuple[Namespace | None, list[BlockEntry], int]:
         """Entries of the longest cached prefix (pinned if asked), with lookup accounting."""
         tokens = as_token_array(token_ids)
         ns = self.namespaces_registry.find(validate_name(namespace))
-        entries: list[_Entry] = []
+        entries: list[BlockEntry] = []
         n_blocks = 0
         if ns is not None and ns.layout is not None:
             keys = prefix_hashes(ns.digest, tokens, ns.block_tokens)
@@ -426,7 +372,7 @@ class TieredCache:
             self._count_lookup(entries, n_blocks, len(tokens), ns)
         return ns, entries, len(tokens)
 
-    def _extend_from_remote(self, ns: Namespace, keys: list[bytes], entries: list[_Entry], pin: bool) -> None:
+    def _extend_from_remote(self, ns: Namespace, keys: list[bytes], entries: list[BlockEntry], pin: bool) -> None:
         """Ask the shared remote tier, in one batched query, for the blocks past the local prefix."""
         start = len(entries)
         found = self._remote.contains_many(keys[start:])  # network call: outside the lock
@@ -442,7 +388,7 @@ class TieredCache:
                     break
                 e = self._index.get(key)
                 if e is None:
-                    e = _Entry(key, ns.name, parent.key if parent else None, i, ns.block_tokens, 0, now)
+                    e = BlockEntry(key, ns.name, parent.key if parent else None, i, ns.block_tokens, 0, now)
                     self._index[key] = e
                     e.tiers.add(r)
                     self._policies[r].insert(key)
@@ -453,7 +399,7 @@ class TieredCache:
                     e.pins += 1
                 entries.append(e)
 
-    def _count_lookup(self, entries: list[_Entry], n_blocks: int, n_tokens: int, ns: Namespace | None) -> None:
+    def _count_lookup(self, entries: list[BlockEntry], n_blocks: int, n_tokens: int, ns: Namespace | None) -> None:
         st = self._stats
         st.lookups += 1
         st.tokens_looked_up += n_tokens
@@ -472,7 +418,7 @@ class TieredCache:
         for tier in self.tiers:
             st.tiers[tier.name].misses += n_blocks - len(entries)
 
-    def _release(self, entries: list[_Entry]) -> None:
+    def _release(self, entries: list[BlockEntry]) -> None:
         with self._lock:
             for e in entries:
                 e.pins -= 1
@@ -561,7 +507,7 @@ class TieredCache:
             return True
         return False
 
-    def _lose_copy(self, entry: _Entry, t: int, err: Exception) -> None:
+    def _lose_copy(self, entry: BlockEntry, t: int, err: Exception) -> None:
         with self._lock:
             if isinstance(err, CorruptBlock):
                 self._stats.tiers[self.tiers[t].name].corrupt_blocks += 1
@@ -572,7 +518,7 @@ class TieredCache:
             if not entry.tiers:
                 self._drop(entry.key, "corrupt" if isinstance(err, CorruptBlock) else "lost")
 
-    def _promote(self, entry: _Entry, data: torch.Tensor | None, codec: str, target: int = 0) -> bool:
+    def _promote(self, entry: BlockEntry, data: torch.Tensor | None, codec: str, target: int = 0) -> bool:
         """Copy a pinned block into tier ``target`` (a faster one); True if it lives there now."""
         if data is None:
             src = min(entry.tiers)
@@ -721,31 +667,13 @@ class TieredCache:
                 return i
         raise InvalidRequest(f"unknown tier {name!r}: this cache has {[t.name for t in self.tiers]}")
 
-    def _codec_of(self, entry: _Entry) -> str:
+    def _codec_of(self, entry: BlockEntry) -> str:
         ns = self.namespaces_registry.find(entry.namespace)
         return ns.codec if ns else self.config.codec
 
     def _warm_start(self) -> None:
         """Rebuild the index from persistent tiers (a warm restart)."""
-        found: dict[bytes, tuple[BlockMeta, int, int]] = {}
-        for t, tier in enumerate(self.tiers):
-            if tier.persistent:
-                for key, meta, size in tier.scan():
-                    found.setdefault(key, (meta, size, t))
-        for key, (meta, size, t) in sorted(found.items(), key=lambda kv: kv[1][0].created):
-            chain, k = 0, meta.parent
-            while k is not None and k in found:
-                chain, k = chain + 1, found[k][0].parent
-            if k is not None:  # an ancestor is missing: the block can never be reached
-                self.tiers[t].delete(key)
-                continue
-            entry = _Entry(key, meta.namespace, meta.parent, chain, meta.tokens, size, meta.created)
-            self._index[key] = entry
-            entry.tiers.add(t)
-            self._policies[t].insert(key)
-        for e in self._index.values():
-            if e.parent is not None and e.parent in self._index:
-                self._index[e.parent].children.add(e.key)
+        self._index.update(rebuild_index(self.tiers, self._policies))
         if self._index:
             log.info("warm start: %d blocks recovered", len(self._index))
 

@@ -1,0 +1,94 @@
+"""The manager's block index: one record per cached block, leases, and the warm-restart rebuild.
+
+A block's record says where its copies live (tier indices, fastest first when sorted), who its
+parent and children are (a child is useless without its parent), and who is reading it (pins).
+The manager mutates these under its lock; nothing here locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvtier.namespaces import Namespace
+from kvtier.policies import EvictionPolicy
+from kvtier.tiers.base import BlockMeta, Tier
+
+
+@dataclass(slots=True, eq=False)
+class BlockEntry:
+    key: bytes
+    namespace: str
+    parent: bytes | None
+    index: int
+    tokens: int
+    nbytes: int
+    created: float
+    tiers: set[int] = field(default_factory=set)
+    children: set[bytes] = field(default_factory=set)
+    pins: int = 0
+    hits: int = 0
+    doomed: bool = False  # dropped while pinned: freed when the last reader lets go
+
+    def meta(self, codec: str) -> BlockMeta:
+        return BlockMeta(self.namespace, self.parent, self.tokens, codec, self.created)
+
+
+@dataclass(slots=True)
+class LeasedBlock:
+    """A pinned block of a lease: ``tiers`` lists where copies live, fastest first."""
+
+    index: int
+    key: bytes
+    nbytes: int
+    tiers: list[str]
+
+
+@dataclass(slots=True)
+class Lease:
+    """A pinned cached prefix: safe to read until released."""
+
+    namespace: Namespace | None
+    blocks: list[LeasedBlock]
+    requested_tokens: int
+    _entries: list = field(default_factory=list, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.blocks) * self.namespace.block_tokens if self.namespace else 0
+
+
+class PinnedKeys:
+    """``key in protected`` for eviction: blocks a reader holds."""
+
+    def __init__(self, index: dict[bytes, BlockEntry]) -> None:
+        self._index = index
+
+    def __contains__(self, key: object) -> bool:
+        e = self._index.get(key)  # type: ignore[arg-type]
+        return e is not None and e.pins > 0
+
+
+def rebuild_index(tiers: Sequence[Tier], policies: Sequence[EvictionPolicy]) -> dict[bytes, BlockEntry]:
+    """Index what persistent tiers hold; blocks whose ancestors are gone are deleted (unreachable)."""
+    found: dict[bytes, tuple[BlockMeta, int, int]] = {}
+    for t, tier in enumerate(tiers):
+        if tier.persistent:
+            for key, meta, size in tier.scan():
+                found.setdefault(key, (meta, size, t))
+    index: dict[bytes, BlockEntry] = {}
+    for key, (meta, size, t) in sorted(found.items(), key=lambda kv: kv[1][0].created):
+        depth, k = 0, meta.parent
+        while k is not None and k in found:
+            depth, k = depth + 1, found[k][0].parent
+        if k is not None:  # an ancestor is missing: the block can never be reached
+            tiers[t].delete(key)
+            continue
+        entry = BlockEntry(key, meta.namespace, meta.parent, depth, meta.tokens, size, meta.created)
+        index[key] = entry
+        entry.tiers.add(t)
+        policies[t].insert(key)
+    for e in index.values():
+        if e.parent is not None and e.parent in index:
+            index[e.parent].children.add(e.key)
+    return index
