@@ -118,6 +118,19 @@ class CacheCollector(Collector):
         for decision, n in sorted(s.cost_decisions.items()):
             cd.add_metric([str(decision)], n)
         yield cd
+        errs = CounterMetricFamily("kvtier_tier_errors", "Failed calls to a tier's backend, by kind "
+                                   "(errors, timeouts, short_circuits while its breaker is open).",
+                                   labels=["tier", "kind"])
+        breaker = GaugeMetricFamily("kvtier_tier_breaker_open", "1 while a tier's circuit breaker is "
+                                    "open (calls short-circuit to misses), else 0.", labels=["tier"])
+        for t in tiers:
+            for kind in ("errors", "timeouts", "short_circuits"):
+                if kind in t.extra:
+                    errs.add_metric([t.name, kind], t.extra[kind])
+            if isinstance(t.extra.get("breaker"), dict):
+                breaker.add_metric([t.name], float(t.extra["breaker"].get("state") == "open"))
+        yield errs
+        yield breaker
         yield GaugeMetricFamily("kvtier_hit_rate_tokens", "Looked-up tokens hit / looked up.",
                                 value=s.hit_rate_tokens)
         yield GaugeMetricFamily("kvtier_hit_rate_lookups", "Lookups with a hit / lookups.",
