@@ -93,6 +93,7 @@ class SSDTierConfig:
     io_threads: int = 8
     min_free_bytes: int = 1024**3
     compaction_live_fraction: float = 0.5
+    compaction_interval_s: float | None = 60.0  # background compaction; None: only on compact()
     map_size: int = 8 * 1024**3  # LMDB map size (address space, not disk)
 
     def __post_init__(self) -> None:

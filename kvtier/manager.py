@@ -56,7 +56,7 @@ def build_tiers(config: CacheConfig) -> list[Tier]:
     if config.ssd.path:
         from kvtier.tiers.ssd import SSDTier
 
-        tiers.append(SSDTier(config.ssd))
+        tiers.append(SSDTier(config.ssd, compact_interval_s=config.ssd.compaction_interval_s))
     if config.remote.backend:
         from kvtier.tiers.remote import make_remote_tier
 
