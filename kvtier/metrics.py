@@ -2,7 +2,7 @@
 
 Reading ``cache.stats()`` when scraped (instead of mirroring every increment into
 prometheus-client objects) keeps one source of truth, so ``/v1/stats`` and ``/metrics`` agree.
-Every metric is listed with type, labels and meaning in ``docs/server.md``.
+Every metric is listed with type, labels and meaning in the README ("Metrics").
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 from kvtier.errors import InvalidRequest
 from kvtier.settings import OPTIONS, build_settings, options_markdown
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "server.md"
+DOC = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_defaults():

@@ -27,7 +27,7 @@ async def stats(ctx: Ctx = CtxDep) -> dict:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}})
 async def metrics(request: Request) -> Response:
-    """Prometheus exposition; every name starts with ``kvtier_`` (see docs/server.md)."""
+    """Prometheus exposition; every name starts with ``kvtier_`` (see the README, "Metrics")."""
     body = await run_in_threadpool(generate_latest, request.app.state.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -1,4 +1,4 @@
-"""After a workload through the real sidecar, every metric docs/server.md lists is exported and
+"""After a workload through the real sidecar, every metric the README lists is exported and
 moves as expected. The list is parsed from the doc, so the doc and the exporter cannot drift."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from kvtier.client import KVTierClient
 from kvtier.config import HostTierConfig, SSDTierConfig
 from server.testing import serve_in_thread
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "server.md"
+DOC = Path(__file__).resolve().parents[2] / "README.md"
 BT = 256
 LAYOUT = KVLayout(2, ((4, 64), (4, 64)), "float32")  # 4 KiB per token: 1 MiB blocks
 
 
 def documented_metrics() -> dict[str, str]:
-    """{name: type} from the metric table of docs/server.md."""
+    """{name: type} from the metric table of the README."""
     rows = re.findall(r"^\| `(kvtier_[a-z_]+)` \| ([a-z ]+) \|", DOC.read_text(), re.M)
-    assert len(rows) >= 20, "the metric table in docs/server.md was not found"
+    assert len(rows) >= 20, "the metric table in README.md was not found"
     return dict(rows)
 
 
