@@ -310,9 +310,11 @@ class _Ops:
         resp = yield _Call("GET", "/readyz")
         return resp.json()["status"] == "ok"
 
-    def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host") -> Op:
+    def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host", *,
+                 policy: str = "best_effort", timeout_s: float | None = None) -> Op:
         resp = yield _Call("POST", "/v1/prefetch",
-                           json={"namespace": namespace, "token_ids": _tokens(token_ids), "to": to})
+                           json={"namespace": namespace, "token_ids": _tokens(token_ids), "to": to,
+                                 "policy": policy, "timeout_s": timeout_s})
         return resp.json()
 
     def prefetch_status(self, prefetch_id: str, wait_s: float = 0.0) -> Op:
@@ -494,8 +496,10 @@ class KVTierClient:
     def get(self, namespace: str, token_ids: Sequence[int]) -> tuple[list[tuple[torch.Tensor, ...]] | None, int]:
         return self._run(self._ops.get(namespace, token_ids))
 
-    def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host") -> RemotePrefetch:
-        return RemotePrefetch(self, self._run(self._ops.prefetch(namespace, token_ids, to)))
+    def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host", *,
+                 policy: str = "best_effort", timeout_s: float | None = None) -> RemotePrefetch:
+        return RemotePrefetch(self, self._run(self._ops.prefetch(namespace, token_ids, to, policy=policy,
+                                                                 timeout_s=timeout_s)))
 
     def prefetch_status(self, prefetch_id: str) -> RemotePrefetch:
         return RemotePrefetch(self, self._run(self._ops.prefetch_status(prefetch_id)))
@@ -569,8 +573,10 @@ class AsyncKVTierClient:
     async def get(self, namespace: str, token_ids: Sequence[int]) -> tuple[list[tuple[torch.Tensor, ...]] | None, int]:
         return await self._run(self._ops.get(namespace, token_ids))
 
-    async def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host") -> AsyncRemotePrefetch:
-        return AsyncRemotePrefetch(self, await self._run(self._ops.prefetch(namespace, token_ids, to)))  # type: ignore[arg-type]
+    async def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host", *,
+                       policy: str = "best_effort", timeout_s: float | None = None) -> AsyncRemotePrefetch:
+        op = self._ops.prefetch(namespace, token_ids, to, policy=policy, timeout_s=timeout_s)
+        return AsyncRemotePrefetch(self, await self._run(op))  # type: ignore[arg-type]
 
     async def prefetch_status(self, prefetch_id: str) -> AsyncRemotePrefetch:
         return AsyncRemotePrefetch(self, await self._run(self._ops.prefetch_status(prefetch_id)))  # type: ignore[arg-type]

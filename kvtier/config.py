@@ -128,6 +128,7 @@ class CacheConfig:
     ssd: SSDTierConfig = field(default_factory=SSDTierConfig)
     remote: RemoteTierConfig = field(default_factory=RemoteTierConfig)
     promote_on_get: bool = True
+    prefetch_budget: float = 0.5  # share of a tier's capacity prefetched blocks may hold
 
     def __post_init__(self) -> None:
         normalize_sizes(self)

@@ -88,6 +88,7 @@ class TieredCache:
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-prefetch")
         self._pending_writes: set = set()
         self._prefetches: OrderedDict[str, PrefetchHandle] = OrderedDict()  # newest last, bounded
+        self._prefetch_budgets: dict[int, PrefetchBudget] = {}  # tier index -> budget
         self._closed = False
         self._next_reap = 0.0
         self._remote = next((t for t in self.tiers if hasattr(t, "contains_many")), None)
@@ -571,10 +572,9 @@ class TieredCache:
         """The budget of prefetched bytes held in tier ``to`` (stale holdings pruned first)."""
         t = self._tier_index(to)
         with self._lock:
-            budgets = self.__dict__.setdefault("_prefetch_budgets", {})
-            budget = budgets.get(t)
+            budget = self._prefetch_budgets.get(t)
             if budget is None:
-                budget = budgets[t] = PrefetchBudget(getattr(self.config, "prefetch_budget", 0.5))
+                budget = self._prefetch_budgets[t] = PrefetchBudget(self.config.prefetch_budget)
             for key, (_, hits) in budget.held().items():
                 e = self._index.get(key)
                 if e is None or t not in e.tiers or e.hits > hits:  # gone, or a reader used it
@@ -636,6 +636,21 @@ class TieredCache:
             if callable(extra):
                 snap.tiers[tier.name].extra = extra()
         return snap
+
+    def record_reads(self, tier: str, blocks: int, nbytes: int, seconds: float) -> None:
+        """Count reads done outside ``get`` (the loader's) in the tier's stats."""
+        with self._lock:
+            s = self._stats.tiers[tier]
+            s.blocks_read += blocks
+            s.bytes_read += nbytes
+            if blocks:
+                s.reload_seconds.observe(seconds / blocks)
+
+    def record_cost_decision(self, verdict: str, detail: dict) -> None:
+        """Count a reload-vs-recompute decision; ``detail`` shows in ``stats().extra``."""
+        with self._lock:
+            self._stats.cost_decisions[verdict] += 1
+            self._stats.extra["cost_model"] = detail
 
     @property
     def closed(self) -> bool:

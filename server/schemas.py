@@ -52,6 +52,11 @@ class TokensRequest(Strict):
 
 class PrefetchRequest(TokensRequest):
     to: str = Field("host", max_length=32, description="target tier: device or host")
+    policy: Literal["best_effort", "wait_complete", "timeout"] = Field(
+        "best_effort", description="best_effort answers at once; wait_complete when done; "
+        "timeout when done or after timeout_s, reporting the contiguous tokens that arrived")
+    timeout_s: float | None = Field(None, gt=0, le=300, description="for policy=timeout; default "
+                                    "grows with the prefix length, capped")
 
 
 class BlockOut(BaseModel):
@@ -76,6 +81,8 @@ class PrefetchOut(BaseModel):
     state: Literal["pending", "running", "done", "failed", "cancelled", "timeout"]
     ready_tokens: int
     requested_tokens: int
+    policy: str = "best_effort"
+    stopped_by: str | None = None
     error: str | None = None
 
 

@@ -38,7 +38,8 @@ async def start(body: PrefetchRequest, ctx: Ctx = CtxDep) -> dict:
     tiers = [t.name for t in ctx.cache.tiers]
     if body.to not in tiers:
         raise InvalidRequest(f"unknown prefetch target tier {body.to!r}: this cache has {tiers}")
-    h = await ctx.call(ctx.cache.prefetch, ns.name, body.token_ids, body.to)
+    h = await ctx.call(ctx.cache.prefetch, ns.name, body.token_ids, body.to,
+                       policy=body.policy, timeout_s=body.timeout_s)
     return _out(ctx, h)
 
 

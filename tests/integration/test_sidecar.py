@@ -67,6 +67,8 @@ def test_model_kv_roundtrip_through_sidecar(cache, tiny_llama, use_shm):
 
         pf = client.prefetch("llama", prompt, to="host")
         assert pf.wait(30) and pf.state == "done" and pf.ready_tokens == PROMPT
+        pf = client.prefetch("llama", prompt, to="host", policy="wait_complete")
+        assert pf.state == "done" and pf.ready_tokens == PROMPT  # answered only once complete
 
         kv, n = client.get("llama", ids[0].tolist())
         assert n == PROMPT and kv[0][0].shape == (PROMPT, 2, 16)

@@ -1,0 +1,461 @@
+"""The dual-path, layer-wise loader: stream a leased prefix into destination KV, layer by layer.
+
+Path 1 copies blocks resident in a memory tier (host/device) straight from the tier's zero-copy
+view into the destination. Path 2 reads blocks from slower tiers (SSD, remote): each block's
+header first, then contiguous ranges covering groups of layers, many reads in flight on a thread
+pool, each landing in a slot of a bounded staging ring (pinned when CUDA is present) whose
+per-layer checksums are verified before decoding into the destination. Both paths run at once,
+both in layer order, so layer ``i`` is ready as soon as every block's layer ``i`` has landed —
+while later layers are still in flight. On a GPU the copies run on a dedicated stream and each
+layer's readiness is a CUDA event the consumer's stream waits on; on CPU it is a thread event.
+
+A block that cannot be read or fails its checksum is retried whole through
+``TieredCache.load_block`` (which drops the corrupt copy and tries slower tiers); if no copy is
+left the prefix is truncated before it. Readers see a shorter, still-correct prefix, never
+corrupt bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvtier.block import BlockHeader, decode_layer_into, header_size, parse_header
+from kvtier.costmodel import MEMORY_TIERS, CostDecision, CostModel
+from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError
+from kvtier.staging import StagingRing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderConfig:
+    """Knobs of the loader; the defaults suit a local NVMe/virtio disk."""
+
+    io_threads: int = 8  # reads in flight on path 2
+    staging_slots: int = 16  # staging ring size: bounds path 2's memory (slots x slot bytes)
+    staging_slot_bytes: int = 2 * 1024**2  # grown automatically to the largest range read
+    min_read_bytes: int = 1024**2  # layers are grouped until one read is at least this big
+    pinned: bool | None = None  # staging in pinned memory; None: when CUDA is available
+
+
+class PrefixTruncated(KVTierError):
+    """The stream ended short of the tokens the consumer planned for (a block was unreadable)."""
+
+    def __init__(self, tokens: int, planned: int) -> None:
+        super().__init__(f"only {tokens} of {planned} planned prefix tokens could be loaded")
+        self.tokens = tokens
+        self.planned = planned
+
+
+class LoadStream:
+    """Per-layer readiness of one load. ``wait_layer(i)`` returns once layer ``i`` is usable."""
+
+    def __init__(self, n_layers: int, n_blocks: int, block_tokens: int,
+                 cuda_stream: torch.cuda.Stream | None = None) -> None:
+        self.n_layers = n_layers
+        self.block_tokens = block_tokens
+        self.planned_blocks = n_blocks
+        self.error: str | None = None
+        self.seconds: float | None = None  # wall time from start to the last path finishing
+        self._landed = np.zeros((n_layers, n_blocks), dtype=bool)
+        self._valid = n_blocks
+        self._ready = [threading.Event() for _ in range(n_layers)]
+        self._events: list[torch.cuda.Event | None] = [None] * n_layers
+        self._cuda = cuda_stream
+        self._lock = threading.Lock()
+        self._paths_left = 2
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._fallen: set[int] = set()
+        self._start = time.perf_counter()
+
+    # ---- consumer side ---------------------------------------------------------------------
+    @property
+    def planned_tokens(self) -> int:
+        return self.planned_blocks * self.block_tokens
+
+    @property
+    def valid_blocks(self) -> int:
+        return self._valid
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the prefix that are (or will be) correct; final once ``done``."""
+        return self._valid * self.block_tokens
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> int:
+        """Wait until ``layer`` of every valid block has landed; returns the valid tokens.
+
+        On a GPU the current stream is made to wait on the layer's CUDA event (no host sync).
+        Raises TimeoutError if not ready within ``timeout`` seconds.
+        """
+        if not self._ready[layer].wait(timeout):
+            raise TimeoutError(f"layer {layer} not loaded within {timeout} s")
+        ev = self._events[layer]
+        if ev is not None:
+            torch.cuda.current_stream().wait_event(ev)
+        return self.tokens
+
+    def layer_event(self, layer: int) -> torch.cuda.Event | None:
+        """The CUDA event marking ``layer`` ready (None on CPU or before it is ready)."""
+        return self._events[layer]
+
+    def wait_all(self, timeout: float | None = None) -> int:
+        """Wait for both paths to finish; returns the final valid tokens."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"load not finished within {timeout} s")
+        for i in range(self.n_layers):
+            self.wait_layer(i)
+        return self.tokens
+
+    def cancel(self) -> None:
+        """Stop issuing work; the stream then ends with the contiguous prefix that landed."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    # ---- producer side ---------------------------------------------------------------------
+    def _land(self, layers: Sequence[int], blocks: Sequence[int]) -> None:
+        with self._lock:
+            for layer in layers:
+                self._landed[layer, list(blocks)] = True
+                self._check(layer)
+
+    def _check(self, layer: int) -> None:
+        if not self._ready[layer].is_set() and self._landed[layer, : self._valid].all():
+            if self._cuda is not None:
+                ev = torch.cuda.Event()
+                ev.record(self._cuda)  # every copy of this layer was enqueued on this stream before
+                self._events[layer] = ev
+            self._ready[layer].set()
+
+    def _truncate(self, block: int, why: str) -> None:
+        with self._lock:
+            if block < self._valid:
+                self._valid = block
+                self.error = why
+                log.warning("load truncated to %d blocks: %s", block, why)
+            for layer in range(self.n_layers):
+                self._check(layer)
+
+    def _path_done(self) -> None:
+        with self._lock:
+            self._paths_left -= 1
+            if self._paths_left:
+                return
+            complete = self._landed.all(axis=0)
+            first_missing = int(np.argmin(complete)) if not complete.all() else len(complete)
+            if first_missing < self._valid:
+                self._valid = first_missing
+                self.error = self.error or "load cancelled"
+            for layer in range(self.n_layers):
+                self._check(layer)
+            self.seconds = time.perf_counter() - self._start
+        self._done.set()
+
+
+class Loader:
+    """Loads leased prefixes along two concurrent paths; owns the staging ring and cost model."""
+
+    def __init__(self, cache, config: LoaderConfig | None = None, cost: CostModel | None = None) -> None:
+        self.cache = cache
+        self.config = config or LoaderConfig()
+        self.cost = cost or CostModel(io_parallelism=self.config.io_threads)
+        self._io = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="kvtier-load-io")
+        self._paths = ThreadPoolExecutor(4, thread_name_prefix="kvtier-load-path")
+        self._ring: StagingRing | None = None
+        self._ring_lock = threading.Lock()
+        self._cuda = torch.cuda.Stream() if torch.cuda.is_available() else None
+
+    # ---- the cost check --------------------------------------------------------------------
+    def plan(self, lease, *, probe: bool = True) -> CostDecision:
+        """How many leading blocks of ``lease`` are worth loading; recorded in cache stats.
+
+        With ``probe``, a slower tier the model has never timed gets one header read timed first,
+        so even the first decision sees that tier's latency.
+        """
+        ns = lease.namespace
+        if ns is None or not lease.blocks:
+            return CostDecision("declined", 0, 0, ns.block_tokens if ns else 0, 0.0, 0.0)
+        blocks = [(b.tiers[0], b.nbytes) for b in lease.blocks]
+        if probe and self.cost.prefill_tokens_per_s is not None:
+            self._probe(lease)
+        n_layers = ns.layout.num_layers
+        groups = max(1, min(n_layers, lease.blocks[0].nbytes // max(1, self.config.min_read_bytes)))
+        decision = self.cost.decide(blocks, ns.block_tokens, reads_per_block=1 + groups)
+        self.cache.record_cost_decision(
+            decision.verdict, {**self.cost.snapshot(), "last_decision": decision.to_dict()})
+        return decision
+
+    def _probe(self, lease) -> None:
+        hsize = header_size(lease.namespace.layout.num_layers, lease.namespace.codec)
+        for b in lease.blocks:
+            name = b.tiers[0]
+            if name in MEMORY_TIERS or self.cost.has_latency(name):
+                continue
+            buf = torch.empty(min(hsize, b.nbytes), dtype=torch.uint8)
+            start = time.perf_counter()
+            try:
+                self.cache.tier(name).read_into(b.key, buf, 0)
+            except (KVTierError, KeyError, OSError):
+                continue
+            self.cost.observe_latency(name, time.perf_counter() - start)
+
+    # ---- loading ---------------------------------------------------------------------------
+    def load(self, lease, dest: Sequence[Sequence[torch.Tensor]], *, blocks: int | None = None) -> LoadStream:
+        """Start loading the first ``blocks`` (default all) blocks of ``lease`` into ``dest``.
+
+        ``dest`` is KV in the namespace layout covering at least those tokens (e.g.
+        ``layout.empty(tokens, device)``). The lease must stay held until the stream is done.
+        """
+        ns = lease.namespace
+        n = len(lease.blocks) if blocks is None else blocks
+        if ns is None:
+            stream = LoadStream(1, 0, 1)
+            stream._paths_left = 1
+            stream._path_done()
+            return stream
+        if not 0 <= n <= len(lease.blocks):
+            raise InvalidRequest(f"blocks must be in 0..{len(lease.blocks)}, got {n}")
+        bt, n_layers = ns.block_tokens, ns.layout.num_layers
+        if len(dest) != n_layers or any(t.shape[0] < n * bt or not t.is_contiguous() for layer in dest for t in layer):
+            raise InvalidRequest(f"dest must be {n_layers} layers of contiguous tensors covering {n * bt} tokens")
+        stream = LoadStream(n_layers, n, bt, self._cuda)
+        if self._cuda is not None:
+            self._cuda.wait_stream(torch.cuda.current_stream())  # dest was allocated on the compute stream
+        mem, io = [], []
+        for i, b in enumerate(lease.blocks[:n]):
+            tier = self.cache.tier(b.tiers[0])
+            (mem if hasattr(tier, "view") else io).append((i, b, tier))
+        job = _Job(stream, dest, ns.codec, bt, n_layers)
+        self._paths.submit(self._guard, self._memory_path, job, mem)
+        self._paths.submit(self._guard, self._io_path, job, io)
+        return stream
+
+    def _guard(self, path, job: _Job, items: list) -> None:
+        try:
+            path(job, items)
+        except Exception as e:  # noqa: BLE001  a failed path truncates the prefix, never raises
+            log.exception("loader path failed")
+            job.stream._truncate(min((i for i, _, _ in items), default=job.stream.planned_blocks), str(e))
+        finally:
+            job.stream._path_done()
+
+    def _memory_path(self, job: _Job, items: list) -> None:
+        """Path 1: copy memory-resident blocks layer by layer from the tiers' views."""
+        if not items:
+            return
+        start = time.perf_counter()
+        ready = []
+        for i, b, tier in items:
+            try:
+                view = tier.view(b.key)
+                header = _checked_header(view, job.n_layers)
+            except (KeyError, CorruptBlock) as e:
+                log.warning("block %d in %s unusable (%s); reading it whole", i, tier.name, e)
+                self._fallback(job, i, b)
+                continue
+            ready.append((i, view, header))
+        with self._on_load_stream():
+            for layer in range(job.n_layers):
+                if job.stream.cancelled:
+                    break
+                landed = [i for i, view, header in ready if i < job.stream.valid_blocks]
+                for i, view, header in ready:
+                    if i < job.stream.valid_blocks:
+                        decode_layer_into(header, layer, view, job.outs(i)[layer], verify=False)
+                job.stream._land([layer], landed)
+        seconds = time.perf_counter() - start
+        for name in {tier.name for _, _, tier in items}:
+            nbytes = sum(b.nbytes for _, b, t in items if t.name == name)
+            self.cost.observe_path(name, nbytes, seconds)
+            self._count_reads(name, sum(1 for _, _, t in items if t.name == name), nbytes, seconds)
+
+    def _io_path(self, job: _Job, items: list) -> None:
+        """Path 2: headers, then layer-group ranges through the staging ring, many in flight."""
+        if not items:
+            return
+        start = time.perf_counter()
+        hsize = header_size(job.n_layers, job.codec)
+        stride = (hsize + 63) // 64 * 64
+        scratch = torch.empty(stride * len(items), dtype=torch.uint8)
+        requests = [(b.key, scratch[j * stride: j * stride + min(hsize, b.nbytes)], 0)
+                    for j, (_, b, _) in enumerate(items)]
+        results = self._read_many(items, requests)
+        header_s = time.perf_counter() - start
+        for name in {t.name for _, _, t in items}:
+            # One batched call overlaps its reads inside the tier; otherwise io_threads at a time.
+            rounds = 1 if hasattr(items[0][2], "read_many_into") else math.ceil(len(items) / self.config.io_threads)
+            self.cost.observe_latency(name, header_s / rounds)
+        headers: list[tuple[int, object, object, BlockHeader]] = []
+        for (i, b, tier), (_, buf, _), res in zip(items, requests, results, strict=True):
+            try:
+                if isinstance(res, BaseException):
+                    raise res
+                headers.append((i, b, tier, _checked_header(buf[:res], job.n_layers)))
+            except (KeyError, KVTierError, OSError) as e:
+                log.warning("header of block %d in %s unreadable (%s); reading it whole", i, tier.name, e)
+                self._fallback(job, i, b)
+        if not headers:
+            return
+        groups = _layer_groups([e.length for e in headers[0][3].layers], self.config.min_read_bytes)
+        widest = max(_span(h, g)[1] - _span(h, g)[0] for _, _, _, h in headers for g in groups)
+        ring = self._ring_for(widest)
+        futures: list[Future] = []
+        reads = 0
+        for g in groups:
+            for i, b, tier, h in headers:
+                if job.stream.cancelled or i >= job.stream.valid_blocks:
+                    continue
+                slot = ring.acquire()  # back-pressure: at most ring.slots ranges staged at once
+                futures.append(self._io.submit(self._read_group, job, ring, slot, i, b, tier, h, g))
+                reads += 1
+        wait_futures(futures)
+        seconds = time.perf_counter() - start
+        for name in {t.name for _, _, t, _ in headers}:
+            nbytes = sum(b.nbytes for _, b, t, _ in headers if t.name == name)
+            self.cost.observe_path(name, nbytes, seconds, reads + len(items))
+            self._count_reads(name, sum(1 for _, _, t, _ in headers if t.name == name), nbytes, seconds)
+
+    def _read_group(self, job: _Job, ring: StagingRing, slot, i: int, b, tier, h: BlockHeader, g: range) -> None:
+        try:
+            if job.stream.cancelled or i >= job.stream.valid_blocks:
+                return
+            lo, hi = _span(h, g)
+            buf = slot.tensor[: hi - lo]
+            got = tier.read_into(b.key, buf, lo)
+            if got != hi - lo:
+                raise CorruptBlock(f"short read: {got} of {hi - lo} bytes")
+            with self._on_load_stream():
+                for layer in g:
+                    decode_layer_into(h, layer, buf, job.outs(i)[layer], verify=True, base=lo)
+                if self._cuda is not None:
+                    self._cuda.synchronize()  # the slot is reused once its copies are done
+            job.stream._land(list(g), [i])
+        except (KeyError, KVTierError, OSError) as e:
+            log.warning("layers %s of block %d in %s unreadable (%s); reading it whole", list(g), i, tier.name, e)
+            self._fallback(job, i, b)
+        finally:
+            ring.release(slot)
+
+    def _fallback(self, job: _Job, i: int, b) -> None:
+        """Read block ``i`` whole via the manager (verifies, drops corrupt copies); else truncate."""
+        with job.stream._lock:
+            if i in job.stream._fallen:
+                return
+            job.stream._fallen.add(i)
+        ok = False
+        try:
+            ok = self.cache.load_block(b.key, job.outs(i), job.codec)
+            if ok and self._cuda is not None:
+                torch.cuda.current_stream().synchronize()
+        except Exception as e:  # noqa: BLE001
+            log.warning("whole-block read of block %d failed: %s", i, e)
+        if ok:
+            job.stream._land(range(job.n_layers), [i])
+        else:
+            job.stream._truncate(i, f"block {i} ({b.key.hex()}) has no readable copy")
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _read_many(self, items: list, requests: list) -> list:
+        by_tier: dict[str, list[int]] = {}
+        for j, (_, _, tier) in enumerate(items):
+            by_tier.setdefault(tier.name, []).append(j)
+        results: list = [None] * len(requests)
+        for name, idx in by_tier.items():
+            tier = self.cache.tier(name)
+            if hasattr(tier, "read_many_into"):
+                for j, res in zip(idx, tier.read_many_into([requests[j] for j in idx]), strict=True):
+                    results[j] = res
+            else:
+                futs = {j: self._io.submit(_read_or_error, tier, *requests[j]) for j in idx}
+                for j, f in futs.items():
+                    results[j] = f.result()
+        return results
+
+    def _ring_for(self, slot_bytes: int) -> StagingRing:
+        with self._ring_lock:
+            need = max(slot_bytes, self.config.staging_slot_bytes)
+            if self._ring is None or self._ring.slot_bytes < slot_bytes:
+                # Loads still running keep the old ring alive through their reference.
+                self._ring = StagingRing(self.config.staging_slots, need, pinned=self.config.pinned)
+            return self._ring
+
+    @property
+    def ring(self) -> StagingRing | None:
+        return self._ring
+
+    def _on_load_stream(self):
+        return torch.cuda.stream(self._cuda) if self._cuda is not None else contextlib.nullcontext()
+
+    def _count_reads(self, tier: str, blocks: int, nbytes: int, seconds: float) -> None:
+        self.cache.record_reads(tier, blocks, nbytes, seconds)
+
+    def close(self) -> None:
+        self._paths.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+
+
+@dataclass(slots=True)
+class _Job:
+    stream: LoadStream
+    dest: Sequence[Sequence[torch.Tensor]]
+    codec: str
+    block_tokens: int
+    n_layers: int
+
+    def outs(self, i: int) -> list[list[torch.Tensor]]:
+        bt = self.block_tokens
+        return [[t[i * bt:(i + 1) * bt] for t in layer] for layer in self.dest]
+
+
+def _checked_header(buf: torch.Tensor, n_layers: int) -> BlockHeader:
+    header = parse_header(buf)
+    if len(header.layers) != n_layers:
+        raise CorruptBlock(f"block has {len(header.layers)} layers, expected {n_layers}")
+    return header
+
+
+def _layer_groups(lengths: list[int], min_read: int) -> list[range]:
+    """Consecutive layers grouped so each group's bytes reach ``min_read`` (the last may not)."""
+    groups, start, acc = [], 0, 0
+    for i, n in enumerate(lengths):
+        acc += n
+        if acc >= min_read:
+            groups.append(range(start, i + 1))
+            start, acc = i + 1, 0
+    if start < len(lengths):
+        groups.append(range(start, len(lengths)))
+    return groups
+
+
+def _span(h: BlockHeader, g: range) -> tuple[int, int]:
+    first, last = h.layers[g.start], h.layers[g.stop - 1]
+    return first.offset, last.offset + last.length
+
+
+def _read_or_error(tier, key: bytes, out: torch.Tensor, offset: int):
+    try:
+        return tier.read_into(key, out, offset)
+    except (KeyError, KVTierError, OSError) as e:
+        return e
+
+
+__all__ = ["Loader", "LoaderConfig", "LoadStream", "PrefixTruncated"]
