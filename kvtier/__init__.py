@@ -19,7 +19,26 @@ _EXPORTS = {
     "KVLayout": "kvtier.layout", "TieredCache": "kvtier.manager", "Namespace": "kvtier.namespaces",
     "PrefetchHandle": "kvtier.prefetch", "BlockLocation": "kvtier.records", "Hit": "kvtier.records",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CacheConfig",
+    "DeviceTierConfig",
+    "HostTierConfig",
+    "RemoteTierConfig",
+    "SSDTierConfig",
+    "CorruptBlock",
+    "InvalidRequest",
+    "KVTierError",
+    "LayoutMismatch",
+    "StorageFull",
+    "UnknownNamespace",
+    "KVLayout",
+    "TieredCache",
+    "Namespace",
+    "PrefetchHandle",
+    "BlockLocation",
+    "Hit",
+]
+assert set(__all__) == set(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
