@@ -26,7 +26,7 @@ import torch
 from kvtier.block import decode_block_into, encode_block
 from kvtier.codecs import get_codec
 from kvtier.config import CacheConfig
-from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError
+from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError, StorageFull
 from kvtier.index import BlockEntry, Lease, LeasedBlock, PinnedKeys, rebuild_index
 from kvtier.keys import as_token_array, prefix_hashes
 from kvtier.layout import KV, KVLayout
@@ -92,6 +92,8 @@ class TieredCache:
         self._closed = False
         self._next_reap = 0.0
         self._remote = next((t for t in self.tiers if hasattr(t, "contains_many")), None)
+        self._remote_idx = self.tiers.index(self._remote) if self._remote is not None else -1
+        self._remote_deletes: list[bytes] = []
         self._warm_start()
 
     # ---- namespaces -------------------------------------------------------------------
@@ -117,6 +119,7 @@ class TieredCache:
             roots = [e.key for e in self._index.values() if e.namespace == name and e.parent is None]
             dropped = sum(self._drop(k, "namespace_dropped") for k in roots)
             self.namespaces_registry.remove(name)
+        self._flush_remote_deletes()
         return dropped
 
     # ---- write path -------------------------------------------------------------------
@@ -226,6 +229,8 @@ class TieredCache:
     def _make_room(self, t: int, nbytes: int) -> bool:
         """Demote victims of tier ``t`` until ``nbytes`` fit; False if pinned blocks prevent it."""
         tier = self.tiers[t]
+        if tier is self._remote:  # the shared engine evicts by itself; can_fit is its write bound
+            return tier.can_fit(nbytes)
         while not tier.can_fit(nbytes):
             victim = self._policies[t].evict(self._protected)
             if victim is None:
@@ -284,7 +289,9 @@ class TieredCache:
         except KVTierError as e:
             with self._lock:
                 self._stats.tiers[self.tiers[t].name].put_failures += 1
-            log.warning("write-through to %s failed: %s", self.tiers[t].name, e)
+            # Counted (kvtier_put_failures_total); a full or frozen tier would flood the log.
+            log.log(logging.DEBUG if isinstance(e, StorageFull) else logging.WARNING,
+                    "write-through to %s failed: %s", self.tiers[t].name, e)
             return
         with self._lock:
             entry = self._index.get(key)
@@ -311,8 +318,11 @@ class TieredCache:
             if k in self._index:
                 order.append(k)
                 stack.extend(self._index[k].children)
+        explicit = reason in ("evicted", "namespace_dropped")
         for k in reversed(order):
             entry = self._index.pop(k)
+            if explicit and self._remote is not None and self._remote_idx in entry.tiers:
+                self._remote_deletes.append(k)
             if entry.parent is not None and entry.parent in self._index:
                 self._index[entry.parent].children.discard(k)
             for t in entry.tiers:
@@ -327,9 +337,19 @@ class TieredCache:
         return len(order)
 
     def _free(self, entry: BlockEntry) -> None:
+        """Delete a dropped block's copies. A shared remote tier's copy is only forgotten: the
+        fleet may still use it and the engine evicts by its own policy (explicit evictions delete
+        it remotely, outside the lock: see ``_flush_remote_deletes``)."""
         for t in entry.tiers:
-            self.tiers[t].delete(entry.key)
+            if self.tiers[t] is not self._remote:
+                self.tiers[t].delete(entry.key)
         entry.tiers.clear()
+
+    def _flush_remote_deletes(self) -> None:
+        with self._lock:
+            keys, self._remote_deletes = self._remote_deletes, []
+        for key in keys:  # network calls, each bounded by the remote tier's timeout
+            self._remote.delete(key)
 
     def evict(self, namespace: str, token_ids: Sequence[int]) -> int:
         """Remove a prefix's blocks (and anything cached beyond them); returns blocks removed."""
@@ -338,7 +358,9 @@ class TieredCache:
             return 0
         keys = prefix_hashes(ns.digest, as_token_array(token_ids), ns.block_tokens)
         with self._lock:
-            return sum(self._drop(k, "evicted") for k in keys if k in self._index)
+            dropped = sum(self._drop(k, "evicted") for k in keys if k in self._index)
+        self._flush_remote_deletes()
+        return dropped
 
     # ---- read path --------------------------------------------------------------------
     def _acquire(self, namespace: str, token_ids: Sequence[int], *, pin: bool) -> tuple[Namespace | None, list[BlockEntry], int]:
@@ -513,7 +535,8 @@ class TieredCache:
             if isinstance(err, CorruptBlock):
                 self._stats.tiers[self.tiers[t].name].corrupt_blocks += 1
                 log.warning("corrupt block %s in %s: %s", entry.key.hex(), self.tiers[t].name, err)
-            self.tiers[t].delete(entry.key)
+            if self.tiers[t] is not self._remote:  # no network call under the lock
+                self.tiers[t].delete(entry.key)
             self._policies[t].remove(entry.key)
             entry.tiers.discard(t)
             if not entry.tiers:
