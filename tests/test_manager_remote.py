@@ -10,7 +10,13 @@ import pytest
 
 from kvtier import CacheConfig, HostTierConfig, RemoteTierConfig, TieredCache
 from tests.conftest import random_kv
-from tests.integration.remote_servers import REDIS_CLI, REDIS_SERVER, SKIP_REASON, RedisServer, wait_for
+from tests.integration.remote_servers import (
+    REDIS_CLI,
+    REDIS_SERVER,
+    SKIP_REASON,
+    RedisServer,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(not (REDIS_SERVER and REDIS_CLI), reason=SKIP_REASON)
 pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
