@@ -1,123 +1,196 @@
 """Reload throughput of the remote tier vs the raw engine client, in the same run.
 
-For each block size, reloads the same blocks alternately through ``RemoteTier.read_into`` (into
-a preallocated uint8 tensor, checksums verified) and through the raw client (redis-py ``GET``;
-Mooncake ``get_into`` on a registered buffer), and prints per-call medians and p99 with GB/s.
+Each run writes ``--blocks`` random blocks per size twice (through kvtier and as plain values),
+warms both paths up, then reloads every block ``--reps`` times through both paths interleaved
+call by call, alternating which goes first, so drift in a shared machine's load hits both
+alike. Reported per path: median and p99 of one call, GB/s at the median; per size: kvtier's
+GB/s as a share of raw's (median over runs, with the min-max spread over ``--runs`` runs).
 
-    python bench/remote.py                      # starts its own redis-server on loopback
-    python bench/remote.py --engine mooncake    # starts mooncake_master (+ in-process segment)
+What each path does (the raw side does less work, by design: it is the bar to reach):
+- ``kvtier``: ``RemoteTier.read_into`` into a plain host tensor: one bounded call through the
+  breaker, crc32c verified, bytes delivered into the caller's tensor.
+- ``raw``: redis-py ``GET`` returning ``bytes`` (no verification, no copy into a tensor);
+  Mooncake ``get_into`` into a buffer registered once (no verification, no timeout bound).
+- with ``--detail``, references that attribute kvtier's costs: ``raw+crc`` (raw, then crc32c
+  of the bytes) and, for Mooncake, ``raw+hop`` (raw ``get_into`` run on a worker thread, the
+  price of bounding a call that may stall).
+
+    python bench/remote.py --engine all --runs 3            # loopback redis-server + Mooncake
     python bench/remote.py --url redis://host:6379/0 --sizes 2MiB,16MiB --reps 30
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import logging
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import median, p99, table  # noqa: E402
+from kvtier.block import checksum  # noqa: E402
 from kvtier.config import RemoteTierConfig, format_size, parse_size  # noqa: E402
 from kvtier.tiers.base import BlockMeta  # noqa: E402
 from kvtier.tiers.remote import make_remote_tier  # noqa: E402
 
 log = logging.getLogger("bench.remote")
 META = BlockMeta("bench", None, 256, "none", 0.0)
+LEASE_EXPIRED = -707  # Mooncake: the read outlived the object's lease; read it again
+NOT_FOUND = -704
+WARMUP_PASSES = 3
+Read = Callable[[int], None]
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def _redis_raw(tier):
+def _raw_redis(tier, size: int, detail: bool) -> tuple[Callable, Callable, dict]:
     client = tier.backend.raw_client()
+    keys: list[bytes] = []
 
-    def setup(key: bytes, data: bytes) -> bytes:
-        rkey = b"raw:" + key
-        client.set(rkey, data)
-        return rkey
+    def setup(key: bytes, data: bytes) -> None:
+        client.set(b"raw:" + key, data)
+        keys.append(b"raw:" + key)
 
-    def get(rkey: bytes, out: torch.Tensor) -> None:
-        value = client.get(rkey)
-        assert value is not None and len(value) == out.numel()
+    def raw(i: int) -> None:
+        value = client.get(keys[i])
+        assert value is not None and len(value) == size
 
-    return setup, get
+    def raw_crc(i: int) -> None:
+        checksum(client.get(keys[i]))
+
+    def teardown() -> None:
+        client.delete(*keys)
+
+    return setup, teardown, {"raw": raw, **({"raw+crc": raw_crc} if detail else {})}
 
 
-def _mooncake_raw(tier):
+def _raw_mooncake(tier, size: int, detail: bool) -> tuple[Callable, Callable, dict]:
     store = tier.backend.raw_store()
+    buf = torch.empty(size, dtype=torch.uint8)  # registered once, reused: the raw client's best
+    tier.backend.register(buf)
+    view = memoryview(buf.numpy())
+    keys: list[str] = []
+    hop = cf.ThreadPoolExecutor(1)
 
-    def setup(key: bytes, data: bytes) -> str:
-        rkey = "raw:" + key.hex()
-        assert store.put(rkey, data) == 0
-        return rkey
+    def setup(key: bytes, data: bytes) -> None:
+        assert store.put("raw:" + key.hex(), data) == 0
+        keys.append("raw:" + key.hex())
 
-    def get(rkey: str, out: torch.Tensor) -> None:
-        tier.backend.register(out)
-        n = store.get_into(rkey, out.data_ptr(), out.numel())
-        assert n == out.numel(), n
+    def raw(i: int) -> None:
+        n = store.get_into(keys[i], buf.data_ptr(), size)
+        while n == LEASE_EXPIRED:
+            n = store.get_into(keys[i], buf.data_ptr(), size)
+        assert n == size, n
 
-    return setup, get
+    def raw_crc(i: int) -> None:
+        raw(i)
+        checksum(view)
+
+    def teardown() -> None:
+        hop.shutdown()
+        for key in keys:  # the lease of the last read may still hold it for a moment
+            deadline = time.monotonic() + 5
+            while store.remove(key) not in (0, NOT_FOUND) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    extra = {"raw+crc": raw_crc, "raw+hop": lambda i: hop.submit(raw, i).result()}
+    return setup, teardown, {"raw": raw, **(extra if detail else {})}
 
 
-def run(engine: str, url: str, sizes: list[int], blocks: int, reps: int) -> list[dict]:
+def _kvtier(tier, keys: list[bytes], size: int) -> Read:
+    out = torch.empty(size, dtype=torch.uint8)
+
+    def read(i: int) -> None:
+        for attempt in range(3):
+            try:
+                tier.read_into(keys[i], out)
+                return
+            except KeyError:  # a lease that expired under a stall (Mooncake): read it again
+                if attempt == 2:
+                    raise
+
+    return read
+
+
+def measure(engine: str, url: str, size: int, blocks: int, reps: int, detail: bool) -> dict:
+    """One run for one size: per path, the per-call seconds of every timed reload."""
     backend = {"redis": "redis", "cluster": "redis-cluster", "mooncake": "mooncake"}[engine]
     cfg = RemoteTierConfig(backend=backend, url=url, timeout_s=10.0, max_inflight_bytes=2 * 1024**3)
-    tier = make_remote_tier(cfg, prefix=f"bench{os.getpid()}:") if engine != "mooncake" \
-        else make_remote_tier(cfg)
-    raw_setup, raw_get = (_mooncake_raw if engine == "mooncake" else _redis_raw)(tier)
-    rows = []
+    tier = make_remote_tier(cfg, prefix=f"bench{os.getpid()}-{os.urandom(4).hex()}:")
     try:
-        for size in sizes:
-            keys, raw_keys = [], []
-            for _ in range(blocks):
-                data = os.urandom(size)
-                key = os.urandom(16)
-                tier.put(key, data, META)
-                keys.append(key)
-                raw_keys.append(raw_setup(key, data))
-            assert tier.flush(120), "remote writes did not finish"
-            out = torch.empty(size, dtype=torch.uint8)
-            times = {"kvtier": [], "raw": []}
-            for r in range(reps):
-                for key, rkey in zip(keys, raw_keys, strict=True):
-                    order = ("kvtier", "raw") if r % 2 == 0 else ("raw", "kvtier")
-                    for path in order:
-                        t0 = time.perf_counter()
-                        if path == "raw":
-                            raw_get(rkey, out)
-                        else:
-                            tier.read_into(key, out)
-                        times[path].append(time.perf_counter() - t0)
-            for path, ts in times.items():
-                med = statistics.median(ts)
-                rows.append({"engine": engine, "size": size, "path": path, "n": len(ts),
-                             "p50_ms": med * 1e3, "p99_ms": _pct(ts, 0.99) * 1e3,
-                             "gbps": size / med / 1e9})
-            for key in keys:
-                tier.delete(key)
-    finally:
+        raw = _raw_mooncake if engine == "mooncake" else _raw_redis
+        setup, teardown, paths = raw(tier, size, detail)
+        keys = []
+        for _ in range(blocks):
+            data, key = os.urandom(size), os.urandom(16)
+            tier.put(key, data, META)
+            setup(key, data)
+            keys.append(key)
+        assert tier.flush(120), "remote writes did not finish"
+        paths = {"kvtier": _kvtier(tier, keys, size), **paths}
+        check = torch.empty(size, dtype=torch.uint8)
+        tier.read_into(keys[-1], check)  # bit-exact, outside the timed region
+        assert check.numpy().tobytes() == data, "kvtier reloaded other bytes than were put"
+        for _ in range(WARMUP_PASSES):  # connections, staging buffers, page faults, caches
+            for read in paths.values():
+                for i in range(blocks):
+                    read(i)
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        order = list(paths)
+        for r in range(reps):
+            for i in range(blocks):
+                for name in order if (r * blocks + i) % 2 == 0 else order[::-1]:
+                    t0 = time.perf_counter()
+                    paths[name](i)
+                    times[name].append(time.perf_counter() - t0)
         s = tier.stats()
+        if s["errors"] or s["timeouts"]:
+            log.warning("%s %s: %d errors, %d timeouts (retried)", engine, format_size(size),
+                        s["errors"], s["timeouts"])
+        for key in keys:
+            tier.delete(key)
+        teardown()
+        return times
+    finally:
         tier.close()
-    log.info("tier stats: errors=%s timeouts=%s", s["errors"], s["timeouts"])
+
+
+def summarize(engine: str, size: int, runs: list[dict]) -> list[dict]:
+    """Rows per path: p50/p99 over all runs' calls; ratio = median over runs, with spread."""
+    ratios = {name: [median(r["raw"]) / median(r[name]) for r in runs] for name in runs[0]}
+    rows = []
+    for name in runs[0]:
+        ts = [t for r in runs for t in r[name]]
+        rows.append({"engine": engine, "size": size, "path": name, "n": len(ts),
+                     "p50_ms": median(ts) * 1e3, "p99_ms": p99(ts) * 1e3,
+                     "gbps": size / median(ts) / 1e9, "ratio": statistics.median(ratios[name]),
+                     "spread": (min(ratios[name]), max(ratios[name]))})
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'engine':9} {'block':>9} {'path':7} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'GB/s':>6} {'vs raw':>7}")
-    raw = {(r["engine"], r["size"]): r["gbps"] for r in rows if r["path"] == "raw"}
-    for r in rows:
-        ratio = r["gbps"] / raw[(r["engine"], r["size"])]
-        print(f"{r['engine']:9} {format_size(r['size']):>9} {r['path']:7} {r['n']:5d} "
-              f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['gbps']:6.2f} {ratio:7.0%}")
+def render(rows: list[dict]) -> str:
+    headers = ["engine", "block", "path", "calls", "p50 ms", "p99 ms", "GB/s", "vs raw",
+               "spread over runs"]
+    return table(headers, [[
+        r["engine"], format_size(r["size"]), r["path"], r["n"], f"{r['p50_ms']:.2f}",
+        f"{r['p99_ms']:.2f}", f"{r['gbps']:.2f}", f"{r['ratio']:.0%}",
+        f"{r['spread'][0]:.0%}-{r['spread'][1]:.0%}"] for r in rows])
+
+
+def _engine(engine: str):
+    from tests.integration import remote_servers as rs
+
+    if engine == "mooncake":
+        from tests.integration.remote_mooncake import MooncakeMaster
+
+        return MooncakeMaster()
+    return {"redis": rs.RedisServer, "cluster": rs.RedisCluster}[engine]()
 
 
 def main() -> None:
@@ -126,29 +199,28 @@ def main() -> None:
     ap.add_argument("--url", help="an existing engine; default: start one on loopback")
     ap.add_argument("--sizes", default="2MiB,16MiB")
     ap.add_argument("--blocks", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=20, help="timed reloads of each block per run")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--detail", action="store_true", help="add raw+crc / raw+hop references")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     engines = ["redis", "mooncake"] if args.engine == "all" else [args.engine]
     rows = []
     for engine in engines:
-        if args.url:
-            rows += run(engine, args.url, sizes, args.blocks, args.reps)
-            continue
-        from tests.integration import remote_servers as rs
-
-        server = {"redis": rs.RedisServer, "cluster": rs.RedisCluster}.get(engine)
-        if server is None:
-            from tests.integration.remote_mooncake import MooncakeMaster
-
-            server = MooncakeMaster
-        srv = server().start()
+        srv = None if args.url else _engine(engine).start()
         try:
-            rows += run(engine, srv.url, sizes, args.blocks, args.reps)
+            url = args.url or srv.url
+            for size in sizes:
+                runs = [measure(engine, url, size, args.blocks, args.reps, args.detail)
+                        for _ in range(args.runs)]
+                rows += summarize(engine, size, runs)
+                log.info("%s %s per-run kvtier/raw: %s", engine, format_size(size), " ".join(
+                    f"{median(r['raw']) / median(r['kvtier']):.0%}" for r in runs))
         finally:
-            srv.stop()
-    print_table(rows)
+            if srv is not None:
+                srv.stop()
+    print(render(rows))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""``kvtier bench``: benchmarks as sub-commands (``trace`` now; ``io`` joins ``SUBCOMMANDS``).
+"""``kvtier bench``: benchmarks as sub-commands (``trace`` and ``io``).
 
 ``kvtier bench trace`` replays a generated or JSONL agentic trace against kvtier's TieredCache and
 reports hit rates per tier, bytes moved, evictions, retention and prefill time saved;
 ``--sweep host=1GiB..64GiB[,ssd=...]`` replays it at each capacity and plots hit rate vs capacity.
+``kvtier bench io`` is a fio-style reload benchmark of one tier (host, ssd, remote) driving the
+tier's own code; ``--compare-fio`` runs fio with the same parameters on the same directory.
 Bad arguments print one line and exit 2.
 """
 
@@ -262,9 +264,125 @@ class ProgressLine:
         self.stream.flush()
 
 
+# ---- kvtier bench io ------------------------------------------------------------------------
+def configure_io(p: argparse.ArgumentParser) -> None:
+    from bench.io import ENGINES, RW, TIERS
+
+    g = p.add_argument_group("job (fio's names)")
+    g.add_argument("--rw", default="randread", help=f"one of {', '.join(RW)} (default randread)")
+    g.add_argument("--bs", default="2MiB", help="block size (default 2MiB)")
+    g.add_argument("--iodepth", type=int, default=1, help="requests in flight per job (default 1)")
+    g.add_argument("--numjobs", type=int, default=1, help="concurrent jobs (default 1)")
+    g.add_argument("--size", default="1GiB", help="data set size (default 1GiB)")
+    g.add_argument("--runtime", type=float, default=5.0,
+                   help="seconds per run, time based (default 5; 0 = read --size once)")
+    g.add_argument("--rwmixread", type=int, default=50, help="randrw: percent reads (default 50)")
+    g.add_argument("--direct", type=int, choices=(0, 1), default=1,
+                   help="1: O_DIRECT reads in kvtier, --direct=1 --ioengine=libaio in fio (default 1)")
+    g.add_argument("--directory", help="where the data sets live (default: the temp directory)")
+    g.add_argument("--filename", help="fio's data file (default: DIRECTORY/kvtier-bench-io/fio-data.bin)")
+    t = p.add_argument_group("kvtier")
+    t.add_argument("--tier", default="ssd", help=f"one of {', '.join(TIERS)} (default ssd)")
+    t.add_argument("--codec", default="none", help="store blocks encoded with this codec; reads decode")
+    t.add_argument("--engine", default="sync",
+                   help=f"one of {', '.join(ENGINES)}: read_into on iodepth threads (sync) or "
+                        "read_many_into batches of iodepth (batch)")
+    t.add_argument("--durability", default="batch", help="ssd durability for writes (sync, batch, none)")
+    t.add_argument("--remote-url", help="remote tier URL (redis://HOST:PORT/DB, ...)")
+    t.add_argument("--remote-backend", default="redis", help="redis, redis-cluster or mooncake")
+    t.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("report")
+    r.add_argument("--repeat", type=int, default=1, help="runs (medians are reported; default 1)")
+    r.add_argument("--compare-fio", action="store_true", help="also run fio with the same parameters")
+    r.add_argument("--output-format", default="normal", choices=("normal", "json"))
+    r.add_argument("--plot", metavar="DIR", help="write a latency CDF PNG here")
+
+
+def run_io(args: argparse.Namespace) -> int:
+    try:
+        return _run_io(args)
+    except (KVTierError, ValueError, OSError) as e:
+        print(f"kvtier bench io: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_io(args: argparse.Namespace) -> int:
+    from bench import fio
+    from bench.fio import compare_table, format_job, median_job
+    from bench.io import IOParams, run
+
+    if args.repeat < 1:
+        raise InvalidRequest(f"--repeat must be >= 1, got {args.repeat}")
+    p = IOParams(rw=args.rw, bs=parse_size(args.bs), iodepth=args.iodepth, numjobs=args.numjobs,
+                 size=parse_size(args.size), runtime=args.runtime, tier=args.tier, codec=args.codec,
+                 direct=bool(args.direct), directory=args.directory, engine=args.engine,
+                 rwmixread=args.rwmixread, durability=args.durability, remote_url=args.remote_url,
+                 remote_backend=args.remote_backend, seed=args.seed).check()
+    if args.compare_fio:
+        fio.command(p, fio.data_file(p, args.filename))  # fails early: no fio, or not the ssd tier
+    progress = _StatusLine()
+    kv_jobs, fio_jobs, results, cmd = [], [], [], None
+    for i in range(args.repeat):
+        progress.prefix = f"run {i + 1}/{args.repeat}: " if args.repeat > 1 else ""
+        res = run(p, progress)
+        results.append(res)
+        kv_jobs.append(res.to_fio_job())
+        if args.compare_fio:
+            progress(f"fio {p.rw} bs={format_size(p.bs)} qd={p.iodepth} ({p.runtime:g} s)")
+            job, cmd = fio.run(p, args.filename)
+            fio_jobs.append(job)
+    progress.done()
+    kv = median_job(kv_jobs)
+    doc = results[0].to_json()
+    doc["jobs"] = [kv]
+    doc["kvtier"]["runs"] = kv_jobs
+    if args.plot:
+        from bench.plots import latency_cdf
+
+        lat = {f"kvtier {p.tier}": [x / 1e9 for r in results for x in
+                                     (r.read.clat_ns if r.read.ios else r.write.clat_ns)]}
+        doc["plot"] = str(latency_cdf(Path(args.plot) / f"latency_cdf_{p.tier}_{p.rw}_{p.bs}_qd{p.iodepth}.png",
+                                      lat, title=f"{p.rw} {format_size(p.bs)} QD{p.iodepth}: completion latency"))
+    text = format_job(kv, f"kvtier: (tier={p.tier}) rw={p.rw}, bs={format_size(p.bs)}, iodepth={p.iodepth}, "
+                          f"numjobs={p.numjobs}, size={format_size(p.size)}, direct={int(p.direct)}, "
+                          f"codec={p.codec}, engine={p.engine}"
+                          + (f" — median of {args.repeat} runs" if args.repeat > 1 else ""))
+    if args.compare_fio:
+        f = median_job(fio_jobs)
+        table, ratio = compare_table(kv, f)
+        doc["fio"] = {"version": fio.version(), "command": " ".join(cmd), "jobs": [f], "runs": fio_jobs}
+        doc["ratio"] = ratio
+        text += "\n\n" + format_job(f, f"fio: {' '.join(cmd[1:])}") + "\n\n" + table
+    print(json.dumps(doc, indent=2) if args.output_format == "json" else text)
+    return 0
+
+
+class _StatusLine:
+    """A throttled progress line on stderr (rewritten in place on a terminal)."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s, self.last, self.prefix = interval_s, 0.0, ""
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, msg: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            return
+        self.last = now
+        sys.stderr.write(("\r\033[K" if self.tty else "") + self.prefix + msg + ("" if self.tty else "\n"))
+        sys.stderr.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.tty and self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
 SUBCOMMANDS: dict[str, SubCommand] = {
     "trace": SubCommand("replay an agentic trace against a tier configuration", configure_trace, run_trace),
-    # "io": SubCommand("fio-style reload benchmark of one tier", configure_io, run_io),
+    "io": SubCommand("fio-style reload benchmark of one tier (optionally next to fio)", configure_io, run_io),
 }
 
 

@@ -28,7 +28,9 @@ class RemoteBackend(Protocol):
       reader never sees a partly written value (it sees the whole value or nothing).
     - ``get_into`` copies ``out.numel()`` bytes from byte ``offset`` of the value into ``out``
       (1-D uint8) and returns the count; raises ``KeyError`` if absent and ``CorruptBlock``
-      if the stored bytes fail their checksum.
+      if the stored bytes fail their checksum. When it raises, ``out`` holds unspecified bytes
+      (never served: the caller got an exception), but nothing writes into ``out`` once the
+      call has returned or raised, even if the engine completes a timed-out read later.
     - ``size`` is the stored value's length, None if absent.
     - ``delete`` returns False if the key was absent.
     """

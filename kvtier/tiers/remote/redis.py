@@ -12,6 +12,10 @@ Chunks carry no hash tag, so in a Cluster one value's chunks (and a prefix's blo
 over the nodes. Reads fetch the manifest and the chunks the requested span needs in one
 pipelined round trip (per node). Every call is bounded by ``timeout_s`` through socket
 timeouts with redis-py's retries turned off (a retry would multiply the bound).
+
+Reads into host tensors on a single server skip redis-py's reply parser (``redis_direct``):
+the payload is received straight into the caller's tensor and checksummed as it arrives, under
+one deadline for the whole call. Cluster reads and device tensors take the redis-py path.
 """
 
 from __future__ import annotations
@@ -32,13 +36,19 @@ from redis.retry import Retry
 from kvtier.block import checksum
 from kvtier.errors import BackendUnavailable, CorruptBlock, InvalidRequest
 from kvtier.tiers.remote.base import check_span
+from kvtier.tiers.remote.redis_direct import DirectReads
+from kvtier.tiers.remote.redis_layout import (
+    FLAG_INLINE,
+    HEADER,
+    MAGIC,
+    VERSION,
+    parse_header,
+    parse_manifest,
+)
+from kvtier.tiers.remote.resp import ProtocolError, ReplyError
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"KVRM"
-VERSION = 1
-FLAG_INLINE = 1
-HEADER = struct.Struct("<4sBBHQII")  # magic, version, flags, reserved, length, chunk_bytes, nchunks
 CHUNK_TTL_SLACK_S = 60.0
 DEFAULT_CHUNK_BYTES = 4 * 1024**2
 # A big GET parsed through a small socket buffer starves other Python threads (ANCHORS.md).
@@ -76,6 +86,7 @@ class RedisBackend:
         )
         self._lock = threading.Lock()
         self._client: redis.Redis | redis.cluster.RedisCluster | None = None
+        self._direct = DirectReads(url, self._kwargs, timeout_s)
 
     # -- client -------------------------------------------------------------------------------
 
@@ -136,6 +147,16 @@ class RedisBackend:
             client.set(mkey, manifest + struct.pack(f"<{nchunks}I", *crcs), nx=True, px=self._ttl_ms)
 
     def get_into(self, key: bytes, out, offset: int = 0) -> int:
+        if not self.cluster and out.device.type == "cpu" and out.is_contiguous():
+            with _translate():
+                n = self._direct.get_into(self._mkey(key), self._ckey, key, out, offset,
+                                          self.chunk_bytes)
+            if n is not None:
+                return n
+        return self._get_into_parsed(key, out, offset)
+
+    def _get_into_parsed(self, key: bytes, out, offset: int = 0) -> int:
+        """The redis-py path: Cluster (redirections, several nodes) and device tensors."""
         nbytes = out.numel()
         cb = self.chunk_bytes
         first, last = offset // cb, (offset + max(nbytes, 1) - 1) // cb
@@ -152,7 +173,7 @@ class RedisBackend:
             manifest = res[0]
             if manifest is None:
                 raise KeyError(key)
-            length, chunk_bytes, nchunks, inline, crcs = _parse(manifest, key)
+            length, chunk_bytes, nchunks, inline, crcs = parse_manifest(manifest, key)
             check_span(length, offset, nbytes, key)
             if inline:
                 data = memoryview(manifest)[HEADER.size + 4:]
@@ -184,7 +205,7 @@ class RedisBackend:
             head = self._get_client().getrange(self._mkey(key), 0, HEADER.size - 1)
         if not head:
             return None
-        return _parse_header(head, key)[0]
+        return parse_header(head, key)[0]
 
     def delete(self, key: bytes) -> bool:
         with _translate():
@@ -192,7 +213,7 @@ class RedisBackend:
             head = client.getrange(self._mkey(key), 0, HEADER.size - 1)
             if not head:
                 return False
-            _, _, nchunks, flags = _parse_header(head, key)
+            _, _, nchunks, flags = parse_header(head, key)
             client.delete(self._mkey(key))  # manifest first: readers never see a partial value
             if not flags & FLAG_INLINE:
                 pipe = client.pipeline(transaction=False)
@@ -202,6 +223,7 @@ class RedisBackend:
             return True
 
     def close(self) -> None:
+        self._direct.close()
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -219,9 +241,12 @@ def _translate() -> Iterator[None]:
     """redis-py errors -> TimeoutError (the bound was hit) or BackendUnavailable."""
     try:
         yield
+    except TimeoutError:
+        raise
     except redis.exceptions.TimeoutError as e:
         raise TimeoutError(f"redis call timed out: {e}") from e
-    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError,
+            ReplyError, ProtocolError) as e:
         raise BackendUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
 
 
@@ -235,26 +260,6 @@ def _hosts(url: str) -> list[tuple[str, int]]:
             raise InvalidRequest(f"malformed redis cluster url {url!r}: expected host:port[,host:port]")
         hosts.append((host, int(port)))
     return hosts
-
-
-def _parse_header(buf: bytes, key: bytes) -> tuple[int, int, int, int]:
-    if len(buf) < HEADER.size:
-        raise CorruptBlock(f"remote manifest of {key.hex()} is truncated ({len(buf)} bytes)")
-    magic, version, flags, _, length, chunk_bytes, nchunks = HEADER.unpack_from(buf)
-    if magic != MAGIC or version != VERSION or chunk_bytes == 0:
-        raise CorruptBlock(f"remote manifest of {key.hex()} is not a kvtier v{VERSION} manifest")
-    return length, chunk_bytes, nchunks, flags
-
-
-def _parse(manifest: bytes, key: bytes) -> tuple[int, int, int, bool, tuple[int, ...]]:
-    length, chunk_bytes, nchunks, flags = _parse_header(manifest, key)
-    end = HEADER.size + 4 * nchunks
-    inline = bool(flags & FLAG_INLINE)
-    if len(manifest) < end or (inline and len(manifest) != end + length) or (
-        not inline and nchunks != -(-length // chunk_bytes)
-    ):
-        raise CorruptBlock(f"remote manifest of {key.hex()} is inconsistent with its length")
-    return length, chunk_bytes, nchunks, inline, struct.unpack_from(f"<{nchunks}I", manifest, HEADER.size)
 
 
 def _verify(data: memoryview, crc: int, key: bytes) -> None:

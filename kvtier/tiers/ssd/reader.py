@@ -108,8 +108,13 @@ def read_many(tier: SSDTier, requests: list[tuple[bytes, torch.Tensor, int]],
                 _read_inline(tier, r)
         runs = plan_runs([r for r in reads if r.seg is not None])
         if use_pool and len(runs) > 1:
-            for f in [tier._pool.submit(_read_run, tier, run) for run in runs]:
-                f.result()
+            # The calling thread reads the last run itself: one handoff fewer, one more in flight.
+            futures = [tier._pool.submit(_read_run, tier, run) for run in runs[:-1]]
+            try:
+                _read_run(tier, runs[-1])
+            finally:  # segments stay pinned until every pool read has finished
+                for f in futures:
+                    f.result()
         else:
             for run in runs:
                 _read_run(tier, run)
@@ -124,6 +129,8 @@ def read_many(tier: SSDTier, requests: list[tuple[bytes, torch.Tensor, int]],
 
 def plan_runs(reads: list[_Read]) -> list[list[_Read]]:
     """Group reads into runs of one segment whose file ranges lie end to end."""
+    if len(reads) <= 1:
+        return [reads] if reads else []
     runs: list[list[_Read]] = []
     for r in sorted(reads, key=lambda r: (r.seg.id, r.start)):
         run = runs[-1] if runs else None

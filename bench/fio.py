@@ -1,0 +1,271 @@
+"""Run ``fio`` with the parameters of a ``kvtier bench io`` job and read its JSON.
+
+fio reads a file it wrote first (``--rw=write``, real bytes: a ``fallocate``d file reads as zeros
+without touching the disk) of the same size as kvtier's data set, in the same directory, with
+the same block size, queue depth, job count and runtime; ``--direct=1 --ioengine=libaio`` when
+the kvtier job reads with O_DIRECT. Writes go to a scratch file with ``--end_fsync=1`` (kvtier's
+write clock also stops after its final flush).
+
+Also here: fio-shaped reports (fio's text summary, per-figure medians of repeated runs, kvtier and
+fio side by side with ratios) and ``matrix``, the README's table of both across block sizes and
+queue depths.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.io import DATASET_DIR, PERCENTILES, IOParams
+from bench.io import run as run_kvtier
+from kvtier.config import format_size
+from kvtier.errors import InvalidRequest, KVTierError
+
+PERCENTILE_LIST = ":".join(f"{p:g}" for p in PERCENTILES)
+
+
+def fio_binary() -> str:
+    path = shutil.which("fio")
+    if path is None:
+        raise KVTierError("fio not found on PATH: install it (Debian: apt-get install fio)")
+    return path
+
+
+def version() -> str:
+    return subprocess.run([fio_binary(), "--version"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+
+
+def data_file(p: IOParams, filename: str | None = None) -> Path:
+    if filename:
+        return Path(filename)
+    return Path(p.directory or tempfile.gettempdir()) / DATASET_DIR / "fio-data.bin"
+
+
+def _common(p: IOParams) -> list[str]:
+    return [f"--direct={int(p.direct)}", "--ioengine=libaio" if p.direct else "--ioengine=psync",
+            "--output-format=json", f"--percentile_list={PERCENTILE_LIST}", "--group_reporting",
+            "--randrepeat=0"]
+
+
+def layout(path: Path, size: int, direct: bool = True) -> bool:
+    """Write ``path`` with ``size`` real bytes unless it already holds them; True if written."""
+    if path.exists() and path.stat().st_size >= size:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _run([fio_binary(), "--name=layout", f"--filename={path}", f"--size={size}", "--rw=write",
+          "--bs=1M", "--iodepth=16", f"--direct={int(direct)}", "--ioengine=libaio",
+          "--end_fsync=1", "--output-format=json"])
+    return True
+
+
+def command(p: IOParams, path: Path) -> list[str]:
+    """The fio command line equivalent to the kvtier job ``p`` on file ``path``."""
+    if p.tier != "ssd":
+        raise InvalidRequest(f"--compare-fio compares the ssd tier with the disk; got --tier {p.tier}")
+    cmd = [fio_binary(), "--name=fio", f"--filename={path}", f"--size={p.size}", f"--rw={p.rw}",
+           f"--bs={p.bs}", f"--iodepth={p.iodepth}", f"--numjobs={p.numjobs}", *_common(p)]
+    if p.runtime > 0:
+        cmd += [f"--runtime={p.runtime:g}", "--time_based"]
+    if p.rw == "randrw":
+        cmd.append(f"--rwmixread={p.rwmixread}")
+    if p.rw in ("write", "randwrite", "randrw"):
+        cmd.append("--end_fsync=1")
+    return cmd
+
+
+def run(p: IOParams, filename: str | None = None) -> tuple[dict, list[str]]:
+    """Run fio for job ``p``; returns (fio's job dict, the command line run)."""
+    writes = p.rw in ("write", "randwrite")
+    path = data_file(p, filename)
+    if writes:
+        path = path.with_name("fio-write.bin")
+        path.unlink(missing_ok=True)
+    else:
+        layout(path, p.size, p.direct)
+    cmd = command(p, path)
+    try:
+        doc = _run(cmd)
+    finally:
+        if writes:
+            path.unlink(missing_ok=True)
+    return doc["jobs"][0], cmd
+
+
+def _run(cmd: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        proc = subprocess.run([*cmd, f"--output={out.name}"], capture_output=True, text=True,
+                              check=False)
+        text = Path(out.name).read_text()
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KVTierError(f"fio failed (exit {proc.returncode}): {why}")
+    start = text.find("{")
+    try:
+        return json.loads(text[start:])
+    except ValueError as e:
+        raise KVTierError(f"fio wrote no readable JSON ({e})") from None
+
+
+# ---- fio-shaped reports: text, medians, side by side ----------------------------------------------------------------------------------
+def _bw(b: float) -> str:
+    return f"{b / 1024**2:.0f}MiB/s ({b / 1e6:.0f}MB/s)" if b < 10 * 1024**3 else \
+        f"{b / 1024**3:.2f}GiB/s ({b / 1e9:.2f}GB/s)"
+
+
+def format_job(job: dict, title: str) -> str:
+    """fio's text summary for one job dict in fio's JSON shape (kvtier's or fio's own)."""
+    lines = [title]
+    for d in ("read", "write"):
+        s = job.get(d) or {}
+        if not s.get("total_ios") and not s.get("io_bytes"):
+            continue
+        rt = max(1, s.get("runtime", 0))
+        lines.append(f"  {d}: IOPS={s['iops']:.0f}, BW={_bw(s['bw_bytes'])}"
+                     f"({format_size(s['io_bytes'])}/{rt}msec)")
+        c = s["clat_ns"]
+        lines.append(f"    clat (usec): min={c['min'] / 1e3:.0f}, max={c['max'] / 1e3:.0f}, "
+                     f"avg={c['mean'] / 1e3:.1f}, stdev={c['stddev'] / 1e3:.1f}")
+        pc = c.get("percentile", {})
+        keys = ["50.000000", "90.000000", "99.000000", "99.900000", "99.990000"]
+        lines.append("     clat percentiles (usec): " + ", ".join(
+            f"{float(k):.2f}th=[{pc[k] / 1e3:.0f}]" for k in keys if k in pc))
+    return "\n".join(lines)
+
+
+def median_job(jobs: list[dict]) -> dict:
+    """Per-figure medians of several runs' job dicts (fio's shape, kvtier's or fio's)."""
+    if len(jobs) == 1:
+        return jobs[0]
+    out = {k: v for k, v in jobs[0].items() if k not in ("read", "write")}
+    for d in ("read", "write"):
+        runs = [j[d] for j in jobs if d in j]
+        if not runs:
+            continue
+        m = {k: float(np.median([r[k] for r in runs]))
+             for k in ("io_bytes", "bw_bytes", "iops", "runtime", "total_ios")}
+        for k in ("io_bytes", "bw_bytes", "runtime", "total_ios"):
+            m[k] = int(m[k])
+        clat = {k: float(np.median([r["clat_ns"][k] for r in runs]))
+                for k in ("min", "max", "mean", "stddev", "N")}
+        keys = runs[0]["clat_ns"].get("percentile", {})
+        clat["percentile"] = {k: int(np.median([r["clat_ns"].get("percentile", {}).get(k, 0)
+                                                for r in runs])) for k in keys}
+        out[d] = {**m, "clat_ns": clat}
+    out["runs"] = len(jobs)
+    return out
+
+
+def main_direction(job: dict) -> str:
+    r = job.get("read", {})
+    return "read" if r.get("total_ios") or r.get("io_bytes") else "write"
+
+
+COMPARE_PCT = (("p50", "50.000000"), ("p90", "90.000000"), ("p99", "99.000000"),
+               ("p99.9", "99.900000"), ("p99.99", "99.990000"))
+
+
+def compare_figures(job: dict, d: str) -> dict[str, float]:
+    """GB/s, IOPS and latency percentiles (ms) of one direction of a job dict."""
+    s = job[d]
+    pc = s["clat_ns"].get("percentile", {})
+    return {"GB/s": s["bw_bytes"] / 1e9, "IOPS": s["iops"],
+            **{f"{n} ms": pc.get(k, 0) / 1e6 for n, k in COMPARE_PCT}}
+
+
+def compare_table(kv: dict, fio_job: dict) -> tuple[str, dict[str, float]]:
+    """Both results side by side and kvtier/fio ratios (>1 is better for GB/s, worse for ms)."""
+    from bench.common import table
+
+    d = main_direction(kv)
+    a, b = compare_figures(kv, d), compare_figures(fio_job, d)
+    ratio = {k: (a[k] / b[k] if b[k] else float("nan")) for k in a}
+    rows = [[k, f"{a[k]:.3f}" if k != "IOPS" else f"{a[k]:.0f}",
+             f"{b[k]:.3f}" if k != "IOPS" else f"{b[k]:.0f}", f"{ratio[k]:.2f}"] for k in a]
+    return f"{d}: kvtier vs fio\n" + table(["", "kvtier", "fio", "kvtier/fio"], rows), ratio
+
+
+# ---- the README matrix -------------------------------------------------------------------------
+def matrix(directory: str, out: str, size: int, runtime: float, repeat: int, remote_url: str | None = None,
+           block_sizes: tuple[int, ...] = (256 * 1024, 2 * 1024**2, 16 * 1024**2),
+           depths: tuple[int, ...] = (1, 4, 16)) -> str:
+    """Random reads per block size and depth, kvtier and fio alternating, medians of ``repeat``.
+
+    Writes ``matrix.json`` and the PNGs under ``out``; returns the Markdown tables.
+    """
+    from bench.common import table
+    from bench.plots import latency_cdf
+
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    rows, doc = [], {"fio": version(), "reads": [], "writes": []}
+    cdf: dict[str, list[float]] = {}
+    for bs in block_sizes:
+        for qd in depths:
+            p = IOParams(bs=bs, iodepth=qd, size=size, runtime=runtime, directory=directory)
+            kv, fj = [], []
+            for i in range(repeat):
+                say(f"matrix: randread bs={format_size(bs)} qd={qd} run {i + 1}/{repeat}")
+                res = run_kvtier(p)
+                kv.append(res.to_fio_job())
+                if bs == 2 * 1024**2 and qd == 1 and i == 0:
+                    cdf["ssd (kvtier, 2 MiB QD1)"] = (res.read.clat_ns / 1e9).tolist()
+                fj.append(run(p)[0])
+            k, f = median_job(kv), median_job(fj)
+            a, b = compare_figures(k, "read"), compare_figures(f, "read")
+            doc["reads"].append({"bs": bs, "iodepth": qd, "kvtier": kv, "fio": fj})
+            paired = np.median([x["read"]["bw_bytes"] / y["read"]["bw_bytes"] for x, y in zip(kv, fj, strict=True)])
+            rows.append([format_size(bs), qd, f"{a['GB/s']:.2f}", f"{b['GB/s']:.2f}",
+                         f"{a['GB/s'] / b['GB/s']:.2f}", f"{paired:.2f}", f"{a['IOPS']:.0f}", f"{b['IOPS']:.0f}",
+                         *(f"{a[x]:.2f} / {b[x]:.2f}" for x in ("p50 ms", "p99 ms", "p99.9 ms")),
+                         f"{a['p99 ms'] / b['p99 ms']:.2f}"])
+    host = run_kvtier(IOParams(tier="host", bs=2 * 1024**2, size=min(size, 1024**3), runtime=runtime))
+    cdf["host (kvtier, 2 MiB QD1)"] = (host.read.clat_ns / 1e9).tolist()
+    if remote_url:
+        rem = run_kvtier(IOParams(tier="remote", remote_url=remote_url, bs=2 * 1024**2,
+                                  size=min(size, 512 * 1024**2), runtime=runtime))
+        cdf["remote redis (kvtier, 2 MiB QD1)"] = (rem.read.clat_ns / 1e9).tolist()
+    wrows = []
+    for qd in (1, 4):
+        p = IOParams(rw="write", bs=2 * 1024**2, iodepth=qd, size=min(size, 1024**3), runtime=0,
+                     directory=directory)
+        kv, fj = [], []
+        for i in range(repeat):
+            say(f"matrix: sequential write qd={qd} run {i + 1}/{repeat}")
+            kv.append(run_kvtier(p).to_fio_job())
+            fj.append(run(p)[0])
+        k, f = median_job(kv), median_job(fj)
+        doc["writes"].append({"bs": p.bs, "iodepth": qd, "kvtier": kv, "fio": fj})
+        a, b = k["write"]["bw_bytes"] / 1e9, f["write"]["bw_bytes"] / 1e9
+        wrows.append([format_size(p.bs), qd, f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}"])
+    dest = Path(out)
+    dest.mkdir(parents=True, exist_ok=True)
+    doc["cdf_samples"] = {k: len(v) for k, v in cdf.items()}
+    bandwidth_plots(doc, dest)
+    latency_cdf(dest / "bench_io_latency_cdf.png", cdf, title="2 MiB random read latency per tier (QD1)")
+    reads = table(["block", "QD", "kvtier GB/s", "fio GB/s", "ratio", "paired ratio", "kvtier IOPS", "fio IOPS",
+                   "p50 ms kv / fio", "p99 ms kv / fio", "p99.9 ms kv / fio", "p99 ratio"], rows)
+    writes = table(["block", "QD", "kvtier put GB/s", "fio write GB/s", "ratio"], wrows)
+    doc["tables"] = {"reads": reads, "writes": writes}
+    (dest / "matrix.json").write_text(json.dumps(doc))
+    return f"{reads}\n\n{writes}\n"
+
+
+def bandwidth_plots(doc: dict, dest: Path) -> list[Path]:
+    """One PNG per queue depth: median random-read GB/s against block size, kvtier next to fio."""
+    from bench.plots import bandwidth_vs_block_size
+
+    by_qd: dict[int, dict[str, list[tuple[int, float]]]] = {}
+    for r in doc["reads"]:
+        s = by_qd.setdefault(r["iodepth"], {"kvtier ssd tier": [], "fio (libaio)": []})
+        s["kvtier ssd tier"].append((r["bs"], median_job(r["kvtier"])["read"]["bw_bytes"]))
+        s["fio (libaio)"].append((r["bs"], median_job(r["fio"])["read"]["bw_bytes"]))
+    return [bandwidth_vs_block_size(dest / f"bench_io_bandwidth_qd{qd}.png", s,
+                                    title=f"random read, O_DIRECT, QD{qd}: kvtier vs fio "
+                                          f"(median of {len(doc['reads'][0]['kvtier'])})")
+            for qd, s in sorted(by_qd.items())]

@@ -1,0 +1,417 @@
+"""fio-style reload benchmark of one kvtier tier (``kvtier bench io``): the engine.
+
+It drives the tier's own code — ``SSDTier.put`` / ``read_into`` / ``read_many_into``, the host
+``MemoryTier``, or the remote tier — never a separate I/O path. Vocabulary and report follow fio:
+``rw``, ``bs``, ``iodepth``, ``numjobs``, ``size``, ``runtime``; bandwidth, IOPS and completion
+latency percentiles, and a JSON document with fio's field names (``jobs[].read.bw_bytes``...).
+
+Engines: ``sync`` (default) keeps ``numjobs x iodepth`` requests in flight, each on its own thread
+calling ``read_into`` — what fio's libaio engine does with one job at that depth, and the only way
+to time each request. ``batch`` issues ``read_many_into`` calls of ``iodepth`` requests per job
+(the loader's path); each request's completion latency is then its batch's.
+
+    python -m bench.io --rw randread --bs 2MiB --iodepth 4 --size 1GiB --directory DIR
+    python -m bench.io matrix --directory DIR --size 4GiB --repeat 5   # the README tables
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvtier.config import format_size
+from kvtier.errors import InvalidRequest, StorageFull
+
+RW = ("randread", "read", "randwrite", "write", "randrw")
+TIERS = ("host", "ssd", "remote")
+ENGINES = ("sync", "batch")
+PERCENTILES = (1.0, 5.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.99)
+DATASET_DIR = "kvtier-bench-io"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class IOParams:
+    """One benchmark job (sizes in bytes, times in seconds); ``check()`` validates it."""
+
+    rw: str = "randread"
+    bs: int = 2 * 1024**2
+    iodepth: int = 1
+    numjobs: int = 1
+    size: int = 1024**3
+    runtime: float = 5.0  # 0: read ``size`` bytes once (size-based, like fio without runtime)
+    tier: str = "ssd"
+    codec: str = "none"
+    direct: bool = True
+    directory: str | None = None
+    engine: str = "sync"
+    rwmixread: int = 50
+    durability: str = "batch"
+    remote_url: str | None = None
+    remote_backend: str = "redis"
+    seed: int = 0
+
+    def check(self) -> IOParams:
+        def bad(msg: str) -> None:
+            raise InvalidRequest(msg)
+        if self.rw not in RW:
+            bad(f"unknown --rw {self.rw!r}: expected one of {', '.join(RW)}")
+        if self.tier not in TIERS:
+            bad(f"unknown --tier {self.tier!r}: expected one of {', '.join(TIERS)}")
+        if self.engine not in ENGINES:
+            bad(f"unknown --engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if self.iodepth < 1:
+            bad(f"--iodepth must be >= 1, got {self.iodepth}")
+        if self.numjobs < 1:
+            bad(f"--numjobs must be >= 1, got {self.numjobs}")
+        if self.bs < 4096 or self.bs % 4096:
+            bad(f"--bs must be a multiple of 4 KiB (O_DIRECT alignment), got {self.bs}")
+        if self.size < self.bs:
+            bad(f"--size ({self.size}) must be at least one block (--bs {self.bs})")
+        if not (self.runtime >= 0 and math.isfinite(self.runtime)):
+            bad(f"--runtime must be >= 0 seconds, got {self.runtime}")
+        if not 0 <= self.rwmixread <= 100:
+            bad(f"--rwmixread must be 0..100, got {self.rwmixread}")
+        if self.tier == "remote" and not self.remote_url:
+            bad("--tier remote needs --remote-url (e.g. redis://127.0.0.1:6379/0)")
+        if self.codec != "none":
+            from kvtier.codecs import get_codec
+            get_codec(self.codec)  # raises InvalidRequest naming the known codecs
+        return self
+
+    @property
+    def blocks(self) -> int:
+        return self.size // self.bs
+
+    @property
+    def inflight(self) -> int:
+        return self.iodepth * self.numjobs
+
+
+@dataclass(slots=True)
+class DirStats:
+    """One direction (read or write) of a finished job."""
+
+    io_bytes: int = 0
+    ios: int = 0
+    clat_ns: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def to_fio(self, runtime_s: float) -> dict:
+        """fio's JSON fields for this direction (``bw`` in KiB/s and ``runtime`` in ms, as fio)."""
+        bw = self.io_bytes / runtime_s if runtime_s > 0 else 0.0
+        lat = self.clat_ns
+        clat = {"min": int(lat.min()) if lat.size else 0, "max": int(lat.max()) if lat.size else 0,
+                "mean": float(lat.mean()) if lat.size else 0.0,
+                "stddev": float(lat.std()) if lat.size else 0.0, "N": int(lat.size),
+                "percentile": percentiles(lat)}
+        return {"io_bytes": self.io_bytes, "io_kbytes": self.io_bytes // 1024, "bw_bytes": int(bw),
+                "bw": int(bw / 1024), "iops": self.ios / runtime_s if runtime_s > 0 else 0.0,
+                "runtime": int(runtime_s * 1000), "total_ios": self.ios, "clat_ns": clat}
+
+
+def percentiles(lat_ns: np.ndarray) -> dict[str, int]:
+    """``{"50.000000": ns, ...}`` — fio's key format."""
+    if lat_ns.size == 0:
+        return {f"{p:.6f}": 0 for p in PERCENTILES}
+    vals = np.percentile(lat_ns, PERCENTILES, method="higher")
+    return {f"{p:.6f}": int(v) for p, v in zip(PERCENTILES, vals, strict=True)}
+
+
+@dataclass(slots=True)
+class IOResult:
+    params: IOParams
+    runtime_s: float
+    read: DirStats
+    write: DirStats
+    tier_stats: dict = field(default_factory=dict)
+
+    def to_fio_job(self) -> dict:
+        p = self.params
+        return {"jobname": f"kvtier-{p.tier}", "groupid": 0, "error": 0,
+                "job options": {"rw": p.rw, "bs": str(p.bs), "iodepth": str(p.iodepth),
+                                "numjobs": str(p.numjobs), "size": str(p.size),
+                                "runtime": str(p.runtime), "direct": str(int(p.direct)),
+                                "tier": p.tier, "codec": p.codec, "engine": p.engine},
+                "read": self.read.to_fio(self.runtime_s), "write": self.write.to_fio(self.runtime_s)}
+
+    def to_json(self) -> dict:
+        return {"fio version": "kvtier-bench-io", "timestamp": int(time.time()),
+                "jobs": [self.to_fio_job()], "kvtier": {"params": asdict(self.params),
+                                                       "tier_stats": _plain(self.tier_stats)}}
+
+
+def _plain(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+# ---- tiers and data sets ---------------------------------------------------------------------
+def _meta(codec: str):
+    from kvtier.tiers.base import BlockMeta
+    return BlockMeta("bench-io", None, 256, codec, time.time())
+
+
+def block_key(bs: int, i: int) -> bytes:
+    return b"bench-io:%d:%d" % (bs, i)
+
+
+class _Payloads:
+    """Block payloads: random bytes (codec none), or one random bf16 block per codec-encoded set."""
+
+    def __init__(self, p: IOParams) -> None:
+        self.codec = None
+        g = torch.Generator().manual_seed(p.seed)
+        if p.codec == "none":
+            self.pool = [torch.randint(0, 256, (p.bs,), dtype=torch.uint8, generator=g) for _ in range(4)]
+            self.stored_bytes = p.bs
+        else:
+            from kvtier.codecs import get_codec
+            self.codec = get_codec(p.codec)
+            vals = torch.randn(p.bs // 2, generator=g).to(torch.bfloat16)
+            enc = self.codec.encode([vals])
+            self.pool = [torch.frombuffer(bytearray(enc), dtype=torch.uint8)]
+            self.stored_bytes = len(enc)
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.pool[i % len(self.pool)]
+
+
+def dataset_dir(p: IOParams) -> Path:
+    """The SSD tier's data directory for job ``p`` (read sets are kept and reused; write sets not)."""
+    kind = "write" if p.rw in ("write", "randwrite") else "read"
+    return Path(p.directory or tempfile.gettempdir()) / DATASET_DIR / f"{kind}-{p.codec}-{p.bs}"
+
+
+def open_tier(p: IOParams, fresh: bool):
+    """The tier to benchmark, and a cleanup callable."""
+    if p.tier == "host":
+        from kvtier.config import HostTierConfig
+        from kvtier.tiers.memory import make_host_tier
+        t = make_host_tier(HostTierConfig(capacity_bytes=int(p.size * 1.05) + p.bs * 4,
+                                          page_bytes=max(p.bs, 4 * 1024**2)))
+        return t, t.close
+    if p.tier == "remote":
+        from kvtier.config import RemoteTierConfig
+        from kvtier.tiers.remote import make_remote_tier
+        t = make_remote_tier(RemoteTierConfig(backend=p.remote_backend, url=p.remote_url,
+                                              max_inflight_bytes=max(256 * 1024**2, 4 * p.bs),
+                                              key_prefix="kvtier-bench-io"))
+        return t, t.close
+    from kvtier.config import SSDTierConfig
+    from kvtier.tiers.ssd import SSDTier
+    root = dataset_dir(p)
+    if fresh and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    t = SSDTier(SSDTierConfig(path=str(root), capacity_bytes=max(p.size * 2, 1024**3),
+                              durability=p.durability, direct_io=p.direct,
+                              io_threads=max(8, p.inflight), min_free_bytes=256 * 1024**2,
+                              map_size=1024**3))
+    return t, t.close
+
+
+def populate(tier, p: IOParams, payloads: _Payloads, progress: Progress | None = None) -> int:
+    """Put the ``p.blocks`` blocks reads draw from (kept when already there); returns puts made."""
+    meta = _meta(p.codec)
+    made = 0
+    last = time.monotonic()
+    for i in range(p.blocks):
+        key = block_key(p.bs, i)
+        if tier.contains(key):
+            continue
+        _put(tier, key, payloads.get(i), meta)
+        made += 1
+        if progress and time.monotonic() - last > 0.5:
+            last = time.monotonic()
+            progress(f"laying out {p.tier} data set: {i + 1}/{p.blocks} blocks")
+    if hasattr(tier, "flush"):
+        tier.flush()
+    return made
+
+
+def _put(tier, key: bytes, data: torch.Tensor, meta) -> None:
+    while True:
+        try:
+            tier.put(key, data, meta)
+            return
+        except StorageFull:
+            if tier.name != "remote":  # the remote tier refuses puts over its in-flight bound
+                raise
+            tier.flush(timeout=10.0)
+
+
+# ---- the run ---------------------------------------------------------------------------------
+class _Job:
+    """One worker's state: its random stream, latencies and byte counts."""
+
+    def __init__(self, p: IOParams, jid: int, payloads: _Payloads) -> None:
+        from kvtier.tiers.ssd.directio import aligned_empty
+        self.p, self.jid, self.payloads = p, jid, payloads
+        self.rng = np.random.default_rng(p.seed * 1009 + jid)
+        n = p.iodepth if p.engine == "batch" else 1
+        self.bufs = [aligned_empty(payloads.stored_bytes) for _ in range(n)]
+        self.decoded = torch.empty(p.bs // 2, dtype=torch.bfloat16) if payloads.codec else None
+        self.lat = {"read": [], "write": []}
+        self.bytes = {"read": 0, "write": 0}
+        self.seq = 0
+        self.start = 0  # first block of this job's sequential stripe
+        self.error: BaseException | None = None
+
+
+def run(p: IOParams, progress: Progress | None = None) -> IOResult:
+    """Lay out the data set (reads) or start empty (writes), run the job, return the figures."""
+    p.check()
+    writes = p.rw in ("write", "randwrite")
+    tier, close = open_tier(p, fresh=writes)
+    try:
+        payloads = _Payloads(p)
+        if p.rw != "write" and p.rw != "randwrite":
+            populate(tier, p, payloads, progress)
+        result = _measure(tier, p, payloads, progress)
+        if hasattr(tier, "stats"):
+            result.tier_stats = tier.stats()
+        return result
+    finally:
+        close()
+        if writes and p.tier == "ssd":
+            shutil.rmtree(dataset_dir(p), ignore_errors=True)
+
+
+def _measure(tier, p: IOParams, payloads: _Payloads, progress: Progress | None) -> IOResult:
+    nthreads = p.numjobs if p.engine == "batch" else p.inflight
+    jobs = [_Job(p, j, payloads) for j in range(nthreads)]
+    for j in jobs:
+        j.start = j.jid * p.blocks // nthreads
+    per_job_ios = math.ceil(p.blocks / nthreads) if p.runtime == 0 else None
+    stop = threading.Event()
+    meta = _meta(p.codec)
+    t0 = time.perf_counter()
+    deadline = t0 + p.runtime if p.runtime > 0 else math.inf
+    threads = [threading.Thread(target=_worker, args=(tier, job, stop, deadline, per_job_ios, meta),
+                                name=f"bench-io-{job.jid}") for job in jobs]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        threads[0].join(timeout=0.5)
+        if progress:
+            done = sum(sum(j.bytes.values()) for j in jobs)
+            el = time.perf_counter() - t0
+            what = (f"{el:.1f}/{p.runtime:.0f} s" if p.runtime > 0
+                    else f"{done / max(1, p.size) * 100:.0f}% of {format_size(p.size)}")
+            progress(f"{p.rw} {p.tier} bs={format_size(p.bs)} qd={p.iodepth}: {what}, "
+                     f"{done / max(el, 1e-9) / 1e9:.2f} GB/s")
+        if any(j.error for j in jobs):
+            stop.set()
+    for t in threads:
+        t.join()
+    if p.rw in ("write", "randwrite", "randrw") and hasattr(tier, "flush"):
+        tier.flush()  # like fio --end_fsync=1: the written bytes are on disk before the clock stops
+    elapsed = time.perf_counter() - t0
+    if p.rw == "randrw":  # keep the reusable read data set as it was
+        for j in jobs:
+            for s in range(j.seq):
+                tier.delete(_write_key(p, j.jid, s))
+    for j in jobs:
+        if j.error is not None:
+            raise j.error
+    out = {}
+    for d in ("read", "write"):
+        lat = np.concatenate([np.asarray(j.lat[d], np.int64) for j in jobs]) if jobs else np.empty(0)
+        out[d] = DirStats(sum(j.bytes[d] for j in jobs), int(lat.size), lat)
+    return IOResult(p, elapsed, out["read"], out["write"])
+
+
+def _worker(tier, job: _Job, stop: threading.Event, deadline: float, ios: int | None, meta) -> None:
+    p = job.p
+    n_ops = 0
+    try:
+        while not stop.is_set() and (ios is None or n_ops < ios):
+            if time.perf_counter() >= deadline:
+                break
+            if p.rw in ("write", "randwrite") or (p.rw == "randrw"
+                                                  and job.rng.integers(100) >= p.rwmixread):
+                _one_write(tier, job, meta)
+            else:
+                _read_batch(tier, job, n_ops)
+            n_ops += 1
+    except BaseException as e:  # surfaced by the caller, with the worker's context
+        job.error = e
+
+
+def _one_write(tier, job: _Job, meta) -> None:
+    key = _write_key(job.p, job.jid, job.seq)
+    job.seq += 1
+    data = job.payloads.get(job.seq)
+    t = time.perf_counter_ns()
+    _put(tier, key, data, meta)
+    job.lat["write"].append(time.perf_counter_ns() - t)
+    job.bytes["write"] += job.p.bs
+
+
+def _write_key(p: IOParams, jid: int, seq: int) -> bytes:
+    return b"bench-io-w:%d:%d:%d" % (p.bs, jid, seq)
+
+
+def _read_batch(tier, job: _Job, n_ops: int) -> None:
+    p = job.p
+    n = len(job.bufs)
+    if p.rw == "read":  # sequential: each job walks its own stripe of the data set
+        base = job.start + n_ops * n
+        idx = [(base + k) % p.blocks for k in range(n)]
+    else:
+        idx = job.rng.integers(0, p.blocks, n).tolist()
+    keys = [block_key(p.bs, i) for i in idx]
+    t = time.perf_counter_ns()
+    if n == 1 and p.engine == "sync":
+        res = [tier.read_into(keys[0], job.bufs[0])]
+    elif hasattr(tier, "read_many_into"):
+        res = tier.read_many_into([(k, b, 0) for k, b in zip(keys, job.bufs, strict=True)])
+    else:
+        res = [tier.read_into(k, b) for k, b in zip(keys, job.bufs, strict=True)]
+    if job.decoded is not None:
+        for b in job.bufs:
+            job.payloads.codec.decode_into(b, [job.decoded])
+    dt = time.perf_counter_ns() - t
+    for r in res:
+        if isinstance(r, BaseException):
+            raise r
+        if r != job.payloads.stored_bytes:
+            raise InvalidRequest(f"short read: {r} of {job.payloads.stored_bytes} bytes")
+    job.lat["read"].extend([dt] * n)
+    job.bytes["read"] += p.bs * n
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.io matrix [--directory D] ...`` runs the README matrix; else ``bench io``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["matrix"]:
+        import argparse
+
+        from kvtier.config import parse_size
+        ap = argparse.ArgumentParser(prog="python -m bench.io matrix")
+        ap.add_argument("--directory", default=tempfile.gettempdir())
+        ap.add_argument("--out", default="bench/out/io")
+        ap.add_argument("--size", default="2GiB")
+        ap.add_argument("--runtime", type=float, default=4.0)
+        ap.add_argument("--repeat", type=int, default=3)
+        ap.add_argument("--remote-url", help="also plot the remote tier's latency (e.g. redis://...)")
+        a = ap.parse_args(argv[1:])
+        from bench.fio import matrix
+        print(matrix(a.directory, a.out, parse_size(a.size), a.runtime, a.repeat, a.remote_url))
+        return 0
+    from kvtier.commands.bench import main as bench_main
+    return bench_main(["io", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

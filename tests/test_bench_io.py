@@ -1,0 +1,130 @@
+"""``kvtier bench io``: end to end next to fio, fio's JSON fields, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import io as bio
+from bench.fio import command, median_job
+from kvtier.errors import InvalidRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_fio = pytest.mark.skipif(shutil.which("fio") is None,
+                               reason="fio is not installed (Debian package 'fio')")
+
+
+def kvtier(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "kvtier", "bench", "io", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+SMALL = ["--bs", "256KiB", "--size", "32MiB", "--runtime", "1", "--iodepth", "2"]
+
+
+@needs_fio
+def test_compare_fio_prints_both_and_the_ratio(tmp_path: Path) -> None:
+    r = kvtier(*SMALL, "--directory", str(tmp_path), "--compare-fio")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith("kvtier: (tier=ssd) rw=randread")
+    assert "\nfio: --name=fio" in out and "--direct=1" in out and "--ioengine=libaio" in out
+    assert "--bs=262144" in out and "--iodepth=2" in out and "--size=33554432" in out
+    assert out.count("read: IOPS=") == 2 and out.count("clat percentiles (usec)") == 2
+    table = out[out.index("read: kvtier vs fio"):]
+    for row in ("GB/s", "IOPS", "p50 ms", "p99 ms", "p99.9 ms"):
+        assert f"| {row}" in table
+    ratio_row = next(line for line in table.splitlines() if line.startswith("| GB/s"))
+    kv, fio_bw, ratio = (float(c) for c in ratio_row.strip("| \n").split("|")[1:])
+    assert kv > 0 and fio_bw > 0 and ratio == pytest.approx(kv / fio_bw, abs=0.01)
+    assert "randread ssd" in r.stderr  # the progress line
+    assert (tmp_path / bio.DATASET_DIR / "fio-data.bin").stat().st_size >= 32 * 1024**2
+
+
+@needs_fio
+def test_json_output_has_fio_field_names(tmp_path: Path) -> None:
+    r = kvtier(*SMALL, "--directory", str(tmp_path), "--compare-fio", "--output-format", "json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    for job in (doc["jobs"][0], doc["fio"]["jobs"][0]):  # kvtier's and fio's, same shape
+        read = job["read"]
+        assert read["bw_bytes"] > 0 and read["iops"] > 0 and read["total_ios"] > 0
+        pct = read["clat_ns"]["percentile"]
+        assert {"50.000000", "90.000000", "99.000000", "99.900000", "99.990000"} <= set(pct)
+        assert 0 < pct["50.000000"] <= pct["99.000000"] <= pct["99.990000"]
+    kv_bw = doc["jobs"][0]["read"]["bw_bytes"]
+    assert doc["ratio"]["GB/s"] == pytest.approx(kv_bw / doc["fio"]["jobs"][0]["read"]["bw_bytes"], rel=1e-3)
+    # Every kvtier read went through the SSD tier, with O_DIRECT, all verified and none corrupt.
+    ts = doc["kvtier"]["tier_stats"]
+    assert ts["direct_io"] and ts["blocks_read"] == doc["jobs"][0]["read"]["total_ios"]
+    assert ts["buffered_reads"] == 0 and ts["corrupt_blocks"] == 0
+
+
+def test_engine_runs_writes_and_host_tier(tmp_path: Path) -> None:
+    """In-process: sequential puts, batched reads, and the host tier, size-based."""
+    w = bio.run(bio.IOParams(rw="write", bs=256 * 1024, size=8 * 1024**2, runtime=0,
+                             directory=str(tmp_path)))
+    assert w.write.io_bytes == 8 * 1024**2 and w.write.ios == 32 and w.read.ios == 0
+    assert w.tier_stats["blocks_written"] == 32
+    b = bio.run(bio.IOParams(bs=256 * 1024, size=8 * 1024**2, runtime=0, iodepth=4,
+                             engine="batch", directory=str(tmp_path)))
+    assert b.read.ios >= 32 and b.tier_stats["blocks_read"] == b.read.ios
+    h = bio.run(bio.IOParams(rw="read", tier="host", bs=256 * 1024, size=8 * 1024**2, runtime=0))
+    assert h.read.io_bytes == 8 * 1024**2
+    job = h.to_fio_job()
+    assert job["read"]["bw_bytes"] > 0 and "50.000000" in job["read"]["clat_ns"]["percentile"]
+
+
+def test_median_job_takes_per_figure_medians() -> None:
+    jobs = [bio.IOResult(bio.IOParams(), 1.0, bio.DirStats(n, 10, _lat(n)), bio.DirStats()).to_fio_job()
+            for n in (100, 300, 200)]
+    m = median_job(jobs)
+    assert m["read"]["bw_bytes"] == 200 and m["runs"] == 3
+
+
+def _lat(n: int):
+    import numpy as np
+    return np.full(10, n, dtype=np.int64)
+
+
+def test_fio_command_matches_the_job() -> None:
+    p = bio.IOParams(bs=2 * 1024**2, iodepth=16, size=1024**3, runtime=4)
+    cmd = command(p, Path("f.bin"))
+    assert {"--bs=2097152", "--iodepth=16", "--size=1073741824", "--direct=1",
+            "--ioengine=libaio", "--runtime=4", "--time_based", "--rw=randread"} <= set(cmd)
+    with pytest.raises(InvalidRequest, match="ssd tier"):
+        command(bio.IOParams(tier="host"), Path("f.bin"))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--size", "12XB"], "12XB"),
+    (["--tier", "tape"], "unknown --tier 'tape'"),
+    (["--rw", "readwrite"], "unknown --rw 'readwrite'"),
+    (["--bs", "1000"], "multiple of 4 KiB"),
+    (["--codec", "gzip"], "unknown codec"),
+    (["--tier", "remote"], "--remote-url"),
+    (["--numjobs", "-1"], "--numjobs must be >= 1"),
+    (["--repeat", "0"], "--repeat must be >= 1"),
+])
+def test_bad_arguments_give_one_line(args: list[str], words: str, tmp_path: Path, capsys) -> None:
+    from kvtier.cli import main
+
+    assert main(["bench", "io", *args, "--directory", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and words in lines[0], err
+    assert lines[0].startswith("kvtier bench io: error:")
+    assert not (tmp_path / bio.DATASET_DIR).exists()  # nothing was written
+
+
+def test_iodepth_zero_exits_without_traceback(tmp_path: Path) -> None:
+    r = kvtier("--iodepth", "0", "--directory", str(tmp_path), timeout=30)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "kvtier bench io: error: --iodepth must be >= 1, got 0"
