@@ -317,10 +317,11 @@ def demo_workload(url: str, seconds: float, seed: int = 0, outage=None) -> None:
         return [list(range(base + i * 10_000, base + i * 10_000 + rng.randint(4, 10) * BT))
                 for i in range(n)]
 
-    old, burst = prompts(0, 12), prompts(10_000_000, 40)
+    old, burst, code = prompts(0, 12), prompts(10_000_000, 40), prompts(20_000_000, 3)
     t0, i = time.monotonic(), 0
     with KVTierClient(url) as c:
         c.register_namespace("chat", layout=layout, block_tokens=BT)
+        c.register_namespace("code", layout=layout, block_tokens=BT)
         paused = False
         while (el := time.monotonic() - t0) < seconds:
             phase = el / seconds
@@ -328,13 +329,15 @@ def demo_workload(url: str, seconds: float, seed: int = 0, outage=None) -> None:
                 paused = not paused
                 (outage[0] if paused else outage[1])()
             pool = burst if 0.45 < phase < 0.7 else old
-            toks = rng.choice(pool) + [rng.randrange(1 << 20) for _ in range(rng.randint(1, 2) * BT)]
-            hit = c.lookup("chat", toks)
+            # A second namespace with little reuse (short fresh prompts on 3 shared prefixes).
+            ns, p = ("code", rng.choice(code)[:BT * 2]) if rng.random() < 0.25 else ("chat", rng.choice(pool))
+            toks = p + [rng.randrange(1 << 20) for _ in range(rng.randint(1, 2) * BT)]
+            hit = c.lookup(ns, toks)
             if hit.tokens and rng.random() < 0.5:
-                c.get("chat", toks[:hit.tokens])  # reload the cached prefix
+                c.get(ns, toks[:hit.tokens])  # reload the cached prefix
             if hit.tokens < len(toks):
                 n = len(toks) // BT * BT
-                c.put("chat", toks[:n], [tuple(t[:n] for t in layer) for layer in kv_src])
+                c.put(ns, toks[:n], [tuple(t[:n] for t in layer) for layer in kv_src])
             if i % 15 == 0:
                 c.prefetch("chat", rng.choice(old)).wait(5)
             if i % 60 == 30:

@@ -22,9 +22,9 @@ DS = "${datasource}"
 RATE = "$__rate_interval"
 HTTP_ERR = 'status!~"2.."'
 # Metrics that carry a ``namespace`` label; the $namespace variable filters only these.
-# kvtier exports none yet (its counters are per tier, not per namespace), so the variable is
-# offered for forward compatibility and applies to no panel; docs/dashboard.md says so.
-NAMESPACED: frozenset[str] = frozenset()
+NAMESPACED: frozenset[str] = frozenset({
+    "kvtier_namespace_lookups_total", "kvtier_namespace_lookup_tokens_total",
+    "kvtier_namespace_lookup_hit_tokens_total", "kvtier_namespace_put_tokens_total"})
 # Metrics that carry a ``tier`` label (the $tier variable filters them).
 TIERED = ("kvtier_block_hits_total", "kvtier_block_misses_total", "kvtier_hit_tokens_total",
           "kvtier_read_bytes_total", "kvtier_written_bytes_total", "kvtier_reload_seconds_bucket",
@@ -153,6 +153,18 @@ PANELS: tuple[PanelSpec, ...] = (
     PanelSpec("Lookups and puts", "Lookups and put calls served per second.", "reqps",
               (Target(f"sum({rate('kvtier_lookups_total')})", "lookups"),
                Target(f"sum({rate('kvtier_puts_total')})", "puts"))),
+    PanelSpec("Hit rate by namespace", "Token hit rate over the window of each namespace "
+              "(model, tenant): which workloads the cache serves and which it does not.",
+              "percentunit",
+              (Target(f"sum by (namespace) ({rate('kvtier_namespace_lookup_hit_tokens_total')}) / "
+                      f"sum by (namespace) ({rate('kvtier_namespace_lookup_tokens_total')})",
+                      "{{namespace}}"),), max=1),
+    PanelSpec("Tokens by namespace", "Tokens looked up and tokens stored per second, by "
+              "namespace.", "short",
+              (Target(f"sum by (namespace) ({rate('kvtier_namespace_lookup_tokens_total')})",
+                      "looked up {{namespace}}"),
+               Target(f"sum by (namespace) ({rate('kvtier_namespace_put_tokens_total')})",
+                      "stored {{namespace}}"))),
 )
 
 
@@ -176,8 +188,8 @@ def _variables() -> list:
         query_var("tier", "Tier", 'label_values(kvtier_tier_capacity_bytes{instance=~"$instance"}, tier)',
                   "Tiers to show: device, host, ssd, remote."),
         query_var("namespace", "Namespace",
-                  "label_values(kvtier_lookups_total{instance=~\"$instance\"}, namespace)",
-                  "kvtier metrics carry no namespace label yet: this filter applies to no panel."),
+                  "label_values(kvtier_namespace_lookups_total{instance=~\"$instance\"}, namespace)",
+                  "Namespaces to show in the per-namespace panels (tenant/name when auth is on)."),
     ]
 
 

@@ -39,7 +39,7 @@ from kvtier.errors import InvalidType, KVTierError, LayoutMismatch
 from kvtier.layout import KV, KVLayout, dtype_from_name, dtype_name
 from kvtier.namespaces import Namespace
 from kvtier.records import BlockLocation, Hit
-from kvtier.stats import CacheStats, Histogram, TierStats
+from kvtier.stats import CacheStats, Histogram, NamespaceStats, TierStats
 
 MSGPACK = "application/msgpack"
 
@@ -188,10 +188,11 @@ def stats_from_dict(d: dict) -> CacheStats:
         tiers[name] = ts
     known = {"lookups", "lookup_hits", "tokens_looked_up", "tokens_hit", "hit_rate_lookups",
              "hit_rate_tokens", "puts", "tokens_put", "blocks_dropped", "prefetch",
-             "cost_decisions", "tiers"}
+             "cost_decisions", "tiers", "namespaces"}
     return CacheStats(tiers, d["lookups"], d["lookup_hits"], d["tokens_looked_up"], d["tokens_hit"],
                       d["puts"], d["tokens_put"], d["blocks_dropped"], Counter(d["prefetch"]),
-                      Counter(d["cost_decisions"]), {k: v for k, v in d.items() if k not in known})
+                      Counter(d["cost_decisions"]), {k: v for k, v in d.items() if k not in known},
+                      {n: NamespaceStats.from_dict(v) for n, v in d.get("namespaces", {}).items()})
 
 
 def _hit(d: dict) -> Hit:

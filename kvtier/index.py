@@ -7,7 +7,7 @@ The manager mutates these under its lock; nothing here locks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
 from kvtier.namespaces import Namespace
@@ -59,12 +59,15 @@ class Lease:
 
 
 class PinnedKeys:
-    """``key in protected`` for eviction: blocks a reader holds."""
+    """``key in protected`` for eviction: blocks a reader holds, and any keys in ``also``."""
 
-    def __init__(self, index: dict[bytes, BlockEntry]) -> None:
+    def __init__(self, index: dict[bytes, BlockEntry], also: Container[bytes] = ()) -> None:
         self._index = index
+        self._also = also
 
     def __contains__(self, key: object) -> bool:
+        if key in self._also:
+            return True
         e = self._index.get(key)  # type: ignore[arg-type]
         return e is not None and e.pins > 0
 

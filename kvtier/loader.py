@@ -9,6 +9,10 @@ both in layer order, so layer ``i`` is ready as soon as every block's layer ``i`
 while later layers are still in flight. On a GPU the copies run on a dedicated stream and each
 layer's readiness is a CUDA event the consumer's stream waits on; on CPU it is a thread event.
 
+Blocks path 2 reads whole and verified are promoted to the fastest tier in the background (when
+the cache's ``promote_on_get`` is on), from the bytes already read: the next turn of a
+conversation finds its prefix in host memory without a second SSD read.
+
 A block that cannot be read or fails its checksum is retried whole through
 ``TieredCache.load_block`` (which drops the corrupt copy and tries slower tiers); if no copy is
 left the prefix is truncated before it. Readers see a shorter, still-correct prefix, never
@@ -25,7 +29,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -180,6 +184,9 @@ class Loader:
         self.cost = cost or CostModel(io_parallelism=self.config.io_threads)
         self._io = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="kvtier-load-io")
         self._paths = ThreadPoolExecutor(4, thread_name_prefix="kvtier-load-path")
+        self._promoter = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load-promote")
+        self._promotions: set[Future] = set()
+        self._promo_lock = threading.RLock()  # a done future runs its callback in the submitter
         self._ring: StagingRing | None = None
         self._ring_lock = threading.Lock()
         self._cuda = torch.cuda.Stream() if torch.cuda.is_available() else None
@@ -305,17 +312,25 @@ class Loader:
             rounds = 1 if hasattr(items[0][2], "read_many_into") else math.ceil(len(items) / self.config.io_threads)
             self.cost.observe_latency(name, header_s / rounds)
         headers: list[tuple[int, object, object, BlockHeader]] = []
+        promote = bool(getattr(self.cache.config, "promote_on_get", False))
         for (i, b, tier), (_, buf, _), res in zip(items, requests, results, strict=True):
             try:
                 if isinstance(res, BaseException):
                     raise res
-                headers.append((i, b, tier, _checked_header(buf[:res], job.n_layers)))
+                headers.append((i, b, tier, h := _checked_header(buf[:res], job.n_layers)))
+                if promote and _contiguous(h, b.nbytes):
+                    job.promos[i] = _Assembly(b.key, torch.empty(b.nbytes, dtype=torch.uint8))
+                    job.promos[i].data[:h.header_bytes].copy_(buf[:h.header_bytes])
             except (KeyError, KVTierError, OSError) as e:
                 log.warning("header of block %d in %s unreadable (%s); reading it whole", i, tier.name, e)
                 self._fallback(job, i, b)
         if not headers:
             return
         groups = _layer_groups([e.length for e in headers[0][3].layers], self.config.min_read_bytes)
+        for a in job.promos.values():
+            a.left = len(groups)
+        job.promo_order = sorted(job.promos)
+        job.keep = frozenset(b.key for _, b, _, _ in headers)
         widest = max(_span(h, g)[1] - _span(h, g)[0] for _, _, _, h in headers for g in groups)
         ring = self._ring_for(widest)
         futures: list[Future] = []
@@ -349,8 +364,10 @@ class Loader:
                 if self._cuda is not None:
                     self._cuda.synchronize()  # the slot is reused once its copies are done
             job.stream._land(list(g), [i])
+            self._gather(job, i, buf, lo, hi)
         except (KeyError, KVTierError, OSError) as e:
             log.warning("layers %s of block %d in %s unreadable (%s); reading it whole", list(g), i, tier.name, e)
+            self._abandon(job, i)  # the whole-block read promotes it, if it can
             self._fallback(job, i, b)
         finally:
             ring.release(slot)
@@ -372,6 +389,51 @@ class Loader:
             job.stream._land(range(job.n_layers), [i])
         else:
             job.stream._truncate(i, f"block {i} ({b.key.hex()}) has no readable copy")
+
+    def _gather(self, job: _Job, i: int, buf: torch.Tensor, lo: int, hi: int) -> None:
+        """Keep a verified range of block ``i`` for promotion; promote once the block is whole."""
+        a = job.promos.get(i)
+        if a is None:
+            return
+        a.data[lo:hi].copy_(buf)
+        with self._promo_lock:
+            a.left -= 1
+            if not a.left:
+                self._submit_promotions(job)
+
+    def _abandon(self, job: _Job, i: int) -> None:
+        with self._promo_lock:
+            if job.promos.pop(i, None) is not None:
+                self._submit_promotions(job)
+
+    def _submit_promotions(self, job: _Job) -> None:
+        """Promote whole blocks in prefix order (caller holds the lock), so a tier too small for
+        the prefix keeps its head, never a scattered subset."""
+        while job.promo_next < len(job.promo_order):
+            i = job.promo_order[job.promo_next]
+            a = job.promos.get(i)
+            if a is not None and a.left:
+                return  # block i is still landing
+            job.promo_next += 1
+            if a is not None:
+                del job.promos[i]
+                fut = self._promoter.submit(self._promote, job, a)
+                self._promotions.add(fut)
+                fut.add_done_callback(self._promotion_done)
+
+    def _promote(self, job: _Job, a: _Assembly) -> None:
+        if job.promo_failed:
+            return  # the tier had no room for an earlier block: later ones would only evict it
+        try:
+            ok = self.cache.promote_loaded(a.key, a.data, job.codec, keep=job.keep)
+        except Exception:  # noqa: BLE001  a failed promotion costs a later SSD read, nothing more
+            log.exception("promoting block %s failed", a.key.hex())
+            ok = False
+        job.promo_failed = not ok
+
+    def _promotion_done(self, fut: Future) -> None:
+        with self._promo_lock:
+            self._promotions.discard(fut)
 
     # ---- helpers ---------------------------------------------------------------------------
     def _read_many(self, items: list, requests: list) -> list:
@@ -408,9 +470,25 @@ class Loader:
     def _count_reads(self, tier: str, blocks: int, nbytes: int, seconds: float) -> None:
         self.cache.record_reads(tier, blocks, nbytes, seconds)
 
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the promotions of every load started so far have run."""
+        with self._promo_lock:
+            pending = list(self._promotions)
+        wait_futures(pending, timeout)
+
     def close(self) -> None:
         self._paths.shutdown(wait=True)
         self._io.shutdown(wait=True)
+        self._promoter.shutdown(wait=True)
+
+
+@dataclass(slots=True)
+class _Assembly:
+    """A block's verified bytes gathered from path 2's ranges, promoted once all have landed."""
+
+    key: bytes
+    data: torch.Tensor
+    left: int = 0  # ranges still to land
 
 
 @dataclass(slots=True)
@@ -420,6 +498,11 @@ class _Job:
     codec: str
     block_tokens: int
     n_layers: int
+    promos: dict[int, _Assembly] = field(default_factory=dict)  # blocks path 2 will promote
+    promo_order: list[int] = field(default_factory=list)
+    promo_next: int = 0
+    promo_failed: bool = False
+    keep: frozenset[bytes] = frozenset()  # this load's blocks: its promotions never evict them
 
     def outs(self, i: int) -> list[list[torch.Tensor]]:
         bt = self.block_tokens
@@ -444,6 +527,16 @@ def _layer_groups(lengths: list[int], min_read: int) -> list[range]:
     if start < len(lengths):
         groups.append(range(start, len(lengths)))
     return groups
+
+
+def _contiguous(h: BlockHeader, nbytes: int) -> bool:
+    """True when header + layer payloads tile the block exactly (so ranges rebuild it whole)."""
+    at = h.header_bytes
+    for e in h.layers:
+        if e.offset != at:
+            return False
+        at += e.length
+    return at == nbytes
 
 
 def _span(h: BlockHeader, g: range) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from kvtier.policies import make_policy
 from kvtier.policies.admission import make_admission
 from kvtier.prefetch import TERMINAL, PrefetchBudget, PrefetchHandle, PrefetchTimeout, check_policy
 from kvtier.records import BlockLocation, Hit
-from kvtier.stats import CacheStats, TierStats
+from kvtier.stats import CacheStats, NamespaceStats, TierStats
 from kvtier.tiers.base import Tier
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class TieredCache:
             roots = [e.key for e in self._index.values() if e.namespace == name and e.parent is None]
             dropped = sum(self._drop(k, "namespace_dropped") for k in roots)
             self.namespaces_registry.remove(name)
+            self._stats.namespaces.pop(name, None)  # bounded label set: gone with its namespace
         self._flush_remote_deletes()
         return dropped
 
@@ -171,6 +172,9 @@ class TieredCache:
                         self._policies[t].touch(key)
             self._stats.puts += 1
             self._stats.tokens_put += stored
+            nst = self._ns_stats(ns.name)
+            nst.puts += 1
+            nst.tokens_put += stored
         if time.monotonic() >= self._next_reap:
             self.reap_expired()
         return stored
@@ -226,13 +230,15 @@ class TieredCache:
         s.blocks_written += 1
         s.bytes_written += nbytes
 
-    def _make_room(self, t: int, nbytes: int) -> bool:
-        """Demote victims of tier ``t`` until ``nbytes`` fit; False if pinned blocks prevent it."""
+    def _make_room(self, t: int, nbytes: int, keep: Container[bytes] = ()) -> bool:
+        """Demote victims of tier ``t`` until ``nbytes`` fit; False if pinned blocks (or ``keep``)
+        prevent it."""
         tier = self.tiers[t]
         if tier is self._remote:  # the shared engine evicts by itself; can_fit is its write bound
             return tier.can_fit(nbytes)
+        protected = PinnedKeys(self._index, keep) if keep else self._protected
         while not tier.can_fit(nbytes):
-            victim = self._policies[t].evict(self._protected)
+            victim = self._policies[t].evict(protected)
             if victim is None:
                 return False
             self._demote(victim, t)
@@ -429,6 +435,13 @@ class TieredCache:
         if entries:
             st.lookup_hits += 1
             st.tokens_hit += len(entries) * ns.block_tokens
+        if ns is not None:
+            nst = self._ns_stats(ns.name)
+            nst.lookups += 1
+            nst.tokens_looked_up += n_tokens
+            if entries:
+                nst.lookup_hits += 1
+                nst.tokens_hit += len(entries) * ns.block_tokens
         for e in entries:
             if not e.tiers:  # dropped since the walk (an unpinned lookup races with eviction)
                 continue
@@ -440,6 +453,13 @@ class TieredCache:
             ts.hit_tokens += e.tokens
         for tier in self.tiers:
             st.tiers[tier.name].misses += n_blocks - len(entries)
+
+    def _ns_stats(self, name: str) -> NamespaceStats:
+        """The counters of namespace ``name`` (caller holds the lock)."""
+        nst = self._stats.namespaces.get(name)
+        if nst is None:
+            nst = self._stats.namespaces[name] = NamespaceStats()
+        return nst
 
     def _release(self, entries: list[BlockEntry]) -> None:
         with self._lock:
@@ -530,6 +550,19 @@ class TieredCache:
             return True
         return False
 
+    def promote_loaded(self, key: bytes, data: torch.Tensor, codec: str, *,
+                       keep: Container[bytes] = ()) -> bool:
+        """Promote a block whose verified bytes a loader just read from a slower tier.
+
+        The loader calls this after the fact (the lease may be released): a block dropped or
+        already promoted meanwhile is left alone, and making room never evicts a key in ``keep``
+        (the rest of the prefix). True if the block lives in the fastest tier now.
+        """
+        entry = self._index.get(key)
+        if entry is None or not entry.tiers or entry.nbytes != data.numel():
+            return False
+        return min(entry.tiers) == 0 or self._promote(entry, data, codec, keep=keep)
+
     def _lose_copy(self, entry: BlockEntry, t: int, err: Exception) -> None:
         with self._lock:
             if isinstance(err, CorruptBlock):
@@ -542,7 +575,8 @@ class TieredCache:
             if not entry.tiers:
                 self._drop(entry.key, "corrupt" if isinstance(err, CorruptBlock) else "lost")
 
-    def _promote(self, entry: BlockEntry, data: torch.Tensor | None, codec: str, target: int = 0) -> bool:
+    def _promote(self, entry: BlockEntry, data: torch.Tensor | None, codec: str, target: int = 0, *,
+                 keep: Container[bytes] = ()) -> bool:
         """Copy a pinned block into tier ``target`` (a faster one); True if it lives there now."""
         if data is None:
             src = min(entry.tiers)
@@ -552,7 +586,7 @@ class TieredCache:
             if entry.doomed or target in entry.tiers:
                 return target in entry.tiers
             tier = self.tiers[target]
-            if not (_fits_ever(tier, entry.nbytes) and self._make_room(target, entry.nbytes)):
+            if not (_fits_ever(tier, entry.nbytes) and self._make_room(target, entry.nbytes, keep)):
                 return False
             tier.put(entry.key, data, entry.meta(codec))
             self._publish(entry, target, entry.nbytes)
@@ -642,7 +676,8 @@ class TieredCache:
                               self._stats.tokens_looked_up, self._stats.tokens_hit,
                               self._stats.puts, self._stats.tokens_put, self._stats.blocks_dropped,
                               self._stats.prefetch.copy(), self._stats.cost_decisions.copy(),
-                              dict(self._stats.extra))
+                              dict(self._stats.extra),
+                              {n: v.copy() for n, v in self._stats.namespaces.items()})
             for t, tier in enumerate(self.tiers):
                 src = self._stats.tiers[tier.name]
                 ts = TierStats(**{f: getattr(src, f) for f in TierStats.__slots__})

@@ -55,6 +55,15 @@ _CACHE_COUNTERS = (
      "blocks_dropped"),
 )
 
+# (name without _total, help, NamespaceStats attribute) for the per-namespace counters.
+_NAMESPACE_COUNTERS = (
+    ("kvtier_namespace_lookups", "Lookups served, by namespace.", "lookups"),
+    ("kvtier_namespace_lookup_tokens", "Tokens looked up, by namespace.", "tokens_looked_up"),
+    ("kvtier_namespace_lookup_hit_tokens", "Looked-up tokens found in any tier, by namespace.",
+     "tokens_hit"),
+    ("kvtier_namespace_put_tokens", "Tokens stored by put calls, by namespace.", "tokens_put"),
+)
+
 
 def _buckets(h: StatsHistogram) -> list[tuple[str, float]]:
     """Cumulative ``(le, count)`` pairs ending with +Inf, from per-bucket counts."""
@@ -80,6 +89,11 @@ class CacheCollector(Collector):
         tiers: list[TierStats] = list(s.tiers.values())
         for name, doc, attr in _CACHE_COUNTERS:
             yield CounterMetricFamily(name, doc, value=getattr(s, attr))
+        for name, doc, attr in _NAMESPACE_COUNTERS:
+            fam = CounterMetricFamily(name, doc, labels=["namespace"])
+            for ns, nst in sorted(s.namespaces.items()):
+                fam.add_metric([ns], getattr(nst, attr))
+            yield fam
         for name, doc, attr in _TIER_COUNTERS:
             fam = CounterMetricFamily(name, doc, labels=["tier"])
             for t in tiers:

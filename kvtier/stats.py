@@ -99,6 +99,37 @@ class TierStats:
 
 
 @dataclass(slots=True)
+class NamespaceStats:
+    """Lookup and put counters of one namespace: hit rate per model/tenant, not only overall."""
+
+    lookups: int = 0
+    lookup_hits: int = 0
+    tokens_looked_up: int = 0
+    tokens_hit: int = 0
+    puts: int = 0
+    tokens_put: int = 0
+
+    @property
+    def hit_rate_tokens(self) -> float:
+        return self.tokens_hit / self.tokens_looked_up if self.tokens_looked_up else 0.0
+
+    def copy(self) -> NamespaceStats:
+        return NamespaceStats(self.lookups, self.lookup_hits, self.tokens_looked_up,
+                              self.tokens_hit, self.puts, self.tokens_put)
+
+    def to_dict(self) -> dict:
+        return {"lookups": self.lookups, "lookup_hits": self.lookup_hits,
+                "tokens_looked_up": self.tokens_looked_up, "tokens_hit": self.tokens_hit,
+                "hit_rate_tokens": self.hit_rate_tokens, "puts": self.puts,
+                "tokens_put": self.tokens_put}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NamespaceStats:
+        return cls(d["lookups"], d["lookup_hits"], d["tokens_looked_up"], d["tokens_hit"],
+                   d["puts"], d["tokens_put"])
+
+
+@dataclass(slots=True)
 class CacheStats:
     """A snapshot of the whole cache's counters."""
 
@@ -113,6 +144,7 @@ class CacheStats:
     prefetch: Counter = field(default_factory=Counter)  # outcome -> count
     cost_decisions: Counter = field(default_factory=Counter)  # accepted/declined/partial
     extra: dict = field(default_factory=dict)
+    namespaces: dict[str, NamespaceStats] = field(default_factory=dict)  # registered ones only
 
     @property
     def hit_rate_lookups(self) -> float:
@@ -129,5 +161,6 @@ class CacheStats:
             "hit_rate_lookups": self.hit_rate_lookups, "hit_rate_tokens": self.hit_rate_tokens,
             "puts": self.puts, "tokens_put": self.tokens_put, "blocks_dropped": self.blocks_dropped,
             "prefetch": dict(self.prefetch), "cost_decisions": dict(self.cost_decisions),
-            "tiers": {k: v.to_dict() for k, v in self.tiers.items()}, **self.extra,
+            "tiers": {k: v.to_dict() for k, v in self.tiers.items()},
+            "namespaces": {k: v.to_dict() for k, v in self.namespaces.items()}, **self.extra,
         }

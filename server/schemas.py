@@ -142,6 +142,16 @@ class TierStatsOut(BaseModel):
     age_seconds: dict[str, Any]
 
 
+class NamespaceStatsOut(BaseModel):
+    lookups: int
+    lookup_hits: int
+    tokens_looked_up: int
+    tokens_hit: int
+    hit_rate_tokens: float
+    puts: int
+    tokens_put: int
+
+
 class StatsOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     lookups: int
@@ -156,6 +166,8 @@ class StatsOut(BaseModel):
     prefetch: dict[str, int]
     cost_decisions: dict[str, int]
     tiers: dict[str, TierStatsOut]
+    namespaces: dict[str, NamespaceStatsOut] = Field(
+        default_factory=dict, description="per-namespace counters, only the caller's own")
 
 
 class ErrorOut(BaseModel):

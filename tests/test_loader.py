@@ -103,6 +103,40 @@ def test_split_prefix_loads_exactly_over_both_paths(tmp_path):
         loader.close()
 
 
+def test_blocks_read_from_ssd_are_promoted_to_host_from_the_bytes_read(tmp_path):
+    """The next turn finds the prefix in host memory, and the promotion cost no second SSD read."""
+    with split_cache(tmp_path, host_blocks=8) as cache:  # 8284 B blocks take 2 pages: 4 fit
+        toks, kv = fill(cache, 4 * BT)
+        fill(cache, 4 * BT, seed=1)  # pushes the first prefix down to SSD
+        lease = cache.acquire("m", toks)
+        assert {b.tiers[0] for b in lease.blocks} == {"ssd"}
+        cache.release(lease)
+        loader = Loader(cache, LoaderConfig(min_read_bytes=1))  # one read per layer: 4 ranges/block
+        ssd_reads = cache.tiers[-1].reads
+        stream, dest = load(cache, loader, toks)
+        assert stream.tokens == 4 * BT and same(kv, dest, 4 * BT)
+        loader.flush(10)
+        assert cache.tiers[-1].reads - ssd_reads == 4 * (1 + LAYERS)  # headers + ranges, no re-read
+        assert [b.tier for b in cache.lookup("m", toks).blocks] == ["host"] * 4
+        assert cache.stats().tiers["host"].promotions == 4
+        stream, dest = load(cache, loader, toks)  # the next turn: path 1 only
+        assert cache.tiers[-1].reads - ssd_reads == 4 * (1 + LAYERS)
+        assert same(kv, dest, 4 * BT)
+        loader.close()
+
+
+def test_no_promotion_when_the_cache_does_not_promote(tmp_path):
+    with split_cache(tmp_path, host_blocks=8, promote_on_get=False) as cache:
+        toks, _ = fill(cache, 4 * BT)
+        fill(cache, 8 * BT, seed=1)
+        loader = Loader(cache)
+        load(cache, loader, toks)
+        loader.flush(10)
+        assert {b.tier for b in cache.lookup("m", toks).blocks} == {"ssd"}
+        assert cache.stats().tiers["host"].promotions == 0
+        loader.close()
+
+
 def test_layer_ready_before_later_layers_land(tmp_path):
     """Layer 0 is usable while the reads of later layers are still held back."""
     with split_cache(tmp_path, host_blocks=0) as cache:

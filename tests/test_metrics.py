@@ -1,4 +1,4 @@
-"""The Prometheus collector over a cache whose remote engine is unreachable."""
+"""The Prometheus collector: per-namespace counters, and a cache whose remote engine is down."""
 
 import socket
 
@@ -9,16 +9,47 @@ from kvtier import CacheConfig, HostTierConfig, RemoteTierConfig, TieredCache
 from kvtier.metrics import make_registry
 from tests.conftest import random_kv
 
-pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
+
+def sample(text: str, line_start: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(line_start)]
+    assert len(values) == 1, f"expected one sample starting {line_start!r}, got {values}"
+    return values[0]
 
 
+def test_namespace_counters_follow_lookups_and_puts_and_go_with_the_namespace():
+    with TieredCache(CacheConfig(block_tokens=16, host=HostTierConfig(capacity_bytes="1MiB"))) as cache:
+        registry = make_registry(cache.stats)[0]
+        cache.register_namespace("a", layout=None)
+        cache.register_namespace("b", layout=None)
+        cache.put("a", list(range(48)), random_kv(48))
+        assert cache.lookup("a", list(range(40))).tokens == 32  # 2 full blocks hit of 40 tokens
+        assert cache.lookup("b", list(range(16))).tokens == 0  # b has a layout only after a put
+        cache.put("b", list(range(16)), random_kv(16))
+        assert cache.lookup("b", list(range(32))).tokens == 16
+        text = generate_latest(registry).decode()
+        assert sample(text, 'kvtier_namespace_lookups_total{namespace="a"}') == 1
+        assert sample(text, 'kvtier_namespace_lookup_tokens_total{namespace="a"}') == 40
+        assert sample(text, 'kvtier_namespace_lookup_hit_tokens_total{namespace="a"}') == 32
+        assert sample(text, 'kvtier_namespace_put_tokens_total{namespace="a"}') == 48
+        assert sample(text, 'kvtier_namespace_lookups_total{namespace="b"}') == 2
+        assert sample(text, 'kvtier_namespace_lookup_hit_tokens_total{namespace="b"}') == 16
+        s = cache.stats()
+        assert sum(n.lookups for n in s.namespaces.values()) == s.lookups
+        assert sum(n.tokens_hit for n in s.namespaces.values()) == s.tokens_hit
+        assert s.to_dict()["namespaces"]["a"]["hit_rate_tokens"] == 32 / 40
+        cache.drop_namespace("a")
+        text = generate_latest(registry).decode()
+        assert 'namespace="a"' not in text and 'namespace="b"' in text
+
+
+def test_remote_errors_and_breaker_are_exported_with_tier_remote():
+    pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]  # closed again on exit: connections are refused
 
 
-def test_remote_errors_and_breaker_are_exported_with_tier_remote():
     cfg = CacheConfig(block_tokens=16, host=HostTierConfig(capacity_bytes="1MiB"),
                       remote=RemoteTierConfig(backend="redis", url=f"redis://127.0.0.1:{closed_port()}/0",
                                               timeout_s=0.2, breaker_failures=2, breaker_cooldown_s=60))

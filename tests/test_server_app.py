@@ -35,3 +35,24 @@ def test_health_stats_and_latency_by_route_template():
     assert 'route="/v1/prefetch/{prefetch_id}"' in text and 'status="404"' in text
     assert "abc" not in text
     assert 'kvtier_tier_blocks{tier="host"} 2.0' in text
+
+
+def test_stats_show_a_tenant_only_its_own_namespaces():
+    from kvtier.settings import ServerSettings
+
+    settings = ServerSettings(tokens={"alpha-token-1": "alpha", "beta-token-22": "beta"})
+    kv = [(torch.zeros(32, 1, 4),)]
+    with TieredCache(CacheConfig(block_tokens=16)) as cache:
+        client = TestClient(create_app(cache, settings))
+        alpha = {"Authorization": "Bearer alpha-token-1"}
+        beta = {"Authorization": "Bearer beta-token-22"}
+        cache.put("alpha/chat", list(range(32)), kv)  # as the server stores alpha's "chat"
+        cache.put("beta/code", list(range(32)), kv)
+        cache.lookup("alpha/chat", list(range(32)))
+        seen_alpha = client.get("/v1/stats", headers=alpha).json()["namespaces"]
+        seen_beta = client.get("/v1/stats", headers=beta).json()["namespaces"]
+        text = client.get("/metrics").text
+    assert set(seen_alpha) == {"chat"} and seen_alpha["chat"]["tokens_hit"] == 32
+    assert set(seen_beta) == {"code"} and seen_beta["code"]["lookups"] == 0
+    # The operator's /metrics names both, tenant-qualified.
+    assert 'namespace="alpha/chat"' in text and 'namespace="beta/code"' in text

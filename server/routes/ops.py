@@ -21,6 +21,9 @@ router = APIRouter(tags=["ops"])
 async def stats(ctx: Ctx = CtxDep) -> dict:
     """Per-tier fill, hit rates, retention, reload latency, traffic, evictions, prefetch outcomes."""
     snap = await ctx.call(ctx.cache.stats)
+    # A tenant sees only its own namespaces' counters, under the names it registered them by.
+    snap.namespaces = {ctx.principal.external(n): v for n, v in snap.namespaces.items()
+                       if ctx.principal.owns(n)}
     return snap.to_dict()
 
 
