@@ -30,6 +30,20 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture
+def redis_server():
+    """A fresh redis-server on a free loopback port, stopped after the test; skips, saying why,
+    where redis-server or redis-py cannot be had."""
+    from tests.integration.remote_servers import REDIS_CLI, REDIS_SERVER, SKIP_REASON, RedisServer
+
+    if not (REDIS_SERVER and REDIS_CLI):
+        pytest.skip(SKIP_REASON)
+    pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
+    srv = RedisServer().start()
+    yield srv
+    srv.stop()
+
+
 def random_kv(tokens: int, layers: int = 2, heads: int = 2, dim: int = 8, dtype=torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [tuple(torch.randn(tokens, heads, dim, generator=g).to(dtype) for _ in range(2)) for _ in range(layers)]

@@ -6,35 +6,17 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 from kvtier import CacheConfig, HostTierConfig, RemoteTierConfig, TieredCache
 from tests.conftest import random_kv
-from tests.integration.remote_servers import (
-    REDIS_CLI,
-    REDIS_SERVER,
-    SKIP_REASON,
-    RedisServer,
-    wait_for,
-)
-
-pytestmark = pytest.mark.skipif(not (REDIS_SERVER and REDIS_CLI), reason=SKIP_REASON)
-pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
+from tests.integration.remote_servers import wait_for
 
 BT = 16
 TIMEOUT = 1.0  # a frozen engine holds each call this long
 
 
-@pytest.fixture
-def server():
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
-
-
-def cache(server, host="64KiB", inflight="64MiB") -> TieredCache:
+def cache(redis_server, host="64KiB", inflight="64MiB") -> TieredCache:
     return TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=host, page_bytes="16KiB"),
-                                   remote=RemoteTierConfig(backend="redis", url=server.url, timeout_s=TIMEOUT,
+                                   remote=RemoteTierConfig(backend="redis", url=redis_server.url, timeout_s=TIMEOUT,
                                                            breaker_failures=100, max_inflight_bytes=inflight)))
 
 
@@ -42,37 +24,37 @@ def prompt(i):
     return [i * 1000 + j for j in range(2 * BT)], random_kv(2 * BT, seed=i)
 
 
-def remote_keys(server) -> int:
-    return int(server.cli("DBSIZE"))
+def remote_keys(redis_server) -> int:
+    return int(redis_server.cli("DBSIZE"))
 
 
-def test_capacity_drops_keep_the_shared_copy_and_evict_deletes_it(server):
-    with cache(server) as c:
+def test_capacity_drops_keep_the_shared_copy_and_evict_deletes_it(redis_server):
+    with cache(redis_server) as c:
         for i in range(30):  # far more than the host tier holds
             c.put("m", *prompt(i))
         c.flush(30)
         c.tier("remote").flush(30)
         assert c.stats().tiers["host"].evictions["capacity"] > 0
-        wait_for(lambda: remote_keys(server) >= 60, 10, "all 60 blocks in redis")
+        wait_for(lambda: remote_keys(redis_server) >= 60, 10, "all 60 blocks in redis")
         toks, kv = prompt(0)  # long gone from host: still a hit through the remote tier
         assert c.lookup("m", toks).tiers == {"remote": 2}
         out, n = c.get("m", toks)
         assert n == 2 * BT
-        before = remote_keys(server)
+        before = remote_keys(redis_server)
         assert c.evict("m", toks) == 2  # explicit eviction deletes the shared copy too
-        assert remote_keys(server) == before - 2
+        assert remote_keys(redis_server) == before - 2
         assert c.lookup("m", toks).tokens == 0
 
 
-def test_a_frozen_engine_never_stalls_the_lock(server):
+def test_a_frozen_engine_never_stalls_the_lock(redis_server):
     """Writes pile up past the in-flight bound while the engine is frozen: the manager must not
     make room by evicting (deleting) remote blocks under its lock."""
-    with cache(server, inflight="96KiB") as c:
+    with cache(redis_server, inflight="96KiB") as c:
         for i in range(10):
             c.put("m", *prompt(i))
         c.flush(30)
         c.tier("remote").flush(30)
-        server.pause()  # SIGSTOP: every remote call now waits for its timeout
+        redis_server.pause()  # SIGSTOP: every remote call now waits for its timeout
         try:
             stop = threading.Event()
 
@@ -93,6 +75,6 @@ def test_a_frozen_engine_never_stalls_the_lock(server):
             stop.set()
             t.join()
         finally:
-            server.resume()
+            redis_server.resume()
         assert worst < TIMEOUT / 2, f"stats() waited {worst:.3f} s behind the lock"
         assert c.stats().tiers["remote"].evictions["capacity"] == 0  # nothing shared was deleted

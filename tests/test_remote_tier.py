@@ -12,15 +12,8 @@ from kvtier.config import RemoteTierConfig
 from kvtier.errors import BackendUnavailable, CorruptBlock, InvalidRequest, StorageFull
 from kvtier.tiers.base import BlockMeta, Tier
 from kvtier.tiers.remote import RemoteTier, make_remote_tier
-from tests.integration.remote_servers import (
-    REDIS_CLI,
-    REDIS_SERVER,
-    SKIP_REASON,
-    RedisServer,
-    wait_for,
-)
+from tests.integration.remote_servers import wait_for
 
-pytestmark = pytest.mark.skipif(not (REDIS_SERVER and REDIS_CLI), reason=SKIP_REASON)
 pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
 
 TIMEOUT = 0.5
@@ -28,15 +21,8 @@ MARGIN = 0.75  # scheduling slack on a shared 2-core machine; a bound, not a spe
 META = BlockMeta("ns", None, 16, "none", 0.0)
 
 
-@pytest.fixture
-def server():
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
-
-
-def _tier(server, **kw) -> RemoteTier:
-    cfg = RemoteTierConfig(backend="redis", url=server.url, timeout_s=TIMEOUT,
+def _tier(redis_server, **kw) -> RemoteTier:
+    cfg = RemoteTierConfig(backend="redis", url=redis_server.url, timeout_s=TIMEOUT,
                            max_inflight_bytes=kw.pop("max_inflight_bytes", 64 * 1024**2))
     tier = make_remote_tier(cfg, breaker_failures=3, breaker_cooldown_s=0.3,
                             chunk_bytes=1024**2, **kw)
@@ -58,8 +44,8 @@ def _timed(fn, *args):
     return result, time.perf_counter() - t0
 
 
-def test_async_put_then_batched_lookup_and_bit_exact_reload(server):
-    tier = _tier(server)
+def test_async_put_then_batched_lookup_and_bit_exact_reload(redis_server):
+    tier = _tier(redis_server)
     try:
         assert isinstance(tier, Tier)
         blocks = {os.urandom(16): _payload(n, n) for n in (4096, 2 * 1024**2, 3 * 1024**2 + 1)}
@@ -91,8 +77,8 @@ def test_async_put_then_batched_lookup_and_bit_exact_reload(server):
         tier.close()
 
 
-def test_put_copies_the_callers_buffer(server):
-    tier = _tier(server)
+def test_put_copies_the_callers_buffer(redis_server):
+    tier = _tier(redis_server)
     try:
         key, data = os.urandom(16), _payload(8192, 1)
         expected = data.clone()
@@ -106,10 +92,10 @@ def test_put_copies_the_callers_buffer(server):
         tier.close()
 
 
-def test_inflight_bound_drops_and_counts_never_blocks(server):
-    tier = _tier(server, max_inflight_bytes=3 * 1024**2)
+def test_inflight_bound_drops_and_counts_never_blocks(redis_server):
+    tier = _tier(redis_server, max_inflight_bytes=3 * 1024**2)
     try:
-        server.pause()  # writes hang until their timeout, so bytes stay in flight
+        redis_server.pause()  # writes hang until their timeout, so bytes stay in flight
         results, durations = [], []
         for i in range(6):
             r, dt = _timed(tier.put, os.urandom(16), _payload(1024**2, i), META)
@@ -121,11 +107,11 @@ def test_inflight_bound_drops_and_counts_never_blocks(server):
         assert s["inflight_bytes"] <= 3 * 1024**2
         assert max(durations) < TIMEOUT  # queued or dropped, never waiting on the engine
         assert tier.can_fit(1024**2) and not tier.fits_ever(3 * 1024**2 + 1)
-        server.resume()
+        redis_server.resume()
         assert tier.flush(TIMEOUT * 3 + 5)
         assert tier.stats()["inflight_bytes"] == 0
     finally:
-        server.resume()
+        redis_server.resume()
         tier.close()
 
 
@@ -141,8 +127,8 @@ def _workload_round(tier, keys, out):
 
 
 @pytest.mark.parametrize("outage", ["kill", "hang"])
-def test_engine_outage_gives_bounded_misses_then_recovers(server, outage):
-    tier = _tier(server)
+def test_engine_outage_gives_bounded_misses_then_recovers(redis_server, outage):
+    tier = _tier(redis_server)
     try:
         keys = [os.urandom(16) for _ in range(4)]
         for i, k in enumerate(keys):
@@ -151,7 +137,7 @@ def test_engine_outage_gives_bounded_misses_then_recovers(server, outage):
         out = torch.empty(2 * 1024**2, dtype=torch.uint8)
         assert all(dt < TIMEOUT + MARGIN for dt in _workload_round(tier, keys, out))
 
-        server.kill() if outage == "kill" else server.pause()
+        redis_server.kill() if outage == "kill" else redis_server.pause()
         durations = []
         for _ in range(4):
             durations += _workload_round(tier, keys, out)
@@ -168,9 +154,9 @@ def test_engine_outage_gives_bounded_misses_then_recovers(server, outage):
             assert tier.stats()["puts_dropped_breaker"] >= 1
 
         if outage == "kill":
-            server.start()
+            redis_server.start()
         else:
-            server.resume()
+            redis_server.resume()
         wait_for(lambda: tier.contains_many(keys[:1]) is not None and tier.breaker.state == "closed",
                  10.0, "breaker to close after the engine came back")
         if outage == "kill":  # a restarted, non-persistent engine lost its data
@@ -181,12 +167,12 @@ def test_engine_outage_gives_bounded_misses_then_recovers(server, outage):
         tier.read_into(keys[2], out)
         assert torch.equal(out, _payload(2 * 1024**2, 2))
     finally:
-        server.resume() if server.proc else None
+        redis_server.resume() if redis_server.proc else None
         tier.close()
 
 
-def test_corrupt_remote_block_raises_and_is_dropped(server):
-    tier = _tier(server)
+def test_corrupt_remote_block_raises_and_is_dropped(redis_server):
+    tier = _tier(redis_server)
     try:
         key = os.urandom(16)
         tier.put(key, _payload(5000, 3), META)
