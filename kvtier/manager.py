@@ -559,7 +559,7 @@ class TieredCache:
         (the rest of the prefix). True if the block lives in the fastest tier now.
         """
         entry = self._index.get(key)
-        if entry is None or not entry.tiers or entry.nbytes != data.numel():
+        if self._closed or entry is None or not entry.tiers or entry.nbytes != data.numel():
             return False
         return min(entry.tiers) == 0 or self._promote(entry, data, codec, keep=keep)
 
