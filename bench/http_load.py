@@ -7,6 +7,8 @@ load generator do not share a GIL. Lookups: N asyncio clients for a bounded time
 an 8K-token prefix that is cached (lookups/s, p50/p99 ms). Data plane: the same KV read (get) and
 written (put, fresh tokens each time) through msgpack, through shared memory, and through an
 in-process ``TieredCache`` in this process; GB/s is KV bytes / wall time, median of the repeats.
+Shared memory is measured twice for put: with the caller's own tensors (``shm``, packed by the
+client) and from a ``kv_buffer()`` the caller wrote into (``shm_kv_buffer``); see ``data_plane``.
 """
 
 from __future__ import annotations
@@ -82,8 +84,18 @@ async def lookup_load(url: str, clients: int, seconds: float, ids: list[int]) ->
             "p50_ms": round(1e3 * lat[len(lat) // 2], 2), "p99_ms": round(1e3 * lat[int(len(lat) * 0.99)], 2)}
 
 
-def data_plane(url: str, layout: KVLayout, tokens: int, repeats: int) -> dict:
-    """Median seconds per get/put of ``tokens`` tokens; variants interleaved so noise hits all."""
+def data_plane(url: str, layout: KVLayout, tokens: int, repeats: int, capacity_bytes: int) -> dict:
+    """Median seconds per get/put of ``tokens`` tokens; variants interleaved so noise hits all.
+
+    The in-process cache gets the server's host capacity (put speed depends on it).
+
+    ``shm`` puts the caller's own tensors (the client packs them into shared memory: one copy);
+    ``shm_kv_buffer`` puts KV the caller wrote into ``client.kv_buffer()`` tensors (no copy),
+    the way an engine that writes its KV there would. Its fill (copying the same KV in) is not
+    timed, as the in-process put does not time the engine writing its own tensors either; it is
+    reported separately as ``put_with_fill``. Gets drop the returned tensors before the next
+    call, so the shared-memory region goes back to the client's pool.
+    """
     kv = make_kv(layout, tokens)
     nbytes = tokens * layout.bytes_per_token
     ids = list(range(tokens))
@@ -93,15 +105,25 @@ def data_plane(url: str, layout: KVLayout, tokens: int, repeats: int) -> dict:
         base = next(counter) * 10_000_000
         return [base + t for t in ids]
 
-    local = TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=4 * nbytes)))
+    def fill(buf: list[tuple[torch.Tensor, ...]]) -> None:
+        for dst, src in zip(buf, kv, strict=True):
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s)
+
+    local = TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=capacity_bytes)))
     remotes = {"msgpack": KVTierClient(url), "shm": KVTierClient(url, use_shm=True)}
     caches = {"in_process": local, **remotes}
+    times: dict[str, dict[str, list[float]]] = {n: {"get": [], "put": []} for n in caches}
+    times["shm_kv_buffer"] = {"put": [], "put_with_fill": []}
     try:
         for c in caches.values():
             c.register_namespace("dp", layout=layout, block_tokens=BT)
             c.put("dp", ids, kv)
             c.get("dp", ids)  # warm: regions created, pages faulted in
-        times: dict[str, dict[str, list[float]]] = {n: {"get": [], "put": []} for n in caches}
+        shm = remotes["shm"]
+        buf = shm.kv_buffer("dp", tokens)
+        fill(buf)
+        shm.put("dp", fresh(), buf)  # warm the buffer's region on the server
         for _ in range(repeats):
             for name, c in caches.items():
                 t0 = time.perf_counter()
@@ -114,6 +136,16 @@ def data_plane(url: str, layout: KVLayout, tokens: int, repeats: int) -> dict:
                 c.put("dp", t, kv)
                 times[name]["put"].append(time.perf_counter() - t0)
                 c.evict("dp", t)
+            t = fresh()
+            t0 = time.perf_counter()
+            fill(buf)
+            t1 = time.perf_counter()
+            assert shm.put("dp", t, buf) == tokens
+            t2 = time.perf_counter()
+            times["shm_kv_buffer"]["put"].append(t2 - t1)
+            times["shm_kv_buffer"]["put_with_fill"].append(t2 - t0)
+            shm.evict("dp", t)
+        del buf
     finally:
         local.close()
         for c in remotes.values():
@@ -123,8 +155,8 @@ def data_plane(url: str, layout: KVLayout, tokens: int, repeats: int) -> dict:
     for name, t in med.items():
         res[name] = {op: {"seconds": round(s, 4), "GB_per_s": round(nbytes / s / 1e9, 2)} for op, s in t.items()}
         if name != "in_process":
-            for op in ("get", "put"):
-                res[name][op]["vs_in_process"] = round(med["in_process"][op] / t[op], 2)
+            for op in t:
+                res[name][op]["vs_in_process"] = round(med["in_process"][op.removesuffix("_with_fill")] / t[op], 2)
     return res
 
 
@@ -144,7 +176,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     layout = KVLayout(args.layers, ((args.kv_heads, args.head_dim),) * 2, args.dtype)
-    capacity = f"{max(1, 4 * args.kv_tokens * layout.bytes_per_token // 2**20 + 64)}MiB"
+    capacity_mib = max(1, 4 * args.kv_tokens * layout.bytes_per_token // 2**20 + 64)
+    capacity = f"{capacity_mib}MiB"
     port = free_port()
     proc = start_server(port, capacity)
     url = f"http://127.0.0.1:{port}"
@@ -154,7 +187,7 @@ def main() -> int:
             ids = list(range(args.prefix_tokens))
             c.put("lk", ids, [(torch.zeros(args.prefix_tokens, 1, 8, dtype=torch.float16),)])
         result = {"lookup": asyncio.run(lookup_load(url, args.clients, args.seconds, ids)),
-                  "data_plane": data_plane(url, layout, args.kv_tokens, args.repeats)}
+                  "data_plane": data_plane(url, layout, args.kv_tokens, args.repeats, capacity_mib << 20)}
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

@@ -9,24 +9,19 @@ KV travels as msgpack with raw tensor bytes, or with ``use_shm=True`` (same host
 a shared-memory region the client creates, reuses and unlinks, so only control messages cross
 HTTP. Server errors come back as the same ``kvtier.errors`` classes; others as ``RemoteError``.
 
-Wire formats (shared with the server):
+Wire formats (shared with the server) are in ``kvtier.wire``; the region pool in
+``kvtier.shm_pool``.
 
-- msgpack (``application/msgpack``): ``kv`` is a list over layers of lists of
-  ``{"shape": [tokens, ...], "dtype": "float16", "data": <raw C-order bytes>}``.
-- shared memory: the KV of ``n`` tokens packed layer by layer, tensor by tensor, each
-  ``[n, *tensor_shape]`` C-contiguous, with no padding (``packed_nbytes`` bytes).
+``kv_buffer()`` hands out tensors already in the packed layout in shared memory: an engine that
+writes its KV there puts with no copy on the client. ``get()`` with ``use_shm=True`` returns
+views of the region the server decoded into; they stay valid while the caller holds them
+(the region is reused only after the last of them is freed). See docs/sidecar-data-plane.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-import warnings
-import weakref
 from collections.abc import Generator, Sequence
-from math import prod
-from multiprocessing import shared_memory
 from typing import Any
 
 import httpx
@@ -35,109 +30,27 @@ import numpy as np
 import torch
 
 from kvtier import errors as kerrors
-from kvtier.errors import InvalidType, KVTierError, LayoutMismatch
-from kvtier.layout import KV, KVLayout, dtype_from_name, dtype_name
+from kvtier.errors import InvalidRequest, KVTierError, LayoutMismatch
+from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace
 from kvtier.records import BlockLocation, Hit
+from kvtier.shm_pool import ShmPool
 from kvtier.stats import CacheStats, Histogram, NamespaceStats, TierStats
+from kvtier.wire import (
+    MSGPACK,
+    kv_from_wire,
+    kv_to_wire,
+    pack_into,
+    packed_nbytes,
+    packed_views,
+    unpack_from,
+)
 
-MSGPACK = "application/msgpack"
-
-# ---- wire format -------------------------------------------------------------------------
-
-
-def _raw(t: torch.Tensor) -> memoryview:
-    t = t.detach().to("cpu").contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def kv_to_wire(kv: KV) -> list[list[dict[str, Any]]]:
-    """msgpack-ready layers; ``data`` views the tensors' bytes (no copy for CPU tensors)."""
-    return [[{"shape": list(t.shape), "dtype": dtype_name(t.dtype), "data": _raw(t)} for t in layer]
-            for layer in kv]
-
-
-def kv_from_wire(layers: Any) -> list[tuple[torch.Tensor, ...]]:
-    """Tensors viewing the received bytes; raises InvalidType/LayoutMismatch naming the bad item."""
-    if not isinstance(layers, list) or not layers:
-        raise InvalidType(f"kv must be a non-empty list over layers, got {type(layers).__name__}")
-    out = []
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, list) or not layer:
-            raise InvalidType(f"kv layer {i} must be a non-empty list of tensors, got {type(layer).__name__}")
-        tensors = []
-        for j, item in enumerate(layer):
-            where = f"kv layer {i} tensor {j}"
-            if not isinstance(item, dict) or set(item) != {"shape", "dtype", "data"}:
-                raise InvalidType(f"{where} must be a map with keys shape, dtype, data")
-            shape, dtype, data = item["shape"], item["dtype"], item["data"]
-            if (not isinstance(shape, list) or not shape
-                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-                raise InvalidType(f"{where}: shape must be a non-empty list of integers >= 0, got {shape!r}")
-            if not isinstance(dtype, str):
-                raise InvalidType(f"{where}: dtype must be a string, got {dtype!r}")
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise InvalidType(f"{where}: data must be binary, got {type(data).__name__}")
-            tdtype = dtype_from_name(dtype)
-            need = prod(shape) * tdtype.itemsize
-            if len(data) != need:
-                raise LayoutMismatch(f"{where}: shape {shape} of {dtype} needs {need} bytes, got {len(data)}")
-            if need == 0:
-                tensors.append(torch.empty(shape, dtype=tdtype))
-                continue
-            with warnings.catch_warnings():  # read-only bytes: the cache only reads them
-                warnings.simplefilter("ignore", UserWarning)
-                tensors.append(torch.frombuffer(data, dtype=tdtype).view(shape))
-        out.append(tuple(tensors))
-    return out
-
-
-def packed_nbytes(layout: KVLayout, n_tokens: int) -> int:
-    return n_tokens * layout.bytes_per_token
-
-
-def pack_into(kv: KV, buf: memoryview) -> int:
-    """Copy ``kv`` into ``buf`` in the packed layout; returns bytes written."""
-    off = 0
-    flat = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else None
-    for layer in kv:
-        for t in layer:
-            nb = t.numel() * t.element_size()
-            if nb == 0:
-                continue
-            if flat is None or off + nb > len(buf):
-                raise LayoutMismatch(f"kv needs more than the {len(buf)} bytes given")
-            flat[off:off + nb].view(t.dtype).view(t.shape).copy_(t)
-            off += nb
-    return off
-
-
-def packed_views(flat: torch.Tensor, layout: KVLayout, n_tokens: int) -> list[tuple[torch.Tensor, ...]]:
-    """Views of a packed uint8 buffer as KV tensors ``[n_tokens, *shape]`` (no copy)."""
-    need = packed_nbytes(layout, n_tokens)
-    if flat.numel() < need:
-        raise LayoutMismatch(f"{n_tokens} tokens of layout {layout.fingerprint()} need {need} bytes, "
-                             f"the region has {flat.numel()}")
-    dtype = dtype_from_name(layout.dtype)
-    out, off = [], 0
-    for _ in range(layout.num_layers):
-        tensors = []
-        for shape in layout.tensor_shapes:
-            nb = n_tokens * prod(shape) * dtype.itemsize
-            tensors.append(flat[off:off + nb].view(dtype).view(n_tokens, *shape))
-            off += nb
-        out.append(tuple(tensors))
-    return out
-
-
-def unpack_from(buf: memoryview, layout: KVLayout, n_tokens: int, *, copy: bool) -> list[tuple[torch.Tensor, ...]]:
-    """KV of ``n_tokens`` in ``layout`` read from packed ``buf`` (views unless ``copy``)."""
-    if len(buf) == 0 or n_tokens == 0:
-        return [tuple(torch.empty((n_tokens, *s), dtype=layout.torch_dtype) for s in layout.tensor_shapes)
-                for _ in range(layout.num_layers)]
-    views = packed_views(torch.frombuffer(buf, dtype=torch.uint8), layout, n_tokens)
-    return [tuple(t.clone() for t in layer) for layer in views] if copy else views
-
+__all__ = [  # the wire helpers lived here first; kvtier.wire is their home now
+    "MSGPACK", "AsyncKVTierClient", "AsyncRemotePrefetch", "KVTierClient", "RemoteError",
+    "RemotePrefetch", "kv_from_wire", "kv_to_wire", "pack_into", "packed_nbytes", "packed_views",
+    "stats_from_dict", "unpack_from",
+]
 
 # ---- errors and records ------------------------------------------------------------------
 class RemoteError(KVTierError):
@@ -208,47 +121,6 @@ def _tokens(token_ids: Any) -> list[int]:
     return list(token_ids)
 
 
-_LOANED_AFTER_CLOSE: list[shared_memory.SharedMemory] = []  # never closed under a live view
-
-
-class _ShmPool:
-    """Reusable client-owned shared-memory regions (creating and faulting in pages is slow)."""
-
-    def __init__(self) -> None:
-        self._free: list[shared_memory.SharedMemory] = []
-        self._all: list[shared_memory.SharedMemory] = []
-        self._lock = threading.Lock()
-
-    def acquire(self, nbytes: int) -> shared_memory.SharedMemory:
-        with self._lock:
-            fits = [s for s in self._free if s.size >= nbytes]
-            if fits:
-                shm = min(fits, key=lambda s: s.size)
-                self._free.remove(shm)
-                return shm
-        size = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
-        shm = shared_memory.SharedMemory(create=True, size=size)
-        with self._lock:
-            self._all.append(shm)
-        return shm
-
-    def release(self, shm: shared_memory.SharedMemory) -> None:
-        with self._lock:
-            self._free.append(shm)
-
-    def close(self) -> None:
-        """Unlink every region; mappings still viewed by returned tensors stay until those go."""
-        with self._lock:
-            regions, self._all, self._free = self._all, [], []
-        for shm in regions:
-            with contextlib.suppress(FileNotFoundError):
-                shm.unlink()
-            try:
-                shm.close()
-            except BufferError:  # tensors from get() still view it: keep it mapped
-                _LOANED_AFTER_CLOSE.append(shm)
-
-
 # ---- requests as generators: one implementation for the sync and async clients -------------
 Op = Generator["_Call", httpx.Response, Any]
 
@@ -267,7 +139,7 @@ class _Ops:
 
     def __init__(self, use_shm: bool) -> None:
         self.use_shm = use_shm
-        self._shm = _ShmPool()
+        self._shm = ShmPool()
         self._layouts: dict[str, KVLayout] = {}
 
     def register_namespace(self, name: str, *, model_id: str | None = None, layout: KVLayout | None = None,
@@ -331,13 +203,43 @@ class _Ops:
         resp = yield _Call("DELETE", f"/v1/prefetch/{prefetch_id}")
         return resp.json()
 
+    def _layout(self, namespace: str) -> Op:
+        layout = self._layouts.get(namespace)
+        if layout is None:
+            ns = yield from self.get_namespace(namespace)
+            if ns.layout is None:
+                return None
+            layout = self._layouts[namespace] = ns.layout
+        return layout
+
+    def kv_buffer(self, namespace: str, tokens: int, *, layout: KVLayout | None = None) -> Op:
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+            raise InvalidRequest(f"kv_buffer tokens must be a positive integer, got {tokens!r}")
+        if layout is None:
+            layout = yield from self._layout(namespace)
+            if layout is None:
+                raise LayoutMismatch(f"namespace {namespace!r} has no layout until its first put: "
+                                     "pass kv_buffer(..., layout=)")
+        shm = self._shm.acquire(packed_nbytes(layout, tokens))
+        return self._shm.loan(shm, layout, tokens)
+
     def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> Op:
         ids = _tokens(token_ids)
         if not self.use_shm:
             body = msgpack.packb({"namespace": namespace, "token_ids": ids, "kv": kv_to_wire(kv)})
             resp = yield _Call("PUT", "/v1/kv", content=body, headers={"content-type": MSGPACK})
             return resp.json()["tokens"]
+        loan = self._shm.find_loan(kv)
+        if loan is not None:  # the KV already lies in shared memory as the server reads it
+            loan.layout.validate(kv, len(ids))
+            resp = yield _Call("PUT", "/v1/kv/shm", json={
+                "namespace": namespace, "token_ids": ids, "layout": loan.layout.to_dict(),
+                "slot_tokens": loan.slot_tokens,
+                "region": {"name": loan.shm.name, "offset": 0,
+                           "size": packed_nbytes(loan.layout, loan.slot_tokens)}})
+            return resp.json()["tokens"]
         layout = KVLayout.from_kv(kv)
+        layout.validate(kv, len(ids))
         nbytes = packed_nbytes(layout, len(ids))
         shm = self._shm.acquire(nbytes)
         try:
@@ -357,12 +259,9 @@ class _Ops:
                                headers={"content-type": MSGPACK, "accept": MSGPACK})
             d = msgpack.unpackb(resp.content)
             return (kv_from_wire(d["kv"]) if d["kv"] is not None else None), d["tokens"]
-        layout = self._layouts.get(namespace)
+        layout = yield from self._layout(namespace)
         if layout is None:
-            ns = yield from self.get_namespace(namespace)
-            if ns.layout is None:
-                return None, 0
-            layout = self._layouts[namespace] = ns.layout
+            return None, 0
         nbytes = packed_nbytes(layout, len(ids))
         # The server decodes straight into a pooled region (pages already faulted in) and the
         # returned tensors alias it: no copy on either side. The region goes back to the pool
@@ -376,10 +275,8 @@ class _Ops:
             d = resp.json()
             if d["tokens"] == 0:
                 return None, 0
-            arr = np.frombuffer(shm.buf, dtype=np.uint8)
-            weakref.finalize(arr, self._shm.release, shm)  # torch's storage keeps arr alive
+            views = self._shm.loan(shm, KVLayout.from_dict(d["layout"]), d["slot_tokens"])
             loaned = True
-            views = packed_views(torch.from_numpy(arr), KVLayout.from_dict(d["layout"]), d["slot_tokens"])
             return [tuple(t[:d["tokens"]] for t in layer) for layer in views], d["tokens"]
         finally:
             if not loaned:
@@ -488,6 +385,21 @@ class KVTierClient:
     def drop_namespace(self, name: str) -> int:
         return self._run(self._ops.drop_namespace(name))
 
+    def kv_buffer(self, namespace: str, tokens: int, *,
+                  layout: KVLayout | None = None) -> list[tuple[torch.Tensor, ...]]:
+        """Shared-memory KV tensors for ``tokens`` tokens of ``namespace``'s layout, to write KV into.
+
+        A list over layers of tensors ``[tokens, *shape]``, laid out exactly as the server reads
+        them, so ``put(namespace, token_ids, buf)`` (with ``use_shm=True``) sends only a control
+        message: no pack copy. ``buf`` may be put whole or as its first ``n`` rows
+        (``[tuple(t[:n] for t in layer) for layer in buf]``). Contents start undefined (like
+        ``torch.empty``); the server reads them during ``put`` only, so the buffer may be
+        refilled as soon as ``put`` returns. The region stays the caller's until the last tensor
+        viewing it is freed, then returns to the client's pool. ``layout`` is needed before the
+        namespace's first put; otherwise it is fetched once from the server.
+        """
+        return self._run(self._ops.kv_buffer(namespace, tokens, layout=layout))
+
     def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> int:
         return self._run(self._ops.put(namespace, token_ids, kv))
 
@@ -564,6 +476,11 @@ class AsyncKVTierClient:
 
     async def drop_namespace(self, name: str) -> int:
         return await self._run(self._ops.drop_namespace(name))
+
+    async def kv_buffer(self, namespace: str, tokens: int, *,
+                        layout: KVLayout | None = None) -> list[tuple[torch.Tensor, ...]]:
+        """``KVTierClient.kv_buffer`` as a coroutine."""
+        return await self._run(self._ops.kv_buffer(namespace, tokens, layout=layout))
 
     async def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> int:
         return await self._run(self._ops.put(namespace, token_ids, kv))

@@ -103,10 +103,14 @@ class ShmRegion(Strict):
 
 class ShmPutRequest(TokensRequest):
     """KV for ``len(token_ids)`` tokens, packed layer by layer, tensor by tensor, each
-    ``[tokens, *tensor_shape]`` C-contiguous, starting at ``region.offset``."""
+    ``[slot_tokens, *tensor_shape]`` C-contiguous, starting at ``region.offset``; the first
+    ``len(token_ids)`` rows of each tensor are stored."""
 
     layout: Layout
     region: ShmRegion
+    slot_tokens: Annotated[int, Field(strict=True, ge=1, le=1 << 40)] | None = Field(
+        None, description="rows per tensor in the region (default len(token_ids)); a buffer "
+        "from KVTierClient.kv_buffer sized for more tokens than this put uses sends its capacity")
 
 
 class ShmGetRequest(TokensRequest):

@@ -13,7 +13,9 @@ import msgpack
 import torch
 from fastapi import APIRouter, Request, Response
 
-from kvtier.client import (
+from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch
+from kvtier.layout import KVLayout
+from kvtier.wire import (
     MSGPACK,
     kv_from_wire,
     kv_to_wire,
@@ -21,12 +23,10 @@ from kvtier.client import (
     packed_views,
     unpack_from,
 )
-from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch
-from kvtier.layout import KVLayout
 from server.deps import Ctx, CtxDep
 from server.errors import Forbidden, PayloadTooLarge, UnsupportedMediaType
 from server.schemas import ShmGetOut, ShmGetRequest, ShmPutRequest, StoredOut
-from server.shm import open_region
+from server.shm import region_cache
 
 router = APIRouter(prefix="/v1/kv", tags=["kv"])
 
@@ -120,8 +120,12 @@ def _shm_on(ctx: Ctx) -> None:
 
 
 @router.put("/shm", response_model=StoredOut)
-async def put_shm(body: ShmPutRequest, ctx: Ctx = CtxDep) -> dict:
-    """Store KV the client packed into shared-memory region ``region.name``."""
+async def put_shm(body: ShmPutRequest, request: Request, ctx: Ctx = CtxDep) -> dict:
+    """Store KV the client wrote into shared-memory region ``region.name``.
+
+    Each tensor has ``slot_tokens`` rows in the region (default: one per token id); the first
+    ``len(token_ids)`` rows are stored. The server encodes straight from views of the region.
+    """
     _shm_on(ctx)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
@@ -129,16 +133,25 @@ async def put_shm(body: ShmPutRequest, ctx: Ctx = CtxDep) -> dict:
     if ns.layout is not None and ns.layout != layout:
         raise LayoutMismatch(f"layout {layout.fingerprint()} does not match namespace "
                              f"{body.namespace!r} layout {ns.layout.fingerprint()}")
-    nbytes = packed_nbytes(layout, len(body.token_ids))
+    n = len(body.token_ids)
+    slot = n if body.slot_tokens is None else body.slot_tokens
+    if slot < n:
+        raise InvalidRequest(f"slot_tokens {slot} is less than the {n} token_ids: each tensor "
+                             "needs a row per token")
+    nbytes = packed_nbytes(layout, slot)
     if nbytes > ctx.settings.max_kv_bytes:
         raise PayloadTooLarge(f"{nbytes} bytes of KV exceed the data-plane limit {ctx.settings.max_kv_bytes}")
     if nbytes > body.region.size:
-        raise InvalidRequest(f"{len(body.token_ids)} tokens of this layout need {nbytes} bytes, "
+        raise InvalidRequest(f"{slot} tokens of this layout need {nbytes} bytes, "
                              f"region.size is {body.region.size}")
+    regions = region_cache(request.app.state)
 
     def work() -> int:
-        with open_region(body.region.name, body.region.offset, nbytes, ctx.settings.max_kv_bytes) as buf:
-            kv = unpack_from(buf, layout, len(body.token_ids), copy=False)
+        with regions.open(body.region.name, body.region.offset, body.region.size,
+                          ctx.settings.max_kv_bytes) as buf:
+            kv = unpack_from(buf, layout, slot, copy=False)
+            if slot != n:
+                kv = [tuple(t[:n] for t in layer) for layer in kv]
             try:
                 return ctx.cache.put(ns.name, body.token_ids, kv)
             finally:
@@ -148,7 +161,7 @@ async def put_shm(body: ShmPutRequest, ctx: Ctx = CtxDep) -> dict:
 
 
 @router.post("/shm/get", response_model=ShmGetOut)
-async def get_shm(body: ShmGetRequest, ctx: Ctx = CtxDep) -> dict:
+async def get_shm(body: ShmGetRequest, request: Request, ctx: Ctx = CtxDep) -> dict:
     """Decode the longest cached prefix straight into region ``region.name`` (packed layout with
     ``slot_tokens`` rows per tensor; the first ``tokens`` rows are valid)."""
     _shm_on(ctx)
@@ -162,10 +175,11 @@ async def get_shm(body: ShmGetRequest, ctx: Ctx = CtxDep) -> dict:
         raise PayloadTooLarge(f"{need} bytes of KV exceed the data-plane limit {ctx.settings.max_kv_bytes}")
     if need > body.region.size:
         raise InvalidRequest(f"a hit on all of token_ids needs {need} bytes, region.size is {body.region.size}")
+    regions = region_cache(request.app.state)
 
     def work() -> dict:
-        with open_region(body.region.name, body.region.offset, body.region.size,
-                         ctx.settings.max_kv_bytes) as buf:
+        with regions.open(body.region.name, body.region.offset, body.region.size,
+                          ctx.settings.max_kv_bytes) as buf:
             lease = ctx.cache.acquire(ns.name, body.token_ids)
             try:
                 slot = len(lease.blocks) * bt
