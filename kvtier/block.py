@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import crc32c
 import torch
 
+from kvtier.bufpool import block_buffers
 from kvtier.codecs import Codec, get_codec
 from kvtier.errors import CorruptBlock
 
@@ -67,20 +68,45 @@ def header_size(n_layers: int, codec: str) -> int:
 
 def encode_block(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> bytes:
     """Encode one block (every layer's tensors for its tokens) into the block format."""
-    payloads = [codec.encode(layer) for layer in layers]
+    head, payloads = _encode_parts(codec, layers)
+    return b"".join([head, *(part for parts in payloads for part in parts)])
+
+
+def encode_block_pooled(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """``encode_block`` into a recycled uint8 tensor (``kvtier.bufpool``): the put path's form,
+    which spares a fresh, page-faulting allocation per block and copies each payload once."""
+    head, payloads = _encode_parts(codec, layers)
+    out = block_buffers.take(len(head) + sum(len(p) for parts in payloads for p in parts))
+    mv = memoryview(out.numpy())
+    mv[: len(head)] = head
+    at = len(head)
+    for parts in payloads:
+        for p in parts:
+            mv[at: at + len(p)] = p
+            at += len(p)
+    return out
+
+
+def _encode_parts(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> tuple[bytes, list[list]]:
+    """The block's header, and each layer's payload as a list of buffers (see ``Codec``)."""
+    split = getattr(codec, "encode_parts", None)
+    payloads = [split(layer) if split else [codec.encode(layer)] for layer in layers]
     name = codec.name.encode()
     hsize = header_size(len(payloads), codec.name)
     table = bytearray()
     offset = hsize
-    for p in payloads:
-        table += _ENTRY.pack(offset, len(p), checksum(p))
-        offset += len(p)
+    for parts in payloads:
+        n, crc = 0, 0
+        for p in parts:
+            n, crc = n + len(p), checksum(p, crc)
+        table += _ENTRY.pack(offset, n, crc)
+        offset += n
     tokens = layers[0][0].shape[0]
     fixed = _FIXED.pack(MAGIC, VERSION, len(name), 0, len(payloads), tokens, 0)
     body = name.ljust(_pad8(len(name)), b"\0") + bytes(table)
     crc = checksum(body, checksum(fixed))
     fixed = _FIXED.pack(MAGIC, VERSION, len(name), 0, len(payloads), tokens, crc)
-    return b"".join([fixed, body, *payloads])
+    return fixed + body, payloads
 
 
 def parse_header(buf: bytes | bytearray | memoryview | torch.Tensor) -> BlockHeader:

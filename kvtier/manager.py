@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kvtier.block import decode_block_into, encode_block
+from kvtier.block import decode_block_into, encode_block_pooled
 from kvtier.codecs import get_codec
 from kvtier.config import CacheConfig
 from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError, StorageFull
@@ -144,7 +144,7 @@ class TieredCache:
                         existing.pins += 1
                         chain.append(existing)
                         continue
-                data = encode_block(codec, [[t[i * bt:(i + 1) * bt] for t in layer] for layer in kv])
+                data = encode_block_pooled(codec, [[t[i * bt:(i + 1) * bt] for t in layer] for layer in kv])
                 parent = chain[-1].key if chain else None
                 entry = BlockEntry(key, ns.name, parent, i, bt, len(data), time.time())
                 with self._lock:
@@ -204,7 +204,7 @@ class TieredCache:
                              ns.ttl_s, ns.tenant)
         return ns
 
-    def _place_new(self, entry: BlockEntry, data: bytes, codec: str) -> bool:
+    def _place_new(self, entry: BlockEntry, data: torch.Tensor, codec: str) -> bool:
         """Put a new block into the fastest tier that can ever hold it (lock held, parent pinned)."""
         for t, tier in enumerate(self.tiers):
             if not _fits_ever(tier, len(data)) or not self._make_room(t, len(data)):
@@ -272,7 +272,7 @@ class TieredCache:
             return
         self._publish(entry, dst, entry.nbytes)
 
-    def _schedule_write_through(self, entry: BlockEntry, data: bytes, codec: str, below: int) -> None:
+    def _schedule_write_through(self, entry: BlockEntry, data: torch.Tensor, codec: str, below: int) -> None:
         """Write a new block to every persistent tier below (local SSD and a shared remote)."""
         if not self._admission.admit_on_put():
             return
@@ -282,7 +282,7 @@ class TieredCache:
                 self._pending_writes.add(fut)
                 fut.add_done_callback(self._pending_writes.discard)
 
-    def _write_through(self, key: bytes, data: bytes, codec: str, t: int) -> None:
+    def _write_through(self, key: bytes, data: torch.Tensor, codec: str, t: int) -> None:
         with self._lock:
             entry = self._index.get(key)
             if entry is None or entry.doomed or t in entry.tiers:

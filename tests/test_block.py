@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from kvtier.block import decode_block_into, decode_layer_into, encode_block, parse_header
+from kvtier.block import (
+    decode_block_into,
+    decode_layer_into,
+    encode_block,
+    encode_block_pooled,
+    parse_header,
+)
 from kvtier.codecs import get_codec
 from kvtier.errors import CorruptBlock
 from tests.conftest import random_kv
@@ -59,3 +65,16 @@ def test_truncated_block_is_corrupt():
         decode_block_into(as_tensor(b[:-10]), empty_like(kv))
     with pytest.raises(CorruptBlock):
         parse_header(b"KVTB")
+
+
+@pytest.mark.parametrize("spec", ["none", "none+zstd", "int8", "fp8"])
+def test_pooled_encoding_is_the_same_block(spec):
+    kv = random_kv(16, layers=3)
+    kv[1] = (kv[1][0], kv[1][1][:, :0].reshape(16, 0, 8))  # an empty tensor in a layer
+    codec = get_codec(spec)
+    pooled = encode_block_pooled(codec, kv)
+    assert pooled.numpy().tobytes() == encode_block(codec, kv)
+    if spec == "none":
+        out = empty_like(kv)
+        decode_block_into(pooled, out)
+        assert all(torch.equal(a, c) for la, lc in zip(kv, out, strict=True) for a, c in zip(la, lc, strict=True))

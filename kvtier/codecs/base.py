@@ -24,6 +24,9 @@ class Codec(Protocol):
     uint8 tensor produced by ``encode`` and writes into ``outs`` (contiguous tensors with the
     original shapes and dtype, on any device) without allocating output tensors. Both are
     thread-safe. ``lossy`` says whether decode(encode(x)) may differ from x.
+
+    A codec may also offer ``encode_parts(tensors) -> list of buffers`` whose concatenation is
+    ``encode``'s result; the block encoder then copies each part once, straight into place.
     """
 
     name: str

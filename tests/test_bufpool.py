@@ -1,0 +1,46 @@
+"""BufferPool: a buffer is reused only after every tensor viewing it is gone, within the cap."""
+
+from __future__ import annotations
+
+import gc
+
+from kvtier.bufpool import BufferPool
+
+
+def test_a_freed_buffer_serves_the_next_take_of_its_size():
+    pool = BufferPool(max_idle_bytes=1 << 20)
+    t = pool.take(4096)
+    assert t.numel() == 4096 and pool.idle_bytes == 0
+    ptr = t.data_ptr()
+    del t
+    gc.collect()
+    assert pool.idle_bytes == 4096
+    again = pool.take(4096)
+    assert again.data_ptr() == ptr and pool.idle_bytes == 0
+    assert pool.take(8192).data_ptr() != ptr  # another size: a new buffer
+
+
+def test_a_buffer_still_viewed_is_never_reused():
+    pool = BufferPool(max_idle_bytes=1 << 20)
+    t = pool.take(4096)
+    t.fill_(7)
+    tail = t[1024:]  # a slice outlives the tensor it came from
+    del t
+    gc.collect()
+    assert pool.idle_bytes == 0
+    other = pool.take(4096)
+    other.fill_(1)
+    assert int(tail.min()) == 7 == int(tail.max())
+    del tail
+    gc.collect()
+    assert pool.idle_bytes == 4096
+
+
+def test_idle_buffers_stay_within_the_cap():
+    pool = BufferPool(max_idle_bytes=10_000)
+    held = [pool.take(4096) for _ in range(4)]
+    del held
+    gc.collect()
+    assert pool.idle_bytes == 8192
+    pool.clear()
+    assert pool.idle_bytes == 0
