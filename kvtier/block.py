@@ -68,45 +68,58 @@ def header_size(n_layers: int, codec: str) -> int:
 
 def encode_block(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> bytes:
     """Encode one block (every layer's tensors for its tokens) into the block format."""
-    head, payloads = _encode_parts(codec, layers)
-    return b"".join([head, *(part for parts in payloads for part in parts)])
+    payloads = _payload_parts(codec, layers)
+    entries = []
+    for parts in payloads:
+        crc = 0
+        for p in parts:
+            crc = checksum(p, crc)
+        entries.append((sum(len(p) for p in parts), crc))
+    head = _header(codec.name, layers[0][0].shape[0], entries)
+    return b"".join([head, *(p for parts in payloads for p in parts)])
 
 
 def encode_block_pooled(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """``encode_block`` into a recycled uint8 tensor (``kvtier.bufpool``): the put path's form,
-    which spares a fresh, page-faulting allocation per block and copies each payload once."""
-    head, payloads = _encode_parts(codec, layers)
-    out = block_buffers.take(len(head) + sum(len(p) for parts in payloads for p in parts))
+    """``encode_block`` into a recycled uint8 tensor (``kvtier.bufpool``): the put path's form.
+
+    It spares a fresh, page-faulting allocation per block, copies each payload once, and takes
+    each layer's checksum from the copy just written (still in cache), not from a second pass
+    over the source.
+    """
+    payloads = _payload_parts(codec, layers)
+    hsize = header_size(len(payloads), codec.name)
+    out = block_buffers.take(hsize + sum(len(p) for parts in payloads for p in parts))
     mv = memoryview(out.numpy())
-    mv[: len(head)] = head
-    at = len(head)
+    at, entries = hsize, []
     for parts in payloads:
+        start = at
         for p in parts:
             mv[at: at + len(p)] = p
             at += len(p)
+        entries.append((at - start, checksum(mv[start:at])))
+    mv[:hsize] = _header(codec.name, layers[0][0].shape[0], entries)
     return out
 
 
-def _encode_parts(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> tuple[bytes, list[list]]:
-    """The block's header, and each layer's payload as a list of buffers (see ``Codec``)."""
+def _payload_parts(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> list[list]:
+    """Each layer's payload as a list of buffers (``Codec.encode_parts`` where offered)."""
     split = getattr(codec, "encode_parts", None)
-    payloads = [split(layer) if split else [codec.encode(layer)] for layer in layers]
-    name = codec.name.encode()
-    hsize = header_size(len(payloads), codec.name)
+    return [split(layer) if split else [codec.encode(layer)] for layer in layers]
+
+
+def _header(codec: str, tokens: int, entries: Sequence[tuple[int, int]]) -> bytes:
+    """The header of a block whose layers have these (length, crc32c), laid out in order."""
+    name = codec.encode()
     table = bytearray()
-    offset = hsize
-    for parts in payloads:
-        n, crc = 0, 0
-        for p in parts:
-            n, crc = n + len(p), checksum(p, crc)
-        table += _ENTRY.pack(offset, n, crc)
-        offset += n
-    tokens = layers[0][0].shape[0]
-    fixed = _FIXED.pack(MAGIC, VERSION, len(name), 0, len(payloads), tokens, 0)
+    offset = header_size(len(entries), codec)
+    for length, crc in entries:
+        table += _ENTRY.pack(offset, length, crc)
+        offset += length
+    fixed = _FIXED.pack(MAGIC, VERSION, len(name), 0, len(entries), tokens, 0)
     body = name.ljust(_pad8(len(name)), b"\0") + bytes(table)
     crc = checksum(body, checksum(fixed))
-    fixed = _FIXED.pack(MAGIC, VERSION, len(name), 0, len(payloads), tokens, crc)
-    return fixed + body, payloads
+    fixed = _FIXED.pack(MAGIC, VERSION, len(name), 0, len(entries), tokens, crc)
+    return fixed + body
 
 
 def parse_header(buf: bytes | bytearray | memoryview | torch.Tensor) -> BlockHeader:
