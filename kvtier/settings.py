@@ -32,6 +32,7 @@ class ServerSettings:
     shm: bool = True  # allow the shared-memory data path
     graceful_timeout_s: float = 30.0
     log_level: str = "info"
+    access_log: bool = False  # a line per request costs the event loop; /metrics has per-route latency
 
     @property
     def auth_enabled(self) -> bool:
@@ -125,6 +126,8 @@ OPTIONS: tuple[Option, ...] = (
     _o("server.graceful_timeout_s", "--graceful-timeout-s", _float,
        "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
     _o("server.log_level", "--log-level", str, "debug, info, warning, error"),
+    _o("server.access_log", "--access-log", parse_bool,
+       "log a line per HTTP request (per-route latency is in /metrics either way)"),
     _o("cache.block_tokens", "--block-tokens", _int, "tokens per block (default for namespaces)"),
     _o("cache.codec", "--codec", str, "block codec: none, fp8, int8, zstd"),
     _o("cache.device.capacity_bytes", "--device-capacity", parse_size,

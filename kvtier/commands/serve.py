@@ -75,7 +75,7 @@ def serve(settings: Settings) -> int:
         return 2
     try:
         config = uvicorn.Config(create_app(cache, srv), host=srv.host, port=srv.port,
-                                log_level=srv.log_level.lower(), lifespan="off",
+                                log_level=srv.log_level.lower(), access_log=srv.access_log, lifespan="off",
                                 timeout_graceful_shutdown=srv.graceful_timeout_s)
         server = _Server(config)
         server.run()  # returns after SIGTERM/SIGINT once in-flight requests are done
