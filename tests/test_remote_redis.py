@@ -14,6 +14,7 @@ from tests.integration.remote_servers import (
     REDIS_SERVER,
     SKIP_REASON,
     RedisServer,
+    glob_escape,
     wait_for,
 )
 
@@ -76,7 +77,7 @@ def test_large_values_are_chunked_small_values_inline(backend):
     small, big = os.urandom(16), os.urandom(16)
     backend.put(small, memoryview(_payload(1000)))
     backend.put(big, memoryview(_payload(2 * CHUNK + 1)))
-    keys = set(raw.keys(backend.prefix + b"*"))
+    keys = set(raw.keys(glob_escape(backend.prefix) + b"*"))
     assert backend.prefix + small in keys
     assert backend.prefix + big in keys
     chunk_keys = {k for k in keys if k.startswith(backend.prefix + big + b"#")}
@@ -104,7 +105,7 @@ def test_missing_key_and_delete(backend):
     backend.put(key, memoryview(_payload(2 * CHUNK)))
     assert backend.delete(key) is True
     assert backend.exists_many([key]) == [False]
-    assert backend.raw_client().keys(backend.prefix + key + b"*") == []
+    assert backend.raw_client().keys(glob_escape(backend.prefix + key) + b"*") == []
 
 
 def test_batched_exists_is_one_round_trip_in_order(backend):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -51,6 +52,11 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def glob_escape(raw: bytes) -> bytes:
+    """``raw`` as a literal in a Redis KEYS/SCAN pattern: random key bytes may hold ``*?[]\\``."""
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", raw)
 
 
 def _cli(port: int, *args: str, timeout: float = 5.0) -> str:
