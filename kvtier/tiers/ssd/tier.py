@@ -340,10 +340,7 @@ class SSDTier:
         caller verifies them with the block format's per-layer crc (``kvtier.block``).
         Raises KeyError if absent, CorruptBlock if the bytes fail verification (then dropped).
         """
-        res = self.read_many_into([(key, out, offset)], _inline_pool=False)[0]
-        if isinstance(res, BaseException):
-            raise res
-        return res
+        return reader.read_one(self, key, out, offset)
 
     def read_many_into(self, requests: list[tuple[bytes, torch.Tensor, int]],
                        _inline_pool: bool = True) -> list[int | Exception]:
