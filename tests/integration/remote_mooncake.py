@@ -42,11 +42,17 @@ s.close()
 
 
 class MooncakeMaster:
-    """mooncake_master bound to 127.0.0.1 and one storage node contributing ``segment_bytes``."""
+    """mooncake_master bound to 127.0.0.1 and one storage node contributing ``segment_bytes``.
 
-    def __init__(self, segment_bytes: int = 512 * 1024**2) -> None:
+    ``lease_ms``: how long a read holds an object against removal; short for tests (a removed
+    block is gone at once), Mooncake's own default (5 s) for benchmarks, where a batch read of
+    a long prefix outlasting the lease fails with ``LEASE_EXPIRED``.
+    """
+
+    def __init__(self, segment_bytes: int = 512 * 1024**2, lease_ms: int = 50) -> None:
         self.rpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.segment_bytes = segment_bytes
+        self.lease_ms = lease_ms
         self.workdir = Path(tempfile.mkdtemp(prefix="kvtier-mooncake-"))
         self.master: subprocess.Popen | None = None
         self.node: subprocess.Popen | None = None
@@ -70,7 +76,7 @@ class MooncakeMaster:
             [MOONCAKE_MASTER, f"--rpc_port={self.rpc_port}", "--rpc_address=127.0.0.1",
              "--enable_http_metadata_server=true", f"--http_metadata_server_port={self.http_port}",
              "--http_metadata_server_host=127.0.0.1", f"--metrics_port={self.metrics_port}",
-             "--metrics_host=127.0.0.1", "--rpc_thread_num=2", "--default_kv_lease_ttl=50",
+             "--metrics_host=127.0.0.1", "--rpc_thread_num=2", f"--default_kv_lease_ttl={self.lease_ms}",
              "--client_ttl=2"],
             stdout=self._log("master.log"), stderr=subprocess.STDOUT,
         )

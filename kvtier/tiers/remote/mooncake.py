@@ -6,23 +6,34 @@ for TCP). URL: ``mooncake://MASTER_HOST:RPC_PORT?metadata=http://HOST:PORT/metad
 ``&protocol=tcp|rdma&device=mlx5_0&local_hostname=IP&segment=BYTES&buffer=BYTES``; ``segment``
 > 0 makes this process a storage node contributing that much memory.
 
-Each value is stored as the block followed by a 4-byte crc32c, read with ``get_into`` into a
-registered staging buffer (registered once, reused), verified, then copied out: a call that
-times out may still complete later, and it must land in memory kvtier no longer hands out,
-never in the caller's buffer. Mooncake keeps the first value on a duplicate put; it has no
-TTL (its master evicts under memory pressure), so ``ttl_s`` is accepted and ignored.
-Calls run on a small worker pool so each is bounded by ``timeout_s`` even when the client
-stalls on a lost storage node.
+Each value is stored as the block followed by a 4-byte crc32c. Two read paths, both verifying
+every byte of the value before returning:
+
+- *direct*: a whole-value read into memory registered once with ``register`` lands straight in
+  the caller's buffer (one scatter call: the block into ``out``, the trailer into a small
+  registered slot); ``get_many_into`` does a prefix's blocks in one such call. A call that times
+  out may still complete later, so its span of registered memory is quarantined until it does:
+  a later read into those bytes waits for it first, and owners reusing the memory for anything
+  else wait for ``when_settled`` (the ``RegisteredReads`` contract).
+- *staged*: anything else (unregistered memory, a span at an offset) is read into a registered
+  staging buffer kvtier owns, verified, then copied out; a timed-out call keeps its stage until
+  it is over, so a late completion lands in memory nobody reads.
+
+Values of ``PARALLEL_VERIFY`` bytes or more are checksummed on two cores (crc32c releases the
+GIL; the pieces are joined with ``checksum_combine``). Mooncake keeps the first value on a
+duplicate put; it has no TTL (its master evicts under memory pressure), so ``ttl_s`` is accepted
+and ignored. Calls run on a small worker pool so each is bounded by ``timeout_s`` even when the
+client stalls on a lost storage node.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
 import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,17 +42,29 @@ import torch
 from kvtier.block import checksum
 from kvtier.config import parse_size
 from kvtier.errors import BackendUnavailable, CorruptBlock, InvalidRequest
-from kvtier.tiers.remote.base import check_span
+from kvtier.tiers.remote.base import Call, Workers, check_span, checksum_combine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NOT_FOUND = -704  # Mooncake's OBJECT_NOT_FOUND
 TRAILER = struct.Struct("<I")
 VERIFY_PIECE = 256 * 1024  # checksum-then-copy unit: well inside a core's L2
+PARALLEL_VERIFY = 4 * 1024**2  # from this many bytes, verification is split over two cores
+DIRECT_MIN = 64 * 1024  # smaller reads (block headers) are staged: a copy that small is free
+TRAILER_SLOT, TRAILER_SLAB = 64, 4096  # direct reads' trailers: 64 slots per registered slab
+
+
+@dataclass(frozen=True, slots=True)
+class _Late:
+    """A timed-out engine call that may still write into registered bytes ``[lo, hi)``."""
+
+    lo: int
+    hi: int
+    call: Call
 
 
 class MooncakeBackend:
-    """RemoteBackend on a Mooncake Store cluster (master + storage nodes)."""
+    """RemoteBackend (with ``RegisteredReads``) on a Mooncake Store cluster."""
 
     name = "mooncake"
 
@@ -54,20 +77,22 @@ class MooncakeBackend:
         self.prefix = prefix
         self.ttl_s = ttl_s  # Mooncake has no per-key TTL; see the module docstring
         self._cfg = parse_url(url)
-        self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="kvtier-mooncake")
+        self._workers = Workers(workers, "kvtier-mooncake")
+        self._crc_worker = Workers(1, "kvtier-mooncake-crc")
         self._lock = threading.Lock()
         self._store = None
         self._stages: list[torch.Tensor] = []  # free registered staging buffers
-        self._registered: set[int] = set()
+        self._trailers: list[torch.Tensor] = []  # free registered trailer slots
+        self._regions: list[tuple[int, int, torch.Tensor]] = []  # registered [lo, hi), owner
+        self._late: list[_Late] = []  # quarantined spans of registered memory
 
     # -- plumbing -------------------------------------------------------------------------------
 
     def _bounded(self, fn: Callable[[], T], deadline: float | None = None) -> T:
-        """Run ``fn`` on the worker pool; TimeoutError at ``deadline`` (default: now + timeout)."""
-        future = self._pool.submit(fn)
+        """Run ``fn`` on a worker; TimeoutError at ``deadline`` (default: now + timeout)."""
         try:
-            return future.result(timeout=self._left(deadline))
-        except cf.TimeoutError:
+            return self._workers.run(fn, self._left(deadline))
+        except TimeoutError:
             raise TimeoutError(f"mooncake call exceeded {self.timeout_s}s") from None
 
     def _left(self, deadline: float | None) -> float:
@@ -89,6 +114,13 @@ class MooncakeBackend:
     def _key(self, key: bytes) -> str:
         return self.prefix + key.hex()
 
+    def _register_new(self, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        rc = self._get_store().register_buffer(buf.data_ptr(), nbytes)
+        if rc != 0:
+            raise BackendUnavailable(f"mooncake register_buffer of {nbytes} bytes failed: {rc}")
+        return buf
+
     def _free_stage(self, nbytes: int) -> torch.Tensor | None:
         """The most recently used free stage that fits: it is the one still in cache."""
         with self._lock:
@@ -99,18 +131,196 @@ class MooncakeBackend:
 
     def _take_stage(self, nbytes: int) -> torch.Tensor:
         stage = self._free_stage(nbytes)
-        if stage is not None:
-            return stage
-        size = max(1 << (nbytes - 1).bit_length(), 1 << 20)
-        stage = torch.empty(size, dtype=torch.uint8)
-        rc = self._get_store().register_buffer(stage.data_ptr(), size)
-        if rc != 0:
-            raise BackendUnavailable(f"mooncake register_buffer of {size} bytes failed: {rc}")
-        return stage
+        return stage if stage is not None else \
+            self._register_new(max(1 << (nbytes - 1).bit_length(), 1 << 20))
 
     def _give_stage(self, stage: torch.Tensor) -> None:
         with self._lock:
             self._stages.append(stage)
+
+    def _take_trailers(self, n: int, deadline: float) -> list[torch.Tensor]:
+        with self._lock:
+            if len(self._trailers) >= n:
+                taken, self._trailers[-n:] = self._trailers[-n:], []
+                return taken
+        slabs = -(-n // (TRAILER_SLAB // TRAILER_SLOT))
+        new = self._bounded(lambda: [self._register_new(TRAILER_SLAB) for _ in range(slabs)],
+                            deadline)
+        self._give_trailers([slot for slab in new for slot in slab.split(TRAILER_SLOT)])
+        return self._take_trailers(n, deadline)
+
+    def _give_trailers(self, slots: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._trailers += slots
+
+    def _submit_get(self, fn: Callable[[], T], deadline: float, release: Callable[[], None],
+                    spans: Sequence[tuple[int, int]] = ()) -> T:
+        """Run an engine read by ``deadline``; the caller releases its buffers on return.
+
+        On timeout a call that never started is cancelled (``release`` at once); a running one
+        gets ``release`` only once it is over, and its ``spans`` of registered memory stay
+        quarantined until then. If the call raised, it is over: ``release`` at once.
+        """
+        call = self._workers.submit(fn)
+        if call.wait(self._left(deadline)):
+            try:
+                return call.result()
+            except BaseException:
+                release()  # the call is over: nothing writes into its buffers any more
+                raise
+        if call.cancel():
+            release()
+        else:
+            late = [_Late(lo, hi, call) for lo, hi in spans]
+            with self._lock:
+                self._late += late
+            call.add_done_callback(lambda _: self._settle(late, release))
+        raise TimeoutError(f"mooncake get exceeded {self.timeout_s}s")
+
+    def _settle(self, late: list[_Late], release: Callable[[], None]) -> None:
+        with self._lock:
+            for entry in late:
+                self._late.remove(entry)
+        release()
+
+    def _late_into(self, tensor: torch.Tensor) -> list[Call]:
+        if not self._late:  # the common case: no lock, no list
+            return []
+        lo = tensor.data_ptr()
+        hi = lo + tensor.numel() * tensor.element_size()
+        with self._lock:
+            return list({id(e.call): e.call for e in self._late if e.lo < hi and lo < e.hi}.values())
+
+    def _wait_late(self, outs: Sequence[torch.Tensor], deadline: float) -> None:
+        """Before writing into ``outs``: wait for late calls still writing there."""
+        for call in (c for out in outs for c in self._late_into(out)):
+            if not call.wait(self._left(deadline)):
+                raise TimeoutError("a timed-out mooncake read into this buffer is still running")
+
+    def _direct(self, out: torch.Tensor) -> bool:
+        """True when ``out`` may be written by the engine: registered host memory, big enough."""
+        if out.device.type != "cpu" or not out.is_contiguous() or out.numel() < DIRECT_MIN:
+            return False
+        lo = out.data_ptr()
+        hi = lo + out.numel() * out.element_size()
+        with self._lock:
+            return any(a <= lo and hi <= b for a, b, _ in self._regions)
+
+    def _checksums(self, views: Sequence[memoryview]) -> list[int]:
+        """crc32c of each view; with ``PARALLEL_VERIFY`` bytes or more, on two cores."""
+        if sum(v.nbytes for v in views) < PARALLEL_VERIFY:
+            return [checksum(v) for v in views]
+        pieces = []  # (view index, piece): a lone view is cut in two, several go whole
+        for i, v in enumerate(views):
+            half = v.nbytes // 2 if len(views) == 1 else v.nbytes
+            pieces += [(i, v[:half]), (i, v[half:])] if half < v.nbytes else [(i, v)]
+        helper = self._crc_worker.submit(lambda: [checksum(p) for _, p in pieces[1::2]])
+        crcs = [0] * len(pieces)
+        crcs[0::2] = [checksum(p) for _, p in pieces[0::2]]
+        helper.wait()
+        crcs[1::2] = helper.result()
+        out: list[int | None] = [None] * len(views)
+        for (i, p), c in zip(pieces, crcs, strict=True):
+            out[i] = c if out[i] is None else checksum_combine(out[i], c, p.nbytes)
+        return out
+
+    # -- RegisteredReads ------------------------------------------------------------------------
+
+    def register(self, tensor: torch.Tensor) -> None:
+        """Register host memory once for direct reads (and raw ``get_into``/``put_from``)."""
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise InvalidRequest(
+                f"mooncake can register only contiguous host memory, got a "
+                f"{'' if tensor.is_contiguous() else 'non-contiguous '}{tensor.device} tensor")
+        lo = tensor.data_ptr()
+        hi = lo + tensor.numel() * tensor.element_size()
+        with self._lock:
+            if any(a <= lo and hi <= b for a, b, _ in self._regions):
+                return
+        rc = self._bounded(lambda: self._get_store().register_buffer(lo, hi - lo))
+        if rc != 0:
+            raise BackendUnavailable(f"mooncake register_buffer of {hi - lo} bytes failed: {rc}")
+        with self._lock:
+            self._regions.append((lo, hi, tensor))
+
+    def unregister(self, tensor: torch.Tensor) -> bool:
+        lo = tensor.data_ptr()
+        with self._lock:
+            region = next((r for r in self._regions if r[0] == lo), None)
+        if region is None or self._late_into(region[2]):
+            return False
+        with self._lock:
+            self._regions.remove(region)
+        rc = self._bounded(lambda: self._get_store().unregister_buffer(lo))
+        return rc == 0
+
+    def when_settled(self, tensor: torch.Tensor, fn: Callable[[], None]) -> None:
+        late = self._late_into(tensor)
+        if not late:
+            fn()
+            return
+        left = [len(late)]
+        lock = threading.Lock()
+
+        def one_done(_: Call) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                fn()
+
+        for call in late:  # runs after ``_settle``: it was added first
+            call.add_done_callback(one_done)
+
+    def get_many_into(self, keys: Sequence[bytes],
+                      outs: Sequence[torch.Tensor]) -> list[int | Exception]:
+        if len(keys) != len(outs):
+            raise InvalidRequest(f"get_many_into needs one out per key: {len(keys)} keys, "
+                                 f"{len(outs)} outs")
+        deadline = time.monotonic() + self.timeout_s  # one bound for the whole prefix
+        self._wait_late(outs, deadline)
+        direct = [j for j, out in enumerate(outs) if self._direct(out)]
+        results: list[int | Exception | None] = [None] * len(keys)
+        if direct:
+            got = self._get_direct([keys[j] for j in direct], [outs[j] for j in direct], deadline)
+            for j, res in zip(direct, got, strict=True):
+                results[j] = res
+        for j, res in enumerate(results):
+            if res is None:  # not registered, or not a whole value: the staged path says why
+                try:
+                    results[j] = self._get_staged(keys[j], outs[j], 0, deadline)
+                except (KeyError, CorruptBlock, InvalidRequest) as e:
+                    results[j] = e
+        return results
+
+    def _get_direct(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
+                    deadline: float) -> list[int | Exception | None]:
+        """Whole values straight into registered ``outs``, one engine call; per key the count,
+        the exception, or None where the value is not exactly ``out``'s size."""
+        slots = self._take_trailers(len(keys), deadline)
+        names = [self._key(k) for k in keys]
+        ptrs = [[o.data_ptr(), s.data_ptr()] for o, s in zip(outs, slots, strict=True)]
+        sizes = [[o.numel(), TRAILER.size] for o in outs]
+        codes = self._submit_get(  # on timeout the trailers wait for the late call
+            lambda: self._get_store().batch_get_into_multi_buffers(names, ptrs, sizes),
+            deadline, lambda: self._give_trailers(slots),
+            [(p[0], p[0] + o.numel()) for p, o in zip(ptrs, outs, strict=True)])
+        try:
+            stored = [TRAILER.unpack_from(s.numpy())[0] for s in slots]
+        finally:
+            self._give_trailers(slots)
+        results: list[int | Exception | None] = [None] * len(keys)
+        ok = []
+        for j, (n, out) in enumerate(zip(codes, outs, strict=True)):
+            if n == NOT_FOUND:
+                results[j] = KeyError(keys[j])
+            elif n == out.numel() + TRAILER.size:
+                ok.append(j)
+        crcs = self._checksums([memoryview(outs[j].numpy()) for j in ok])
+        for j, crc in zip(ok, crcs, strict=True):
+            results[j] = outs[j].numel() if crc == stored[j] else \
+                CorruptBlock(f"mooncake value {keys[j].hex()} failed its crc32c check")
+        return results
 
     # -- RemoteBackend ------------------------------------------------------------------------
 
@@ -130,8 +340,18 @@ class MooncakeBackend:
             raise BackendUnavailable(f"mooncake put of {key.hex()} failed: {rc}")
 
     def get_into(self, key: bytes, out: torch.Tensor, offset: int = 0) -> int:
-        nbytes = out.numel()
         deadline = time.monotonic() + self.timeout_s  # one bound for the whole call
+        self._wait_late([out], deadline)
+        if offset == 0 and self._direct(out):
+            res = self._get_direct([key], [out], deadline)[0]
+            if isinstance(res, Exception):
+                raise res
+            if res is not None:
+                return res
+        return self._get_staged(key, out, offset, deadline)
+
+    def _get_staged(self, key: bytes, out: torch.Tensor, offset: int, deadline: float) -> int:
+        nbytes = out.numel()
         n, stage = self._fetch(key, offset + nbytes + TRAILER.size, deadline)
         try:
             if n == NOT_FOUND:
@@ -141,6 +361,7 @@ class MooncakeBackend:
                 if total is None:
                     raise KeyError(key)
                 self._give_stage(stage)
+                stage = None  # given back: a failed retry must not give it twice
                 n, stage = self._fetch(key, total + TRAILER.size, deadline)
                 if n == NOT_FOUND:
                     raise KeyError(key)
@@ -155,22 +376,20 @@ class MooncakeBackend:
                 raise CorruptBlock(f"mooncake value {key.hex()} failed its crc32c check")
             return nbytes
         finally:
-            self._give_stage(stage)
+            if stage is not None:
+                self._give_stage(stage)
 
     def _fetch(self, key: bytes, capacity: int, deadline: float) -> tuple[int, torch.Tensor]:
-        """``get_into`` a staging buffer of at least ``capacity`` bytes, done by ``deadline``."""
+        """``get_into`` a staging buffer of at least ``capacity`` bytes, done by ``deadline``.
+        A late write lands in the stage, which is handed back only once the call is over."""
         stage = self._free_stage(capacity)  # the common case: no call into the client
         if stage is None:
             stage = self._bounded(lambda: self._take_stage(capacity), deadline)
         name = self._key(key)
-        future = self._pool.submit(
-            lambda: self._get_store().get_into(name, stage.data_ptr(), stage.numel()))
-        try:
-            return future.result(timeout=self._left(deadline)), stage
-        except cf.TimeoutError:
-            # The late write lands in ``stage``; hand it back only once the call is over.
-            future.add_done_callback(lambda _: self._give_stage(stage))
-            raise TimeoutError(f"mooncake get_into exceeded {self.timeout_s}s") from None
+        n = self._submit_get(
+            lambda: self._get_store().get_into(name, stage.data_ptr(), stage.numel()),
+            deadline, lambda: self._give_stage(stage))
+        return n, stage
 
     def size(self, key: bytes, deadline: float | None = None) -> int | None:
         n = self._bounded(lambda: self._get_store().get_size(self._key(key)), deadline)
@@ -190,32 +409,26 @@ class MooncakeBackend:
 
     def close(self) -> None:
         """Close the client once no call is running in it; a call stuck past a grace period
-        leaks the client instead (closing it under a running call crashes the process)."""
+        leaks the client (and the memory registered with it) instead: closing it under a
+        running call crashes the process."""
         with self._lock:
             store, self._store = self._store, None
             self._stages.clear()
-        drained = threading.Thread(target=self._pool.shutdown, kwargs={"cancel_futures": True},
-                                   daemon=True)
-        drained.start()
-        drained.join(self.timeout_s * 2 + 5)
+            self._trailers.clear()
+        self._crc_worker.shutdown(0)
+        drained = self._workers.shutdown(self.timeout_s * 2 + 5)
         if store is None:
             return
-        if drained.is_alive():
+        if not drained:
             log.warning("mooncake call still running at close; leaving the client open")
             return
         store.close()
+        with self._lock:
+            self._regions.clear()
 
     def raw_store(self):
         """The Mooncake client itself, for benchmarks against the raw API."""
         return self._bounded(self._get_store)
-
-    def register(self, tensor: torch.Tensor) -> None:
-        """Register a host buffer once for zero-copy raw ``get_into``/``put_from`` (benchmarks)."""
-        with self._lock:
-            if tensor.data_ptr() in self._registered:
-                return
-            self._registered.add(tensor.data_ptr())
-        self._get_store().register_buffer(tensor.data_ptr(), tensor.numel())
 
 
 def _verify_copy(data: memoryview, length: int, out: torch.Tensor, offset: int) -> int:

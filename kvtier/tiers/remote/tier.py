@@ -15,6 +15,11 @@ Guarantees:
   it lets one probe through after the cool-down and closes when the engine answers again.
 - ``scan`` yields nothing: the index of a shared tier is the engine itself.
 - A block failing its checksum raises ``CorruptBlock`` and is deleted from the engine.
+- Reads into host memory registered with ``register`` may land there straight from the engine
+  (backends with ``RegisteredReads``): no staging copy, the bytes still verified before a read
+  returns. Memory that a timed-out read may still write is quarantined until that call is
+  over: reads into it wait for it, and its owner reuses it for anything else only after
+  ``when_settled``/``wait_settled``.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from typing import TypeVar
 import torch
 
 from kvtier.config import RemoteTierConfig
-from kvtier.errors import BackendUnavailable, CorruptBlock, StorageFull
+from kvtier.errors import BackendUnavailable, CorruptBlock, InvalidRequest, StorageFull
 from kvtier.stats import Histogram
 from kvtier.tiers.base import BlockMeta
-from kvtier.tiers.remote.base import RemoteBackend, as_byte_view
+from kvtier.tiers.remote.base import RegisteredReads, RemoteBackend, as_byte_view
 from kvtier.tiers.remote.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -157,6 +162,84 @@ class RemoteTier:
             self._c["bytes_read"] += n
             self._read_seconds.observe(dt)
         return n
+
+    def read_blocks_into(self, keys: Sequence[bytes],
+                         outs: Sequence[torch.Tensor]) -> list[int | Exception]:
+        """Whole blocks ``keys[i]`` into ``outs[i]`` (each exactly the block's size): a prefix in
+        one bounded engine call where the backend batches (``RegisteredReads`` and registered
+        ``outs``), else one ``read_into`` each. Per block the byte count or the exception
+        ``read_into`` would raise (``KeyError`` for misses, errors and timeouts alike,
+        ``CorruptBlock`` after deleting the copy); never raises for a single block.
+        """
+        if not isinstance(self.backend, RegisteredReads):
+            return [self._read_or_error(k, o) for k, o in zip(keys, outs, strict=True)]
+        t0 = time.perf_counter()
+        try:
+            got = self._call(lambda: self.backend.get_many_into(list(keys), list(outs)))
+        except InvalidRequest as e:
+            return [e] * len(keys)
+        if got is _FAILED:
+            self._bump("read_misses", len(keys))
+            return [KeyError(k) for k in keys]
+        dt = time.perf_counter() - t0
+        for key, res in zip(keys, got, strict=True):
+            if isinstance(res, CorruptBlock):
+                self._bump("corrupt_blocks")
+                self._call(lambda key=key: self.backend.delete(key))
+            elif isinstance(res, KeyError):
+                self._bump("read_misses")
+        done = [n for n in got if not isinstance(n, Exception)]
+        with self._lock:
+            self._c["blocks_read"] += len(done)
+            self._c["bytes_read"] += sum(done)
+            if done:
+                self._read_seconds.observe(dt)
+        return got
+
+    def _read_or_error(self, key: bytes, out: torch.Tensor) -> int | Exception:
+        try:
+            return self.read_into(key, out)
+        except (KeyError, CorruptBlock, InvalidRequest) as e:
+            return e
+
+    def register(self, tensor: torch.Tensor) -> bool:
+        """Let the backend read straight into ``tensor`` (host memory, registered once); False
+        where it cannot (reads into it are then staged and copied, as before). Call it once per
+        long-lived buffer, e.g. a staging ring, never per read: registration is slow.
+        """
+        if not isinstance(self.backend, RegisteredReads):
+            return False
+        try:
+            self.backend.register(tensor)
+        except (TimeoutError, BackendUnavailable, OSError) as e:
+            log.warning("remote %s: registering %d bytes failed: %s",
+                        self.backend.name, tensor.numel() * tensor.element_size(), e)
+            return False
+        return True
+
+    def unregister(self, tensor: torch.Tensor) -> bool:
+        """Undo ``register``; False (still registered) while a timed-out read may write into it."""
+        if not isinstance(self.backend, RegisteredReads):
+            return False
+        try:
+            return self.backend.unregister(tensor)
+        except (TimeoutError, BackendUnavailable, OSError):
+            return False
+
+    def when_settled(self, tensor: torch.Tensor, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once no timed-out read can still write into ``tensor``: at once in the
+        common case, else in the thread that finishes the late read. E.g. a staging slot whose
+        read failed goes back to its ring through this, so it is never reused too early."""
+        if isinstance(self.backend, RegisteredReads):
+            self.backend.when_settled(tensor, fn)
+        else:
+            fn()
+
+    def wait_settled(self, tensor: torch.Tensor, timeout: float | None = None) -> bool:
+        """Block until ``when_settled`` would fire; False if ``timeout`` passed first."""
+        done = threading.Event()
+        self.when_settled(tensor, done.set)
+        return done.wait(timeout)
 
     def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta) -> None:
         """Queue an asynchronous write; refuses (and counts) it if over the bound or breaker open."""
