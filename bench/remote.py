@@ -1,21 +1,29 @@
 """Reload throughput of the remote tier vs the raw engine client, in the same run.
 
 Each run writes ``--blocks`` random blocks per size twice (through kvtier and as plain values),
-warms both paths up, then reloads every block ``--reps`` times through both paths interleaved
-call by call, alternating which goes first, so drift in a shared machine's load hits both
-alike. Reported per path: median and p99 of one call, GB/s at the median; per size: kvtier's
-GB/s as a share of raw's (median over runs, with the min-max spread over ``--runs`` runs).
+warms both paths up, then reloads ``--reps`` times through both paths interleaved call by call,
+alternating which goes first, so drift in a shared machine's load hits both alike. A call is
+one block (``--unit block``: every block in turn) or the whole prefix of ``--blocks`` blocks
+(``--unit prefix``). Reported per path: median and p99 of one call, GB/s at the median; per
+size: kvtier's GB/s as a share of raw's (median over runs, with the min-max spread over runs).
 
 What each path does (the raw side does less work, by design: it is the bar to reach):
-- ``kvtier``: ``RemoteTier.read_into`` into a plain host tensor: one bounded call through the
-  breaker, crc32c verified, bytes delivered into the caller's tensor.
-- ``raw``: redis-py ``GET`` returning ``bytes`` (no verification, no copy into a tensor);
-  Mooncake ``get_into`` into a buffer registered once (no verification, no timeout bound).
+- ``kvtier``: into host memory registered once with ``RemoteTier.register``, as raw's is (a
+  loader registers its staging ring the same way): per block ``RemoteTier.read_into``, per
+  prefix ``RemoteTier.read_blocks_into``; bounded calls through the breaker, crc32c of every
+  byte verified, bytes delivered into the caller's tensor (Mooncake: straight into it; Redis
+  ignores the registration).
+- ``raw``: redis-py ``GET`` (per prefix: one pipeline of them) returning ``bytes`` (nothing
+  verified, no copy into a tensor); Mooncake ``get_into`` (per prefix: one ``batch_get_into``)
+  into a buffer registered once (nothing verified, no timeout bound).
 - with ``--detail``, references that attribute kvtier's costs: ``raw+crc`` (raw, then crc32c
-  of the bytes) and, for Mooncake, ``raw+hop`` (raw ``get_into`` run on a worker thread, the
-  price of bounding a call that may stall).
+  of the bytes in one thread; per prefix Mooncake only) and, per block for Mooncake,
+  ``raw+hop`` (raw ``get_into`` run on a worker thread, the price of bounding a call that may
+  stall) and ``kvtier-staged`` (kvtier into an unregistered tensor: read into a staging
+  buffer, then verified and copied out, as before registration existed).
 
     python bench/remote.py --engine all --runs 3            # loopback redis-server + Mooncake
+    python bench/remote.py --engine all --runs 3 --unit prefix
     python bench/remote.py --url redis://host:6379/0 --sizes 2MiB,16MiB --reps 30
 """
 
@@ -49,7 +57,7 @@ WARMUP_PASSES = 3
 Read = Callable[[int], None]
 
 
-def _raw_redis(tier, size: int, detail: bool) -> tuple[Callable, Callable, dict]:
+def _raw_redis(tier, size: int, detail: bool, prefix: bool) -> tuple[Callable, Callable, dict]:
     client = tier.backend.raw_client()
     keys: list[bytes] = []
 
@@ -64,16 +72,25 @@ def _raw_redis(tier, size: int, detail: bool) -> tuple[Callable, Callable, dict]
     def raw_crc(i: int) -> None:
         checksum(client.get(keys[i]))
 
+    def raw_prefix(_: int) -> None:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        assert all(v is not None and len(v) == size for v in pipe.execute())
+
     def teardown() -> None:
         client.delete(*keys)
 
+    if prefix:
+        return setup, teardown, {"raw": raw_prefix}
     return setup, teardown, {"raw": raw, **({"raw+crc": raw_crc} if detail else {})}
 
 
-def _raw_mooncake(tier, size: int, detail: bool) -> tuple[Callable, Callable, dict]:
+def _raw_mooncake(tier, size: int, detail: bool, prefix: bool) -> tuple[Callable, Callable, dict]:
     store = tier.backend.raw_store()
     buf = torch.empty(size, dtype=torch.uint8)  # registered once, reused: the raw client's best
     tier.backend.register(buf)
+    many: list[torch.Tensor] = []  # per prefix: one registered buffer per block
     view = memoryview(buf.numpy())
     keys: list[str] = []
     hop = cf.ThreadPoolExecutor(1)
@@ -92,19 +109,40 @@ def _raw_mooncake(tier, size: int, detail: bool) -> tuple[Callable, Callable, di
         raw(i)
         checksum(view)
 
+    def raw_prefix(_: int) -> None:
+        if not many:  # once all keys are known
+            whole = torch.empty(len(keys) * size, dtype=torch.uint8)
+            tier.backend.register(whole)
+            many.extend(whole.split(size))
+        ptrs, sizes = [b.data_ptr() for b in many], [size] * len(keys)
+        got = store.batch_get_into(keys, ptrs, sizes)
+        for _ in range(3):  # a lease that expired under a stall: read those again
+            if all(n == size for n in got):
+                return
+            assert all(n in (size, LEASE_EXPIRED) for n in got), got
+            got = store.batch_get_into(keys, ptrs, sizes)
+        raise AssertionError(got)
+
+    def raw_prefix_crc(i: int) -> None:
+        raw_prefix(i)
+        for b in many:
+            checksum(memoryview(b.numpy()))
+
     def teardown() -> None:
         hop.shutdown()
-        for key in keys:  # the lease of the last read may still hold it for a moment
-            deadline = time.monotonic() + 5
-            while store.remove(key) not in (0, NOT_FOUND) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        for key in keys:  # forced: the lease of the last read may still hold it
+            assert store.remove(key, True) in (0, NOT_FOUND)
 
+    if prefix:
+        return setup, teardown, {"raw": raw_prefix, **({"raw+crc": raw_prefix_crc} if detail else {})}
     extra = {"raw+crc": raw_crc, "raw+hop": lambda i: hop.submit(raw, i).result()}
     return setup, teardown, {"raw": raw, **(extra if detail else {})}
 
 
-def _kvtier(tier, keys: list[bytes], size: int) -> Read:
+def _kvtier(tier, keys: list[bytes], size: int, register: bool = True) -> Read:
     out = torch.empty(size, dtype=torch.uint8)
+    if register:  # like raw's buffer: registered once (Mooncake then reads straight into it)
+        tier.register(out)
 
     def read(i: int) -> None:
         for attempt in range(3):
@@ -118,14 +156,32 @@ def _kvtier(tier, keys: list[bytes], size: int) -> Read:
     return read
 
 
-def measure(engine: str, url: str, size: int, blocks: int, reps: int, detail: bool) -> dict:
+def _kvtier_prefix(tier, keys: list[bytes], size: int) -> Read:
+    ring = torch.empty(len(keys) * size, dtype=torch.uint8)
+    tier.register(ring)  # as a loader registers its staging ring, once
+    outs = list(ring.split(size))
+
+    def read(_: int) -> None:
+        todo = list(range(len(keys)))
+        for _attempt in range(3):  # blocks whose lease expired under a stall: read them again
+            got = tier.read_blocks_into([keys[j] for j in todo], [outs[j] for j in todo])
+            todo = [j for j, n in zip(todo, got, strict=True) if n != size]
+            if not todo:
+                return
+        raise AssertionError(f"blocks {todo} not reloaded")
+
+    return read
+
+
+def measure(engine: str, url: str, size: int, blocks: int, reps: int, detail: bool,
+            prefix: bool = False) -> dict:
     """One run for one size: per path, the per-call seconds of every timed reload."""
     backend = {"redis": "redis", "cluster": "redis-cluster", "mooncake": "mooncake"}[engine]
     cfg = RemoteTierConfig(backend=backend, url=url, timeout_s=10.0, max_inflight_bytes=2 * 1024**3)
     tier = make_remote_tier(cfg, prefix=f"bench{os.getpid()}-{os.urandom(4).hex()}:")
     try:
         raw = _raw_mooncake if engine == "mooncake" else _raw_redis
-        setup, teardown, paths = raw(tier, size, detail)
+        setup, teardown, paths = raw(tier, size, detail, prefix)
         keys = []
         for _ in range(blocks):
             data, key = os.urandom(size), os.urandom(16)
@@ -133,19 +189,25 @@ def measure(engine: str, url: str, size: int, blocks: int, reps: int, detail: bo
             setup(key, data)
             keys.append(key)
         assert tier.flush(120), "remote writes did not finish"
-        paths = {"kvtier": _kvtier(tier, keys, size), **paths}
+        if prefix:
+            paths = {"kvtier": _kvtier_prefix(tier, keys, size), **paths}
+        else:
+            paths = {"kvtier": _kvtier(tier, keys, size), **paths}
+            if detail and engine == "mooncake":
+                paths["kvtier-staged"] = _kvtier(tier, keys, size, register=False)
         check = torch.empty(size, dtype=torch.uint8)
         tier.read_into(keys[-1], check)  # bit-exact, outside the timed region
         assert check.numpy().tobytes() == data, "kvtier reloaded other bytes than were put"
+        calls = 1 if prefix else blocks  # per rep: the prefix once, or each block once
         for _ in range(WARMUP_PASSES):  # connections, staging buffers, page faults, caches
             for read in paths.values():
-                for i in range(blocks):
+                for i in range(calls):
                     read(i)
         times: dict[str, list[float]] = {name: [] for name in paths}
         order = list(paths)
         for r in range(reps):
-            for i in range(blocks):
-                for name in order if (r * blocks + i) % 2 == 0 else order[::-1]:
+            for i in range(calls):
+                for name in order if (r * calls + i) % 2 == 0 else order[::-1]:
                     t0 = time.perf_counter()
                     paths[name](i)
                     times[name].append(time.perf_counter() - t0)
@@ -161,15 +223,17 @@ def measure(engine: str, url: str, size: int, blocks: int, reps: int, detail: bo
         tier.close()
 
 
-def summarize(engine: str, size: int, runs: list[dict]) -> list[dict]:
-    """Rows per path: p50/p99 over all runs' calls; ratio = median over runs, with spread."""
+def summarize(engine: str, size: int, runs: list[dict], per_call: int | None = None) -> list[dict]:
+    """Rows per path: p50/p99 over all runs' calls; ratio = median over runs, with spread.
+    ``per_call``: bytes one call reads (default ``size``: one block)."""
+    per_call = per_call or size
     ratios = {name: [median(r["raw"]) / median(r[name]) for r in runs] for name in runs[0]}
     rows = []
     for name in runs[0]:
         ts = [t for r in runs for t in r[name]]
         rows.append({"engine": engine, "size": size, "path": name, "n": len(ts),
                      "p50_ms": median(ts) * 1e3, "p99_ms": p99(ts) * 1e3,
-                     "gbps": size / median(ts) / 1e9, "ratio": statistics.median(ratios[name]),
+                     "gbps": per_call / median(ts) / 1e9, "ratio": statistics.median(ratios[name]),
                      "spread": (min(ratios[name]), max(ratios[name]))})
     return rows
 
@@ -189,7 +253,7 @@ def _engine(engine: str):
     if engine == "mooncake":
         from tests.integration.remote_mooncake import MooncakeMaster
 
-        return MooncakeMaster()
+        return MooncakeMaster(segment_bytes=1024**3, lease_ms=5000)  # Mooncake's default lease
     return {"redis": rs.RedisServer, "cluster": rs.RedisCluster}[engine]()
 
 
@@ -201,7 +265,10 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20, help="timed reloads of each block per run")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--detail", action="store_true", help="add raw+crc / raw+hop references")
+    ap.add_argument("--unit", choices=["block", "prefix"], default="block",
+                    help="what one timed call reads: one block, or the prefix of --blocks")
+    ap.add_argument("--detail", action="store_true",
+                    help="add raw+crc / raw+hop / kvtier-staged references")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -212,9 +279,10 @@ def main() -> None:
         try:
             url = args.url or srv.url
             for size in sizes:
-                runs = [measure(engine, url, size, args.blocks, args.reps, args.detail)
+                prefix = args.unit == "prefix"
+                runs = [measure(engine, url, size, args.blocks, args.reps, args.detail, prefix)
                         for _ in range(args.runs)]
-                rows += summarize(engine, size, runs)
+                rows += summarize(engine, size, runs, size * args.blocks if prefix else size)
                 log.info("%s %s per-run kvtier/raw: %s", engine, format_size(size), " ".join(
                     f"{median(r['raw']) / median(r['kvtier']):.0%}" for r in runs))
         finally:
