@@ -229,6 +229,9 @@ def matrix(directory: str, out: str, size: int, runtime: float, repeat: int, rem
                          f"{a['GB/s'] / b['GB/s']:.2f}", f"{paired:.2f}", f"{a['IOPS']:.0f}", f"{b['IOPS']:.0f}",
                          *(f"{a[x]:.2f} / {b[x]:.2f}" for x in ("p50 ms", "p99 ms", "p99.9 ms")),
                          f"{a['p99 ms'] / b['p99 ms']:.2f}"])
+    reads = table(["block", "QD", "kvtier GB/s", "fio GB/s", "ratio", "paired ratio", "kvtier IOPS", "fio IOPS",
+                   "p50 ms kv / fio", "p99 ms kv / fio", "p99.9 ms kv / fio", "p99 ratio"], rows)
+    say(f"matrix: reads done\n{reads}")  # kept even if a later phase fails (e.g. a full disk)
     host = run_kvtier(IOParams(tier="host", bs=2 * 1024**2, size=min(size, 1024**3), runtime=runtime))
     cdf["host (kvtier, 2 MiB QD1)"] = (host.read.clat_ns / 1e9).tolist()
     if remote_url:
@@ -256,8 +259,6 @@ def matrix(directory: str, out: str, size: int, runtime: float, repeat: int, rem
     doc["cdf_samples"] = {k: len(v) for k, v in cdf.items()}
     bandwidth_plots(doc, dest)
     latency_cdf(dest / "bench_io_latency_cdf.png", cdf, title="2 MiB random read latency per tier (QD1)")
-    reads = table(["block", "QD", "kvtier GB/s", "fio GB/s", "ratio", "paired ratio", "kvtier IOPS", "fio IOPS",
-                   "p50 ms kv / fio", "p99 ms kv / fio", "p99.9 ms kv / fio", "p99 ratio"], rows)
     writes = table(["block", "QD", "kvtier put GB/s", "fio write GB/s", "ratio"], wrows)
     doc["tables"] = {"reads": reads, "writes": writes}
     (dest / "matrix.json").write_text(json.dumps(doc))
