@@ -21,6 +21,13 @@ def test_openapi_lists_every_endpoint_and_binary_bodies():
     assert "application/msgpack" in paths["/v1/kv/get"]["post"]["responses"]["200"]["content"]
     assert set(paths["/v1/kv"]) == {"put", "delete"}
     assert paths["/v1/lookup"]["post"]["responses"]["404"]
+    for path, method in (("/v1/kv/shm", "put"), ("/v1/kv/shm/get", "post")):
+        content = paths[path][method]["requestBody"]["content"]
+        assert set(content) == {"application/json", "application/msgpack"}
+        props = content["application/msgpack"]["schema"]["properties"]
+        assert {"namespace", "token_ids", "region"} <= set(props)
+        assert props["region"]["properties"]["name"]["type"] == "string"  # nested models inlined
+        assert "$defs" not in str(content)
 
 
 def test_health_stats_and_latency_by_route_template():

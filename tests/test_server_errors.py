@@ -7,6 +7,7 @@ from multiprocessing import shared_memory
 
 import httpx
 import msgpack
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,16 @@ def put_body(tensors, ids=IDS):
 def shm_get(name: str, size: int = 1 << 20, offset: int = 0):
     return {"json": {"namespace": "chat", "token_ids": IDS,
                      "region": {"name": name, "offset": offset, "size": size}}}
+
+
+def shm_get_mp(token_ids, name: str = "kvtier-no-such-region", **over):
+    """A shared-memory get as the client sends it: msgpack, token ids packed (``server.body``)."""
+    return mp({"namespace": "chat", "token_ids": token_ids,
+               "region": {"name": name, "offset": 0, "size": 1 << 20}, **over})
+
+
+def packed(ids) -> bytes:
+    return np.asarray(ids, dtype="<i8").tobytes()
 
 
 SMALL_SHM = "kvtier-test-small-region"
@@ -98,6 +109,21 @@ CASES = [
     ("shm-size-short", A, "PUT", "/v1/kv/shm",
      {"json": {"namespace": "chat", "token_ids": IDS, "layout": LAYOUT.to_dict(),
                "region": {"name": SMALL_SHM, "size": 100}}}, 400, "region.size is 100"),
+    ("shm-packed-ids-ragged", A, "POST", "/v1/kv/shm/get", shm_get_mp(packed(IDS)[:-3]), 400,
+     "multiple of 8 bytes"),
+    ("shm-packed-ids-empty", A, "POST", "/v1/kv/shm/get", shm_get_mp(b""), 400, "non-empty"),
+    ("shm-packed-ids-negative", A, "POST", "/v1/kv/shm/get", shm_get_mp(packed([5, -2])), 422,
+     "got -2"),
+    ("shm-msgpack-unknown-field", A, "POST", "/v1/kv/shm/get", shm_get_mp(packed(IDS), slot=3), 422,
+     "slot"),
+    ("shm-msgpack-malformed", A, "POST", "/v1/kv/shm/get",
+     {"content": b"\xc1\xc1", "headers": {"content-type": MSGPACK}}, 400, "malformed msgpack"),
+    ("shm-msgpack-packed-ok-but-missing-region", A, "POST", "/v1/kv/shm/get",
+     shm_get_mp(packed(IDS), name="kvtier-no-such-region"), 404, "does not exist"),
+    ("lookup-packed-ragged", A, "POST", "/v1/lookup",
+     mp({"namespace": "chat", "token_ids": packed(IDS)[:-1]}), 400, "multiple of 8 bytes"),
+    ("shm-json-malformed", A, "PUT", "/v1/kv/shm",
+     {"content": b'{"namespace": ', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
 ]
 
 
@@ -127,6 +153,21 @@ def test_bad_request_is_refused_and_named(server, case):
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert body["status"] == status and body["error"] and words in body["message"], body
+
+
+def test_packed_listed_and_json_token_ids_answer_alike(server):
+    url, _ = server
+    auth = {"authorization": f"Bearer {A}"}
+    ids = IDS + [999]  # 64 cached tokens and one more
+    bodies = [{"json": {"namespace": "chat", "token_ids": ids}},
+              mp({"namespace": "chat", "token_ids": ids}),
+              mp({"namespace": "chat", "token_ids": packed(ids)})]
+    answers = []
+    for kw in bodies:
+        resp = httpx.post(url + "/v1/lookup", **{**kw, "headers": {**kw.get("headers", {}), **auth}})
+        assert resp.status_code == 200, resp.text
+        answers.append(resp.json())
+    assert answers[0]["tokens"] == 64 and answers[1] == answers[0] and answers[2] == answers[0]
 
 
 def test_nothing_changed_after_bad_requests(server):

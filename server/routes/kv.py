@@ -2,7 +2,8 @@
 
 msgpack suits a remote engine (one copy into the body each way); the shared-memory path
 suits an engine on the same host: the client names a region it created, the server reads
-from or writes into it, and only a small JSON control message crosses HTTP.
+from or writes into it, and only a small control message (JSON, or msgpack with packed token
+ids) crosses HTTP.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from kvtier.wire import (
     packed_views,
     unpack_from,
 )
+from server.body import decode, openapi_body, tokens_body
 from server.deps import Ctx, CtxDep
-from server.errors import Forbidden, PayloadTooLarge, UnsupportedMediaType
+from server.errors import Forbidden, PayloadTooLarge
 from server.schemas import ShmGetOut, ShmGetRequest, ShmPutRequest, StoredOut
 from server.shm import region_cache
 
@@ -48,29 +50,6 @@ _GET_RESPONSE = {200: {"description": "KV of the longest cached prefix (kv is nu
                            "tokens": {"type": "integer"}, "kv": {**_KV, "nullable": True}}}}}}}
 
 
-async def _decode(request: Request, *, json_ok: bool) -> dict[str, Any]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await request.body()
-    if ctype == MSGPACK:
-        try:
-            d = msgpack.unpackb(body, raw=False)
-        except Exception as e:  # noqa: BLE001  msgpack raises many types for bad input
-            raise InvalidRequest(f"malformed msgpack body: {e}") from None
-    elif json_ok and ctype == "application/json":
-        import json
-
-        try:
-            d = json.loads(body)
-        except ValueError as e:
-            raise InvalidRequest(f"malformed JSON body: {e}") from None
-    else:
-        want = MSGPACK + (" or application/json" if json_ok else "")
-        raise UnsupportedMediaType(f"content-type {ctype or '(none)'!r} is not accepted here: send {want}")
-    if not isinstance(d, dict):
-        raise InvalidType(f"body must be a map, got {type(d).__name__}")
-    return d
-
-
 def _field(d: dict, name: str, kind: type) -> Any:
     if name not in d:
         raise InvalidRequest(f"body is missing field {name!r}")
@@ -82,7 +61,7 @@ def _field(d: dict, name: str, kind: type) -> Any:
 @router.put("", response_model=StoredOut, openapi_extra=_PUT_BODY)
 async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
     """Store KV (msgpack) for ``token_ids``; shape and dtype must match the namespace layout."""
-    d = await _decode(request, json_ok=False)
+    d = await decode(request, json_ok=False)
     extra = set(d) - {"namespace", "token_ids", "kv"}
     if extra:
         raise InvalidRequest(f"unknown body fields {sorted(extra)}")
@@ -100,7 +79,7 @@ async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
 @router.post("/get", openapi_extra=_GET_BODY, responses=_GET_RESPONSE, response_class=Response)
 async def get(request: Request, ctx: Ctx = CtxDep) -> Response:
     """KV of the longest cached prefix of ``token_ids``, as msgpack."""
-    d = await _decode(request, json_ok=True)
+    d = await decode(request, json_ok=True)
     ids = _field(d, "token_ids", list)
     ctx.check_tokens(ids)
     ns = ctx.namespace(_field(d, "namespace", str))
@@ -119,14 +98,17 @@ def _shm_on(ctx: Ctx) -> None:
         raise Forbidden("the shared-memory data path is disabled on this server (--shm false)")
 
 
-@router.put("/shm", response_model=StoredOut)
-async def put_shm(body: ShmPutRequest, request: Request, ctx: Ctx = CtxDep) -> dict:
+@router.put("/shm", response_model=StoredOut,
+            openapi_extra=openapi_body(ShmPutRequest, "application/json", MSGPACK))
+async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     """Store KV the client wrote into shared-memory region ``region.name``.
 
     Each tensor has ``slot_tokens`` rows in the region (default: one per token id); the first
     ``len(token_ids)`` rows are stored. The server encodes straight from views of the region.
+    JSON or msgpack (token ids may come packed: ``server.body``).
     """
     _shm_on(ctx)
+    body = await tokens_body(request, ShmPutRequest)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
     layout = KVLayout.from_dict(body.layout.model_dump())
@@ -160,11 +142,13 @@ async def put_shm(body: ShmPutRequest, request: Request, ctx: Ctx = CtxDep) -> d
     return {"tokens": await ctx.call(work)}
 
 
-@router.post("/shm/get", response_model=ShmGetOut)
-async def get_shm(body: ShmGetRequest, request: Request, ctx: Ctx = CtxDep) -> dict:
+@router.post("/shm/get", response_model=ShmGetOut,
+             openapi_extra=openapi_body(ShmGetRequest, "application/json", MSGPACK))
+async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     """Decode the longest cached prefix straight into region ``region.name`` (packed layout with
-    ``slot_tokens`` rows per tensor; the first ``tokens`` rows are valid)."""
+    ``slot_tokens`` rows per tensor; the first ``tokens`` rows are valid). JSON or msgpack."""
     _shm_on(ctx)
+    body = await tokens_body(request, ShmGetRequest)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
     if ns.layout is None:

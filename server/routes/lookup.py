@@ -1,18 +1,28 @@
-"""``/v1/lookup`` and ``DELETE /v1/kv``: where a prefix's blocks are, and evicting them."""
+"""``/v1/lookup`` and ``DELETE /v1/kv``: where a prefix's blocks are, and evicting them.
+
+Bodies are JSON or msgpack; msgpack may carry the token ids packed (``server.body``), which is
+what ``KVTierClient`` sends: parsing an 8K-token JSON list costs more than the lookup itself.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
+from kvtier.wire import MSGPACK
+from server.body import openapi_body, tokens_body
 from server.deps import Ctx, CtxDep
 from server.schemas import CountOut, HitOut, TokensRequest
 
 router = APIRouter(tags=["lookup"])
 
 
-@router.post("/v1/lookup", response_model=HitOut)
-async def lookup(body: TokensRequest, ctx: Ctx = CtxDep) -> dict:
+_BODY = openapi_body(TokensRequest, "application/json", MSGPACK)
+
+
+@router.post("/v1/lookup", response_model=HitOut, openapi_extra=_BODY)
+async def lookup(request: Request, ctx: Ctx = CtxDep) -> dict:
     """The longest cached prefix of ``token_ids`` and the tier of each of its blocks."""
+    body = await tokens_body(request, TokensRequest)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
     hit = await ctx.call(ctx.cache.lookup, ns.name, body.token_ids)
@@ -21,9 +31,10 @@ async def lookup(body: TokensRequest, ctx: Ctx = CtxDep) -> dict:
     return d
 
 
-@router.delete("/v1/kv", response_model=CountOut)
-async def evict(body: TokensRequest, ctx: Ctx = CtxDep) -> dict:
+@router.delete("/v1/kv", response_model=CountOut, openapi_extra=_BODY)
+async def evict(request: Request, ctx: Ctx = CtxDep) -> dict:
     """Remove a prefix's blocks (and anything cached beyond them) from every tier."""
+    body = await tokens_body(request, TokensRequest)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
     return {"blocks": await ctx.call(ctx.cache.evict, ns.name, body.token_ids)}

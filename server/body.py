@@ -1,0 +1,107 @@
+"""Request bodies in JSON or msgpack, validated by the models of ``server.schemas``.
+
+Token ids dominate the control messages of a long prefix: a 4K-token shared-memory put is
+~50 KB of JSON, and encoding, parsing and validating it costs more than an HTTP round trip on
+a small host. So a msgpack body may carry ``token_ids`` *packed*: the ids as little-endian
+int64 bytes (``numpy.asarray(ids, "<i8").tobytes()``), which the server takes as an array
+without parsing. A list of integers works in msgpack too; JSON bodies are unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, TypeVar
+
+import msgpack
+import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from kvtier.errors import InvalidRequest, InvalidType
+from kvtier.wire import MSGPACK
+from server.errors import UnsupportedMediaType
+
+M = TypeVar("M", bound=BaseModel)
+PACKED_TOKEN_DTYPE = np.dtype("<i8")
+MAX_TOKEN_ID = 2**62  # as ``server.schemas.TokenId``
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def decode(request: Request, *, json_ok: bool) -> dict[str, Any]:
+    """The body as a map: msgpack always, JSON where ``json_ok``; 415 for anything else."""
+    ctype = content_type(request)
+    body = await request.body()
+    if ctype == MSGPACK:
+        try:
+            d = msgpack.unpackb(body, raw=False)
+        except Exception as e:  # noqa: BLE001  msgpack raises many types for bad input
+            raise InvalidRequest(f"malformed msgpack body: {e}") from None
+    elif json_ok and ctype == "application/json":
+        try:
+            d = json.loads(body)
+        except ValueError as e:
+            raise InvalidRequest(f"malformed JSON body: {e}") from None
+    else:
+        want = MSGPACK + (" or application/json" if json_ok else "")
+        raise UnsupportedMediaType(f"content-type {ctype or '(none)'!r} is not accepted here: send {want}")
+    if not isinstance(d, dict):
+        raise InvalidType(f"body must be a map, got {type(d).__name__}")
+    return d
+
+
+def unpack_token_ids(raw: bytes) -> np.ndarray:
+    """Packed token ids (little-endian int64 bytes) as an int64 array, range-checked."""
+    if not raw or len(raw) % PACKED_TOKEN_DTYPE.itemsize:
+        raise InvalidRequest(f"packed token_ids must be a non-empty multiple of 8 bytes "
+                             f"(little-endian int64), got {len(raw)} bytes")
+    ids = np.frombuffer(raw, dtype=PACKED_TOKEN_DTYPE)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi > MAX_TOKEN_ID:
+        raise InvalidType(f"token_ids: each id must be in [0, 2**62], got {lo if lo < 0 else hi}")
+    return ids.astype(np.int64, copy=False)
+
+
+async def tokens_body(request: Request, model: type[M]) -> M:
+    """A ``TokensRequest``-shaped body as ``model``: JSON, or msgpack (token ids listed or
+    packed; packed ids are left as an int64 array in ``token_ids``). Validation errors answer
+    exactly as FastAPI's own body validation does (422 naming the field, 400 for bad JSON)."""
+    packed = None
+    try:
+        if content_type(request) != MSGPACK:
+            return model.model_validate_json(await request.body())
+        d = await decode(request, json_ok=False)
+        if isinstance(d.get("token_ids"), bytes):
+            packed = unpack_token_ids(d["token_ids"])
+            d["token_ids"] = [0]  # stands in while the model checks every other field
+        out = model.model_validate(d)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+    if packed is not None:
+        out.token_ids = packed
+    return out
+
+
+def openapi_body(model: type[BaseModel], *content_types: str) -> dict:
+    """``openapi_extra`` declaring ``model`` as the request body in each content type (for
+    routes that parse their body themselves), its nested models inlined."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(copy.deepcopy(defs[ref.removeprefix("#/$defs/")]))
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    schema = inline(schema)
+    return {"requestBody": {"required": True,
+                            "content": {ct: {"schema": schema} for ct in content_types}}}
