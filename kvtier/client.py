@@ -198,9 +198,8 @@ class _Ops:
 
     def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host", *,
                  policy: str = "best_effort", timeout_s: float | None = None) -> Op:
-        resp = yield _Call("POST", "/v1/prefetch",
-                           json={"namespace": namespace, "token_ids": _tokens(token_ids), "to": to,
-                                 "policy": policy, "timeout_s": timeout_s})
+        resp = yield _tokens_call("POST", "/v1/prefetch", {
+            "namespace": namespace, "to": to, "policy": policy, "timeout_s": timeout_s}, token_ids)
         return resp.json()
 
     def prefetch_status(self, prefetch_id: str, wait_s: float = 0.0) -> Op:
@@ -239,7 +238,8 @@ class _Ops:
     def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> Op:
         ids = _tokens(token_ids)
         if not self.use_shm:
-            body = msgpack.packb({"namespace": namespace, "token_ids": ids, "kv": kv_to_wire(kv)})
+            body = msgpack.packb({"namespace": namespace, "token_ids": _packed_tokens(token_ids),
+                                  "kv": kv_to_wire(kv)})
             resp = yield _Call("PUT", "/v1/kv", content=body, headers={"content-type": MSGPACK})
             return resp.json()["tokens"]
         loan = self._shm.find_loan(kv)
@@ -267,7 +267,7 @@ class _Ops:
     def get(self, namespace: str, token_ids: Sequence[int]) -> Op:
         ids = _tokens(token_ids)
         if not self.use_shm:
-            body = msgpack.packb({"namespace": namespace, "token_ids": ids})
+            body = msgpack.packb({"namespace": namespace, "token_ids": _packed_tokens(token_ids)})
             resp = yield _Call("POST", "/v1/kv/get", content=body,
                                headers={"content-type": MSGPACK, "accept": MSGPACK})
             d = msgpack.unpackb(resp.content)

@@ -103,5 +103,17 @@ def openapi_body(model: type[BaseModel], *content_types: str) -> dict:
         return node
 
     schema = inline(schema)
-    return {"requestBody": {"required": True,
-                            "content": {ct: {"schema": schema} for ct in content_types}}}
+    content = {}
+    for ct in content_types:
+        content[ct] = {"schema": schema}
+        if ct == MSGPACK and "token_ids" in schema.get("properties", {}):
+            packed = copy.deepcopy(schema)
+            packed["properties"]["token_ids"] = with_packed(schema["properties"]["token_ids"])
+            content[ct] = {"schema": packed}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def with_packed(listed: dict) -> dict:
+    """The schema of msgpack ``token_ids``: the JSON list, or the ids packed."""
+    return {"oneOf": [listed, {"type": "string", "format": "binary",
+                               "description": "packed: little-endian int64 token ids"}]}

@@ -28,6 +28,9 @@ def test_openapi_lists_every_endpoint_and_binary_bodies():
         assert {"namespace", "token_ids", "region"} <= set(props)
         assert props["region"]["properties"]["name"]["type"] == "string"  # nested models inlined
         assert "$defs" not in str(content)
+        listed = content["application/json"]["schema"]["properties"]["token_ids"]
+        assert props["token_ids"]["oneOf"][0] == listed and listed["type"] == "array"
+        assert props["token_ids"]["oneOf"][1]["format"] == "binary"  # packed int64 ids
 
 
 def test_health_stats_and_latency_by_route_template():

@@ -24,7 +24,7 @@ from kvtier.wire import (
     packed_views,
     unpack_from,
 )
-from server.body import decode, openapi_body, tokens_body
+from server.body import decode, openapi_body, tokens_body, unpack_token_ids, with_packed
 from server.deps import Ctx, CtxDep
 from server.errors import Forbidden, PayloadTooLarge
 from server.schemas import ShmGetOut, ShmGetRequest, ShmPutRequest, StoredOut
@@ -40,14 +40,21 @@ _KV = {"type": "array", "description": "layers, each a list of tensors [tokens, 
 _TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _PUT_BODY = {"requestBody": {"required": True, "content": {MSGPACK: {"schema": {
     "type": "object", "required": ["namespace", "token_ids", "kv"],
-    "properties": {"namespace": {"type": "string"}, "token_ids": _TOKENS, "kv": _KV}}}}}}
+    "properties": {"namespace": {"type": "string"}, "token_ids": with_packed(_TOKENS), "kv": _KV}}}}}}
 _GET_BODY = {"requestBody": {"required": True, "content": {
-    ct: {"schema": {"type": "object", "required": ["namespace", "token_ids"],
-                    "properties": {"namespace": {"type": "string"}, "token_ids": _TOKENS}}}
+    ct: {"schema": {"type": "object", "required": ["namespace", "token_ids"], "properties": {
+        "namespace": {"type": "string"},
+        "token_ids": with_packed(_TOKENS) if ct == MSGPACK else _TOKENS}}}
     for ct in (MSGPACK, "application/json")}}}
 _GET_RESPONSE = {200: {"description": "KV of the longest cached prefix (kv is null on a miss)",
                        "content": {MSGPACK: {"schema": {"type": "object", "properties": {
                            "tokens": {"type": "integer"}, "kv": {**_KV, "nullable": True}}}}}}}
+
+
+def _token_ids(d: dict) -> Any:
+    """``token_ids`` of a msgpack data-plane body: listed, or packed (``server.body``)."""
+    raw = d.get("token_ids")
+    return unpack_token_ids(raw) if isinstance(raw, bytes) else _field(d, "token_ids", list)
 
 
 def _field(d: dict, name: str, kind: type) -> Any:
@@ -65,7 +72,7 @@ async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
     extra = set(d) - {"namespace", "token_ids", "kv"}
     if extra:
         raise InvalidRequest(f"unknown body fields {sorted(extra)}")
-    ids = _field(d, "token_ids", list)
+    ids = _token_ids(d)
     ctx.check_tokens(ids)
     ns = ctx.namespace(_field(d, "namespace", str))
     layers = _field(d, "kv", list)
@@ -80,7 +87,7 @@ async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
 async def get(request: Request, ctx: Ctx = CtxDep) -> Response:
     """KV of the longest cached prefix of ``token_ids``, as msgpack."""
     d = await decode(request, json_ok=True)
-    ids = _field(d, "token_ids", list)
+    ids = _token_ids(d)
     ctx.check_tokens(ids)
     ns = ctx.namespace(_field(d, "namespace", str))
 

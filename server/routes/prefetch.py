@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from kvtier.errors import InvalidRequest
 from kvtier.prefetch import PrefetchHandle
+from kvtier.wire import MSGPACK
+from server.body import openapi_body, tokens_body
 from server.deps import Ctx, CtxDep
 from server.errors import NotFound
 from server.schemas import PrefetchOut, PrefetchRequest
@@ -30,9 +32,11 @@ def _handle(ctx: Ctx, prefetch_id: str) -> PrefetchHandle:
     return h
 
 
-@router.post("", response_model=PrefetchOut, status_code=202)
-async def start(body: PrefetchRequest, ctx: Ctx = CtxDep) -> dict:
+@router.post("", response_model=PrefetchOut, status_code=202,
+             openapi_extra=openapi_body(PrefetchRequest, "application/json", MSGPACK))
+async def start(request: Request, ctx: Ctx = CtxDep) -> dict:
     """Start promoting the cached prefix of ``token_ids`` into tier ``to``; returns its id."""
+    body = await tokens_body(request, PrefetchRequest)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
     tiers = [t.name for t in ctx.cache.tiers]
