@@ -26,7 +26,6 @@ from typing import Any
 
 import httpx
 import msgpack
-import numpy as np
 import torch
 
 from kvtier import errors as kerrors
@@ -112,14 +111,6 @@ def stats_from_dict(d: dict) -> CacheStats:
 def _hit(d: dict) -> Hit:
     blocks = [BlockLocation(b["index"], bytes.fromhex(b["key"]), b["tier"]) for b in d["blocks"]]
     return Hit(d["namespace"], d["tokens"], d["block_tokens"], d["requested_tokens"], blocks)
-
-
-def _tokens(token_ids: Any) -> list[int]:
-    if isinstance(token_ids, torch.Tensor):
-        token_ids = token_ids.detach().cpu().reshape(-1).tolist()
-    elif isinstance(token_ids, np.ndarray):
-        token_ids = token_ids.reshape(-1).tolist()
-    return list(token_ids)
 
 
 def _packed_tokens(token_ids: Any) -> bytes:
@@ -236,9 +227,9 @@ class _Ops:
         return self._shm.loan(shm, layout, tokens)
 
     def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> Op:
-        ids = _tokens(token_ids)
+        ids = as_token_array(token_ids)
         if not self.use_shm:
-            body = msgpack.packb({"namespace": namespace, "token_ids": _packed_tokens(token_ids),
+            body = msgpack.packb({"namespace": namespace, "token_ids": _packed_tokens(ids),
                                   "kv": kv_to_wire(kv)})
             resp = yield _Call("PUT", "/v1/kv", content=body, headers={"content-type": MSGPACK})
             return resp.json()["tokens"]
@@ -249,7 +240,7 @@ class _Ops:
                 "namespace": namespace, "layout": loan.layout.to_dict(),
                 "slot_tokens": loan.slot_tokens,
                 "region": {"name": loan.shm.name, "offset": 0,
-                           "size": packed_nbytes(loan.layout, loan.slot_tokens)}}, token_ids)
+                           "size": packed_nbytes(loan.layout, loan.slot_tokens)}}, ids)
             return resp.json()["tokens"]
         layout = KVLayout.from_kv(kv)
         layout.validate(kv, len(ids))
@@ -259,15 +250,15 @@ class _Ops:
             pack_into(kv, shm.buf[:nbytes])
             resp = yield _tokens_call("PUT", "/v1/kv/shm", {
                 "namespace": namespace, "layout": layout.to_dict(),
-                "region": {"name": shm.name, "offset": 0, "size": nbytes}}, token_ids)
+                "region": {"name": shm.name, "offset": 0, "size": nbytes}}, ids)
             return resp.json()["tokens"]
         finally:
             self._shm.release(shm)
 
     def get(self, namespace: str, token_ids: Sequence[int]) -> Op:
-        ids = _tokens(token_ids)
+        ids = as_token_array(token_ids)
         if not self.use_shm:
-            body = msgpack.packb({"namespace": namespace, "token_ids": _packed_tokens(token_ids)})
+            body = msgpack.packb({"namespace": namespace, "token_ids": _packed_tokens(ids)})
             resp = yield _Call("POST", "/v1/kv/get", content=body,
                                headers={"content-type": MSGPACK, "accept": MSGPACK})
             d = msgpack.unpackb(resp.content)
@@ -284,7 +275,7 @@ class _Ops:
         try:
             resp = yield _tokens_call("POST", "/v1/kv/shm/get", {
                 "namespace": namespace,
-                "region": {"name": shm.name, "offset": 0, "size": max(nbytes, 1)}}, token_ids)
+                "region": {"name": shm.name, "offset": 0, "size": max(nbytes, 1)}}, ids)
             d = resp.json()
             if d["tokens"] == 0:
                 return None, 0
