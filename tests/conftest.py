@@ -44,6 +44,26 @@ def redis_server():
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def mooncake_store():
+    """A mooncake_master and one storage node on loopback for the test module; skips, saying
+    why, where the pip package or its system library cannot be had."""
+    from tests.integration.remote_mooncake import MooncakeMaster, mooncake_skip_reason
+
+    reason = mooncake_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    m = MooncakeMaster().start()
+    yield m
+    m.stop()
+
+
+def random_bytes(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` reproducible random bytes as a 1-D uint8 tensor (remote-tier payloads)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+
+
 def random_kv(tokens: int, layers: int = 2, heads: int = 2, dim: int = 8, dtype=torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [tuple(torch.randn(tokens, heads, dim, generator=g).to(dtype) for _ in range(2)) for _ in range(layers)]

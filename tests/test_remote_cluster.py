@@ -12,6 +12,7 @@ import torch
 from kvtier.config import RemoteTierConfig
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.remote import make_remote_tier
+from tests.conftest import random_bytes
 from tests.integration.remote_servers import (
     REDIS_CLI,
     REDIS_SERVER,
@@ -46,10 +47,6 @@ def tier(cluster):
     t.close()
 
 
-def _payload(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-
 
 def _node_clients(cluster):
     return [redis.Redis(host="127.0.0.1", port=n.port) for n in cluster.nodes]
@@ -57,8 +54,8 @@ def _node_clients(cluster):
 
 def test_prefix_and_multichunk_value_spread_over_all_nodes_and_reload_whole(cluster, tier):
     before = cluster.dbsizes()
-    prefix = [(os.urandom(16), _payload(CHUNK // 2 + i, i)) for i in range(24)]
-    big_key, big = os.urandom(16), _payload(12 * CHUNK + 5, 99)
+    prefix = [(os.urandom(16), random_bytes(CHUNK // 2 + i, i)) for i in range(24)]
+    big_key, big = os.urandom(16), random_bytes(12 * CHUNK + 5, 99)
     for key, data in [*prefix, (big_key, big)]:
         tier.put(key, data, META)
     assert tier.flush(15)
@@ -80,7 +77,7 @@ def test_prefix_and_multichunk_value_spread_over_all_nodes_and_reload_whole(clus
 def test_losing_a_node_gives_bounded_misses_and_recovery(cluster, tier):
     keys = [os.urandom(16) for _ in range(12)]
     for i, k in enumerate(keys):
-        tier.put(k, _payload(CHUNK + i, i), META)
+        tier.put(k, random_bytes(CHUNK + i, i), META)
     assert tier.flush(15)
     assert tier.contains_many(keys) == [True] * 12
 
@@ -108,6 +105,6 @@ def test_losing_a_node_gives_bounded_misses_and_recovery(cluster, tier):
     wait_for(lambda: tier.contains_many(keys[:1]) is not None and tier.breaker.state == "closed",
              15.0, "breaker to close after the node came back")
     for i, k in enumerate(keys):
-        tier.put(k, _payload(CHUNK + i, i), META)
+        tier.put(k, random_bytes(CHUNK + i, i), META)
     assert tier.flush(15)
     wait_for(lambda: tier.contains_many(keys) == [True] * 12, 10.0, "all keys served again")

@@ -13,7 +13,8 @@ from kvtier.config import RemoteTierConfig
 from kvtier.errors import InvalidRequest
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.remote import make_remote_tier
-from tests.integration.remote_mooncake import MooncakeMaster, mooncake_skip_reason
+from tests.conftest import random_bytes
+from tests.integration.remote_mooncake import mooncake_skip_reason
 from tests.integration.remote_servers import wait_for
 
 SKIP = mooncake_skip_reason()
@@ -24,28 +25,18 @@ MARGIN = 0.75
 META = BlockMeta("ns", None, 16, "none", 0.0)
 
 
-@pytest.fixture(scope="module")
-def store():
-    m = MooncakeMaster().start()
-    yield m
-    m.stop()
-
 
 @pytest.fixture
-def tier(store):
-    cfg = RemoteTierConfig(backend="mooncake", url=store.url, timeout_s=TIMEOUT)
+def tier(mooncake_store):
+    cfg = RemoteTierConfig(backend="mooncake", url=mooncake_store.url, timeout_s=TIMEOUT)
     t = make_remote_tier(cfg, breaker_failures=3, breaker_cooldown_s=0.3, prefix=f"m{os.getpid()}:")
     yield t
     t.close()
 
 
-def _payload(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-
 
 def test_round_trip_bit_exact_first_writer_wins_and_batched_exists(tier):
-    blocks = {os.urandom(16): _payload(n, n) for n in (4096, 2 * 1024**2, 16 * 1024**2)}
+    blocks = {os.urandom(16): random_bytes(n, n) for n in (4096, 2 * 1024**2, 16 * 1024**2)}
     for key, data in blocks.items():
         tier.put(key, data, META)
     assert tier.flush(30)
@@ -70,13 +61,13 @@ def test_round_trip_bit_exact_first_writer_wins_and_batched_exists(tier):
     assert tier.contains(key) is False
 
 
-def test_losing_the_storage_node_gives_bounded_misses_then_recovery(store, tier):
+def test_losing_the_storage_node_gives_bounded_misses_then_recovery(mooncake_store, tier):
     keys = [os.urandom(16) for _ in range(4)]
     for i, k in enumerate(keys):
-        tier.put(k, _payload(1024**2, i), META)
+        tier.put(k, random_bytes(1024**2, i), META)
     assert tier.flush(30) and tier.contains_many(keys) == [True] * 4
 
-    store.kill_node()
+    mooncake_store.kill_node()
     durations = []
     deadline = time.monotonic() + 3.0
     out = torch.empty(1024**2, dtype=torch.uint8)
@@ -90,19 +81,19 @@ def test_losing_the_storage_node_gives_bounded_misses_then_recovery(store, tier)
     s = tier.stats()
     assert s["read_misses"] > 0
 
-    store.start_node()
+    mooncake_store.start_node()
     for i, k in enumerate(keys):  # the lost node's keys are gone: write them again
-        tier.put(k, _payload(1024**2, i), META)
+        tier.put(k, random_bytes(1024**2, i), META)
 
     def served() -> bool:
         tier.flush(5)
         try:
             for i, k in enumerate(keys):
                 tier.read_into(k, out)
-                assert torch.equal(out, _payload(1024**2, i))
+                assert torch.equal(out, random_bytes(1024**2, i))
         except KeyError:  # stale metadata of the lost node, until the master drops it
             for i, k in enumerate(keys):
-                tier.put(k, _payload(1024**2, i), META)
+                tier.put(k, random_bytes(1024**2, i), META)
             return False
         return True
 

@@ -12,7 +12,8 @@ from kvtier.errors import CorruptBlock
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.remote import make_remote_tier
 from kvtier.tiers.remote.mooncake import TRAILER
-from tests.integration.remote_mooncake import MooncakeMaster, mooncake_skip_reason
+from tests.conftest import random_bytes
+from tests.integration.remote_mooncake import mooncake_skip_reason
 
 SKIP = mooncake_skip_reason()
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
@@ -21,24 +22,14 @@ META = BlockMeta("ns", None, 16, "none", 0.0)
 MiB = 1024**2
 
 
-@pytest.fixture(scope="module")
-def store():
-    m = MooncakeMaster().start()
-    yield m
-    m.stop()
-
 
 @pytest.fixture
-def tier(store):
-    cfg = RemoteTierConfig(backend="mooncake", url=store.url, timeout_s=5.0)
+def tier(mooncake_store):
+    cfg = RemoteTierConfig(backend="mooncake", url=mooncake_store.url, timeout_s=5.0)
     t = make_remote_tier(cfg, prefix=f"d{os.getpid()}-{os.urandom(3).hex()}:")
     yield t
     t.close()
 
-
-def _payload(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
 
 
 def _put(tier, blocks: dict) -> None:
@@ -49,7 +40,7 @@ def _put(tier, blocks: dict) -> None:
 
 def test_registered_reads_are_direct_bit_exact_and_batched(tier):
     sizes = (2 * MiB, 16 * MiB, 3 * MiB + 5)
-    blocks = {os.urandom(16): _payload(n, i) for i, n in enumerate(sizes)}
+    blocks = {os.urandom(16): random_bytes(n, i) for i, n in enumerate(sizes)}
     _put(tier, blocks)
     ring = torch.zeros(sum(sizes) + 4 * MiB, dtype=torch.uint8)
     assert tier.register(ring) and tier.register(ring[:100])  # idempotent, views included
@@ -85,7 +76,7 @@ def test_registered_reads_are_direct_bit_exact_and_batched(tier):
 
 def test_direct_read_of_a_corrupt_value_raises_and_deletes_it(tier):
     key = os.urandom(16)
-    data = _payload(2 * MiB, 7)
+    data = random_bytes(2 * MiB, 7)
     store = tier.backend.raw_store()
     bad = TRAILER.pack(12345)
     assert store.put_parts(tier.backend._key(key), memoryview(data.numpy()), bad) == 0
@@ -101,7 +92,7 @@ def test_direct_read_of_a_corrupt_value_raises_and_deletes_it(tier):
 
 def test_unregistered_reads_still_work_and_register_rejects_device_or_strided(tier):
     key = os.urandom(16)
-    data = _payload(2 * MiB, 3)
+    data = random_bytes(2 * MiB, 3)
     _put(tier, {key: data})
     out = torch.empty(2 * MiB, dtype=torch.uint8)
     assert tier.read_blocks_into([key], [out]) == [2 * MiB]

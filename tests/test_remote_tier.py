@@ -12,6 +12,7 @@ from kvtier.config import RemoteTierConfig
 from kvtier.errors import BackendUnavailable, CorruptBlock, InvalidRequest, StorageFull
 from kvtier.tiers.base import BlockMeta, Tier
 from kvtier.tiers.remote import RemoteTier, make_remote_tier
+from tests.conftest import random_bytes
 from tests.integration.remote_servers import wait_for
 
 pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
@@ -30,10 +31,6 @@ def _tier(redis_server, **kw) -> RemoteTier:
     return tier
 
 
-def _payload(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-
 
 def _timed(fn, *args):
     t0 = time.perf_counter()
@@ -48,7 +45,7 @@ def test_async_put_then_batched_lookup_and_bit_exact_reload(redis_server):
     tier = _tier(redis_server)
     try:
         assert isinstance(tier, Tier)
-        blocks = {os.urandom(16): _payload(n, n) for n in (4096, 2 * 1024**2, 3 * 1024**2 + 1)}
+        blocks = {os.urandom(16): random_bytes(n, n) for n in (4096, 2 * 1024**2, 3 * 1024**2 + 1)}
         for key, data in blocks.items():
             tier.put(key, data, META)
         assert tier.flush(10)
@@ -80,7 +77,7 @@ def test_async_put_then_batched_lookup_and_bit_exact_reload(redis_server):
 def test_put_copies_the_callers_buffer(redis_server):
     tier = _tier(redis_server)
     try:
-        key, data = os.urandom(16), _payload(8192, 1)
+        key, data = os.urandom(16), random_bytes(8192, 1)
         expected = data.clone()
         tier.put(key, data, META)
         data.zero_()  # the caller reuses its buffer right away
@@ -98,7 +95,7 @@ def test_inflight_bound_drops_and_counts_never_blocks(redis_server):
         redis_server.pause()  # writes hang until their timeout, so bytes stay in flight
         results, durations = [], []
         for i in range(6):
-            r, dt = _timed(tier.put, os.urandom(16), _payload(1024**2, i), META)
+            r, dt = _timed(tier.put, os.urandom(16), random_bytes(1024**2, i), META)
             results.append(r)
             durations.append(dt)
         assert results == [None] * 3 + [StorageFull] * 3
@@ -132,7 +129,7 @@ def test_engine_outage_gives_bounded_misses_then_recovers(redis_server, outage):
     try:
         keys = [os.urandom(16) for _ in range(4)]
         for i, k in enumerate(keys):
-            tier.put(k, _payload(2 * 1024**2, i), META)
+            tier.put(k, random_bytes(2 * 1024**2, i), META)
         assert tier.flush(10)
         out = torch.empty(2 * 1024**2, dtype=torch.uint8)
         assert all(dt < TIMEOUT + MARGIN for dt in _workload_round(tier, keys, out))
@@ -150,7 +147,7 @@ def test_engine_outage_gives_bounded_misses_then_recovers(redis_server, outage):
         # While open, puts are dropped instead of queued behind a dead engine.
         if tier.breaker.state == "open":
             with pytest.raises(BackendUnavailable, match="breaker is open"):
-                tier.put(os.urandom(16), _payload(100, 9), META)
+                tier.put(os.urandom(16), random_bytes(100, 9), META)
             assert tier.stats()["puts_dropped_breaker"] >= 1
 
         if outage == "kill":
@@ -161,11 +158,11 @@ def test_engine_outage_gives_bounded_misses_then_recovers(redis_server, outage):
                  10.0, "breaker to close after the engine came back")
         if outage == "kill":  # a restarted, non-persistent engine lost its data
             for i, k in enumerate(keys):
-                tier.put(k, _payload(2 * 1024**2, i), META)
+                tier.put(k, random_bytes(2 * 1024**2, i), META)
             assert tier.flush(10)
         assert tier.contains_many(keys) == [True] * 4
         tier.read_into(keys[2], out)
-        assert torch.equal(out, _payload(2 * 1024**2, 2))
+        assert torch.equal(out, random_bytes(2 * 1024**2, 2))
     finally:
         redis_server.resume() if redis_server.proc else None
         tier.close()
@@ -175,7 +172,7 @@ def test_corrupt_remote_block_raises_and_is_dropped(redis_server):
     tier = _tier(redis_server)
     try:
         key = os.urandom(16)
-        tier.put(key, _payload(5000, 3), META)
+        tier.put(key, random_bytes(5000, 3), META)
         assert tier.flush(10)
         raw = tier.backend.raw_client()
         raw.setrange(tier.backend.prefix + key, 100, b"\x00\xff\x00")
