@@ -118,11 +118,13 @@ def _packed_tokens(token_ids: Any) -> bytes:
     return as_token_array(token_ids).astype("<i8", copy=False).tobytes()
 
 
-def _tokens_call(method: str, path: str, body: dict[str, Any], token_ids: Any) -> _Call:
+def _tokens_call(method: str, path: str, body: dict[str, Any], token_ids: Any,
+                 accept: str | None = None) -> _Call:
     """A request naming a prefix: msgpack with the token ids packed (``server.body``); a
     4K-token JSON body costs more to build and parse than the round trip itself."""
     body = {**body, "token_ids": _packed_tokens(token_ids)}
-    return _Call(method, path, content=msgpack.packb(body), headers={"content-type": MSGPACK})
+    headers = {"content-type": MSGPACK, **({"accept": accept} if accept else {})}
+    return _Call(method, path, content=msgpack.packb(body), headers=headers)
 
 
 # ---- requests as generators: one implementation for the sync and async clients -------------
@@ -229,9 +231,7 @@ class _Ops:
     def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> Op:
         ids = as_token_array(token_ids)
         if not self.use_shm:
-            body = msgpack.packb({"namespace": namespace, "token_ids": _packed_tokens(ids),
-                                  "kv": kv_to_wire(kv)})
-            resp = yield _Call("PUT", "/v1/kv", content=body, headers={"content-type": MSGPACK})
+            resp = yield _tokens_call("PUT", "/v1/kv", {"namespace": namespace, "kv": kv_to_wire(kv)}, ids)
             return resp.json()["tokens"]
         loan = self._shm.find_loan(kv)
         if loan is not None:  # the KV already lies in shared memory as the server reads it
@@ -258,9 +258,7 @@ class _Ops:
     def get(self, namespace: str, token_ids: Sequence[int]) -> Op:
         ids = as_token_array(token_ids)
         if not self.use_shm:
-            body = msgpack.packb({"namespace": namespace, "token_ids": _packed_tokens(ids)})
-            resp = yield _Call("POST", "/v1/kv/get", content=body,
-                               headers={"content-type": MSGPACK, "accept": MSGPACK})
+            resp = yield _tokens_call("POST", "/v1/kv/get", {"namespace": namespace}, ids, accept=MSGPACK)
             d = msgpack.unpackb(resp.content)
             return (kv_from_wire(d["kv"]) if d["kv"] is not None else None), d["tokens"]
         layout = yield from self._layout(namespace)
