@@ -123,3 +123,29 @@ def test_pressure_cascades_to_ssd_and_reads_promote(tmp_path):
             toks, kv = prompt(i)
             out, n = c.get("m", toks)
             assert n == 3 * BT and same(kv, out, n)
+
+
+def test_reload_from_ssd_checksums_each_byte_once(tmp_path, monkeypatch):
+    """The tier verifies a whole-block read; the manager must not pay a second crc pass."""
+    import kvtier.block as block_mod
+    import kvtier.tiers.ssd.reader as reader_mod
+
+    toks, kv = prompt(3)
+    with cache(tmp_path) as c:
+        c.put("m", toks, kv)
+        c.flush(30)
+    with cache(tmp_path) as c:
+        counted = [0]
+        real = block_mod.checksum
+
+        def counting(data, value=0):
+            counted[0] += memoryview(data).nbytes
+            return real(data, value)
+
+        monkeypatch.setattr(block_mod, "checksum", counting)
+        monkeypatch.setattr(reader_mod, "checksum", counting)
+        out, n = c.get("m", toks)
+        assert n == 3 * BT and same(kv, out, n)
+        payload = sum(t.numel() * t.element_size() for layer in kv for t in layer)
+        # Once over the payload (plus the small block headers), not twice.
+        assert payload <= counted[0] < 1.5 * payload, (counted[0], payload)

@@ -35,7 +35,8 @@ class Tier(Protocol):
     - ``read_into`` copies ``out.numel()`` bytes starting at byte ``offset`` of the block into
       ``out`` (a 1-D uint8 tensor, possibly pinned or on a GPU) and returns the count; raises
       ``KeyError`` if absent and ``CorruptBlock`` if stored bytes fail their checksum (the tier
-      then drops the block).
+      then drops the block). A whole-block read (offset 0, ``out`` the block's size) verifies
+      every byte before it returns: the manager relies on it and does not verify again.
     - ``delete`` returns False if the key was absent.
     - ``scan`` yields what a persistent tier holds (for warm restarts); volatile tiers yield
       nothing.
