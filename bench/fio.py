@@ -6,6 +6,11 @@ the same block size, queue depth, job count and runtime; ``--direct=1 --ioengine
 the kvtier job reads with O_DIRECT. Writes go to a scratch file with ``--end_fsync=1`` (kvtier's
 write clock also stops after its final flush).
 
+With ``verify=True`` fio also checks a crc32c of every block it reads (``--verify=crc32c-intel
+--verify_only=1`` on a file it wrote with verify headers every ``VERIFY_INTERVAL`` bytes): the
+like-for-like reference for kvtier, which verifies every read, next to plain fio, which checks
+nothing and is the bar.
+
 Also here: fio-shaped reports (fio's text summary, per-figure medians of repeated runs, kvtier and
 fio side by side with ratios) and ``matrix``, the README's table of both across block sizes and
 queue depths.
@@ -28,6 +33,8 @@ from kvtier.config import format_size
 from kvtier.errors import InvalidRequest, KVTierError
 
 PERCENTILE_LIST = ":".join(f"{p:g}" for p in PERCENTILES)
+VERIFY = "crc32c-intel"  # fio's SSE4.2 crc32c (it falls back to software crc32c by itself)
+VERIFY_INTERVAL = 256 * 1024  # one checksummed chunk per 256 KiB: reads must be multiples of it
 
 
 def fio_binary() -> str:
@@ -42,10 +49,17 @@ def version() -> str:
                           check=False).stdout.strip()
 
 
-def data_file(p: IOParams, filename: str | None = None) -> Path:
+def data_file(p: IOParams, filename: str | None = None, verify: bool = False) -> Path:
     if filename:
-        return Path(filename)
-    return Path(p.directory or tempfile.gettempdir()) / DATASET_DIR / "fio-data.bin"
+        path = Path(filename)
+        return path.with_name(path.stem + "-verify" + path.suffix) if verify else path
+    name = "fio-verify.bin" if verify else "fio-data.bin"
+    return Path(p.directory or tempfile.gettempdir()) / DATASET_DIR / name
+
+
+def _verify_args(read: bool) -> list[str]:
+    args = [f"--verify={VERIFY}", f"--verify_interval={VERIFY_INTERVAL}"]
+    return args + (["--verify_only=1", "--verify_fatal=1"] if read else ["--do_verify=0"])
 
 
 def _common(p: IOParams) -> list[str]:
@@ -54,21 +68,29 @@ def _common(p: IOParams) -> list[str]:
             "--randrepeat=0"]
 
 
-def layout(path: Path, size: int, direct: bool = True) -> bool:
-    """Write ``path`` with ``size`` real bytes unless it already holds them; True if written."""
+def layout(path: Path, size: int, direct: bool = True, verify: bool = False) -> bool:
+    """Write ``path`` with ``size`` real bytes unless it already holds them; True if written.
+
+    ``verify``: with fio's verify headers, for reads that check them (``command(verify=True)``).
+    """
     if path.exists() and path.stat().st_size >= size:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     _run([fio_binary(), "--name=layout", f"--filename={path}", f"--size={size}", "--rw=write",
           "--bs=1M", "--iodepth=16", f"--direct={int(direct)}", "--ioengine=libaio",
-          "--end_fsync=1", "--output-format=json"])
+          "--end_fsync=1", "--output-format=json", *(_verify_args(False) if verify else [])])
     return True
 
 
-def command(p: IOParams, path: Path) -> list[str]:
-    """The fio command line equivalent to the kvtier job ``p`` on file ``path``."""
+def command(p: IOParams, path: Path, verify: bool = False) -> list[str]:
+    """The fio command line equivalent to the kvtier job ``p`` on file ``path``; ``verify``:
+    fio checks the crc32c of every block it reads, as kvtier does."""
     if p.tier != "ssd":
         raise InvalidRequest(f"--compare-fio compares the ssd tier with the disk; got --tier {p.tier}")
+    if verify and (p.rw not in ("read", "randread") or p.bs % VERIFY_INTERVAL):
+        raise InvalidRequest(f"--fio-verify needs reads (--rw read or randread) of a block size that "
+                             f"is a multiple of {format_size(VERIFY_INTERVAL)}; got --rw {p.rw} "
+                             f"--bs {format_size(p.bs)}")
     cmd = [fio_binary(), "--name=fio", f"--filename={path}", f"--size={p.size}", f"--rw={p.rw}",
            f"--bs={p.bs}", f"--iodepth={p.iodepth}", f"--numjobs={p.numjobs}", *_common(p)]
     if p.runtime > 0:
@@ -77,19 +99,21 @@ def command(p: IOParams, path: Path) -> list[str]:
         cmd.append(f"--rwmixread={p.rwmixread}")
     if p.rw in ("write", "randwrite", "randrw"):
         cmd.append("--end_fsync=1")
+    if verify:
+        cmd += _verify_args(True)
     return cmd
 
 
-def run(p: IOParams, filename: str | None = None) -> tuple[dict, list[str]]:
+def run(p: IOParams, filename: str | None = None, verify: bool = False) -> tuple[dict, list[str]]:
     """Run fio for job ``p``; returns (fio's job dict, the command line run)."""
     writes = p.rw in ("write", "randwrite")
-    path = data_file(p, filename)
+    path = data_file(p, filename, verify)
     if writes:
         path = path.with_name("fio-write.bin")
         path.unlink(missing_ok=True)
     else:
-        layout(path, p.size, p.direct)
-    cmd = command(p, path)
+        layout(path, p.size, p.direct, verify)
+    cmd = command(p, path, verify)
     try:
         doc = _run(cmd)
     finally:
@@ -104,7 +128,8 @@ def _run(cmd: list[str]) -> dict:
                               check=False)
         text = Path(out.name).read_text()
     if proc.returncode != 0:
-        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        why = next((ln.strip() for ln in lines if "verify failed" in ln), lines[-1])
         raise KVTierError(f"fio failed (exit {proc.returncode}): {why}")
     start = text.find("{")
     try:
@@ -194,10 +219,12 @@ def compare_table(kv: dict, fio_job: dict) -> tuple[str, dict[str, float]]:
 # ---- the README matrix -------------------------------------------------------------------------
 def matrix(directory: str, out: str, size: int, runtime: float, repeat: int, remote_url: str | None = None,
            block_sizes: tuple[int, ...] = (256 * 1024, 2 * 1024**2, 16 * 1024**2),
-           depths: tuple[int, ...] = (1, 4, 16)) -> str:
-    """Random reads per block size and depth, kvtier and fio in pairs, medians of ``repeat``.
+           depths: tuple[int, ...] = (1, 4, 16), verify_reference: bool = True) -> str:
+    """Random reads per block size and depth: kvtier, fio and (``verify_reference``) fio checking
+    a crc32c of every read, run back to back in rounds, medians of ``repeat`` rounds.
 
-    Within each pair the order alternates (kvtier first, then fio first, ...).
+    The order rotates each round (``_order``). "paired" ratios are medians of the per-round
+    ratios: on a disk whose speed drifts, runs of one round saw the same disk.
 
     Writes ``matrix.json`` and the PNGs under ``out``; returns the Markdown tables.
     """
@@ -207,30 +234,37 @@ def matrix(directory: str, out: str, size: int, runtime: float, repeat: int, rem
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     rows, doc = [], {"fio": version(), "reads": [], "writes": []}
     cdf: dict[str, list[float]] = {}
+    members = ("kvtier", "fio", "fio+crc") if verify_reference else ("kvtier", "fio")
     for bs in block_sizes:
         for qd in depths:
             p = IOParams(bs=bs, iodepth=qd, size=size, runtime=runtime, directory=directory)
-            kv, fj = [], []
+            jobs: dict[str, list[dict]] = {m: [] for m in members}
             for i in range(repeat):
                 say(f"matrix: randread bs={format_size(bs)} qd={qd} run {i + 1}/{repeat}")
-                for who in _order(i):
-                    if who == "fio":
-                        fj.append(run(p)[0])
+                for who in _order(i, members):
+                    if who != "kvtier":
+                        jobs[who].append(run(p, verify=who == "fio+crc")[0])
                         continue
                     res = run_kvtier(p)
-                    kv.append(res.to_fio_job())
+                    jobs["kvtier"].append(res.to_fio_job())
                     if bs == 2 * 1024**2 and qd == 1 and i == 0:
                         cdf["ssd (kvtier, 2 MiB QD1)"] = (res.read.clat_ns / 1e9).tolist()
-            k, f = median_job(kv), median_job(fj)
-            a, b = compare_figures(k, "read"), compare_figures(f, "read")
-            doc["reads"].append({"bs": bs, "iodepth": qd, "kvtier": kv, "fio": fj})
-            paired = np.median([x["read"]["bw_bytes"] / y["read"]["bw_bytes"] for x, y in zip(kv, fj, strict=True)])
-            rows.append([format_size(bs), qd, f"{a['GB/s']:.2f}", f"{b['GB/s']:.2f}",
-                         f"{a['GB/s'] / b['GB/s']:.2f}", f"{paired:.2f}", f"{a['IOPS']:.0f}", f"{b['IOPS']:.0f}",
-                         *(f"{a[x]:.2f} / {b[x]:.2f}" for x in ("p50 ms", "p99 ms", "p99.9 ms")),
-                         f"{a['p99 ms'] / b['p99 ms']:.2f}"])
-    reads = table(["block", "QD", "kvtier GB/s", "fio GB/s", "ratio", "paired ratio", "kvtier IOPS", "fio IOPS",
-                   "p50 ms kv / fio", "p99 ms kv / fio", "p99.9 ms kv / fio", "p99 ratio"], rows)
+            kv, fj = jobs["kvtier"], jobs["fio"]
+            a, b = compare_figures(median_job(kv), "read"), compare_figures(median_job(fj), "read")
+            doc["reads"].append({"bs": bs, "iodepth": qd, **jobs})
+            row = [format_size(bs), qd, f"{a['GB/s']:.2f}", f"{b['GB/s']:.2f}",
+                   f"{a['GB/s'] / b['GB/s']:.2f}", f"{_paired(kv, fj):.2f}"]
+            if verify_reference:
+                c = compare_figures(median_job(jobs["fio+crc"]), "read")
+                row += [f"{c['GB/s']:.2f}", f"{_paired(kv, jobs['fio+crc']):.2f}"]
+            rows.append(row + [f"{a['IOPS']:.0f}", f"{b['IOPS']:.0f}",
+                               *(f"{a[x]:.2f} / {b[x]:.2f}" for x in ("p50 ms", "p99 ms", "p99.9 ms")),
+                               f"{a['p99 ms'] / b['p99 ms']:.2f}"])
+    head = ["block", "QD", "kvtier GB/s", "fio GB/s", "ratio", "paired ratio"]
+    if verify_reference:
+        head += ["fio+crc GB/s", "paired vs fio+crc"]
+    reads = table(head + ["kvtier IOPS", "fio IOPS", "p50 ms kv / fio", "p99 ms kv / fio",
+                          "p99.9 ms kv / fio", "p99 ratio"], rows)
     say(f"matrix: reads done\n{reads}")  # kept even if a later phase fails (e.g. a full disk)
     host = run_kvtier(IOParams(tier="host", bs=2 * 1024**2, size=min(size, 1024**3), runtime=runtime))
     cdf["host (kvtier, 2 MiB QD1)"] = (host.read.clat_ns / 1e9).tolist()
@@ -265,10 +299,17 @@ def matrix(directory: str, out: str, size: int, runtime: float, repeat: int, rem
     return f"{reads}\n\n{writes}\n"
 
 
-def _order(i: int) -> tuple[str, str]:
-    """Who runs first in pair ``i``: alternating, so neither side always inherits the other's
-    disk state (a shared virtual disk's cache and bursts favour whoever comes first or second)."""
-    return ("kvtier", "fio") if i % 2 == 0 else ("fio", "kvtier")
+def _paired(a: list[dict], b: list[dict]) -> float:
+    """Median over rounds of a's read GB/s over b's in the same round."""
+    return float(np.median([x["read"]["bw_bytes"] / y["read"]["bw_bytes"]
+                            for x, y in zip(a, b, strict=True)]))
+
+
+def _order(i: int, members: tuple[str, ...] = ("kvtier", "fio")) -> tuple[str, ...]:
+    """Who runs when in round ``i``: rotated each round, so no one always inherits the same
+    neighbour's disk state (a shared virtual disk's cache and bursts favour some positions)."""
+    k = i % len(members)
+    return members[k:] + members[:k]
 
 
 def bandwidth_plots(doc: dict, dest: Path) -> list[Path]:
@@ -277,9 +318,12 @@ def bandwidth_plots(doc: dict, dest: Path) -> list[Path]:
 
     by_qd: dict[int, dict[str, list[tuple[int, float]]]] = {}
     for r in doc["reads"]:
-        s = by_qd.setdefault(r["iodepth"], {"kvtier ssd tier": [], "fio (libaio)": []})
-        s["kvtier ssd tier"].append((r["bs"], median_job(r["kvtier"])["read"]["bw_bytes"]))
-        s["fio (libaio)"].append((r["bs"], median_job(r["fio"])["read"]["bw_bytes"]))
+        s = by_qd.setdefault(r["iodepth"], {})
+        s.setdefault("kvtier ssd tier", []).append((r["bs"], median_job(r["kvtier"])["read"]["bw_bytes"]))
+        s.setdefault("fio (libaio)", []).append((r["bs"], median_job(r["fio"])["read"]["bw_bytes"]))
+        if r.get("fio+crc"):
+            s.setdefault("fio verifying crc32c", []).append(
+                (r["bs"], median_job(r["fio+crc"])["read"]["bw_bytes"]))
     return [bandwidth_vs_block_size(dest / f"bench_io_bandwidth_qd{qd}.png", s,
                                     title=f"random read, O_DIRECT, QD{qd}: kvtier vs fio "
                                           f"(median of {len(doc['reads'][0]['kvtier'])})")

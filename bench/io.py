@@ -10,6 +10,12 @@ calling ``read_into`` — what fio's libaio engine does with one job at that dep
 to time each request. ``batch`` issues ``read_many_into`` calls of ``iodepth`` requests per job
 (the loader's path); each request's completion latency is then its batch's.
 
+Destination buffers: one per request in flight, reused (fio's pattern) unless ``buffers`` asks
+for a ring per request in flight (0: 16 across the jobs, what the loader's staging ring holds,
+``LoaderConfig.staging_slots``). On a virtual disk a read landing in bytes the previous read's
+checksum pulled into cache costs up to ~0.3 ms more per 2 MiB; a ring avoids part of that
+(``python -m bench.verify_ceiling`` measures both).
+
     python -m bench.io --rw randread --bs 2MiB --iodepth 4 --size 1GiB --directory DIR
     python -m bench.io matrix --directory DIR --size 4GiB --repeat 5   # the README tables
 """
@@ -62,6 +68,7 @@ class IOParams:
     remote_url: str | None = None
     remote_backend: str = "redis"
     seed: int = 0
+    buffers: int = 1  # destination buffers per request in flight; 0: the loader's ring (see top)
 
     def check(self) -> IOParams:
         def bad(msg: str) -> None:
@@ -74,6 +81,8 @@ class IOParams:
             bad(f"unknown --engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if self.iodepth < 1:
             bad(f"--iodepth must be >= 1, got {self.iodepth}")
+        if self.buffers < 0:
+            bad(f"--buffers must be >= 0 (0: as the loader's staging ring), got {self.buffers}")
         if self.numjobs < 1:
             bad(f"--numjobs must be >= 1, got {self.numjobs}")
         if self.bs < 4096 or self.bs % 4096:
@@ -98,6 +107,16 @@ class IOParams:
     @property
     def inflight(self) -> int:
         return self.iodepth * self.numjobs
+
+    def ring_sets(self) -> int:
+        """How many sets of destination buffers each job cycles through."""
+        if self.buffers:
+            return self.buffers
+        from kvtier.loader import LoaderConfig
+
+        threads = self.numjobs if self.engine == "batch" else self.inflight
+        per_op = self.iodepth if self.engine == "batch" else 1
+        return max(1, -(-LoaderConfig().staging_slots // (threads * per_op)))
 
 
 @dataclass(slots=True)
@@ -143,7 +162,8 @@ class IOResult:
                 "job options": {"rw": p.rw, "bs": str(p.bs), "iodepth": str(p.iodepth),
                                 "numjobs": str(p.numjobs), "size": str(p.size),
                                 "runtime": str(p.runtime), "direct": str(int(p.direct)),
-                                "tier": p.tier, "codec": p.codec, "engine": p.engine},
+                                "tier": p.tier, "codec": p.codec, "engine": p.engine,
+                                "buffers": str(p.ring_sets() * (p.iodepth if p.engine == "batch" else 1))},
                 "read": self.read.to_fio(self.runtime_s), "write": self.write.to_fio(self.runtime_s)}
 
     def to_json(self) -> dict:
@@ -272,7 +292,9 @@ class _Job:
         self.pick = random.Random(p.seed * 1009 + jid).randrange  # ~10x cheaper per draw
         self.keys: list[bytes] = []  # the data set's keys, shared by the jobs (set by _measure)
         n = p.iodepth if p.engine == "batch" else 1
-        self.bufs = [aligned_empty(payloads.stored_bytes) for _ in range(n)]
+        self.rings = [[aligned_empty(payloads.stored_bytes) for _ in range(n)]
+                      for _ in range(p.ring_sets() if p.rw != "write" else 1)]
+        self.bufs = self.rings[0]
         self.decoded = torch.empty(p.bs // 2, dtype=torch.bfloat16) if payloads.codec else None
         self.lat = {"read": [], "write": []}
         self.bytes = {"read": 0, "write": 0}
@@ -379,6 +401,7 @@ def _write_key(p: IOParams, jid: int, seq: int) -> bytes:
 
 def _read_batch(tier, job: _Job, n_ops: int) -> None:
     p = job.p
+    job.bufs = job.rings[n_ops % len(job.rings)]
     n = len(job.bufs)
     if p.rw == "read":  # sequential: each job walks its own stripe of the data set
         base = job.start + n_ops * n
@@ -419,9 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--runtime", type=float, default=4.0)
         ap.add_argument("--repeat", type=int, default=3)
         ap.add_argument("--remote-url", help="also plot the remote tier's latency (e.g. redis://...)")
+        ap.add_argument("--no-fio-verify", action="store_true",
+                        help="skip the reference run of fio checking a crc32c of every read")
         a = ap.parse_args(argv[1:])
         from bench.fio import matrix
-        print(matrix(a.directory, a.out, parse_size(a.size), a.runtime, a.repeat, a.remote_url))
+        print(matrix(a.directory, a.out, parse_size(a.size), a.runtime, a.repeat, a.remote_url,
+                     verify_reference=not a.no_fio_verify))
         return 0
     from kvtier.commands.bench import main as bench_main
     return bench_main(["io", *argv])

@@ -103,7 +103,39 @@ def test_fio_command_matches_the_job() -> None:
         command(bio.IOParams(tier="host"), Path("f.bin"))
 
 
+@needs_fio
+def test_fio_verify_checks_a_crc_of_every_read_and_catches_a_flipped_byte(tmp_path: Path) -> None:
+    r = kvtier(*SMALL, "--directory", str(tmp_path), "--compare-fio", "--fio-verify",
+               "--output-format", "json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    v = doc["fio_verify"]
+    assert "--verify=crc32c-intel" in v["command"] and "--verify_only=1" in v["command"]
+    assert v["jobs"][0]["read"]["bw_bytes"] > 0
+    assert v["ratio"]["GB/s"] == pytest.approx(
+        doc["jobs"][0]["read"]["bw_bytes"] / v["jobs"][0]["read"]["bw_bytes"], rel=1e-3)
+    # The reference really verifies: one flipped byte in its file makes fio fail, said in one line.
+    path = tmp_path / bio.DATASET_DIR / "fio-verify.bin"
+    with path.open("r+b") as f:
+        f.seek(3 * 256 * 1024 + 1000)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = kvtier(*SMALL, "--directory", str(tmp_path), "--compare-fio", "--fio-verify")
+    assert r.returncode == 2 and "fio failed" in r.stderr and "verify failed" in r.stderr, r.stderr
+
+
+def test_fio_verify_needs_whole_verify_chunks() -> None:
+    with pytest.raises(InvalidRequest, match="multiple of 256.00 KiB"):
+        command(bio.IOParams(bs=64 * 1024), Path("f.bin"), verify=True)
+    with pytest.raises(InvalidRequest, match="--rw read or randread"):
+        command(bio.IOParams(rw="write", bs=1024**2), Path("f.bin"), verify=True)
+    cmd = command(bio.IOParams(bs=1024**2), Path("f.bin"), verify=True)
+    assert {"--verify=crc32c-intel", "--verify_interval=262144", "--verify_only=1"} <= set(cmd)
+
+
 @pytest.mark.parametrize("args, words", [
+    (["--fio-verify"], "--fio-verify needs --compare-fio"),
     (["--size", "12XB"], "12XB"),
     (["--tier", "tape"], "unknown --tier 'tape'"),
     (["--rw", "readwrite"], "unknown --rw 'readwrite'"),
@@ -128,3 +160,38 @@ def test_iodepth_zero_exits_without_traceback(tmp_path: Path) -> None:
     r = kvtier("--iodepth", "0", "--directory", str(tmp_path), timeout=30)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "kvtier bench io: error: --iodepth must be >= 1, got 0"
+
+
+def test_buffers_ring_matches_the_loaders_staging_ring() -> None:
+    from kvtier.loader import LoaderConfig
+
+    slots = LoaderConfig().staging_slots
+    assert bio.IOParams().ring_sets() == 1  # fio's pattern by default
+    assert bio.IOParams(buffers=0, iodepth=1).ring_sets() == slots
+    assert bio.IOParams(buffers=0, iodepth=4).ring_sets() * 4 >= slots
+    assert bio.IOParams(buffers=0, iodepth=64).ring_sets() == 1
+    assert bio.IOParams(buffers=0, engine="batch", iodepth=4).ring_sets() * 4 >= slots
+    assert bio.IOParams(buffers=3).ring_sets() == 3
+    with pytest.raises(InvalidRequest, match="--buffers must be >= 0"):
+        bio.IOParams(buffers=-1).check()
+
+
+def test_ring_reads_cycle_through_distinct_buffers(tmp_path: Path) -> None:
+    p = bio.IOParams(bs=64 * 1024, size=2 * 1024**2, runtime=0, buffers=4, directory=str(tmp_path))
+    res = bio.run(p)
+    assert res.read.ios == p.blocks and res.tier_stats["corrupt_blocks"] == 0
+    job = bio._Job(p, 0, bio._Payloads(p))
+    ptrs = {b.data_ptr() for ring in job.rings for b in ring}
+    assert len(job.rings) == 4 and len(ptrs) == 4
+
+
+def test_verify_ceiling_reports_every_path(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.verify_ceiling", "--directory", str(tmp_path),
+                        "--bs", "256KiB", "--size", "8MiB", "--rounds", "1", "--seconds", "0.2",
+                        "--ring", "3"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
+    from bench.verify_ceiling import PATHS
+    assert set(PATHS) <= set(rows)
+    assert float(rows["preadv"].split("|")[-2]) == 1.0  # the reference, paired with itself

@@ -288,12 +288,18 @@ def configure_io(p: argparse.ArgumentParser) -> None:
                    help=f"one of {', '.join(ENGINES)}: read_into on iodepth threads (sync) or "
                         "read_many_into batches of iodepth (batch)")
     t.add_argument("--durability", default="batch", help="ssd durability for writes (sync, batch, none)")
+    t.add_argument("--buffers", type=int, default=1,
+                   help="destination buffers each request in flight cycles through (default 1: one "
+                        "reused, as fio; 0: 16 across the jobs, as the loader's staging ring)")
     t.add_argument("--remote-url", help="remote tier URL (redis://HOST:PORT/DB, ...)")
     t.add_argument("--remote-backend", default="redis", help="redis, redis-cluster or mooncake")
     t.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("report")
     r.add_argument("--repeat", type=int, default=1, help="runs (medians are reported; default 1)")
     r.add_argument("--compare-fio", action="store_true", help="also run fio with the same parameters")
+    r.add_argument("--fio-verify", action="store_true",
+                   help="with --compare-fio: also run fio checking a crc32c of every block it reads, "
+                        "the like-for-like reference (kvtier verifies every read; plain fio does not)")
     r.add_argument("--output-format", default="normal", choices=("normal", "json"))
     r.add_argument("--plot", metavar="DIR", help="write a latency CDF PNG here")
 
@@ -317,11 +323,13 @@ def _run_io(args: argparse.Namespace) -> int:
                  size=parse_size(args.size), runtime=args.runtime, tier=args.tier, codec=args.codec,
                  direct=bool(args.direct), directory=args.directory, engine=args.engine,
                  rwmixread=args.rwmixread, durability=args.durability, remote_url=args.remote_url,
-                 remote_backend=args.remote_backend, seed=args.seed).check()
-    if args.compare_fio:
-        fio.command(p, fio.data_file(p, args.filename))  # fails early: no fio, or not the ssd tier
+                 remote_backend=args.remote_backend, seed=args.seed, buffers=args.buffers).check()
+    if args.fio_verify and not args.compare_fio:
+        raise InvalidRequest("--fio-verify needs --compare-fio")
+    if args.compare_fio:  # fails early: no fio, not the ssd tier, or a job fio cannot verify
+        fio.command(p, fio.data_file(p, args.filename), verify=args.fio_verify)
     progress = _StatusLine()
-    kv_jobs, fio_jobs, results, cmd = [], [], [], None
+    kv_jobs, fio_jobs, vfy_jobs, results, cmd, vcmd = [], [], [], [], None, None
     for i in range(args.repeat):
         progress.prefix = f"run {i + 1}/{args.repeat}: " if args.repeat > 1 else ""
         res = run(p, progress)
@@ -331,6 +339,10 @@ def _run_io(args: argparse.Namespace) -> int:
             progress(f"fio {p.rw} bs={format_size(p.bs)} qd={p.iodepth} ({p.runtime:g} s)")
             job, cmd = fio.run(p, args.filename)
             fio_jobs.append(job)
+        if args.fio_verify:
+            progress(f"fio verifying crc32c {p.rw} bs={format_size(p.bs)} qd={p.iodepth}")
+            job, vcmd = fio.run(p, args.filename, verify=True)
+            vfy_jobs.append(job)
     progress.done()
     kv = median_job(kv_jobs)
     doc = results[0].to_json()
@@ -345,7 +357,7 @@ def _run_io(args: argparse.Namespace) -> int:
                                       lat, title=f"{p.rw} {format_size(p.bs)} QD{p.iodepth}: completion latency"))
     text = format_job(kv, f"kvtier: (tier={p.tier}) rw={p.rw}, bs={format_size(p.bs)}, iodepth={p.iodepth}, "
                           f"numjobs={p.numjobs}, size={format_size(p.size)}, direct={int(p.direct)}, "
-                          f"codec={p.codec}, engine={p.engine}"
+                          f"codec={p.codec}, engine={p.engine}, buffers={p.ring_sets()}"
                           + (f" — median of {args.repeat} runs" if args.repeat > 1 else ""))
     if args.compare_fio:
         f = median_job(fio_jobs)
@@ -353,6 +365,12 @@ def _run_io(args: argparse.Namespace) -> int:
         doc["fio"] = {"version": fio.version(), "command": " ".join(cmd), "jobs": [f], "runs": fio_jobs}
         doc["ratio"] = ratio
         text += "\n\n" + format_job(f, f"fio: {' '.join(cmd[1:])}") + "\n\n" + table
+    if args.fio_verify:
+        v = median_job(vfy_jobs)
+        vtable, vratio = compare_table(kv, v)
+        doc["fio_verify"] = {"command": " ".join(vcmd), "jobs": [v], "runs": vfy_jobs, "ratio": vratio}
+        text += ("\n\n" + format_job(v, f"fio verifying: {' '.join(vcmd[1:])}") + "\n\n"
+                 + vtable.replace("kvtier vs fio", "kvtier vs fio verifying crc32c", 1))
     print(json.dumps(doc, indent=2) if args.output_format == "json" else text)
     return 0
 
