@@ -58,7 +58,8 @@ def data_file(p: IOParams, filename: str | None = None, verify: bool = False) ->
 
 
 def _verify_args(read: bool) -> list[str]:
-    args = [f"--verify={VERIFY}", f"--verify_interval={VERIFY_INTERVAL}"]
+    args = [f"--verify={VERIFY}", f"--verify_interval={VERIFY_INTERVAL}",
+            "--verify_state_save=0"]  # else fio leaves a *-verify.state file in the cwd
     return args + (["--verify_only=1", "--verify_fatal=1"] if read else ["--do_verify=0"])
 
 
