@@ -9,6 +9,12 @@ both in layer order, so layer ``i`` is ready as soon as every block's layer ``i`
 while later layers are still in flight. On a GPU the copies run on a dedicated stream and each
 layer's readiness is a CUDA event the consumer's stream waits on; on CPU it is a thread event.
 
+Tiers that read a block only whole (a remote tier: Mooncake fetches a whole value per call,
+and every call is a network round trip) take path 2 a prefix batch at a time instead: one
+``read_blocks_into`` per batch of blocks straight into ring slots registered with the tier once
+(zero-copy where the engine supports it), every byte verified by the tier, then decoded layer by
+layer; a block's layers land together, batches overlap one another.
+
 Blocks path 2 reads whole and verified are promoted to the fastest tier in the background (when
 the cache's ``promote_on_get`` is on), from the bytes already read: the next turn of a
 conversation finds its prefix in host memory without a second SSD read.
@@ -189,6 +195,7 @@ class Loader:
         self._promo_lock = threading.RLock()  # a done future runs its callback in the submitter
         self._ring: StagingRing | None = None
         self._ring_lock = threading.Lock()
+        self._registered: list[tuple[object, StagingRing]] = []  # (tier, ring) registered once
         self._cuda = torch.cuda.Stream() if torch.cuda.is_available() else None
 
     # ---- the cost check --------------------------------------------------------------------
@@ -251,7 +258,8 @@ class Loader:
         for i, b in enumerate(lease.blocks[:n]):
             tier = self.cache.tier(b.tiers[0])
             (mem if hasattr(tier, "view") else io).append((i, b, tier))
-        job = _Job(stream, dest, ns.codec, bt, n_layers)
+        job = _Job(stream, dest, ns.codec, bt, n_layers,
+                   promote=bool(getattr(self.cache.config, "promote_on_get", False)))
         self._paths.submit(self._guard, self._memory_path, job, mem)
         self._paths.submit(self._guard, self._io_path, job, io)
         return stream
@@ -296,10 +304,29 @@ class Loader:
             self._count_reads(name, sum(1 for _, _, t in items if t.name == name), nbytes, seconds)
 
     def _io_path(self, job: _Job, items: list) -> None:
-        """Path 2: headers, then layer-group ranges through the staging ring, many in flight."""
+        """Path 2: headers, then layer-group ranges through the staging ring, many in flight;
+        blocks of whole-read tiers in batches (``_whole_reads``), alongside."""
         if not items:
             return
         start = time.perf_counter()
+        whole = [it for it in items if _reads_whole(it[2])]
+        ranged = [it for it in items if not _reads_whole(it[2])]
+        with self._promo_lock:  # placeholders first: promotions go in prefix order across both
+            if job.promote:
+                job.promos.update({i: _Assembly(b.key, None, left=1) for i, b, _ in items})
+            job.promo_order = sorted(job.promos)
+            job.keep = frozenset(b.key for _, b, _ in items)
+        futures = self._whole_reads(job, whole) if whole else []
+        try:
+            self._ranged_reads(job, ranged, start)
+        finally:
+            wait_futures(futures)
+        if whole:
+            self._observe(whole, time.perf_counter() - start, len(futures))
+
+    def _ranged_reads(self, job: _Job, items: list, start: float) -> None:
+        if not items:
+            return
         hsize = header_size(job.n_layers, job.codec)
         stride = (hsize + 63) // 64 * 64
         scratch = torch.empty(stride * len(items), dtype=torch.uint8)
@@ -312,25 +339,28 @@ class Loader:
             rounds = 1 if hasattr(items[0][2], "read_many_into") else math.ceil(len(items) / self.config.io_threads)
             self.cost.observe_latency(name, header_s / rounds)
         headers: list[tuple[int, object, object, BlockHeader]] = []
-        promote = bool(getattr(self.cache.config, "promote_on_get", False))
         for (i, b, tier), (_, buf, _), res in zip(items, requests, results, strict=True):
             try:
                 if isinstance(res, BaseException):
                     raise res
                 headers.append((i, b, tier, h := _checked_header(buf[:res], job.n_layers)))
-                if promote and _contiguous(h, b.nbytes):
-                    job.promos[i] = _Assembly(b.key, torch.empty(b.nbytes, dtype=torch.uint8))
-                    job.promos[i].data[:h.header_bytes].copy_(buf[:h.header_bytes])
+                a = job.promos.get(i)
+                if a is not None and _contiguous(h, b.nbytes):
+                    a.data = torch.empty(b.nbytes, dtype=torch.uint8)
+                    a.data[:h.header_bytes].copy_(buf[:h.header_bytes])
+                elif a is not None:
+                    self._abandon(job, i)  # ranges would not rebuild it whole: not promoted
             except (KeyError, KVTierError, OSError) as e:
                 log.warning("header of block %d in %s unreadable (%s); reading it whole", i, tier.name, e)
+                self._abandon(job, i)
                 self._fallback(job, i, b)
         if not headers:
             return
         groups = _layer_groups([e.length for e in headers[0][3].layers], self.config.min_read_bytes)
-        for a in job.promos.values():
-            a.left = len(groups)
-        job.promo_order = sorted(job.promos)
-        job.keep = frozenset(b.key for _, b, _, _ in headers)
+        with self._promo_lock:
+            for i, _, _, _ in headers:
+                if i in job.promos:
+                    job.promos[i].left = len(groups)
         widest = max(_span(h, g)[1] - _span(h, g)[0] for _, _, _, h in headers for g in groups)
         ring = self._ring_for(widest)
         futures: list[Future] = []
@@ -343,11 +373,14 @@ class Loader:
                 futures.append(self._io.submit(self._read_group, job, ring, slot, i, b, tier, h, g))
                 reads += 1
         wait_futures(futures)
-        seconds = time.perf_counter() - start
-        for name in {t.name for _, _, t, _ in headers}:
-            nbytes = sum(b.nbytes for _, b, t, _ in headers if t.name == name)
-            self.cost.observe_path(name, nbytes, seconds, reads + len(items))
-            self._count_reads(name, sum(1 for _, _, t, _ in headers if t.name == name), nbytes, seconds)
+        self._observe([(i, b, t) for i, b, t, _ in headers], time.perf_counter() - start,
+                      reads + len(items))
+
+    def _observe(self, items: list, seconds: float, reads: int) -> None:
+        for name in {t.name for _, _, t in items}:
+            nbytes = sum(b.nbytes for _, b, t in items if t.name == name)
+            self.cost.observe_path(name, nbytes, seconds, reads)
+            self._count_reads(name, sum(1 for _, _, t in items if t.name == name), nbytes, seconds)
 
     def _read_group(self, job: _Job, ring: StagingRing, slot, i: int, b, tier, h: BlockHeader, g: range) -> None:
         try:
@@ -371,6 +404,103 @@ class Loader:
             self._fallback(job, i, b)
         finally:
             ring.release(slot)
+
+    def _whole_reads(self, job: _Job, items: list) -> list[Future]:
+        """Submit whole-block reads of ``items`` in batches of up to half the ring's slots (two
+        batches in flight: one decodes while the next transfers), or one block per task where
+        the tier has no batched read; the futures of the tasks."""
+        items = self._known_sizes(job, items)
+        if not items:
+            return []
+        ring = self._ring_for(max(b.nbytes for _, b, _ in items))
+        by_tier: dict[int, list] = {}
+        for it in items:
+            by_tier.setdefault(id(it[2]), []).append(it)
+        futures: list[Future] = []
+        for group in by_tier.values():
+            tier = group[0][2]
+            self._register(tier, ring)
+            # A tier that reads block by block gets one block per task, io_threads in flight.
+            per = max(1, ring.slots // 2) if getattr(tier, "batched_reads", True) else 1
+            for k in range(0, len(group), per):
+                if job.stream.cancelled:
+                    break
+                batch = group[k:k + per]
+                slots = [ring.acquire() for _ in batch]  # back-pressure: at most the ring's slots
+                futures.append(self._io.submit(self._read_whole, job, ring, slots, batch, tier))
+        return futures
+
+    def _known_sizes(self, job: _Job, items: list) -> list:
+        """``items`` with every block's size known: blocks found by a remote existence query have
+        none yet, so ask the tier for those at once (in parallel) and remember the answer, as
+        ``TieredCache.load_block`` does; a block without one is read whole through the manager."""
+        unknown = [it for it in items if not it[1].nbytes]
+        sizes = list(self._io.map(lambda it: _size_or_none(it[2], it[1].key), unknown))
+        lost = set()
+        for (i, b, _), n in zip(unknown, sizes, strict=True):
+            if n:
+                b.nbytes = n
+                if hasattr(self.cache, "record_size"):
+                    self.cache.record_size(b.key, n)
+            else:
+                lost.add(i)
+                self._abandon(job, i)
+                self._fallback(job, i, b)
+        return [it for it in items if it[0] not in lost]
+
+    def _read_whole(self, job: _Job, ring: StagingRing, slots: list, batch: list, tier) -> None:
+        """One ``read_blocks_into`` for ``batch``, then decode each verified block into dest."""
+        live = [(slot, i, b) for slot, (i, b, _) in zip(slots, batch, strict=True)
+                if not job.stream.cancelled and i < job.stream.valid_blocks]
+        outs = [slot.tensor[:b.nbytes] for slot, _, b in live]
+        try:
+            got = tier.read_blocks_into([b.key for _, _, b in live], outs) if live else []
+        except Exception as e:  # noqa: BLE001  read_blocks_into never raises per block; be safe
+            got = [e] * len(live)
+        try:
+            for (_, i, b), out, res in zip(live, outs, got, strict=True):
+                try:
+                    if isinstance(res, BaseException):
+                        raise res
+                    if res != b.nbytes:
+                        raise CorruptBlock(f"short read: {res} of {b.nbytes} bytes")
+                    h = _checked_header(out, job.n_layers)
+                    with self._on_load_stream():
+                        for layer in range(job.n_layers):  # the tier verified every byte
+                            decode_layer_into(h, layer, out, job.outs(i)[layer], verify=False)
+                        if self._cuda is not None:
+                            self._cuda.synchronize()  # the slot is reused once its copies are done
+                except (KeyError, KVTierError, OSError) as e:
+                    log.warning("block %d in %s unreadable (%s); reading it whole", i, tier.name, e)
+                    self._abandon(job, i)
+                    self._fallback(job, i, b)
+                    continue
+                job.stream._land(range(job.n_layers), [i])
+                self._gather_whole(job, i, out)
+        finally:
+            for slot in slots:  # a slot a timed-out read may still write into waits for it
+                if hasattr(tier, "when_settled"):
+                    tier.when_settled(slot.tensor, lambda slot=slot: ring.release(slot))
+                else:
+                    ring.release(slot)
+
+    def _gather_whole(self, job: _Job, i: int, out: torch.Tensor) -> None:
+        a = job.promos.get(i)
+        if a is None:
+            return
+        a.data = out.clone()  # the slot goes back to the ring; the promotion keeps a copy
+        with self._promo_lock:
+            a.left = 0
+            self._submit_promotions(job)
+
+    def _register(self, tier, ring: StagingRing) -> None:
+        """Register ``ring`` with ``tier`` once (remote engines then read straight into it)."""
+        with self._ring_lock:
+            if any(t is tier and r is ring for t, r in self._registered):
+                return
+            self._registered.append((tier, ring))
+        if hasattr(tier, "register"):
+            tier.register(ring.buffer)
 
     def _fallback(self, job: _Job, i: int, b) -> None:
         """Read block ``i`` whole via the manager (verifies, drops corrupt copies); else truncate."""
@@ -480,6 +610,10 @@ class Loader:
         self._paths.shutdown(wait=True)
         self._io.shutdown(wait=True)
         self._promoter.shutdown(wait=True)
+        for tier, ring in self._registered:
+            if hasattr(tier, "unregister"):
+                tier.unregister(ring.buffer)
+        self._registered.clear()
 
 
 @dataclass(slots=True)
@@ -487,7 +621,7 @@ class _Assembly:
     """A block's verified bytes gathered from path 2's ranges, promoted once all have landed."""
 
     key: bytes
-    data: torch.Tensor
+    data: torch.Tensor | None  # None until a whole-read block lands
     left: int = 0  # ranges still to land
 
 
@@ -503,6 +637,7 @@ class _Job:
     promo_next: int = 0
     promo_failed: bool = False
     keep: frozenset[bytes] = frozenset()  # this load's blocks: its promotions never evict them
+    promote: bool = False  # the cache promotes blocks read from slower tiers
 
     def outs(self, i: int) -> list[list[torch.Tensor]]:
         bt = self.block_tokens
@@ -542,6 +677,18 @@ def _contiguous(h: BlockHeader, nbytes: int) -> bool:
 def _span(h: BlockHeader, g: range) -> tuple[int, int]:
     first, last = h.layers[g.start], h.layers[g.stop - 1]
     return first.offset, last.offset + last.length
+
+
+def _reads_whole(tier) -> bool:
+    """True for tiers that read a block whole, a prefix batch per call (the remote tier)."""
+    return hasattr(tier, "read_blocks_into")
+
+
+def _size_or_none(tier, key: bytes) -> int | None:
+    try:
+        return tier.size(key)
+    except (KeyError, KVTierError, OSError):
+        return None
 
 
 def _read_or_error(tier, key: bytes, out: torch.Tensor, offset: int):

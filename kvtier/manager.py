@@ -562,7 +562,11 @@ class TieredCache:
         (the rest of the prefix). True if the block lives in the fastest tier now.
         """
         entry = self._index.get(key)
-        if self._closed or entry is None or not entry.tiers or entry.nbytes != data.numel():
+        if self._closed or entry is None or not entry.tiers:
+            return False
+        if not entry.nbytes:  # found by a remote existence query: the verified bytes give its size
+            entry.nbytes = data.numel()
+        if entry.nbytes != data.numel():
             return False
         return min(entry.tiers) == 0 or self._promote(entry, data, codec, keep=keep)
 
@@ -697,6 +701,14 @@ class TieredCache:
             if callable(extra):
                 snap.tiers[tier.name].extra = extra()
         return snap
+
+    def record_size(self, key: bytes, nbytes: int) -> None:
+        """Remember the size a reader learned for a block a remote existence query found (its
+        size is unknown until then), so later leases carry it and skip the size query."""
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is not None and not entry.nbytes:
+                entry.nbytes = nbytes
 
     def record_reads(self, tier: str, blocks: int, nbytes: int, seconds: float) -> None:
         """Count reads done outside ``get`` (the loader's) in the tier's stats."""

@@ -202,6 +202,13 @@ class RemoteTier:
         except (KeyError, CorruptBlock, InvalidRequest) as e:
             return e
 
+    @property
+    def batched_reads(self) -> bool:
+        """True where ``read_blocks_into`` reads a whole prefix in one engine call (the backend
+        has ``RegisteredReads``); else it reads block by block and callers should spread the
+        blocks over their own threads instead."""
+        return isinstance(self.backend, RegisteredReads)
+
     def register(self, tensor: torch.Tensor) -> bool:
         """Let the backend read straight into ``tensor`` (host memory, registered once); False
         where it cannot (reads into it are then staged and copied, as before). Call it once per
