@@ -25,6 +25,15 @@ What each path does (the raw side does less work, by design: it is the bar to re
     python bench/remote.py --engine all --runs 3            # loopback redis-server + Mooncake
     python bench/remote.py --engine all --runs 3 --unit prefix
     python bench/remote.py --url redis://host:6379/0 --sizes 2MiB,16MiB --reps 30
+    python bench/remote.py --engine all --runs 3 --unit load   # through the loader, into KV
+
+``--unit load`` measures the production reload path instead of the tier alone: a second
+``TieredCache`` (promotion off, so every load is remote) streams the prefix one instance stored
+through ``Loader.load`` into model-shaped KV tensors allocated once, as an engine's KV pool is (4
+layers, K and V of 8 heads x 64 float32: 16 KiB a token, so a 2 MiB block holds 128 tokens), against the raw client reading the same
+encoded blocks (stored again as plain values) in one batch call / pipeline. kvtier does more
+here: the lease, the batched read into its registered staging ring, verification, and the
+decode (a copy, on CPU) into the destination.
 """
 
 from __future__ import annotations
@@ -247,6 +256,82 @@ def render(rows: list[dict]) -> str:
         f"{r['spread'][0]:.0%}-{r['spread'][1]:.0%}"] for r in rows])
 
 
+KV_TOKEN_BYTES = 4 * 2 * 8 * 64 * 4  # --unit load: 4 layers x (K, V) x 8 heads x 64 x float32
+
+
+def measure_load(engine: str, url: str, size: int, blocks: int, reps: int) -> dict:
+    """One run of ``--unit load``: per path, the seconds of every timed prefix reload."""
+    from kvtier import CacheConfig, HostTierConfig, TieredCache
+    from kvtier.layout import KVLayout
+    from kvtier.loader import Loader
+    from tests.conftest import random_kv
+
+    bt = max(1, size // KV_TOKEN_BYTES)
+    backend = {"redis": "redis", "cluster": "redis-cluster", "mooncake": "mooncake"}[engine]
+    prefix = f"bench{os.getpid()}-{os.urandom(4).hex()}"
+
+    def cache() -> TieredCache:
+        c = TieredCache(CacheConfig(
+            block_tokens=bt, promote_on_get=False,
+            host=HostTierConfig(capacity_bytes="8MiB", page_bytes="1MiB"),
+            remote=RemoteTierConfig(backend=backend, url=url, timeout_s=10.0, key_prefix=prefix,
+                                    max_inflight_bytes=2 * 1024**3)))
+        c.register_namespace("m", layout=KVLayout(4, ((8, 64),) * 2, "float32"))
+        return c
+
+    toks = list(range(blocks * bt))
+    with cache() as a:
+        a.put("m", toks, random_kv(blocks * bt, layers=4, heads=8, dim=64))
+        a.flush(120)
+        assert a.tier("remote").flush(120), "remote writes did not finish"
+    with cache() as b:
+        tier = b.tier("remote")
+        loader = Loader(b)
+        lease = b.acquire("m", toks)
+        keys = [blk.key for blk in lease.blocks]
+        b.release(lease)
+        assert len(keys) == blocks, f"only {len(keys)} of {blocks} blocks found remotely"
+        stored = tier.size(keys[0])
+        data = torch.empty(stored, dtype=torch.uint8)
+        raw_setup, raw_teardown, raw_paths = (_raw_mooncake if engine == "mooncake" else _raw_redis)(
+            tier, stored, False, True)
+        for key in keys:
+            tier.read_into(key, data)
+            raw_setup(key, data.numpy().tobytes())
+
+        dest = b.get_namespace("m").layout.empty(blocks * bt)  # once, as an engine's KV pool
+        for layer in dest:
+            for t in layer:
+                t.zero_()  # touched: page faults are not what this measures
+
+        def load(_: int) -> None:
+            lease = b.acquire("m", toks)
+            try:
+                got = loader.load(lease, dest).wait_all(60)
+                assert got == blocks * bt, f"loaded {got} of {blocks * bt} tokens"
+            finally:
+                b.release(lease)
+
+        paths = {"kvtier": load, "raw": raw_paths["raw"]}
+        try:
+            for _ in range(WARMUP_PASSES):
+                for read in paths.values():
+                    read(0)
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            order = list(paths)
+            for r in range(reps):
+                for name in order if r % 2 == 0 else order[::-1]:
+                    t0 = time.perf_counter()
+                    paths[name](0)
+                    times[name].append(time.perf_counter() - t0)
+        finally:
+            raw_teardown()
+            loader.close()
+            for key in keys:
+                tier.delete(key)
+        return times
+
+
 def _engine(engine: str):
     from tests.integration import remote_servers as rs
 
@@ -265,8 +350,9 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20, help="timed reloads of each block per run")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--unit", choices=["block", "prefix"], default="block",
-                    help="what one timed call reads: one block, or the prefix of --blocks")
+    ap.add_argument("--unit", choices=["block", "prefix", "load"], default="block",
+                    help="what one timed call reads: one block, the prefix of --blocks, or that "
+                         "prefix through the loader into KV tensors (see the top of this file)")
     ap.add_argument("--detail", action="store_true",
                     help="add raw+crc / raw+hop / kvtier-staged references")
     args = ap.parse_args()
@@ -279,9 +365,13 @@ def main() -> None:
         try:
             url = args.url or srv.url
             for size in sizes:
-                prefix = args.unit == "prefix"
-                runs = [measure(engine, url, size, args.blocks, args.reps, args.detail, prefix)
-                        for _ in range(args.runs)]
+                prefix = args.unit in ("prefix", "load")
+                if args.unit == "load":
+                    runs = [measure_load(engine, url, size, args.blocks, args.reps)
+                            for _ in range(args.runs)]
+                else:
+                    runs = [measure(engine, url, size, args.blocks, args.reps, args.detail, prefix)
+                            for _ in range(args.runs)]
                 rows += summarize(engine, size, runs, size * args.blocks if prefix else size)
                 log.info("%s %s per-run kvtier/raw: %s", engine, format_size(size), " ".join(
                     f"{median(r['raw']) / median(r['kvtier']):.0%}" for r in runs))
