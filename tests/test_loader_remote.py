@@ -12,6 +12,7 @@ from kvtier import CacheConfig, HostTierConfig, RemoteTierConfig, TieredCache
 from kvtier.layout import KVLayout
 from kvtier.loader import Loader, LoaderConfig
 from tests.conftest import random_kv
+from tests.test_loader import load, same
 
 BT = 32
 LAYERS = 4
@@ -72,21 +73,6 @@ def shared_prefix(engine, seed: int):
         a.flush(30)
         assert a.tier("remote").flush(30)
     return prefix, toks, kv
-
-
-def load(c: TieredCache, loader: Loader, toks):
-    lease = c.acquire("m", toks)
-    try:
-        dest = lease.namespace.layout.empty(lease.tokens)
-        stream = loader.load(lease, dest)
-        stream.wait_all(30)
-        return stream, dest
-    finally:
-        c.release(lease)
-
-
-def same(a, b, n):
-    return all((x[:n] == y[:n]).all() for la, lb in zip(a, b, strict=True) for x, y in zip(la, lb, strict=True))
 
 
 def test_a_prefix_from_the_remote_tier_loads_exactly_in_batches(engine):
