@@ -494,7 +494,8 @@ class Loader:
             self._submit_promotions(job)
 
     def _register(self, tier, ring: StagingRing) -> None:
-        """Register ``ring`` with ``tier`` once (remote engines then read straight into it)."""
+        """Register ``ring`` with ``tier`` once (remote engines then read straight into it).
+        A ring replaced by a larger one stays registered, and alive, until ``close``."""
         with self._ring_lock:
             if any(t is tier and r is ring for t, r in self._registered):
                 return
