@@ -182,6 +182,24 @@ def _kvtier_prefix(tier, keys: list[bytes], size: int) -> Read:
     return read
 
 
+def _time_paths(paths: dict[str, Read], calls: int, reps: int) -> dict[str, list[float]]:
+    """Warm every path up, then time ``reps`` rounds of ``calls`` calls each, the paths
+    interleaved call by call with the order alternating; per path, the seconds of each call."""
+    for _ in range(WARMUP_PASSES):  # connections, staging buffers, page faults, caches
+        for read in paths.values():
+            for i in range(calls):
+                read(i)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    order = list(paths)
+    for r in range(reps):
+        for i in range(calls):
+            for name in order if (r * calls + i) % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                paths[name](i)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def measure(engine: str, url: str, size: int, blocks: int, reps: int, detail: bool,
             prefix: bool = False) -> dict:
     """One run for one size: per path, the per-call seconds of every timed reload."""
@@ -207,19 +225,7 @@ def measure(engine: str, url: str, size: int, blocks: int, reps: int, detail: bo
         check = torch.empty(size, dtype=torch.uint8)
         tier.read_into(keys[-1], check)  # bit-exact, outside the timed region
         assert check.numpy().tobytes() == data, "kvtier reloaded other bytes than were put"
-        calls = 1 if prefix else blocks  # per rep: the prefix once, or each block once
-        for _ in range(WARMUP_PASSES):  # connections, staging buffers, page faults, caches
-            for read in paths.values():
-                for i in range(calls):
-                    read(i)
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        order = list(paths)
-        for r in range(reps):
-            for i in range(calls):
-                for name in order if (r * calls + i) % 2 == 0 else order[::-1]:
-                    t0 = time.perf_counter()
-                    paths[name](i)
-                    times[name].append(time.perf_counter() - t0)
+        times = _time_paths(paths, 1 if prefix else blocks, reps)  # the prefix once, or each block
         s = tier.stats()
         if s["errors"] or s["timeouts"]:
             log.warning("%s %s: %d errors, %d timeouts (retried)", engine, format_size(size),
@@ -314,16 +320,7 @@ def measure_load(engine: str, url: str, size: int, blocks: int, reps: int) -> di
 
         paths = {"kvtier": load, "raw": raw_paths["raw"]}
         try:
-            for _ in range(WARMUP_PASSES):
-                for read in paths.values():
-                    read(0)
-            times: dict[str, list[float]] = {name: [] for name in paths}
-            order = list(paths)
-            for r in range(reps):
-                for name in order if r % 2 == 0 else order[::-1]:
-                    t0 = time.perf_counter()
-                    paths[name](0)
-                    times[name].append(time.perf_counter() - t0)
+            times = _time_paths(paths, 1, reps)
         finally:
             raw_teardown()
             loader.close()

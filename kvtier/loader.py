@@ -440,8 +440,7 @@ class Loader:
         for (i, b, _), n in zip(unknown, sizes, strict=True):
             if n:
                 b.nbytes = n
-                if hasattr(self.cache, "record_size"):
-                    self.cache.record_size(b.key, n)
+                self.cache.record_size(b.key, n)
             else:
                 lost.add(i)
                 self._abandon(job, i)

@@ -562,11 +562,7 @@ class TieredCache:
         (the rest of the prefix). True if the block lives in the fastest tier now.
         """
         entry = self._index.get(key)
-        if self._closed or entry is None or not entry.tiers:
-            return False
-        if not entry.nbytes:  # found by a remote existence query: the verified bytes give its size
-            entry.nbytes = data.numel()
-        if entry.nbytes != data.numel():
+        if self._closed or entry is None or not entry.tiers or entry.nbytes != data.numel():
             return False
         return min(entry.tiers) == 0 or self._promote(entry, data, codec, keep=keep)
 
