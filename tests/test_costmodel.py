@@ -45,7 +45,9 @@ def test_declines_partial_and_accepts_by_estimate():
 
 def test_slow_ssd_hits_are_declined_and_ttft_stays_near_recompute(tmp_path):
     """An SSD slowed by an injected delay: declined, and TTFT never > 10% worse than recompute."""
-    model = make_model("llama", layers=2, hidden=64)
+    # Big enough that recomputing 2K tokens clearly costs more than a fast SSD reload of them on
+    # a fast host too (reloading 128 small blocks is latency-bound, recompute grows with width).
+    model = make_model("llama", layers=4, hidden=128)
     prompt = torch.randint(0, 512, (1, 2048 + 5), generator=torch.Generator().manual_seed(7))
     with split_cache(tmp_path, host_blocks=0, delay=0.0) as cache, torch.no_grad():
         save_kv(cache, "m", prompt[0], model(prompt, use_cache=True).past_key_values)
@@ -84,7 +86,9 @@ def test_slow_ssd_hits_are_declined_and_ttft_stays_near_recompute(tmp_path):
 
 def test_first_decision_probes_an_unmeasured_tier(tmp_path):
     """With no estimate for the SSD yet, one timed header read informs the very first decision."""
-    model = make_model("llama", layers=2, hidden=64)
+    # Big enough that recomputing 2K tokens clearly costs more than a fast SSD reload of them on
+    # a fast host too (reloading 128 small blocks is latency-bound, recompute grows with width).
+    model = make_model("llama", layers=4, hidden=128)
     prompt = torch.randint(0, 512, (1, 1024 + 3), generator=torch.Generator().manual_seed(8))
     with split_cache(tmp_path, host_blocks=0) as cache, torch.no_grad():
         save_kv(cache, "m", prompt[0], model(prompt, use_cache=True).past_key_values)
