@@ -2,8 +2,8 @@
 
 Block i's key is ``blake2b(key[i-1] || token_ids[i] as little-endian int64, digest_size=16)``;
 block 0 chains from the namespace digest. Keys are stable across processes and machines (no
-Python ``hash()``, no seeds), and two namespaces (model, layout, codec, block size, tenant
-salt) never share a key. A trailing partial block gets no key.
+Python ``hash()``, no seeds), and two namespaces (name, model, layout, codec, block size,
+tenant salt) never share a key. A trailing partial block gets no key.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ KEY_BYTES = 16
 
 
 def namespace_digest(
-    model_id: str, layout_fingerprint: str, codec: str, block_tokens: int, tenant_salt: str = ""
+    model_id: str, layout_fingerprint: str, codec: str, block_tokens: int, tenant_salt: str = "",
+    name: str = "",
 ) -> bytes:
-    """Digest that seeds a namespace's key chain; any differing field gives disjoint keys."""
-    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"kvtier-ns-v1")
-    for part in (model_id, layout_fingerprint, codec, str(block_tokens), tenant_salt):
+    """Digest that seeds a namespace's key chain; any differing field gives disjoint keys.
+
+    The namespace's own name is part of it: two namespaces of one tenant and model never share
+    a block, so dropping, expiring or counting one never touches the other.
+    """
+    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"kvtier-ns-v2")
+    for part in (model_id, layout_fingerprint, codec, str(block_tokens), tenant_salt, name):
         data = part.encode()
         h.update(len(data).to_bytes(4, "little"))
         h.update(data)

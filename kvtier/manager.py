@@ -36,7 +36,7 @@ from kvtier.policies.admission import make_admission
 from kvtier.prefetch import TERMINAL, PrefetchBudget, PrefetchHandle, PrefetchTimeout, check_policy
 from kvtier.records import BlockLocation, Hit
 from kvtier.stats import CacheStats, NamespaceStats, TierStats
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import ReportsHealth, Tier
 
 log = logging.getLogger(__name__)
 
@@ -720,6 +720,15 @@ class TieredCache:
         with self._lock:
             self._stats.cost_decisions[verdict] += 1
             self._stats.extra["cost_model"] = detail
+
+    def health(self) -> list[str]:
+        """What degrades the cache now (``"<tier>: <problem>"``); empty when every tier is well.
+
+        A degraded cache still serves what it can (reads from a full disk, local tiers while a
+        remote engine is down); ``/readyz`` reports these in its body.
+        """
+        return [f"{tier.name}: {problem}" for tier in self.tiers
+                if isinstance(tier, ReportsHealth) for problem in tier.health()]
 
     @property
     def closed(self) -> bool:

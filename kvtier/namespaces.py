@@ -33,7 +33,7 @@ class Namespace:
         if self.layout is None:
             raise InvalidRequest(f"namespace {self.name!r} has no KV layout yet")
         return namespace_digest(self.model_id, self.layout.fingerprint(), self.codec,
-                                self.block_tokens, self.tenant)
+                                self.block_tokens, self.tenant, self.name)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "model_id": self.model_id, "block_tokens": self.block_tokens,

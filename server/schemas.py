@@ -181,5 +181,6 @@ class ErrorOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: str
+    status: str  # ok | degraded | unavailable
     detail: str | None = None
+    problems: list[str] | None = None  # with "degraded": what each tier lacks

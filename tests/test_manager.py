@@ -35,6 +35,24 @@ def test_put_lookup_get_roundtrip():
         assert c.lookup("other", toks).tokens == 0
 
 
+def test_namespaces_of_one_tenant_and_model_never_share_blocks():
+    """Dropping or expiring one namespace must never empty another of the same model."""
+    with small_cache() as c:
+        kv = random_kv(32)
+        toks = list(range(32))
+        c.register_namespace("a", model_id="llama")
+        c.register_namespace("b", model_id="llama")
+        c.put("a", toks, kv)
+        c.put("b", toks, kv)
+        ka = {b.key for b in c.lookup("a", toks).blocks}
+        kb = {b.key for b in c.lookup("b", toks).blocks}
+        assert len(ka) == len(kb) == 2 and not ka & kb
+        assert c.drop_namespace("a") == 2
+        out, n = c.get("b", toks)
+        assert n == 32 and same(kv, out, 32)
+        assert c.stats().namespaces["b"].tokens_put == 32
+
+
 def test_shared_prefix_extends():
     with small_cache() as c:
         kv = random_kv(64)

@@ -76,3 +76,12 @@ class MemoryTier(Tier, Protocol):
     """
 
     def view(self, key: bytes) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ReportsHealth(Protocol):
+    """A tier that can be degraded while still serving (a full disk, a damaged index, an
+    unreachable engine). ``health`` returns what is wrong now, one short sentence each; an empty
+    list means healthy. Cheap and non-blocking: ``/readyz`` calls it on every probe."""
+
+    def health(self) -> list[str]: ...

@@ -62,8 +62,12 @@ def storage_problem(request: Request) -> str | None:
 
 @router.get("/readyz", response_model=HealthOut, responses={503: {"model": HealthOut}})
 async def readyz(request: Request) -> Response:
-    """Storage is open and writable."""
+    """Storage is open and writable (200); ``degraded`` (still 200) lists what a tier lacks while
+    the cache keeps serving, e.g. a full disk or an unreachable remote engine; 503 otherwise."""
     problem = await run_in_threadpool(storage_problem, request)
     if problem:
         return JSONResponse({"status": "unavailable", "detail": problem}, 503)
+    problems = await run_in_threadpool(request.app.state.cache.health)
+    if problems:
+        return JSONResponse({"status": "degraded", "problems": problems})
     return JSONResponse({"status": "ok"})
