@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvtier.config import RemoteTierConfig
-from kvtier.errors import InvalidRequest
+from kvtier.errors import CorruptBlock, InvalidRequest
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.remote import make_remote_tier
 from tests.conftest import random_bytes
@@ -59,6 +59,32 @@ def test_round_trip_bit_exact_first_writer_wins_and_batched_exists(tier):
         tier.read_into(key, torch.empty(5000, dtype=torch.uint8))
     assert tier.delete(key) is True
     assert tier.contains(key) is False
+
+
+def test_a_value_moved_under_another_key_is_never_served(tier):
+    """The stored crc32c is bound to the key: a value copied under another key is a miss."""
+    ka, kb = os.urandom(16), os.urandom(16)
+    data = random_bytes(2 * 1024**2, 3)
+    tier.put(ka, data, META)
+    assert tier.flush(30)
+    store = tier.backend.raw_store()
+    value = store.get(tier.backend._key(ka))
+    assert len(value) > data.numel()
+    assert store.put(tier.backend._key(kb), value) == 0
+    out = torch.zeros_like(data)
+    with pytest.raises(CorruptBlock):
+        tier.read_into(kb, out)  # staged read
+    tier.put(kb, data, META)  # the bad copy was deleted: a writer can store the real one
+    assert tier.flush(30)
+    store.remove(tier.backend._key(kb))
+    assert store.put(tier.backend._key(kb), value) == 0
+    tier.register(out)
+    try:
+        assert isinstance(tier.read_blocks_into([kb], [out])[0], CorruptBlock)  # direct read
+        assert tier.read_blocks_into([ka], [out]) == [data.numel()]
+        assert torch.equal(out, data)
+    finally:
+        tier.unregister(out)
 
 
 def test_losing_the_storage_node_gives_bounded_misses_then_recovery(mooncake_store, tier):

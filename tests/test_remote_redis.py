@@ -190,3 +190,20 @@ def test_bad_arguments_are_rejected():
 def test_header_layout_is_stable():
     assert HEADER.size == 24
     assert struct.calcsize("<4sBBHQII") == HEADER.size
+
+
+@pytest.mark.parametrize("n", [4096, 2 * CHUNK + 5])
+def test_a_value_moved_under_another_key_is_never_served(backend, n):
+    """Checksums are bound to the key: a valid value copied under another key fails its check."""
+    raw = backend.raw_client()
+    ka, kb = os.urandom(16), os.urandom(16)
+    a = _payload(n, 1)
+    backend.put(ka, memoryview(a))
+    for name in raw.keys(glob_escape(backend.prefix + ka) + b"*"):  # manifest (and chunks)
+        raw.set(name.replace(ka, kb), raw.get(name))
+    out = torch.zeros(n, dtype=torch.uint8)
+    with pytest.raises(CorruptBlock):
+        backend.get_into(kb, out)
+    with pytest.raises(CorruptBlock):
+        backend._get_into_parsed(kb, out)  # the redis-py path (Cluster) checks it too
+    assert _read(backend, ka, n) == a  # the original still serves

@@ -17,6 +17,7 @@ from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 
+from kvtier.block import checksum
 from kvtier.errors import BackendUnavailable, InvalidRequest
 
 T = TypeVar("T")
@@ -294,6 +295,16 @@ def _x8nmodp(n: int) -> int:
         n >>= 1
         x2k = _multmodp(x2k, x2k)
     return p
+
+
+def key_bound(crc: int, key: bytes, nbytes: int, part: int = 0) -> int:
+    """The checksum stored for ``nbytes`` of a value whose own crc32c is ``crc``, bound to the
+    value's ``key`` (and chunk ``part``): crc32c(key ‖ part ‖ bytes).
+
+    Why: a checksum of the bytes alone lets a valid value copied or renamed under another key
+    in the shared engine pass as that key's block; bound to the key it fails, and is a miss.
+    """
+    return checksum_combine(checksum(key + part.to_bytes(4, "little")), crc, nbytes)
 
 
 def checksum_combine(crc1: int, crc2: int, len2: int) -> int:

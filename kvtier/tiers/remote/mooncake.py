@@ -6,7 +6,8 @@ for TCP). URL: ``mooncake://MASTER_HOST:RPC_PORT?metadata=http://HOST:PORT/metad
 ``&protocol=tcp|rdma&device=mlx5_0&local_hostname=IP&segment=BYTES&buffer=BYTES``; ``segment``
 > 0 makes this process a storage node contributing that much memory.
 
-Each value is stored as the block followed by a 4-byte crc32c. Two read paths, both verifying
+Each value is stored as the block followed by a 4-byte crc32c bound to its key (``key_bound``: a
+value moved under another key fails it). Two read paths, both verifying
 every byte of the value before returning:
 
 - *direct*: a whole-value read into memory registered once with ``register`` lands straight in
@@ -42,7 +43,7 @@ import torch
 from kvtier.block import checksum
 from kvtier.config import parse_size
 from kvtier.errors import BackendUnavailable, CorruptBlock, InvalidRequest
-from kvtier.tiers.remote.base import Call, Workers, check_span, checksum_combine
+from kvtier.tiers.remote.base import Call, Workers, check_span, checksum_combine, key_bound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -318,7 +319,7 @@ class MooncakeBackend:
                 ok.append(j)
         crcs = self._checksums([memoryview(outs[j].numpy()) for j in ok])
         for j, crc in zip(ok, crcs, strict=True):
-            results[j] = outs[j].numel() if crc == stored[j] else \
+            results[j] = outs[j].numel() if key_bound(crc, keys[j], outs[j].numel()) == stored[j] else \
                 CorruptBlock(f"mooncake value {keys[j].hex()} failed its crc32c check")
         return results
 
@@ -334,7 +335,7 @@ class MooncakeBackend:
         return [r == 1 for r in res]
 
     def put(self, key: bytes, data: memoryview) -> None:
-        trailer = TRAILER.pack(checksum(data))
+        trailer = TRAILER.pack(key_bound(checksum(data), key, data.nbytes))
         rc = self._bounded(lambda: self._get_store().put_parts(self._key(key), data, trailer))
         if rc != 0:
             raise BackendUnavailable(f"mooncake put of {key.hex()} failed: {rc}")
@@ -372,7 +373,7 @@ class MooncakeBackend:
             length = n - TRAILER.size
             check_span(length, offset, nbytes, key)
             data = memoryview(stage.numpy())
-            if _verify_copy(data, length, out, offset) != TRAILER.unpack_from(data, length)[0]:
+            if key_bound(_verify_copy(data, length, out, offset), key, length) != TRAILER.unpack_from(data, length)[0]:
                 raise CorruptBlock(f"mooncake value {key.hex()} failed its crc32c check")
             return nbytes
         finally:

@@ -3,6 +3,8 @@
 Value layout, under a namespace prefix (binary keys, ``prefix + key``):
 
 - values up to ``chunk_bytes`` live in one key: manifest header, one crc32c, then the bytes;
+- every crc32c is bound to the block's key and chunk index (``key_bound``), so a value moved
+  under another key fails its check and is a miss;
 - larger values are split into ``chunk_bytes`` chunks at ``prefix + key + b"#" + index`` and
   the manifest (header + one crc32c per chunk) is written last with ``SET NX``, so a reader
   sees the whole value or nothing, and the first writer wins. Chunks outlive the manifest's
@@ -35,7 +37,7 @@ from redis.retry import Retry
 
 from kvtier.block import checksum
 from kvtier.errors import BackendUnavailable, CorruptBlock, InvalidRequest
-from kvtier.tiers.remote.base import check_span
+from kvtier.tiers.remote.base import check_span, key_bound
 from kvtier.tiers.remote.redis_direct import DirectReads
 from kvtier.tiers.remote.redis_layout import (
     FLAG_INLINE,
@@ -130,7 +132,7 @@ class RedisBackend:
             mkey = self._mkey(key)
             if length <= self.chunk_bytes:
                 header = HEADER.pack(MAGIC, VERSION, FLAG_INLINE, 0, length, self.chunk_bytes, 1)
-                value = b"".join((header, struct.pack("<I", checksum(data)), data))
+                value = b"".join((header, struct.pack("<I", key_bound(checksum(data), key, length)), data))
                 client.set(mkey, value, nx=True, px=self._ttl_ms)
                 return
             if client.exists(mkey):  # first writer wins; skip sending the chunks again
@@ -140,7 +142,7 @@ class RedisBackend:
             pipe = client.pipeline(transaction=False)
             for i in range(nchunks):
                 part = data[i * self.chunk_bytes:(i + 1) * self.chunk_bytes]
-                crcs.append(checksum(part))
+                crcs.append(key_bound(checksum(part), key, part.nbytes, i))
                 pipe.set(self._ckey(key, i), part, px=self._chunk_ttl_ms)
             pipe.execute()
             manifest = HEADER.pack(MAGIC, VERSION, 0, 0, length, self.chunk_bytes, nchunks)
@@ -177,7 +179,7 @@ class RedisBackend:
             check_span(length, offset, nbytes, key)
             if inline:
                 data = memoryview(manifest)[HEADER.size + 4:]
-                _verify(data, crcs[0], key)
+                _verify(data, crcs[0], key, 0)
                 _copy(out, 0, data[offset:offset + nbytes])
                 return nbytes
             if chunk_bytes != cb or len(res) == 1:  # another chunk size, or chunks not fetched
@@ -193,7 +195,7 @@ class RedisBackend:
             if chunk is None:
                 raise KeyError(key)  # expired or evicted under the manifest: a miss
             view = memoryview(chunk)
-            _verify(view, crcs[i], key)
+            _verify(view, crcs[i], key, i)
             start = max(offset - i * chunk_bytes, 0)
             take = min(len(view) - start, nbytes - pos)
             _copy(out, pos, view[start:start + take])
@@ -262,8 +264,8 @@ def _hosts(url: str) -> list[tuple[str, int]]:
     return hosts
 
 
-def _verify(data: memoryview, crc: int, key: bytes) -> None:
-    if checksum(data) != crc:
+def _verify(data: memoryview, crc: int, key: bytes, part: int) -> None:
+    if key_bound(checksum(data), key, data.nbytes, part) != crc:
         raise CorruptBlock(f"remote value {key.hex()} failed its crc32c check")
 
 

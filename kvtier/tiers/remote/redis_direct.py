@@ -23,7 +23,7 @@ import redis
 import redis.connection
 
 from kvtier.errors import CorruptBlock, InvalidRequest
-from kvtier.tiers.remote.base import check_span
+from kvtier.tiers.remote.base import check_span, key_bound
 from kvtier.tiers.remote.redis_layout import (
     FLAG_INLINE,
     HEADER,
@@ -150,7 +150,7 @@ def read_value(reader: ReplyReader, key: bytes, dst: memoryview, offset: int, fi
         crc = reader.span_into(length, dst, offset)
         reader.end_of_bulk()
         reader.drain(nchunk_replies)
-        return nbytes if crc == crcs[0] else corrupt(key)
+        return nbytes if key_bound(crc, key, length) == crcs[0] else corrupt(key)
     reader.end_of_bulk()
     if chunk_bytes != cb or nchunk_replies == 0:
         reader.drain(nchunk_replies)
@@ -166,7 +166,7 @@ def read_value(reader: ReplyReader, key: bytes, dst: memoryview, offset: int, fi
         take = max(min(m - start, nbytes - pos), 0)
         crc = reader.span_into(m, dst[pos:pos + take], min(start, m))
         reader.end_of_bulk()
-        if m != min(cb, length - i * cb) or crc != crcs[i]:
+        if m != min(cb, length - i * cb) or key_bound(crc, key, m, i) != crcs[i]:
             outcome = corrupt(key)
         pos += take
     return outcome

@@ -11,7 +11,7 @@ import struct
 from kvtier.errors import CorruptBlock
 
 MAGIC = b"KVRM"
-VERSION = 1
+VERSION = 2  # 2: checksums bound to the key (older values fail the check and are replaced)
 FLAG_INLINE = 1
 HEADER = struct.Struct("<4sBBHQII")  # magic, version, flags, reserved, length, chunk_bytes, nchunks
 
