@@ -13,6 +13,7 @@ import torch
 from kvtier.block import checksum
 from kvtier.config import RemoteTierConfig
 from kvtier.tiers.remote.breaker import CircuitBreaker
+from kvtier.tiers.remote.base import key_bound
 from kvtier.tiers.remote.mooncake import TRAILER, MooncakeBackend
 from kvtier.tiers.remote.tier import RemoteTier
 
@@ -84,15 +85,15 @@ def parts():
     tier.close()
 
 
-def _value(fill: int) -> bytes:
+def _value(fill: int, key: bytes) -> bytes:
     data = bytes([fill]) * NBYTES
-    return data + TRAILER.pack(checksum(data))
+    return data + TRAILER.pack(key_bound(checksum(data), key, NBYTES))
 
 
 def test_timed_out_direct_read_quarantines_its_buffer_until_the_late_write(parts):
     tier, backend, engine = parts
-    engine.values["q:" + b"old".hex()] = _value(0xAA)
-    engine.values["q:" + b"new".hex()] = _value(0x55)
+    engine.values["q:" + b"old".hex()] = _value(0xAA, b"old")
+    engine.values["q:" + b"new".hex()] = _value(0x55, b"new")
     engine.stall.add("q:" + b"old".hex())
     slot = torch.zeros(NBYTES, dtype=torch.uint8)
     assert tier.register(slot)
@@ -126,7 +127,7 @@ def test_timed_out_direct_read_quarantines_its_buffer_until_the_late_write(parts
 def test_batch_read_waits_for_a_late_call_into_any_of_its_buffers(parts):
     tier, backend, engine = parts
     for name, fill in ((b"a", 1), (b"b", 2), (b"slow", 3)):
-        engine.values["q:" + name.hex()] = _value(fill)
+        engine.values["q:" + name.hex()] = _value(fill, name)
     engine.stall.add("q:" + b"slow".hex())
     ring = torch.zeros(2 * NBYTES, dtype=torch.uint8)
     assert tier.register(ring)
@@ -144,10 +145,10 @@ def test_batch_read_waits_for_a_late_call_into_any_of_its_buffers(parts):
 
 def test_a_corrupt_direct_read_is_refused_and_wrong_sizes_fall_back_to_staging(parts):
     tier, backend, engine = parts
-    value = bytearray(_value(7))
+    value = bytearray(_value(7, b"bad"))
     value[100] ^= 1
     engine.values["q:" + b"bad".hex()] = bytes(value)
-    engine.values["q:" + b"good".hex()] = _value(9)
+    engine.values["q:" + b"good".hex()] = _value(9, b"good")
     buf = torch.zeros(NBYTES + 4096, dtype=torch.uint8)
     assert tier.register(buf)
     got = tier.read_blocks_into([b"bad", b"good"], [buf[:NBYTES], buf[4096:4096 + NBYTES]])
