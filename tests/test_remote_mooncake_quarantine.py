@@ -12,8 +12,8 @@ import torch
 
 from kvtier.block import checksum
 from kvtier.config import RemoteTierConfig
-from kvtier.tiers.remote.breaker import CircuitBreaker
 from kvtier.tiers.remote.base import key_bound
+from kvtier.tiers.remote.breaker import CircuitBreaker
 from kvtier.tiers.remote.mooncake import TRAILER, MooncakeBackend
 from kvtier.tiers.remote.tier import RemoteTier
 
