@@ -89,6 +89,9 @@ class SSDTierConfig:
     batch_interval_ms: int = 20
     admission: str = "write_through"  # write_through | write_back | selective
     admission_min_hits: int = 2
+    # Background write-throughs (durability none, the remote tier) queued at most this many
+    # bytes; a put beyond it waits (back-pressure) instead of growing memory.
+    write_backlog_bytes: int = 256 * 1024**2
     direct_io: bool = True
     io_threads: int = 8
     min_free_bytes: int = 1024**3

@@ -13,12 +13,13 @@ to make room and to publish.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Container, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch
 from kvtier.block import decode_block_into, encode_block_pooled
 from kvtier.codecs import get_codec
 from kvtier.config import CacheConfig
-from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError, StorageFull
+from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError, StorageFull, UnknownNamespace
 from kvtier.index import BlockEntry, Lease, LeasedBlock, PinnedKeys, rebuild_index
 from kvtier.keys import as_token_array, prefix_hashes
 from kvtier.layout import KV, KVLayout
@@ -84,9 +85,15 @@ class TieredCache:
         self._admission = make_admission(self.config.ssd.admission, self.config.ssd.admission_min_hits)
         ssd_path = self.config.ssd.path
         self.namespaces_registry = NamespaceRegistry(Path(ssd_path) / "namespaces.json" if ssd_path else None)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvtier-writer")
+        self._writer = ThreadPoolExecutor(max(1, min(4, self.config.ssd.io_threads)),
+                                          thread_name_prefix="kvtier-writer")
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-prefetch")
-        self._pending_writes: set = set()
+        self._pending_writes: set[Future] = set()
+        self._writes: dict[tuple[bytes, int], Future] = {}  # write-throughs in flight, per tier
+        self._durable = [t for t, tier in enumerate(self.tiers) if tier.durable]
+        self._backlog = threading.Condition()  # bytes of background writes queued
+        self._backlog_bytes = 0
+        self._backlog_limit = self.config.ssd.write_backlog_bytes
         self._prefetches: OrderedDict[str, PrefetchHandle] = OrderedDict()  # newest last, bounded
         self._prefetch_budgets: dict[int, PrefetchBudget] = {}  # tier index -> budget
         self._closed = False
@@ -124,41 +131,68 @@ class TieredCache:
         return dropped
 
     # ---- write path -------------------------------------------------------------------
-    def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> int:
-        """Store every full block of ``token_ids`` not already stored; returns the tokens stored."""
+    def put(self, namespace: str, token_ids: Sequence[int], kv: KV, *, create: bool = True) -> int:
+        """Store every full block of ``token_ids`` not already stored; returns the tokens stored.
+
+        An unknown namespace is registered from ``kv``'s layout (``create=False``: raise
+        ``UnknownNamespace`` instead, as the sidecar does for tenant-scoped names). With a
+        durable tier below the one a block lands in (SSD with durability ``sync``/``batch`` and
+        write-through admission) the put returns only once that tier holds every block of the
+        prefix, and raises ``StorageFull``/``KVTierError`` if it could not take one. A namespace
+        dropped while the put runs makes it raise ``UnknownNamespace``; it is never re-created.
+        """
         tokens = as_token_array(token_ids)
-        ns = self._namespace_for_put(namespace, kv)
+        ns = self._namespace_for_put(namespace, kv, create)
         ns.layout.validate(kv, len(tokens))
-        ns = self.namespaces_registry.register(ns)
         bt = ns.block_tokens
         keys = prefix_hashes(ns.digest, tokens, bt)
         codec = get_codec(ns.codec)
         stored = 0
         new: set[bytes] = set()
         chain: list[BlockEntry] = []  # pinned as we go: eviction never takes this put's ancestors
+        writes: list[tuple[BlockEntry, int, Future]] = []  # durable write-throughs to wait for
         try:
             for i, key in enumerate(keys):
+                data = None
                 with self._lock:
+                    self._check_live(ns)
                     existing = self._index.get(key)
                     if existing is not None and not existing.doomed:
                         existing.pins += 1
                         chain.append(existing)
-                        continue
-                data = encode_block_pooled(codec, [[t[i * bt:(i + 1) * bt] for t in layer] for layer in kv])
+                        missing = self._durable_missing(existing)
+                        if not missing:
+                            continue
+                if existing is not None and not existing.doomed:
+                    # Stored, but not yet on a durable tier (an earlier write-through failed, or
+                    # one is in flight): write it (or wait for that write) before acknowledging.
+                    data = encode_block_pooled(codec, _block_slice(kv, i, bt))
+                    writes += self._write_through_all(existing, data, ns.codec, missing)
+                    continue
+                data = encode_block_pooled(codec, _block_slice(kv, i, bt))
                 parent = chain[-1].key if chain else None
                 entry = BlockEntry(key, ns.name, parent, i, bt, len(data), time.time())
                 with self._lock:
+                    self._check_live(ns)
                     if parent is not None and chain[-1].doomed:
                         break  # the parent was dropped meanwhile: a child alone is useless
                     existing = self._index.get(key)
+                    placed = None
                     if existing is None:
-                        if not self._place_new(entry, data, ns.codec):
+                        placed = self._place_new(entry, data, ns.codec)
+                        if placed is None:
                             break
                         new.add(key)
                         stored += bt
                     entry = self._index[key]
                     entry.pins += 1
                     chain.append(entry)
+                    missing = self._durable_missing(entry) if placed is None else ()
+                if placed is not None:  # outside the lock: the backlog bound may wait
+                    writes += self._schedule_write_through(entry, data, ns.codec, below=placed)
+                elif missing:
+                    writes += self._write_through_all(entry, data, ns.codec, missing)
+            self._await_durable(ns, writes)
         finally:
             self._release(chain)
         with self._lock:
@@ -195,17 +229,28 @@ class TieredCache:
                        if e.namespace in ttls and now - e.created > ttls[e.namespace]]
             return sum(self._drop(k, "expired") for k in expired if k in self._index)
 
-    def _namespace_for_put(self, name: str, kv: KV) -> Namespace:
+    def _namespace_for_put(self, name: str, kv: KV, create: bool) -> Namespace:
+        """The namespace a put stores into, registered (from ``kv``'s layout) if it must be."""
         ns = self.namespaces_registry.find(validate_name(name))
         if ns is None:
-            return Namespace(name, name, self.config.block_tokens, self.config.codec, KVLayout.from_kv(kv))
+            if not create:
+                raise UnknownNamespace(f"unknown namespace {name!r}: register it first")
+            return self.namespaces_registry.register(
+                Namespace(name, name, self.config.block_tokens, self.config.codec, KVLayout.from_kv(kv)))
         if ns.layout is None:
-            return Namespace(ns.name, ns.model_id, ns.block_tokens, ns.codec, KVLayout.from_kv(kv),
-                             ns.ttl_s, ns.tenant)
+            return self.namespaces_registry.fix_layout(name, KVLayout.from_kv(kv))
         return ns
 
-    def _place_new(self, entry: BlockEntry, data: torch.Tensor, codec: str) -> bool:
-        """Put a new block into the fastest tier that can ever hold it (lock held, parent pinned)."""
+    def _check_live(self, ns: Namespace) -> None:
+        """Raise if ``ns`` was dropped (or replaced) since the put began (lock held): a put never
+        publishes into, or re-creates, a namespace that ``drop_namespace`` removed."""
+        current = self.namespaces_registry.find(ns.name)
+        if current is None or current.digest != ns.digest:
+            raise UnknownNamespace(f"namespace {ns.name!r} was dropped while the put ran")
+
+    def _place_new(self, entry: BlockEntry, data: torch.Tensor, codec: str) -> int | None:
+        """Put a new block into the fastest tier that can ever hold it (lock held, parent
+        pinned); the tier it landed in, or None. The caller schedules its write-through."""
         for t, tier in enumerate(self.tiers):
             if not _fits_ever(tier, len(data)) or not self._make_room(t, len(data)):
                 continue
@@ -218,9 +263,8 @@ class TieredCache:
             self._publish(entry, t, len(data))
             if entry.parent is not None:
                 self._index[entry.parent].children.add(entry.key)  # pinned: still indexed
-            self._schedule_write_through(entry, data, codec, below=t)
-            return True
-        return False
+            return t
+        return None
 
     def _publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:
         self._index[entry.key] = entry
@@ -272,39 +316,114 @@ class TieredCache:
             return
         self._publish(entry, dst, entry.nbytes)
 
-    def _schedule_write_through(self, entry: BlockEntry, data: torch.Tensor, codec: str, below: int) -> None:
-        """Write a new block to every persistent tier below (local SSD and a shared remote)."""
+    def _schedule_write_through(self, entry: BlockEntry, data: torch.Tensor, codec: str,
+                                below: int) -> list[tuple[BlockEntry, int, Future]]:
+        """Write a new block to every persistent tier below ``below`` (local SSD, a shared
+        remote); returns the writes to durable tiers, which the put waits for. Writes to other
+        tiers run in the background, their bytes bounded by ``ssd.write_backlog_bytes``."""
         if not self._admission.admit_on_put():
-            return
-        for t in range(below + 1, len(self.tiers)):
-            if self.tiers[t].persistent:
-                fut = self._writer.submit(self._write_through, entry.key, data, codec, t)
-                self._pending_writes.add(fut)
-                fut.add_done_callback(self._pending_writes.discard)
+            return []
+        return self._write_through_all(
+            entry, data, codec, [t for t in range(below + 1, len(self.tiers)) if self.tiers[t].persistent])
+
+    def _durable_missing(self, entry: BlockEntry) -> list[int]:
+        """Durable tiers that should hold ``entry`` by write-through but do not (lock held)."""
+        if not self._admission.admit_on_put() or not entry.tiers:
+            return []
+        fastest = min(entry.tiers)
+        return [t for t in self._durable if t > fastest and t not in entry.tiers]
+
+    def _write_through_all(self, entry: BlockEntry, data: torch.Tensor, codec: str,
+                           tiers: Sequence[int]) -> list[tuple[BlockEntry, int, Future]]:
+        """Write ``entry`` into each of ``tiers`` (or join a write of it already in flight);
+        returns the writes to durable tiers. Call without the lock: the backlog bound may wait."""
+        waits = []
+        for t in tiers:
+            background = t not in self._durable
+            if background:
+                self._reserve_backlog(len(data))
+            with self._lock:  # check and submit at once: one write per block and tier in flight
+                fut = self._writes.get((entry.key, t))
+                if fut is None:
+                    fut = self._writer.submit(self._write_through, entry.key, data, codec, t)
+                    self._writes[(entry.key, t)] = fut
+                    self._pending_writes.add(fut)
+                    fut.add_done_callback(
+                        functools.partial(self._write_done, entry.key, t, len(data) if background else 0))
+                elif background:
+                    self._release_backlog(len(data))
+            if not background:
+                waits.append((entry, t, fut))
+        return waits
+
+    def _reserve_backlog(self, nbytes: int) -> None:
+        with self._backlog:  # back-pressure: a put waits rather than letting memory grow
+            while self._backlog_bytes and self._backlog_bytes + nbytes > self._backlog_limit:
+                self._backlog.wait()
+            self._backlog_bytes += nbytes
+
+    def _release_backlog(self, nbytes: int) -> None:
+        with self._backlog:
+            self._backlog_bytes -= nbytes
+            self._backlog.notify_all()
+
+    def _write_done(self, key: bytes, t: int, backlog: int, fut: Future) -> None:
+        with self._lock:
+            self._pending_writes.discard(fut)
+            if self._writes.get((key, t)) is fut:
+                del self._writes[(key, t)]
+        if backlog:
+            self._release_backlog(backlog)
 
     def _write_through(self, key: bytes, data: torch.Tensor, codec: str, t: int) -> None:
+        """Copy a block into tier ``t``; raises StorageFull/KVTierError if the tier cannot take
+        it (counted; a put waiting on a durable tier reports it to its caller)."""
+        tier = self.tiers[t]
         with self._lock:
             entry = self._index.get(key)
             if entry is None or entry.doomed or t in entry.tiers:
                 return
-            if not (_fits_ever(self.tiers[t], len(data)) and self._make_room(t, len(data))):
-                return
+            if not (_fits_ever(tier, len(data)) and self._make_room(t, len(data))):
+                tier_stats = self._stats.tiers[tier.name]
+                tier_stats.put_failures += 1
+                raise StorageFull(f"{tier.name} tier has no room for a {len(data)}-byte block "
+                                  f"({tier.used_bytes} of {tier.capacity_bytes} bytes used, the rest "
+                                  "held by readers or unevictable)")
             meta = entry.meta(codec)
         try:
-            self.tiers[t].put(key, data, meta)  # disk I/O outside the lock
+            tier.put(key, data, meta)  # disk I/O outside the lock
         except KVTierError as e:
             with self._lock:
-                self._stats.tiers[self.tiers[t].name].put_failures += 1
+                self._stats.tiers[tier.name].put_failures += 1
             # Counted (kvtier_put_failures_total); a full or frozen tier would flood the log.
             log.log(logging.DEBUG if isinstance(e, StorageFull) else logging.WARNING,
-                    "write-through to %s failed: %s", self.tiers[t].name, e)
-            return
+                    "write-through to %s failed: %s", tier.name, e)
+            raise
         with self._lock:
             entry = self._index.get(key)
             if entry is None or entry.doomed:
-                self.tiers[t].delete(key)
+                tier.delete(key)
             elif t not in entry.tiers:
                 self._publish(entry, t, len(data))
+
+    def _await_durable(self, ns: Namespace, writes: list[tuple[BlockEntry, int, Future]]) -> None:
+        """Wait for a put's durable write-throughs; raise if a block did not reach its tier."""
+        errors: list[BaseException] = []
+        for entry, t, fut in writes:
+            try:
+                fut.result()
+            except KVTierError as e:
+                errors.append(e)
+                continue
+            with self._lock:
+                if t not in entry.tiers and not entry.doomed:
+                    errors.append(StorageFull(f"block {entry.index} did not reach the {self.tiers[t].name} tier"))
+        with self._lock:
+            self._check_live(ns)
+        if errors:
+            first = errors[0]
+            raise type(first)(f"put not acknowledged: {len(errors)} of {len(writes)} blocks could not be "
+                              f"made durable ({first})")
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until background writes to persistent tiers are done."""
@@ -504,7 +623,7 @@ class TieredCache:
             out = ns.layout.empty(len(entries) * bt, device)
             loaded = 0
             for i, e in enumerate(entries):
-                views = [[t[i * bt:(i + 1) * bt] for t in layer] for layer in out]
+                views = _block_slice(out, i, bt)
                 if not self.load_block(e.key, views, ns.codec):
                     break
                 loaded += 1
@@ -774,3 +893,8 @@ class TieredCache:
 def _fits_ever(tier: Tier, nbytes: int) -> bool:
     fits = getattr(tier, "fits_ever", None)
     return fits(nbytes) if fits else nbytes <= tier.capacity_bytes
+
+
+def _block_slice(kv: KV, i: int, block_tokens: int) -> list[list[torch.Tensor]]:
+    """Views of block ``i``'s tokens in every tensor of ``kv``."""
+    return [[t[i * block_tokens:(i + 1) * block_tokens] for t in layer] for layer in kv]

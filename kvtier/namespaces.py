@@ -104,6 +104,19 @@ class NamespaceRegistry:
             self._save()
             return ns
 
+    def fix_layout(self, name: str, layout: KVLayout) -> Namespace:
+        """Set the layout of a namespace registered without one (its first put); returns the
+        namespace as registered (with the layout a concurrent first put may have fixed first).
+        Raises UnknownNamespace if it is gone: a put never re-creates a dropped namespace."""
+        with self._lock:
+            ns = self._items.get(name)
+            if ns is None:
+                raise UnknownNamespace(f"unknown namespace {name!r}: it was dropped")
+            if ns.layout is None:
+                ns = self._items[name] = replace(ns, layout=layout)
+                self._save()
+            return ns
+
     def remove(self, name: str) -> Namespace:
         with self._lock:
             ns = self._items.pop(name, None)

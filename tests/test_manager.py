@@ -280,3 +280,56 @@ def test_ttl_expires_blocks(monkeypatch):
         monkeypatch.setattr(time, "time", lambda: real() + 61)
         assert c.lookup("m", list(range(32))).tokens == 0
         assert c.stats().tiers["host"].evictions["expired"] == 1
+
+
+def _put_blocked_at_second_block(monkeypatch, c, name, kv):
+    """Start a put of ``kv`` into ``name`` that stops before encoding its second block; returns
+    (thread, result dict, release function)."""
+    import kvtier.manager as manager
+
+    real, calls = manager.encode_block_pooled, []
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow(codec, layers):
+        calls.append(1)
+        if len(calls) == 2:
+            entered.set()
+            assert gate.wait(30)
+        return real(codec, layers)
+
+    monkeypatch.setattr(manager, "encode_block_pooled", slow)
+    result = {}
+
+    def run():
+        try:
+            result["tokens"] = c.put(name, list(range(kv[0][0].shape[0])), kv)
+        except Exception as e:  # noqa: BLE001  inspected by the test
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert entered.wait(30)
+    return t, result, gate.set
+
+
+def test_dropping_a_namespace_during_a_put_never_recreates_it(monkeypatch):
+    with small_cache() as c:
+        c.register_namespace("ns", model_id="m", tenant="t1", block_tokens=BT)
+        kv = random_kv(64)
+        t, result, release = _put_blocked_at_second_block(monkeypatch, c, "ns", kv)
+        assert c.drop_namespace("ns") == 1  # the first block was already published
+        release()
+        t.join(30)
+        assert isinstance(result.get("error"), UnknownNamespace), result
+        assert c.namespaces() == []
+        assert c.stats().tiers["host"].blocks == 0  # nothing stray left behind
+        ns = c.register_namespace("ns", model_id="m", tenant="t1", block_tokens=BT)
+        assert ns.tenant == "t1" and ns.layout is None
+        assert c.put("ns", list(range(64)), kv) == 64
+
+
+def test_a_put_without_create_never_registers(monkeypatch):
+    with small_cache() as c:
+        with pytest.raises(UnknownNamespace):
+            c.put("absent", list(range(32)), random_kv(32), create=False)
+        assert c.namespaces() == []

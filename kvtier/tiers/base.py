@@ -40,10 +40,14 @@ class Tier(Protocol):
     - ``delete`` returns False if the key was absent.
     - ``scan`` yields what a persistent tier holds (for warm restarts); volatile tiers yield
       nothing.
+    - ``durable``: a ``put`` that returned survives a crash (at once, or within the tier's
+      documented commit window). The manager acknowledges a put only after every durable tier
+      below the one that took it holds the block (write-through admission).
     """
 
     name: str
     persistent: bool
+    durable: bool
 
     @property
     def capacity_bytes(self) -> int: ...

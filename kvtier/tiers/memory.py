@@ -32,6 +32,7 @@ class MemoryTier:
     """A tier in one preallocated buffer. Thread-safe; the lock covers bookkeeping only."""
 
     persistent = False
+    durable = False
 
     def __init__(self, name: str, buffer: torch.Tensor, allocator: SlabAllocator) -> None:
         self.name = name

@@ -78,7 +78,7 @@ async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
     layers = _field(d, "kv", list)
 
     def work() -> int:
-        return ctx.cache.put(ns.name, ids, kv_from_wire(layers))
+        return ctx.cache.put(ns.name, ids, kv_from_wire(layers), create=False)
 
     return {"tokens": await ctx.call(work)}
 
@@ -142,7 +142,7 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
             if slot != n:
                 kv = [tuple(t[:n] for t in layer) for layer in kv]
             try:
-                return ctx.cache.put(ns.name, body.token_ids, kv)
+                return ctx.cache.put(ns.name, body.token_ids, kv, create=False)
             finally:
                 del kv
 

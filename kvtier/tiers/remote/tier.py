@@ -50,6 +50,7 @@ class RemoteTier:
 
     name = "remote"
     persistent = True
+    durable = False  # a shared cache that evicts by its own policy: writes go in the background
 
     def __init__(
         self, backend: RemoteBackend, config: RemoteTierConfig, *,

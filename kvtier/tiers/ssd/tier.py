@@ -107,6 +107,11 @@ class SSDTier:
         log.info("ssd tier at %s: %d blocks (%s), direct_io=%s, durability=%s", self.root,
                  len(self._loc), format_size(self._used), self.direct_io, self.durability)
 
+    @property
+    def durable(self) -> bool:
+        """``sync``: durable when ``put`` returns; ``batch``: within one commit interval."""
+        return self.durability != "none"
+
     # ---- capacity --------------------------------------------------------------------------
     @property
     def capacity_bytes(self) -> int:
