@@ -149,3 +149,35 @@ def test_reload_from_ssd_checksums_each_byte_once(tmp_path, monkeypatch):
         payload = sum(t.numel() * t.element_size() for layer in kv for t in layer)
         # Once over the payload (plus the small block headers), not twice.
         assert payload <= counted[0] < 1.5 * payload, (counted[0], payload)
+
+
+def test_background_write_through_backlog_is_bounded(tmp_path, monkeypatch):
+    """durability none: write-throughs run in the background, but a put waits once the queued
+    bytes reach ssd.write_backlog_bytes (back-pressure), rather than letting memory grow."""
+    import threading
+
+    cfg = CacheConfig(block_tokens=16, host=HostTierConfig(capacity_bytes="4MiB", page_bytes="64KiB"),
+                      ssd=SSDTierConfig(path=str(tmp_path / "ssd"), durability="none", direct_io=False,
+                                        min_free_bytes=0, write_backlog_bytes="8KiB"))
+    with TieredCache(cfg) as c:
+        ssd = c.tier("ssd")
+        real, gate, started = ssd.put, threading.Event(), threading.Event()
+
+        def stuck_put(*a, **kw):
+            started.set()
+            assert gate.wait(30)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(ssd, "put", stuck_put)
+        kv = random_kv(16 * 8)  # 8 blocks of 4 KiB (2 layers x K,V x 16 tokens x 2 x 8 fp32)
+        done = threading.Event()
+        threading.Thread(target=lambda: (c.put("m", list(range(16 * 8)), kv), done.set()),
+                         daemon=True).start()
+        assert started.wait(30)
+        assert not done.wait(0.5)  # blocked: the SSD holds the writer, the backlog is full
+        assert c._backlog_bytes <= 8 * 1024
+        gate.set()
+        assert done.wait(60)
+        c.flush(60)
+        assert c._backlog_bytes == 0
+        assert c.stats().tiers["ssd"].blocks == 8
