@@ -36,6 +36,7 @@ from kvtier.policies import make_policy
 from kvtier.policies.admission import make_admission
 from kvtier.prefetch import TERMINAL, PrefetchBudget, PrefetchHandle, PrefetchTimeout, check_policy
 from kvtier.records import BlockLocation, Hit
+from kvtier.shared_namespaces import SharedNamespaces
 from kvtier.stats import CacheStats, NamespaceStats, TierStats
 from kvtier.tiers.base import ReportsHealth, Tier
 
@@ -101,6 +102,7 @@ class TieredCache:
         self._remote = next((t for t in self.tiers if hasattr(t, "contains_many")), None)
         self._remote_idx = self.tiers.index(self._remote) if self._remote is not None else -1
         self._remote_deletes: list[bytes] = []
+        self._shared = SharedNamespaces(self._remote) if self._remote is not None else None
         self._warm_start()
 
     # ---- namespaces -------------------------------------------------------------------
@@ -111,23 +113,47 @@ class TieredCache:
         validate_name(name)
         ns = Namespace(name, model_id or name, block_tokens or self.config.block_tokens,
                        codec or self.config.codec, layout, ttl_s, tenant)
-        return self.namespaces_registry.register(ns)
+        ns = self.namespaces_registry.register(ns)
+        if self._shared is not None:
+            self._shared.publish(ns)
+        return ns
 
     def get_namespace(self, name: str) -> Namespace:
-        return self.namespaces_registry.get(name)
+        """The namespace ``name`` (found in the shared tier if another instance registered it);
+        raises UnknownNamespace."""
+        ns = self._find_namespace(name)
+        if ns is None:
+            raise UnknownNamespace(f"unknown namespace {name!r}: register it first")
+        return ns
+
+    def _find_namespace(self, name: str) -> Namespace | None:
+        """A registered namespace, else one another instance published to the shared tier
+        (then registered here, so its blocks' keys can be computed)."""
+        ns = self.namespaces_registry.find(validate_name(name))
+        if ns is not None or self._shared is None:
+            return ns
+        found = self._shared.find(name)
+        if found is None:
+            return None
+        try:
+            return self.namespaces_registry.register(found)
+        except InvalidRequest:  # registered here meanwhile, with other settings: ours wins
+            return self.namespaces_registry.find(name)
 
     def namespaces(self) -> list[Namespace]:
         return self.namespaces_registry.all()
 
     def drop_namespace(self, name: str) -> int:
         """Drop a namespace and every block it owns; returns the blocks dropped."""
-        self.namespaces_registry.get(name)
+        self.get_namespace(name)
         with self._lock:
             roots = [e.key for e in self._index.values() if e.namespace == name and e.parent is None]
             dropped = sum(self._drop(k, "namespace_dropped") for k in roots)
             self.namespaces_registry.remove(name)
             self._stats.namespaces.pop(name, None)  # bounded label set: gone with its namespace
         self._flush_remote_deletes()
+        if self._shared is not None:
+            self._shared.forget(name)
         return dropped
 
     # ---- write path -------------------------------------------------------------------
@@ -144,6 +170,8 @@ class TieredCache:
         tokens = as_token_array(token_ids)
         ns = self._namespace_for_put(namespace, kv, create)
         ns.layout.validate(kv, len(tokens))
+        if self._shared is not None:
+            self._shared.publish(ns)
         bt = ns.block_tokens
         keys = prefix_hashes(ns.digest, tokens, bt)
         codec = get_codec(ns.codec)
@@ -231,7 +259,7 @@ class TieredCache:
 
     def _namespace_for_put(self, name: str, kv: KV, create: bool) -> Namespace:
         """The namespace a put stores into, registered (from ``kv``'s layout) if it must be."""
-        ns = self.namespaces_registry.find(validate_name(name))
+        ns = self._find_namespace(name)
         if ns is None:
             if not create:
                 raise UnknownNamespace(f"unknown namespace {name!r}: register it first")
@@ -478,7 +506,7 @@ class TieredCache:
 
     def evict(self, namespace: str, token_ids: Sequence[int]) -> int:
         """Remove a prefix's blocks (and anything cached beyond them); returns blocks removed."""
-        ns = self.namespaces_registry.get(namespace)
+        ns = self.get_namespace(namespace)
         if ns.layout is None:
             return 0
         keys = prefix_hashes(ns.digest, as_token_array(token_ids), ns.block_tokens)
@@ -491,7 +519,7 @@ class TieredCache:
     def _acquire(self, namespace: str, token_ids: Sequence[int], *, pin: bool) -> tuple[Namespace | None, list[BlockEntry], int]:
         """Entries of the longest cached prefix (pinned if asked), with lookup accounting."""
         tokens = as_token_array(token_ids)
-        ns = self.namespaces_registry.find(validate_name(namespace))
+        ns = self._find_namespace(namespace)
         entries: list[BlockEntry] = []
         n_blocks = 0
         if ns is not None and ns.layout is not None:

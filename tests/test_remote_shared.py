@@ -1,5 +1,6 @@
-"""Issue 8, acceptance 1: two kvtier processes with separate data directories share a remote
-tier; a prefix put through A is a hit on B, and B's reload gives logits equal to recompute."""
+"""Two kvtier processes with separate data directories share a remote tier; a prefix put through
+A is a hit on B with no registration call on B (the namespace's record travels with the shared
+tier), and B's reload gives logits equal to recompute."""
 
 from __future__ import annotations
 

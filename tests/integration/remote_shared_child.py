@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from kvtier import CacheConfig, KVLayout, TieredCache
+from kvtier import CacheConfig, TieredCache
 from kvtier.config import HostTierConfig, RemoteTierConfig, SSDTierConfig
 from kvtier.integrations.transformers import load_kv, save_kv
 from tests.conftest import tiny_llama_config
@@ -40,11 +40,8 @@ def main(role: str, url: str, data_dir: str) -> None:
             remote.flush(60)
             print(json.dumps({"stored": stored, "remote": remote.stats()["blocks_written"]}))
             return
-        # B never saw this prompt: like any engine, it registers its model's KV layout.
-        cfgm = model.config
-        head_dim = cfgm.hidden_size // cfgm.num_attention_heads
-        layout = KVLayout(cfgm.num_hidden_layers, ((cfgm.num_key_value_heads, head_dim),) * 2, "float32")
-        cache.register_namespace("llama", layout=layout)
+        # B never saw this namespace: no registration call, its record comes from the shared tier.
+        assert cache.namespaces() == []
         hit = cache.lookup("llama", request[0])
         past, n = load_kv(cache, "llama", request[0], config=model.config)
         diff = None

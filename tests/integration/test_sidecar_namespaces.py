@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 from kvtier import CacheConfig, HostTierConfig, TieredCache
 from kvtier.client import KVTierClient
 from kvtier.errors import UnknownNamespace
@@ -60,3 +62,30 @@ def test_drop_during_a_put_never_recreates_the_namespace_outside_its_tenant(monk
         ns = client.register_namespace("chat", model_id="m", block_tokens=BT)
         assert ns.name == "chat" and cache.get_namespace("alice/chat").tenant == "alice"
         assert client.put("chat", list(range(64)), kv) == 64
+
+
+def test_two_sidecars_sharing_redis_find_a_prefix_with_no_registration_call(tmp_path, redis_server):
+    """A's put reaches the shared tier; B's lookup (same tenant) finds it, with no call to
+    register the namespace on B: its record travels with the shared tier."""
+    from kvtier.config import RemoteTierConfig, SSDTierConfig
+
+    def config(name: str) -> CacheConfig:
+        return CacheConfig(block_tokens=256, host=HostTierConfig(capacity_bytes="16MiB"),
+                           ssd=SSDTierConfig(path=str(tmp_path / name), min_free_bytes=0, direct_io=False),
+                           remote=RemoteTierConfig(backend="redis", url=redis_server.url, timeout_s=2.0))
+
+    settings = ServerSettings(tokens={TOKEN: "alice"})
+    kv = random_kv(768, seed=3)
+    ids = list(range(1000, 1768))
+    with TieredCache(config("a")) as a, TieredCache(config("b")) as b, \
+            serve_in_thread(a, settings) as url_a, serve_in_thread(b, ServerSettings(tokens={TOKEN: "alice"})) as url_b, \
+            KVTierClient(url_a, token=TOKEN) as client_a, KVTierClient(url_b, token=TOKEN) as client_b:
+        client_a.register_namespace("chat", model_id="m")
+        assert client_a.put("chat", ids, kv) == 768
+        assert a.tier("remote").flush(60)
+        hit = client_b.lookup("chat", ids)
+        assert hit.tokens == 768 and hit.tiers == {"remote": 3}
+        out, n = client_b.get("chat", ids)
+        assert n == 768 and all(torch.equal(x, y) for la, lb in zip(out, kv, strict=True)
+                                for x, y in zip(la, lb, strict=True))
+        assert [ns.name for ns in client_b.namespaces()] == ["chat"]
