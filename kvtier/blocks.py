@@ -126,12 +126,18 @@ def page_rows(pages: Any, n: int, page_bytes: int, *, writable: bool = False) ->
                 raise InvalidType(f"{what}[{i}] is read-only: pass writable buffers to read into")
             if not len(mv):
                 raise InvalidRequest(f"{what}[{i}] has 0 bytes, expected {page_bytes}")
-            with warnings.catch_warnings():  # a read-only page (bytes) is only read: no copy
-                warnings.simplefilter("ignore", UserWarning)
-                row = torch.frombuffer(mv, dtype=torch.uint8)
+            row = bytes_tensor(mv)
         else:
             raise InvalidType(f"{what}[{i}] must be a uint8 tensor or a bytes-like page, got {type(p).__name__}")
         if row.numel() != page_bytes:
             raise InvalidRequest(f"{what}[{i}] has {row.numel()} bytes: this namespace's pages are {page_bytes} bytes")
         rows.append(row)
     return rows
+
+
+def bytes_tensor(buf: Any) -> torch.Tensor:
+    """A 1-D uint8 tensor viewing ``buf`` (no copy), read-only buffers included: the caller only
+    reads it (torch warns about read-only buffers because it cannot enforce that)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=torch.uint8)
