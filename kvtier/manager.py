@@ -683,8 +683,8 @@ class TieredCache:
     # ---- key-addressed blocks (engines) ----------------------------------------------------
     # Engine pages named by the engine's own keys (vLLM offloading tiers, SGLang HiCache), kept
     # as ordinary one-layer blocks of a block namespace (see kvtier.blocks). This section only
-    # calls _place_new, load_block, _drop, _release, _count_lookup, _ns_stats and
-    # _flush_remote_deletes.
+    # calls _place_new, _make_room, _publish, _schedule_write_through, load_block, _drop,
+    # _release, _count_lookup, _ns_stats and _flush_remote_deletes.
     def register_block_namespace(self, name: str, *, page_bytes: int, fingerprint: dict | str,
                                  codec: str = "none", ttl_s: float | None = None,
                                  tenant: str = "") -> Namespace:
@@ -733,13 +733,11 @@ class TieredCache:
                 if self._live_block(ns, key) is not None:
                     continue
             data = encode_block_pooled(codec, [[row.view(1, -1)]])
-            entry = BlockEntry(key, ns.name, None, 0, 1, len(data), time.time())
-            with self._lock:
-                if key in self._index:
-                    continue
-                if not self._place_new(entry, data, ns.codec):
-                    break
-                stored += 1
+            placed = self._place_block(BlockEntry(key, ns.name, None, 0, 1, len(data), time.time()),
+                                       data, ns.codec)
+            if placed is None:
+                break
+            stored += placed
         with self._lock:
             self._stats.puts += 1
             self._stats.tokens_put += stored
@@ -792,6 +790,34 @@ class TieredCache:
             dropped = sum(self._drop(k, "evicted") for k in ikeys if k in self._index)
         self._flush_remote_deletes()
         return dropped
+
+    def _place_block(self, entry: BlockEntry, data: torch.Tensor, codec: str) -> bool | None:
+        """Place a new engine block like ``_place_new``, but write a persistent tier's copy
+        outside the lock (engines store many pages at once: disk writes must overlap). True if
+        placed, False if another writer placed it first, None if no tier can take it."""
+        with self._lock:
+            if entry.key in self._index:
+                return False
+            for t, tier in enumerate(self.tiers):
+                if _fits_ever(tier, len(data)) and self._make_room(t, len(data)):
+                    break
+            else:
+                return None
+            if not tier.persistent:  # a memory copy: cheap enough under the lock
+                return True if self._place_new(entry, data, codec) else None
+        try:
+            tier.put(entry.key, data, entry.meta(codec))  # the block is not indexed yet: nothing evicts it
+        except KVTierError:  # e.g. a concurrent writer took the room made above: the locked path
+            with self._lock:
+                if entry.key in self._index:
+                    return False
+                return True if self._place_new(entry, data, codec) else None
+        with self._lock:
+            if entry.key in self._index:
+                return False
+            self._publish(entry, t, len(data))
+            self._schedule_write_through(entry, data, codec, below=t)
+            return True
 
     def _block_namespace_keys(self, namespace: str, keys: Sequence[bytes]) -> tuple[Namespace, list[bytes]]:
         ns = self.namespaces_registry.get(validate_name(namespace))
