@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             keys = [make_offload_key(rng.bytes(32), 0) for _ in range(n_blocks)]
             order = list(tiers) if rnd % 2 == 0 else list(reversed(tiers))
 
-            def jobs(promotion: bool, base: int):
+            def jobs(promotion: bool, base: int, keys: list = keys):
                 nonlocal job_id
                 out = []
                 for j in range(args.jobs):
