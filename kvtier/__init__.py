@@ -16,6 +16,7 @@ _EXPORTS = {
     "RemoteTierConfig": "kvtier.config", "SSDTierConfig": "kvtier.config",
     "CorruptBlock": "kvtier.errors", "InvalidRequest": "kvtier.errors", "KVTierError": "kvtier.errors",
     "LayoutMismatch": "kvtier.errors", "StorageFull": "kvtier.errors", "UnknownNamespace": "kvtier.errors",
+    "FingerprintMismatch": "kvtier.errors", "BlockHits": "kvtier.blocks",
     "KVLayout": "kvtier.layout", "TieredCache": "kvtier.manager", "Namespace": "kvtier.namespaces",
     "PrefetchHandle": "kvtier.prefetch", "BlockLocation": "kvtier.records", "Hit": "kvtier.records",
 }
@@ -31,6 +32,8 @@ __all__ = [
     "LayoutMismatch",
     "StorageFull",
     "UnknownNamespace",
+    "FingerprintMismatch",
+    "BlockHits",
     "KVLayout",
     "TieredCache",
     "Namespace",
@@ -55,6 +58,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from kvtier.blocks import BlockHits
     from kvtier.config import (
         CacheConfig,
         DeviceTierConfig,
@@ -64,6 +68,7 @@ if TYPE_CHECKING:
     )
     from kvtier.errors import (
         CorruptBlock,
+        FingerprintMismatch,
         InvalidRequest,
         KVTierError,
         LayoutMismatch,

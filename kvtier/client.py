@@ -29,6 +29,7 @@ import msgpack
 import torch
 
 from kvtier import errors as kerrors
+from kvtier.blocks import BlockHits, bytes_tensor, engine_keys, page_rows
 from kvtier.errors import InvalidRequest, KVTierError, LayoutMismatch
 from kvtier.keys import as_token_array
 from kvtier.layout import KV, KVLayout
@@ -127,6 +128,13 @@ def _tokens_call(method: str, path: str, body: dict[str, Any], token_ids: Any,
     return _Call(method, path, content=msgpack.packb(body), headers=headers)
 
 
+def _keys_call(method: str, path: str, namespace: str, keys: list[bytes],
+               accept: str | None = None) -> _Call:
+    """A request naming engine blocks: msgpack with the keys as raw bytes."""
+    headers = {"content-type": MSGPACK, **({"accept": accept} if accept else {})}
+    return _Call(method, path, content=msgpack.packb({"namespace": namespace, "keys": keys}), headers=headers)
+
+
 # ---- requests as generators: one implementation for the sync and async clients -------------
 Op = Generator["_Call", httpx.Response, Any]
 
@@ -147,6 +155,7 @@ class _Ops:
         self.use_shm = use_shm
         self._shm = ShmPool()
         self._layouts: dict[str, KVLayout] = {}
+        self._page_bytes: dict[str, int] = {}
 
     def register_namespace(self, name: str, *, model_id: str | None = None, layout: KVLayout | None = None,
                            block_tokens: int | None = None, codec: str | None = None,
@@ -167,6 +176,7 @@ class _Ops:
     def drop_namespace(self, name: str) -> Op:
         resp = yield _Call("DELETE", f"/v1/namespaces/{name}")
         self._layouts.pop(name, None)
+        self._page_bytes.pop(name, None)
         return resp.json()["blocks"]
 
     def lookup(self, namespace: str, token_ids: Sequence[int]) -> Op:
@@ -283,6 +293,58 @@ class _Ops:
         finally:
             if not loaned:
                 self._shm.release(shm)
+
+    # ---- key-addressed engine blocks (kvtier.blocks) ------------------------------------------
+    def register_block_namespace(self, name: str, *, page_bytes: int, fingerprint: dict | str,
+                                 codec: str = "none", ttl_s: float | None = None) -> Op:
+        body = {"name": name, "page_bytes": page_bytes, "fingerprint": fingerprint, "codec": codec,
+                "ttl_s": ttl_s}
+        resp = yield _Call("POST", "/v1/block-namespaces", json={k: v for k, v in body.items() if v is not None})
+        ns = Namespace.from_dict(resp.json())
+        self._page_bytes[name] = ns.page_bytes
+        return ns
+
+    def _page_size(self, namespace: str) -> Op:
+        page = self._page_bytes.get(namespace)
+        if page is None:
+            ns = yield from self.get_namespace(namespace)
+            page = self._page_bytes[namespace] = ns.page_bytes
+        return page
+
+    def block_exists(self, namespace: str, keys: Sequence[bytes]) -> Op:
+        resp = yield _keys_call("POST", "/v1/blocks/exists", namespace, engine_keys(keys))
+        d = resp.json()
+        return BlockHits(d["leading"], d["present"])
+
+    def put_blocks(self, namespace: str, keys: Sequence[bytes], pages: Any) -> Op:
+        keys = engine_keys(keys)
+        page = yield from self._page_size(namespace)
+        rows = page_rows(pages, len(keys), page)
+        if isinstance(pages, torch.Tensor) and pages.is_contiguous() and pages.device.type == "cpu":
+            packed: Any = memoryview(pages[:len(keys)].numpy()).cast("B")  # no copy before msgpack
+        else:
+            packed = b"".join(memoryview(r.cpu().numpy()) for r in rows)
+        resp = yield _Call("PUT", "/v1/blocks", headers={"content-type": MSGPACK}, content=msgpack.packb(
+            {"namespace": namespace, "keys": keys, "pages": packed}))
+        return resp.json()["stored"]
+
+    def get_blocks_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> Op:
+        keys = engine_keys(keys)
+        page = yield from self._page_size(namespace)
+        rows = page_rows(out, len(keys), page, writable=True)
+        resp = yield _keys_call("POST", "/v1/blocks/get", namespace, keys, accept=MSGPACK)
+        d = msgpack.unpackb(resp.content)
+        n, raw = d["count"], d["pages"]
+        if d["page_bytes"] != page or len(raw) != n * page:
+            raise KVTierError(f"the server answered {len(raw)} bytes for {n} pages of {d['page_bytes']}")
+        src = bytes_tensor(raw).view(n, page) if n else None
+        for i in range(n):
+            rows[i].copy_(src[i])
+        return n
+
+    def evict_blocks(self, namespace: str, keys: Sequence[bytes]) -> Op:
+        resp = yield _keys_call("DELETE", "/v1/blocks", namespace, engine_keys(keys))
+        return resp.json()["blocks"]
 
     def close(self) -> None:
         self._shm.close()
@@ -422,6 +484,24 @@ class KVTierClient:
     def evict(self, namespace: str, token_ids: Sequence[int]) -> int:
         return self._run(self._ops.evict(namespace, token_ids))
 
+    def register_block_namespace(self, name: str, *, page_bytes: int, fingerprint: dict | str,
+                                 codec: str = "none", ttl_s: float | None = None) -> Namespace:
+        """``TieredCache.register_block_namespace`` (400 ``FingerprintMismatch`` on a conflict)."""
+        return self._run(self._ops.register_block_namespace(
+            name, page_bytes=page_bytes, fingerprint=fingerprint, codec=codec, ttl_s=ttl_s))
+
+    def block_exists(self, namespace: str, keys: Sequence[bytes]) -> BlockHits:
+        return self._run(self._ops.block_exists(namespace, keys))
+
+    def put_blocks(self, namespace: str, keys: Sequence[bytes], pages: Any) -> int:
+        return self._run(self._ops.put_blocks(namespace, keys, pages))
+
+    def get_blocks_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> int:
+        return self._run(self._ops.get_blocks_into(namespace, keys, out))
+
+    def evict_blocks(self, namespace: str, keys: Sequence[bytes]) -> int:
+        return self._run(self._ops.evict_blocks(namespace, keys))
+
     def stats(self) -> CacheStats:
         return self._run(self._ops.stats())
 
@@ -503,6 +583,23 @@ class AsyncKVTierClient:
 
     async def evict(self, namespace: str, token_ids: Sequence[int]) -> int:
         return await self._run(self._ops.evict(namespace, token_ids))
+
+    async def register_block_namespace(self, name: str, *, page_bytes: int, fingerprint: dict | str,
+                                       codec: str = "none", ttl_s: float | None = None) -> Namespace:
+        return await self._run(self._ops.register_block_namespace(
+            name, page_bytes=page_bytes, fingerprint=fingerprint, codec=codec, ttl_s=ttl_s))
+
+    async def block_exists(self, namespace: str, keys: Sequence[bytes]) -> BlockHits:
+        return await self._run(self._ops.block_exists(namespace, keys))
+
+    async def put_blocks(self, namespace: str, keys: Sequence[bytes], pages: Any) -> int:
+        return await self._run(self._ops.put_blocks(namespace, keys, pages))
+
+    async def get_blocks_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> int:
+        return await self._run(self._ops.get_blocks_into(namespace, keys, out))
+
+    async def evict_blocks(self, namespace: str, keys: Sequence[bytes]) -> int:
+        return await self._run(self._ops.evict_blocks(namespace, keys))
 
     async def stats(self) -> CacheStats:
         return await self._run(self._ops.stats())

@@ -29,6 +29,11 @@ class UnknownNamespace(InvalidRequest):
     """A namespace that was never registered (or was dropped)."""
 
 
+class FingerprintMismatch(InvalidRequest):
+    """A block namespace re-registered with another engine fingerprint or page size: the
+    engine's configuration changed, so its pages must not be served from the old namespace."""
+
+
 class CorruptBlock(KVTierError):
     """Stored bytes failed their checksum; the block is dropped, never served."""
 

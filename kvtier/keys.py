@@ -20,18 +20,31 @@ KEY_BYTES = 16
 
 def namespace_digest(
     model_id: str, layout_fingerprint: str, codec: str, block_tokens: int, tenant_salt: str = "",
-    name: str = "",
+    name: str = "", engine_fingerprint: str | None = None,
 ) -> bytes:
     """Digest that seeds a namespace's key chain; any differing field gives disjoint keys.
 
     The namespace's own name is part of it: two namespaces of one tenant and model never share
-    a block, so dropping, expiring or counting one never touches the other.
+    a block, so dropping, expiring or counting one never touches the other. A block namespace
+    (engine pages) adds the engine's fingerprint (model, KV dtype, tokens per block, ranks,
+    cache layout, salt): two engine configurations never share a page.
     """
     h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"kvtier-ns-v2")
-    for part in (model_id, layout_fingerprint, codec, str(block_tokens), tenant_salt, name):
+    parts = [model_id, layout_fingerprint, codec, str(block_tokens), tenant_salt, name]
+    if engine_fingerprint is not None:  # absent for token namespaces: their digests stay as they were
+        parts += ["pages", engine_fingerprint]
+    for part in parts:
         data = part.encode()
         h.update(len(data).to_bytes(4, "little"))
         h.update(data)
+    return h.digest()
+
+
+def block_key(ns_digest: bytes, engine_key: bytes) -> bytes:
+    """Internal key of an engine block: the engine's own key (already chained by the engine)
+    salted with its namespace's digest."""
+    h = hashlib.blake2b(ns_digest, digest_size=KEY_BYTES, person=b"kvtier-blk-v1")
+    h.update(engine_key)
     return h.digest()
 
 

@@ -20,6 +20,7 @@ KV = Sequence[Sequence[torch.Tensor]]
 _DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+    "uint8": torch.uint8,  # opaque engine pages (block namespaces)
 }
 
 

@@ -14,6 +14,7 @@ to make room and to publish.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
@@ -21,15 +22,24 @@ from collections import OrderedDict
 from collections.abc import Container, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kvtier.block import decode_block_into, encode_block_pooled
+from kvtier.blocks import (
+    BlockHits,
+    canonical_fingerprint,
+    engine_keys,
+    page_rows,
+    pages_codec,
+    pages_layout,
+)
 from kvtier.codecs import get_codec
 from kvtier.config import CacheConfig
 from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError, StorageFull, UnknownNamespace
 from kvtier.index import BlockEntry, Lease, LeasedBlock, PinnedKeys, rebuild_index
-from kvtier.keys import as_token_array, prefix_hashes
+from kvtier.keys import as_token_array, block_key, prefix_hashes
 from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace, NamespaceRegistry, validate_name
 from kvtier.policies import make_policy
@@ -91,6 +101,7 @@ class TieredCache:
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-prefetch")
         self._pending_writes: set[Future] = set()
         self._writes: dict[tuple[bytes, int], Future] = {}  # write-throughs in flight, per tier
+        self._placing: set[bytes] = set()  # engine blocks being written before they are indexed
         self._durable = [t for t, tier in enumerate(self.tiers) if tier.durable]
         self._backlog = threading.Condition()  # bytes of background writes queued
         self._backlog_bytes = 0
@@ -816,6 +827,197 @@ class TieredCache:
         if handle.finish(state, error):
             with self._lock:
                 self._stats.prefetch[state] += 1
+
+    # ---- key-addressed blocks (engines) ----------------------------------------------------
+    # Engine pages named by the engine's own keys (vLLM offloading tiers, SGLang HiCache), kept
+    # as ordinary one-layer blocks of a block namespace (see kvtier.blocks). This section only
+    # calls _place_new, _make_room, _publish, _schedule_write_through, load_block, _drop,
+    # _release, _count_lookup, _ns_stats and _flush_remote_deletes.
+    def register_block_namespace(self, name: str, *, page_bytes: int, fingerprint: dict | str,
+                                 codec: str = "none", ttl_s: float | None = None,
+                                 tenant: str = "") -> Namespace:
+        """Register (idempotently) a namespace of engine pages of ``page_bytes`` each.
+
+        ``fingerprint`` describes the engine configuration (model, KV dtype, tokens per block,
+        TP/PP rank, cache layout, tenant salt) and is part of every key. The same name with
+        another fingerprint, page size, codec or TTL raises ``FingerprintMismatch``; lossy codecs
+        raise ``InvalidRequest``.
+        """
+        validate_name(name)
+        fp = canonical_fingerprint(fingerprint)
+        model = json.loads(fp).get("model") if fp.startswith("{") else None
+        ns = Namespace(name, str(model or name), 1, pages_codec(codec), pages_layout(page_bytes),
+                       ttl_s, tenant, "pages", fp)
+        return self.namespaces_registry.register(ns)
+
+    def block_exists(self, namespace: str, keys: Sequence[bytes]) -> BlockHits:
+        """Which engine ``keys`` are stored (``leading``: the run present from key 0). Counted
+        as one lookup of ``len(keys)`` pages in the namespace's metrics."""
+        ns, ikeys = self._block_namespace_keys(namespace, keys)
+        with self._lock:
+            entries = [self._live_block(ns, k) for k in ikeys]
+        if self._remote is not None and None in entries:
+            self._blocks_from_remote(ns, ikeys, entries)
+        present = [e is not None for e in entries]
+        leading = present.index(False) if False in present else len(present)
+        with self._lock:
+            for e in entries[:leading]:
+                e.hits += 1
+                for t in e.tiers:
+                    self._policies[t].touch(e.key)
+            self._count_lookup(entries[:leading], len(ikeys), len(ikeys), ns)
+        return BlockHits(leading, present)
+
+    def put_blocks(self, namespace: str, keys: Sequence[bytes], pages: Any) -> int:
+        """Store engine pages (``pages``: a 2-D uint8 ``[n, page_bytes]`` tensor or ``n`` rows of
+        exactly ``page_bytes``); returns the blocks newly stored. A key already stored keeps its
+        first page. Bad keys or page sizes raise before anything is stored."""
+        ns, ikeys = self._block_namespace_keys(namespace, keys)
+        rows = page_rows(pages, len(ikeys), ns.page_bytes)
+        codec = get_codec(ns.codec)
+        stored = 0
+        writes: list[tuple[BlockEntry, int, Future]] = []
+        for key, row in zip(ikeys, rows, strict=True):
+            with self._lock:
+                if self._live_block(ns, key) is not None:
+                    continue
+            data = encode_block_pooled(codec, [[row.view(1, -1)]])
+            entry = BlockEntry(key, ns.name, None, 0, 1, len(data), time.time())
+            placed = self._place_block(entry, data, ns.codec)
+            if placed is None:
+                break
+            if placed >= 0:
+                stored += 1
+                writes += self._schedule_write_through(entry, data, ns.codec, below=placed)
+        self._await_durable(ns, writes)
+        with self._lock:
+            self._stats.puts += 1
+            self._stats.tokens_put += stored
+            nst = self._ns_stats(ns.name)
+            nst.puts += 1
+            nst.tokens_put += stored
+        if time.monotonic() >= self._next_reap:
+            self.reap_expired()
+        return stored
+
+    def get_blocks_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> int:
+        """Read the leading run of stored ``keys`` into the rows of ``out`` (a 2-D uint8
+        ``[>= n, page_bytes]`` tensor or writable rows); returns how many rows were filled.
+
+        Every page is verified on its way (a corrupt copy is dropped and counts as a miss, so
+        the run stops there); the blocks stay pinned while they are read.
+        """
+        ns, ikeys = self._block_namespace_keys(namespace, keys)
+        rows = page_rows(out, len(ikeys), ns.page_bytes, writable=True)
+        pinned: list[BlockEntry] = []
+        with self._lock:
+            for key in ikeys:
+                e = self._live_block(ns, key)
+                if e is None:
+                    break
+                e.pins += 1
+                pinned.append(e)
+        if self._remote is not None and len(pinned) < len(ikeys):
+            found: list[BlockEntry | None] = [*pinned, *([None] * (len(ikeys) - len(pinned)))]
+            self._blocks_from_remote(ns, ikeys, found, pin=True, start=len(pinned))
+            for e in found[len(pinned):]:
+                if e is None:
+                    break
+                pinned.append(e)
+        loaded = 0
+        try:
+            for e, row in zip(pinned, rows, strict=False):  # rows may be more
+                if not self.load_block(e.key, [[row.view(1, -1)]], ns.codec):
+                    break
+                loaded += 1
+        finally:
+            self._release(pinned)
+        return loaded
+
+    def evict_blocks(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Remove engine blocks from every tier (a shared remote one included); returns how many
+        were stored."""
+        ns, ikeys = self._block_namespace_keys(namespace, keys)
+        with self._lock:
+            dropped = sum(self._drop(k, "evicted") for k in ikeys if k in self._index)
+        self._flush_remote_deletes()
+        return dropped
+
+    def _place_block(self, entry: BlockEntry, data: torch.Tensor, codec: str) -> int | None:
+        """Place a new engine block like ``_place_new``, but write a persistent tier's copy
+        outside the lock (engines store many pages at once: disk writes must overlap). The tier
+        it landed in, -1 if another writer placed it first, None if no tier can take it; the
+        caller schedules its write-through."""
+        with self._lock:
+            if entry.key in self._index or entry.key in self._placing:
+                return -1
+            for t, tier in enumerate(self.tiers):
+                if _fits_ever(tier, len(data)) and self._make_room(t, len(data)):
+                    break
+            else:
+                return None
+            if not tier.persistent:  # a memory copy: cheap enough under the lock
+                return self._place_new(entry, data, codec)
+            self._placing.add(entry.key)  # one writer per key while it is not indexed yet
+        try:
+            try:
+                tier.put(entry.key, data, entry.meta(codec))  # not indexed yet: nothing evicts it
+            except KVTierError:  # e.g. a concurrent writer took the room made above: the locked path
+                with self._lock:
+                    return -1 if entry.key in self._index else self._place_new(entry, data, codec)
+            with self._lock:
+                if entry.key in self._index:
+                    return -1
+                self._publish(entry, t, len(data))
+                return t
+        finally:
+            with self._lock:
+                self._placing.discard(entry.key)
+
+    def _block_namespace_keys(self, namespace: str, keys: Sequence[bytes]) -> tuple[Namespace, list[bytes]]:
+        ns = self.namespaces_registry.get(validate_name(namespace))
+        if ns.kind != "pages":
+            raise InvalidRequest(f"namespace {namespace!r} holds KV by token ids: register a block "
+                                 "namespace (register_block_namespace) for engine pages")
+        digest = ns.digest
+        return ns, [block_key(digest, k) for k in engine_keys(keys)]
+
+    def _live_block(self, ns: Namespace, key: bytes) -> BlockEntry | None:
+        """The entry of a stored, unexpired block (lock held); an expired one is dropped."""
+        e = self._index.get(key)
+        if e is None or e.doomed or not e.tiers:
+            return None
+        if ns.ttl_s is not None and time.time() - e.created > ns.ttl_s:
+            self._drop(key, "expired")
+            return None
+        return e
+
+    def _blocks_from_remote(self, ns: Namespace, ikeys: list[bytes], entries: list, *,
+                            pin: bool = False, start: int = 0) -> None:
+        """Fill the ``None`` slots of ``entries`` (from ``start``) with blocks the shared remote
+        tier holds, asked in one batched query outside the lock (sizes learned on first read)."""
+        missing = [i for i in range(start, len(ikeys)) if entries[i] is None]
+        found = self._remote.contains_many([ikeys[i] for i in missing])
+        now = time.time()
+        with self._lock:
+            for i, present in zip(missing, found, strict=True):
+                if not present:
+                    if pin:
+                        break
+                    continue
+                e = self._index.get(ikeys[i])
+                if e is None:
+                    e = BlockEntry(ikeys[i], ns.name, None, 0, 1, 0, now)
+                    self._index[e.key] = e
+                    e.tiers.add(self._remote_idx)
+                    self._policies[self._remote_idx].insert(e.key)
+                elif e.doomed:
+                    if pin:
+                        break
+                    continue
+                if pin:
+                    e.pins += 1
+                entries[i] = e
 
     # ---- stats, lifecycle -------------------------------------------------------------
     def stats(self) -> CacheStats:

@@ -1,6 +1,9 @@
 """Namespaces: the unit of key isolation (model, KV layout, codec, block size, tenant).
 
-A namespace's layout is fixed at registration or first put. The registry persists to a JSON file
+A namespace's layout is fixed at registration or first put. ``kind`` is ``"kv"`` for KV
+addressed by token ids, ``"pages"`` for an engine's opaque pages addressed by the engine's own
+keys (a *block namespace*: one uint8 "layer" of ``page_bytes`` per block, fingerprinted by the
+engine's configuration; see ``kvtier.blocks``). The registry persists to a JSON file
 beside the SSD tier's data (written atomically) so a warm restart can decode what it finds.
 """
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvtier.codecs import normalize_spec
-from kvtier.errors import InvalidRequest, UnknownNamespace
+from kvtier.errors import FingerprintMismatch, InvalidRequest, UnknownNamespace
 from kvtier.keys import namespace_digest
 from kvtier.layout import KVLayout
 
@@ -27,24 +30,45 @@ class Namespace:
     layout: KVLayout | None = None
     ttl_s: float | None = None
     tenant: str = ""
+    kind: str = "kv"  # "kv" (token ids) | "pages" (engine keys)
+    fingerprint: str = ""  # pages: the engine configuration, canonical JSON
 
     @property
     def digest(self) -> bytes:
         if self.layout is None:
             raise InvalidRequest(f"namespace {self.name!r} has no KV layout yet")
         return namespace_digest(self.model_id, self.layout.fingerprint(), self.codec,
-                                self.block_tokens, self.tenant, self.name)
+                                self.block_tokens, self.tenant, self.name,
+                                self.fingerprint if self.kind == "pages" else None)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one engine page (block namespaces only)."""
+        if self.kind != "pages" or self.layout is None:
+            raise InvalidRequest(f"namespace {self.name!r} holds KV by token ids, not engine pages")
+        return self.layout.tensor_shapes[0][0]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "model_id": self.model_id, "block_tokens": self.block_tokens,
-                "codec": self.codec, "layout": self.layout.to_dict() if self.layout else None,
-                "ttl_s": self.ttl_s, "tenant": self.tenant}
+        d = {"name": self.name, "model_id": self.model_id, "block_tokens": self.block_tokens,
+             "codec": self.codec, "layout": self.layout.to_dict() if self.layout else None,
+             "ttl_s": self.ttl_s, "tenant": self.tenant, "kind": self.kind}
+        if self.kind == "pages":
+            d["fingerprint"] = self.fingerprint
+            d["page_bytes"] = self.page_bytes
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Namespace:
         layout = KVLayout.from_dict(d["layout"]) if d.get("layout") else None
         return cls(d["name"], d["model_id"], int(d["block_tokens"]), d["codec"], layout,
-                   d.get("ttl_s"), d.get("tenant", ""))
+                   d.get("ttl_s"), d.get("tenant", ""), d.get("kind", "kv"), d.get("fingerprint", ""))
+
+
+def _pages_summary(ns: Namespace) -> str:
+    if ns.kind != "pages":
+        return f"kind {ns.kind!r} (KV by token ids)"
+    return (f"page_bytes {ns.page_bytes}, codec {ns.codec!r}, ttl_s {ns.ttl_s}, "
+            f"fingerprint {ns.fingerprint}")
 
 
 def validate_name(name: object) -> str:
@@ -97,6 +121,11 @@ class NamespaceRegistry:
                     self._items[ns.name] = ns  # fixing the layout of a layout-less namespace
                     self._save()
                     return ns
+                if "pages" in (old.kind, ns.kind):
+                    raise FingerprintMismatch(
+                        f"block namespace {ns.name!r} is registered for another engine "
+                        f"configuration or page size: registered {_pages_summary(old)}, asked "
+                        f"{_pages_summary(ns)} (use another name, or drop it first)")
                 raise InvalidRequest(
                     f"namespace {ns.name!r} already exists with different settings: "
                     f"{old.to_dict()} (drop it first to change them)")

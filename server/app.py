@@ -14,7 +14,7 @@ from kvtier.metrics import make_registry
 from kvtier.settings import ServerSettings
 from server import errors
 from server.middleware import BodyLimit, RequestMetrics
-from server.routes import kv, lookup, namespaces, ops, prefetch
+from server.routes import blocks, kv, lookup, namespaces, ops, prefetch
 from server.schemas import ErrorOut
 
 _ERROR_RESPONSES = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 415, 422, 507)}
@@ -29,7 +29,7 @@ def create_app(cache: TieredCache, settings: ServerSettings | None = None) -> Fa
     app.state.settings = settings
     app.state.registry, http_histogram = make_registry(cache.stats)
     errors.install(app)
-    for module in (namespaces, lookup, prefetch, kv, ops):
+    for module in (namespaces, lookup, prefetch, kv, blocks, ops):
         app.include_router(module.router)
     # Added last = outermost: latency covers body-limit rejections too.
     app.add_middleware(BodyLimit, small=settings.max_body_bytes, large=settings.max_kv_bytes)

@@ -11,7 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimit:
-    """413 for bodies over the limit; data-plane paths (``/v1/kv``) get the larger one.
+    """413 for bodies over the limit; data-plane paths (``/v1/kv``, ``/v1/blocks``) get the
+    larger one.
 
     A declared Content-Length is checked up front; a chunked body is counted while it is
     read and the request is answered 413 before the app sees it.
@@ -24,7 +25,7 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        limit = self.large if path.startswith("/v1/kv") else self.small
+        limit = self.large if path.startswith(("/v1/kv", "/v1/blocks")) else self.small
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             try:

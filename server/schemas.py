@@ -35,6 +35,18 @@ class NamespaceCreate(Strict):
     ttl_s: Annotated[float, Field(gt=0, le=10 * 365 * 86400)] | None = None
 
 
+class BlockNamespaceCreate(Strict):
+    """A namespace of an engine's opaque pages, addressed by the engine's own keys."""
+
+    name: str = Field(min_length=1, max_length=200, examples=["vllm-llama3-8b-tp0"])
+    page_bytes: Annotated[int, Field(strict=True, ge=1, le=1 << 30)]
+    fingerprint: dict[str, Any] | str = Field(
+        description="the engine configuration (model, KV dtype, tokens per block, TP/PP rank, "
+        "cache layout, salt); part of every key, so two configurations never share a page")
+    codec: str = Field("none", max_length=64, description="lossless only: none or zstd")
+    ttl_s: Annotated[float, Field(gt=0, le=10 * 365 * 86400)] | None = None
+
+
 class NamespaceOut(BaseModel):
     name: str
     model_id: str
@@ -43,6 +55,18 @@ class NamespaceOut(BaseModel):
     layout: Layout | None
     ttl_s: float | None
     tenant: str
+    kind: Literal["kv", "pages"] = "kv"
+    fingerprint: str | None = Field(None, description="block namespaces: the engine configuration")
+    page_bytes: int | None = Field(None, description="block namespaces: bytes of one page")
+
+
+class BlockHitsOut(BaseModel):
+    leading: int = Field(description="keys present from key 0 on: what an engine can load")
+    present: list[bool]
+
+
+class BlocksStoredOut(BaseModel):
+    stored: int = Field(description="blocks newly stored (a key already stored keeps its page)")
 
 
 class TokensRequest(Strict):
