@@ -34,4 +34,5 @@ def create_app(cache: TieredCache, settings: ServerSettings | None = None) -> Fa
     # Added last = outermost: latency covers body-limit rejections too.
     app.add_middleware(BodyLimit, small=settings.max_body_bytes, large=settings.max_kv_bytes)
     app.add_middleware(RequestMetrics, histogram=http_histogram)
+    app.add_middleware(errors.LastResort)  # outermost: also catches the middlewares' own bugs
     return app

@@ -55,6 +55,21 @@ def packed(ids) -> bytes:
     return np.asarray(ids, dtype="<i8").tobytes()
 
 
+def shaped_put(*shape: int):
+    """A put whose one tensor has ``shape`` and no bytes (its element count is 0)."""
+    tensor = {"shape": list(shape), "dtype": "float32", "data": b""}
+    return mp({"namespace": "chat", "token_ids": IDS, "kv": [[tensor, tensor]] * 2})
+
+
+def ids_put(token_ids):
+    return mp({"namespace": "chat", "token_ids": token_ids, "kv": kv_to_wire(kv(64))})
+
+
+def ids_get(token_ids, as_msgpack: bool):
+    body = {"namespace": "chat", "token_ids": token_ids}
+    return mp(body) if as_msgpack else {"json": body}
+
+
 SMALL_SHM = "kvtier-test-small-region"
 bad_len_kv = kv_to_wire(kv(64))
 bad_len_kv[0][0]["data"] = bytes(bad_len_kv[0][0]["data"])[:-4]
@@ -122,6 +137,23 @@ CASES = [
      shm_get_mp(packed(IDS), name="kvtier-no-such-region"), 404, "does not exist"),
     ("lookup-packed-ragged", A, "POST", "/v1/lookup",
      mp({"namespace": "chat", "token_ids": packed(IDS)[:-1]}), 400, "multiple of 8 bytes"),
+    # Inputs that once escaped as unhandled 500s (overflow in torch, ragged or huge ids).
+    ("kv-shape-2**63", A, "PUT", "/v1/kv", shaped_put(0, 2**63), 422, "too large"),
+    ("kv-shape-2**64-1", A, "PUT", "/v1/kv", shaped_put(0, 2**64 - 1), 422, "too large"),
+    ("kv-shape-2**40-squared", A, "PUT", "/v1/kv", shaped_put(0, 2**40, 2**40), 422, "too large"),
+    ("put-ids-nested-tail", A, "PUT", "/v1/kv", ids_put([1, [2]]), 422, "token_ids.1"),
+    ("put-ids-ragged", A, "PUT", "/v1/kv", ids_put([[1, 2], [3]]), 422, "token_ids.0"),
+    ("get-ids-nested-json", A, "POST", "/v1/kv/get", ids_get([1, [2]], False), 422, "token_ids.1"),
+    ("get-ids-ragged-json", A, "POST", "/v1/kv/get", ids_get([[1, 2], [3]], False), 422, "token_ids.0"),
+    ("get-ids-nested-msgpack", A, "POST", "/v1/kv/get", ids_get([1, [2]], True), 422, "token_ids.1"),
+    ("get-ids-ragged-msgpack", A, "POST", "/v1/kv/get", ids_get([[1, 2], [3]], True), 422,
+     "token_ids.0"),
+    ("get-id-2**64", A, "POST", "/v1/kv/get", ids_get([2**64], False), 422, "got 18446744073709551616"),
+    ("get-id-2**63-msgpack", A, "POST", "/v1/kv/get", ids_get([2**63], True), 422,
+     "[0, 2**62], got 9223372036854775808"),
+    ("put-listed-id-over-2**62", A, "PUT", "/v1/kv", ids_put([2**62 + 1] + IDS[1:]), 422,
+     "[0, 2**62], got 4611686018427387905"),
+    ("put-ids-bool", A, "PUT", "/v1/kv", ids_put([True] + IDS[1:]), 422, "token_ids.0"),
     ("shm-json-malformed", A, "PUT", "/v1/kv/shm",
      {"content": b'{"namespace": ', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
 ]
@@ -186,3 +218,58 @@ def test_nothing_changed_after_bad_requests(server):
     assert [ns.name for ns in client.namespaces()] == ["chat"]
     assert client.get_namespace("chat").block_tokens == BT
     assert client.lookup("chat", IDS).tokens == 64
+
+
+def test_405_names_every_allowed_method(server):
+    url, _ = server
+    auth = {"authorization": f"Bearer {A}"}
+    for method, path, allow in (("GET", "/v1/kv", "DELETE, PUT"), ("DELETE", "/v1/kv/get", "POST"),
+                                ("POST", "/healthz", "GET")):
+        resp = httpx.request(method, url + path, headers=auth)
+        assert resp.status_code == 405, resp.text
+        assert resp.headers["allow"] == allow and resp.json()["status"] == 405
+
+
+def raw_exchange(sock, path: str) -> tuple[int, bytes]:
+    """One GET on an open keep-alive socket; the status and the body."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {A}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        body += chunk
+    return int(head.split()[1]), body
+
+
+def test_an_unexpected_exception_is_a_json_500_and_keeps_the_connection(server, monkeypatch, caplog):
+    import json
+    import socket
+
+    from kvtier.manager import TieredCache
+
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+
+    def broken(self):
+        raise RuntimeError("a bug deep in the cache")
+
+    monkeypatch.setattr(TieredCache, "stats", broken)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        status, body = raw_exchange(sock, "/v1/stats")
+        assert status == 500
+        answer = json.loads(body)
+        assert answer == {"error": "InternalError", "status": 500,
+                          "message": answer["message"]} and "RuntimeError" in answer["message"]
+        assert "a bug deep" not in answer["message"]  # details stay in the log
+        monkeypatch.undo()
+        status, body = raw_exchange(sock, "/healthz")  # same connection, still open
+        assert status == 200 and json.loads(body)["status"] == "ok"
+    logged = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], RuntimeError)]
+    assert logged and "/v1/stats" in logged[0].getMessage()

@@ -24,7 +24,14 @@ from kvtier.wire import (
     packed_views,
     unpack_from,
 )
-from server.body import decode, openapi_body, tokens_body, unpack_token_ids, with_packed
+from server.body import (
+    decode,
+    listed_token_ids,
+    openapi_body,
+    tokens_body,
+    unpack_token_ids,
+    with_packed,
+)
 from server.deps import Ctx, CtxDep
 from server.errors import Forbidden, PayloadTooLarge
 from server.schemas import ShmGetOut, ShmGetRequest, ShmPutRequest, StoredOut
@@ -54,7 +61,7 @@ _GET_RESPONSE = {200: {"description": "KV of the longest cached prefix (kv is nu
 def _token_ids(d: dict) -> Any:
     """``token_ids`` of a msgpack data-plane body: listed, or packed (``server.body``)."""
     raw = d.get("token_ids")
-    return unpack_token_ids(raw) if isinstance(raw, bytes) else _field(d, "token_ids", list)
+    return unpack_token_ids(raw) if isinstance(raw, bytes) else listed_token_ids(_field(d, "token_ids", list))
 
 
 def _field(d: dict, name: str, kind: type) -> Any:
