@@ -61,25 +61,32 @@ def test_sigterm_mid_write_then_restart_serves_every_acknowledged_block(tmp_path
     port = free_port()
     proc = start(data, port, log)
     acked: list[int] = []
+    failed: list[BaseException] = []
     stop = threading.Event()
 
     def writer() -> None:
-        with KVTierClient(f"http://127.0.0.1:{port}", timeout=30) as client:
-            client.register_namespace("w", layout=LAYOUT, block_tokens=BT)
-            i = 0
-            while not stop.is_set():
-                try:
-                    assert client.put("w", ids_for(i), kv_for(i)) == TOKENS
-                except (httpx.TransportError, AssertionError):
-                    return  # not acknowledged: the server is going away
-                acked.append(i)
-                i += 1
+        try:
+            with KVTierClient(f"http://127.0.0.1:{port}", timeout=30) as client:
+                client.register_namespace("w", layout=LAYOUT, block_tokens=BT)
+                i = 0
+                while not stop.is_set():
+                    try:
+                        stored = client.put("w", ids_for(i), kv_for(i))
+                    except httpx.TransportError:
+                        return  # not acknowledged: the server is going away
+                    assert stored == TOKENS, f"put {i} acknowledged only {stored} of {TOKENS} tokens"
+                    acked.append(i)
+                    i += 1
+        except BaseException as e:  # noqa: BLE001  re-raised in the test's thread below
+            failed.append(e)
 
     t = threading.Thread(target=writer)
     try:
         t.start()
         deadline = time.monotonic() + 120
         while len(acked) < 8:
+            if failed:
+                raise failed[0]
             assert t.is_alive() and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)  # while the writer keeps putting
@@ -89,6 +96,8 @@ def test_sigterm_mid_write_then_restart_serves_every_acknowledged_block(tmp_path
         t.join(60)
         if proc.poll() is None:
             proc.kill()
+    if failed:
+        raise failed[0]
     assert "cache closed" in log.read_text()
 
     proc = start(data, port, log)
