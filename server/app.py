@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 import kvtier
 from kvtier.manager import TieredCache
-from kvtier.metrics import make_registry
+from kvtier.metrics import anonymous_registry, make_registry
 from kvtier.settings import ServerSettings
 from server import errors
 from server.middleware import BodyLimit, RequestMetrics
@@ -28,6 +28,7 @@ def create_app(cache: TieredCache, settings: ServerSettings | None = None) -> Fa
     app.state.cache = cache
     app.state.settings = settings
     app.state.registry, http_histogram = make_registry(cache.stats)
+    app.state.anonymous_registry = anonymous_registry(cache.stats, http_histogram)
     errors.install(app)
     for module in (namespaces, lookup, prefetch, kv, ops):
         app.include_router(module.router)
