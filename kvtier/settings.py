@@ -31,6 +31,7 @@ class ServerSettings:
     max_kv_bytes: int = 2 * 1024**3  # data-plane bodies and shared-memory transfers
     max_tokens: int = 1_048_576  # longest token list one request may carry
     shm: bool = True  # allow the shared-memory data path
+    shm_socket: str = ""  # Unix socket clients hand regions over on; empty: a fresh private temp dir
     graceful_timeout_s: float = 30.0
     log_level: str = "info"
     access_log: bool = False  # a line per request costs the event loop; /metrics has per-route latency
@@ -134,6 +135,9 @@ OPTIONS: tuple[Option, ...] = (
        "largest data-plane body or shared-memory transfer"),
     _o("server.max_tokens", "--max-tokens", _int, "longest token list in one request"),
     _o("server.shm", "--shm", parse_bool, "allow the shared-memory data path"),
+    _o("server.shm_socket", "--shm-socket", str,
+       "Unix socket same-host clients hand their shared memory over on (created 0600); "
+       "unset: a fresh 0700 directory under the temp dir; clients learn it from GET /v1/kv/shm/socket"),
     _o("server.graceful_timeout_s", "--graceful-timeout-s", _float,
        "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
     _o("server.log_level", "--log-level", str, "debug, info, warning, error"),

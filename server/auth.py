@@ -59,9 +59,13 @@ def _bearer(request: Request) -> str | None:
 
 def authenticate(tokens: dict[str, str], request: Request) -> Principal:
     """Resolve the caller's tenant. 401 for a missing or unknown token when auth is on."""
+    return tenant_of(tokens, _bearer(request) if tokens else None)
+
+
+def tenant_of(tokens: dict[str, str], token: str | None) -> Principal:
+    """The tenant bearer ``token`` is bound to (HTTP and the region socket alike)."""
     if not tokens:
         return Principal("")
-    token = _bearer(request)
     if token is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     tenant = None

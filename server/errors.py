@@ -51,6 +51,11 @@ class UnsupportedMediaType(KVTierError):
     """A body in a content type the endpoint does not take."""
 
 
+class ServiceUnavailable(KVTierError):
+    """A part of the server that is not running (e.g. the region socket of an app served
+    without its lifespan)."""
+
+
 # First isinstance match wins: subclasses before their bases.
 STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (Unauthorized, 401),
@@ -64,6 +69,7 @@ STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidRequest, 400),
     (StorageFull, 507),
     (BackendUnavailable, 503),
+    (ServiceUnavailable, 503),
     (CorruptBlock, 500),
     (DataDirError, 500),
     (KVTierError, 500),

@@ -26,7 +26,9 @@ def test_openapi_lists_every_endpoint_and_binary_bodies():
         assert set(content) == {"application/json", "application/msgpack"}
         props = content["application/msgpack"]["schema"]["properties"]
         assert {"namespace", "token_ids", "region"} <= set(props)
-        assert props["region"]["properties"]["name"]["type"] == "string"  # nested models inlined
+        region = props["region"]["properties"]
+        assert region["id"]["anyOf"][0]["pattern"] == "^[0-9a-f]{32}$"  # nested models inlined
+        assert region["name"]["deprecated"] is True
         assert "$defs" not in str(content)
         listed = content["application/json"]["schema"]["properties"]["token_ids"]
         assert props["token_ids"]["oneOf"][0] == listed and listed["type"] == "array"
