@@ -235,12 +235,15 @@ def test_results_outlive_the_client_cleanly(tmp_path):
             client.register_namespace("kv", layout=layout, block_tokens=16)
             client.put("kv", list(range(32)), kv)
             got, n = client.get("kv", list(range(32)))
+            kept, _ = client.get("kv", list(range(32)))  # held until the interpreter exits
             buf = client.kv_buffer("kv", 16)
             client.close()
             assert n == 32 and all(torch.equal(g, w) for lg, lw in zip(got, kv) for g, w in zip(lg, lw))
             del got, buf
             gc.collect()
         assert not unraisable, unraisable
+        sys.unraisablehook = sys.__unraisablehook__  # what happens at exit goes to stderr
+        assert torch.equal(kept[1][1], kv[1][1])
         print("clean")
     ''')
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
