@@ -15,7 +15,6 @@ Loaned tensors outlive ``close()``: the mapping goes when the last of them does.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import mmap
 import os
 import socket
@@ -32,7 +31,11 @@ from kvtier.errors import InvalidRequest, KVTierError
 from kvtier.layout import KV, KVLayout
 from kvtier.wire import packed_views
 
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+try:
+    import fcntl
+except ImportError:  # not POSIX: only the msgpack data plane
+    fcntl = None  # type: ignore[assignment]
+
 
 
 class RegionError(KVTierError):
@@ -55,12 +58,13 @@ class Region:
 
     @classmethod
     def create(cls, size: int) -> Region:
-        if not hasattr(os, "memfd_create"):
-            raise InvalidRequest("use_shm needs Linux (memfd_create); use the msgpack data plane")
+        if not hasattr(os, "memfd_create") or not hasattr(fcntl, "F_ADD_SEALS"):
+            raise InvalidRequest("use_shm needs Linux (sealed memfds); use the msgpack data plane")
         fd = os.memfd_create("kvtier-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)  # the server may rely on its size
+            # The server relies on the size: a region that could shrink could SIGBUS it.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             mm = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)

@@ -157,7 +157,10 @@ class RegionTable:
             yield view
         finally:
             if view is not None:
-                view.release()
+                try:
+                    view.release()
+                except BufferError:  # tensors of a failed request still view it: they go with it
+                    log.debug("a view of shared-memory region %s outlives its request", region.id)
             with self._lock:
                 region.users -= 1
                 done = region.released and region.users == 0
