@@ -46,15 +46,22 @@ class RegionError(KVTierError):
         self.status, self.error, self.message = status, error, message
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False)
 class Region:
-    """A sealed memfd of ``size`` bytes mapped here; ``id`` once the server holds it."""
+    """A sealed memfd of ``size`` bytes mapped here; ``id`` once the server holds it.
+
+    The descriptor is kept (to hand the region over again to a restarted server) and closed by
+    ``close()``, or when the region is garbage-collected.
+    """
 
     fd: int
     mm: mmap.mmap
     size: int
     id: str | None = None
     link: int = 0  # the link generation ``id`` belongs to
+
+    def __post_init__(self) -> None:
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
 
     @classmethod
     def create(cls, size: int) -> Region:
@@ -71,12 +78,14 @@ class Region:
             raise
         return cls(fd, mm, size)
 
+    def close_fd(self) -> None:
+        self._close_fd()  # runs once: later calls (and collection) do nothing
+        self.fd = -1
+
     def close(self) -> None:
         """Close the descriptor, and the mapping unless tensors still view it (then it goes
         with the last of them)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.close_fd()
         with contextlib.suppress(BufferError):
             self.mm.close()
 
@@ -256,7 +265,6 @@ class ShmPool:
             link.close()
         for region in regions:
             if id(region) in lent:
-                os.close(region.fd)  # the mapping keeps the memory for the tensors
-                region.fd = -1
+                region.close_fd()  # the mapping keeps the memory for the tensors
             else:
                 region.close()

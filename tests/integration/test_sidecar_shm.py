@@ -214,6 +214,21 @@ def test_the_server_unmaps_a_region_when_its_owner_closes(url):
     assert region_mappings() == before  # the last tensor took the client's mapping with it
 
 
+def test_a_client_dropped_without_close_leaves_nothing_behind(url):
+    import gc
+
+    gc.collect()
+    fds, maps = len(os.listdir("/proc/self/fd")), region_mappings()
+    client = KVTierClient(url, use_shm=True)
+    client.put("kv", ids(9500, 32), rand_kv(32, 16))
+    got, n = client.get("kv", ids(9500, 32))
+    assert n == 32 and region_mappings() > maps
+    del client, got
+    gc.collect()
+    assert wait_until(lambda: region_mappings() == maps), "a region is still mapped"
+    assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds), "a descriptor leaked"
+
+
 def test_results_outlive_the_client_cleanly(tmp_path):
     """``get`` results held across ``close()`` stay readable, and nothing complains at close,
     at collection or at exit (#16: "Exception ignored in SharedMemory.__del__ ... BufferError")."""
