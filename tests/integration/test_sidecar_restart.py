@@ -126,16 +126,15 @@ def test_serve_keeps_its_region_socket_where_told_and_takes_it_back_after_a_kill
     sock = tmp_path / "run" / "regions.sock"
     data, log = tmp_path / "data", tmp_path / "serve.log"
     port = free_port()
-    kv = kv_for(0)
     for round_ in range(2):
         proc = start(data, port, log, "--shm-socket", str(sock))
         try:
             assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
             with KVTierClient(f"http://127.0.0.1:{port}", use_shm=True) as client:
                 client.register_namespace("s", layout=LAYOUT, block_tokens=BT)
-                if round_ == 0:
-                    assert client.put("s", ids_for(0), kv) == TOKENS
-                got, n = client.get("s", ids_for(0))
+                kv = kv_for(round_)
+                assert client.put("s", ids_for(round_), kv) == TOKENS
+                got, n = client.get("s", ids_for(round_))
                 assert n == TOKENS and torch.equal(got[3][1], kv[3][1])
                 assert client._ops._shm.socket_path == str(sock)
         finally:
