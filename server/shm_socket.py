@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import selectors
 import socket
 import stat
@@ -52,6 +53,7 @@ class RegionSocket:
         self._want = path
         self._own_dir: Path | None = None
         self.path = ""
+        self._inode = -1
         self._listener: socket.socket | None = None
         self._sel = selectors.DefaultSelector()
         self._conns: dict[socket.socket, int] = {}  # connection -> the id its regions are filed under
@@ -69,18 +71,17 @@ class RegionSocket:
         else:
             self._own_dir = Path(tempfile.mkdtemp(prefix="kvtier-shm-"))  # 0700, unique
             path = self._own_dir / "regions.sock"
-        if len(os.fsencode(path)) > 107:
-            raise InvalidRequest(f"shared-memory socket path {str(path)!r} is longer than the 107 "
-                                 "bytes a Unix socket path may have: set a shorter --shm-socket")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # Bound under a temporary name and renamed once its mode is 0600: never reachable wider.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}")
+        if len(os.fsencode(tmp)) > 107:
+            raise InvalidRequest(f"shared-memory socket path {str(path)!r} is too long for a Unix "
+                                 "socket (about 95 bytes at most): set a shorter --shm-socket")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             listener.bind(str(tmp))
             os.chmod(tmp, 0o600)
             os.replace(tmp, path)
+            self._inode = os.lstat(path).st_ino
             listener.listen(64)
         except OSError as e:
             listener.close()
@@ -113,7 +114,7 @@ class RegionSocket:
         self._sel.close()
         if self.path:
             with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                if os.lstat(self.path).st_ino == self._inode:  # ours, not a successor's
                     os.unlink(self.path)
         if self._own_dir is not None:
             with contextlib.suppress(OSError):
