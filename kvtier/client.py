@@ -6,8 +6,9 @@ Switching an engine between in-process and sidecar is one line::
     cache = KVTierClient("http://127.0.0.1:8400")    # sidecar (AsyncKVTierClient for asyncio)
 
 KV travels as msgpack with raw tensor bytes, or with ``use_shm=True`` (same host only) through
-a shared-memory region the client creates, reuses and unlinks, so only control messages cross
-HTTP. Server errors come back as the same ``kvtier.errors`` classes; others as ``RemoteError``.
+shared-memory regions the client creates and reuses and hands to the server once as file
+descriptors over its region socket, so only control messages cross HTTP. Server errors come
+back as the same ``kvtier.errors`` classes; others as ``RemoteError``.
 
 Wire formats (shared with the server) are in ``kvtier.wire``; the region pool in
 ``kvtier.shm_pool``.
@@ -35,7 +36,7 @@ from kvtier.keys import as_token_array
 from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace
 from kvtier.records import BlockLocation, Hit
-from kvtier.shm_pool import ShmPool
+from kvtier.shm_pool import Region, RegionError, ShmPool
 from kvtier.stats import CacheStats, Histogram, NamespaceStats, TierStats
 from kvtier.wire import (
     MSGPACK,
@@ -68,6 +69,11 @@ _ERRORS: dict[str, type[KVTierError]] = {
 }
 
 
+def _error(status: int, error: str, message: str) -> KVTierError:
+    cls = _ERRORS.get(error)
+    return cls(message) if cls is not None else RemoteError(status, error, message)
+
+
 def _raise_for(resp: httpx.Response) -> None:
     if resp.status_code < 400:
         return
@@ -76,10 +82,7 @@ def _raise_for(resp: httpx.Response) -> None:
         error, message = str(body["error"]), str(body["message"])
     except (ValueError, KeyError, TypeError):
         error, message = "HTTPError", resp.text[:500]
-    cls = _ERRORS.get(error)
-    if cls is not None:
-        raise cls(message)
-    raise RemoteError(resp.status_code, error, message)
+    raise _error(resp.status_code, error, message)
 
 
 def _histogram(d: dict) -> Histogram:
@@ -151,9 +154,9 @@ class _Call:
 class _Ops:
     """Builds each operation as a generator yielding HTTP calls and returning the result."""
 
-    def __init__(self, use_shm: bool) -> None:
+    def __init__(self, use_shm: bool, token: str | None = None, timeout: float = 120.0) -> None:
         self.use_shm = use_shm
-        self._shm = ShmPool()
+        self._shm = ShmPool(token, timeout)
         self._layouts: dict[str, KVLayout] = {}
         self._page_bytes: dict[str, int] = {}
 
@@ -235,8 +238,36 @@ class _Ops:
             if layout is None:
                 raise LayoutMismatch(f"namespace {namespace!r} has no layout until its first put: "
                                      "pass kv_buffer(..., layout=)")
-        shm = self._shm.acquire(packed_nbytes(layout, tokens))
-        return self._shm.loan(shm, layout, tokens)
+        region = self._shm.acquire(packed_nbytes(layout, tokens))
+        return self._shm.loan(region, layout, tokens)
+
+    def _region_id(self, region: Region) -> Op:
+        """``region``'s id at the server, handing it over first if the server does not hold it."""
+        rid = self._shm.registered_id(region)
+        if rid is None:
+            if self._shm.socket_path is None:
+                resp = yield _Call("GET", "/v1/kv/shm/socket")
+                self._shm.socket_path = resp.json()["path"]
+            try:
+                rid = self._shm.register(region)
+            except RegionError as e:
+                raise _error(e.status, e.error, e.message) from None
+        return rid
+
+    def _shm_call(self, method: str, path: str, body: dict[str, Any], token_ids: Any,
+                  region: Region, size: int) -> Op:
+        """A shared-memory request naming ``size`` bytes of ``region``. A server that lost its
+        registrations (restarted) is told about the region again and asked once more."""
+        for attempt in (0, 1):
+            try:
+                rid = yield from self._region_id(region)
+                return (yield _tokens_call(method, path, {
+                    **body, "region": {"id": rid, "offset": 0, "size": size}}, token_ids))
+            except (RemoteError, ConnectionError) as e:
+                if attempt or (isinstance(e, RemoteError) and e.error != "UnknownRegion"):
+                    raise
+                self._shm.forget_server()
+        raise AssertionError("unreachable")
 
     def put(self, namespace: str, token_ids: Sequence[int], kv: KV) -> Op:
         ids = as_token_array(token_ids)
@@ -246,24 +277,22 @@ class _Ops:
         loan = self._shm.find_loan(kv)
         if loan is not None:  # the KV already lies in shared memory as the server reads it
             loan.layout.validate(kv, len(ids))
-            resp = yield _tokens_call("PUT", "/v1/kv/shm", {
+            resp = yield from self._shm_call("PUT", "/v1/kv/shm", {
                 "namespace": namespace, "layout": loan.layout.to_dict(),
-                "slot_tokens": loan.slot_tokens,
-                "region": {"name": loan.shm.name, "offset": 0,
-                           "size": packed_nbytes(loan.layout, loan.slot_tokens)}}, ids)
+                "slot_tokens": loan.slot_tokens}, ids,
+                loan.region, packed_nbytes(loan.layout, loan.slot_tokens))
             return resp.json()["tokens"]
         layout = KVLayout.from_kv(kv)
         layout.validate(kv, len(ids))
         nbytes = packed_nbytes(layout, len(ids))
-        shm = self._shm.acquire(nbytes)
+        region = self._shm.acquire(nbytes)
         try:
-            pack_into(kv, shm.buf[:nbytes])
-            resp = yield _tokens_call("PUT", "/v1/kv/shm", {
-                "namespace": namespace, "layout": layout.to_dict(),
-                "region": {"name": shm.name, "offset": 0, "size": nbytes}}, ids)
+            pack_into(kv, memoryview(region.mm)[:nbytes])
+            resp = yield from self._shm_call("PUT", "/v1/kv/shm", {
+                "namespace": namespace, "layout": layout.to_dict()}, ids, region, nbytes)
             return resp.json()["tokens"]
         finally:
-            self._shm.release(shm)
+            self._shm.release(region)
 
     def get(self, namespace: str, token_ids: Sequence[int]) -> Op:
         ids = as_token_array(token_ids)
@@ -278,21 +307,20 @@ class _Ops:
         # The server decodes straight into a pooled region (pages already faulted in) and the
         # returned tensors alias it: no copy on either side. The region goes back to the pool
         # when the last tensor viewing it is freed.
-        shm = self._shm.acquire(nbytes)
+        region = self._shm.acquire(nbytes)
         loaned = False
         try:
-            resp = yield _tokens_call("POST", "/v1/kv/shm/get", {
-                "namespace": namespace,
-                "region": {"name": shm.name, "offset": 0, "size": max(nbytes, 1)}}, ids)
+            resp = yield from self._shm_call("POST", "/v1/kv/shm/get", {"namespace": namespace},
+                                             ids, region, max(nbytes, 1))
             d = resp.json()
             if d["tokens"] == 0:
                 return None, 0
-            views = self._shm.loan(shm, KVLayout.from_dict(d["layout"]), d["slot_tokens"])
+            views = self._shm.loan(region, KVLayout.from_dict(d["layout"]), d["slot_tokens"])
             loaned = True
             return [tuple(t[:d["tokens"]] for t in layer) for layer in views], d["tokens"]
         finally:
             if not loaned:
-                self._shm.release(shm)
+                self._shm.release(region)
 
     # ---- key-addressed engine blocks (kvtier.blocks) ------------------------------------------
     def register_block_namespace(self, name: str, *, page_bytes: int, fingerprint: dict | str,
@@ -420,7 +448,7 @@ class KVTierClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8400", token: str | None = None, *,
                  use_shm: bool = False, timeout: float = 120.0, transport: httpx.BaseTransport | None = None) -> None:
         self._http = httpx.Client(base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport)
-        self._ops = _Ops(use_shm)
+        self._ops = _Ops(use_shm, token, timeout)
 
     def _run(self, op: Op) -> Any:
         try:
@@ -530,7 +558,7 @@ class AsyncKVTierClient:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(token), timeout=timeout,
                                        transport=transport)
-        self._ops = _Ops(use_shm)
+        self._ops = _Ops(use_shm, token, timeout)
 
     async def _run(self, op: Op) -> Any:
         try:

@@ -76,10 +76,13 @@ def _buckets(h: StatsHistogram) -> list[tuple[str, float]]:
 
 
 class CacheCollector(Collector):
-    """Yields every ``kvtier_*`` cache metric from one ``stats()`` snapshot per scrape."""
+    """Yields every ``kvtier_*`` cache metric from one ``stats()`` snapshot per scrape;
+    without the per-namespace families when ``namespaces`` is false (their labels name
+    tenants' namespaces)."""
 
-    def __init__(self, stats: Callable[[], CacheStats]) -> None:
+    def __init__(self, stats: Callable[[], CacheStats], namespaces: bool = True) -> None:
         self._stats = stats
+        self._namespaces = namespaces
 
     def describe(self) -> list[Metric]:
         return []  # unchecked collector: families are produced at scrape time
@@ -89,7 +92,7 @@ class CacheCollector(Collector):
         tiers: list[TierStats] = list(s.tiers.values())
         for name, doc, attr in _CACHE_COUNTERS:
             yield CounterMetricFamily(name, doc, value=getattr(s, attr))
-        for name, doc, attr in _NAMESPACE_COUNTERS:
+        for name, doc, attr in _NAMESPACE_COUNTERS if self._namespaces else ():
             fam = CounterMetricFamily(name, doc, labels=["namespace"])
             for ns, nst in sorted(s.namespaces.items()):
                 fam.add_metric([ns], getattr(nst, attr))
@@ -159,3 +162,12 @@ def make_registry(stats: Callable[[], CacheStats]) -> tuple[CollectorRegistry, H
                      "HTTP request latency by route template, method and status.",
                      ["route", "method", "status"], registry=registry, buckets=HTTP_BUCKETS)
     return registry, http
+
+
+def anonymous_registry(stats: Callable[[], CacheStats], http: Histogram) -> CollectorRegistry:
+    """The same metrics without any namespace name: what ``/metrics`` shows a caller who may
+    not learn the tenants' namespaces (auth on, no scrape token)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CacheCollector(stats, namespaces=False))
+    registry.register(http)
+    return registry

@@ -26,10 +26,12 @@ class ServerSettings:
     data_dir: str = "./kvtier-data"
     ssd: bool = True  # put the SSD tier under data_dir/ssd unless cache.ssd.path is set
     tokens: dict[str, str] = field(default_factory=dict)  # bearer token -> tenant; empty: no auth
+    metrics_token: str = ""  # Prometheus scrape token for /metrics; empty: /metrics needs none
     max_body_bytes: int = 16 * 1024**2  # JSON control requests
     max_kv_bytes: int = 2 * 1024**3  # data-plane bodies and shared-memory transfers
     max_tokens: int = 1_048_576  # longest token list one request may carry
     shm: bool = True  # allow the shared-memory data path
+    shm_socket: str = ""  # Unix socket clients hand regions over on; empty: a fresh private temp dir
     graceful_timeout_s: float = 30.0
     log_level: str = "info"
     access_log: bool = False  # a line per request costs the event loop; /metrics has per-route latency
@@ -78,6 +80,13 @@ def parse_tokens(value: Any) -> dict[str, str]:
     return dict(items)
 
 
+def parse_metrics_token(value: Any) -> str:
+    token = str(value).strip()
+    if token and len(token) < 8:
+        raise InvalidRequest("the metrics token must be at least 8 characters long")
+    return token
+
+
 def _int(v: Any) -> int:
     try:
         return int(v)
@@ -118,11 +127,17 @@ OPTIONS: tuple[Option, ...] = (
     _o("server.ssd", "--ssd", parse_bool, "enable the SSD tier under DATA_DIR/ssd"),
     _o("server.tokens", "--tokens", parse_tokens,
        "bearer tokens bound to tenants, TOKEN=TENANT[,...]; empty disables auth"),
+    _o("server.metrics_token", "--metrics-token", parse_metrics_token,
+       "bearer token Prometheus scrapes /metrics with; unset: /metrics is open, and without "
+       "per-namespace metrics while --tokens is set"),
     _o("server.max_body_bytes", "--max-body-bytes", parse_size, "largest JSON request body"),
     _o("server.max_kv_bytes", "--max-kv-bytes", parse_size,
        "largest data-plane body or shared-memory transfer"),
     _o("server.max_tokens", "--max-tokens", _int, "longest token list in one request"),
     _o("server.shm", "--shm", parse_bool, "allow the shared-memory data path"),
+    _o("server.shm_socket", "--shm-socket", str,
+       "Unix socket same-host clients hand their shared memory over on (created 0600); "
+       "unset: a fresh 0700 directory under the temp dir; clients learn it from GET /v1/kv/shm/socket"),
     _o("server.graceful_timeout_s", "--graceful-timeout-s", _float,
        "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
     _o("server.log_level", "--log-level", str, "debug, info, warning, error"),
@@ -238,6 +253,8 @@ def build_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str
         cache.ssd.path = str(Path(server.data_dir) / "ssd")
     if server.port < 0 or server.port > 65535:
         raise InvalidRequest(f"port must be 0..65535, got {server.port}")
+    if server.metrics_token and server.metrics_token in server.tokens:
+        raise InvalidRequest("the metrics token must differ from every tenant's token")
     if server.max_tokens <= 0:
         raise InvalidRequest(f"max_tokens must be positive, got {server.max_tokens}")
     return Settings(cache, server)

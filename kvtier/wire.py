@@ -19,6 +19,10 @@ from kvtier.errors import InvalidType, LayoutMismatch
 from kvtier.layout import KV, KVLayout, dtype_from_name, dtype_name
 
 MSGPACK = "application/msgpack"
+# Largest product of a shape's dimensions (zeros counted as 1): torch computes strides and
+# sizes in int64, so ``[0, 2**63]`` or ``[0, 2**40, 2**40]`` would overflow it even though they
+# hold no element; 2**48 elements is far beyond any KV tensor.
+MAX_SHAPE_PRODUCT = 2**48
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -49,6 +53,9 @@ def kv_from_wire(layers: Any) -> list[tuple[torch.Tensor, ...]]:
             if (not isinstance(shape, list) or not shape
                     or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
                 raise InvalidType(f"{where}: shape must be a non-empty list of integers >= 0, got {shape!r}")
+            if prod(max(d, 1) for d in shape) > MAX_SHAPE_PRODUCT:
+                raise InvalidType(f"{where}: shape {shape} is too large (its dimensions multiply "
+                                  f"past 2**48)")
             if not isinstance(dtype, str):
                 raise InvalidType(f"{where}: dtype must be a string, got {dtype!r}")
             if not isinstance(data, (bytes, bytearray, memoryview)):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from kvtier.errors import InvalidRequest
+from kvtier.settings import ServerSettings
 from server.errors import Forbidden, Unauthorized
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -58,9 +59,13 @@ def _bearer(request: Request) -> str | None:
 
 def authenticate(tokens: dict[str, str], request: Request) -> Principal:
     """Resolve the caller's tenant. 401 for a missing or unknown token when auth is on."""
+    return tenant_of(tokens, _bearer(request) if tokens else None)
+
+
+def tenant_of(tokens: dict[str, str], token: str | None) -> Principal:
+    """The tenant bearer ``token`` is bound to (HTTP and the region socket alike)."""
     if not tokens:
         return Principal("")
-    token = _bearer(request)
     if token is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     tenant = None
@@ -70,3 +75,25 @@ def authenticate(tokens: dict[str, str], request: Request) -> Principal:
     if tenant is None:
         raise Unauthorized("unknown bearer token")
     return Principal(tenant)
+
+
+def metrics_access(settings: ServerSettings, request: Request) -> bool:
+    """May this ``/metrics`` caller see namespace names? 401/403 if it may not scrape at all.
+
+    With a scrape token (``--metrics-token``) set, ``/metrics`` needs exactly that token and then
+    shows everything, namespaces tenant-qualified (``tenant/name``); a tenant's token is 403 (its
+    owner may not read the other tenants' names). Without one, ``/metrics`` is open, and shows
+    per-namespace families only while auth is off (one tenant: nothing to hide).
+    """
+    if not settings.metrics_token:
+        return not settings.tokens
+    token = _bearer(request)
+    if token is None:
+        raise Unauthorized("missing bearer token: /metrics needs the scrape token (--metrics-token)")
+    if hmac.compare_digest(settings.metrics_token.encode(), token.encode()):
+        return True
+    if any(hmac.compare_digest(known.encode(), token.encode()) for known in settings.tokens):
+        raise Forbidden("a tenant's token cannot read /metrics: it needs the scrape token "
+                        "(--metrics-token)")
+    raise Unauthorized("unknown bearer token for /metrics: it needs the scrape token "
+                       "(--metrics-token)")

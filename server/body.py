@@ -54,6 +54,26 @@ async def decode(request: Request, *, json_ok: bool) -> dict[str, Any]:
     return d
 
 
+def listed_token_ids(value: Any) -> np.ndarray:
+    """Token ids given as a list (msgpack or JSON bodies parsed by hand) as an int64 array.
+
+    The same rules as ``server.schemas.TokenId`` and packed ids: each a plain integer (not a
+    bool, float or list) in [0, 2**62]; anything else is ``InvalidType`` naming the position.
+    """
+    if not isinstance(value, list):
+        raise InvalidType(f"token_ids must be a list of integers (or packed bytes), "
+                          f"got {type(value).__name__}")
+    if not value:
+        raise InvalidRequest("token_ids is empty: expected at least one token id")
+    if not all(type(t) is int for t in value):
+        i = next(i for i, t in enumerate(value) if type(t) is not int)
+        raise InvalidType(f"token_ids.{i}: expected an integer, got {type(value[i]).__name__}")
+    lo, hi = min(value), max(value)
+    if lo < 0 or hi > MAX_TOKEN_ID:
+        raise InvalidType(f"token_ids: each id must be in [0, 2**62], got {lo if lo < 0 else hi}")
+    return np.asarray(value, dtype=np.int64)
+
+
 def unpack_token_ids(raw: bytes) -> np.ndarray:
     """Packed token ids (little-endian int64 bytes) as an int64 array, range-checked."""
     if not raw or len(raw) % PACKED_TOKEN_DTYPE.itemsize:

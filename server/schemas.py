@@ -119,10 +119,21 @@ class StoredOut(BaseModel):
 
 
 class ShmRegion(Strict):
-    name: str = Field(min_length=1, max_length=256, description="multiprocessing.shared_memory name")
+    """A window of a region the client handed over on the region socket (``server.shm_socket``)."""
+
+    id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="the id the region socket "
+                           "answered when the client handed the region over (GET /v1/kv/shm/socket)")
+    name: str | None = Field(None, max_length=256, json_schema_extra={"deprecated": True},
+                             description="no longer accepted: regions are not opened by name "
+                             "(400); send id")
     offset: Annotated[int, Field(strict=True, ge=0)] = 0
     size: Annotated[int, Field(strict=True, ge=0)] = Field(
         description="bytes the client made available at offset")
+
+
+class ShmSocketOut(BaseModel):
+    path: str = Field(description="the region socket: a Unix SOCK_SEQPACKET socket on this host")
+    protocol: int = Field(description="version of the socket's messages (server.shm_socket)")
 
 
 class ShmPutRequest(TokensRequest):

@@ -1,253 +1,232 @@
-"""The shared-memory data path: the client names a region, the server reads or writes it.
+"""Shared-memory regions the clients handed over, bound to their tenant.
 
-Only names matching ``NAME_RE`` are opened, the transfer must fit the region and the
-configured limit, and the server never unlinks a region (the client owns it).
+Why no tenant can reach another's memory through the server:
 
-Mapping a region costs more than the copy it saves (``MAP_POPULATE`` of 128 MiB takes ~13 ms
-on the development VM, as long as copying it), so ``RegionCache`` keeps each region mapped
-between requests. It re-checks the name on every request (a region unlinked and re-created
-under the same name, or resized, is mapped afresh) and drops a mapping as soon as the client
-unlinks the region, so the server never keeps a client's memory alive.
+- **The server opens nothing by name.** A region exists for the server only as a file
+  descriptor its owner sent over the region socket (``server.shm_socket``: ``SCM_RIGHTS``), in
+  the same message as the owner's bearer token. The server maps that descriptor, closes it and
+  files the mapping under a fresh random id (128 bits) *and the tenant that token belongs to*.
+  A request can only name a region id; no path, no ``/dev/shm`` name, nothing the server would
+  open with its own privileges. So the server touches exactly the memory its callers could
+  already touch themselves, and each tenant only its own.
+- **Every HTTP use checks the tenant.** ``RegionTable.open`` answers an id registered by another
+  tenant exactly like an unknown id (404), so ids are not even confirmed across tenants.
+- **Regions die with their owner's connection.** The server keeps a mapping until the owner
+  releases it or closes its socket connection (a process that exits closes it), and never keeps
+  a mapping under a request that is still using it.
+- **A region cannot crash the server.** The descriptor must be a memfd sealed against shrinking
+  (``F_SEAL_SHRINK``): a mapped file that shrinks makes every access past its end a SIGBUS in
+  the server. Its access mode must allow reading and writing.
+- **A request touches at most ``--max-kv-bytes`` of it.** Mapping reserves address space only;
+  the server faults in (``MADV_POPULATE_WRITE``) just the transfer window of each request, so a
+  sparse 2 GiB region costs the server nothing but the bytes moved.
+
+Mapping costs about as much as copying (``MAP_POPULATE`` of 128 MiB took ~13 ms on the
+development VM, as long as copying it), so a region stays mapped for its whole registration and
+each window is faulted in once; a request then costs a dictionary lookup.
 """
 
 from __future__ import annotations
 
-import _posixshmem
 import contextlib
+import errno
+import fcntl
 import logging
 import mmap
 import os
-import re
+import secrets
+import stat
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kvtier.errors import InvalidRequest
-from server.errors import Forbidden, NotFound, PayloadTooLarge
+from kvtier.errors import InvalidRequest, StorageFull
+from server.errors import NotFound, PayloadTooLarge
 
 log = logging.getLogger(__name__)
-NAME_RE = re.compile(r"^/?[A-Za-z0-9_.-]{1,200}$")
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python >= 3.13 names it
+CHUNK = 2 << 20  # a whole 2 MiB chunk of a region is faulted in once per registration
+MAX_REGIONS_PER_TENANT = 1024
+_populate_works = True
 
 
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.strip("/.") == "":
-        raise InvalidRequest(f"invalid shared-memory name {name!r}: expected 1-200 characters "
-                             "of letters, digits, '_', '.' or '-'")
-    return name.lstrip("/")
-
-
-def _check_transfer(name: str, offset: int, nbytes: int, limit: int) -> str:
-    name = check_name(name)
-    if offset < 0 or nbytes < 0:
-        raise InvalidRequest(f"shared-memory offset and size must be >= 0, got {offset}, {nbytes}")
-    if nbytes > limit:
-        raise PayloadTooLarge(f"shared-memory transfer of {nbytes} bytes exceeds the limit {limit}")
-    return name
-
-
-def _shm_open(name: str) -> int:
-    try:
-        return _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
-    except FileNotFoundError:
-        raise NotFound(f"shared-memory region {name!r} does not exist") from None
-    except PermissionError:
-        raise Forbidden(f"shared-memory region {name!r} is not accessible to the server") from None
-    except OSError as e:
-        raise InvalidRequest(f"cannot open shared-memory region {name!r}: {e.strerror}") from None
-
-
-def _check_fits(name: str, size: int, offset: int, nbytes: int) -> None:
-    if offset + nbytes > size:
-        raise InvalidRequest(f"shared-memory region {name!r} has {size} bytes; the transfer "
-                             f"needs {nbytes} bytes at offset {offset}")
-
-
-def _map(fd: int, size: int) -> mmap.mmap | None:
-    # MAP_POPULATE: map every page in one call instead of one fault per 4 KiB page.
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(fd, size, flags=flags) if size else None
-
-
-def _close_map(mm: mmap.mmap | None, name: str) -> None:
-    if mm is None:
-        return
-    try:
-        mm.close()
-    except BufferError:  # a tensor still views the region; the mapping dies with it
-        log.warning("shared-memory region %r still referenced; left for GC", name)
-
-
-@contextlib.contextmanager
-def open_region(name: str, offset: int, nbytes: int, limit: int) -> Iterator[memoryview]:
-    """A writable view of ``nbytes`` at ``offset`` of region ``name``; unmapped on exit.
-
-    Opened with ``shm_open`` + ``mmap`` rather than ``SharedMemory`` so that the resource
-    tracker never adopts (and later unlinks) a region the client owns.
-    """
-    name = _check_transfer(name, offset, nbytes, limit)
-    fd = _shm_open(name)
-    try:
-        size = os.fstat(fd).st_size
-        _check_fits(name, size, offset, nbytes)
-        mm = _map(fd, size)
-    finally:
-        os.close(fd)
-    if mm is None:
-        yield memoryview(bytearray())
-        return
-    view = memoryview(mm)[offset:offset + nbytes]
-    try:
-        yield view
-    finally:
-        view.release()
-        _close_map(mm, name)
+class UnknownRegion(NotFound):
+    """A region id this tenant never registered (or released, or whose connection closed)."""
 
 
 @dataclass(slots=True, eq=False)
-class _Mapping:
-    """One cached mapping; ``fd`` stays open so ``st_nlink`` tells when the client unlinked it."""
+class Region:
+    """One handed-over region: its mapping, owner and the chunks already faulted in."""
 
-    name: str
-    fd: int
-    ident: tuple[int, int, int]  # st_dev, st_ino, st_size when mapped
-    mm: mmap.mmap | None
+    id: str
+    tenant: str
+    conn: int  # the socket connection that registered it; it goes when that closes
+    mm: mmap.mmap
+    size: int
+    populated: set[int] = field(default_factory=set)
     users: int = 0
-    dropped: bool = False  # out of the table; closed when the last user leaves
+    released: bool = False  # out of the table; unmapped when the last user leaves
 
 
-class RegionCache:
-    """Client regions kept mapped between requests; thread-safe.
+def _check_fd(fd: int) -> int:
+    """The size of the memfd ``fd``, or InvalidRequest saying what it must be."""
+    try:
+        st = os.fstat(fd)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if stat.S_ISREG(st.st_mode) else 0
+    except OSError:
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise InvalidRequest("a shared-memory region must be a memfd (memfd_create with "
+                             "MFD_ALLOW_SEALING) sealed with F_SEAL_SHRINK")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise InvalidRequest("a shared-memory region must be open for reading and writing")
+    if st.st_size <= 0:
+        raise InvalidRequest("a shared-memory region must not be empty")
+    return st.st_size
 
-    ``open()`` has ``open_region``'s contract (same checks, same errors). At most
-    ``max_regions`` mappings are kept (least recently used dropped first); a mapping whose
-    region was unlinked is dropped by the next ``open()`` or by the sweeper thread within
-    ``sweep_s`` seconds, whichever comes first. A mapping in use is never unmapped under its user.
+
+class RegionTable:
+    """Handed-over regions by id, each bound to a tenant; thread-safe.
+
+    ``register`` maps a descriptor (the caller closes it); ``open`` lends a view of a window to
+    one request; ``release``/``release_connection`` drop registrations (a mapping in use is
+    unmapped by its last user). Errors: 404 ``UnknownRegion`` for an id this tenant does not
+    hold, 400 for a window outside the region, 413 for one over the limit.
     """
 
-    def __init__(self, max_regions: int = 32, sweep_s: float = 1.0) -> None:
-        self.max_regions, self.sweep_s = max_regions, sweep_s
-        self._maps: OrderedDict[str, _Mapping] = OrderedDict()
+    def __init__(self, max_per_tenant: int = MAX_REGIONS_PER_TENANT) -> None:
+        self.max_per_tenant = max_per_tenant
+        self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._sweeper: threading.Thread | None = None
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._maps)
+            return len(self._regions)
+
+    def register(self, tenant: str, fd: int, conn: int) -> Region:
+        """Map memfd ``fd`` (whole, populating nothing) for ``tenant``; ``fd`` stays the caller's."""
+        size = _check_fd(fd)
+        with self._lock:
+            held = sum(1 for r in self._regions.values() if r.tenant == tenant)
+        if held >= self.max_per_tenant:
+            raise InvalidRequest(f"this tenant already holds {held} shared-memory regions, the "
+                                 f"limit: release some (or close clients) first")
+        try:
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            raise InvalidRequest(f"cannot map a shared-memory region of {size} bytes: {e}") from None
+        region = Region(secrets.token_hex(16), tenant, conn, mm, size)
+        with self._lock:
+            self._regions[region.id] = region
+        return region
+
+    def release(self, tenant: str, region_id: object) -> None:
+        with self._lock:
+            region = self._find_locked(tenant, region_id)
+            done = self._drop_locked(region)
+        if done:
+            _unmap(done)
+
+    def release_connection(self, conn: int) -> int:
+        """Drop every region registered over connection ``conn``; returns how many."""
+        with self._lock:
+            mine = [r for r in self._regions.values() if r.conn == conn]
+            done = [self._drop_locked(r) for r in mine]
+        for r in done:
+            if r:
+                _unmap(r)
+        return len(mine)
 
     @contextlib.contextmanager
-    def open(self, name: str, offset: int, nbytes: int, limit: int) -> Iterator[memoryview]:
-        """A writable view of ``nbytes`` at ``offset`` of region ``name`` (see class docstring)."""
-        name = _check_transfer(name, offset, nbytes, limit)
-        m = self._acquire(name, offset, nbytes)
-        view = memoryview(bytearray()) if m.mm is None else memoryview(m.mm)[offset:offset + nbytes]
+    def open(self, tenant: str, region_id: str, offset: int, nbytes: int, limit: int) -> Iterator[memoryview]:
+        """A writable view of ``nbytes`` at ``offset`` of ``tenant``'s region ``region_id``."""
+        if offset < 0 or nbytes < 0:
+            raise InvalidRequest(f"shared-memory offset and size must be >= 0, got {offset}, {nbytes}")
+        if nbytes > limit:
+            raise PayloadTooLarge(f"shared-memory transfer of {nbytes} bytes exceeds the limit {limit}")
+        with self._lock:
+            region = self._find_locked(tenant, region_id)
+            if offset + nbytes > region.size:
+                raise InvalidRequest(f"shared-memory region {region_id!r} has {region.size} bytes; "
+                                     f"the transfer needs {nbytes} bytes at offset {offset}")
+            region.users += 1
+        view = None
         try:
+            _populate(region, offset, nbytes)
+            view = memoryview(region.mm)[offset:offset + nbytes]
             yield view
         finally:
-            view.release()
+            if view is not None:
+                try:
+                    view.release()
+                except BufferError:  # tensors of a failed request still view it: they go with it
+                    log.debug("a view of shared-memory region %s outlives its request", region.id)
             with self._lock:
-                m.users -= 1
-                close = m.dropped and m.users == 0
-            if close:
-                self._finish(m)
-
-    def _acquire(self, name: str, offset: int, nbytes: int) -> _Mapping:
-        fd = _shm_open(name)
-        try:
-            st = os.fstat(fd)
-            _check_fits(name, st.st_size, offset, nbytes)
-        except BaseException:
-            os.close(fd)
-            raise
-        ident = (st.st_dev, st.st_ino, st.st_size)
-        with self._lock:
-            doomed = self._sweep_locked()
-            m = self._maps.get(name)
-            if m is not None and m.ident == ident:
-                self._maps.move_to_end(name)
-                m.users += 1
-            elif m is not None:  # unlinked and re-created, or resized: map it afresh
-                doomed.append(self._drop_locked(m))
-                m = None
-        for d in doomed:
-            if d is not None:
-                self._finish(d)
-        if m is not None:
-            os.close(fd)
-            return m
-        try:
-            mm = _map(fd, st.st_size)
-        except BaseException:
-            os.close(fd)
-            raise
-        m = _Mapping(name, fd, ident, mm, users=1)
-        with self._lock:
-            if self._closed.is_set() or name in self._maps:  # lost a race: serve uncached
-                m.dropped = True
-                return m
-            self._maps[name] = m
-            doomed = [self._drop_locked(self._maps[k]) for k in list(self._maps)[:-self.max_regions]]
-            self._start_sweeper_locked()
-        for d in doomed:
-            if d is not None:
-                self._finish(d)
-        return m
-
-    def _drop_locked(self, m: _Mapping) -> _Mapping | None:
-        """Take ``m`` out of the table; returns it if nobody uses it (the caller closes it)."""
-        self._maps.pop(m.name, None)
-        m.dropped = True
-        return m if m.users == 0 else None
-
-    def _sweep_locked(self) -> list[_Mapping | None]:
-        gone = []
-        for m in list(self._maps.values()):
-            try:
-                unlinked = os.fstat(m.fd).st_nlink == 0
-            except OSError:
-                unlinked = True
-            if unlinked:
-                gone.append(self._drop_locked(m))
-        return gone
-
-    def _finish(self, m: _Mapping) -> None:
-        _close_map(m.mm, m.name)
-        with contextlib.suppress(OSError):
-            os.close(m.fd)
-
-    def _start_sweeper_locked(self) -> None:
-        if self._sweeper is None or not self._sweeper.is_alive():
-            self._sweeper = threading.Thread(target=self._sweep_loop, name="kvtier-shm-sweeper", daemon=True)
-            self._sweeper.start()
-
-    def _sweep_loop(self) -> None:
-        while not self._closed.wait(self.sweep_s):
-            with self._lock:
-                doomed = self._sweep_locked()
-                idle = not self._maps
-                if idle:
-                    self._sweeper = None
-            for d in doomed:
-                if d is not None:
-                    self._finish(d)
-            if idle:
-                return
+                region.users -= 1
+                done = region.released and region.users == 0
+            if done:
+                _unmap(region)
 
     def close(self) -> None:
-        """Unmap every region nobody is using (those in use are unmapped by their last user)."""
-        self._closed.set()
+        """Drop every registration (mappings in use go when their request ends)."""
         with self._lock:
-            doomed = [self._drop_locked(m) for m in list(self._maps.values())]
-        for d in doomed:
-            if d is not None:
-                self._finish(d)
+            done = [self._drop_locked(r) for r in list(self._regions.values())]
+        for r in done:
+            if r:
+                _unmap(r)
+
+    def _find_locked(self, tenant: str, region_id: object) -> Region:
+        region = self._regions.get(region_id) if isinstance(region_id, str) else None
+        if region is None or region.tenant != tenant:  # another tenant's id: as if unknown
+            raise UnknownRegion(f"unknown shared-memory region id {str(region_id)[:64]!r}: hand the "
+                                "region over on the region socket first (GET /v1/kv/shm/socket)")
+        return region
+
+    def _drop_locked(self, region: Region) -> Region | None:
+        """Out of the table; returned if nobody uses it (the caller unmaps it outside the lock)."""
+        self._regions.pop(region.id, None)
+        region.released = True
+        return region if region.users == 0 else None
 
 
-def region_cache(state: object) -> RegionCache:
-    """The app's ``RegionCache`` (``app.state.shm_regions``), created on first use."""
-    cache = getattr(state, "shm_regions", None)
-    if cache is None:
-        cache = RegionCache()
-        state.shm_regions = cache  # type: ignore[attr-defined]
-    return cache
+def _populate(region: Region, offset: int, nbytes: int) -> None:
+    """Fault in the window's pages not faulted in yet: one call instead of a page fault per
+    4 KiB page, never outside the window, and each whole chunk once per registration.
+
+    Running out of memory here is a 507, not a fault that kills the server later.
+    """
+    global _populate_works
+    if nbytes == 0 or not _populate_works:
+        return
+    lo, hi = offset - offset % mmap.PAGESIZE, offset + nbytes
+    spans: list[list[int]] = []
+    whole: list[int] = []
+    for c in range(lo // CHUNK, (hi - 1) // CHUNK + 1):
+        if c in region.populated:
+            continue
+        c_lo, c_hi = c * CHUNK, min((c + 1) * CHUNK, region.size)
+        s, e = max(lo, c_lo), min(hi, c_hi)
+        if (s, e) == (c_lo, c_hi):
+            whole.append(c)
+        if spans and spans[-1][1] == s:
+            spans[-1][1] = e
+        else:
+            spans.append([s, e])
+    for s, e in spans:
+        try:
+            region.mm.madvise(MADV_POPULATE_WRITE, s, e - s)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise StorageFull(f"cannot fault in {e - s} bytes of shared-memory region "
+                                  f"{region.id!r}: {exc.strerror}") from None
+            log.info("MADV_POPULATE_WRITE unsupported (kernel < 5.14): pages fault in on first touch")
+            _populate_works = False
+            return
+    region.populated.update(whole)
+
+
+def _unmap(region: Region) -> None:
+    try:
+        region.mm.close()
+    except BufferError:  # a tensor of the last request still views it: unmapped when it goes
+        log.debug("shared-memory region %s still viewed; unmapped by the garbage collector", region.id)

@@ -23,12 +23,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_in_thread(cache: TieredCache, settings: ServerSettings | None = None,
-                    timeout_s: float = 30.0) -> Iterator[str]:
-    """Yield the base URL of a running server; stop it (gracefully) on exit."""
+                    timeout_s: float = 30.0, port: int | None = None) -> Iterator[str]:
+    """Yield the base URL of a running server (on ``port``, else a free one); stop it
+    (gracefully) on exit."""
     settings = settings or ServerSettings()
-    settings.host, settings.port = "127.0.0.1", free_port()
+    settings.host, settings.port = "127.0.0.1", port or free_port()
     config = uvicorn.Config(create_app(cache, settings), host=settings.host, port=settings.port,
-                            log_level="warning", lifespan="off", access_log=False)
+                            log_level="warning", lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="kvtier-sidecar", daemon=True)
     thread.start()

@@ -285,6 +285,34 @@ def test_prometheus_scrapes_the_kvtier_service_by_name_and_port():
     assert (DEPLOY / mounts(prom_svc)[rules_dst] / "kvtier.yml").exists()
 
 
+def test_prometheus_scrapes_with_the_metrics_token_kvtier_is_given(tmp_path):
+    """Every kvtier job sends the scrape token from the compose secret that carries the same
+    variable every kvtier service reads as KVTIER_METRICS_TOKEN (/metrics needs it)."""
+    prom_svc = SERVICES["prometheus"]
+    cfg = load((DEPLOY / mounts(prom_svc)["/etc/prometheus/prometheus.yml"]).resolve())
+    kvtier_jobs = [j for j in cfg["scrape_configs"] if j["job_name"].startswith("kvtier")]
+    assert len(kvtier_jobs) == 2
+    for job in kvtier_jobs:
+        auth = job["authorization"]
+        assert auth["type"] == "Bearer"
+        secret = auth["credentials_file"].removeprefix("/run/secrets/")
+        assert secret in prom_svc["secrets"]
+        assert COMPOSE["secrets"][secret] == {"environment": "KVTIER_METRICS_TOKEN"}
+    for name in ("kvtier", "kvtier-a", "kvtier-b"):
+        value = SERVICES[name]["environment"]["KVTIER_METRICS_TOKEN"]
+        assert re.fullmatch(r"\$\{KVTIER_METRICS_TOKEN:\?[^}]+\}", value), name
+    if shutil.which("promtool"):  # it insists the credentials file exists: point it at one
+        token = tmp_path / "token"
+        token.write_text("scrape-token-1\n")
+        for job in kvtier_jobs:
+            job["authorization"]["credentials_file"] = str(token)
+        cfg["rule_files"] = []
+        f = tmp_path / "prometheus.yml"
+        f.write_text(yaml.safe_dump(cfg))
+        r = subprocess.run(["promtool", "check", "config", str(f)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_grafana_provisioning_points_at_files_that_exist():
     g = SERVICES["grafana"]
     m = mounts(g)
@@ -317,7 +345,8 @@ def test_no_secrets_and_loopback_binds():
     ["docker", "compose", "version"], capture_output=True).returncode != 0,
     reason="docker compose not installed: structure checked above without it")
 def test_docker_compose_config_is_valid():
-    env = {"GRAFANA_ADMIN_PASSWORD": "x", "PATH": "/usr/bin:/bin:/usr/local/bin"}
+    env = {"GRAFANA_ADMIN_PASSWORD": "x", "KVTIER_METRICS_TOKEN": "scrape-token-1",
+           "PATH": "/usr/bin:/bin:/usr/local/bin"}
     for profile in ([], ["--profile", "shared"]):
         r = subprocess.run(["docker", "compose", *profile, "config", "--quiet"], cwd=DEPLOY,
                            env=env, capture_output=True, text=True)

@@ -42,14 +42,14 @@ def test_namespace_counters_follow_lookups_and_puts_and_go_with_the_namespace():
         assert 'namespace="a"' not in text and 'namespace="b"' in text
 
 
-def test_remote_errors_and_breaker_are_exported_with_tier_remote():
-    pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]  # closed again on exit: connections are refused
 
 
+def test_remote_errors_and_breaker_are_exported_with_tier_remote():
+    pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
     cfg = CacheConfig(block_tokens=16, host=HostTierConfig(capacity_bytes="1MiB"),
                       remote=RemoteTierConfig(backend="redis", url=f"redis://127.0.0.1:{closed_port()}/0",
                                               timeout_s=0.2, breaker_failures=2, breaker_cooldown_s=60))

@@ -3,8 +3,6 @@ problem, and none of them changes anything (readyz stays OK, stored blocks are u
 
 from __future__ import annotations
 
-from multiprocessing import shared_memory
-
 import httpx
 import msgpack
 import numpy as np
@@ -16,6 +14,7 @@ from kvtier.client import MSGPACK, KVTierClient, kv_to_wire
 from kvtier.config import HostTierConfig, SSDTierConfig
 from kvtier.settings import ServerSettings
 from server.testing import serve_in_thread
+from tests.integration.regions import OwnRegion
 
 A, B = "alpha-token-0001", "beta-token-00002"
 BT = 16
@@ -40,22 +39,40 @@ def put_body(tensors, ids=IDS):
     return mp({"namespace": "chat", "token_ids": ids, "kv": kv_to_wire(tensors)})
 
 
-def shm_get(name: str, size: int = 1 << 20, offset: int = 0):
+SMALL = "small-region"  # stands for the id of a 4 KiB region alpha handed over (see ``server``)
+UNKNOWN = "0" * 32
+
+
+def shm_get(region: dict, size: int = 1 << 20, offset: int = 0):
     return {"json": {"namespace": "chat", "token_ids": IDS,
-                     "region": {"name": name, "offset": offset, "size": size}}}
+                     "region": {**region, "offset": offset, "size": size}}}
 
 
-def shm_get_mp(token_ids, name: str = "kvtier-no-such-region", **over):
+def shm_get_mp(token_ids, region_id: str = UNKNOWN, **over):
     """A shared-memory get as the client sends it: msgpack, token ids packed (``server.body``)."""
     return mp({"namespace": "chat", "token_ids": token_ids,
-               "region": {"name": name, "offset": 0, "size": 1 << 20}, **over})
+               "region": {"id": region_id, "offset": 0, "size": 1 << 20}, **over})
 
 
 def packed(ids) -> bytes:
     return np.asarray(ids, dtype="<i8").tobytes()
 
 
-SMALL_SHM = "kvtier-test-small-region"
+def shaped_put(*shape: int):
+    """A put whose one tensor has ``shape`` and no bytes (its element count is 0)."""
+    tensor = {"shape": list(shape), "dtype": "float32", "data": b""}
+    return mp({"namespace": "chat", "token_ids": IDS, "kv": [[tensor, tensor]] * 2})
+
+
+def ids_put(token_ids):
+    return mp({"namespace": "chat", "token_ids": token_ids, "kv": kv_to_wire(kv(64))})
+
+
+def ids_get(token_ids, as_msgpack: bool):
+    body = {"namespace": "chat", "token_ids": token_ids}
+    return mp(body) if as_msgpack else {"json": body}
+
+
 bad_len_kv = kv_to_wire(kv(64))
 bad_len_kv[0][0]["data"] = bytes(bad_len_kv[0][0]["data"])[:-4]
 
@@ -102,13 +119,18 @@ CASES = [
     ("other-tenant-drop", B, "DELETE", "/v1/namespaces/alpha%2Fchat", {}, 403, "belongs to tenant"),
     ("unknown-prefetch", A, "GET", "/v1/prefetch/deadbeef", {}, 404, "deadbeef"),
     ("unknown-tier", A, "POST", "/v1/prefetch", lookup(to="gpu9"), 400, "gpu9"),
-    ("bad-shm-name", A, "POST", "/v1/kv/shm/get", shm_get("../../etc/passwd"), 400, "shared-memory name"),
-    ("missing-shm", A, "POST", "/v1/kv/shm/get", shm_get("kvtier-no-such-region"), 404, "does not exist"),
-    ("shm-too-small", A, "POST", "/v1/kv/shm/get", shm_get(SMALL_SHM), 400, "has 4096 bytes"),
-    ("shm-negative-offset", A, "POST", "/v1/kv/shm/get", shm_get(SMALL_SHM, offset=-1), 422, "offset"),
+    ("shm-by-name", A, "POST", "/v1/kv/shm/get", shm_get({"name": "kvtier-region"}), 400,
+     "no longer opened by name"),
+    ("shm-path-name", A, "POST", "/v1/kv/shm/get", shm_get({"name": "../../etc/passwd"}), 400,
+     "no longer opened by name"),
+    ("bad-shm-id", A, "POST", "/v1/kv/shm/get", shm_get({"id": "../../etc/passwd"}), 422, "region.id"),
+    ("missing-shm", A, "POST", "/v1/kv/shm/get", shm_get({"id": UNKNOWN}), 404,
+     "unknown shared-memory region id"),
+    ("shm-too-small", A, "POST", "/v1/kv/shm/get", shm_get({"id": SMALL}), 400, "has 4096 bytes"),
+    ("shm-negative-offset", A, "POST", "/v1/kv/shm/get", shm_get({"id": SMALL}, offset=-1), 422, "offset"),
     ("shm-size-short", A, "PUT", "/v1/kv/shm",
      {"json": {"namespace": "chat", "token_ids": IDS, "layout": LAYOUT.to_dict(),
-               "region": {"name": SMALL_SHM, "size": 100}}}, 400, "region.size is 100"),
+               "region": {"id": SMALL, "size": 100}}}, 400, "region.size is 100"),
     ("shm-packed-ids-ragged", A, "POST", "/v1/kv/shm/get", shm_get_mp(packed(IDS)[:-3]), 400,
      "multiple of 8 bytes"),
     ("shm-packed-ids-empty", A, "POST", "/v1/kv/shm/get", shm_get_mp(b""), 400, "non-empty"),
@@ -119,9 +141,26 @@ CASES = [
     ("shm-msgpack-malformed", A, "POST", "/v1/kv/shm/get",
      {"content": b"\xc1\xc1", "headers": {"content-type": MSGPACK}}, 400, "malformed msgpack"),
     ("shm-msgpack-packed-ok-but-missing-region", A, "POST", "/v1/kv/shm/get",
-     shm_get_mp(packed(IDS), name="kvtier-no-such-region"), 404, "does not exist"),
+     shm_get_mp(packed(IDS)), 404, "unknown shared-memory region id"),
     ("lookup-packed-ragged", A, "POST", "/v1/lookup",
      mp({"namespace": "chat", "token_ids": packed(IDS)[:-1]}), 400, "multiple of 8 bytes"),
+    # Inputs that once escaped as unhandled 500s (overflow in torch, ragged or huge ids).
+    ("kv-shape-2**63", A, "PUT", "/v1/kv", shaped_put(0, 2**63), 422, "too large"),
+    ("kv-shape-2**64-1", A, "PUT", "/v1/kv", shaped_put(0, 2**64 - 1), 422, "too large"),
+    ("kv-shape-2**40-squared", A, "PUT", "/v1/kv", shaped_put(0, 2**40, 2**40), 422, "too large"),
+    ("put-ids-nested-tail", A, "PUT", "/v1/kv", ids_put([1, [2]]), 422, "token_ids.1"),
+    ("put-ids-ragged", A, "PUT", "/v1/kv", ids_put([[1, 2], [3]]), 422, "token_ids.0"),
+    ("get-ids-nested-json", A, "POST", "/v1/kv/get", ids_get([1, [2]], False), 422, "token_ids.1"),
+    ("get-ids-ragged-json", A, "POST", "/v1/kv/get", ids_get([[1, 2], [3]], False), 422, "token_ids.0"),
+    ("get-ids-nested-msgpack", A, "POST", "/v1/kv/get", ids_get([1, [2]], True), 422, "token_ids.1"),
+    ("get-ids-ragged-msgpack", A, "POST", "/v1/kv/get", ids_get([[1, 2], [3]], True), 422,
+     "token_ids.0"),
+    ("get-id-2**64", A, "POST", "/v1/kv/get", ids_get([2**64], False), 422, "got 18446744073709551616"),
+    ("get-id-2**63-msgpack", A, "POST", "/v1/kv/get", ids_get([2**63], True), 422,
+     "[0, 2**62], got 9223372036854775808"),
+    ("put-listed-id-over-2**62", A, "PUT", "/v1/kv", ids_put([2**62 + 1] + IDS[1:]), 422,
+     "[0, 2**62], got 4611686018427387905"),
+    ("put-ids-bool", A, "PUT", "/v1/kv", ids_put([True] + IDS[1:]), 422, "token_ids.0"),
     ("shm-json-malformed", A, "PUT", "/v1/kv/shm",
      {"content": b'{"namespace": ', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
 ]
@@ -133,30 +172,37 @@ def server(tmp_path_factory):
                       ssd=SSDTierConfig(path=str(tmp_path_factory.mktemp("d") / "ssd"), direct_io=False,
                                         capacity_bytes="64MiB", min_free_bytes=0))
     settings = ServerSettings(tokens={A: "alpha", B: "beta"}, max_tokens=4096, max_body_bytes=64 * 1024)
-    small = shared_memory.SharedMemory(name=SMALL_SHM, create=True, size=4096)
-    with TieredCache(cfg) as cache, serve_in_thread(cache, settings) as url, KVTierClient(url, A) as client:
+    with TieredCache(cfg) as cache, serve_in_thread(cache, settings) as url, KVTierClient(url, A) as client, \
+            OwnRegion(url, 4096, A) as small:
         client.register_namespace("chat", layout=LAYOUT, block_tokens=BT)
         assert client.put("chat", IDS, kv(64)) == 64
-        yield url, client
-    small.close()
-    small.unlink()
+        yield url, client, small.id
+
+
+def request_of(case, small_id: str) -> tuple[str, str, dict]:
+    """Method, path and httpx kwargs of ``case``, with alpha's small region's real id filled in."""
+    _, token, method, path, kwargs, _, _ = case
+    kwargs = {**kwargs, "headers": {**kwargs.get("headers", {}),
+                                    **({"authorization": f"Bearer {token}"} if token else {})}}
+    region = kwargs.get("json", {}).get("region") if isinstance(kwargs.get("json"), dict) else None
+    if region and region.get("id") == SMALL:
+        kwargs["json"] = {**kwargs["json"], "region": {**region, "id": small_id}}
+    return method, path, kwargs
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_request_is_refused_and_named(server, case):
-    url, _ = server
-    _, token, method, path, kwargs, status, words = case
-    headers = dict(kwargs.get("headers", {}))
-    if token:
-        headers.setdefault("authorization", f"Bearer {token}")
-    resp = httpx.request(method, url + path, **{**kwargs, "headers": headers}, timeout=30)
+    url, _, small_id = server
+    *_, status, words = case
+    method, path, kwargs = request_of(case, small_id)
+    resp = httpx.request(method, url + path, **kwargs, timeout=30)
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert body["status"] == status and body["error"] and words in body["message"], body
 
 
 def test_packed_listed_and_json_token_ids_answer_alike(server):
-    url, _ = server
+    url, _, _ = server
     auth = {"authorization": f"Bearer {A}"}
     ids = IDS + [999]  # 64 cached tokens and one more
     bodies = [{"json": {"namespace": "chat", "token_ids": ids}},
@@ -171,12 +217,11 @@ def test_packed_listed_and_json_token_ids_answer_alike(server):
 
 
 def test_nothing_changed_after_bad_requests(server):
-    url, client = server
+    url, client, small_id = server
     for case in CASES:  # run them all again, then check the stored state
-        _, token, method, path, kwargs, status, _ = case
-        headers = {**kwargs.get("headers", {}), **({"authorization": f"Bearer {token}"} if token else {})}
-        assert httpx.request(method, url + path, **{**kwargs, "headers": headers}).status_code == status
-    assert httpx.get(url + "/readyz").json() == {"status": "ok"}
+        method, path, kwargs = request_of(case, small_id)
+        assert httpx.request(method, url + path, **kwargs).status_code == case[5], case[0]
+    assert httpx.get(url + "/readyz").json()["status"] == "ok"
     assert len(CASES) >= 15
     got, n = client.get("chat", IDS)
     assert n == 64
@@ -186,3 +231,58 @@ def test_nothing_changed_after_bad_requests(server):
     assert [ns.name for ns in client.namespaces()] == ["chat"]
     assert client.get_namespace("chat").block_tokens == BT
     assert client.lookup("chat", IDS).tokens == 64
+
+
+def test_405_names_every_allowed_method(server):
+    url, _, _ = server
+    auth = {"authorization": f"Bearer {A}"}
+    for method, path, allow in (("GET", "/v1/kv", "DELETE, PUT"), ("DELETE", "/v1/kv/get", "POST"),
+                                ("POST", "/healthz", "GET")):
+        resp = httpx.request(method, url + path, headers=auth)
+        assert resp.status_code == 405, resp.text
+        assert resp.headers["allow"] == allow and resp.json()["status"] == 405
+
+
+def raw_exchange(sock, path: str) -> tuple[int, bytes]:
+    """One GET on an open keep-alive socket; the status and the body."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {A}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        body += chunk
+    return int(head.split()[1]), body
+
+
+def test_an_unexpected_exception_is_a_json_500_and_keeps_the_connection(server, monkeypatch, caplog):
+    import json
+    import socket
+
+    from kvtier.manager import TieredCache
+
+    url, _, _ = server
+    host, port = url.removeprefix("http://").split(":")
+
+    def broken(self):
+        raise RuntimeError("a bug deep in the cache")
+
+    monkeypatch.setattr(TieredCache, "stats", broken)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        status, body = raw_exchange(sock, "/v1/stats")
+        assert status == 500
+        answer = json.loads(body)
+        assert answer == {"error": "InternalError", "status": 500,
+                          "message": answer["message"]} and "RuntimeError" in answer["message"]
+        assert "a bug deep" not in answer["message"]  # details stay in the log
+        monkeypatch.undo()
+        status, body = raw_exchange(sock, "/healthz")  # same connection, still open
+        assert status == 200 and json.loads(body)["status"] == "ok"
+    logged = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], RuntimeError)]
+    assert logged and "/v1/stats" in logged[0].getMessage()

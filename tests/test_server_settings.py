@@ -39,6 +39,8 @@ def test_precedence_flags_over_env_over_yaml(tmp_path):
     ({"tokens": "short=t"}, {}, "at least 8"),
     ({"shm": "maybe"}, {}, "boolean"),
     ({"port": "70000"}, {}, "0..65535"),
+    ({"metrics_token": "short"}, {}, "--metrics-token: the metrics token must be at least 8"),
+    ({"tokens": "same-token-1=t", "metrics_token": "same-token-1"}, {}, "differ from every tenant"),
 ])
 def test_bad_values_are_named(flags, env, words):
     with pytest.raises(InvalidRequest, match=words):

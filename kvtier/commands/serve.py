@@ -60,7 +60,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from kvtier.manager import TieredCache
-    from server.app import create_app
+    from server.app import create_app, start_region_socket
 
     _Server = _server_class()
     srv = settings.server
@@ -73,14 +73,23 @@ def serve(settings: Settings) -> int:
     except KVTierError as e:
         log.error("cannot open the cache: %s", e)
         return 2
+    app = None
     try:
-        config = uvicorn.Config(create_app(cache, srv), host=srv.host, port=srv.port,
-                                log_level=srv.log_level.lower(), access_log=srv.access_log, lifespan="off",
+        app = create_app(cache, srv)
+        try:
+            start_region_socket(app)  # here, so that a bad --shm-socket is one line, not a traceback
+        except KVTierError as e:
+            log.error("kvtier serve: %s", e)
+            return 2
+        config = uvicorn.Config(app, host=srv.host, port=srv.port,
+                                log_level=srv.log_level.lower(), access_log=srv.access_log, lifespan="on",
                                 timeout_graceful_shutdown=srv.graceful_timeout_s)
         server = _Server(config)
         server.run()  # returns after SIGTERM/SIGINT once in-flight requests are done
         return 0 if server.started else 1
     finally:
+        if app is not None and app.state.shm_socket is not None:  # lifespan did not get to it
+            app.state.shm_socket.close()
         log.info("closing the cache (flushing background writes)")
         cache.close()
         log.info("cache closed")

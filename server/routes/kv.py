@@ -1,9 +1,11 @@
 """The data plane: KV in and out as msgpack with raw tensor bytes, or through shared memory.
 
 msgpack suits a remote engine (one copy into the body each way); the shared-memory path
-suits an engine on the same host: the client names a region it created, the server reads
-from or writes into it, and only a small control message (JSON, or msgpack with packed token
-ids) crosses HTTP.
+suits an engine on the same host: the client hands a region it created to the server once
+(a file descriptor over the region socket, ``server.shm_socket``), then names it by id; the
+server reads from or writes into it, and only a small control message (JSON, or msgpack with
+packed token ids) crosses HTTP. Regions are bound to the tenant that handed them over
+(``server.shm``).
 """
 
 from __future__ import annotations
@@ -24,11 +26,26 @@ from kvtier.wire import (
     packed_views,
     unpack_from,
 )
-from server.body import decode, openapi_body, tokens_body, unpack_token_ids, with_packed
+from server.body import (
+    decode,
+    listed_token_ids,
+    openapi_body,
+    tokens_body,
+    unpack_token_ids,
+    with_packed,
+)
 from server.deps import Ctx, CtxDep
-from server.errors import Forbidden, PayloadTooLarge
-from server.schemas import ShmGetOut, ShmGetRequest, ShmPutRequest, StoredOut
-from server.shm import region_cache
+from server.errors import Forbidden, PayloadTooLarge, ServiceUnavailable
+from server.schemas import (
+    ShmGetOut,
+    ShmGetRequest,
+    ShmPutRequest,
+    ShmRegion,
+    ShmSocketOut,
+    StoredOut,
+)
+from server.shm import RegionTable
+from server.shm_socket import PROTOCOL
 
 router = APIRouter(prefix="/v1/kv", tags=["kv"])
 
@@ -54,7 +71,7 @@ _GET_RESPONSE = {200: {"description": "KV of the longest cached prefix (kv is nu
 def _token_ids(d: dict) -> Any:
     """``token_ids`` of a msgpack data-plane body: listed, or packed (``server.body``)."""
     raw = d.get("token_ids")
-    return unpack_token_ids(raw) if isinstance(raw, bytes) else _field(d, "token_ids", list)
+    return unpack_token_ids(raw) if isinstance(raw, bytes) else listed_token_ids(_field(d, "token_ids", list))
 
 
 def _field(d: dict, name: str, kind: type) -> Any:
@@ -105,10 +122,37 @@ def _shm_on(ctx: Ctx) -> None:
         raise Forbidden("the shared-memory data path is disabled on this server (--shm false)")
 
 
+def _regions(request: Request, region: ShmRegion) -> RegionTable:
+    if region.name is not None:
+        raise InvalidRequest("shared-memory regions are no longer opened by name (region.name): "
+                             "hand the region's file descriptor over on the region socket "
+                             "(GET /v1/kv/shm/socket) and send the region.id it answers")
+    if region.id is None:
+        raise InvalidRequest("region.id is required: the id the region socket answered when the "
+                             "region was handed over (GET /v1/kv/shm/socket)")
+    return request.app.state.shm_regions
+
+
+@router.get("/shm/socket", response_model=ShmSocketOut)
+async def shm_socket(request: Request, ctx: Ctx = CtxDep) -> dict:
+    """Where a same-host client hands its shared memory over: the region socket's path.
+
+    Send ``{"op": "register", "token": <bearer token>}`` with one memfd (sealed with
+    ``F_SEAL_SHRINK``) as ``SCM_RIGHTS``; the answer's ``id`` then names the region in
+    ``region.id`` here. Protocol: ``server.shm_socket``.
+    """
+    _shm_on(ctx)
+    sock = request.app.state.shm_socket
+    if sock is None:
+        raise ServiceUnavailable("the region socket is not running (the app is served without "
+                                 "its lifespan)")
+    return {"path": sock.path, "protocol": PROTOCOL}
+
+
 @router.put("/shm", response_model=StoredOut,
             openapi_extra=openapi_body(ShmPutRequest, "application/json", MSGPACK))
 async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
-    """Store KV the client wrote into shared-memory region ``region.name``.
+    """Store KV the client wrote into its shared-memory region ``region.id``.
 
     Each tensor has ``slot_tokens`` rows in the region (default: one per token id); the first
     ``len(token_ids)`` rows are stored. The server encodes straight from views of the region.
@@ -116,6 +160,7 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     """
     _shm_on(ctx)
     body = await tokens_body(request, ShmPutRequest)
+    regions = _regions(request, body.region)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
     layout = KVLayout.from_dict(body.layout.model_dump())
@@ -133,10 +178,10 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     if nbytes > body.region.size:
         raise InvalidRequest(f"{slot} tokens of this layout need {nbytes} bytes, "
                              f"region.size is {body.region.size}")
-    regions = region_cache(request.app.state)
+    tenant = ctx.principal.tenant
 
-    def work() -> int:
-        with regions.open(body.region.name, body.region.offset, body.region.size,
+    def work() -> int:  # the window is what this put reads: never more than --max-kv-bytes
+        with regions.open(tenant, body.region.id, body.region.offset, nbytes,
                           ctx.settings.max_kv_bytes) as buf:
             kv = unpack_from(buf, layout, slot, copy=False)
             if slot != n:
@@ -152,10 +197,11 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
 @router.post("/shm/get", response_model=ShmGetOut,
              openapi_extra=openapi_body(ShmGetRequest, "application/json", MSGPACK))
 async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
-    """Decode the longest cached prefix straight into region ``region.name`` (packed layout with
+    """Decode the longest cached prefix straight into region ``region.id`` (packed layout with
     ``slot_tokens`` rows per tensor; the first ``tokens`` rows are valid). JSON or msgpack."""
     _shm_on(ctx)
     body = await tokens_body(request, ShmGetRequest)
+    regions = _regions(request, body.region)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
     if ns.layout is None:
@@ -166,10 +212,10 @@ async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
         raise PayloadTooLarge(f"{need} bytes of KV exceed the data-plane limit {ctx.settings.max_kv_bytes}")
     if need > body.region.size:
         raise InvalidRequest(f"a hit on all of token_ids needs {need} bytes, region.size is {body.region.size}")
-    regions = region_cache(request.app.state)
+    tenant = ctx.principal.tenant
 
-    def work() -> dict:
-        with regions.open(body.region.name, body.region.offset, body.region.size,
+    def work() -> dict:  # the window is the most this get writes: never more than --max-kv-bytes
+        with regions.open(tenant, body.region.id, body.region.offset, need,
                           ctx.settings.max_kv_bytes) as buf:
             lease = ctx.cache.acquire(ns.name, body.token_ids)
             try:

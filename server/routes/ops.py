@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from server.auth import metrics_access
 from server.deps import Ctx, CtxDep
 from server.schemas import HealthOut, StatsOut
 
@@ -30,8 +31,13 @@ async def stats(ctx: Ctx = CtxDep) -> dict:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}})
 async def metrics(request: Request) -> Response:
-    """Prometheus exposition; every name starts with ``kvtier_`` (see the README, "Metrics")."""
-    body = await run_in_threadpool(generate_latest, request.app.state.registry)
+    """Prometheus exposition; every name starts with ``kvtier_`` (see the README, "Metrics").
+
+    With ``--metrics-token`` set it needs that token; with tenants (``--tokens``) and no scrape
+    token it omits the per-namespace families, whose labels name the tenants' namespaces."""
+    state = request.app.state
+    full = metrics_access(state.settings, request)
+    body = await run_in_threadpool(generate_latest, state.registry if full else state.anonymous_registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

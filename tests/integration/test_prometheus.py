@@ -1,12 +1,16 @@
 """A real Prometheus scrapes a live kvtier serving a workload; every dashboard and rule
 expression is evaluated through Prometheus's HTTP API and returns data, and the hit-rate panel
-agrees with ``/v1/stats``. Needs the Debian ``prometheus`` package (prometheus + promtool)."""
+agrees with ``/v1/stats``. kvtier runs with a tenant and a scrape token, as deployed: Prometheus
+authenticates with the scrape token (``authorization`` in its scrape config), and the
+per-namespace panels have data only because it does. Needs the Debian ``prometheus`` package
+(prometheus + promtool)."""
 
 from __future__ import annotations
 
 import subprocess
 import warnings
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -23,6 +27,7 @@ from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import KVTierClient
 from kvtier.config import HostTierConfig, RemoteTierConfig, SSDTierConfig
 from kvtier.errors import KVTierError
+from kvtier.settings import ServerSettings
 from server.testing import serve_in_thread
 from tests.integration.remote_servers import REDIS_SERVER, RedisServer
 
@@ -34,6 +39,21 @@ pytestmark = pytest.mark.skipif(
 BT = 64
 LAYOUT = KVLayout(2, ((4, 64), (4, 64)), "float32")  # 4 KiB per token: 256 KiB blocks
 WINDOW = "5m"  # $__rate_interval: longer than the whole test, so rates cover the workload
+TENANT_TOKEN, SCRAPE_TOKEN = "tenant-token-1", "scrape-token-1"
+
+
+class ScrapingWithToken(LocalPrometheus):
+    """Prometheus whose kvtier job sends the scrape token, as deploy/prometheus/prometheus.yml."""
+
+    def __init__(self, *args, token_file, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.token_file = token_file
+
+    def config(self) -> dict:
+        cfg = super().config()
+        for job in cfg["scrape_configs"]:
+            job["authorization"] = {"type": "Bearer", "credentials_file": str(self.token_file)}
+        return cfg
 
 
 def promtool(*args: str) -> str:
@@ -107,9 +127,14 @@ def test_prometheus_evaluates_every_dashboard_and_rule_expression(cache, tmp_pat
     rules = sorted(RULES_DIR.glob("*.yml"))
     for f in rules:
         promtool("check", "rules", str(f))
-    with serve_in_thread(cache) as url, KVTierClient(url) as client:
+    settings = ServerSettings(tokens={TENANT_TOKEN: "team"}, metrics_token=SCRAPE_TOKEN)
+    token_file = tmp_path / "scrape-token"
+    token_file.write_text(SCRAPE_TOKEN + "\n")
+    with serve_in_thread(cache, settings) as url, KVTierClient(url, TENANT_TOKEN) as client:
         client.register_namespace("m", layout=LAYOUT, block_tokens=BT)
-        prom = LocalPrometheus([url.removeprefix("http://")], rules, interval="1s")
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/metrics", headers={"authorization": f"Bearer {TENANT_TOKEN}"}).status_code == 403
+        prom = ScrapingWithToken([url.removeprefix("http://")], rules, interval="1s", token_file=token_file)
         cfg = tmp_path / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(prom.config()))
         promtool("check", "config", str(cfg))

@@ -35,10 +35,11 @@ def ids_for(i: int) -> list[int]:
     return [i * 100_000 + t for t in range(TOKENS)]
 
 
-def start(data_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def start(data_dir: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_HOST_CAPACITY": "32MiB"}
     cmd = [sys.executable, "-m", "kvtier.commands.serve", "--port", str(port), "--data-dir",
-           str(data_dir), "--block-tokens", str(BT), "--ssd-capacity", "1GiB", "--log-level", "info"]
+           str(data_dir), "--block-tokens", str(BT), "--ssd-capacity", "1GiB", "--log-level", "info",
+           *extra]
     proc = subprocess.Popen(cmd, cwd=data_dir.parent, env=env, stdout=log.open("ab"),
                             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -61,25 +62,32 @@ def test_sigterm_mid_write_then_restart_serves_every_acknowledged_block(tmp_path
     port = free_port()
     proc = start(data, port, log)
     acked: list[int] = []
+    failed: list[BaseException] = []
     stop = threading.Event()
 
     def writer() -> None:
-        with KVTierClient(f"http://127.0.0.1:{port}", timeout=30) as client:
-            client.register_namespace("w", layout=LAYOUT, block_tokens=BT)
-            i = 0
-            while not stop.is_set():
-                try:
-                    assert client.put("w", ids_for(i), kv_for(i)) == TOKENS
-                except (httpx.TransportError, AssertionError):
-                    return  # not acknowledged: the server is going away
-                acked.append(i)
-                i += 1
+        try:
+            with KVTierClient(f"http://127.0.0.1:{port}", timeout=30) as client:
+                client.register_namespace("w", layout=LAYOUT, block_tokens=BT)
+                i = 0
+                while not stop.is_set():
+                    try:
+                        stored = client.put("w", ids_for(i), kv_for(i))
+                    except httpx.TransportError:
+                        return  # not acknowledged: the server is going away
+                    assert stored == TOKENS, f"put {i} acknowledged only {stored} of {TOKENS} tokens"
+                    acked.append(i)
+                    i += 1
+        except BaseException as e:  # noqa: BLE001  re-raised in the test's thread below
+            failed.append(e)
 
     t = threading.Thread(target=writer)
     try:
         t.start()
         deadline = time.monotonic() + 120
         while len(acked) < 8:
+            if failed:
+                raise failed[0]
             assert t.is_alive() and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)  # while the writer keeps putting
@@ -89,6 +97,8 @@ def test_sigterm_mid_write_then_restart_serves_every_acknowledged_block(tmp_path
         t.join(60)
         if proc.poll() is None:
             proc.kill()
+    if failed:
+        raise failed[0]
     assert "cache closed" in log.read_text()
 
     proc = start(data, port, log)
@@ -105,3 +115,40 @@ def test_sigterm_mid_write_then_restart_serves_every_acknowledged_block(tmp_path
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_serve_keeps_its_region_socket_where_told_and_takes_it_back_after_a_kill(tmp_path):
+    """``--shm-socket``: created 0600 where asked, removed on a clean stop, and a socket left by
+    a SIGKILLed server is taken over on restart (nobody listens on it). A path that is some
+    other file is refused in one line, with no traceback."""
+    import stat
+
+    sock = tmp_path / "run" / "regions.sock"
+    data, log = tmp_path / "data", tmp_path / "serve.log"
+    port = free_port()
+    for round_ in range(2):
+        proc = start(data, port, log, "--shm-socket", str(sock))
+        try:
+            assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+            with KVTierClient(f"http://127.0.0.1:{port}", use_shm=True) as client:
+                client.register_namespace("s", layout=LAYOUT, block_tokens=BT)
+                kv = kv_for(round_)
+                assert client.put("s", ids_for(round_), kv) == TOKENS
+                got, n = client.get("s", ids_for(round_))
+                assert n == TOKENS and torch.equal(got[3][1], kv[3][1])
+                assert client._ops._shm.socket_path == str(sock)
+        finally:
+            if round_ == 0:
+                proc.kill()  # leaves the socket file behind
+                proc.wait(60)
+            else:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=60) == 0
+    assert not sock.exists()  # a clean stop removes it
+    sock.write_text("not a socket")
+    r = subprocess.run([sys.executable, "-m", "kvtier.commands.serve", "--port", str(free_port()),
+                        "--data-dir", str(tmp_path / "other"), "--shm-socket", str(sock)],
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "exists and is not a socket" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

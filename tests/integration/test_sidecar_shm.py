@@ -1,13 +1,17 @@
 """The shared-memory data plane against the real sidecar: ``kv_buffer`` puts with no pack copy,
-``get`` views that stay valid while held, the server's cached mappings (dropped once a region is
-unlinked, re-mapped when a name is re-created), and bad region requests refused with nothing
+``get`` views that stay valid while held (and after the client closed), regions handed over as
+file descriptors on the region socket and kept mapped until their owner goes, a sparse region
+costing the server only what a request moves, and bad region requests refused with nothing
 stored changed."""
 
 from __future__ import annotations
 
-import contextlib
+import os
+import subprocess
+import sys
+import textwrap
 import time
-from multiprocessing import shared_memory
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,8 +22,10 @@ from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import AsyncKVTierClient, KVTierClient, pack_into, packed_nbytes
 from kvtier.config import HostTierConfig
 from kvtier.errors import InvalidRequest, LayoutMismatch
-from server.shm import RegionCache
+from kvtier.settings import ServerSettings
+from server.shm import RegionTable, UnknownRegion
 from server.testing import serve_in_thread
+from tests.integration.regions import Link, OwnRegion, memfd, socket_path
 
 BT = 16
 LAYOUT = KVLayout(3, ((2, 8), (2, 8)), "float16")
@@ -48,10 +54,17 @@ def ids(start: int, n: int) -> list[int]:
     return list(range(start, start + n))
 
 
-def shm_mappings(name: str) -> int:
-    """How many mappings of region ``name`` this process has (client and in-thread server)."""
-    with open("/proc/self/maps") as f:  # an unlinked region shows as "/dev/shm/NAME (deleted)"
-        return sum(1 for line in f if line.rstrip().removesuffix(" (deleted)").endswith("/dev/shm/" + name))
+def region_mappings() -> int:
+    """Mappings of client regions in this process (the client's and the in-thread server's)."""
+    with open("/proc/self/maps") as f:  # a memfd shows as "/memfd:NAME (deleted)"
+        return sum(1 for line in f if "/memfd:kvtier-region" in line)
+
+
+def rss_shmem() -> int:
+    """Shared memory this process has faulted in (client and in-thread server), in bytes."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("RssShmem:"))
+    return kib * 1024
 
 
 def wait_until(cond, timeout_s: float = 10.0) -> bool:
@@ -185,65 +198,142 @@ async def test_async_kv_buffer(url, no_pack):
         assert_kv_equal(got, want)
 
 
-def test_server_drops_mapping_once_region_unlinked(url):
+def test_the_server_unmaps_a_region_when_its_owner_closes(url):
+    before = region_mappings()
     client = KVTierClient(url, use_shm=True)
     buf = client.kv_buffer("kv", 16)
     fill(buf, rand_kv(16, 9))
     client.put("kv", ids(9000, 16), buf)
-    name = client._ops._shm.find_loan(buf).shm.name
-    assert shm_mappings(name) == 2  # the client's and the server's (kept between requests)
+    assert region_mappings() == before + 2  # the client's and the server's (kept between requests)
     client.put("kv", ids(9100, 16), buf)
-    assert shm_mappings(name) == 2  # reused, not mapped again
+    assert region_mappings() == before + 2  # reused, not mapped again
+    client.close()  # closes the region socket connection: the server drops its mapping
+    assert wait_until(lambda: region_mappings() == before + 1), "the server still maps the region"
+    assert buf[0][0].shape == (16, 2, 8) and torch.isfinite(buf[0][0].float()).all()  # still ours
     del buf
-    client.close()  # unlinks the region
-    assert wait_until(lambda: shm_mappings(name) == 0), "the server still maps an unlinked region"
+    assert region_mappings() == before  # the last tensor took the client's mapping with it
 
 
-def raw_put(url: str, name: str, token_ids: list[int], *, layout=LAYOUT, size: int | None = None,
-            offset: int = 0, **extra) -> httpx.Response:
+def test_a_client_dropped_without_close_leaves_nothing_behind(url):
+    import gc
+
+    gc.collect()
+    fds, maps = len(os.listdir("/proc/self/fd")), region_mappings()
+    client = KVTierClient(url, use_shm=True)
+    client.put("kv", ids(9500, 32), rand_kv(32, 16))
+    got, n = client.get("kv", ids(9500, 32))
+    assert n == 32 and region_mappings() > maps
+    del client, got
+    gc.collect()
+    assert wait_until(lambda: region_mappings() == maps), "a region is still mapped"
+    assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds), "a descriptor leaked"
+
+
+def test_results_outlive_the_client_cleanly(tmp_path):
+    """``get`` results held across ``close()`` stay readable, and nothing complains at close,
+    at collection or at exit (#16: "Exception ignored in SharedMemory.__del__ ... BufferError")."""
+    script = textwrap.dedent('''
+        import gc, sys, torch
+        from kvtier import CacheConfig, KVLayout, TieredCache
+        from kvtier.client import KVTierClient
+        from kvtier.config import HostTierConfig
+        from server.testing import serve_in_thread
+
+        unraisable = []
+        sys.unraisablehook = lambda u: unraisable.append(repr(u.exc_value))
+        layout = KVLayout(2, ((2, 8), (2, 8)), "float16")
+        kv = [tuple(torch.full((32, 2, 8), float(i + j), dtype=torch.float16) for j in range(2))
+              for i in range(2)]
+        with TieredCache(CacheConfig(block_tokens=16, host=HostTierConfig(capacity_bytes="8MiB"))) as cache, \\
+                serve_in_thread(cache) as url:
+            client = KVTierClient(url, use_shm=True)
+            client.register_namespace("kv", layout=layout, block_tokens=16)
+            client.put("kv", list(range(32)), kv)
+            got, n = client.get("kv", list(range(32)))
+            kept, _ = client.get("kv", list(range(32)))  # held until the interpreter exits
+            buf = client.kv_buffer("kv", 16)
+            client.close()
+            assert n == 32 and all(torch.equal(g, w) for lg, lw in zip(got, kv) for g, w in zip(lg, lw))
+            del got, buf
+            gc.collect()
+        assert not unraisable, unraisable
+        sys.unraisablehook = sys.__unraisablehook__  # what happens at exit goes to stderr
+        assert torch.equal(kept[1][1], kv[1][1])
+        print("clean")
+    ''')
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert r.returncode == 0 and r.stdout.strip() == "clean", r.stdout + r.stderr
+    for bad in ("Exception ignored", "BufferError", "leaked", "resource_tracker", "Traceback"):
+        assert bad not in r.stderr, r.stderr
+
+
+def test_a_sparse_region_costs_the_server_only_the_transfer(url, client):
+    """A 1 GiB sparse region, a 16-token transfer deep inside it: the server faults in that
+    window, not the region (it once mapped regions whole with MAP_POPULATE)."""
+    want = rand_kv(16, 14)
+    nbytes = packed_nbytes(LAYOUT, 16)
+    offset = 700 << 20
+    before = rss_shmem()
+    with OwnRegion(url, 1 << 30) as region:  # handed over: mapped by the server, not faulted in
+        region.mm[offset:offset + nbytes] = b"".join(
+            t.contiguous().view(torch.uint8).numpy().tobytes() for layer in want for t in layer)
+        put = {"namespace": "kv", "token_ids": ids(14_000, 16), "layout": LAYOUT.to_dict(),
+               "region": {"id": region.id, "offset": offset, "size": nbytes}}
+        assert httpx.put(url + "/v1/kv/shm", json=put).json() == {"tokens": 16}
+        get = {"namespace": "kv", "token_ids": ids(14_000, 16),
+               "region": {"id": region.id, "offset": 900 << 20, "size": nbytes}}
+        assert httpx.post(url + "/v1/kv/shm/get", json=get).json()["tokens"] == 16
+        grown = rss_shmem() - before
+        assert grown < 32 << 20, f"shared memory faulted in grew by {grown >> 20} MiB for two 16 KiB transfers"
+        back = bytes(region.mm[(900 << 20):(900 << 20) + nbytes])
+        assert back == bytes(region.mm[offset:offset + nbytes])
+
+
+def test_max_kv_bytes_bounds_what_one_request_can_touch(tmp_path):
+    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))
+    limit = packed_nbytes(LAYOUT, 32)
+    with TieredCache(cfg) as cache, serve_in_thread(cache, ServerSettings(max_kv_bytes=limit)) as u:
+        with KVTierClient(u) as c:
+            c.register_namespace("kv", layout=LAYOUT, block_tokens=BT)
+        before = rss_shmem()
+        with OwnRegion(u, 64 << 20) as region:
+            for path, body in (("/v1/kv/shm", {"layout": LAYOUT.to_dict()}), ("/v1/kv/shm/get", {})):
+                resp = httpx.request("PUT" if path == "/v1/kv/shm" else "POST", u + path, json={
+                    "namespace": "kv", "token_ids": ids(0, 48), **body,
+                    "region": {"id": region.id, "offset": 0, "size": 48 << 20}})
+                assert resp.status_code == 413 and "limit" in resp.json()["message"], resp.text
+            assert rss_shmem() - before < 4 << 20  # refused before touching anything
+            # at the limit it works
+            resp = httpx.post(u + "/v1/kv/shm/get", json={"namespace": "kv", "token_ids": ids(0, 32),
+                                                           "region": {"id": region.id, "size": limit}})
+            assert resp.status_code == 200 and resp.json()["tokens"] == 0
+
+
+def raw_put(url: str, region_id: str | None, token_ids: list[int], *, layout=LAYOUT, size: int | None = None,
+            offset: int = 0, name: str | None = None, **extra) -> httpx.Response:
     size = packed_nbytes(layout, len(token_ids)) if size is None else size
-    body = {"namespace": "kv", "token_ids": token_ids, "layout": layout.to_dict(),
-            "region": {"name": name, "offset": offset, "size": size}, **extra}
+    region = {"offset": offset, "size": size}
+    if region_id is not None:
+        region["id"] = region_id
+    if name is not None:
+        region["name"] = name
+    body = {"namespace": "kv", "token_ids": token_ids, "layout": layout.to_dict(), "region": region, **extra}
     return httpx.put(url + "/v1/kv/shm", json=body, timeout=30)
 
 
-def make_region(name: str, kv) -> shared_memory.SharedMemory:
-    nbytes = packed_nbytes(LAYOUT, kv[0][0].shape[0])
-    shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
-    pack_into(kv, shm.buf[:nbytes])
-    return shm
-
-
-def test_recreated_region_name_is_mapped_afresh(url, client):
-    name = f"kvtier-test-recreate-{time.monotonic_ns()}"
-    first, second = rand_kv(16, 10), rand_kv(32, 11)
-    shm = make_region(name, first)
-    try:
-        assert raw_put(url, name, ids(10_000, 16)).json() == {"tokens": 16}
-    finally:
-        shm.close()
-        shm.unlink()
-    shm = make_region(name, second)  # same name, new object, new size
-    try:
-        assert raw_put(url, name, ids(11_000, 32)).json() == {"tokens": 32}
-    finally:
-        shm.close()
-        shm.unlink()
-    got, _ = client.get("kv", ids(10_000, 16))
-    assert_kv_equal(got, first)
-    got, _ = client.get("kv", ids(11_000, 32))
-    assert_kv_equal(got, second)
-
-
+REGION_BYTES = packed_nbytes(LAYOUT, 16)
 BAD = [  # (id, put kwargs, status, words the message must contain)
-    ("unknown-region", {"name": "kvtier-test-no-such-region"}, 404, "does not exist"),
-    ("bad-name", {"name": "../etc/passwd"}, 400, "shared-memory name"),
+    ("unknown-region", {"region_id": "0" * 32}, 404, "unknown shared-memory region id"),
+    ("malformed-id", {"region_id": "../etc/passwd"}, 422, "region.id"),
+    ("no-id", {"region_id": None}, 400, "region.id is required"),
+    ("by-name", {"region_id": None, "name": "psm_0123abcd"}, 400, "no longer opened by name"),
+    ("name-and-id", {"name": "psm_0123abcd"}, 400, "no longer opened by name"),
     ("size-under-need", {"size": 100}, 400, "region.size is 100"),
-    ("size-past-region", {"size": 1 << 20}, 400, "has "),
-    ("offset-past-region", {"offset": 64}, 400, "at offset 64"),
+    ("size-past-region", {"slot_tokens": 32, "size": 1 << 20}, 400, f"has {REGION_BYTES} bytes"),
+    ("offset-past-region", {"offset": 4096}, 400, "at offset 4096"),
     ("negative-offset", {"offset": -1}, 422, "offset"),
     ("slot-under-tokens", {"slot_tokens": 8}, 400, "slot_tokens 8 is less than the 16"),
-    ("slot-past-region", {"slot_tokens": 64, "size": 1 << 20}, 400, "has "),
     ("slot-zero", {"slot_tokens": 0}, 422, "slot_tokens"),
     ("slot-string", {"slot_tokens": "16"}, 422, "slot_tokens"),
     ("layout-mismatch", {"layout": KVLayout(3, ((4, 8), (4, 8)), "float16")}, 422, "does not match namespace"),
@@ -255,45 +345,95 @@ def test_bad_region_requests_refused_and_change_nothing(url, client):
     kept = rand_kv(32, 12)
     assert client.put("kv", ids(12_000, 32), kept) == 32
     before = client.stats()
-    name = f"kvtier-test-bad-{time.monotonic_ns()}"
-    shm = make_region(name, rand_kv(16, 13))
-    try:
+    with OwnRegion(url, REGION_BYTES) as region:
+        pack_into(rand_kv(16, 13), memoryview(region.mm))
         for case_id, over, status, words in BAD:
-            over = {"name": name, **over}
-            resp = raw_put(url, over.pop("name"), ids(13_000, 16), **over)
+            over = {"region_id": region.id, **over}
+            resp = raw_put(url, over.pop("region_id"), ids(13_000, 16), **over)
             assert resp.status_code == status, (case_id, resp.text)
             body = resp.json()
             assert body["status"] == status and words in body["message"], (case_id, body)
-    finally:
-        shm.close()
-        shm.unlink()
+        assert raw_put(url, region.id, ids(13_500, 16)).json() == {"tokens": 16}  # the region is fine
     after = client.stats()
-    assert (after.puts, after.tokens_put) == (before.puts, before.tokens_put)
+    assert (after.puts, after.tokens_put) == (before.puts + 1, before.tokens_put + 16)
     assert client.lookup("kv", ids(13_000, 16)).tokens == 0
     got, n = client.get("kv", ids(12_000, 32))
     assert n == 32
     assert_kv_equal(got, kept)
-    assert httpx.get(url + "/readyz").json() == {"status": "ok"}
+    assert httpx.get(url + "/readyz").json()["status"] == "ok"
 
 
-def test_region_cache_bounds_and_never_unmaps_under_a_user():
-    regions = RegionCache(max_regions=2, sweep_s=0.05)
-    shms = [shared_memory.SharedMemory(create=True, size=4096) for _ in range(3)]
+def test_region_socket_refuses_what_could_hurt_the_server(url, tmp_path):
+    """Only a sealed, read-write memfd is taken: a plain file, a pipe, an unsealed memfd (a
+    shrink would SIGBUS the server) or a read-only one are refused, each descriptor closed."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"\0" * 4096)
+    unsealed = memfd(4096, seals=0)
+    sealed = memfd(4096)
+    read_only = os.open(f"/proc/self/fd/{sealed}", os.O_RDONLY)
+    pipe_r, pipe_w = os.pipe()
+    plain_fd = os.open(plain, os.O_RDWR)
+    fds_before = len(os.listdir("/proc/self/fd"))
     try:
-        shms[0].buf[:4] = b"abcd"
-        with regions.open(shms[0].name, 0, 4, 1 << 20) as view:
-            for s in shms[1:]:
-                with regions.open(s.name, 0, 16, 1 << 20):
-                    pass
-            assert len(regions) == 2  # the first was dropped from the table...
-            assert bytes(view) == b"abcd"  # ...but not unmapped under its user
-        assert shm_mappings(shms[0].name) == 1  # only the creator's mapping is left
-        shms[1].unlink()
-        assert wait_until(lambda: len(regions) == 1 and shm_mappings(shms[1].name) == 1)
+        with Link(socket_path(url)) as link:
+            for fds, words in (((plain_fd,), "memfd"), ((pipe_r,), "memfd"), ((unsealed,), "F_SEAL_SHRINK"),
+                               ((read_only,), "reading and writing"), ((), "exactly one"),
+                               ((sealed, sealed), "exactly one")):
+                reply = link.ask({"op": "register", "token": None}, fds)
+                assert reply["ok"] is False and reply["status"] == 400 and words in reply["message"], reply
+            for msg, words in ((b"\xc1", "malformed"), ({"op": "steal"}, "unknown op"),
+                               ({"op": "release", "id": "0" * 32}, "unknown shared-memory region")):
+                reply = link.ask(msg)
+                assert reply["ok"] is False and words in reply["message"], reply
+            assert link.ask({"op": "register"}, (sealed,))["ok"]  # and a good one still works
+        assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)  # none kept
     finally:
-        regions.close()
-        for s in shms:
-            s.close()
-            with contextlib.suppress(FileNotFoundError):
-                s.unlink()
-    assert len(regions) == 0
+        for fd in (unsealed, sealed, read_only, pipe_r, pipe_w, plain_fd):
+            os.close(fd)
+
+
+def test_a_client_survives_a_server_restart(tmp_path):
+    """Registrations die with the server; the client learns the new socket and hands its
+    regions over again by itself."""
+    want = rand_kv(32, 15)
+    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))
+    with TieredCache(cfg) as cache:
+        with serve_in_thread(cache) as u:
+            port = int(u.rsplit(":", 1)[1])
+            client = KVTierClient(u, use_shm=True)
+            client.register_namespace("kv", layout=LAYOUT, block_tokens=BT)
+            buf = client.kv_buffer("kv", 32)
+            fill(buf, want)
+            assert client.put("kv", ids(15_000, 32), buf) == 32
+        with serve_in_thread(cache, port=port) as u2:
+            assert u2 == u
+            assert client.put("kv", ids(15_100, 32), buf) == 32  # the same region, handed over again
+            got, n = client.get("kv", ids(15_100, 32))
+            assert n == 32
+            assert_kv_equal(got, want)
+            client.close()
+
+
+def test_region_table_never_unmaps_under_a_user_and_hides_other_tenants():
+    table = RegionTable()
+    fds = [memfd(4 << 20) for _ in range(2)]
+    try:
+        a = table.register("alpha", fds[0], conn=1)
+        b = table.register("beta", fds[1], conn=2)
+        with pytest.raises(UnknownRegion), table.open("alpha", b.id, 0, 16, 1 << 20):
+            pass
+        with pytest.raises(UnknownRegion):
+            table.release("alpha", b.id)
+        with table.open("alpha", a.id, 0, 4, 1 << 20) as view:
+            view[:4] = b"abcd"
+            assert table.release_connection(1) == 1
+            assert len(table) == 1 and bytes(view) == b"abcd"  # gone from the table, still mapped
+            with pytest.raises(UnknownRegion), table.open("alpha", a.id, 0, 4, 1 << 20):
+                pass
+        assert a.mm.closed and not b.mm.closed  # unmapped by its last user
+        assert len(b.populated) == 0  # nothing of beta's region was ever faulted in
+        table.close()
+        assert len(table) == 0 and b.mm.closed
+    finally:
+        for fd in fds:
+            os.close(fd)
