@@ -36,7 +36,7 @@ from kvtier.policies.admission import make_admission
 from kvtier.prefetch import TERMINAL, PrefetchBudget, PrefetchHandle, PrefetchTimeout, check_policy
 from kvtier.records import BlockLocation, Hit
 from kvtier.stats import CacheStats, NamespaceStats, TierStats
-from kvtier.tiers.base import ReportsHealth, Tier
+from kvtier.tiers.base import DiskBound, ReportsHealth, Tier
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,11 @@ class TieredCache:
         return ns
 
     def _place_new(self, entry: BlockEntry, data: torch.Tensor, codec: str) -> bool:
-        """Put a new block into the fastest tier that can ever hold it (lock held, parent pinned)."""
+        """Put a new block into the fastest tier that can ever hold it (lock held, parent pinned).
+
+        False if no tier took it; raises the last ``StorageFull`` if that is why (a full disk).
+        """
+        full: StorageFull | None = None
         for t, tier in enumerate(self.tiers):
             if not _fits_ever(tier, len(data)) or not self._make_room(t, len(data)):
                 continue
@@ -214,12 +218,15 @@ class TieredCache:
             except KVTierError as e:
                 self._stats.tiers[tier.name].put_failures += 1
                 log.warning("put to %s failed: %s", tier.name, e)
+                full = e if isinstance(e, StorageFull) else full
                 continue
             self._publish(entry, t, len(data))
             if entry.parent is not None:
                 self._index[entry.parent].children.add(entry.key)  # pinned: still indexed
             self._schedule_write_through(entry, data, codec, below=t)
             return True
+        if full is not None:
+            raise full
         return False
 
     def _publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:
@@ -232,12 +239,19 @@ class TieredCache:
 
     def _make_room(self, t: int, nbytes: int, keep: Container[bytes] = ()) -> bool:
         """Demote victims of tier ``t`` until ``nbytes`` fit; False if pinned blocks (or ``keep``)
-        prevent it."""
+        prevent it.
+
+        True without evicting anything when the tier is short of disk rather than of budget
+        (``DiskBound``): evicting would return no disk space, only empty the tier, so the put
+        is left to the tier, which refuses it with ``StorageFull`` (counted by the caller).
+        """
         tier = self.tiers[t]
         if tier is self._remote:  # the shared engine evicts by itself; can_fit is its write bound
             return tier.can_fit(nbytes)
         protected = PinnedKeys(self._index, keep) if keep else self._protected
         while not tier.can_fit(nbytes):
+            if _short_of_disk(tier, nbytes):
+                return True
             victim = self._policies[t].evict(protected)
             if victim is None:
                 return False
@@ -591,7 +605,12 @@ class TieredCache:
             tier = self.tiers[target]
             if not (_fits_ever(tier, entry.nbytes) and self._make_room(target, entry.nbytes, keep)):
                 return False
-            tier.put(entry.key, data, entry.meta(codec))
+            try:
+                tier.put(entry.key, data, entry.meta(codec))
+            except StorageFull as e:  # e.g. a disk short of space: a promotion is optional
+                self._stats.tiers[tier.name].put_failures += 1
+                log.debug("promotion to %s failed: %s", tier.name, e)
+                return False
             self._publish(entry, target, entry.nbytes)
             self._stats.tiers[tier.name].promotions += 1
             return True
@@ -769,6 +788,11 @@ class TieredCache:
         self._index.update(rebuild_index(self.tiers, self._policies))
         if self._index:
             log.info("warm start: %d blocks recovered", len(self._index))
+
+
+def _short_of_disk(tier: Tier, nbytes: int) -> bool:
+    """Whether ``tier`` would refuse ``nbytes`` for its disk, which evicting does not free."""
+    return isinstance(tier, DiskBound) and tier.short_of_disk(nbytes)
 
 
 def _fits_ever(tier: Tier, nbytes: int) -> bool:

@@ -44,7 +44,7 @@ from kvtier.errors import (
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.ssd import compaction, reader
 from kvtier.tiers.ssd.datadir import fsync_dir, open_data_dir
-from kvtier.tiers.ssd.directio import probe_direct_io, read_exact
+from kvtier.tiers.ssd.directio import padded, probe_direct_io, read_exact
 from kvtier.tiers.ssd.index import Index, Location, Record
 from kvtier.tiers.ssd.recovery import check, recover
 from kvtier.tiers.ssd.segments import Segment, SegmentSet
@@ -97,6 +97,9 @@ class SSDTier:
         self._touches: dict[bytes, tuple[float, int]] = {}
         self._counters: Counter = Counter(recovered_blocks=len(self._loc),
                                           recovery_dropped=found.dropped)
+        self._disk_short = 0  # padded size of the last put the disk refused; 0 after a success
+        self._dead_space = True  # deleted blocks may hold disk space compaction could return
+        self._compact_soon = False  # a put was refused for the disk: compact at the next tick
         self._closed = False
         self._pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="kvtier-ssd")
         self._stop = threading.Event()
@@ -126,8 +129,20 @@ class SSDTier:
         with self._lock:
             return self._room_problem(nbytes, free) is None
 
+    def short_of_disk(self, nbytes: int) -> bool:
+        """Whether a put of ``nbytes`` would be refused for the disk (``DiskBound``).
+
+        Deleting blocks frees no disk space until compaction, so the manager must not evict for
+        this: the put fails with ``StorageFull`` and what is stored stays.
+        """
+        free = self._free_disk()
+        return self._disk_problem(nbytes, free) is not None
+
     def _free_disk(self) -> int:
-        st = os.statvfs(self.root)
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return 0
         return st.f_bavail * st.f_frsize
 
     def _room_problem(self, nbytes: int, free: int) -> str | None:
@@ -135,10 +150,36 @@ class SSDTier:
         if used + nbytes > self.config.capacity_bytes:
             return (f"ssd tier full: a {nbytes}-byte block does not fit "
                     f"({format_size(used)} of {format_size(self.config.capacity_bytes)} used)")
-        if free - nbytes < self.config.min_free_bytes:
+        return self._disk_problem(nbytes, free)
+
+    def _disk_problem(self, nbytes: int, free: int) -> str | None:
+        floor = self.config.min_free_bytes
+        if free - nbytes < floor:
             return (f"ssd tier: free disk under {self.root} would fall below the floor "
-                    f"({format_size(free)} free, floor {format_size(self.config.min_free_bytes)})")
+                    f"({format_size(free)} free, floor {format_size(floor)})")
         return None
+
+    def _refused_for_disk(self, nbytes: int) -> None:
+        """Count a put the disk refused, remember its size for ``health``, and get compaction to
+        return the space deleted blocks still hold (caller holds ``_lock``)."""
+        self._counters["disk_full"] += 1
+        self._disk_short = max(self._disk_short, padded(nbytes))
+        if self._dead_space:
+            self._compact_soon = True
+            self._dead_space = False
+
+    def health(self) -> list[str]:
+        """What degrades the tier now (``ReportsHealth``): a full disk, a damaged index."""
+        problems = []
+        free, floor, short = self._free_disk(), self.config.min_free_bytes, self._disk_short
+        if free < floor or (short and free - short < floor):
+            last = f", a {format_size(short)} block did not fit" if short else ""
+            problems.append(
+                f"disk full under {self.root} ({format_size(free)} free, floor "
+                f"{format_size(floor)}{last}): new blocks are refused, stored ones are served")
+        elif short:
+            self._disk_short = 0  # the space came back
+        return problems
 
     # ---- writes ----------------------------------------------------------------------------
     def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta) -> None:
@@ -167,13 +208,14 @@ class SSDTier:
             problem = self._room_problem(n, free)
             if problem:
                 self._counters["put_failures"] += 1
+                if self._disk_problem(n, free):
+                    self._refused_for_disk(n)
                 raise StorageFull(problem)
             if not inline:
                 try:
                     seg, offset = self._segments.reserve(n)
                 except OSError as e:  # e.g. the segment directory is gone
-                    self._counters["put_failures"] += 1
-                    raise self._put_error(e, n, counted=True) from None
+                    raise self._put_error(e, n) from None
             self._inflight.add(key)
             self._reserved += n
         ok = False
@@ -200,10 +242,14 @@ class SSDTier:
                         self._insert(key, loc, seg)
             ok = True
         except OSError as e:
-            raise self._put_error(e, n) from None
-        except KVTierError:
+            with self._lock:
+                err = self._put_error(e, n)
+            raise err from None
+        except KVTierError as e:
             with self._lock:
                 self._counters["put_failures"] += 1
+                if isinstance(e, StorageFull):  # the index could not grow on a full disk
+                    self._refused_for_disk(n)
             raise
         finally:
             with self._lock:
@@ -216,6 +262,7 @@ class SSDTier:
                         self._segments.unreserve(seg, offset, n)
 
     def _insert(self, key: bytes, loc: Location, seg: Segment | None) -> None:
+        self._disk_short = 0
         self._loc[key] = loc
         self._used += loc.length
         if seg is not None:
@@ -223,11 +270,11 @@ class SSDTier:
         self._counters["blocks_written"] += 1
         self._counters["bytes_written"] += loc.length
 
-    def _put_error(self, e: OSError, nbytes: int, counted: bool = False) -> KVTierError:
-        if not counted:
-            with self._lock:
-                self._counters["put_failures"] += 1
+    def _put_error(self, e: OSError, nbytes: int) -> KVTierError:
+        """Count a put failed by ``e`` and say why (caller holds ``_lock``)."""
+        self._counters["put_failures"] += 1
         if e.errno in _FULL_ERRNOS:
+            self._refused_for_disk(nbytes)
             return StorageFull(f"ssd tier: no space left on the device under {self.root} for a "
                                f"{nbytes}-byte block ({e.strerror})")
         if e.errno == errno.ENOENT:
@@ -286,6 +333,7 @@ class SSDTier:
         seg = self._segments.by_id.get(loc.segment)
         if seg is not None:
             seg.live -= loc.length
+            self._dead_space = True
         if self._pending and any(p[0] == key for p in self._pending):
             # Callers hold _commit_lock, so no batch commit is half-way through this list.
             self._pending = [p for p in self._pending if p[0] != key]
@@ -391,7 +439,7 @@ class SSDTier:
                    "live_fraction": live / head if head else 1.0}
             counters = dict(self._counters)
         out["disk_bytes"] = sum(s.disk_bytes() for s in segs)
-        for name in ("corrupt_blocks", "put_failures", "bytes_read", "bytes_written", "blocks_read",
+        for name in ("corrupt_blocks", "put_failures", "disk_full", "bytes_read", "bytes_written", "blocks_read",
                      "blocks_written", "direct_reads", "buffered_reads", "coalesced_reads", "compactions",
                      "compacted_segments", "compacted_bytes", "expired"):
             out[name] = counters.pop(name, 0)
@@ -417,7 +465,9 @@ class SSDTier:
                 if now - last_touch >= 1.0:
                     self._flush_touches()
                     last_touch = now
-                if self._compact_interval_s and now - last_compact >= self._compact_interval_s:
+                due = self._compact_interval_s and now - last_compact >= self._compact_interval_s
+                if due or self._compact_soon:
+                    self._compact_soon = False
                     self.compact()
                     last_compact = now
             except Exception:
