@@ -95,6 +95,8 @@ def _compact_segment(tier: SSDTier, seg: Segment) -> int:
                 return 1
     except (OSError, KVTierError) as e:
         log.error("compaction of %s stopped: %s (copies made so far are dead space)", seg.path, e)
+        if isinstance(e, KVTierError):
+            tier._index_failed(e, f"compacting {seg.path.name}")
         return 0
     finally:
         with tier._lock:

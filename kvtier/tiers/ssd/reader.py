@@ -241,7 +241,11 @@ def _read_inline(tier: SSDTier, r: _Read) -> None:
         r.arr[:r.n] = np.frombuffer(r.blob, dtype=np.uint8, count=r.n, offset=r.offset)
         r.got = r.n
     else:
-        got = tier._index.read_inline(r.key, r.arr[:r.n], r.offset)
+        try:
+            got = tier._index.read_inline(r.key, r.arr[:r.n], r.offset)
+        except KVTierError as e:  # index damage found on read: a counted miss, never raised
+            r.error = tier.index_unreadable(r.key, r.loc, e)
+            return
         r.got = got if got >= 0 else 0
     if r.whole and r.got == r.n:
         r.crc_ok = checksum(r.arr[:r.n]) == r.loc.crc

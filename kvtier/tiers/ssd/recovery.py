@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.block import checksum
+from kvtier.errors import DataDirError, StorageFull
 from kvtier.tiers.ssd.directio import padded, read_exact
 from kvtier.tiers.ssd.index import Index, Location
+from kvtier.tiers.ssd.indexcheck import file_problem, walk_problem
 from kvtier.tiers.ssd.segments import Segment, SegmentSet, list_segments
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,27 @@ class Recovered:
     verified: int = 0
     removed_segments: int = 0
     clean: bool = True
+
+
+START_EMPTY = "move the directory aside (or delete its index/ and segments/) to start empty"
+
+
+def open_index(root: Path, map_size: int, sync: bool) -> Index:
+    """Open ``root/index`` once it is known not to crash this process; else DataDirError.
+
+    LMDB maps the file and trusts it (see ``indexcheck``): a truncated or damaged file is
+    refused in one line naming the directory, before any page of it is touched here.
+    """
+    path = root / "index" / "data.mdb"
+    problem = file_problem(path, len(list_segments(root / "segments")))
+    if problem is None and path.exists() and path.stat().st_size:
+        problem = walk_problem(root / "index")
+    if problem:
+        raise DataDirError(f"data directory {root}: index unreadable: {problem}; {START_EMPTY}")
+    try:
+        return Index(root / "index", map_size, sync=sync)
+    except Exception as e:  # noqa: BLE001  whatever LMDB says, the directory cannot be opened
+        raise DataDirError(f"data directory {root}: index unreadable ({e})") from None
 
 
 def payload_ok(fd: int, loc: Location) -> bool:
@@ -48,7 +71,7 @@ def recover(index: Index, segments: SegmentSet) -> Recovered:
     sizes = {i: os.stat(p).st_size for i, p in files.items()}
     opened: dict[int, Segment] = {}
     drop: list[bytes] = []
-    for key, rec in index.records():
+    for key, rec in index.records(bad=drop):  # undecodable records are dropped too
         loc = rec.loc
         if loc.segment == 0:
             out.locations[key] = loc
@@ -69,9 +92,12 @@ def recover(index: Index, segments: SegmentSet) -> Recovered:
         seg.live += loc.length
         seg.head = max(seg.head, padded(loc.offset + loc.length))
     if drop:
-        index.commit(deletes=drop)
         out.dropped = len(drop)
         log.warning("ssd recovery dropped %d index records the segments cannot back", len(drop))
+        try:
+            index.commit(deletes=drop)
+        except StorageFull as e:  # a full disk: they are not served, and dropped again next time
+            log.warning("ssd recovery could not remove them from the index yet: %s", e)
     for seg_id, path in files.items():
         seg = opened.get(seg_id)
         if seg is None or seg.live == 0:

@@ -45,14 +45,15 @@ from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.ssd import compaction, reader
 from kvtier.tiers.ssd.datadir import fsync_dir, open_data_dir
 from kvtier.tiers.ssd.directio import padded, probe_direct_io, read_exact
-from kvtier.tiers.ssd.index import Index, Location, Record
-from kvtier.tiers.ssd.recovery import check, recover
+from kvtier.tiers.ssd.index import Location, Record
+from kvtier.tiers.ssd.recovery import check, open_index, recover
 from kvtier.tiers.ssd.segments import Segment, SegmentSet
 
 log = logging.getLogger(__name__)
 
 DURABILITY = ("sync", "batch", "none")
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+MAX_UNREMOVED = 100_000  # index deletes kept for retry while the index cannot commit them
 
 
 class SSDTier:
@@ -71,20 +72,19 @@ class SSDTier:
         self.durability = config.durability
         self.root, self._lock_fd = open_data_dir(config.path)
         try:
-            self._index = Index(self.root / "index", config.map_size,
-                                sync=config.durability != "none")
-        except Exception as e:
+            self._index = open_index(self.root, config.map_size, sync=config.durability != "none")
+        except DataDirError:
             os.close(self._lock_fd)
-            raise DataDirError(f"data directory {self.root}: index unreadable ({e})") from None
+            raise
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self.direct_io = bool(config.direct_io) and probe_direct_io(self.root / "segments")
         self._segments = SegmentSet(self.root / "segments", config.segment_bytes,
                                     self.direct_io, self._segment_created)
+        self._marked = False
         try:
             found = recover(self._index, self._segments)
-            self._index.set_flag(b"clean", b"0")
-            self._index.sync()
+            self._mark_in_use()
         except Exception as e:
             self._close_files()
             raise DataDirError(f"data directory {self.root}: recovery failed ({e})") from None
@@ -98,6 +98,8 @@ class SSDTier:
         self._counters: Counter = Counter(recovered_blocks=len(self._loc),
                                           recovery_dropped=found.dropped)
         self._disk_short = 0  # padded size of the last put the disk refused; 0 after a success
+        self._index_damage: str | None = None  # the last index failure found at run time
+        self._unremoved: dict[bytes, Location] = {}  # forgotten, index delete still to commit
         self._dead_space = True  # deleted blocks may hold disk space compaction could return
         self._compact_soon = False  # a put was refused for the disk: compact at the next tick
         self._closed = False
@@ -109,6 +111,19 @@ class SSDTier:
         self._flusher.start()
         log.info("ssd tier at %s: %d blocks (%s), direct_io=%s, durability=%s", self.root,
                  len(self._loc), format_size(self._used), self.direct_io, self.durability)
+
+    def _mark_in_use(self) -> bool:
+        """Record that the directory is open (a clean close clears it), so a crash is known at
+        the next open. False while the index cannot take the write (a full disk): the tier
+        still opens and serves reads, and puts are refused until the mark is written."""
+        try:
+            self._index.set_flag(b"clean", b"0")
+            self._index.sync()
+        except StorageFull as e:
+            log.warning("ssd tier under %s cannot mark itself open yet: %s", self.root, e)
+            return False
+        self._marked = True
+        return True
 
     # ---- capacity --------------------------------------------------------------------------
     @property
@@ -179,6 +194,11 @@ class SSDTier:
                 f"{format_size(floor)}{last}): new blocks are refused, stored ones are served")
         elif short:
             self._disk_short = 0  # the space came back
+        if self._index_damage is not None:
+            problems.append(
+                f"index damaged under {self.root} ({self._counters['index_errors']} errors, last "
+                f"{self._index_damage}): blocks it cannot give back are misses; the next open "
+                "checks it")
         return problems
 
     # ---- writes ----------------------------------------------------------------------------
@@ -195,6 +215,11 @@ class SSDTier:
         n = len(mv)
         if n == 0:
             raise InvalidRequest("cannot store an empty block")
+        if not self._marked and not self._mark_in_use():
+            with self._lock:
+                self._counters["put_failures"] += 1
+                self._refused_for_disk(n)
+            raise StorageFull(f"ssd tier: no space under {self.root} to open the index for writes")
         crc = checksum(mv)
         inline = n < self.config.inline_threshold
         free = self._free_disk()
@@ -250,6 +275,7 @@ class SSDTier:
                 self._counters["put_failures"] += 1
                 if isinstance(e, StorageFull):  # the index could not grow on a full disk
                     self._refused_for_disk(n)
+            self._index_failed(e, "committing a block")
             raise
         finally:
             with self._lock:
@@ -287,10 +313,16 @@ class SSDTier:
             fsync_dir(self._segments.directory)
 
     def flush(self) -> None:
-        """Commit puts waiting for a batch commit: payloads fsync'd first, then the index."""
+        """Commit puts waiting for a batch commit: payloads fsync'd first, then the index.
+
+        Also retries index deletes that could not commit before (a full disk, damage).
+        """
         with self._commit_lock:
             with self._lock:
                 pending, self._pending = self._pending, []
+                unremoved = list(self._unremoved.items())
+            if unremoved:
+                self._remove_records(unremoved, "retrying deletes", retry=True)
             if not pending:
                 return
             try:
@@ -304,6 +336,10 @@ class SSDTier:
                         if self._loc.get(key) == rec.loc:
                             self._forget(key)
                     self._counters["put_failures"] += len(pending)
+                    if isinstance(e, StorageFull) or getattr(e, "errno", None) in _FULL_ERRNOS:
+                        self._refused_for_disk(max(p[1].loc.length for p in pending))
+                if isinstance(e, KVTierError):
+                    self._index_failed(e, "committing a batch")
             finally:
                 with self._lock:
                     for key, _, _, seg in pending:
@@ -313,7 +349,11 @@ class SSDTier:
 
     # ---- deletes ---------------------------------------------------------------------------
     def delete(self, key: bytes) -> bool:
-        """Remove a block; False if absent. Its space is reclaimed by ``compact``."""
+        """Remove a block; False if absent. Its space is reclaimed by ``compact``.
+
+        Never raises for the index: the block is gone from this process at once, and an index
+        delete that cannot commit now (a full disk, damage) is retried by later flushes.
+        """
         with self._commit_lock:
             with self._lock:
                 committed = not any(p[0] == key for p in self._pending)
@@ -321,8 +361,44 @@ class SSDTier:
             if loc is None:
                 return False
             if committed:
-                self._index.commit(deletes=[key])
+                self._remove_records([(key, loc)], "deleting a block")
         return True
+
+    def _remove_records(self, items: list[tuple[bytes, Location]], what: str,
+                        retry: bool = False) -> None:
+        """Delete the records still pointing at these locations (caller holds ``_commit_lock``);
+        if the index cannot commit it, keep them to retry (bounded: a record left behind is
+        only dead space, and a key-bound checksum keeps it from serving other bytes)."""
+        try:
+            self._index.delete_if(items)
+        except KVTierError as e:
+            if not retry:
+                self._index_failed(e, what)
+            with self._lock:
+                self._unremoved.update(items)
+                while len(self._unremoved) > MAX_UNREMOVED:
+                    self._unremoved.pop(next(iter(self._unremoved)))
+            return
+        if retry:
+            with self._lock:
+                for key, loc in items:
+                    if self._unremoved.get(key) == loc:
+                        del self._unremoved[key]
+
+    def _index_failed(self, e: KVTierError, what: str) -> None:
+        """Count and log index damage found at run time; ``health`` reports it from now on.
+
+        A full disk is not damage (the caller counts it as the disk refusing). The first failure
+        is logged as an error, later ones at debug level: ``index_errors`` counts them all.
+        Caller does not hold ``_lock``.
+        """
+        if isinstance(e, StorageFull):
+            return
+        with self._lock:
+            self._counters["index_errors"] += 1
+            first, self._index_damage = self._index_damage is None, f"{what}: {e}"
+        log.log(logging.ERROR if first else logging.DEBUG,
+                "ssd index under %s failed while %s: %s", self.root, what, e)
 
     def _forget(self, key: bytes) -> Location | None:
         """Drop ``key`` from memory (caller holds ``_lock``)."""
@@ -346,15 +422,20 @@ class SSDTier:
     def expire(self, namespace: str, older_than: float) -> int:
         """Delete every block of ``namespace`` created before unix time ``older_than``."""
         self.flush()
-        doomed = [k for k, rec in self._index.records()
+        try:
+            records = self._index.records(bad=[])
+        except KVTierError as e:
+            self._index_failed(e, "listing blocks to expire")
+            return 0
+        doomed = [k for k, rec in records
                   if rec.meta.namespace == namespace and rec.meta.created < older_than]
         with self._commit_lock:
             with self._lock:
-                doomed = [k for k in doomed if self._forget(k) is not None]
-                self._counters["expired"] += len(doomed)
-            if doomed:
-                self._index.commit(deletes=doomed)
-        return len(doomed)
+                gone = [(k, loc) for k in doomed if (loc := self._forget(k)) is not None]
+                self._counters["expired"] += len(gone)
+            if gone:
+                self._remove_records(gone, "expiring blocks")
+        return len(gone)
 
     def drop_corrupt(self, key: bytes, loc: Location, why: str) -> CorruptBlock:
         """Remove a block whose bytes failed verification; returns the error to raise."""
@@ -364,12 +445,14 @@ class SSDTier:
                 if mine:
                     self._counters["corrupt_blocks"] += 1
             if mine:
-                try:
-                    self._index.delete_if(key, loc)
-                except KVTierError as e:
-                    log.error("could not remove corrupt block %s from the index: %s", key.hex(), e)
+                self._remove_records([(key, loc)], "removing a corrupt block")
         log.warning("ssd block %s %s; dropped", key.hex(), why)
         return CorruptBlock(f"ssd block {key.hex()} {why}; dropped")
+
+    def index_unreadable(self, key: bytes, loc: Location, e: KVTierError) -> CorruptBlock:
+        """A block the index cannot give back (damage found on read): counted, dropped, a miss."""
+        self._index_failed(e, f"reading block {key.hex()}")
+        return self.drop_corrupt(key, loc, "is unreadable from the damaged index")
 
     # ---- reads -----------------------------------------------------------------------------
     def contains(self, key: bytes) -> bool:
@@ -414,7 +497,12 @@ class SSDTier:
         """Every stored block with its metadata and size (a snapshot)."""
         self.flush()
         live = dict(self._loc)
-        for key, rec in self._index.records():
+        try:
+            records = self._index.records(bad=[])
+        except KVTierError as e:
+            self._index_failed(e, "listing blocks")
+            return
+        for key, rec in records:
             if live.get(key) == rec.loc:
                 yield key, rec.meta, rec.loc.length
 
@@ -426,7 +514,10 @@ class SSDTier:
     def check(self) -> list[str]:
         """Problems between index, memory and segments (empty when consistent); reads everything."""
         self.flush()
-        return check(self._index, self._segments.directory, dict(self._loc))
+        try:
+            return check(self._index, self._segments.directory, dict(self._loc))
+        except KVTierError as e:
+            return [f"index unreadable: {e}"]
 
     def stats(self) -> dict:
         with self._lock:
@@ -439,7 +530,7 @@ class SSDTier:
                    "live_fraction": live / head if head else 1.0}
             counters = dict(self._counters)
         out["disk_bytes"] = sum(s.disk_bytes() for s in segs)
-        for name in ("corrupt_blocks", "put_failures", "disk_full", "bytes_read", "bytes_written", "blocks_read",
+        for name in ("corrupt_blocks", "index_errors", "put_failures", "disk_full", "bytes_read", "bytes_written", "blocks_read",
                      "blocks_written", "direct_reads", "buffered_reads", "coalesced_reads", "compactions",
                      "compacted_segments", "compacted_bytes", "expired"):
             out[name] = counters.pop(name, 0)
@@ -452,8 +543,8 @@ class SSDTier:
         if touches:
             try:
                 self._index.touch(touches)
-            except Exception as e:  # access times are advisory; never fail a caller for them
-                log.warning("could not persist access times: %s", e)
+            except KVTierError as e:  # access times are advisory; never fail a caller for them
+                self._index_failed(e, "saving access times")
 
     def _flush_loop(self) -> None:
         interval = self.config.batch_interval_ms / 1000 if self.durability == "batch" else 1.0
@@ -490,6 +581,8 @@ class SSDTier:
                     seg.sync()
             self._index.set_flag(b"clean", b"1")
             self._index.sync()
+        except (OSError, KVTierError) as e:  # the next open then treats it as a crash
+            log.error("ssd tier under %s did not close cleanly: %s", self.root, e)
         finally:
             self._close_files()
 
