@@ -1,9 +1,15 @@
-"""The LMDB index: key -> where the block's bytes are, its checksum and its metadata.
+"""The LMDB index: key -> where the block's bytes are, its checksums and its metadata.
 
 One record per block (msgpack): segment id (0 = inline in the ``inline`` table), offset,
 length, crc32c of the payload, whether the payload was fsync'd before the record committed,
-the ``BlockMeta`` fields, last access time and hit count. LMDB commits are atomic, so the index
-is always a consistent snapshot; the tier guarantees a record commits only after its payload.
+the ``BlockMeta`` fields, last access time, hit count and the crc32c of the payload's first
+``HEAD_BYTES``. LMDB commits are atomic, so the index is always a consistent snapshot; the tier
+guarantees a record commits only after its payload.
+
+Both checksums are seeded with the crc32c of the block's key (format 2), so a record can only
+ever vouch for its own block's bytes: a record pointing at another block's bytes — copied,
+stale after a crash, or left behind by a bug — fails its check and is a miss. Format-1 records
+(crc of the payload alone, no head crc) are rewritten on open (``migrate``).
 """
 
 from __future__ import annotations
@@ -18,19 +24,53 @@ import lmdb
 import msgpack
 import numpy as np
 
+from kvtier.block import checksum
 from kvtier.errors import KVTierError, StorageFull
 from kvtier.tiers.base import BlockMeta
+
+HEAD_BYTES = 32  # a read from byte 0 this long is checked too (a block header's own crc is in it)
 
 
 @dataclass(frozen=True, slots=True)
 class Location:
-    """Where a block's payload lives. ``segment == 0`` means inline in LMDB."""
+    """Where a block's payload lives (``segment == 0``: inline in LMDB) and its checksums."""
 
     segment: int
     offset: int
     length: int
-    crc: int
+    crc: int  # crc32c of the payload, seeded with the key's
     durable: bool  # payload was fsync'd before the record committed
+    head: int = -1  # crc32c of the first HEAD_BYTES, seeded with the key's; -1: format 1
+
+    @property
+    def bound(self) -> bool:
+        """Whether the checksums cover the key (format 2), not the payload alone (format 1)."""
+        return self.head >= 0
+
+
+def seal(key: bytes, payload) -> tuple[int, int]:
+    """(crc, head) of ``payload`` stored under ``key``: both bound to the key."""
+    seed = checksum(key)
+    return checksum(payload, seed), checksum(payload[:HEAD_BYTES], seed)
+
+
+def matches(key: bytes, loc: Location, data, offset: int = 0) -> bool:
+    """Whether bytes ``[offset, offset + len(data))`` read for ``key`` are its block's.
+
+    The whole block is checked against ``crc``; a read from byte 0 of at least ``HEAD_BYTES``
+    against ``head`` (for ``kvtier.block`` payloads that covers the header and, through its
+    crc, every layer's crc); other partial reads cannot be checked here (the caller checks them
+    with the block format's per-layer crc).
+    """
+    n = len(data)
+    if offset:
+        return True
+    seed = checksum(key) if loc.bound else 0
+    if n == loc.length:
+        return checksum(data, seed) == loc.crc
+    if n >= HEAD_BYTES and loc.bound:
+        return checksum(data[:HEAD_BYTES], seed) == loc.head
+    return True
 
 
 @dataclass(slots=True)
@@ -42,15 +82,22 @@ class Record:
 
     def pack(self) -> bytes:
         loc, m = self.loc, self.meta
-        return msgpack.packb([loc.segment, loc.offset, loc.length, loc.crc, loc.durable,
-                              m.namespace, m.parent, m.tokens, m.codec, m.created,
-                              self.last_access, self.hits])
+        fields = [loc.segment, loc.offset, loc.length, loc.crc, loc.durable, m.namespace,
+                  m.parent, m.tokens, m.codec, m.created, self.last_access, self.hits]
+        if loc.bound:
+            fields.append(loc.head)
+        return msgpack.packb(fields)
 
     @staticmethod
     def unpack(raw: bytes | memoryview) -> Record:
-        seg, off, length, crc, durable, ns, parent, tokens, codec, created, last, hits = (
-            msgpack.unpackb(raw))
-        return Record(Location(seg, off, length, crc, durable),
+        fields = msgpack.unpackb(raw)
+        if not isinstance(fields, list) or len(fields) not in (12, 13):
+            raise ValueError(f"a record has 12 or 13 fields, this one {fields!r:.80}")
+        seg, off, length, crc, durable, ns, parent, tokens, codec, created, last, hits = fields[:12]
+        head = fields[12] if len(fields) == 13 else -1
+        if not all(type(x) is int and x >= -1 for x in (seg, off, length, crc, head)):
+            raise ValueError(f"a record's location is not numbers: {fields[:5]!r:.80}")
+        return Record(Location(seg, off, length, crc, durable, head),
                       BlockMeta(ns, parent, tokens, codec, created), last, hits)
 
 

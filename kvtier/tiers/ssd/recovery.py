@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtier.block import checksum
 from kvtier.errors import DataDirError, StorageFull
 from kvtier.tiers.ssd.directio import padded, read_exact
-from kvtier.tiers.ssd.index import Index, Location
+from kvtier.tiers.ssd.index import Index, Location, matches
 from kvtier.tiers.ssd.indexcheck import file_problem, walk_problem
 from kvtier.tiers.ssd.segments import Segment, SegmentSet, list_segments
 
@@ -57,11 +56,11 @@ def open_index(root: Path, map_size: int, sync: bool) -> Index:
         raise DataDirError(f"data directory {root}: index unreadable ({e})") from None
 
 
-def payload_ok(fd: int, loc: Location) -> bool:
-    """Read a record's payload back and compare its checksum."""
+def payload_ok(fd: int, key: bytes, loc: Location) -> bool:
+    """Read a record's payload back and check it is ``key``'s block."""
     buf = np.empty(loc.length, dtype=np.uint8)
     got, _ = read_exact(fd, -1, buf, loc.offset)
-    return got == loc.length and checksum(buf) == loc.crc
+    return got == loc.length and matches(key, loc, buf)
 
 
 def recover(index: Index, segments: SegmentSet) -> Recovered:
@@ -85,7 +84,7 @@ def recover(index: Index, segments: SegmentSet) -> Recovered:
                 segments.directory, loc.segment, create=False, direct=segments.direct)
         if not out.clean and not loc.durable:
             out.verified += 1
-            if not payload_ok(seg.fd, loc):
+            if not payload_ok(seg.fd, key, loc):
                 drop.append(key)
                 continue
         out.locations[key] = loc
@@ -119,7 +118,7 @@ def recover(index: Index, segments: SegmentSet) -> Recovered:
 def check(index: Index, directory: Path, locations: dict[bytes, Location]) -> list[str]:
     """Problems found comparing index, memory and segment files (empty when consistent).
 
-    Reads every segment-resident payload and verifies its checksum; call on a quiet tier.
+    Reads every payload (segments and inline) and verifies its checksum; call on a quiet tier.
     """
     problems = []
     committed = {k: rec.loc for k, rec in index.records()}
@@ -131,6 +130,9 @@ def check(index: Index, directory: Path, locations: dict[bytes, Location]) -> li
     used = set()
     for key, loc in committed.items():
         if loc.segment == 0:
+            buf = np.empty(loc.length, dtype=np.uint8)
+            if index.read_inline(key, buf, 0) != loc.length or not matches(key, loc, buf):
+                problems.append(f"inline block {key.hex()} fails its checksum")
             continue
         used.add(loc.segment)
         path = files.get(loc.segment)
@@ -139,7 +141,7 @@ def check(index: Index, directory: Path, locations: dict[bytes, Location]) -> li
             continue
         fd = os.open(path, os.O_RDONLY)
         try:
-            if not payload_ok(fd, loc):
+            if not payload_ok(fd, key, loc):
                 problems.append(f"block {key.hex()} fails its checksum in segment {loc.segment}")
         finally:
             os.close(fd)

@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from kvtier.block import checksum
 from kvtier.config import SSDTierConfig, format_size
 from kvtier.errors import (
     CorruptBlock,
@@ -43,9 +42,16 @@ from kvtier.errors import (
 )
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.ssd import compaction, reader
-from kvtier.tiers.ssd.datadir import fsync_dir, open_data_dir
+from kvtier.tiers.ssd.datadir import (
+    VERSION,
+    format_version,
+    fsync_dir,
+    open_data_dir,
+    write_version,
+)
 from kvtier.tiers.ssd.directio import padded, probe_direct_io, read_exact
-from kvtier.tiers.ssd.index import Location, Record
+from kvtier.tiers.ssd.index import Location, Record, seal
+from kvtier.tiers.ssd.migrate import bind_keys
 from kvtier.tiers.ssd.recovery import check, open_index, recover
 from kvtier.tiers.ssd.segments import Segment, SegmentSet
 
@@ -83,6 +89,7 @@ class SSDTier:
                                     self.direct_io, self._segment_created)
         self._marked = False
         try:
+            self._upgrade()
             found = recover(self._index, self._segments)
             self._mark_in_use()
         except Exception as e:
@@ -111,6 +118,18 @@ class SSDTier:
         self._flusher.start()
         log.info("ssd tier at %s: %d blocks (%s), direct_io=%s, durability=%s", self.root,
                  len(self._loc), format_size(self._used), self.direct_io, self.durability)
+
+    def _upgrade(self) -> None:
+        """Bind a format-1 directory's records to their keys (``migrate``); the version file
+        says 2 once all are. On a full disk it is left for the next open: format-1 records
+        stay readable (checked the old way) meanwhile."""
+        if format_version(self.root) >= VERSION:
+            return
+        try:
+            bind_keys(self._index, self._segments.directory)
+            write_version(self.root, VERSION)
+        except (StorageFull, OSError) as e:
+            log.warning("ssd tier under %s stays at format 1 until the next open: %s", self.root, e)
 
     def _mark_in_use(self) -> bool:
         """Record that the directory is open (a clean close clears it), so a crash is known at
@@ -220,7 +239,7 @@ class SSDTier:
                 self._counters["put_failures"] += 1
                 self._refused_for_disk(n)
             raise StorageFull(f"ssd tier: no space under {self.root} to open the index for writes")
-        crc = checksum(mv)
+        crc, head = seal(key, mv)
         inline = n < self.config.inline_threshold
         free = self._free_disk()
         seg: Segment | None = None
@@ -249,7 +268,7 @@ class SSDTier:
                 seg.write(mv, offset)
                 if self.durability == "sync":
                     seg.sync()
-            loc = Location(seg.id if seg else 0, offset, n, crc, self.durability != "none")
+            loc = Location(seg.id if seg else 0, offset, n, crc, self.durability != "none", head)
             rec = Record(loc, meta, time.time())
             blob = bytes(mv) if inline else None
             if self.durability == "batch":
