@@ -84,6 +84,8 @@ class TieredCache:
         self._admission = make_admission(self.config.ssd.admission, self.config.ssd.admission_min_hits)
         ssd_path = self.config.ssd.path
         self.namespaces_registry = NamespaceRegistry(Path(ssd_path) / "namespaces.json" if ssd_path else None)
+        if self.namespaces_registry.errors:  # a damaged registry file (logged): /v1/stats counts it
+            self._stats.extra["namespace_registry_errors"] = self.namespaces_registry.errors
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvtier-writer")
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-prefetch")
         self._pending_writes: set = set()
