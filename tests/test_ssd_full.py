@@ -76,11 +76,12 @@ def test_real_full_filesystem(tiny_fs, monkeypatch):
     with SSDTier(config(data_dir)) as tier:
         stored, err = fill_until_full(tier, 21)  # the free-disk check refuses first
         assert stored, "some blocks should fit in 4 MiB"
-        assert "would fall below the floor" in str(err) and str(data_dir) in str(err)
+        assert "no space left on the device" in str(err) and str(data_dir) in str(err)
+        assert str(err).endswith(" free)"), err  # said by the free-space check, not the kernel
         # Blind the free-space check (as a racing writer would) so the kernel's ENOSPC is hit.
         monkeypatch.setattr(tier, "_free_disk", lambda: 1 << 40)
         more, err = fill_until_full(tier, 24)
-        assert "no space left" in str(err) and str(data_dir) in str(err), str(err)
+        assert "(No space left on device)" in str(err) and str(data_dir) in str(err), str(err)
         stored.update(more)
         monkeypatch.undo()
         assert tier.stats()["put_failures"] >= 2
@@ -185,10 +186,17 @@ def ballast(where, nbytes: int):
     return path
 
 
-def test_full_disk_keeps_every_block_and_refuses_new_puts_until_space_returns(tmp_path):
+@pytest.mark.parametrize("kind", ["floor", "enospc"])
+def test_full_disk_keeps_every_block_and_refuses_new_puts_until_space_returns(
+        tmp_path, monkeypatch, kind):
+    """``floor``: the free-space floor refuses the put. ``enospc``: the free-space check is
+    blinded (as under a quota, or a racing writer), the kernel's ENOSPC refuses it."""
+    floor, words = ("1MiB", "below the floor") if kind == "floor" else ("0", "no space left")
     with mounted_tmpfs(tmp_path, "8m") as fs:
         room = ballast(fs, 2 << 20)  # freed later: the space that "returns"
-        with disk_cache(fs / "kv") as c:
+        with disk_cache(fs / "kv", min_free_bytes=floor) as c:
+            if kind == "enospc":
+                monkeypatch.setattr(c.tier("ssd"), "_free_disk", lambda: 1 << 40)
             stored, err = [], None
             for i in range(100):
                 try:
@@ -197,7 +205,8 @@ def test_full_disk_keeps_every_block_and_refuses_new_puts_until_space_returns(tm
                     err = e
                     break
                 stored.append(i)
-            assert err is not None and "below the floor" in str(err), "the disk never filled"
+            assert err is not None, "the disk never filled"
+            assert words in str(err).lower(), err
             assert len(stored) >= 3
             ssd = c.stats().tiers["ssd"]
             # nothing was evicted to make room (the failed put may have stored its first blocks)
@@ -212,11 +221,13 @@ def test_full_disk_keeps_every_block_and_refuses_new_puts_until_space_returns(tm
             assert len(problems) == 1 and problems[0].startswith("ssd: disk full under"), problems
             assert all(served(c, i) for i in stored)  # reads go on
             room.unlink()  # space returns: the cache recovers by itself
-            assert c.health() == []
+            if kind == "floor":  # seen in free space: healthy again before any put
+                assert c.health() == []
             assert c.put("m", *prompt(1000)) == 4 * BT
+            assert c.health() == []
             stored.append(1000)
             assert all(served(c, i) for i in stored)
-        with disk_cache(fs / "kv") as c:  # and all of it survives a restart
+        with disk_cache(fs / "kv", min_free_bytes=floor) as c:  # and it all survives a restart
             assert all(served(c, i) for i in stored)
 
 

@@ -105,6 +105,7 @@ class SSDTier:
         self._counters: Counter = Counter(recovered_blocks=len(self._loc),
                                           recovery_dropped=found.dropped)
         self._disk_short = 0  # padded size of the last put the disk refused; 0 after a success
+        self._free_when_refused = 0  # free disk (statvfs) then: space is back once it grew by that
         self._index_damage: str | None = None  # the last index failure found at run time
         self._unremoved: dict[bytes, Location] = {}  # forgotten, index delete still to commit
         self._dead_space = True  # deleted blocks may hold disk space compaction could return
@@ -188,6 +189,9 @@ class SSDTier:
 
     def _disk_problem(self, nbytes: int, free: int) -> str | None:
         floor = self.config.min_free_bytes
+        if free < nbytes:
+            return (f"ssd tier: no space left on the device under {self.root} for a "
+                    f"{nbytes}-byte block ({format_size(free)} free)")
         if free - nbytes < floor:
             return (f"ssd tier: free disk under {self.root} would fall below the floor "
                     f"({format_size(free)} free, floor {format_size(floor)})")
@@ -198,15 +202,22 @@ class SSDTier:
         return the space deleted blocks still hold (caller holds ``_lock``)."""
         self._counters["disk_full"] += 1
         self._disk_short = max(self._disk_short, padded(nbytes))
+        self._free_when_refused = self._free_disk()
         if self._dead_space:
             self._compact_soon = True
             self._dead_space = False
 
     def health(self) -> list[str]:
-        """What degrades the tier now (``ReportsHealth``): a full disk, a damaged index."""
+        """What degrades the tier now (``ReportsHealth``): a full disk, a damaged index.
+
+        The disk is full while free space is under the floor, and after a put the disk refused
+        until that put would fit again: free space has grown by its size since (a quota's ENOSPC
+        does not show in free space: then until a put succeeds).
+        """
         problems = []
         free, floor, short = self._free_disk(), self.config.min_free_bytes, self._disk_short
-        if free < floor or (short and free - short < floor):
+        back = free - short >= floor and free >= self._free_when_refused + short
+        if free < floor or (short and not back):
             last = f", a {format_size(short)} block did not fit" if short else ""
             problems.append(
                 f"disk full under {self.root} ({format_size(free)} free, floor "
