@@ -48,7 +48,7 @@ from kvtier.prefetch import TERMINAL, PrefetchBudget, PrefetchHandle, PrefetchTi
 from kvtier.records import BlockLocation, Hit
 from kvtier.shared_namespaces import SharedNamespaces
 from kvtier.stats import CacheStats, NamespaceStats, TierStats
-from kvtier.tiers.base import ReportsHealth, Tier
+from kvtier.tiers.base import DiskBound, ReportsHealth, Tier
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class TieredCache:
         self._admission = make_admission(self.config.ssd.admission, self.config.ssd.admission_min_hits)
         ssd_path = self.config.ssd.path
         self.namespaces_registry = NamespaceRegistry(Path(ssd_path) / "namespaces.json" if ssd_path else None)
+        if self.namespaces_registry.errors:  # a damaged registry file (logged): /v1/stats counts it
+            self._stats.extra["namespace_registry_errors"] = self.namespaces_registry.errors
         self._writer = ThreadPoolExecutor(max(1, min(4, self.config.ssd.io_threads)),
                                           thread_name_prefix="kvtier-writer")
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-prefetch")
@@ -289,7 +291,9 @@ class TieredCache:
 
     def _place_new(self, entry: BlockEntry, data: torch.Tensor, codec: str) -> int | None:
         """Put a new block into the fastest tier that can ever hold it (lock held, parent
-        pinned); the tier it landed in, or None. The caller schedules its write-through."""
+        pinned); the tier it landed in, or None; raises the last ``StorageFull`` if that is why
+        no tier took it (a full disk). The caller schedules its write-through."""
+        full: StorageFull | None = None
         for t, tier in enumerate(self.tiers):
             if not _fits_ever(tier, len(data)) or not self._make_room(t, len(data)):
                 continue
@@ -298,11 +302,14 @@ class TieredCache:
             except KVTierError as e:
                 self._stats.tiers[tier.name].put_failures += 1
                 log.warning("put to %s failed: %s", tier.name, e)
+                full = e if isinstance(e, StorageFull) else full
                 continue
             self._publish(entry, t, len(data))
             if entry.parent is not None:
                 self._index[entry.parent].children.add(entry.key)  # pinned: still indexed
             return t
+        if full is not None:
+            raise full
         return None
 
     def _publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:
@@ -315,12 +322,19 @@ class TieredCache:
 
     def _make_room(self, t: int, nbytes: int, keep: Container[bytes] = ()) -> bool:
         """Demote victims of tier ``t`` until ``nbytes`` fit; False if pinned blocks (or ``keep``)
-        prevent it."""
+        prevent it.
+
+        True without evicting anything when the tier is short of disk rather than of budget
+        (``DiskBound``): evicting would return no disk space, only empty the tier, so the put
+        is left to the tier, which refuses it with ``StorageFull`` (counted by the caller).
+        """
         tier = self.tiers[t]
         if tier is self._remote:  # the shared engine evicts by itself; can_fit is its write bound
             return tier.can_fit(nbytes)
         protected = PinnedKeys(self._index, keep) if keep else self._protected
         while not tier.can_fit(nbytes):
+            if _short_of_disk(tier, nbytes):
+                return True
             victim = self._policies[t].evict(protected)
             if victim is None:
                 return False
@@ -749,7 +763,12 @@ class TieredCache:
             tier = self.tiers[target]
             if not (_fits_ever(tier, entry.nbytes) and self._make_room(target, entry.nbytes, keep)):
                 return False
-            tier.put(entry.key, data, entry.meta(codec))
+            try:
+                tier.put(entry.key, data, entry.meta(codec))
+            except StorageFull as e:  # e.g. a disk short of space: a promotion is optional
+                self._stats.tiers[tier.name].put_failures += 1
+                log.debug("promotion to %s failed: %s", tier.name, e)
+                return False
             self._publish(entry, target, entry.nbytes)
             self._stats.tiers[tier.name].promotions += 1
             return True
@@ -1118,6 +1137,11 @@ class TieredCache:
         self._index.update(rebuild_index(self.tiers, self._policies))
         if self._index:
             log.info("warm start: %d blocks recovered", len(self._index))
+
+
+def _short_of_disk(tier: Tier, nbytes: int) -> bool:
+    """Whether ``tier`` would refuse ``nbytes`` for its disk, which evicting does not free."""
+    return isinstance(tier, DiskBound) and tier.short_of_disk(nbytes)
 
 
 def _fits_ever(tier: Tier, nbytes: int) -> bool:

@@ -128,7 +128,7 @@ def test_pressure_cascades_to_ssd_and_reads_promote(tmp_path):
 def test_reload_from_ssd_checksums_each_byte_once(tmp_path, monkeypatch):
     """The tier verifies a whole-block read; the manager must not pay a second crc pass."""
     import kvtier.block as block_mod
-    import kvtier.tiers.ssd.reader as reader_mod
+    import kvtier.tiers.ssd.index as index_mod
 
     toks, kv = prompt(3)
     with cache(tmp_path) as c:
@@ -143,7 +143,7 @@ def test_reload_from_ssd_checksums_each_byte_once(tmp_path, monkeypatch):
             return real(data, value)
 
         monkeypatch.setattr(block_mod, "checksum", counting)
-        monkeypatch.setattr(reader_mod, "checksum", counting)
+        monkeypatch.setattr(index_mod, "checksum", counting)  # the tier's key-bound check
         out, n = c.get("m", toks)
         assert n == 3 * BT and same(kv, out, n)
         payload = sum(t.numel() * t.element_size() for layer in kv for t in layer)

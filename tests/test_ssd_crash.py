@@ -10,42 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import random
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from kvtier.tiers.ssd import SSDTier
-from tests.ssd_child import block_key, crash_config, make_block
+from tests.ssd_child import Zygote, block_key, crash_config, make_block
 
-CHILD = Path(__file__).with_name("ssd_child.py")
 TRIALS = 24
-
-
-class Zygote:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(CHILD), "zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        assert self.line(120) == "ready"
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-
-    def line(self, timeout: float) -> str:
-        return self.lines.get(timeout=timeout)
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 def digest(data: bytes) -> bytes:

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
+import time
 import uuid
 
+import httpx
+import msgpack
 import pytest
 import torch
 
-from kvtier.config import SSDTierConfig
+from kvtier import CacheConfig, KVLayout, TieredCache
+from kvtier.client import MSGPACK, KVTierClient, kv_to_wire
+from kvtier.config import HostTierConfig, SSDTierConfig
 from kvtier.errors import KVTierError, StorageFull
 from kvtier.tiers.ssd import SSDTier, segments
+from server.testing import serve_in_thread
+from tests.conftest import random_kv
 from tests.ssd_child import block_key, make_block, meta_for
 
 
@@ -41,19 +49,26 @@ def fill_until_full(tier: SSDTier, seed: int) -> tuple[dict, StorageFull]:
     raise AssertionError("the file system never filled up")
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 4 MiB tmpfs, when this process may mount one; else the test is skipped."""
-    mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def mounted_tmpfs(parent, size: str):
+    """A tmpfs of ``size`` under ``parent``, when this process may mount one; else a skip."""
+    mnt = parent / f"tmpfs-{uuid.uuid4().hex[:8]}"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                          capture_output=True, text=True)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); see the injected test")
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 4 MiB tmpfs."""
+    with mounted_tmpfs(tmp_path, "4m") as mnt:
+        yield mnt
 
 
 def test_real_full_filesystem(tiny_fs, monkeypatch):
@@ -61,11 +76,12 @@ def test_real_full_filesystem(tiny_fs, monkeypatch):
     with SSDTier(config(data_dir)) as tier:
         stored, err = fill_until_full(tier, 21)  # the free-disk check refuses first
         assert stored, "some blocks should fit in 4 MiB"
-        assert "would fall below the floor" in str(err) and str(data_dir) in str(err)
+        assert "no space left on the device" in str(err) and str(data_dir) in str(err)
+        assert str(err).endswith(" free)"), err  # said by the free-space check, not the kernel
         # Blind the free-space check (as a racing writer would) so the kernel's ENOSPC is hit.
         monkeypatch.setattr(tier, "_free_disk", lambda: 1 << 40)
         more, err = fill_until_full(tier, 24)
-        assert "no space left" in str(err) and str(data_dir) in str(err), str(err)
+        assert "(No space left on device)" in str(err) and str(data_dir) in str(err), str(err)
         stored.update(more)
         monkeypatch.undo()
         assert tier.stats()["put_failures"] >= 2
@@ -135,3 +151,161 @@ def test_missing_segment_directory_fails_put_cleanly(tmp_path):
             tier.put(block_key(23, 1), make_block(23, 1, 70_000, 80_000), meta_for(1))
         assert read(tier, key) == data  # open segments still serve reads
         moved.rename(seg_dir)
+
+
+# ---- a full disk under the manager: keep what is stored, refuse new blocks, recover ------------
+
+BT = 16
+
+
+def disk_cache(path, host: str = "0", **ssd) -> TieredCache:
+    cfg = dict(path=str(path), capacity_bytes="1GiB", min_free_bytes="1MiB", durability="sync",
+               segment_bytes="1MiB", direct_io=False, inline_threshold=0,
+               compaction_interval_s=None)
+    cfg.update(ssd)
+    return TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=host),
+                                   ssd=SSDTierConfig(**cfg)))
+
+
+def prompt(i: int):
+    """64 tokens: four 128 KiB blocks."""
+    return [i * 7919 + j for j in range(4 * BT)], random_kv(4 * BT, layers=4, heads=4, dim=64, seed=i)
+
+
+def served(c: TieredCache, i: int) -> bool:
+    toks, kv = prompt(i)
+    out, n = c.get("m", toks)
+    return n == len(toks) and all(torch.equal(a, b) for la, lb in zip(out, kv, strict=True)
+                                  for a, b in zip(la, lb, strict=True))
+
+
+def ballast(where, nbytes: int):
+    path = where / "ballast"
+    with open(path, "wb") as f:
+        f.write(b"\0" * nbytes)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["floor", "enospc"])
+def test_full_disk_keeps_every_block_and_refuses_new_puts_until_space_returns(
+        tmp_path, monkeypatch, kind):
+    """``floor``: the free-space floor refuses the put. ``enospc``: the free-space check is
+    blinded (as under a quota, or a racing writer), the kernel's ENOSPC refuses it."""
+    floor, words = ("1MiB", "below the floor") if kind == "floor" else ("0", "no space left")
+    with mounted_tmpfs(tmp_path, "8m") as fs:
+        room = ballast(fs, 2 << 20)  # freed later: the space that "returns"
+        with disk_cache(fs / "kv", min_free_bytes=floor) as c:
+            if kind == "enospc":
+                monkeypatch.setattr(c.tier("ssd"), "_free_disk", lambda: 1 << 40)
+            stored, err = [], None
+            for i in range(100):
+                try:
+                    assert c.put("m", *prompt(i)) == 4 * BT
+                except StorageFull as e:
+                    err = e
+                    break
+                stored.append(i)
+            assert err is not None, "the disk never filled"
+            assert words in str(err).lower(), err
+            assert len(stored) >= 3
+            ssd = c.stats().tiers["ssd"]
+            # nothing was evicted to make room (the failed put may have stored its first blocks)
+            assert 4 * len(stored) <= ssd.blocks < 4 * len(stored) + 4
+            assert ssd.put_failures == 1
+            for _ in range(3):  # every further put fails the same way, and is counted
+                with pytest.raises(StorageFull):
+                    c.put("m", *prompt(1000))
+            assert c.stats().tiers["ssd"].put_failures == 4
+            assert c.tier("ssd").stats()["disk_full"] == 4
+            problems = c.health()
+            assert len(problems) == 1 and problems[0].startswith("ssd: disk full under"), problems
+            assert all(served(c, i) for i in stored)  # reads go on
+            room.unlink()  # space returns: the cache recovers by itself
+            if kind == "floor":  # seen in free space: healthy again before any put
+                assert c.health() == []
+            assert c.put("m", *prompt(1000)) == 4 * BT
+            assert c.health() == []
+            stored.append(1000)
+            assert all(served(c, i) for i in stored)
+        with disk_cache(fs / "kv", min_free_bytes=floor) as c:  # and it all survives a restart
+            assert all(served(c, i) for i in stored)
+
+
+def test_full_disk_under_a_host_tier_never_wipes_the_ssd_copies(tmp_path):
+    with mounted_tmpfs(tmp_path, "8m") as fs:
+        with disk_cache(fs / "kv", host="1MiB") as c:
+            on_ssd, refused = 0, 0
+            for i in range(40):
+                try:
+                    c.put("m", *prompt(i))
+                except StorageFull:  # sync: a put the SSD cannot take is not acknowledged
+                    refused += 1
+                c.flush(30)
+                blocks = c.stats().tiers["ssd"].blocks
+                assert blocks >= on_ssd, f"ssd copies went from {on_ssd} to {blocks}"
+                on_ssd = blocks
+            s = c.stats().tiers["ssd"]
+            assert s.put_failures > 0 and refused > 0, "the disk never filled"
+            assert on_ssd >= 12
+            assert any(p.startswith("ssd: disk full") for p in c.health())
+            on_disk = {k for k, _, _ in c.tier("ssd").scan()}
+        with disk_cache(fs / "kv", host="1MiB") as c:
+            assert {k for k, _, _ in c.tier("ssd").scan()} == on_disk
+            assert c.stats().tiers["ssd"].blocks == len(on_disk)
+
+
+def test_full_disk_through_the_sidecar_is_507_and_readyz_degraded(tmp_path):
+    with mounted_tmpfs(tmp_path, "8m") as fs:
+        room = ballast(fs, 2 << 20)
+        with disk_cache(fs / "kv") as c, serve_in_thread(c) as url, KVTierClient(url) as client:
+            client.register_namespace("m", layout=KVLayout.from_kv(prompt(0)[1]), block_tokens=BT)
+            stored = []
+            for i in range(100):
+                try:
+                    client.put("m", *prompt(i))
+                except StorageFull as e:
+                    assert "below the floor" in str(e)
+                    break
+                stored.append(i)
+            else:
+                raise AssertionError("the disk never filled")
+            toks, kv = prompt(1001)
+            body = msgpack.packb({"namespace": "m", "token_ids": toks, "kv": kv_to_wire(kv)})
+            resp = httpx.put(url + "/v1/kv", content=body, headers={"content-type": MSGPACK})
+            assert resp.status_code == 507 and resp.json()["error"] == "StorageFull", resp.text
+            ready = httpx.get(url + "/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+            assert "ssd: disk full" in ready.json()["problems"][0]
+            for i in stored:
+                toks, kv = prompt(i)
+                got, n = client.get("m", toks)
+                assert n == len(toks) and all(torch.equal(a, b) for la, lb in zip(got, kv, strict=True)
+                                              for a, b in zip(la, lb, strict=True))
+            room.unlink()
+            assert httpx.get(url + "/readyz").json() == {"status": "ok"}
+            assert client.put("m", *prompt(1000)) == 4 * BT
+
+
+def test_full_disk_gets_back_the_space_of_deleted_blocks(tmp_path):
+    """Deleted blocks hold disk space until compaction: a put the disk refuses starts one."""
+    with mounted_tmpfs(tmp_path, "8m") as fs, SSDTier(config(
+            fs / "kv", min_free_bytes=1 << 20, segment_bytes=1 << 20, direct_io=False)) as tier:
+        stored, err = fill_until_full(tier, 31)
+        assert "below the floor" in str(err) and tier.health()
+        for key in list(stored)[: len(stored) * 3 // 4]:  # whole segments become dead space
+            tier.delete(key)
+            del stored[key]
+        key, data = block_key(31, 5000), make_block(31, 5000, 250_000, 300_000)
+        deadline = time.monotonic() + 60
+        while True:  # refused until the background compaction has returned the space
+            try:
+                tier.put(key, data, meta_for(0))
+                break
+            except StorageFull:
+                assert time.monotonic() < deadline, "compaction never returned the space"
+                time.sleep(0.05)
+        assert tier.stats()["compactions"] >= 1
+        assert tier.health() == []
+        stored[key] = data
+        assert all(read(tier, k) == d for k, d in stored.items())
+        assert tier.check() == []

@@ -89,3 +89,16 @@ class ReportsHealth(Protocol):
     list means healthy. Cheap and non-blocking: ``/readyz`` calls it on every probe."""
 
     def health(self) -> list[str]: ...
+
+
+@runtime_checkable
+class DiskBound(Protocol):
+    """A tier bounded by its file system's free space as well as by its byte budget, whose
+    deletes return disk space only later (a log-structured store gets it back by compacting).
+
+    ``short_of_disk(nbytes)`` is True when a put of ``nbytes`` would be refused for the disk
+    (a free-space floor, or the device out of space) rather than for the budget. Evicting then
+    cannot make the block fit — it would only empty the tier — so the manager does not evict
+    for it; the tier's ``put`` refuses the block with ``StorageFull``. Cheap and thread-safe."""
+
+    def short_of_disk(self, nbytes: int) -> bool: ...

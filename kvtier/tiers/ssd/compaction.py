@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvtier.block import checksum
 from kvtier.errors import KVTierError
 from kvtier.tiers.ssd.directio import read_exact
-from kvtier.tiers.ssd.index import Location
+from kvtier.tiers.ssd.index import Location, matches
 from kvtier.tiers.ssd.segments import Segment
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def _compact_segment(tier: SSDTier, seg: Segment) -> int:
         for key, loc in items:
             buf = np.empty(loc.length, dtype=np.uint8)
             got, _ = read_exact(seg.fd, -1, buf, loc.offset)
-            if got != loc.length or checksum(buf) != loc.crc:
+            if got != loc.length or not matches(key, loc, buf):
                 tier.drop_corrupt(key, loc, "failed its checksum during compaction")
                 continue
             with tier._lock:
@@ -74,7 +74,7 @@ def _compact_segment(tier: SSDTier, seg: Segment) -> int:
                 with tier._lock:
                     tier._segments.unreserve(dst, off, loc.length)
                 raise
-            new = Location(dst.id, off, loc.length, loc.crc, tier.durability != "none")
+            new = replace(loc, segment=dst.id, offset=off, durable=tier.durability != "none")
             moves.append((key, loc, new, dst))
         if tier.durability != "none":
             for dst in {m[3] for m in moves}:
@@ -95,6 +95,8 @@ def _compact_segment(tier: SSDTier, seg: Segment) -> int:
                 return 1
     except (OSError, KVTierError) as e:
         log.error("compaction of %s stopped: %s (copies made so far are dead space)", seg.path, e)
+        if isinstance(e, KVTierError):
+            tier._index_failed(e, f"compacting {seg.path.name}")
         return 0
     finally:
         with tier._lock:

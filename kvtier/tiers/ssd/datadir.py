@@ -2,13 +2,17 @@
 
 ::
 
-    <path>/KVTIER_FORMAT     {"format": "kvtier-ssd", "version": 1}
+    <path>/KVTIER_FORMAT     {"format": "kvtier-ssd", "version": 2}
     <path>/LOCK              flock'ed by the one process that has the directory open
     <path>/index/            LMDB environment (data.mdb, lock.mdb)
     <path>/segments/         append-only segment files, 00000001.seg, ...
 
 An empty or absent directory is initialised; anything else that is not ours, or is of a newer
 format version, is refused with a one-line ``DataDirError`` rather than guessed at.
+
+Versions: 1 — index records checksum the payload alone; 2 — the checksums are seeded with the
+block's key (``index.seal``). A version-1 directory is migrated when opened (``migrate``), and
+its version file rewritten only once every record is.
 """
 
 from __future__ import annotations
@@ -17,14 +21,18 @@ import errno
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 
 from kvtier.errors import DataDirError
 
 FORMAT = "kvtier-ssd"
-VERSION = 1
+VERSION = 2
 VERSION_FILE = "KVTIER_FORMAT"
 LOCK_FILE = "LOCK"
+# A process that just died can leave its lock held a moment longer: a child it was starting (the
+# index check) holds a copy of the lock's descriptor until it execs. Wait that out, briefly.
+LOCK_WAIT_S = 1.0
 
 
 def open_data_dir(path: str | os.PathLike) -> tuple[Path, int]:
@@ -41,12 +49,13 @@ def open_data_dir(path: str | os.PathLike) -> tuple[Path, int]:
         if marker.exists() or marker.is_symlink():
             _check_version(root, marker)
         else:
-            others = sorted(os.listdir(root))
+            # a version file half-written by a process killed while initialising is ours
+            others = sorted(set(os.listdir(root)) - {VERSION_FILE + ".tmp"})
             if others:
                 raise DataDirError(
                     f"data directory {root}: not a kvtier data directory (no {VERSION_FILE} "
                     f"file, but {len(others)} other entries such as {others[0]!r})")
-            _write_version(root, marker)
+            write_version(root, VERSION)
         (root / "segments").mkdir(exist_ok=True)
         (root / "index").mkdir(exist_ok=True)
         lock_fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -54,14 +63,25 @@ def open_data_dir(path: str | os.PathLike) -> tuple[Path, int]:
         raise
     except OSError as e:
         raise DataDirError(f"data directory {root}: unreadable ({e.strerror or e})") from None
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(lock_fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise DataDirError(f"data directory {root}: in use by another process") from None
-        raise DataDirError(f"data directory {root}: cannot lock ({e.strerror})") from None
-    return root, lock_fd
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return root, lock_fd
+        except OSError as e:
+            busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+            if busy and time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            os.close(lock_fd)
+            if busy:
+                raise DataDirError(f"data directory {root}: in use by another process") from None
+            raise DataDirError(f"data directory {root}: cannot lock ({e.strerror})") from None
+
+
+def format_version(root: Path) -> int:
+    """The format version of an opened data directory (``open_data_dir`` checked the file)."""
+    return json.loads((root / VERSION_FILE).read_bytes())["version"]
 
 
 def _check_version(root: Path, marker: Path) -> None:
@@ -84,15 +104,16 @@ def _check_version(root: Path, marker: Path) -> None:
             f"supports ({VERSION}); upgrade kvtier or use another directory")
 
 
-def _write_version(root: Path, marker: Path) -> None:
+def write_version(root: Path, version: int) -> None:
+    """Write the version file durably (a new file, fsync'd, renamed over, directory fsync'd)."""
     tmp = root / (VERSION_FILE + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, json.dumps({"format": FORMAT, "version": VERSION}).encode() + b"\n")
+        os.write(fd, json.dumps({"format": FORMAT, "version": version}).encode() + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, marker)
+    os.replace(tmp, root / VERSION_FILE)
     fsync_dir(root)
 
 

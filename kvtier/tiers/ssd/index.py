@@ -1,15 +1,22 @@
-"""The LMDB index: key -> where the block's bytes are, its checksum and its metadata.
+"""The LMDB index: key -> where the block's bytes are, its checksums and its metadata.
 
 One record per block (msgpack): segment id (0 = inline in the ``inline`` table), offset,
 length, crc32c of the payload, whether the payload was fsync'd before the record committed,
-the ``BlockMeta`` fields, last access time and hit count. LMDB commits are atomic, so the index
-is always a consistent snapshot; the tier guarantees a record commits only after its payload.
+the ``BlockMeta`` fields, last access time, hit count and the crc32c of the payload's first
+``HEAD_BYTES``. LMDB commits are atomic, so the index is always a consistent snapshot; the tier
+guarantees a record commits only after its payload.
+
+Both checksums are seeded with the crc32c of the block's key (format 2), so a record can only
+ever vouch for its own block's bytes: a record pointing at another block's bytes — copied,
+stale after a crash, or left behind by a bug — fails its check and is a miss. Format-1 records
+(crc of the payload alone, no head crc) are rewritten on open (``migrate``).
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,19 +24,53 @@ import lmdb
 import msgpack
 import numpy as np
 
+from kvtier.block import checksum
 from kvtier.errors import KVTierError, StorageFull
 from kvtier.tiers.base import BlockMeta
+
+HEAD_BYTES = 32  # a read from byte 0 this long is checked too (a block header's own crc is in it)
 
 
 @dataclass(frozen=True, slots=True)
 class Location:
-    """Where a block's payload lives. ``segment == 0`` means inline in LMDB."""
+    """Where a block's payload lives (``segment == 0``: inline in LMDB) and its checksums."""
 
     segment: int
     offset: int
     length: int
-    crc: int
+    crc: int  # crc32c of the payload, seeded with the key's
     durable: bool  # payload was fsync'd before the record committed
+    head: int = -1  # crc32c of the first HEAD_BYTES, seeded with the key's; -1: format 1
+
+    @property
+    def bound(self) -> bool:
+        """Whether the checksums cover the key (format 2), not the payload alone (format 1)."""
+        return self.head >= 0
+
+
+def seal(key: bytes, payload) -> tuple[int, int]:
+    """(crc, head) of ``payload`` stored under ``key``: both bound to the key."""
+    seed = checksum(key)
+    return checksum(payload, seed), checksum(payload[:HEAD_BYTES], seed)
+
+
+def matches(key: bytes, loc: Location, data, offset: int = 0) -> bool:
+    """Whether bytes ``[offset, offset + len(data))`` read for ``key`` are its block's.
+
+    The whole block is checked against ``crc``; a read from byte 0 of at least ``HEAD_BYTES``
+    against ``head`` (for ``kvtier.block`` payloads that covers the header and, through its
+    crc, every layer's crc); other partial reads cannot be checked here (the caller checks them
+    with the block format's per-layer crc).
+    """
+    n = len(data)
+    if offset:
+        return True
+    seed = checksum(key) if loc.bound else 0
+    if n == loc.length:
+        return checksum(data, seed) == loc.crc
+    if n >= HEAD_BYTES and loc.bound:
+        return checksum(data[:HEAD_BYTES], seed) == loc.head
+    return True
 
 
 @dataclass(slots=True)
@@ -41,15 +82,22 @@ class Record:
 
     def pack(self) -> bytes:
         loc, m = self.loc, self.meta
-        return msgpack.packb([loc.segment, loc.offset, loc.length, loc.crc, loc.durable,
-                              m.namespace, m.parent, m.tokens, m.codec, m.created,
-                              self.last_access, self.hits])
+        fields = [loc.segment, loc.offset, loc.length, loc.crc, loc.durable, m.namespace,
+                  m.parent, m.tokens, m.codec, m.created, self.last_access, self.hits]
+        if loc.bound:
+            fields.append(loc.head)
+        return msgpack.packb(fields)
 
     @staticmethod
     def unpack(raw: bytes | memoryview) -> Record:
-        seg, off, length, crc, durable, ns, parent, tokens, codec, created, last, hits = (
-            msgpack.unpackb(raw))
-        return Record(Location(seg, off, length, crc, durable),
+        fields = msgpack.unpackb(raw)
+        if not isinstance(fields, list) or len(fields) not in (12, 13):
+            raise ValueError(f"a record has 12 or 13 fields, this one {fields!r:.80}")
+        seg, off, length, crc, durable, ns, parent, tokens, codec, created, last, hits = fields[:12]
+        head = fields[12] if len(fields) == 13 else -1
+        if not all(type(x) is int and x >= -1 for x in (seg, off, length, crc, head)):
+            raise ValueError(f"a record's location is not numbers: {fields[:5]!r:.80}")
+        return Record(Location(seg, off, length, crc, durable, head),
                       BlockMeta(ns, parent, tokens, codec, created), last, hits)
 
 
@@ -61,8 +109,28 @@ def lmdb_error(e: lmdb.Error, what: str) -> KVTierError:
     return KVTierError(f"ssd index error while {what}: {e}")
 
 
+@contextmanager
+def _guard(what: str) -> Iterator[None]:
+    """Every LMDB failure leaves the index as a KVTierError (StorageFull for a full disk)."""
+    try:
+        yield
+    except lmdb.Error as e:
+        raise lmdb_error(e, what) from None
+
+
+def _unpack(key: bytes, raw: bytes | memoryview) -> Record:
+    try:
+        return Record.unpack(raw)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise KVTierError(f"ssd index record {key.hex()} is undecodable ({e})") from None
+
+
 class Index:
-    """The LMDB environment. Thread-safe (LMDB serialises writers; readers never block)."""
+    """The LMDB environment. Thread-safe (LMDB serialises writers; readers never block).
+
+    Every method raises ``KVTierError`` (``StorageFull`` when the disk or map is full) for any
+    LMDB failure, never an ``lmdb.Error``: damage found at run time is the tier's to handle.
+    """
 
     def __init__(self, directory: Path, map_size: int, sync: bool) -> None:
         self.env = lmdb.open(str(directory), map_size=map_size, max_dbs=4, subdir=True,
@@ -72,77 +140,83 @@ class Index:
         self.inline = self.env.open_db(b"inline")
         self.meta = self.env.open_db(b"meta")
 
-    def records(self) -> Iterator[tuple[bytes, Record]]:
-        """Every record (a snapshot: materialised inside one read transaction)."""
-        with self.env.begin(db=self.blocks) as txn:
-            items = [(bytes(k), Record.unpack(v)) for k, v in txn.cursor()]
+    def records(self, bad: list[bytes] | None = None) -> Iterator[tuple[bytes, Record]]:
+        """Every record (a snapshot: materialised inside one read transaction).
+
+        Undecodable records raise, or, when ``bad`` is given, are skipped and their keys added.
+        """
+        items = []
+        with _guard("reading every record"), self.env.begin(db=self.blocks) as txn:
+            for k, v in txn.cursor():
+                key = bytes(k)
+                try:
+                    items.append((key, _unpack(key, v)))
+                except KVTierError:
+                    if bad is None:
+                        raise
+                    bad.append(key)
         return iter(items)
 
     def get(self, key: bytes) -> Record | None:
-        with self.env.begin(db=self.blocks) as txn:
+        with _guard("reading a record"), self.env.begin(db=self.blocks) as txn:
             raw = txn.get(key)
-        return Record.unpack(raw) if raw is not None else None
+            return _unpack(key, raw) if raw is not None else None
 
     def commit(self, puts: Iterable[tuple[bytes, Record, bytes | None]] = (),
                deletes: Iterable[bytes] = ()) -> None:
         """Add records (with inline payloads) and remove keys in one atomic transaction."""
-        try:
-            with self.env.begin(write=True) as txn:
-                for key, rec, inline in puts:
-                    if inline is not None:
-                        txn.put(key, inline, db=self.inline)
-                    txn.put(key, rec.pack(), db=self.blocks)
-                for key in deletes:
-                    txn.delete(key, db=self.blocks)
-                    txn.delete(key, db=self.inline)
-        except lmdb.Error as e:
-            raise lmdb_error(e, "committing") from None
+        with _guard("committing"), self.env.begin(write=True) as txn:
+            for key, rec, inline in puts:
+                if inline is not None:
+                    txn.put(key, inline, db=self.inline)
+                txn.put(key, rec.pack(), db=self.blocks)
+            for key in deletes:
+                txn.delete(key, db=self.blocks)
+                txn.delete(key, db=self.inline)
 
-    def delete_if(self, key: bytes, loc: Location) -> bool:
-        """Delete ``key`` only if its record still points at ``loc``."""
-        try:
-            with self.env.begin(write=True, db=self.blocks) as txn:
+    def delete_if(self, items: Iterable[tuple[bytes, Location]]) -> int:
+        """Delete each key only if its record still points at its location; returns how many."""
+        n = 0
+        with _guard("deleting"), self.env.begin(write=True, db=self.blocks) as txn:
+            for key, loc in items:
                 raw = txn.get(key)
-                if raw is None or Record.unpack(raw).loc != loc:
-                    return False
+                if raw is None or _unpack(key, raw).loc != loc:
+                    continue
                 txn.delete(key)
                 txn.delete(key, db=self.inline)
-                return True
-        except lmdb.Error as e:
-            raise lmdb_error(e, "deleting") from None
+                n += 1
+        return n
 
     def relocate(self, moves: list[tuple[bytes, Location, Location]]) -> set[bytes]:
         """Point records at their new locations, only where they still point at the old one."""
         moved = set()
-        try:
-            with self.env.begin(write=True, db=self.blocks) as txn:
-                for key, old, new in moves:
-                    raw = txn.get(key)
-                    if raw is None:
-                        continue
-                    rec = Record.unpack(raw)
-                    if rec.loc != old:
-                        continue
-                    rec.loc = new
-                    txn.put(key, rec.pack())
-                    moved.add(key)
-        except lmdb.Error as e:
-            raise lmdb_error(e, "relocating") from None
+        with _guard("relocating"), self.env.begin(write=True, db=self.blocks) as txn:
+            for key, old, new in moves:
+                raw = txn.get(key)
+                if raw is None:
+                    continue
+                rec = _unpack(key, raw)
+                if rec.loc != old:
+                    continue
+                rec.loc = new
+                txn.put(key, rec.pack())
+                moved.add(key)
         return moved
 
     def touch(self, updates: dict[bytes, tuple[float, int]]) -> None:
         """Persist last-access times and add hit counts (lazily, not per read)."""
-        with self.env.begin(write=True, db=self.blocks) as txn:
+        with _guard("saving access times"), self.env.begin(write=True, db=self.blocks) as txn:
             for key, (last, hits) in updates.items():
                 raw = txn.get(key)
                 if raw is not None:
-                    rec = Record.unpack(raw)
+                    rec = _unpack(key, raw)
                     rec.last_access, rec.hits = max(rec.last_access, last), rec.hits + hits
                     txn.put(key, rec.pack())
 
     def read_inline(self, key: bytes, out: np.ndarray, offset: int) -> int:
         """Copy inline bytes ``[offset, offset+len(out))`` of ``key`` into ``out``; -1 if absent."""
-        with self.env.begin(db=self.inline, buffers=True) as txn:
+        with _guard("reading an inline block"), \
+                self.env.begin(db=self.inline, buffers=True) as txn:
             buf = txn.get(key)
             if buf is None:
                 return -1
@@ -152,15 +226,16 @@ class Index:
             return n
 
     def get_flag(self, name: bytes) -> bytes | None:
-        with self.env.begin(db=self.meta) as txn:
+        with _guard("reading a flag"), self.env.begin(db=self.meta) as txn:
             return txn.get(name)
 
     def set_flag(self, name: bytes, value: bytes) -> None:
-        with self.env.begin(write=True, db=self.meta) as txn:
+        with _guard("writing a flag"), self.env.begin(write=True, db=self.meta) as txn:
             txn.put(name, value)
 
     def sync(self) -> None:
-        self.env.sync(True)
+        with _guard("syncing"):
+            self.env.sync(True)
 
     def close(self) -> None:
         self.env.close()

@@ -3,7 +3,8 @@
 Requests are resolved and their segments pinned under the tier's lock, then read without it.
 Records of one segment lying end to end (gaps up to ``MAX_GAP``: the 4 KiB padding) become one
 ``preadv`` with a buffer per block and a scratch buffer per gap. Whole-block reads are checked
-against the stored crc32c in the pool thread (crc32c releases the GIL).
+against the stored crc32c in the pool thread (crc32c releases the GIL), and so is the head of
+a read from byte 0 (both checksums are bound to the key: ``index.matches``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kvtier.block import checksum
 from kvtier.errors import InvalidRequest, InvalidType, KVTierError
 from kvtier.tiers.ssd import directio
 from kvtier.tiers.ssd.directio import ALIGN, aligned_empty, is_aligned, read_exact, read_vectored
-from kvtier.tiers.ssd.index import Location
+from kvtier.tiers.ssd.index import Location, matches
 from kvtier.tiers.ssd.segments import Segment
 
 if TYPE_CHECKING:
@@ -53,10 +53,6 @@ class _Read:
     @property
     def start(self) -> int:
         return self.loc.offset + self.offset
-
-    @property
-    def whole(self) -> bool:
-        return self.offset == 0 and self.n == self.loc.length
 
 
 def host_array(out: torch.Tensor) -> tuple[np.ndarray, bool]:
@@ -118,8 +114,8 @@ def read_one(tier: SSDTier, key: bytes, out: torch.Tensor, offset: int = 0) -> i
                 got += more
         else:
             got, direct = read_exact(seg.fd, dfd, arr, start)
-        if got == n and offset == 0 and n == loc.length:
-            crc_ok = checksum(arr) == loc.crc
+        if got == n:
+            crc_ok = matches(key, loc, arr, offset)
     except OSError as e:
         error = KVTierError(
             f"ssd read of block {key.hex()} from {seg.path.name} failed ({e.strerror or e})")
@@ -241,10 +237,14 @@ def _read_inline(tier: SSDTier, r: _Read) -> None:
         r.arr[:r.n] = np.frombuffer(r.blob, dtype=np.uint8, count=r.n, offset=r.offset)
         r.got = r.n
     else:
-        got = tier._index.read_inline(r.key, r.arr[:r.n], r.offset)
+        try:
+            got = tier._index.read_inline(r.key, r.arr[:r.n], r.offset)
+        except KVTierError as e:  # index damage found on read: a counted miss, never raised
+            r.error = tier.index_unreadable(r.key, r.loc, e)
+            return
         r.got = got if got >= 0 else 0
-    if r.whole and r.got == r.n:
-        r.crc_ok = checksum(r.arr[:r.n]) == r.loc.crc
+    if r.got == r.n:
+        r.crc_ok = matches(r.key, r.loc, r.arr[:r.n], r.offset)
 
 
 def _read_run(tier: SSDTier, run: list[_Read]) -> None:
@@ -256,8 +256,8 @@ def _read_run(tier: SSDTier, run: list[_Read]) -> None:
         else:
             _read_coalesced(tier, seg, run)
         for r in run:
-            if r.whole and r.got == r.n:
-                r.crc_ok = checksum(r.arr[:r.n]) == r.loc.crc
+            if r.got == r.n:
+                r.crc_ok = matches(r.key, r.loc, r.arr[:r.n], r.offset)
     except OSError as e:
         for r in run:
             r.error = KVTierError(

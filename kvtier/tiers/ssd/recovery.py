@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtier.block import checksum
+from kvtier.errors import DataDirError, StorageFull
 from kvtier.tiers.ssd.directio import padded, read_exact
-from kvtier.tiers.ssd.index import Index, Location
+from kvtier.tiers.ssd.index import Index, Location, matches
+from kvtier.tiers.ssd.indexcheck import file_problem, walk_problem
 from kvtier.tiers.ssd.segments import Segment, SegmentSet, list_segments
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,32 @@ class Recovered:
     clean: bool = True
 
 
-def payload_ok(fd: int, loc: Location) -> bool:
-    """Read a record's payload back and compare its checksum."""
+START_EMPTY = "move the directory aside (or delete its index/ and segments/) to start empty"
+
+
+def open_index(root: Path, map_size: int, sync: bool) -> Index:
+    """Open ``root/index`` once it is known not to crash this process; else DataDirError.
+
+    LMDB maps the file and trusts it (see ``indexcheck``): a truncated or damaged file is
+    refused in one line naming the directory, before any page of it is touched here.
+    """
+    path = root / "index" / "data.mdb"
+    problem = file_problem(path, len(list_segments(root / "segments")))
+    if problem is None and path.exists() and path.stat().st_size:
+        problem = walk_problem(root / "index")
+    if problem:
+        raise DataDirError(f"data directory {root}: index unreadable: {problem}; {START_EMPTY}")
+    try:
+        return Index(root / "index", map_size, sync=sync)
+    except Exception as e:  # noqa: BLE001  whatever LMDB says, the directory cannot be opened
+        raise DataDirError(f"data directory {root}: index unreadable ({e})") from None
+
+
+def payload_ok(fd: int, key: bytes, loc: Location) -> bool:
+    """Read a record's payload back and check it is ``key``'s block."""
     buf = np.empty(loc.length, dtype=np.uint8)
     got, _ = read_exact(fd, -1, buf, loc.offset)
-    return got == loc.length and checksum(buf) == loc.crc
+    return got == loc.length and matches(key, loc, buf)
 
 
 def recover(index: Index, segments: SegmentSet) -> Recovered:
@@ -48,7 +70,7 @@ def recover(index: Index, segments: SegmentSet) -> Recovered:
     sizes = {i: os.stat(p).st_size for i, p in files.items()}
     opened: dict[int, Segment] = {}
     drop: list[bytes] = []
-    for key, rec in index.records():
+    for key, rec in index.records(bad=drop):  # undecodable records are dropped too
         loc = rec.loc
         if loc.segment == 0:
             out.locations[key] = loc
@@ -62,16 +84,19 @@ def recover(index: Index, segments: SegmentSet) -> Recovered:
                 segments.directory, loc.segment, create=False, direct=segments.direct)
         if not out.clean and not loc.durable:
             out.verified += 1
-            if not payload_ok(seg.fd, loc):
+            if not payload_ok(seg.fd, key, loc):
                 drop.append(key)
                 continue
         out.locations[key] = loc
         seg.live += loc.length
         seg.head = max(seg.head, padded(loc.offset + loc.length))
     if drop:
-        index.commit(deletes=drop)
         out.dropped = len(drop)
         log.warning("ssd recovery dropped %d index records the segments cannot back", len(drop))
+        try:
+            index.commit(deletes=drop)
+        except StorageFull as e:  # a full disk: they are not served, and dropped again next time
+            log.warning("ssd recovery could not remove them from the index yet: %s", e)
     for seg_id, path in files.items():
         seg = opened.get(seg_id)
         if seg is None or seg.live == 0:
@@ -93,7 +118,7 @@ def recover(index: Index, segments: SegmentSet) -> Recovered:
 def check(index: Index, directory: Path, locations: dict[bytes, Location]) -> list[str]:
     """Problems found comparing index, memory and segment files (empty when consistent).
 
-    Reads every segment-resident payload and verifies its checksum; call on a quiet tier.
+    Reads every payload (segments and inline) and verifies its checksum; call on a quiet tier.
     """
     problems = []
     committed = {k: rec.loc for k, rec in index.records()}
@@ -105,6 +130,9 @@ def check(index: Index, directory: Path, locations: dict[bytes, Location]) -> li
     used = set()
     for key, loc in committed.items():
         if loc.segment == 0:
+            buf = np.empty(loc.length, dtype=np.uint8)
+            if index.read_inline(key, buf, 0) != loc.length or not matches(key, loc, buf):
+                problems.append(f"inline block {key.hex()} fails its checksum")
             continue
         used.add(loc.segment)
         path = files.get(loc.segment)
@@ -113,7 +141,7 @@ def check(index: Index, directory: Path, locations: dict[bytes, Location]) -> li
             continue
         fd = os.open(path, os.O_RDONLY)
         try:
-            if not payload_ok(fd, loc):
+            if not payload_ok(fd, key, loc):
                 problems.append(f"block {key.hex()} fails its checksum in segment {loc.segment}")
         finally:
             os.close(fd)

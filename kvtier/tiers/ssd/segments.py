@@ -26,6 +26,7 @@ from kvtier.tiers.ssd.directio import ALIGN, O_DIRECT, aligned_empty, is_aligned
 log = logging.getLogger(__name__)
 
 _pwrite = os.pwrite  # module-level so tests can inject faults (ENOSPC, EIO)
+_fdatasync = os.fdatasync  # module-level so tests can record what was made durable, and when
 STAGING_BYTES = 8 * 1024**2  # per writing thread; larger records are written in pieces
 _staging = threading.local()
 
@@ -120,7 +121,8 @@ class Segment:
         return n
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        """Make every record written so far durable (O_DIRECT writes too: the device cache)."""
+        _fdatasync(self.fd)
 
     def disk_bytes(self) -> int:
         """Bytes the file occupies on disk (allocated blocks)."""

@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from kvtier.block import checksum
 from kvtier.config import SSDTierConfig, format_size
 from kvtier.errors import (
     CorruptBlock,
@@ -43,16 +42,24 @@ from kvtier.errors import (
 )
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.ssd import compaction, reader
-from kvtier.tiers.ssd.datadir import fsync_dir, open_data_dir
-from kvtier.tiers.ssd.directio import probe_direct_io, read_exact
-from kvtier.tiers.ssd.index import Index, Location, Record
-from kvtier.tiers.ssd.recovery import check, recover
+from kvtier.tiers.ssd.datadir import (
+    VERSION,
+    format_version,
+    fsync_dir,
+    open_data_dir,
+    write_version,
+)
+from kvtier.tiers.ssd.directio import padded, probe_direct_io, read_exact
+from kvtier.tiers.ssd.index import Location, Record, seal
+from kvtier.tiers.ssd.migrate import bind_keys
+from kvtier.tiers.ssd.recovery import check, open_index, recover
 from kvtier.tiers.ssd.segments import Segment, SegmentSet
 
 log = logging.getLogger(__name__)
 
 DURABILITY = ("sync", "batch", "none")
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+MAX_UNREMOVED = 100_000  # index deletes kept for retry while the index cannot commit them
 
 
 class SSDTier:
@@ -71,20 +78,20 @@ class SSDTier:
         self.durability = config.durability
         self.root, self._lock_fd = open_data_dir(config.path)
         try:
-            self._index = Index(self.root / "index", config.map_size,
-                                sync=config.durability != "none")
-        except Exception as e:
+            self._index = open_index(self.root, config.map_size, sync=config.durability != "none")
+        except DataDirError:
             os.close(self._lock_fd)
-            raise DataDirError(f"data directory {self.root}: index unreadable ({e})") from None
+            raise
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self.direct_io = bool(config.direct_io) and probe_direct_io(self.root / "segments")
         self._segments = SegmentSet(self.root / "segments", config.segment_bytes,
                                     self.direct_io, self._segment_created)
+        self._marked = False
         try:
+            self._upgrade()
             found = recover(self._index, self._segments)
-            self._index.set_flag(b"clean", b"0")
-            self._index.sync()
+            self._mark_in_use()
         except Exception as e:
             self._close_files()
             raise DataDirError(f"data directory {self.root}: recovery failed ({e})") from None
@@ -97,6 +104,12 @@ class SSDTier:
         self._touches: dict[bytes, tuple[float, int]] = {}
         self._counters: Counter = Counter(recovered_blocks=len(self._loc),
                                           recovery_dropped=found.dropped)
+        self._disk_short = 0  # padded size of the last put the disk refused; 0 after a success
+        self._free_when_refused = 0  # free disk (statvfs) then: space is back once it grew by that
+        self._index_damage: str | None = None  # the last index failure found at run time
+        self._unremoved: dict[bytes, Location] = {}  # forgotten, index delete still to commit
+        self._dead_space = True  # deleted blocks may hold disk space compaction could return
+        self._compact_soon = False  # a put was refused for the disk: compact at the next tick
         self._closed = False
         self._pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="kvtier-ssd")
         self._stop = threading.Event()
@@ -111,6 +124,31 @@ class SSDTier:
     def durable(self) -> bool:
         """``sync``: durable when ``put`` returns; ``batch``: within one commit interval."""
         return self.durability != "none"
+
+    def _upgrade(self) -> None:
+        """Bind a format-1 directory's records to their keys (``migrate``); the version file
+        says 2 once all are. On a full disk it is left for the next open: format-1 records
+        stay readable (checked the old way) meanwhile."""
+        if format_version(self.root) >= VERSION:
+            return
+        try:
+            bind_keys(self._index, self._segments.directory)
+            write_version(self.root, VERSION)
+        except (StorageFull, OSError) as e:
+            log.warning("ssd tier under %s stays at format 1 until the next open: %s", self.root, e)
+
+    def _mark_in_use(self) -> bool:
+        """Record that the directory is open (a clean close clears it), so a crash is known at
+        the next open. False while the index cannot take the write (a full disk): the tier
+        still opens and serves reads, and puts are refused until the mark is written."""
+        try:
+            self._index.set_flag(b"clean", b"0")
+            self._index.sync()
+        except StorageFull as e:
+            log.warning("ssd tier under %s cannot mark itself open yet: %s", self.root, e)
+            return False
+        self._marked = True
+        return True
 
     # ---- capacity --------------------------------------------------------------------------
     @property
@@ -131,8 +169,20 @@ class SSDTier:
         with self._lock:
             return self._room_problem(nbytes, free) is None
 
+    def short_of_disk(self, nbytes: int) -> bool:
+        """Whether a put of ``nbytes`` would be refused for the disk (``DiskBound``).
+
+        Deleting blocks frees no disk space until compaction, so the manager must not evict for
+        this: the put fails with ``StorageFull`` and what is stored stays.
+        """
+        free = self._free_disk()
+        return self._disk_problem(nbytes, free) is not None
+
     def _free_disk(self) -> int:
-        st = os.statvfs(self.root)
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return 0
         return st.f_bavail * st.f_frsize
 
     def _room_problem(self, nbytes: int, free: int) -> str | None:
@@ -140,10 +190,51 @@ class SSDTier:
         if used + nbytes > self.config.capacity_bytes:
             return (f"ssd tier full: a {nbytes}-byte block does not fit "
                     f"({format_size(used)} of {format_size(self.config.capacity_bytes)} used)")
-        if free - nbytes < self.config.min_free_bytes:
+        return self._disk_problem(nbytes, free)
+
+    def _disk_problem(self, nbytes: int, free: int) -> str | None:
+        floor = self.config.min_free_bytes
+        if free < nbytes:
+            return (f"ssd tier: no space left on the device under {self.root} for a "
+                    f"{nbytes}-byte block ({format_size(free)} free)")
+        if free - nbytes < floor:
             return (f"ssd tier: free disk under {self.root} would fall below the floor "
-                    f"({format_size(free)} free, floor {format_size(self.config.min_free_bytes)})")
+                    f"({format_size(free)} free, floor {format_size(floor)})")
         return None
+
+    def _refused_for_disk(self, nbytes: int) -> None:
+        """Count a put the disk refused, remember its size for ``health``, and get compaction to
+        return the space deleted blocks still hold (caller holds ``_lock``)."""
+        self._counters["disk_full"] += 1
+        self._disk_short = max(self._disk_short, padded(nbytes))
+        self._free_when_refused = self._free_disk()
+        if self._dead_space:
+            self._compact_soon = True
+            self._dead_space = False
+
+    def health(self) -> list[str]:
+        """What degrades the tier now (``ReportsHealth``): a full disk, a damaged index.
+
+        The disk is full while free space is under the floor, and after a put the disk refused
+        until that put would fit again: free space has grown by its size since (a quota's ENOSPC
+        does not show in free space: then until a put succeeds).
+        """
+        problems = []
+        free, floor, short = self._free_disk(), self.config.min_free_bytes, self._disk_short
+        back = free - short >= floor and free >= self._free_when_refused + short
+        if free < floor or (short and not back):
+            last = f", a {format_size(short)} block did not fit" if short else ""
+            problems.append(
+                f"disk full under {self.root} ({format_size(free)} free, floor "
+                f"{format_size(floor)}{last}): new blocks are refused, stored ones are served")
+        elif short:
+            self._disk_short = 0  # the space came back
+        if self._index_damage is not None:
+            problems.append(
+                f"index damaged under {self.root} ({self._counters['index_errors']} errors, last "
+                f"{self._index_damage}): blocks it cannot give back are misses; the next open "
+                "checks it")
+        return problems
 
     # ---- writes ----------------------------------------------------------------------------
     def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta) -> None:
@@ -159,7 +250,12 @@ class SSDTier:
         n = len(mv)
         if n == 0:
             raise InvalidRequest("cannot store an empty block")
-        crc = checksum(mv)
+        if not self._marked and not self._mark_in_use():
+            with self._lock:
+                self._counters["put_failures"] += 1
+                self._refused_for_disk(n)
+            raise StorageFull(f"ssd tier: no space under {self.root} to open the index for writes")
+        crc, head = seal(key, mv)
         inline = n < self.config.inline_threshold
         free = self._free_disk()
         seg: Segment | None = None
@@ -172,13 +268,14 @@ class SSDTier:
             problem = self._room_problem(n, free)
             if problem:
                 self._counters["put_failures"] += 1
+                if self._disk_problem(n, free):
+                    self._refused_for_disk(n)
                 raise StorageFull(problem)
             if not inline:
                 try:
                     seg, offset = self._segments.reserve(n)
                 except OSError as e:  # e.g. the segment directory is gone
-                    self._counters["put_failures"] += 1
-                    raise self._put_error(e, n, counted=True) from None
+                    raise self._put_error(e, n) from None
             self._inflight.add(key)
             self._reserved += n
         ok = False
@@ -187,7 +284,7 @@ class SSDTier:
                 seg.write(mv, offset)
                 if self.durability == "sync":
                     seg.sync()
-            loc = Location(seg.id if seg else 0, offset, n, crc, self.durability != "none")
+            loc = Location(seg.id if seg else 0, offset, n, crc, self.durability != "none", head)
             rec = Record(loc, meta, time.time())
             blob = bytes(mv) if inline else None
             if self.durability == "batch":
@@ -205,10 +302,15 @@ class SSDTier:
                         self._insert(key, loc, seg)
             ok = True
         except OSError as e:
-            raise self._put_error(e, n) from None
-        except KVTierError:
+            with self._lock:
+                err = self._put_error(e, n)
+            raise err from None
+        except KVTierError as e:
             with self._lock:
                 self._counters["put_failures"] += 1
+                if isinstance(e, StorageFull):  # the index could not grow on a full disk
+                    self._refused_for_disk(n)
+            self._index_failed(e, "committing a block")
             raise
         finally:
             with self._lock:
@@ -221,6 +323,7 @@ class SSDTier:
                         self._segments.unreserve(seg, offset, n)
 
     def _insert(self, key: bytes, loc: Location, seg: Segment | None) -> None:
+        self._disk_short = 0
         self._loc[key] = loc
         self._used += loc.length
         if seg is not None:
@@ -228,11 +331,11 @@ class SSDTier:
         self._counters["blocks_written"] += 1
         self._counters["bytes_written"] += loc.length
 
-    def _put_error(self, e: OSError, nbytes: int, counted: bool = False) -> KVTierError:
-        if not counted:
-            with self._lock:
-                self._counters["put_failures"] += 1
+    def _put_error(self, e: OSError, nbytes: int) -> KVTierError:
+        """Count a put failed by ``e`` and say why (caller holds ``_lock``)."""
+        self._counters["put_failures"] += 1
         if e.errno in _FULL_ERRNOS:
+            self._refused_for_disk(nbytes)
             return StorageFull(f"ssd tier: no space left on the device under {self.root} for a "
                                f"{nbytes}-byte block ({e.strerror})")
         if e.errno == errno.ENOENT:
@@ -245,10 +348,16 @@ class SSDTier:
             fsync_dir(self._segments.directory)
 
     def flush(self) -> None:
-        """Commit puts waiting for a batch commit: payloads fsync'd first, then the index."""
+        """Commit puts waiting for a batch commit: payloads fsync'd first, then the index.
+
+        Also retries index deletes that could not commit before (a full disk, damage).
+        """
         with self._commit_lock:
             with self._lock:
                 pending, self._pending = self._pending, []
+                unremoved = list(self._unremoved.items())
+            if unremoved:
+                self._remove_records(unremoved, "retrying deletes", retry=True)
             if not pending:
                 return
             try:
@@ -262,6 +371,10 @@ class SSDTier:
                         if self._loc.get(key) == rec.loc:
                             self._forget(key)
                     self._counters["put_failures"] += len(pending)
+                    if isinstance(e, StorageFull) or getattr(e, "errno", None) in _FULL_ERRNOS:
+                        self._refused_for_disk(max(p[1].loc.length for p in pending))
+                if isinstance(e, KVTierError):
+                    self._index_failed(e, "committing a batch")
             finally:
                 with self._lock:
                     for key, _, _, seg in pending:
@@ -271,7 +384,11 @@ class SSDTier:
 
     # ---- deletes ---------------------------------------------------------------------------
     def delete(self, key: bytes) -> bool:
-        """Remove a block; False if absent. Its space is reclaimed by ``compact``."""
+        """Remove a block; False if absent. Its space is reclaimed by ``compact``.
+
+        Never raises for the index: the block is gone from this process at once, and an index
+        delete that cannot commit now (a full disk, damage) is retried by later flushes.
+        """
         with self._commit_lock:
             with self._lock:
                 committed = not any(p[0] == key for p in self._pending)
@@ -279,8 +396,44 @@ class SSDTier:
             if loc is None:
                 return False
             if committed:
-                self._index.commit(deletes=[key])
+                self._remove_records([(key, loc)], "deleting a block")
         return True
+
+    def _remove_records(self, items: list[tuple[bytes, Location]], what: str,
+                        retry: bool = False) -> None:
+        """Delete the records still pointing at these locations (caller holds ``_commit_lock``);
+        if the index cannot commit it, keep them to retry (bounded: a record left behind is
+        only dead space, and a key-bound checksum keeps it from serving other bytes)."""
+        try:
+            self._index.delete_if(items)
+        except KVTierError as e:
+            if not retry:
+                self._index_failed(e, what)
+            with self._lock:
+                self._unremoved.update(items)
+                while len(self._unremoved) > MAX_UNREMOVED:
+                    self._unremoved.pop(next(iter(self._unremoved)))
+            return
+        if retry:
+            with self._lock:
+                for key, loc in items:
+                    if self._unremoved.get(key) == loc:
+                        del self._unremoved[key]
+
+    def _index_failed(self, e: KVTierError, what: str) -> None:
+        """Count and log index damage found at run time; ``health`` reports it from now on.
+
+        A full disk is not damage (the caller counts it as the disk refusing). The first failure
+        is logged as an error, later ones at debug level: ``index_errors`` counts them all.
+        Caller does not hold ``_lock``.
+        """
+        if isinstance(e, StorageFull):
+            return
+        with self._lock:
+            self._counters["index_errors"] += 1
+            first, self._index_damage = self._index_damage is None, f"{what}: {e}"
+        log.log(logging.ERROR if first else logging.DEBUG,
+                "ssd index under %s failed while %s: %s", self.root, what, e)
 
     def _forget(self, key: bytes) -> Location | None:
         """Drop ``key`` from memory (caller holds ``_lock``)."""
@@ -291,6 +444,7 @@ class SSDTier:
         seg = self._segments.by_id.get(loc.segment)
         if seg is not None:
             seg.live -= loc.length
+            self._dead_space = True
         if self._pending and any(p[0] == key for p in self._pending):
             # Callers hold _commit_lock, so no batch commit is half-way through this list.
             self._pending = [p for p in self._pending if p[0] != key]
@@ -303,15 +457,20 @@ class SSDTier:
     def expire(self, namespace: str, older_than: float) -> int:
         """Delete every block of ``namespace`` created before unix time ``older_than``."""
         self.flush()
-        doomed = [k for k, rec in self._index.records()
+        try:
+            records = self._index.records(bad=[])
+        except KVTierError as e:
+            self._index_failed(e, "listing blocks to expire")
+            return 0
+        doomed = [k for k, rec in records
                   if rec.meta.namespace == namespace and rec.meta.created < older_than]
         with self._commit_lock:
             with self._lock:
-                doomed = [k for k in doomed if self._forget(k) is not None]
-                self._counters["expired"] += len(doomed)
-            if doomed:
-                self._index.commit(deletes=doomed)
-        return len(doomed)
+                gone = [(k, loc) for k in doomed if (loc := self._forget(k)) is not None]
+                self._counters["expired"] += len(gone)
+            if gone:
+                self._remove_records(gone, "expiring blocks")
+        return len(gone)
 
     def drop_corrupt(self, key: bytes, loc: Location, why: str) -> CorruptBlock:
         """Remove a block whose bytes failed verification; returns the error to raise."""
@@ -321,12 +480,14 @@ class SSDTier:
                 if mine:
                     self._counters["corrupt_blocks"] += 1
             if mine:
-                try:
-                    self._index.delete_if(key, loc)
-                except KVTierError as e:
-                    log.error("could not remove corrupt block %s from the index: %s", key.hex(), e)
+                self._remove_records([(key, loc)], "removing a corrupt block")
         log.warning("ssd block %s %s; dropped", key.hex(), why)
         return CorruptBlock(f"ssd block {key.hex()} {why}; dropped")
+
+    def index_unreadable(self, key: bytes, loc: Location, e: KVTierError) -> CorruptBlock:
+        """A block the index cannot give back (damage found on read): counted, dropped, a miss."""
+        self._index_failed(e, f"reading block {key.hex()}")
+        return self.drop_corrupt(key, loc, "is unreadable from the damaged index")
 
     # ---- reads -----------------------------------------------------------------------------
     def contains(self, key: bytes) -> bool:
@@ -371,7 +532,12 @@ class SSDTier:
         """Every stored block with its metadata and size (a snapshot)."""
         self.flush()
         live = dict(self._loc)
-        for key, rec in self._index.records():
+        try:
+            records = self._index.records(bad=[])
+        except KVTierError as e:
+            self._index_failed(e, "listing blocks")
+            return
+        for key, rec in records:
             if live.get(key) == rec.loc:
                 yield key, rec.meta, rec.loc.length
 
@@ -383,7 +549,10 @@ class SSDTier:
     def check(self) -> list[str]:
         """Problems between index, memory and segments (empty when consistent); reads everything."""
         self.flush()
-        return check(self._index, self._segments.directory, dict(self._loc))
+        try:
+            return check(self._index, self._segments.directory, dict(self._loc))
+        except KVTierError as e:
+            return [f"index unreadable: {e}"]
 
     def stats(self) -> dict:
         with self._lock:
@@ -396,7 +565,7 @@ class SSDTier:
                    "live_fraction": live / head if head else 1.0}
             counters = dict(self._counters)
         out["disk_bytes"] = sum(s.disk_bytes() for s in segs)
-        for name in ("corrupt_blocks", "put_failures", "bytes_read", "bytes_written", "blocks_read",
+        for name in ("corrupt_blocks", "index_errors", "put_failures", "disk_full", "bytes_read", "bytes_written", "blocks_read",
                      "blocks_written", "direct_reads", "buffered_reads", "coalesced_reads", "compactions",
                      "compacted_segments", "compacted_bytes", "expired"):
             out[name] = counters.pop(name, 0)
@@ -409,8 +578,8 @@ class SSDTier:
         if touches:
             try:
                 self._index.touch(touches)
-            except Exception as e:  # access times are advisory; never fail a caller for them
-                log.warning("could not persist access times: %s", e)
+            except KVTierError as e:  # access times are advisory; never fail a caller for them
+                self._index_failed(e, "saving access times")
 
     def _flush_loop(self) -> None:
         interval = self.config.batch_interval_ms / 1000 if self.durability == "batch" else 1.0
@@ -422,7 +591,9 @@ class SSDTier:
                 if now - last_touch >= 1.0:
                     self._flush_touches()
                     last_touch = now
-                if self._compact_interval_s and now - last_compact >= self._compact_interval_s:
+                due = self._compact_interval_s and now - last_compact >= self._compact_interval_s
+                if due or self._compact_soon:
+                    self._compact_soon = False
                     self.compact()
                     last_compact = now
             except Exception:
@@ -445,6 +616,8 @@ class SSDTier:
                     seg.sync()
             self._index.set_flag(b"clean", b"1")
             self._index.sync()
+        except (OSError, KVTierError) as e:  # the next open then treats it as a crash
+            log.error("ssd tier under %s did not close cleanly: %s", self.root, e)
         finally:
             self._close_files()
 
