@@ -24,14 +24,15 @@ class BlockEntry:
     tokens: int
     nbytes: int
     created: float
+    codec: str = "none"  # the codec spec its bytes are encoded with
     tiers: set[int] = field(default_factory=set)
     children: set[bytes] = field(default_factory=set)
     pins: int = 0
     hits: int = 0
     doomed: bool = False  # dropped while pinned: freed when the last reader lets go
 
-    def meta(self, codec: str) -> BlockMeta:
-        return BlockMeta(self.namespace, self.parent, self.tokens, codec, self.created)
+    def meta(self) -> BlockMeta:
+        return BlockMeta(self.namespace, self.parent, self.tokens, self.codec, self.created)
 
 
 @dataclass(slots=True)
@@ -87,7 +88,8 @@ def rebuild_index(tiers: Sequence[Tier], policies: Sequence[EvictionPolicy]) -> 
         if k is not None:  # an ancestor is missing: the block can never be reached
             tiers[t].delete(key)
             continue
-        entry = BlockEntry(key, meta.namespace, meta.parent, depth, meta.tokens, size, meta.created)
+        entry = BlockEntry(key, meta.namespace, meta.parent, depth, meta.tokens, size, meta.created,
+                           meta.codec)
         index[key] = entry
         entry.tiers.add(t)
         policies[t].insert(key)

@@ -123,6 +123,11 @@ class KVLayout:
                       for s in self.tensor_shapes) for _ in range(self.num_layers)]
 
 
+def block_slice(kv: KV, i: int, block_tokens: int) -> list[list[torch.Tensor]]:
+    """Views of block ``i``'s tokens (rows ``i*block_tokens`` on) in every tensor of ``kv``."""
+    return [[t[i * block_tokens:(i + 1) * block_tokens] for t in layer] for layer in kv]
+
+
 def _check_structure(kv: KV) -> None:
     if isinstance(kv, torch.Tensor) or not isinstance(kv, Sequence) or len(kv) == 0:
         raise InvalidType(

@@ -32,18 +32,22 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
 from kvtier.block import BlockHeader, decode_layer_into, header_size, parse_header
 from kvtier.costmodel import MEMORY_TIERS, CostDecision, CostModel
 from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError
+from kvtier.loader_promote import Assembly, Promoter
+from kvtier.loadstream import LoadStream, PrefixTruncated
+from kvtier.recorder import LoadResult, TierReads
 from kvtier.staging import StagingRing
+from kvtier.tiers.base import MemoryTier, RangedBatchReads, RegisteredBatchReads, Tier
 
 log = logging.getLogger(__name__)
 
@@ -59,140 +63,43 @@ class LoaderConfig:
     pinned: bool | None = None  # staging in pinned memory; None: when CUDA is available
 
 
-class PrefixTruncated(KVTierError):
-    """The stream ended short of the tokens the consumer planned for (a block was unreadable)."""
+@runtime_checkable
+class LoadSource(Protocol):
+    """What the loader needs from a cache (``TieredCache`` is one).
 
-    def __init__(self, tokens: int, planned: int) -> None:
-        super().__init__(f"only {tokens} of {planned} planned prefix tokens could be loaded")
-        self.tokens = tokens
-        self.planned = planned
+    - ``tier(name)``: the tier a leased block names.
+    - ``load_block(key, outs)``: the whole-block fallback for a block the loader could not
+      stream: reads it verified from its fastest good copy into ``outs`` (dropping corrupt
+      copies); False if no copy is left.
+    - ``promote_loaded(key, data, keep=...)``: keep a block's verified bytes, read from a
+      slower tier, in the fastest one (never evicting a key in ``keep``).
+    - ``promote_on_get``: whether blocks read from slower tiers are promoted.
+    - ``finish_load(result)``: told once per load (and per cost decision) what it did.
+    """
 
+    promote_on_get: bool
 
-class LoadStream:
-    """Per-layer readiness of one load. ``wait_layer(i)`` returns once layer ``i`` is usable."""
+    def tier(self, name: str) -> Tier: ...
 
-    def __init__(self, n_layers: int, n_blocks: int, block_tokens: int,
-                 cuda_stream: torch.cuda.Stream | None = None) -> None:
-        self.n_layers = n_layers
-        self.block_tokens = block_tokens
-        self.planned_blocks = n_blocks
-        self.error: str | None = None
-        self.seconds: float | None = None  # wall time from start to the last path finishing
-        self._landed = np.zeros((n_layers, n_blocks), dtype=bool)
-        self._valid = n_blocks
-        self._ready = [threading.Event() for _ in range(n_layers)]
-        self._events: list[torch.cuda.Event | None] = [None] * n_layers
-        self._cuda = cuda_stream
-        self._lock = threading.Lock()
-        self._paths_left = 2
-        self._done = threading.Event()
-        self._cancel = threading.Event()
-        self._fallen: set[int] = set()
-        self._start = time.perf_counter()
+    def load_block(self, key: bytes, outs: Sequence[Sequence[torch.Tensor]]) -> bool: ...
 
-    # ---- consumer side ---------------------------------------------------------------------
-    @property
-    def planned_tokens(self) -> int:
-        return self.planned_blocks * self.block_tokens
+    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Container[bytes] = ()) -> bool: ...
 
-    @property
-    def valid_blocks(self) -> int:
-        return self._valid
-
-    @property
-    def tokens(self) -> int:
-        """Tokens of the prefix that are (or will be) correct; final once ``done``."""
-        return self._valid * self.block_tokens
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait_layer(self, layer: int, timeout: float | None = None) -> int:
-        """Wait until ``layer`` of every valid block has landed; returns the valid tokens.
-
-        On a GPU the current stream is made to wait on the layer's CUDA event (no host sync).
-        Raises TimeoutError if not ready within ``timeout`` seconds.
-        """
-        if not self._ready[layer].wait(timeout):
-            raise TimeoutError(f"layer {layer} not loaded within {timeout} s")
-        ev = self._events[layer]
-        if ev is not None:
-            torch.cuda.current_stream().wait_event(ev)
-        return self.tokens
-
-    def layer_event(self, layer: int) -> torch.cuda.Event | None:
-        """The CUDA event marking ``layer`` ready (None on CPU or before it is ready)."""
-        return self._events[layer]
-
-    def wait_all(self, timeout: float | None = None) -> int:
-        """Wait for both paths to finish; returns the final valid tokens."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"load not finished within {timeout} s")
-        for i in range(self.n_layers):
-            self.wait_layer(i)
-        return self.tokens
-
-    def cancel(self) -> None:
-        """Stop issuing work; the stream then ends with the contiguous prefix that landed."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    # ---- producer side ---------------------------------------------------------------------
-    def _land(self, layers: Sequence[int], blocks: Sequence[int]) -> None:
-        with self._lock:
-            for layer in layers:
-                self._landed[layer, list(blocks)] = True
-                self._check(layer)
-
-    def _check(self, layer: int) -> None:
-        if not self._ready[layer].is_set() and self._landed[layer, : self._valid].all():
-            if self._cuda is not None:
-                ev = torch.cuda.Event()
-                ev.record(self._cuda)  # every copy of this layer was enqueued on this stream before
-                self._events[layer] = ev
-            self._ready[layer].set()
-
-    def _truncate(self, block: int, why: str) -> None:
-        with self._lock:
-            if block < self._valid:
-                self._valid = block
-                self.error = why
-                log.warning("load truncated to %d blocks: %s", block, why)
-            for layer in range(self.n_layers):
-                self._check(layer)
-
-    def _path_done(self) -> None:
-        with self._lock:
-            self._paths_left -= 1
-            if self._paths_left:
-                return
-            complete = self._landed.all(axis=0)
-            first_missing = int(np.argmin(complete)) if not complete.all() else len(complete)
-            if first_missing < self._valid:
-                self._valid = first_missing
-                self.error = self.error or "load cancelled"
-            for layer in range(self.n_layers):
-                self._check(layer)
-            self.seconds = time.perf_counter() - self._start
-        self._done.set()
+    def finish_load(self, result: LoadResult) -> None: ...
 
 
 class Loader:
     """Loads leased prefixes along two concurrent paths; owns the staging ring and cost model."""
 
-    def __init__(self, cache, config: LoaderConfig | None = None, cost: CostModel | None = None) -> None:
+    def __init__(self, cache: LoadSource, config: LoaderConfig | None = None,
+                 cost: CostModel | None = None) -> None:
         self.cache = cache
         self.config = config or LoaderConfig()
         self.cost = cost or CostModel(io_parallelism=self.config.io_threads)
         self._io = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="kvtier-load-io")
         self._paths = ThreadPoolExecutor(4, thread_name_prefix="kvtier-load-path")
-        self._promoter = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load-promote")
-        self._promotions: set[Future] = set()
-        self._promo_lock = threading.RLock()  # a done future runs its callback in the submitter
+        self._promoter = Promoter(self.cache)
+        self._promo_lock = self._promoter.lock
         self._ring: StagingRing | None = None
         self._ring_lock = threading.Lock()
         self._registered: list[tuple[object, StagingRing]] = []  # (tier, ring) registered once
@@ -214,8 +121,8 @@ class Loader:
         n_layers = ns.layout.num_layers
         groups = max(1, min(n_layers, lease.blocks[0].nbytes // max(1, self.config.min_read_bytes)))
         decision = self.cost.decide(blocks, ns.block_tokens, reads_per_block=1 + groups)
-        self.cache.record_cost_decision(
-            decision.verdict, {**self.cost.snapshot(), "last_decision": decision.to_dict()})
+        self.cache.finish_load(LoadResult(decision=decision.verdict, decision_detail={
+            **self.cost.snapshot(), "last_decision": decision.to_dict()}))
         return decision
 
     def _probe(self, lease) -> None:
@@ -257,9 +164,9 @@ class Loader:
         mem, io = [], []
         for i, b in enumerate(lease.blocks[:n]):
             tier = self.cache.tier(b.tiers[0])
-            (mem if hasattr(tier, "view") else io).append((i, b, tier))
-        job = _Job(stream, dest, ns.codec, bt, n_layers,
-                   promote=bool(getattr(self.cache.config, "promote_on_get", False)))
+            (mem if isinstance(tier, MemoryTier) else io).append((i, b, tier))
+        job = _Job(stream, dest, ns.codec, bt, n_layers, promote=self.cache.promote_on_get)
+        stream._on_done = lambda: self.cache.finish_load(job.result)
         self._paths.submit(self._guard, self._memory_path, job, mem)
         self._paths.submit(self._guard, self._io_path, job, io)
         return stream
@@ -301,7 +208,7 @@ class Loader:
         for name in {tier.name for _, _, tier in items}:
             nbytes = sum(b.nbytes for _, b, t in items if t.name == name)
             self.cost.observe_path(name, nbytes, seconds)
-            self._count_reads(name, sum(1 for _, _, t in items if t.name == name), nbytes, seconds)
+            self._count_reads(job, name, sum(1 for _, _, t in items if t.name == name), nbytes, seconds)
 
     def _io_path(self, job: _Job, items: list) -> None:
         """Path 2: headers, then layer-group ranges through the staging ring, many in flight;
@@ -313,7 +220,7 @@ class Loader:
         ranged = [it for it in items if not _reads_whole(it[2])]
         with self._promo_lock:  # placeholders first: promotions go in prefix order across both
             if job.promote:
-                job.promos.update({i: _Assembly(b.key, None, left=1) for i, b, _ in items})
+                job.promos.update({i: Assembly(b.key, None, left=1) for i, b, _ in items})
             job.promo_order = sorted(job.promos)
             job.keep = frozenset(b.key for _, b, _ in items)
         futures = self._whole_reads(job, whole) if whole else []
@@ -322,7 +229,7 @@ class Loader:
         finally:
             wait_futures(futures)
         if whole:
-            self._observe(whole, time.perf_counter() - start, len(futures))
+            self._observe(job, whole, time.perf_counter() - start, len(futures))
 
     def _ranged_reads(self, job: _Job, items: list, start: float) -> None:
         if not items:
@@ -336,7 +243,7 @@ class Loader:
         header_s = time.perf_counter() - start
         for name in {t.name for _, _, t in items}:
             # One batched call overlaps its reads inside the tier; otherwise io_threads at a time.
-            rounds = 1 if hasattr(items[0][2], "read_many_into") else math.ceil(len(items) / self.config.io_threads)
+            rounds = 1 if isinstance(items[0][2], RangedBatchReads) else math.ceil(len(items) / self.config.io_threads)
             self.cost.observe_latency(name, header_s / rounds)
         headers: list[tuple[int, object, object, BlockHeader]] = []
         for (i, b, tier), (_, buf, _), res in zip(items, requests, results, strict=True):
@@ -349,10 +256,10 @@ class Loader:
                     a.data = torch.empty(b.nbytes, dtype=torch.uint8)
                     a.data[:h.header_bytes].copy_(buf[:h.header_bytes])
                 elif a is not None:
-                    self._abandon(job, i)  # ranges would not rebuild it whole: not promoted
+                    self._promoter.abandon(job, i)  # ranges would not rebuild it whole: not promoted
             except (KeyError, KVTierError, OSError) as e:
                 log.warning("header of block %d in %s unreadable (%s); reading it whole", i, tier.name, e)
-                self._abandon(job, i)
+                self._promoter.abandon(job, i)
                 self._fallback(job, i, b)
         if not headers:
             return
@@ -373,14 +280,14 @@ class Loader:
                 futures.append(self._io.submit(self._read_group, job, ring, slot, i, b, tier, h, g))
                 reads += 1
         wait_futures(futures)
-        self._observe([(i, b, t) for i, b, t, _ in headers], time.perf_counter() - start,
+        self._observe(job, [(i, b, t) for i, b, t, _ in headers], time.perf_counter() - start,
                       reads + len(items))
 
-    def _observe(self, items: list, seconds: float, reads: int) -> None:
+    def _observe(self, job: _Job, items: list, seconds: float, reads: int) -> None:
         for name in {t.name for _, _, t in items}:
             nbytes = sum(b.nbytes for _, b, t in items if t.name == name)
             self.cost.observe_path(name, nbytes, seconds, reads)
-            self._count_reads(name, sum(1 for _, _, t in items if t.name == name), nbytes, seconds)
+            self._count_reads(job, name, sum(1 for _, _, t in items if t.name == name), nbytes, seconds)
 
     def _read_group(self, job: _Job, ring: StagingRing, slot, i: int, b, tier, h: BlockHeader, g: range) -> None:
         try:
@@ -397,10 +304,10 @@ class Loader:
                 if self._cuda is not None:
                     self._cuda.synchronize()  # the slot is reused once its copies are done
             job.stream._land(list(g), [i])
-            self._gather(job, i, buf, lo, hi)
+            self._promoter.gather(job, i, buf, lo, hi)
         except (KeyError, KVTierError, OSError) as e:
             log.warning("layers %s of block %d in %s unreadable (%s); reading it whole", list(g), i, tier.name, e)
-            self._abandon(job, i)  # the whole-block read promotes it, if it can
+            self._promoter.abandon(job, i)  # the whole-block read promotes it, if it can
             self._fallback(job, i, b)
         finally:
             ring.release(slot)
@@ -421,7 +328,7 @@ class Loader:
             tier = group[0][2]
             self._register(tier, ring)
             # A tier that reads block by block gets one block per task, io_threads in flight.
-            per = max(1, ring.slots // 2) if getattr(tier, "batched_reads", True) else 1
+            per = max(1, ring.slots // 2) if tier.batched_reads else 1
             for k in range(0, len(group), per):
                 if job.stream.cancelled:
                     break
@@ -440,10 +347,10 @@ class Loader:
         for (i, b, _), n in zip(unknown, sizes, strict=True):
             if n:
                 b.nbytes = n
-                self.cache.record_size(b.key, n)
+                job.result.sizes[b.key] = n
             else:
                 lost.add(i)
-                self._abandon(job, i)
+                self._promoter.abandon(job, i)
                 self._fallback(job, i, b)
         return [it for it in items if it[0] not in lost]
 
@@ -471,26 +378,14 @@ class Loader:
                             self._cuda.synchronize()  # the slot is reused once its copies are done
                 except (KeyError, KVTierError, OSError) as e:
                     log.warning("block %d in %s unreadable (%s); reading it whole", i, tier.name, e)
-                    self._abandon(job, i)
+                    self._promoter.abandon(job, i)
                     self._fallback(job, i, b)
                     continue
                 job.stream._land(range(job.n_layers), [i])
-                self._gather_whole(job, i, out)
+                self._promoter.gather_whole(job, i, out)
         finally:
             for slot in slots:  # a slot a timed-out read may still write into waits for it
-                if hasattr(tier, "when_settled"):
-                    tier.when_settled(slot.tensor, lambda slot=slot: ring.release(slot))
-                else:
-                    ring.release(slot)
-
-    def _gather_whole(self, job: _Job, i: int, out: torch.Tensor) -> None:
-        a = job.promos.get(i)
-        if a is None:
-            return
-        a.data = out.clone()  # the slot goes back to the ring; the promotion keeps a copy
-        with self._promo_lock:
-            a.left = 0
-            self._submit_promotions(job)
+                tier.when_settled(slot.tensor, lambda slot=slot: ring.release(slot))
 
     def _register(self, tier, ring: StagingRing) -> None:
         """Register ``ring`` with ``tier`` once (remote engines then read straight into it).
@@ -499,8 +394,7 @@ class Loader:
             if any(t is tier and r is ring for t, r in self._registered):
                 return
             self._registered.append((tier, ring))
-        if hasattr(tier, "register"):
-            tier.register(ring.buffer)
+        tier.register(ring.buffer)
 
     def _fallback(self, job: _Job, i: int, b) -> None:
         """Read block ``i`` whole via the manager (verifies, drops corrupt copies); else truncate."""
@@ -510,7 +404,7 @@ class Loader:
             job.stream._fallen.add(i)
         ok = False
         try:
-            ok = self.cache.load_block(b.key, job.outs(i), job.codec)
+            ok = self.cache.load_block(b.key, job.outs(i))
             if ok and self._cuda is not None:
                 torch.cuda.current_stream().synchronize()
         except Exception as e:  # noqa: BLE001
@@ -520,51 +414,6 @@ class Loader:
         else:
             job.stream._truncate(i, f"block {i} ({b.key.hex()}) has no readable copy")
 
-    def _gather(self, job: _Job, i: int, buf: torch.Tensor, lo: int, hi: int) -> None:
-        """Keep a verified range of block ``i`` for promotion; promote once the block is whole."""
-        a = job.promos.get(i)
-        if a is None:
-            return
-        a.data[lo:hi].copy_(buf)
-        with self._promo_lock:
-            a.left -= 1
-            if not a.left:
-                self._submit_promotions(job)
-
-    def _abandon(self, job: _Job, i: int) -> None:
-        with self._promo_lock:
-            if job.promos.pop(i, None) is not None:
-                self._submit_promotions(job)
-
-    def _submit_promotions(self, job: _Job) -> None:
-        """Promote whole blocks in prefix order (caller holds the lock), so a tier too small for
-        the prefix keeps its head, never a scattered subset."""
-        while job.promo_next < len(job.promo_order):
-            i = job.promo_order[job.promo_next]
-            a = job.promos.get(i)
-            if a is not None and a.left:
-                return  # block i is still landing
-            job.promo_next += 1
-            if a is not None:
-                del job.promos[i]
-                fut = self._promoter.submit(self._promote, job, a)
-                self._promotions.add(fut)
-                fut.add_done_callback(self._promotion_done)
-
-    def _promote(self, job: _Job, a: _Assembly) -> None:
-        if job.promo_failed:
-            return  # the tier had no room for an earlier block: later ones would only evict it
-        try:
-            ok = self.cache.promote_loaded(a.key, a.data, job.codec, keep=job.keep)
-        except Exception:  # noqa: BLE001  a failed promotion costs a later SSD read, nothing more
-            log.exception("promoting block %s failed", a.key.hex())
-            ok = False
-        job.promo_failed = not ok
-
-    def _promotion_done(self, fut: Future) -> None:
-        with self._promo_lock:
-            self._promotions.discard(fut)
-
     # ---- helpers ---------------------------------------------------------------------------
     def _read_many(self, items: list, requests: list) -> list:
         by_tier: dict[str, list[int]] = {}
@@ -573,7 +422,7 @@ class Loader:
         results: list = [None] * len(requests)
         for name, idx in by_tier.items():
             tier = self.cache.tier(name)
-            if hasattr(tier, "read_many_into"):
+            if isinstance(tier, RangedBatchReads):
                 for j, res in zip(idx, tier.read_many_into([requests[j] for j in idx]), strict=True):
                     results[j] = res
             else:
@@ -597,32 +446,25 @@ class Loader:
     def _on_load_stream(self):
         return torch.cuda.stream(self._cuda) if self._cuda is not None else contextlib.nullcontext()
 
-    def _count_reads(self, tier: str, blocks: int, nbytes: int, seconds: float) -> None:
-        self.cache.record_reads(tier, blocks, nbytes, seconds)
+    @staticmethod
+    def _count_reads(job: _Job, tier: str, blocks: int, nbytes: int, seconds: float) -> None:
+        with job.stream._lock:
+            r = job.result.reads.setdefault(tier, TierReads())
+            r.blocks += blocks
+            r.nbytes += nbytes
+            r.seconds += seconds
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the promotions of every load started so far have run."""
-        with self._promo_lock:
-            pending = list(self._promotions)
-        wait_futures(pending, timeout)
+        self._promoter.flush(timeout)
 
     def close(self) -> None:
         self._paths.shutdown(wait=True)
         self._io.shutdown(wait=True)
-        self._promoter.shutdown(wait=True)
+        self._promoter.close()
         for tier, ring in self._registered:
-            if hasattr(tier, "unregister"):
-                tier.unregister(ring.buffer)
+            tier.unregister(ring.buffer)
         self._registered.clear()
-
-
-@dataclass(slots=True)
-class _Assembly:
-    """A block's verified bytes gathered from path 2's ranges, promoted once all have landed."""
-
-    key: bytes
-    data: torch.Tensor | None  # None until a whole-read block lands
-    left: int = 0  # ranges still to land
 
 
 @dataclass(slots=True)
@@ -632,12 +474,13 @@ class _Job:
     codec: str
     block_tokens: int
     n_layers: int
-    promos: dict[int, _Assembly] = field(default_factory=dict)  # blocks path 2 will promote
+    promos: dict[int, Assembly] = field(default_factory=dict)  # blocks path 2 will promote
     promo_order: list[int] = field(default_factory=list)
     promo_next: int = 0
     promo_failed: bool = False
     keep: frozenset[bytes] = frozenset()  # this load's blocks: its promotions never evict them
     promote: bool = False  # the cache promotes blocks read from slower tiers
+    result: LoadResult = field(default_factory=LoadResult)  # reported once the load is done
 
     def outs(self, i: int) -> list[list[torch.Tensor]]:
         bt = self.block_tokens
@@ -679,9 +522,9 @@ def _span(h: BlockHeader, g: range) -> tuple[int, int]:
     return first.offset, last.offset + last.length
 
 
-def _reads_whole(tier) -> bool:
+def _reads_whole(tier: Tier) -> bool:
     """True for tiers that read a block whole, a prefix batch per call (the remote tier)."""
-    return hasattr(tier, "read_blocks_into")
+    return isinstance(tier, RegisteredBatchReads)
 
 
 def _size_or_none(tier, key: bytes) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 # Reload latency buckets (seconds): 50 us .. 30 s.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -84,18 +84,28 @@ class TierStats:
     age_seconds: Histogram = field(default_factory=lambda: Histogram(AGE_BUCKETS))
     extra: dict = field(default_factory=dict)  # tier-specific figures (direct_io, compactions...)
 
+    def copy(self) -> TierStats:
+        """A copy whose counters and histograms are its own (``age_seconds`` starts empty:
+        a snapshot fills it from the blocks' ages)."""
+        out = TierStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+        out.evictions = self.evictions.copy()
+        out.reload_seconds = self.reload_seconds.copy()
+        out.age_seconds = Histogram(self.age_seconds.buckets)
+        out.extra = dict(self.extra)
+        return out
+
     def to_dict(self) -> dict:
-        return {
-            "name": self.name, "capacity_bytes": self.capacity_bytes, "used_bytes": self.used_bytes,
-            "blocks": self.blocks, "hits": self.hits, "misses": self.misses,
-            "hit_tokens": self.hit_tokens, "blocks_read": self.blocks_read,
-            "blocks_written": self.blocks_written, "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written, "promotions": self.promotions,
-            "demotions": self.demotions, "evictions": dict(self.evictions),
-            "corrupt_blocks": self.corrupt_blocks, "put_failures": self.put_failures,
-            "reload_seconds": self.reload_seconds.to_dict(),
-            "age_seconds": self.age_seconds.to_dict(), **({"extra": self.extra} if self.extra else {}),
-        }
+        out: dict = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Histogram):
+                value = value.to_dict()
+            elif isinstance(value, Counter):
+                value = dict(value)
+            out[f.name] = value
+        if not self.extra:
+            del out["extra"]
+        return out
 
 
 @dataclass(slots=True)

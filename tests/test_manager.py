@@ -208,8 +208,8 @@ def test_concurrent_put_get_lookup():
         assert all(counts) and s.lookups >= sum(counts) * 0.5
         for name, ts in s.tiers.items():
             assert ts.used_bytes <= ts.capacity_bytes
-            assert ts.blocks == len(c._policies[c._tier_index(name)])
-        assert sum(ts.blocks for ts in s.tiers.values()) >= len(c._index)
+            assert ts.blocks == len(c._placement.policies[c._placement.tier_index(name)])
+        assert sum(ts.blocks for ts in s.tiers.values()) >= len(c._placement.index)
         assert s.lookup_hits <= s.lookups and s.tokens_hit <= s.tokens_looked_up
 
 
@@ -285,7 +285,7 @@ def test_ttl_expires_blocks(monkeypatch):
 def _put_blocked_at_second_block(monkeypatch, c, name, kv):
     """Start a put of ``kv`` into ``name`` that stops before encoding its second block; returns
     (thread, result dict, release function)."""
-    import kvtier.manager as manager
+    import kvtier.writes as manager
 
     real, calls = manager.encode_block_pooled, []
     entered, gate = threading.Event(), threading.Event()

@@ -175,9 +175,9 @@ def test_background_write_through_backlog_is_bounded(tmp_path, monkeypatch):
                          daemon=True).start()
         assert started.wait(30)
         assert not done.wait(0.5)  # blocked: the SSD holds the writer, the backlog is full
-        assert c._backlog_bytes <= 8 * 1024
+        assert c._writes.backlog_bytes <= 8 * 1024
         gate.set()
         assert done.wait(60)
         c.flush(60)
-        assert c._backlog_bytes == 0
+        assert c._writes.backlog_bytes == 0
         assert c.stats().tiers["ssd"].blocks == 8

@@ -47,7 +47,7 @@ def test_timeout_reports_the_contiguous_tokens_that_arrived(tmp_path):
         ready = h.ready_tokens
         assert ready % BT == 0 and ready < 8 * BT
         cache.flush(5)
-        cache._prefetcher.submit(lambda: None).result(10)  # the worker has stopped
+        cache._prefetcher._pool.submit(lambda: None).result(10)  # the worker has stopped
         assert h.ready_tokens == ready  # frozen at the timeout
         lease = cache.acquire("m", toks)
         in_host = [("host" in b.tiers) for b in lease.blocks]

@@ -4,7 +4,6 @@ tier), and B's reload gives logits equal to recompute."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -12,18 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import kvtier.manager
 from tests.integration.remote_servers import REDIS_CLI, REDIS_SERVER, SKIP_REASON, RedisServer
 
 pytest.importorskip("redis", reason="redis-py missing: pip install 'kvtier[redis]'")
-pytestmark = [
-    pytest.mark.skipif(not (REDIS_SERVER and REDIS_CLI), reason=SKIP_REASON),
-    pytest.mark.skipif(
-        "contains_many" not in inspect.getsource(kvtier.manager),
-        reason="TieredCache does not yet ask the remote tier about blocks missing locally "
-               "(RemoteTier.contains_many in the lookup path); see issue 8",
-    ),
-]
+pytestmark = pytest.mark.skipif(not (REDIS_SERVER and REDIS_CLI), reason=SKIP_REASON)
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,13 +1,16 @@
 """The Tier extension point: one storage level of the hierarchy.
 
 Tiers hold opaque encoded blocks (see ``kvtier.block``) by 16-byte key. The manager owns
-placement, eviction order and admission; a tier only stores, reads and reports. The manager
-never asks which kind of tier it talks to.
+placement, eviction order and admission; a tier only stores, reads and reports. Every tier
+implements ``Tier``; what only some tiers can do is a small capability Protocol of its own below
+(``MemoryTier``, ``RangedBatchReads``, ``RegisteredBatchReads``, ``SharedIndex``, ``DiskBound``,
+``ReportsHealth``, ``ReportsStats``), checked with ``isinstance`` once, when a cache is built or
+a load starts: nothing asks a tier what it is by probing its attributes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -57,6 +60,8 @@ class Tier(Protocol):
 
     def can_fit(self, nbytes: int) -> bool: ...
 
+    def fits_ever(self, nbytes: int) -> bool: ...
+
     def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta) -> None: ...
 
     def contains(self, key: bytes) -> bool: ...
@@ -102,3 +107,55 @@ class DiskBound(Protocol):
     for it; the tier's ``put`` refuses the block with ``StorageFull``. Cheap and thread-safe."""
 
     def short_of_disk(self, nbytes: int) -> bool: ...
+
+
+@runtime_checkable
+class ReportsStats(Protocol):
+    """A tier with counters of its own (JSON-able), shown as ``extra`` in ``/v1/stats``."""
+
+    def stats(self) -> dict: ...
+
+
+@runtime_checkable
+class RangedBatchReads(Protocol):
+    """A tier that overlaps many range reads in one call (the SSD tier: a thread pool, adjacent
+    records coalesced). ``requests`` are ``(key, out, offset)`` as for ``read_into``; returns, per
+    request, the byte count or the exception ``read_into`` would raise (never raises itself)."""
+
+    def read_many_into(self, requests: list[tuple[bytes, torch.Tensor, int]]) -> list[int | Exception]: ...
+
+
+@runtime_checkable
+class RegisteredBatchReads(Protocol):
+    """A tier that reads blocks only whole, a batch per call, straight into host memory
+    registered with it once (a remote engine; every call is a network round trip).
+
+    - ``read_blocks_into(keys, outs)``: whole blocks into ``outs`` (each exactly the block's
+      size), verified; per block the byte count or the exception (``KeyError`` for misses).
+    - ``batched_reads``: True when one call serves the whole batch (else callers should spread
+      blocks over their own threads, one per call).
+    - ``register``/``unregister`` a long-lived buffer (slow: once per buffer, never per read);
+      ``when_settled(tensor, fn)`` runs ``fn`` once no timed-out read can still write there.
+    """
+
+    @property
+    def batched_reads(self) -> bool: ...
+
+    def read_blocks_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[int | Exception]: ...
+
+    def register(self, tensor: torch.Tensor) -> bool: ...
+
+    def unregister(self, tensor: torch.Tensor) -> bool: ...
+
+    def when_settled(self, tensor: torch.Tensor, fn: Callable[[], None]) -> None: ...
+
+
+@runtime_checkable
+class SharedIndex(Protocol):
+    """A tier shared by several kvtier instances (a remote engine). It evicts by its own policy
+    (the manager never evicts from it; ``can_fit`` is its write bound), answers for many keys in
+    one round trip, and a block another instance stored can be found there though this instance
+    never indexed it. A dropped block's copy there is only forgotten, except for explicit
+    evictions, which delete it (outside the cache lock: every call is a network round trip)."""
+
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]: ...

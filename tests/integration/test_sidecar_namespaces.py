@@ -35,7 +35,7 @@ def test_drop_during_a_put_never_recreates_the_namespace_outside_its_tenant(monk
             except Exception as e:  # noqa: BLE001  inspected below
                 result["error"] = e
 
-        import kvtier.manager as manager
+        import kvtier.writes as manager
 
         real, calls = manager.encode_block_pooled, []
         entered, gate = threading.Event(), threading.Event()

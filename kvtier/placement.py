@@ -1,0 +1,286 @@
+"""Placement: which tier holds each block, and the cascade between tiers.
+
+Blocks enter the fastest tier that can take them; a full tier demotes victims (chosen by its
+eviction policy) one tier down; a block leaving its last tier is dropped together with its
+descendants, children before parents (a child is useless without its parent). Blocks pinned
+by a reader (``BlockEntry.pins``) are never evicted or freed: one dropped while pinned is
+``doomed`` and freed when its last reader lets go.
+
+Locking: ``lock`` (re-entrant) guards the index, the policies and the tiers' counters in
+``stats``; every method whose name has no ``_unlocked`` expects the caller to hold it, except
+where its docstring says it takes it. Methods that do network I/O say so and run without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Container, Iterable, Sequence
+
+import torch
+
+from kvtier.errors import KVTierError, StorageFull
+from kvtier.index import BlockEntry, PinnedKeys, rebuild_index
+from kvtier.policies import EvictionPolicy
+from kvtier.policies.admission import AdmissionPolicy
+from kvtier.stats import CacheStats
+from kvtier.tiers.base import DiskBound, SharedIndex, Tier
+
+log = logging.getLogger(__name__)
+
+
+class Placement:
+    """The block index over a cache's tiers (fastest first) and the moves between them."""
+
+    def __init__(self, tiers: Sequence[Tier], policies: Sequence[EvictionPolicy], stats: CacheStats,
+                 admission: AdmissionPolicy) -> None:
+        self.tiers = list(tiers)
+        self.policies = list(policies)
+        self.stats = stats
+        self.admission = admission
+        self.lock = threading.RLock()
+        self.index: dict[bytes, BlockEntry] = {}
+        self._protected = PinnedKeys(self.index)
+        shared = [t for t, tier in enumerate(self.tiers) if isinstance(tier, SharedIndex)]
+        self.shared_idx = shared[0] if shared else -1  # the shared remote tier, if any
+        self._remote_deletes: list[bytes] = []
+        self._placing: set[bytes] = set()  # blocks being written before they are indexed
+
+    @property
+    def shared(self) -> SharedIndex | None:
+        tier = self.tiers[self.shared_idx] if self.shared_idx >= 0 else None
+        return tier if isinstance(tier, SharedIndex) else None
+
+    def tier_index(self, name: str) -> int:
+        from kvtier.errors import InvalidRequest
+
+        for i, t in enumerate(self.tiers):
+            if t.name == name:
+                return i
+        raise InvalidRequest(f"unknown tier {name!r}: this cache has {[t.name for t in self.tiers]}")
+
+    def warm_start(self) -> None:
+        """Index what the persistent tiers hold (a warm restart)."""
+        self.index.update(rebuild_index(self.tiers, self.policies))
+        if self.index:
+            log.info("warm start: %d blocks recovered", len(self.index))
+
+    # ---- placing new blocks -------------------------------------------------------------------
+    def place_new(self, entry: BlockEntry, data: torch.Tensor) -> int | None:
+        """Put a new block into the fastest tier that can ever hold it (lock held, parent
+        pinned); the tier it landed in, or None; raises the last ``StorageFull`` if that is why
+        no tier took it (a full disk). The caller schedules its write-through."""
+        full: StorageFull | None = None
+        for t, tier in enumerate(self.tiers):
+            if not tier.fits_ever(len(data)) or not self.make_room(t, len(data)):
+                continue
+            try:
+                tier.put(entry.key, data, entry.meta())
+            except KVTierError as e:
+                self.stats.tiers[tier.name].put_failures += 1
+                log.warning("put to %s failed: %s", tier.name, e)
+                full = e if isinstance(e, StorageFull) else full
+                continue
+            self.publish(entry, t, len(data))
+            if entry.parent is not None:
+                self.index[entry.parent].children.add(entry.key)  # pinned: still indexed
+            return t
+        if full is not None:
+            raise full
+        return None
+
+    def place_unlocked(self, entry: BlockEntry, data: torch.Tensor) -> int | None:
+        """``place_new`` for a parentless block (engine pages), taking the lock itself and
+        writing a persistent tier's copy outside it, so many stores overlap their disk writes.
+        The tier it landed in, -1 if another writer placed it first, None if no tier can."""
+        with self.lock:
+            if entry.key in self.index or entry.key in self._placing:
+                return -1
+            for t, tier in enumerate(self.tiers):
+                if tier.fits_ever(len(data)) and self.make_room(t, len(data)):
+                    break
+            else:
+                return None
+            if not tier.persistent:  # a memory copy: cheap enough under the lock
+                return self.place_new(entry, data)
+            self._placing.add(entry.key)  # one writer per key while it is not indexed yet
+        try:
+            try:
+                tier.put(entry.key, data, entry.meta())  # not indexed yet: nothing evicts it
+            except KVTierError:  # e.g. a concurrent writer took the room made above
+                with self.lock:
+                    return -1 if entry.key in self.index else self.place_new(entry, data)
+            with self.lock:
+                if entry.key in self.index:
+                    return -1
+                self.publish(entry, t, len(data))
+                return t
+        finally:
+            with self.lock:
+                self._placing.discard(entry.key)
+
+    def publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:
+        """Record that tier ``t`` holds ``entry`` (lock held)."""
+        self.index[entry.key] = entry
+        entry.tiers.add(t)
+        self.policies[t].insert(entry.key)
+        s = self.stats.tiers[self.tiers[t].name]
+        s.blocks_written += 1
+        s.bytes_written += nbytes
+
+    def order_after_put(self, keys: Sequence[bytes], new: Container[bytes]) -> None:
+        """Make a put prefix's parents more recent than its children, so leaves are evicted
+        first; new blocks are re-inserted (no access counted), old ones touched (lock held)."""
+        for key in reversed(keys):
+            e = self.index.get(key)
+            for t in e.tiers if e else ():
+                if key in new:
+                    self.policies[t].remove(key)
+                    self.policies[t].insert(key)
+                else:
+                    self.policies[t].touch(key)
+
+    def touch(self, entries: Iterable[BlockEntry], *, pin: bool) -> None:
+        """Count a read of ``entries`` (parents last: more recent than children); pin them if
+        asked (lock held)."""
+        for e in reversed(list(entries)):
+            e.hits += 1
+            if pin:
+                e.pins += 1
+            for t in e.tiers:
+                self.policies[t].touch(e.key)
+
+    def release(self, entries: Iterable[BlockEntry]) -> None:
+        """Unpin ``entries``; a doomed one is freed with its last reader (takes the lock)."""
+        with self.lock:
+            for e in entries:
+                e.pins -= 1
+                if e.pins == 0 and e.doomed:
+                    self._free(e)
+
+    # ---- making room --------------------------------------------------------------------------
+    def make_room(self, t: int, nbytes: int, keep: Container[bytes] = ()) -> bool:
+        """Demote victims of tier ``t`` until ``nbytes`` fit; False if pinned blocks (or ``keep``)
+        prevent it (lock held).
+
+        True without evicting anything when the tier is short of disk rather than of budget
+        (``DiskBound``): evicting would return no disk space, only empty the tier, so the put
+        is left to the tier, which refuses it with ``StorageFull`` (counted by the caller). A
+        shared tier evicts by itself: its ``can_fit`` is only its write bound.
+        """
+        tier = self.tiers[t]
+        if t == self.shared_idx:
+            return tier.can_fit(nbytes)
+        protected = PinnedKeys(self.index, keep) if keep else self._protected
+        while not tier.can_fit(nbytes):
+            if isinstance(tier, DiskBound) and tier.short_of_disk(nbytes):
+                return True
+            victim = self.policies[t].evict(protected)
+            if victim is None:
+                return False
+            self._demote(victim, t)
+        return True
+
+    def _demote(self, key: bytes, t: int) -> None:
+        """Move a victim of tier ``t`` one tier down (or drop it if it leaves its last tier)."""
+        entry = self.index[key]
+        below = t + 1 if t + 1 < len(self.tiers) else None
+        stats = self.stats.tiers[self.tiers[t].name]
+        if below is not None and below not in entry.tiers and self.admission.admit_on_evict(entry.hits):
+            self._copy_down(entry, t, below)
+        self.tiers[t].delete(key)
+        entry.tiers.discard(t)
+        stats.evictions["capacity"] += 1
+        if entry.tiers:
+            stats.demotions += 1
+        else:
+            self.drop(key, "capacity")
+
+    def _copy_down(self, entry: BlockEntry, src: int, dst: int) -> None:
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        self.tiers[src].read_into(entry.key, buf)
+        if not (self.tiers[dst].fits_ever(entry.nbytes) and self.make_room(dst, entry.nbytes)):
+            return
+        try:
+            self.tiers[dst].put(entry.key, buf, entry.meta())
+        except KVTierError as e:
+            self.stats.tiers[self.tiers[dst].name].put_failures += 1
+            log.warning("demotion to %s failed: %s", self.tiers[dst].name, e)
+            return
+        self.publish(entry, dst, entry.nbytes)
+
+    # ---- drops --------------------------------------------------------------------------------
+    def drop(self, key: bytes, reason: str) -> int:
+        """Drop a block and its descendants from every tier, children first (lock held);
+        returns how many blocks were dropped."""
+        order: list[bytes] = []
+        stack = [key]
+        while stack:
+            k = stack.pop()
+            if k in self.index:
+                order.append(k)
+                stack.extend(self.index[k].children)
+        explicit = reason in ("evicted", "namespace_dropped")
+        for k in reversed(order):
+            entry = self.index.pop(k)
+            if explicit and self.shared_idx in entry.tiers:
+                self._remote_deletes.append(k)
+            if entry.parent is not None and entry.parent in self.index:
+                self.index[entry.parent].children.discard(k)
+            for t in entry.tiers:
+                self.policies[t].remove(k)
+                if k != key or reason != "capacity":
+                    self.stats.tiers[self.tiers[t].name].evictions[reason if k == key else "orphaned"] += 1
+            if entry.pins:
+                entry.doomed = True
+            else:
+                self._free(entry)
+            self.stats.blocks_dropped += 1
+        return len(order)
+
+    def _free(self, entry: BlockEntry) -> None:
+        """Delete a dropped block's copies. A shared tier's copy is only forgotten: the fleet may
+        still use it (explicit evictions delete it: ``flush_remote_deletes``)."""
+        for t in entry.tiers:
+            if t != self.shared_idx:
+                self.tiers[t].delete(entry.key)
+        entry.tiers.clear()
+
+    def flush_remote_deletes(self) -> None:
+        """Delete explicitly evicted blocks from the shared tier (network calls, each bounded by
+        the tier's timeout: call without the lock)."""
+        with self.lock:
+            keys, self._remote_deletes = self._remote_deletes, []
+        shared = self.tiers[self.shared_idx] if keys else None
+        for key in keys:
+            shared.delete(key)
+
+    def drop_namespace(self, name: str) -> int:
+        """Drop every block of namespace ``name`` (lock held); returns how many."""
+        roots = [e.key for e in self.index.values() if e.namespace == name and e.parent is None]
+        return sum(self.drop(k, "namespace_dropped") for k in roots)
+
+    def drop_expired(self, ttls: dict[str, float], now: float | None = None) -> int:
+        """Drop every block older than its namespace's TTL (lock held); returns how many."""
+        now = time.time() if now is None else now
+        expired = [e.key for e in self.index.values()
+                   if e.namespace in ttls and now - e.created > ttls[e.namespace]]
+        return sum(self.drop(k, "expired") for k in expired if k in self.index)
+
+    def live(self, key: bytes, ttl_s: float | None) -> BlockEntry | None:
+        """The entry of a stored, unexpired block (lock held); an expired one is dropped."""
+        e = self.index.get(key)
+        if e is None or e.doomed or not e.tiers:
+            return None
+        if ttl_s is not None and time.time() - e.created > ttl_s:
+            self.drop(key, "expired")
+            return None
+        return e
+
+    def record_size(self, key: bytes, nbytes: int) -> None:
+        """Remember the size a reader learned for a block the shared tier's existence query
+        found (unknown until then), so later leases carry it (lock held)."""
+        entry = self.index.get(key)
+        if entry is not None and not entry.nbytes:
+            entry.nbytes = nbytes

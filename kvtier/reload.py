@@ -1,0 +1,126 @@
+"""Whole-block reloads and promotion: read a pinned block from its fastest copy, verified,
+drop copies that fail their checksum, and copy blocks read from a slower tier up.
+
+The loader streams prefixes layer by layer (``kvtier.loader``); this is the block-at-a-time
+path it falls back on for a block it could not stream, and the one engine pages use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Container, Sequence
+
+import torch
+
+from kvtier.block import decode_block_into
+from kvtier.errors import CorruptBlock, StorageFull
+from kvtier.index import BlockEntry
+from kvtier.placement import Placement
+from kvtier.tiers.base import MemoryTier
+
+log = logging.getLogger(__name__)
+
+
+class Reloads:
+    """Reads and promotions over a ``Placement``; ``promote_on_get`` copies blocks read from a
+    slower tier into the fastest one. Thread-safe (takes the placement lock where needed)."""
+
+    def __init__(self, placement: Placement, *, promote_on_get: bool) -> None:
+        self.placement = placement
+        self.promote_on_get = promote_on_get
+        self.closed = False
+
+    def load_block(self, key: bytes, outs: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Decode one pinned block from its fastest tier into ``outs``; promote it if configured.
+
+        A corrupt or lost copy is dropped from its tier and the next tier is tried; False if
+        none is left. Verified once: a whole-block ``read_into`` checks the tier's checksum (the
+        Tier contract) and memory tiers hold bytes verified on their way in.
+        """
+        p = self.placement
+        entry = p.index.get(key)
+        while entry is not None and entry.tiers:
+            t = min(entry.tiers)
+            tier = p.tiers[t]
+            start = time.perf_counter()
+            try:
+                if isinstance(tier, MemoryTier):
+                    data, copied = tier.view(key), False
+                else:
+                    if not entry.nbytes:  # found by a shared tier's existence query: size unknown
+                        entry.nbytes = tier.size(key) or 0
+                        if not entry.nbytes:
+                            raise KeyError(key)
+                    data, copied = torch.empty(entry.nbytes, dtype=torch.uint8), True
+                    tier.read_into(key, data)
+                decode_block_into(data, outs, verify=False)
+            except (CorruptBlock, KeyError) as e:
+                self.lose_copy(entry, t, e)
+                continue
+            elapsed = time.perf_counter() - start
+            with p.lock:
+                s = p.stats.tiers[tier.name]
+                s.blocks_read += 1
+                s.bytes_read += entry.nbytes
+                s.reload_seconds.observe(elapsed)
+            if t > 0 and self.promote_on_get:
+                self.promote(entry, data if copied else None)
+            return True
+        return False
+
+    def lose_copy(self, entry: BlockEntry, t: int, err: Exception) -> None:
+        """Forget tier ``t``'s copy of ``entry`` after it failed (corrupt or gone)."""
+        p = self.placement
+        with p.lock:
+            if isinstance(err, CorruptBlock):
+                p.stats.tiers[p.tiers[t].name].corrupt_blocks += 1
+                log.warning("corrupt block %s in %s: %s", entry.key.hex(), p.tiers[t].name, err)
+            if t != p.shared_idx:  # no network call under the lock
+                p.tiers[t].delete(entry.key)
+            p.policies[t].remove(entry.key)
+            entry.tiers.discard(t)
+            if not entry.tiers:
+                p.drop(entry.key, "corrupt" if isinstance(err, CorruptBlock) else "lost")
+
+    def promote(self, entry: BlockEntry, data: torch.Tensor | None, target: int = 0, *,
+                keep: Container[bytes] = ()) -> bool:
+        """Copy a pinned block into tier ``target`` (a faster one), from ``data`` (its verified
+        bytes) or read from its fastest copy; True if it lives there now. Never evicts a key
+        in ``keep``. A tier that refuses it (a full disk) only costs the promotion."""
+        p = self.placement
+        if data is None:
+            data = torch.empty(entry.nbytes, dtype=torch.uint8)
+            p.tiers[min(entry.tiers)].read_into(entry.key, data)
+        with p.lock:
+            if entry.doomed or target in entry.tiers:
+                return target in entry.tiers
+            tier = p.tiers[target]
+            if not (tier.fits_ever(entry.nbytes) and p.make_room(target, entry.nbytes, keep)):
+                return False
+            try:
+                tier.put(entry.key, data, entry.meta())
+            except StorageFull as e:
+                p.stats.tiers[tier.name].put_failures += 1
+                log.debug("promotion to %s failed: %s", tier.name, e)
+                return False
+            p.publish(entry, target, entry.nbytes)
+            p.stats.tiers[tier.name].promotions += 1
+            return True
+
+    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Container[bytes] = ()) -> bool:
+        """Promote a block whose verified bytes a loader just read from a slower tier.
+
+        Called after the fact (the lease may be released): a block dropped or already promoted
+        meanwhile is left alone, and making room never evicts a key in ``keep`` (the rest of the
+        prefix). True if the block lives in the fastest tier now.
+        """
+        entry = self.placement.index.get(key)
+        if self.closed or entry is None or not entry.tiers:
+            return False
+        with self.placement.lock:
+            if not entry.nbytes:  # found by a shared tier's existence query: now it is known
+                entry.nbytes = data.numel()
+        if entry.nbytes != data.numel():
+            return False
+        return min(entry.tiers) == 0 or self.promote(entry, data, keep=keep)

@@ -1,0 +1,109 @@
+"""The write path of KV addressed by token ids: encode each new block of a prefix, place it in
+the fastest tier that takes it, write it through to the tiers below, and acknowledge the put
+once every durable tier holds it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from kvtier.block import encode_block_pooled
+from kvtier.catalog import NamespaceCatalog
+from kvtier.codecs import get_codec
+from kvtier.index import BlockEntry
+from kvtier.keys import as_token_array, prefix_hashes
+from kvtier.layout import KV, block_slice
+from kvtier.namespaces import Namespace
+from kvtier.placement import Placement
+from kvtier.recorder import StatsRecorder
+from kvtier.writethrough import DurableWrite, WriteThrough
+
+
+class Puts:
+    """``put`` over the cache's parts; thread-safe (concurrent puts of one prefix store each
+    block once, and each waits until the blocks it acknowledges are durable)."""
+
+    def __init__(self, catalog: NamespaceCatalog, placement: Placement, writes: WriteThrough,
+                 recorder: StatsRecorder) -> None:
+        self.catalog = catalog
+        self.placement = placement
+        self.writes = writes
+        self.recorder = recorder
+
+    def put(self, namespace: str, token_ids: Sequence[int] | np.ndarray, kv: KV, *, create: bool) -> int:
+        """See ``TieredCache.put``."""
+        tokens = as_token_array(token_ids)
+        ns = self.catalog.for_put(namespace, kv, create=create)
+        ns.layout.validate(kv, len(tokens))
+        bt = ns.block_tokens
+        keys = prefix_hashes(ns.digest, tokens, bt)
+        codec = get_codec(ns.codec)
+        p = self.placement
+        stored = 0
+        new: set[bytes] = set()
+        chain: list[BlockEntry] = []  # pinned as we go: eviction never takes this put's ancestors
+        durable: list[DurableWrite] = []
+        try:
+            for i, key in enumerate(keys):
+                with p.lock:
+                    self.catalog.check_live(ns)
+                    existing = p.index.get(key)
+                    missing: Sequence[int] = ()
+                    if existing is not None and not existing.doomed:
+                        existing.pins += 1
+                        chain.append(existing)
+                        missing = self.writes.missing(existing)
+                        if not missing:
+                            continue
+                data = encode_block_pooled(codec, block_slice(kv, i, bt))
+                if missing:
+                    # Stored, but not yet on a durable tier (an earlier write-through failed, or
+                    # one is in flight): write it (or wait for that write) before acknowledging.
+                    durable += self.writes.write(chain[-1], data, missing)
+                    continue
+                placed, entry = self._place(ns, chain, key, i, data)
+                if entry is None:
+                    break
+                chain.append(entry)
+                if placed is not None:  # outside the lock: the backlog bound may wait
+                    new.add(key)
+                    stored += bt
+                    durable += self.writes.schedule(entry, data, below=placed)
+                else:
+                    with p.lock:
+                        missing = self.writes.missing(entry)
+                    durable += self.writes.write(entry, data, missing)
+            self.writes.wait(durable)
+            with p.lock:
+                self.catalog.check_live(ns)
+        finally:
+            p.release(chain)
+        with p.lock:
+            p.order_after_put(keys, new)
+        self.recorder.count_put(ns, stored)
+        return stored
+
+    def _place(self, ns: Namespace, chain: list[BlockEntry], key: bytes, i: int,
+               data: torch.Tensor) -> tuple[int | None, BlockEntry | None]:
+        """Place block ``i`` (or find it placed by a concurrent put); returns (the tier it was
+        placed in, or None if it already was; its entry, pinned — None: stop the put here)."""
+        p = self.placement
+        parent = chain[-1] if chain else None
+        entry = BlockEntry(key, ns.name, parent.key if parent else None, i, ns.block_tokens,
+                           len(data), time.time(), ns.codec)
+        with p.lock:
+            self.catalog.check_live(ns)
+            if parent is not None and parent.doomed:
+                return None, None  # the parent was dropped meanwhile: a child alone is useless
+            placed = None
+            if key not in p.index:
+                placed = p.place_new(entry, data)
+                if placed is None:
+                    return None, None
+            entry = p.index[key]
+            entry.pins += 1
+            return placed, entry
