@@ -36,12 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.params import ENGINES, RW, TIERS
 from kvtier.config import format_size
 from kvtier.errors import InvalidRequest, StorageFull
 
-RW = ("randread", "read", "randwrite", "write", "randrw")
-TIERS = ("host", "ssd", "remote")
-ENGINES = ("sync", "batch")
 PERCENTILES = (1.0, 5.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.99)
 DATASET_DIR = "kvtier-bench-io"
 
