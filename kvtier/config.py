@@ -129,7 +129,7 @@ class HostTierConfig:
     capacity_bytes: int = 1024**3
     policy: Policy = "lru"
     pinned: bool | None = None  # None: pin when CUDA is available
-    page_bytes: int = 4 * 1024**2  # slab page; raised automatically to fit the largest block
+    page_bytes: int = 4 * 1024**2  # slab page; a block larger than a page takes a run of pages
 
     def __post_init__(self) -> None:
         normalize_sizes(self)
