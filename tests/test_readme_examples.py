@@ -26,7 +26,7 @@ def test_the_in_process_example_and_the_sidecar_never_share_a_directory(tmp_path
     assert example != sidecar_root and sidecar_root not in example.parents
     assert example not in sidecar_root.parents
     small = {"host": HostTierConfig(capacity_bytes="1MiB")}
-    with TieredCache(CacheConfig(**small, ssd=SSDTierConfig(path=sidecar.cache.ssd.path, min_free_bytes=0))):
-        # the sidecar's cache is open (kvtier serve running here): the example still opens
-        with TieredCache(CacheConfig(**small, ssd=SSDTierConfig(path=example_ssd_path(), min_free_bytes=0))):
-            pass
+    # the sidecar's cache open (kvtier serve running here), the example's opens beside it
+    with TieredCache(CacheConfig(**small, ssd=SSDTierConfig(path=sidecar.cache.ssd.path, min_free_bytes=0))), \
+            TieredCache(CacheConfig(**small, ssd=SSDTierConfig(path=example_ssd_path(), min_free_bytes=0))):
+        pass
