@@ -233,9 +233,10 @@ def host_tier_config(p: IOParams, block_bytes: int):
     """A host tier holding the data set with 5% + 4 blocks to spare, for blocks of
     ``block_bytes`` as stored (after the codec, which may shrink or grow them)."""
     from kvtier.config import HostTierConfig
-    from kvtier.tiers.allocator import SlabAllocator
+    from kvtier.tiers.allocator import MIN_SLOT, SlabAllocator
 
-    page = max(block_bytes, 4 * 1024**2)
+    # On the allocator's 4 KiB grid (it rounds a page down), so one block never spans two pages.
+    page = max(-(-block_bytes // MIN_SLOT) * MIN_SLOT, 4 * 1024**2)
     probe = SlabAllocator(page, page)  # one page: how many blocks of this size a page holds
     per_page = probe.page_bytes // probe.slot_size(block_bytes)
     blocks = math.ceil(p.blocks * 1.05) + 4

@@ -65,10 +65,3 @@ def test_pages_return_to_pool_when_empty():
 def test_fixed_slot_mode_rejects_oversized_blocks():
     a = SlabAllocator(CAP, PAGE, fixed_slot=True)
     assert a.slot_size(10) == PAGE and not a.fits_ever(PAGE + 1) and a.alloc(PAGE + 1) is None
-
-
-def test_a_block_of_the_page_size_takes_one_page_even_off_the_4k_grid():
-    block = 2_537_455  # an int8+zstd block: not a multiple of MIN_SLOT
-    a = SlabAllocator(8 * block, block)
-    assert a.page_bytes >= block and a.slot_size(block) == a.page_bytes
-    assert sum(a.alloc(block) is not None for _ in range(8)) == 7  # 8 * block rounds to 7 pages

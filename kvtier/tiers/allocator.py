@@ -32,10 +32,7 @@ class _Class:
 
 class SlabAllocator:
     def __init__(self, capacity: int, page_bytes: int, *, fixed_slot: bool = False) -> None:
-        # Rounded up to whole MIN_SLOTs, so a block of ``page_bytes`` takes one page, not a run
-        # of two (rounded down, a 2.42 MiB block in a "2.42 MiB" page reserved 4.84 MiB).
-        page_bytes = -(-page_bytes // MIN_SLOT) * MIN_SLOT
-        page_bytes = max(MIN_SLOT, min(page_bytes, capacity // MIN_SLOT * MIN_SLOT))
+        page_bytes = max(MIN_SLOT, min(page_bytes, capacity) // MIN_SLOT * MIN_SLOT)
         self.page_bytes = page_bytes
         self.n_pages = capacity // page_bytes if capacity >= MIN_SLOT else 0
         self.capacity = self.n_pages * page_bytes
