@@ -65,9 +65,11 @@ def test_slow_ssd_hits_are_declined_and_ttft_stays_near_recompute(tmp_path):
         ssd = cache.tier("ssd")
         ssd.delay = recompute  # every SSD read now costs a whole recompute
         loader.cost.observe_latency("ssd", 0.0)  # stale: still believes the SSD is fast
-        ttfts, verdicts, recomputes = [], [], []
+        ttfts, verdicts, recomputes, reads = [], [], [], []
         for _ in range(7):  # interleaved with recomputes: the machine is shared and noisy
+            before = ssd.reads
             res = prefill(model, cache, "m", prompt[0])
+            reads.append(ssd.reads - before)
             ttfts.append(res.seconds)
             verdicts.append(res.decision.verdict)
             start = time.perf_counter()
@@ -77,11 +79,13 @@ def test_slow_ssd_hits_are_declined_and_ttft_stays_near_recompute(tmp_path):
         st = cache.stats()
     # The first slowed hit may still be accepted on the stale estimate; its own reads correct it.
     assert all(v == "declined" for v in verdicts[1:]), verdicts
+    assert reads[1:] == [0] * 6, reads  # declined: not one slow read, so the TTFT is a recompute
     assert st.cost_decisions["declined"] >= 4
     cm = st.to_dict()["cost_model"]
     assert cm["last_decision"]["verdict"] == "declined" and cm["read_latency_s"]["ssd"] > 0
+    # One slow read alone would cost a whole recompute (2x); the margin is for a loaded machine.
     declined, baseline = statistics.median(ttfts[1:]), statistics.median(recomputes[1:])
-    assert declined <= 1.1 * baseline + 0.02, (ttfts, recomputes)
+    assert declined <= 1.5 * baseline + 0.05, (ttfts, recomputes)
 
 
 def test_first_decision_probes_an_unmeasured_tier(tmp_path):
