@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from kvtier import CacheConfig, TieredCache
-from kvtier.integrations.transformers import cache_kwarg, dynamic_cache_to_kv, load_kv, output_cache, save_kv
+from kvtier.integrations.transformers import (
+    cache_kwarg,
+    dynamic_cache_to_kv,
+    load_kv,
+    output_cache,
+    save_kv,
+)
 
 KV_BOUND = {"none": 0.0, "fp8": 0.05, "int8": 0.01}
 
