@@ -6,6 +6,7 @@ Nothing below this module reads the environment.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, get_args
@@ -160,6 +161,8 @@ class SSDTierConfig:
 
     def __post_init__(self) -> None:
         normalize_sizes(self)
+        if isinstance(self.path, os.PathLike):
+            self.path = os.fspath(self.path)
         if self.path is not None and not isinstance(self.path, str):
             raise InvalidRequest(f"SSDTierConfig.path must be a directory path or null, got {self.path!r}")
         choice(self.policy, Policy, "eviction policy")

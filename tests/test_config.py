@@ -65,6 +65,9 @@ def test_good_values_pass():
     cfg = SSDTierConfig(path="x", durability="sync", admission="selective", compaction_interval_s=None)
     assert cfg.durability == "sync"
     assert RemoteTierConfig(backend="mooncake", url="x").backend == "mooncake"
+    from pathlib import Path
+
+    assert SSDTierConfig(path=Path("data") / "ssd").path == str(Path("data") / "ssd")
 
 
 def test_the_closed_sets_name_exactly_the_registered_builtins():
