@@ -36,12 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.params import ENGINES, RW, TIERS
 from kvtier.config import format_size
 from kvtier.errors import InvalidRequest, StorageFull
 
-RW = ("randread", "read", "randwrite", "write", "randrw")
-TIERS = ("host", "ssd", "remote")
-ENGINES = ("sync", "batch")
 PERCENTILES = (1.0, 5.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.99)
 DATASET_DIR = "kvtier-bench-io"
 
@@ -187,10 +185,18 @@ def block_key(bs: int, i: int) -> bytes:
 
 
 class _Payloads:
-    """Block payloads: random bytes (codec none), or one random bf16 block per codec-encoded set."""
+    """Block payloads: random bytes (codec none), or one random bf16 KV block, encoded.
+
+    The encoded block is shaped as a model's KV, ``[tokens, 8 heads, 128]``: codecs keep a scale
+    per token and head, so a flat vector would be one "token" per value (int8 would store 2.5x
+    the raw bytes instead of ~0.52x). ``stored_bytes`` is what the tier holds per block.
+    """
+
+    HEADS, HEAD_DIM = 8, 128
 
     def __init__(self, p: IOParams) -> None:
         self.codec = None
+        self.shape = (p.bs // (2 * self.HEADS * self.HEAD_DIM), self.HEADS, self.HEAD_DIM)
         g = torch.Generator().manual_seed(p.seed)
         if p.codec == "none":
             # In 4 KiB-aligned buffers, as kvtier's own staging buffers are: the SSD tier then
@@ -201,7 +207,7 @@ class _Payloads:
         else:
             from kvtier.codecs import get_codec
             self.codec = get_codec(p.codec)
-            vals = torch.randn(p.bs // 2, generator=g).to(torch.bfloat16)
+            vals = torch.randn(self.shape, generator=g).to(torch.bfloat16)
             enc = self.codec.encode([vals])
             self.pool = [torch.frombuffer(bytearray(enc), dtype=torch.uint8)]
             self.stored_bytes = len(enc)
@@ -223,13 +229,26 @@ def dataset_dir(p: IOParams) -> Path:
     return Path(p.directory or tempfile.gettempdir()) / DATASET_DIR / f"{kind}-{p.codec}-{p.bs}"
 
 
-def open_tier(p: IOParams, fresh: bool):
-    """The tier to benchmark, and a cleanup callable."""
+def host_tier_config(p: IOParams, block_bytes: int):
+    """A host tier holding the data set with 5% + 4 blocks to spare, for blocks of
+    ``block_bytes`` as stored (after the codec, which may shrink or grow them)."""
+    from kvtier.config import HostTierConfig
+    from kvtier.tiers.allocator import MIN_SLOT, SlabAllocator
+
+    # On the allocator's 4 KiB grid (it rounds a page down), so one block never spans two pages.
+    page = max(-(-block_bytes // MIN_SLOT) * MIN_SLOT, 4 * 1024**2)
+    probe = SlabAllocator(page, page)  # one page: how many blocks of this size a page holds
+    per_page = probe.page_bytes // probe.slot_size(block_bytes)
+    blocks = math.ceil(p.blocks * 1.05) + 4
+    return HostTierConfig(capacity_bytes=-(-blocks // per_page) * probe.page_bytes, page_bytes=page)
+
+
+def open_tier(p: IOParams, fresh: bool, block_bytes: int | None = None):
+    """The tier to benchmark, and a cleanup callable; ``block_bytes``: stored bytes per block
+    (default ``p.bs``), which sizes the host tier."""
     if p.tier == "host":
-        from kvtier.config import HostTierConfig
         from kvtier.tiers.memory import make_host_tier
-        t = make_host_tier(HostTierConfig(capacity_bytes=int(p.size * 1.05) + p.bs * 4,
-                                          page_bytes=max(p.bs, 4 * 1024**2)))
+        t = make_host_tier(host_tier_config(p, block_bytes or p.bs))
         return t, t.close
     if p.tier == "remote":
         from kvtier.config import RemoteTierConfig
@@ -295,7 +314,7 @@ class _Job:
         self.rings = [[aligned_empty(payloads.stored_bytes) for _ in range(n)]
                       for _ in range(p.ring_sets() if p.rw != "write" else 1)]
         self.bufs = self.rings[0]
-        self.decoded = torch.empty(p.bs // 2, dtype=torch.bfloat16) if payloads.codec else None
+        self.decoded = torch.empty(payloads.shape, dtype=torch.bfloat16) if payloads.codec else None
         self.lat = {"read": [], "write": []}
         self.bytes = {"read": 0, "write": 0}
         self.seq = 0
@@ -307,9 +326,9 @@ def run(p: IOParams, progress: Progress | None = None) -> IOResult:
     """Lay out the data set (reads) or start empty (writes), run the job, return the figures."""
     p.check()
     writes = p.rw in ("write", "randwrite")
-    tier, close = open_tier(p, fresh=writes)
+    payloads = _Payloads(p)
+    tier, close = open_tier(p, fresh=writes, block_bytes=payloads.stored_bytes)
     try:
-        payloads = _Payloads(p)
         if p.rw != "write" and p.rw != "randwrite":
             populate(tier, p, payloads, progress)
         result = _measure(tier, p, payloads, progress)

@@ -1,8 +1,9 @@
 """``kvtier`` command line: one argparse sub-command per module in ``kvtier/commands/``.
 
 A command module exposes ``add_parser(subparsers)`` and ``run(args) -> int``; adding a command is
-adding its name to ``COMMANDS``. Bad input never shows a traceback: usage errors and kvtier's own
-errors print one ``kvtier <command>: error: ...`` line on stderr and exit 2; other OS errors exit 1.
+adding its name to ``COMMANDS``. Bad input never shows a traceback: usage errors, bad values and
+unusable data directories print one ``kvtier <command>: error: ...`` line on stderr and exit 2;
+other kvtier and OS errors print one such line and exit 1.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from typing import NoReturn
 
-from kvtier.errors import InvalidRequest, KVTierError
+from kvtier.commands import HelpFormatter
+from kvtier.errors import DataDirError, InvalidRequest, KVTierError
 
 COMMANDS: tuple[str, ...] = ("serve", "bench", "calc")
 
@@ -31,7 +34,9 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only`` (a command name) just that command's module is imported, so a
     light command does not pay for the imports of a heavy one (torch, for ``bench``)."""
-    parser = OneLineParser(prog="kvtier", description="tiered KV-cache offload service")
+    parser = OneLineParser(prog="kvtier", formatter_class=HelpFormatter,
+                           description="kvtier: a tiered KV-cache offload service for LLM inference "
+                                       "(GPU, host DRAM, SSD, shared remote tier).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS if only not in COMMANDS else (only,):
         module = importlib.import_module(f"kvtier.commands.{name}")
@@ -40,10 +45,26 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE = re.compile(r"^-\.?\d")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -1GiB`` -> ``--flag=-1GiB``: argparse takes a value that starts with ``-`` for a
+    flag (and says only "expected one argument"); joined, the value reaches its parser, which
+    says what is wrong with it."""
+    out: list[str] = []
+    for arg in argv:
+        if out and _NEGATIVE.match(arg) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = join_negative_values(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(argv[0] if argv else None)
     try:
         args, extra = parser.parse_known_args(argv)
@@ -55,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args._run(args) or 0)
-    except (InvalidRequest, ValueError) as e:
+    except (InvalidRequest, DataDirError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (KVTierError, OSError) as e:

@@ -11,10 +11,20 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from kvtier.config import CacheConfig, parse_size
+from kvtier.config import (
+    Admission,
+    CacheConfig,
+    Durability,
+    RemoteBackendName,
+    check_codec,
+    choice,
+    parse_size,
+)
 from kvtier.errors import InvalidRequest
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
 @dataclass(slots=True)
@@ -33,8 +43,27 @@ class ServerSettings:
     shm: bool = True  # allow the shared-memory data path
     shm_socket: str = ""  # Unix socket clients hand regions over on; empty: a fresh private temp dir
     graceful_timeout_s: float = 30.0
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     access_log: bool = False  # a line per request costs the event loop; /metrics has per-route latency
+
+    def __post_init__(self) -> None:
+        """Check every field (``build_settings`` re-runs this after assigning them)."""
+        self.log_level = parse_log_level(self.log_level)
+        for name in ("host", "data_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InvalidRequest(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise InvalidRequest(f"port must be 0..65535, got {self.port!r}")
+        for name in ("max_body_bytes", "max_kv_bytes", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidRequest(f"{name} must be a positive integer, got {value!r}")
+        g = self.graceful_timeout_s
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0:
+            raise InvalidRequest(f"graceful_timeout_s must be a number >= 0, got {g!r}")
+        for name in ("ssd", "shm", "access_log"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def auth_enabled(self) -> bool:
@@ -56,6 +85,15 @@ def parse_bool(value: Any) -> bool:
     if s in ("0", "false", "no", "off"):
         return False
     raise InvalidRequest(f"expected a boolean (true/false/1/0/yes/no), got {value!r}")
+
+
+def parse_log_level(value: Any) -> str:
+    """``info``, ``DEBUG``... -> the lower-case level; else InvalidRequest naming the levels."""
+    return choice(value.lower() if isinstance(value, str) else value, LogLevel, "log level")
+
+
+def _one_of(allowed: Any, what: str) -> Callable[[Any], Any]:
+    return lambda value: choice(value, allowed, what)
 
 
 def parse_tokens(value: Any) -> dict[str, str]:
@@ -103,58 +141,81 @@ def _float(v: Any) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Option:
-    """One setting: dotted key (``server.port``, ``cache.host.capacity_bytes``) and its sources."""
+    """One setting: dotted key (``server.port``, ``cache.host.capacity_bytes``) and its sources.
+
+    ``metavar`` is how ``--help`` names the value (``SIZE``, ``true|false``, ``{sync,batch,none}``).
+    """
 
     key: str
     flag: str
     env: str
     parse: Callable[[Any], Any]
     help: str
+    metavar: str = "VALUE"
 
     @property
     def dest(self) -> str:
         return self.flag.removeprefix("--").replace("-", "_")
 
 
-def _o(key: str, flag: str, parse: Callable[[Any], Any], help: str) -> Option:
-    return Option(key, flag, "KVTIER_" + flag.removeprefix("--").replace("-", "_").upper(), parse, help)
+_METAVARS: dict[Callable[[Any], Any], str] = {
+    parse_bool: "true|false", parse_size: "SIZE", _int: "N", _float: "SECONDS",
+    parse_log_level: "LEVEL", check_codec: "CODEC", parse_tokens: "TOKEN=TENANT,...",
+}
+
+
+def _o(key: str, flag: str, parse: Callable[[Any], Any], help: str, metavar: str | None = None) -> Option:
+    env = "KVTIER_" + flag.removeprefix("--").replace("-", "_").upper()
+    return Option(key, flag, env, parse, help, metavar or _METAVARS.get(parse, flag.removeprefix("--").upper()))
+
+
+def _choices(allowed: Any) -> str:
+    return "{" + ",".join(get_args(allowed)) + "}"
 
 
 OPTIONS: tuple[Option, ...] = (
-    _o("server.host", "--host", str, "address to bind; non-loopback without a token warns"),
-    _o("server.port", "--port", _int, "TCP port"),
-    _o("server.data_dir", "--data-dir", str, "where persistent tiers keep their files"),
-    _o("server.ssd", "--ssd", parse_bool, "enable the SSD tier under DATA_DIR/ssd"),
+    _o("server.host", "--host", str, "address to bind; a non-loopback address without --tokens logs a warning",
+       "ADDRESS"),
+    _o("server.port", "--port", _int, "TCP port to listen on", "PORT"),
+    _o("server.data_dir", "--data-dir", str, "directory where persistent tiers keep their files", "DIR"),
+    _o("server.ssd", "--ssd", parse_bool, "keep an SSD tier in DATA_DIR/ssd"),
     _o("server.tokens", "--tokens", parse_tokens,
-       "bearer tokens bound to tenants, TOKEN=TENANT[,...]; empty disables auth"),
+       "bearer tokens, each bound to a tenant; empty: no authentication"),
     _o("server.metrics_token", "--metrics-token", parse_metrics_token,
        "bearer token Prometheus scrapes /metrics with; unset: /metrics is open, and without "
        "per-namespace metrics while --tokens is set"),
     _o("server.max_body_bytes", "--max-body-bytes", parse_size, "largest JSON request body"),
     _o("server.max_kv_bytes", "--max-kv-bytes", parse_size,
        "largest data-plane body or shared-memory transfer"),
-    _o("server.max_tokens", "--max-tokens", _int, "longest token list in one request"),
-    _o("server.shm", "--shm", parse_bool, "allow the shared-memory data path"),
+    _o("server.max_tokens", "--max-tokens", _int, "most token ids one request may carry"),
+    _o("server.shm", "--shm", parse_bool, "allow the shared-memory data path, for engines on the same host"),
     _o("server.shm_socket", "--shm-socket", str,
        "Unix socket same-host clients hand their shared memory over on (created 0600); "
        "unset: a fresh 0700 directory under the temp dir; clients learn it from GET /v1/kv/shm/socket"),
     _o("server.graceful_timeout_s", "--graceful-timeout-s", _float,
-       "seconds in-flight requests get to finish on SIGTERM/SIGINT"),
-    _o("server.log_level", "--log-level", str, "debug, info, warning, error"),
+       "seconds requests in flight get to finish on SIGTERM or SIGINT"),
+    _o("server.log_level", "--log-level", parse_log_level, "debug, info, warning, error or critical"),
     _o("server.access_log", "--access-log", parse_bool,
-       "log a line per HTTP request (per-route latency is in /metrics either way)"),
-    _o("cache.block_tokens", "--block-tokens", _int, "tokens per block (default for namespaces)"),
-    _o("cache.codec", "--codec", str, "block codec: none, fp8, int8, zstd"),
+       "log a line per HTTP request; per-route latency is in /metrics either way"),
+    _o("cache.block_tokens", "--block-tokens", _int, "tokens per block of namespaces that do not set their own"),
+    _o("cache.codec", "--codec", check_codec,
+       "block codec: none, fp8 or int8, optionally +zstd (int8+zstd); zstd alone is none+zstd"),
     _o("cache.device.capacity_bytes", "--device-capacity", parse_size,
-       "GPU tier capacity (0 disables)"),
+       "GPU tier capacity; 0 disables it"),
     _o("cache.host.capacity_bytes", "--host-capacity", parse_size, "host DRAM tier capacity"),
     _o("cache.ssd.capacity_bytes", "--ssd-capacity", parse_size, "SSD tier capacity"),
-    _o("cache.ssd.durability", "--ssd-durability", str, "sync, batch or none"),
-    _o("cache.ssd.admission", "--ssd-admission", str, "write_through, write_back or selective"),
-    _o("cache.remote.backend", "--remote-backend", str, "redis or mooncake (unset: no remote tier)"),
-    _o("cache.remote.url", "--remote-url", str, "remote tier address"),
+    _o("cache.ssd.durability", "--ssd-durability", _one_of(Durability, "ssd durability"),
+       "when a put returns: sync (fsync'd), batch (fsync'd with others within ms) or none",
+       _choices(Durability)),
+    _o("cache.ssd.admission", "--ssd-admission", _one_of(Admission, "ssd admission policy"),
+       "which blocks reach the SSD: write_through (all), write_back (on eviction) or selective "
+       "(evicted blocks hit often)", _choices(Admission)),
+    _o("cache.remote.backend", "--remote-backend", _one_of(RemoteBackendName, "remote backend"),
+       "engine of the shared remote tier; unset: no remote tier", _choices(RemoteBackendName)),
+    _o("cache.remote.url", "--remote-url", str, "remote tier address, e.g. redis://HOST:6379/0", "URL"),
 )
-CONFIG_OPTION = Option("config", "--config", "KVTIER_CONFIG", str, "YAML file with server: and cache: sections")
+CONFIG_OPTION = Option("config", "--config", "KVTIER_CONFIG", str, "YAML file with server: and cache: sections",
+                       "FILE")
 
 
 def _default_of(key: str) -> Any:
@@ -177,11 +238,16 @@ def _shown(o: Option, value: Any) -> str:
     return str(value)
 
 
+def default_text(o: Option) -> str:
+    """The default of ``o`` as ``--help`` and the README show it (``""`` when unset)."""
+    return "" if o is CONFIG_OPTION else _shown(o, _default_of(o.key))
+
+
 def options_markdown() -> str:
     """The README's configuration table."""
     rows = ["| flag | environment | YAML key | default | meaning |", "|---|---|---|---|---|"]
     for o in (CONFIG_OPTION, *OPTIONS):
-        default = "" if o is CONFIG_OPTION else _shown(o, _default_of(o.key))
+        default = default_text(o)
         rows.append(f"| `{o.flag}` | `{o.env}` | `{o.key if o is not CONFIG_OPTION else ''}` "
                     f"| `{default}` | {o.help} |".replace("``", ""))
     return "\n".join(rows)
@@ -248,6 +314,7 @@ def build_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str
             for p in parents:
                 node = node.setdefault(p, {})
             node[leaf] = v
+    server.__post_init__()
     cache = _build_cache(cache_tree)
     if server.ssd and cache.ssd.path is None:
         cache.ssd.path = str(Path(server.data_dir) / "ssd")

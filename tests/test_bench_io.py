@@ -82,6 +82,27 @@ def test_engine_runs_writes_and_host_tier(tmp_path: Path) -> None:
     assert job["read"]["bw_bytes"] > 0 and "50.000000" in job["read"]["clat_ns"]["percentile"]
 
 
+@pytest.mark.parametrize("codec, size", [("int8", 16 * 1024**2), ("int8+zstd", 64 * 1024**2),
+                                         ("fp8", 16 * 1024**2)])
+def test_host_tier_holds_the_data_set_of_any_codec(codec: str, size: int) -> None:
+    """The host tier is sized for the blocks as stored, whatever the codec makes of them."""
+    p = bio.IOParams(rw="read", tier="host", codec=codec, bs=2 * 1024**2, size=size, runtime=0)
+    h = bio.run(p)
+    assert h.read.io_bytes == size and h.read.ios == size // p.bs
+    assert bio._Payloads(p).stored_bytes < p.bs  # KV-shaped: the codec shrinks it (a flat vector grew 2.5x)
+
+
+def test_host_tier_fits_every_block_of_an_odd_encoded_size() -> None:
+    from kvtier.tiers.allocator import SlabAllocator
+
+    p = bio.IOParams(tier="host", bs=2 * 1024**2, size=64 * 1024**2)
+    block = 2_537_455  # an int8+zstd block: off the allocator's 4 KiB grid
+    cfg = bio.host_tier_config(p, block)
+    a = SlabAllocator(cfg.capacity_bytes, cfg.page_bytes)
+    assert a.slot_size(block) <= a.page_bytes  # one page per block, never a run of two
+    assert all(a.alloc(block) is not None for _ in range(p.blocks))
+
+
 def test_median_job_takes_per_figure_medians() -> None:
     jobs = [bio.IOResult(bio.IOParams(), 1.0, bio.DirStats(n, 10, _lat(n)), bio.DirStats()).to_fio_job()
             for n in (100, 300, 200)]

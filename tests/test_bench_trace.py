@@ -287,6 +287,13 @@ def test_bad_arguments_print_one_line_in_process(tmp_path, capsys, args, problem
     assert len(lines) == 1 and problem in lines[0] and lines[0].startswith("kvtier bench trace: error:")
 
 
+def test_unknown_model_suggests_a_flag_bench_trace_has(tmp_path, capsys):
+    assert bench_cmd.main(["trace", "--model", "GPT-5", "--sessions", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'GPT-5'" in err and "--bytes-per-token" in err
+    assert "--config a" not in err  # calc's flag, which bench trace does not have
+
+
 def test_plot_helpers_for_the_io_benchmark(tmp_path):
     cdf = plots.latency_cdf(tmp_path / "cdf.png", {"host": [1e-4, 2e-4, 5e-4], "ssd": [1e-3, 3e-3]})
     bw = plots.bandwidth_vs_block_size(tmp_path / "bw.png", {"kvtier": [(1 << 18, 1e9), (1 << 21, 2e9)],

@@ -103,3 +103,44 @@ def test_missing_command_is_one_line(capsys):
     assert cli.main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kvtier: error:")
+
+
+def _command_paths(parser=None, prefix=()):
+    """Every (sub)command's argv prefix: [], ["serve"], ["bench"], ["bench", "trace"], ..."""
+    import argparse
+
+    parser = parser or cli.build_parser()
+    yield list(prefix)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _command_paths(sub, (*prefix, name))
+
+
+_HELP_PROBE = """\
+import sys
+from kvtier.cli import main
+code = main(sys.argv[1:] + ["--help"])
+sys.stderr.write("torch imported: %s\\n" % ("torch" in sys.modules))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("path", [" ".join(p) or "(none)" for p in _command_paths()])
+def test_every_help_answers_without_torch_in_plain_words_with_defaults(path, tmp_path):
+    import argparse
+
+    argv = [] if path == "(none)" else path.split()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _HELP_PROBE, *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch imported: False" in proc.stderr, f"kvtier {path} --help imported torch"
+    out = proc.stdout
+    assert "``" not in out and "kvtier.settings" not in out, out  # no reStructuredText markup
+    parser = cli.build_parser()
+    for name in argv:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    with_default = [a for a in parser._actions if a.option_strings and a.default not in (None, argparse.SUPPRESS)
+                    and not isinstance(a.default, bool)]
+    assert " ".join(out.split()).count("(default: ") >= len(with_default), out

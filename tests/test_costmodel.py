@@ -65,9 +65,11 @@ def test_slow_ssd_hits_are_declined_and_ttft_stays_near_recompute(tmp_path):
         ssd = cache.tier("ssd")
         ssd.delay = recompute  # every SSD read now costs a whole recompute
         loader.cost.observe_latency("ssd", 0.0)  # stale: still believes the SSD is fast
-        ttfts, verdicts, recomputes = [], [], []
+        ttfts, verdicts, recomputes, reads = [], [], [], []
         for _ in range(7):  # interleaved with recomputes: the machine is shared and noisy
+            before = ssd.reads
             res = prefill(model, cache, "m", prompt[0])
+            reads.append(ssd.reads - before)
             ttfts.append(res.seconds)
             verdicts.append(res.decision.verdict)
             start = time.perf_counter()
@@ -77,11 +79,13 @@ def test_slow_ssd_hits_are_declined_and_ttft_stays_near_recompute(tmp_path):
         st = cache.stats()
     # The first slowed hit may still be accepted on the stale estimate; its own reads correct it.
     assert all(v == "declined" for v in verdicts[1:]), verdicts
+    assert reads[1:] == [0] * 6, reads  # declined: not one slow read, so the TTFT is a recompute
     assert st.cost_decisions["declined"] >= 4
     cm = st.to_dict()["cost_model"]
     assert cm["last_decision"]["verdict"] == "declined" and cm["read_latency_s"]["ssd"] > 0
+    # One slow read alone would cost a whole recompute (2x); the margin is for a loaded machine.
     declined, baseline = statistics.median(ttfts[1:]), statistics.median(recomputes[1:])
-    assert declined <= 1.1 * baseline + 0.02, (ttfts, recomputes)
+    assert declined <= 1.5 * baseline + 0.05, (ttfts, recomputes)
 
 
 def test_first_decision_probes_an_unmeasured_tier(tmp_path):
@@ -98,7 +102,11 @@ def test_first_decision_probes_an_unmeasured_tier(tmp_path):
         model(prompt, use_cache=True)
         recompute = time.perf_counter() - start
         loader.cost.observe_prefill(prompt.shape[1], recompute)
-        cache.tier("ssd").delay = 2 * recompute
+        ssd = cache.tier("ssd")
+        ssd.delay = 2 * recompute  # each SSD read now costs two recomputes
+        ssd.reads = 0
         res = prefill(model, cache, "m", prompt[0])
     assert res.decision.verdict == "declined" and res.cached_tokens == 0
-    assert res.seconds <= 1.1 * (recompute + 2 * recompute) + 0.05  # one probe read at most
+    # What informed the decision: exactly one (timed) header read, none of the prefix's blocks.
+    assert ssd.reads == 1, ssd.reads
+    assert res.decision.reload_s > res.decision.recompute_s

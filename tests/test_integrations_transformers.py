@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -12,9 +14,11 @@ import torch
 from kvtier import CacheConfig, HostTierConfig, TieredCache
 from kvtier.config import SSDTierConfig
 from kvtier.integrations.transformers import (
+    cache_kwarg,
     dynamic_cache_to_kv,
     load_kv,
     loader_for,
+    output_cache,
     prefill,
     save_kv,
     save_kv_async,
@@ -55,7 +59,7 @@ def test_pipelined_serial_and_recompute_agree_across_host_and_ssd(tmp_path, fami
     block_bytes = 4 * 2 * 2 * 16 * 4 * BT
     with split_cache(tmp_path, host_blocks=4, block_bytes=block_bytes) as cache, torch.no_grad():
         out = model(prompt, use_cache=True)
-        assert save_kv(cache, family, prompt[0], out.past_key_values) == 9 * BT
+        assert save_kv(cache, family, prompt[0], output_cache(out)) == 9 * BT
         cache.flush(10)
         lease = cache.acquire(family, request[0])
         tiers = [b.tiers[0] for b in lease.blocks]
@@ -67,7 +71,7 @@ def test_pipelined_serial_and_recompute_agree_across_host_and_ssd(tmp_path, fami
         assert piped.cached_tokens == 9 * BT
         past, n = load_kv(cache, family, request[0])
         assert n == 9 * BT
-        serial = model(request[:, n:], past_key_values=past).logits
+        serial = model(request[:, n:], **{cache_kwarg(model): past}).logits
         loader_serial = prefill(model, cache, family, request[0], pipelined=False, cost_check=False)
 
     ref = full[:, n:]
@@ -77,7 +81,7 @@ def test_pipelined_serial_and_recompute_agree_across_host_and_ssd(tmp_path, fami
     # The pipelined cache continues decoding exactly like a recomputed one.
     nxt = torch.tensor([[7]])
     with torch.no_grad():
-        a = model(nxt, past_key_values=piped.past_key_values).logits
+        a = model(nxt, **{cache_kwarg(model): piped.past_key_values}).logits
         b = model(torch.cat([request, nxt], 1)).logits[:, -1:]
     assert (a - b).abs().max().item() <= 1e-4
 
@@ -86,7 +90,7 @@ def test_pipelined_prefill_survives_a_corrupt_block(tmp_path):
     model = make_model("llama")
     prompt = torch.randint(0, 512, (1, 6 * BT + 1), generator=torch.Generator().manual_seed(2))
     with split_cache(tmp_path, host_blocks=0, block_bytes=4 * 2 * 2 * 16 * 4 * BT) as cache, torch.no_grad():
-        save_kv(cache, "m", prompt[0], model(prompt, use_cache=True).past_key_values)
+        save_kv(cache, "m", prompt[0], output_cache(model(prompt, use_cache=True)))
         cache.flush(10)
         ssd = cache.tier("ssd")
         lease = cache.acquire("m", prompt[0])
@@ -108,11 +112,11 @@ def test_save_and_load_kv_dynamic_cache(family):
     prompt = torch.randint(0, 512, (1, 5 * BT), generator=torch.Generator().manual_seed(3))
     with TieredCache(CacheConfig(block_tokens=BT)) as cache, torch.no_grad():
         out = model(prompt, use_cache=True)
-        assert save_kv(cache, family, prompt[0], out.past_key_values) == 5 * BT
+        assert save_kv(cache, family, prompt[0], output_cache(out)) == 5 * BT
         request = torch.cat([prompt, torch.tensor([[1, 2, 3]])], 1)
         past, n = load_kv(cache, family, request[0], config=model.config)
         assert n == 5 * BT
-        reuse = model(request[:, n:], past_key_values=past).logits
+        reuse = model(request[:, n:], **{cache_kwarg(model): past}).logits
         assert (reuse - model(request).logits[:, n:]).abs().max().item() <= 1e-4
 
 
@@ -136,13 +140,13 @@ def test_async_save_never_stalls_the_next_decode_step():
     with TieredCache(CacheConfig(block_tokens=BT)) as cache, torch.no_grad():
         gated = GatedCache(cache)
         out = model(prompt, use_cache=True)
-        snapshot = [tuple(t.clone() for t in layer) for layer in dynamic_cache_to_kv(out.past_key_values)]
-        fut = save_kv_async(gated, "m", prompt[0], out.past_key_values)
+        snapshot = [tuple(t.clone() for t in layer) for layer in dynamic_cache_to_kv(output_cache(out))]
+        fut = save_kv_async(gated, "m", prompt[0], output_cache(out))
         assert gated.entered.wait(10)
         # The store is blocked; decode steps go on and grow the same DynamicCache meanwhile.
-        past = out.past_key_values
+        past = output_cache(out)
         for tok in (5, 6, 7):
-            past = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True).past_key_values
+            past = output_cache(model(torch.tensor([[tok]]), **{cache_kwarg(model): past}, use_cache=True))
         assert not fut.done()
         gated.gate.set()
         assert fut.result(10) == 4 * BT
@@ -180,3 +184,47 @@ def test_agentic_multi_turn_hits_and_ttft():
     assert statistics.median(ratios.values()) <= 1 / 3, ratios
     assert st.cost_decisions["accepted"] >= 19
     assert "cost_model" in st.to_dict()
+
+
+class _DeprecationLog(logging.Handler):
+    """transformers also says "deprecated" through its logger (once per process): count those."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "deprecated" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+def test_kvtiers_own_calls_emit_no_deprecation_warning(tmp_path, monkeypatch):
+    """Every path of the integration, with FutureWarning/DeprecationWarning turned into errors:
+    kvtier passes and reads past KV by the name the installed transformers declares."""
+    model = make_model("llama", layers=2)
+    prompt = torch.randint(0, 512, (1, 4 * BT + 3), generator=torch.Generator().manual_seed(6))
+    request = torch.cat([prompt, torch.tensor([[1, 2, 3]])], 1)
+    try:  # transformers >= 5.24 says the old names are deprecated through warning_once
+        from transformers.utils import generic
+
+        monkeypatch.setattr(generic.logger, "warning_once", generic.logger.warning)
+    except (ImportError, AttributeError):
+        pass
+    seen = _DeprecationLog()
+    logging.getLogger("transformers").addHandler(seen)
+    try:
+        with split_cache(tmp_path, host_blocks=2, block_bytes=4 * 2 * 2 * 16 * 4 * BT) as cache, \
+                warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            first = prefill(model, cache, "m", prompt[0])  # nothing cached: a full prefill
+            assert save_kv(cache, "m", prompt[0], first.past_key_values) == 4 * BT
+            save_kv_async(cache, "m", prompt[0], first.past_key_values).result(30)
+            cache.flush(10)
+            piped = prefill(model, cache, "m", request[0], cost_check=False)
+            serial = prefill(model, cache, "m", request[0], pipelined=False, cost_check=False)
+            past, n = load_kv(cache, "m", request[0], config=model.config)
+            assert piped.cached_tokens == serial.cached_tokens == n == 4 * BT and past is not None
+    finally:
+        logging.getLogger("transformers").removeHandler(seen)
+    assert seen.messages == []

@@ -26,6 +26,18 @@ META = BlockMeta("ns", None, 16, "none", 0.0)
 
 
 
+@pytest.fixture(scope="module")
+def mooncake_store():
+    """This module's own store, with Mooncake's default read lease (5 s): under the shared one's
+    50 ms lease a 16 MiB read on a loaded machine outlasts its lease (``LEASE_EXPIRED``, a miss).
+    Removal here is forced, so a long lease never delays a delete."""
+    from tests.integration.remote_mooncake import MooncakeMaster
+
+    m = MooncakeMaster(lease_ms=5000).start()
+    yield m
+    m.stop()
+
+
 @pytest.fixture
 def tier(mooncake_store):
     cfg = RemoteTierConfig(backend="mooncake", url=mooncake_store.url, timeout_s=TIMEOUT)

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from kvtier import CacheConfig, TieredCache
-from kvtier.integrations.transformers import dynamic_cache_to_kv, load_kv, save_kv
+from kvtier.integrations.transformers import (
+    cache_kwarg,
+    dynamic_cache_to_kv,
+    load_kv,
+    output_cache,
+    save_kv,
+)
 
 KV_BOUND = {"none": 0.0, "fp8": 0.05, "int8": 0.01}
 
@@ -16,8 +22,8 @@ def test_prefix_reuse_matches_full_recompute(tiny_llama, codec):
     request = torch.cat([prompt, torch.randint(0, 512, (1, 100), generator=g)], dim=1)
     with TieredCache(CacheConfig(block_tokens=256, codec=codec)) as cache, torch.no_grad():
         out = tiny_llama(prompt, use_cache=True)
-        reference_kv = [tuple(t.clone() for t in layer) for layer in dynamic_cache_to_kv(out.past_key_values)]
-        assert save_kv(cache, "llama", prompt[0], out.past_key_values) == 1024
+        reference_kv = [tuple(t.clone() for t in layer) for layer in dynamic_cache_to_kv(output_cache(out))]
+        assert save_kv(cache, "llama", prompt[0], output_cache(out)) == 1024
 
         hit = cache.lookup("llama", request[0])
         assert hit.tokens == 1024 and len(hit.blocks) == 4
@@ -25,7 +31,7 @@ def test_prefix_reuse_matches_full_recompute(tiny_llama, codec):
         past, n = load_kv(cache, "llama", request[0], config=tiny_llama.config)
         assert n == 1024
         loaded_kv = dynamic_cache_to_kv(past)
-        reuse = tiny_llama(request[:, n:], past_key_values=past).logits
+        reuse = tiny_llama(request[:, n:], **{cache_kwarg(tiny_llama): past}).logits
         full = tiny_llama(request).logits[:, n:]
 
     diff = (reuse - full).abs().max().item()

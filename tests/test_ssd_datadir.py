@@ -83,3 +83,39 @@ def test_garbled_index(tmp_path):
     open_tier(tmp_path).close()
     (tmp_path / "index" / "data.mdb").write_bytes(b"not an lmdb file" * 512)
     expect_error(tmp_path, "index unreadable")
+
+
+def _make_unwritable(path) -> bool:
+    """Make ``path`` refuse new entries: immutable for root (chattr +i), mode 0o555 otherwise."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        return True
+    import subprocess
+
+    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+def _make_writable(path) -> None:
+    if os.geteuid() == 0:
+        import subprocess
+
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    os.chmod(path, 0o755)
+
+
+def test_unwritable_directory_says_unwritable(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    if not _make_unwritable(d):
+        pytest.skip("cannot make a directory immutable here (chattr +i refused)")
+    try:
+        msg = expect_error(d, "unwritable")
+        assert "unreadable" not in msg
+        expect_error(d / "sub", "cannot be created")
+    finally:
+        _make_writable(d)
+
+
+def test_a_directory_that_cannot_be_created_says_so(tmp_path):
+    (tmp_path / "f").write_text("x")
+    expect_error(tmp_path / "f" / "sub", "cannot be created")

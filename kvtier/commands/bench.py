@@ -1,11 +1,7 @@
-"""``kvtier bench``: benchmarks as sub-commands (``trace`` and ``io``).
+"""``kvtier bench``: benchmarks as sub-commands (``trace`` and ``io``); see ``DESCRIPTION``.
 
-``kvtier bench trace`` replays a generated or JSONL agentic trace against kvtier's TieredCache and
-reports hit rates per tier, bytes moved, evictions, retention and prefill time saved;
-``--sweep host=1GiB..64GiB[,ssd=...]`` replays it at each capacity and plots hit rate vs capacity.
-``kvtier bench io`` is a fio-style reload benchmark of one tier (host, ssd, remote) driving the
-tier's own code; ``--compare-fio`` runs fio with the same parameters on the same directory.
-Bad arguments print one line and exit 2.
+Building the parsers imports only ``bench.params`` (no torch); a benchmark imports the rest when
+it runs. Bad arguments print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -21,12 +17,27 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, TextIO
 
+from kvtier.commands import HelpFormatter
 from kvtier.config import format_size, parse_size
 from kvtier.errors import InvalidRequest, KVTierError
 
 if TYPE_CHECKING:
     from bench.trace import ReplayResult
 
+
+DESCRIPTION = """\
+Benchmarks of kvtier's own code on this machine.
+
+  trace  replay a generated or JSONL agentic trace against the cache and report hit rates per
+         tier, bytes moved, evictions, retention and prefill time saved; --sweep replays it at
+         several capacities and plots hit rate against capacity
+  io     fio-style reload benchmark of one tier (host, ssd or remote); --compare-fio runs fio
+         with the same job on the same directory
+
+examples:
+  kvtier bench trace --model Llama-3-8B --host 8GiB --ssd 256GiB
+  kvtier bench io --tier ssd --rw randread --bs 2MiB --iodepth 4 --compare-fio
+"""
 
 Configure = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -40,11 +51,12 @@ class SubCommand:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="benchmarks: trace replay (and I/O)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("bench", help="benchmarks: trace replay and tier I/O",
+                              description=DESCRIPTION, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, sc in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=sc.help, description=sc.help)
+        sp = sub.add_parser(name, help=sc.help, description=sc.help, formatter_class=HelpFormatter,
+                            prog=f"kvtier bench {name}")
         sc.configure(sp)
         sp.set_defaults(bench_run=sc.run)
     return p
@@ -65,37 +77,39 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- kvtier bench trace ---------------------------------------------------------------------
 def configure_trace(p: argparse.ArgumentParser) -> None:
-    from bench.trace import TraceParams
+    from bench.params import TraceParams
 
     d = TraceParams()
     g = p.add_argument_group("trace (generated unless --trace is given)")
-    g.add_argument("--trace", help="replay this JSONL trace (format: docs/bench-trace.md)")
-    g.add_argument("--save-trace", help="also write the replayed trace as JSONL here")
-    g.add_argument("--sessions", type=int, default=d.sessions)
-    g.add_argument("--system-prompts", type=int, default=d.system_prompts,
+    g.add_argument("--trace", metavar="FILE", help="replay this JSONL trace (format: docs/bench-trace.md)")
+    g.add_argument("--save-trace", metavar="FILE", help="also write the replayed trace as JSONL here")
+    g.add_argument("--sessions", metavar="N", type=int, default=d.sessions, help="sessions in the trace")
+    g.add_argument("--system-prompts", metavar="N", type=int, default=d.system_prompts,
                    help="distinct system prompts shared across sessions")
-    g.add_argument("--system-tokens", type=int, default=d.system_tokens)
-    g.add_argument("--user-tokens", type=int, default=d.user_tokens, help="mean per turn")
-    g.add_argument("--assistant-tokens", type=int, default=d.assistant_tokens, help="mean per turn")
-    g.add_argument("--turns", type=float, default=d.mean_turns, help="mean turns per session")
-    g.add_argument("--max-turns", type=int, default=d.max_turns)
-    g.add_argument("--zipf", type=float, default=d.zipf_alpha, help="session popularity exponent")
-    g.add_argument("--think-time", type=float, default=d.think_time_s, help="mean seconds between turns")
-    g.add_argument("--arrival-rate", type=float, default=d.arrival_rate, help="new sessions per second")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--system-tokens", metavar="N", type=int, default=d.system_tokens, help="tokens per system prompt")
+    g.add_argument("--user-tokens", metavar="N", type=int, default=d.user_tokens,
+                   help="user text and tool results per turn, mean")
+    g.add_argument("--assistant-tokens", metavar="N", type=int, default=d.assistant_tokens,
+                   help="generated tokens per turn, mean")
+    g.add_argument("--turns", metavar="N", type=float, default=d.mean_turns, help="mean turns per session")
+    g.add_argument("--max-turns", metavar="N", type=int, default=d.max_turns, help="most turns of one session")
+    g.add_argument("--zipf", metavar="ALPHA", type=float, default=d.zipf_alpha, help="session popularity exponent")
+    g.add_argument("--think-time", metavar="SECONDS", type=float, default=d.think_time_s, help="mean seconds between turns")
+    g.add_argument("--arrival-rate", metavar="RATE", type=float, default=d.arrival_rate, help="new sessions per second")
+    g.add_argument("--seed", metavar="N", type=int, default=d.seed, help="random seed of the generated trace")
     c = p.add_argument_group("cache")
-    c.add_argument("--model", default="Llama-3-8B", help="kvtier calc preset whose KV size sets block bytes")
-    c.add_argument("--kv-dtype", default="bf16", help="KV dtype of the model preset (bf16, fp8, fp4...)")
-    c.add_argument("--bytes-per-token", type=int, help="KV bytes per token (overrides --model)")
-    c.add_argument("--block-tokens", type=int, default=256)
-    c.add_argument("--host", default="8GiB", help="host DRAM capacity (real bytes)")
-    c.add_argument("--ssd", default="0", help="SSD capacity (real bytes); 0 disables the SSD tier")
-    c.add_argument("--sweep", help="capacity what-if, e.g. host=1GiB..64GiB,ssd=64GiB..1TiB")
-    c.add_argument("--sweep-points", type=int, help="points per swept tier (default: doubling)")
-    c.add_argument("--out", default="kvtier-bench-out", help="directory for plots and sweep.json")
+    c.add_argument("--model", metavar="NAME", default="Llama-3-8B", help="kvtier calc preset whose KV size sets block bytes")
+    c.add_argument("--kv-dtype", metavar="DTYPE", default="bf16", help="KV dtype of the model preset (bf16, fp8, fp4...)")
+    c.add_argument("--bytes-per-token", metavar="N", type=int, help="KV bytes per token (overrides --model)")
+    c.add_argument("--block-tokens", metavar="N", type=int, default=256, help="tokens per block")
+    c.add_argument("--host", metavar="SIZE", default="8GiB", help="host DRAM capacity (real bytes)")
+    c.add_argument("--ssd", metavar="SIZE", default="0", help="SSD capacity (real bytes); 0 disables the SSD tier")
+    c.add_argument("--sweep", metavar="SPEC", help="capacity what-if, e.g. host=1GiB..64GiB,ssd=64GiB..1TiB")
+    c.add_argument("--sweep-points", metavar="N", type=int, help="points per swept tier (unset: one per doubling)")
+    c.add_argument("--out", metavar="DIR", default="kvtier-bench-out", help="directory for plots and sweep.json")
     r = p.add_argument_group("report")
-    r.add_argument("--prefill-rate", type=float, default=10_000.0,
-                   help="prefill tokens/s used for time saved (default 10000)")
+    r.add_argument("--prefill-rate", metavar="TOKENS_PER_S", type=float, default=10_000.0,
+                   help="prefill tokens/s used for time saved")
     r.add_argument("--measure-prefill", action="store_true",
                    help="measure the prefill rate of a small transformers model on this machine")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -146,13 +160,19 @@ def _run_trace(args: argparse.Namespace) -> int:
 
 
 def _bytes_per_token(args: argparse.Namespace) -> tuple[float, str]:
-    from kvtier.calc import Precision, kv_size, preset
+    from kvtier.calc import PRESETS, Precision, kv_size, preset
 
     if args.bytes_per_token is not None:
         if args.bytes_per_token < 1:
             raise InvalidRequest(f"--bytes-per-token must be >= 1, got {args.bytes_per_token}")
         return args.bytes_per_token, "custom"
-    spec = preset(args.model)
+    try:
+        spec = preset(args.model)
+    except InvalidRequest:  # calc's message suggests calc's --config, a flag bench trace lacks
+        raise InvalidRequest(
+            f"--model: unknown preset {args.model!r}: expected one of "
+            f"{', '.join(s.name for s in PRESETS)}; for another model give --bytes-per-token "
+            "(kvtier calc --config config.json prints it)") from None
     return kv_size(spec, 0, Precision(kv=args.kv_dtype)).bytes_per_token, f"{spec.name} ({args.kv_dtype} KV)"
 
 
@@ -266,41 +286,42 @@ class ProgressLine:
 
 # ---- kvtier bench io ------------------------------------------------------------------------
 def configure_io(p: argparse.ArgumentParser) -> None:
-    from bench.io import ENGINES, RW, TIERS
+    from bench.params import ENGINES, RW, TIERS
 
     g = p.add_argument_group("job (fio's names)")
-    g.add_argument("--rw", default="randread", help=f"one of {', '.join(RW)} (default randread)")
-    g.add_argument("--bs", default="2MiB", help="block size (default 2MiB)")
-    g.add_argument("--iodepth", type=int, default=1, help="requests in flight per job (default 1)")
-    g.add_argument("--numjobs", type=int, default=1, help="concurrent jobs (default 1)")
-    g.add_argument("--size", default="1GiB", help="data set size (default 1GiB)")
-    g.add_argument("--runtime", type=float, default=5.0,
-                   help="seconds per run, time based (default 5; 0 = read --size once)")
-    g.add_argument("--rwmixread", type=int, default=50, help="randrw: percent reads (default 50)")
+    g.add_argument("--rw", default="randread", metavar="PATTERN", help=f"I/O pattern: {', '.join(RW)}")
+    g.add_argument("--bs", metavar="SIZE", default="2MiB", help="block size")
+    g.add_argument("--iodepth", metavar="N", type=int, default=1, help="requests in flight per job")
+    g.add_argument("--numjobs", metavar="N", type=int, default=1, help="concurrent jobs")
+    g.add_argument("--size", metavar="SIZE", default="1GiB", help="data set size")
+    g.add_argument("--runtime", metavar="SECONDS", type=float, default=5.0,
+                   help="seconds per run, time based; 0: read --size once")
+    g.add_argument("--rwmixread", metavar="PERCENT", type=int, default=50, help="randrw: percent reads")
     g.add_argument("--direct", type=int, choices=(0, 1), default=1,
-                   help="1: O_DIRECT reads in kvtier, --direct=1 --ioengine=libaio in fio (default 1)")
-    g.add_argument("--directory", help="where the data sets live (default: the temp directory)")
-    g.add_argument("--filename", help="fio's data file (default: DIRECTORY/kvtier-bench-io/fio-data.bin)")
+                   help="1: O_DIRECT reads in kvtier, --direct=1 --ioengine=libaio in fio")
+    g.add_argument("--directory", metavar="DIR", help="where the data sets live (default: the temp directory)")
+    g.add_argument("--filename", metavar="FILE", help="fio's data file (default: DIRECTORY/kvtier-bench-io/fio-data.bin)")
     t = p.add_argument_group("kvtier")
-    t.add_argument("--tier", default="ssd", help=f"one of {', '.join(TIERS)} (default ssd)")
-    t.add_argument("--codec", default="none", help="store blocks encoded with this codec; reads decode")
-    t.add_argument("--engine", default="sync",
-                   help=f"one of {', '.join(ENGINES)}: read_into on iodepth threads (sync) or "
-                        "read_many_into batches of iodepth (batch)")
-    t.add_argument("--durability", default="batch", help="ssd durability for writes (sync, batch, none)")
-    t.add_argument("--buffers", type=int, default=1,
-                   help="destination buffers each request in flight cycles through (default 1: one "
+    t.add_argument("--tier", default="ssd", metavar="TIER", help=f"tier to benchmark: {', '.join(TIERS)}")
+    t.add_argument("--codec", metavar="CODEC", default="none", help="store blocks encoded with this codec; reads decode")
+    t.add_argument("--engine", default="sync", metavar="|".join(ENGINES),
+                   help="sync: read_into on iodepth threads; batch: read_many_into batches of iodepth")
+    t.add_argument("--durability", default="batch", choices=("sync", "batch", "none"),
+                   help="ssd durability for writes")
+    t.add_argument("--buffers", metavar="N", type=int, default=1,
+                   help="destination buffers each request in flight cycles through (1: one "
                         "reused, as fio; 0: 16 across the jobs, as the loader's staging ring)")
-    t.add_argument("--remote-url", help="remote tier URL (redis://HOST:PORT/DB, ...)")
-    t.add_argument("--remote-backend", default="redis", help="redis, redis-cluster or mooncake")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--remote-url", metavar="URL", help="remote tier URL (redis://HOST:PORT/DB, ...)")
+    t.add_argument("--remote-backend", default="redis", choices=("redis", "redis-cluster", "mooncake"),
+                   help="remote tier engine")
+    t.add_argument("--seed", metavar="N", type=int, default=0, help="random seed of keys and payloads")
     r = p.add_argument_group("report")
-    r.add_argument("--repeat", type=int, default=1, help="runs (medians are reported; default 1)")
+    r.add_argument("--repeat", metavar="N", type=int, default=1, help="runs; medians are reported")
     r.add_argument("--compare-fio", action="store_true", help="also run fio with the same parameters")
     r.add_argument("--fio-verify", action="store_true",
                    help="with --compare-fio: also run fio checking a crc32c of every block it reads, "
                         "the like-for-like reference (kvtier verifies every read; plain fio does not)")
-    r.add_argument("--output-format", default="normal", choices=("normal", "json"))
+    r.add_argument("--output-format", default="normal", choices=("normal", "json"), help="report format")
     r.add_argument("--plot", metavar="DIR", help="write a latency CDF PNG here")
 
 

@@ -1,6 +1,6 @@
-"""``kvtier calc``: KV bytes per token, for N tokens, and tokens that fit in each tier.
+"""kvtier calc: KV bytes per token, for N tokens, and tokens that fit in each tier.
 
-Examples:
+examples:
   kvtier calc --preset Llama-3-8B --tokens 128k --host 64GiB --ssd 2TiB
   kvtier calc --preset DeepSeek-V4-Pro --preset GLM-5 --preset Qwen3-235B-A22B \\
       --tokens 1M --kv-dtype fp8 --indexer-dtype bf16
@@ -28,6 +28,7 @@ from kvtier.calc import (
     load_hf_config,
     preset,
 )
+from kvtier.commands import HelpFormatter
 from kvtier.config import format_size, parse_size
 from kvtier.errors import InvalidRequest
 
@@ -60,26 +61,26 @@ def _arg(fn):
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("calc", help="KV-cache size calculator", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", action="append", metavar="NAME",
                      help="a built-in model (repeat to compare); see --list")
     src.add_argument("--config", metavar="PATH", help="a Hugging Face config.json file")
     src.add_argument("--list", action="store_true", help="list the presets and their sources")
-    p.add_argument("--tokens", type=_arg(parse_tokens), default=1_000_000,
-                   help="sequence length (default 1M; k/M are decimal)")
+    p.add_argument("--tokens", type=_arg(parse_tokens), default="1M", metavar="N",
+                   help="sequence length; k and M are decimal (1M = 1,000,000)")
     dtypes = sorted(DTYPE_BITS)
-    p.add_argument("--kv-dtype", default="bf16", choices=dtypes, help="KV storage dtype (bf16)")
+    p.add_argument("--kv-dtype", default="bf16", choices=dtypes, help="KV storage dtype")
     p.add_argument("--indexer-dtype", default="bf16", choices=dtypes,
-                   help="sparse-attention indexer key dtype (bf16)")
+                   help="sparse-attention indexer key dtype")
     p.add_argument("--rope-dtype", default=None, choices=dtypes,
-                   help="dtype of the RoPE dims of MLA/V4 entries (default: --kv-dtype)")
+                   help="dtype of the RoPE dims of MLA/V4 entries (unset: --kv-dtype)")
     p.add_argument("--layout", default="latent", choices=LAYOUTS,
                    help="MLA: the cached latent (latent) or transformers' per-head K/V (hf-expanded)")
     for tier in TIERS:
         p.add_argument(f"--{tier}", type=_arg(parse_size), metavar="SIZE",
                        help=f"{tier} tier capacity, e.g. 64GiB")
-    p.add_argument("--block-tokens", type=int, default=256, help="tokens per kvtier block (256)")
+    p.add_argument("--block-tokens", type=int, default=256, metavar="N", help="tokens per kvtier block")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

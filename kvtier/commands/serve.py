@@ -1,9 +1,9 @@
 """``kvtier serve``: run the sidecar (uvicorn + the FastAPI app in ``server/``).
 
-Settings come from flags > ``KVTIER_*`` environment > ``--config`` YAML > defaults (see
-``kvtier.settings.OPTIONS``). On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests
-finish (up to ``--graceful-timeout-s``), and only then is the cache closed: background writes
-are flushed and LMDB is closed, so every acknowledged put survives a restart.
+Every setting is parsed and checked (``kvtier.settings.build_settings``) before anything is
+allocated, so bad input is one ``kvtier serve: error: ...`` line from ``kvtier.cli``. On
+SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish, and only then is the
+cache closed: background writes are flushed and LMDB is closed.
 """
 
 from __future__ import annotations
@@ -14,26 +14,43 @@ import ipaddress
 import logging
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
-from kvtier.errors import KVTierError
-from kvtier.settings import CONFIG_OPTION, OPTIONS, Settings, build_settings
+from kvtier.commands import HelpFormatter
+from kvtier.settings import CONFIG_OPTION, OPTIONS, Settings, build_settings, default_text
+
+DESCRIPTION = """\
+Run the kvtier sidecar: an HTTP API over a tiered KV cache (host DRAM, then SSD, then an
+optional shared remote tier), with Prometheus metrics at /metrics.
+
+Settings are taken from, highest first: these flags, KVTIER_* environment variables, the
+YAML file named by --config, then the defaults shown. Sizes take units: 512MB, 4GiB, 1.5TiB.
+
+On SIGTERM or SIGINT the server stops accepting connections, lets requests in flight finish
+(up to --graceful-timeout-s), then flushes background writes and closes the cache: every put
+that was answered survives a restart.
+
+example:
+  kvtier serve --host-capacity 8GiB --ssd-capacity 200GiB --data-dir /var/lib/kvtier
+"""
 
 log = logging.getLogger("kvtier.serve")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("serve", help="run the kvtier sidecar (HTTP API + metrics)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("serve", help="run the kvtier sidecar (HTTP API and metrics)",
+                              description=DESCRIPTION, formatter_class=HelpFormatter)
     configure(p)
     return p
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument(CONFIG_OPTION.flag, dest="config", default=None, help=CONFIG_OPTION.help)
-    for o in OPTIONS:
-        p.add_argument(o.flag, dest=o.dest, default=None,
-                       help=f"{o.help} [env {o.env}]", metavar=o.dest.upper())
+    """One flag per setting; argparse's defaults stay None (unset) so env and YAML can apply,
+    and the help shows each setting's real default and its environment variable."""
+    for o in (CONFIG_OPTION, *OPTIONS):
+        default = default_text(o)
+        shown = f"default: {default}; env {o.env}" if default else f"env {o.env}"
+        p.add_argument(o.flag, dest=o.dest, default=None, metavar=o.metavar,
+                       help=f"{o.help} ({shown})".replace("%", "%%"))
 
 
 def is_loopback(host: str) -> bool:
@@ -46,12 +63,9 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = build_settings(vars(args))
-    except KVTierError as e:
-        log.error("kvtier serve: %s", e)
-        return 2
-    logging.basicConfig(level=settings.server.log_level.upper(),
+    """Serve until SIGTERM/SIGINT. Bad settings raise InvalidRequest before anything starts."""
+    settings = build_settings(vars(args))
+    logging.basicConfig(level=settings.server.log_level.upper(), force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(settings)
 
@@ -67,20 +81,11 @@ def serve(settings: Settings) -> int:
     if not is_loopback(srv.host) and not srv.auth_enabled:
         log.warning("binding %s (not loopback) without any bearer token: anyone who can reach "
                     "this port can read and write the cache; set --tokens", srv.host)
-    Path(srv.data_dir).mkdir(parents=True, exist_ok=True)
-    try:
-        cache = TieredCache(settings.cache)
-    except KVTierError as e:
-        log.error("cannot open the cache: %s", e)
-        return 2
+    cache = TieredCache(settings.cache)  # a bad data directory raises DataDirError: one line
     app = None
     try:
         app = create_app(cache, srv)
-        try:
-            start_region_socket(app)  # here, so that a bad --shm-socket is one line, not a traceback
-        except KVTierError as e:
-            log.error("kvtier serve: %s", e)
-            return 2
+        start_region_socket(app)  # here, so that a bad --shm-socket is one line, not a traceback
         config = uvicorn.Config(app, host=srv.host, port=srv.port,
                                 log_level=srv.log_level.lower(), access_log=srv.access_log, lifespan="on",
                                 timeout_graceful_shutdown=srv.graceful_timeout_s)
@@ -117,10 +122,10 @@ def _server_class():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvtier serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    configure(parser)
-    return run(parser.parse_args(argv))
+    """``python -m kvtier.commands.serve ARGS`` is ``kvtier serve ARGS``."""
+    from kvtier.cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ Two read paths: ``load_kv`` (serial: the whole prefix, then the forward pass) an
 (pipelined: the forward pass over the uncached tokens starts at once and each layer waits only
 for its own KV from the dual-path loader, after the cost check accepted the hit). Saving:
 ``save_kv`` (blocking) and ``save_kv_async`` (snapshot now, encode and store on a worker).
+
+transformers renamed the forward pass's ``past_key_values`` (argument and output field) to
+``cache`` in 5.24, deprecating the old name: kvtier passes and reads whichever the model's own
+``forward`` declares (``cache_kwarg``, ``output_cache``), so it warns on no version.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -32,6 +37,25 @@ from kvtier.layout import KV
 from kvtier.loader import Loader, LoadStream, PrefixTruncated
 
 log = logging.getLogger(__name__)
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword ``model``'s forward takes past KV by: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (before; deprecated since). Read from its signature once per class."""
+    name = _CACHE_KWARG.get(type(model))
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = _CACHE_KWARG[type(model)] = "cache" if "cache" in params else "past_key_values"
+    return name
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward pass returned: ``out.cache`` (transformers >= 5.24) or
+    ``out.past_key_values`` (before), without touching the deprecated alias."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def dynamic_cache_to_kv(past_key_values: Any, n_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -184,8 +208,8 @@ def prefill(model: Any, cache: Any, namespace: str, input_ids: Sequence[int] | t
                 stream = loader.load(lease, dest, blocks=n_blocks)
                 if pipelined:
                     try:
-                        out = model(ids[:, n:], past_key_values=StreamingCache(dest, stream, n), use_cache=True,
-                                    **model_kwargs)
+                        out = model(ids[:, n:], **{cache_kwarg(model): StreamingCache(dest, stream, n)},
+                                    use_cache=True, **model_kwargs)
                         if stream.wait_all() < n:
                             raise PrefixTruncated(stream.tokens, n)
                     except PrefixTruncated as e:
@@ -194,7 +218,7 @@ def prefill(model: Any, cache: Any, namespace: str, input_ids: Sequence[int] | t
                 if out is None:
                     n = stream.wait_all()
                     past = kv_to_dynamic_cache([tuple(t[:n] for t in layer) for layer in dest]) if n else None
-                    out = model(ids[:, n:], past_key_values=past, use_cache=True, **model_kwargs)
+                    out = model(ids[:, n:], **{cache_kwarg(model): past}, use_cache=True, **model_kwargs)
     finally:
         if stream is not None:
             if out is None:
@@ -202,7 +226,7 @@ def prefill(model: Any, cache: Any, namespace: str, input_ids: Sequence[int] | t
             stream.wait_all()
         if lease is not None:
             cache.release(lease)
-    return PrefillResult(out.logits, out.past_key_values, n, offered, decision, time.perf_counter() - start)
+    return PrefillResult(out.logits, output_cache(out), n, offered, decision, time.perf_counter() - start)
 
 
 def save_kv_async(cache: Any, namespace: str, input_ids: Sequence[int] | torch.Tensor,

@@ -16,7 +16,7 @@ import msgpack
 import torch
 from fastapi import APIRouter, Request, Response
 
-from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch
+from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch, UnknownNamespace
 from kvtier.layout import KVLayout
 from kvtier.wire import (
     MSGPACK,
@@ -84,18 +84,30 @@ def _field(d: dict, name: str, kind: type) -> Any:
 
 @router.put("", response_model=StoredOut, openapi_extra=_PUT_BODY)
 async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
-    """Store KV (msgpack) for ``token_ids``; shape and dtype must match the namespace layout."""
+    """Store KV (msgpack) for ``token_ids``; shape and dtype must match the namespace layout.
+
+    As ``TieredCache.put``: the first put to an unknown namespace registers it (the caller's
+    tenant, the layout of this KV, the server's block size and codec).
+    """
     d = await decode(request, json_ok=False)
     extra = set(d) - {"namespace", "token_ids", "kv"}
     if extra:
         raise InvalidRequest(f"unknown body fields {sorted(extra)}")
     ids = _token_ids(d)
     ctx.check_tokens(ids)
-    ns = ctx.namespace(_field(d, "namespace", str))
+    name = ctx.principal.scoped(_field(d, "namespace", str))
     layers = _field(d, "kv", list)
 
     def work() -> int:
-        return ctx.cache.put(ns.name, ids, kv_from_wire(layers), create=False)
+        kv = kv_from_wire(layers)
+        try:
+            ctx.cache.get_namespace(name)
+        except UnknownNamespace:
+            layout = KVLayout.from_kv(kv)
+            layout.validate(kv, len(ids))  # a put that fails registers nothing
+            ctx.cache.register_namespace(name, model_id=ctx.principal.external(name), layout=layout,
+                                         tenant=ctx.principal.tenant)
+        return ctx.cache.put(name, ids, kv, create=False)  # dropped meanwhile: 404, never re-created
 
     return {"tokens": await ctx.call(work)}
 

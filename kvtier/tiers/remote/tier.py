@@ -14,6 +14,9 @@ Guarantees:
 - While the circuit breaker is open no call touches the network (a short-circuited miss);
   it lets one probe through after the cool-down and closes when the engine answers again.
 - ``scan`` yields nothing: the index of a shared tier is the engine itself.
+- Reachability is probed once at startup in the background (one existence query, outside the
+  counters and the breaker): an engine that cannot be reached is a warning in the log and a
+  problem in ``health()`` until it first answers. ``health()`` also reports an open breaker.
 - A block failing its checksum raises ``CorruptBlock`` and is deleted from the engine.
 - Reads into host memory registered with ``register`` may land there straight from the engine
   (backends with ``RegisteredReads``): no staging copy, the bytes still verified before a read
@@ -43,6 +46,7 @@ from kvtier.tiers.remote.breaker import CircuitBreaker
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _FAILED = object()
+_PROBE_KEY = b"kvtier-startup-probe"
 
 
 class RemoteTier:
@@ -72,6 +76,45 @@ class RemoteTier:
         ), 0)
         self._read_seconds = Histogram()
         self._lookup_seconds = Histogram()
+        self._reachable: bool | None = None  # None until the startup probe or a call answers
+        self._unreachable_why = ""
+        threading.Thread(target=self._probe, name="kvtier-remote-probe", daemon=True).start()
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def _probe(self) -> None:
+        """One existence query at startup, so an unreachable engine is said now, not found at
+        the first lookup. Outside ``_call``: it moves no counter and no breaker state."""
+        try:
+            self.backend.exists_many([_PROBE_KEY])
+        except Exception as e:  # any failure (refused, timeout, auth...) means unreachable
+            with self._lock:
+                if self._reachable is not None or self._closed:  # answered meanwhile, or closing
+                    return
+            why = str(e) or type(e).__name__
+            log.warning("remote tier (%s) is unreachable at startup: %s; the local tiers serve "
+                        "and it is tried again on use", self.backend.name, why)
+            with self._lock:
+                if self._reachable is None:
+                    self._reachable, self._unreachable_why = False, why
+            return
+        with self._lock:
+            self._reachable = True
+
+    def health(self) -> list[str]:
+        """What degrades the remote tier now (``ReportsHealth``): unreachable since startup, or
+        the breaker open. Cheap: no network call."""
+        problems = []
+        breaker = self.breaker.to_dict()
+        if breaker["state"] != "closed":
+            problems.append(
+                f"{self.backend.name} circuit breaker {breaker['state'].replace('_', '-')} after "
+                f"{breaker['consecutive_failures']} consecutive failed calls; local tiers serve")
+        with self._lock:
+            if self._reachable is False:
+                problems.append(f"{self.backend.name} unreachable since startup "
+                                f"({self._unreachable_why}); local tiers serve")
+        return problems
 
     # -- sizes: a shared engine's capacity is not ours to account ------------------------------
 
@@ -100,6 +143,7 @@ class RemoteTier:
             result = fn()
         except (KeyError, CorruptBlock):
             self.breaker.record_success()  # the engine answered
+            self._reachable = True
             raise
         except TimeoutError as e:
             self._fail("timeouts", e)
@@ -108,6 +152,9 @@ class RemoteTier:
             self._fail("errors", e)
             return _FAILED
         self.breaker.record_success()
+        if self._reachable is not True:
+            with self._lock:
+                self._reachable = True
         return result
 
     def _fail(self, counter: str, e: Exception) -> None:
@@ -313,6 +360,7 @@ class RemoteTier:
             snap["inflight_puts"] = self._inflight_puts
             snap["read_seconds"] = self._read_seconds.to_dict()
             snap["lookup_seconds"] = self._lookup_seconds.to_dict()
+            snap["reachable"] = self._reachable  # None: not known yet
         snap["backend"] = self.backend.name
         snap["breaker"] = self.breaker.to_dict()
         return snap

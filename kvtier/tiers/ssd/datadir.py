@@ -41,10 +41,12 @@ def open_data_dir(path: str | os.PathLike) -> tuple[Path, int]:
     Raises DataDirError naming the directory and the problem.
     """
     root = Path(path)
+    problem = "cannot be created"  # what an OSError means at each step
     try:
         if root.exists() and not root.is_dir():
             raise DataDirError(f"data directory {root}: exists but is not a directory")
         root.mkdir(parents=True, exist_ok=True)
+        problem = "unreadable"
         marker = root / VERSION_FILE
         if marker.exists() or marker.is_symlink():
             _check_version(root, marker)
@@ -55,14 +57,16 @@ def open_data_dir(path: str | os.PathLike) -> tuple[Path, int]:
                 raise DataDirError(
                     f"data directory {root}: not a kvtier data directory (no {VERSION_FILE} "
                     f"file, but {len(others)} other entries such as {others[0]!r})")
+            problem = "unwritable"
             write_version(root, VERSION)
+        problem = "unwritable"
         (root / "segments").mkdir(exist_ok=True)
         (root / "index").mkdir(exist_ok=True)
         lock_fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except DataDirError:
         raise
     except OSError as e:
-        raise DataDirError(f"data directory {root}: unreadable ({e.strerror or e})") from None
+        raise DataDirError(f"data directory {root}: {problem} ({e.strerror or e})") from None
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
         try:
