@@ -31,7 +31,8 @@ import torch
 
 from kvtier import errors as kerrors
 from kvtier.blocks import BlockHits, bytes_tensor, engine_keys, page_rows
-from kvtier.errors import InvalidRequest, KVTierError, LayoutMismatch
+from kvtier.errors import InvalidRequest, KVTierError, LayoutMismatch, UnknownNamespace
+from kvtier.index import Lease
 from kvtier.keys import as_token_array
 from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace
@@ -300,7 +301,10 @@ class _Ops:
             resp = yield _tokens_call("POST", "/v1/kv/get", {"namespace": namespace}, ids, accept=MSGPACK)
             d = msgpack.unpackb(resp.content)
             return (kv_from_wire(d["kv"]) if d["kv"] is not None else None), d["tokens"]
-        layout = yield from self._layout(namespace)
+        try:
+            layout = yield from self._layout(namespace)
+        except UnknownNamespace:  # never stored into: a miss, as in-process
+            return None, 0
         if layout is None:
             return None, 0
         nbytes = packed_nbytes(layout, len(ids))
@@ -500,6 +504,29 @@ class KVTierClient:
 
     def get(self, namespace: str, token_ids: Sequence[int]) -> tuple[list[tuple[torch.Tensor, ...]] | None, int]:
         return self._run(self._ops.get(namespace, token_ids))
+
+    def get_into(self, namespace: str, token_ids: Sequence[int], dest: KV) -> int:
+        """``TieredCache.get_into``: the longest cached prefix written into ``dest``; the tokens
+        written (over shared memory with ``use_shm=True``: one copy, out of the region)."""
+        kv, n = self.get(namespace, token_ids)
+        for out_layer, layer in zip(dest, kv or [], strict=False):
+            for out, t in zip(out_layer, layer, strict=True):
+                out[:n].copy_(t[:n])
+        return n
+
+    def acquire(self, namespace: str, token_ids: Sequence[int]) -> Lease:
+        """``TieredCache.acquire`` for ``prefill``'s loader: the longest cached prefix as a lookup
+        found it. Blocks cannot be pinned across HTTP: one evicted before the load makes the
+        load end short, which ``prefill`` handles by recomputing from there."""
+        from kvtier.sidecar_loader import sidecar_lease
+
+        ids = as_token_array(token_ids)
+        hit = self.lookup(namespace, ids)
+        ns = self.get_namespace(namespace) if hit.blocks else None
+        return sidecar_lease(ns, hit, ids)
+
+    def release(self, lease: Lease) -> None:
+        """Nothing to unpin (see ``acquire``)."""
 
     def prefetch(self, namespace: str, token_ids: Sequence[int], to: str = "host", *,
                  policy: str = "best_effort", timeout_s: float | None = None) -> RemotePrefetch:

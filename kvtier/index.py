@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvtier.namespaces import Namespace
 from kvtier.policies import EvictionPolicy
 from kvtier.tiers.base import BlockMeta, Tier
@@ -53,6 +55,7 @@ class Lease:
     blocks: list[LeasedBlock]
     requested_tokens: int
     _entries: list = field(default_factory=list, repr=False)
+    token_ids: np.ndarray | None = field(default=None, repr=False)  # a sidecar lease: what to load
 
     @property
     def tokens(self) -> int:

@@ -104,6 +104,18 @@ class LoadStream:
         return self._cancel.is_set()
 
     # ---- producer side ---------------------------------------------------------------------
+    def complete(self, tokens: int, error: str | None = None) -> None:
+        """End a load that read its prefix in one piece: every layer of the first
+        ``tokens // block_tokens`` blocks landed, the rest never will (for a one-path loader)."""
+        blocks = min(self.planned_blocks, tokens // self.block_tokens)
+        if blocks:
+            self._land(range(self.n_layers), range(blocks))
+        if blocks < self.planned_blocks:
+            self._truncate(blocks, error or f"only {blocks} of {self.planned_blocks} blocks were cached")
+        with self._lock:
+            self._paths_left = 1
+        self._path_done()
+
     def _land(self, layers: Sequence[int], blocks: Sequence[int]) -> None:
         with self._lock:
             for layer in layers:

@@ -88,7 +88,7 @@ CASES = [
     ("unknown-field", A, "POST", "/v1/lookup", lookup(tokens=[1]), 422, "tokens"),
     ("tokens-over-limit", A, "POST", "/v1/lookup", lookup(token_ids=list(range(5000))), 413, "limit is 4096"),
     ("body-over-limit", A, "POST", "/v1/lookup", lookup(token_ids=[7] * 40000), 413, "exceeds the limit"),
-    ("unknown-namespace", A, "POST", "/v1/lookup", lookup(namespace="nope"), 404, "nope"),
+    ("unknown-namespace", A, "DELETE", "/v1/kv", lookup(namespace="nope"), 404, "nope"),
     ("bad-namespace-name", A, "POST", "/v1/lookup", lookup(namespace="a b"), 400, "invalid namespace name"),
     ("negative-block-tokens", A, "POST", "/v1/namespaces", {"json": {"name": "x", "block_tokens": -16}},
      422, "block_tokens"),

@@ -34,7 +34,8 @@ from kvtier.costmodel import CostDecision
 from kvtier.errors import InvalidRequest
 from kvtier.keys import as_token_array
 from kvtier.layout import KV
-from kvtier.loader import Loader, LoadStream, PrefixTruncated
+from kvtier.loader import Loader, LoadSource, LoadStream, PrefixTruncated
+from kvtier.sidecar_loader import SidecarLoader
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +120,13 @@ _LOADERS_LOCK = threading.Lock()
 _SAVER = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
 
 
-def loader_for(cache: Any) -> Loader:
-    """The shared Loader (and so the shared cost model) of a TieredCache."""
+def loader_for(cache: Any) -> Loader | SidecarLoader:
+    """The shared loader (and so the shared cost model) of a cache: the dual-path ``Loader``
+    for an in-process ``TieredCache``, a ``SidecarLoader`` for a sidecar client."""
     with _LOADERS_LOCK:
         loader = _LOADERS.get(cache)
         if loader is None:
-            loader = _LOADERS[cache] = Loader(cache)
+            loader = _LOADERS[cache] = Loader(cache) if isinstance(cache, LoadSource) else SidecarLoader(cache)
         return loader
 
 
@@ -172,7 +174,7 @@ class PrefillResult:
 
 
 def prefill(model: Any, cache: Any, namespace: str, input_ids: Sequence[int] | torch.Tensor, *,
-            pipelined: bool = True, cost_check: bool = True, loader: Loader | None = None,
+            pipelined: bool = True, cost_check: bool = True, loader: Loader | SidecarLoader | None = None,
             **model_kwargs: Any) -> PrefillResult:
     """Prefill a prompt reusing its cached prefix (pipelined, layer-wise by default).
 

@@ -16,7 +16,7 @@ import msgpack
 import torch
 from fastapi import APIRouter, Request, Response
 
-from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch, UnknownNamespace
+from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch
 from kvtier.layout import KVLayout
 from kvtier.wire import (
     MSGPACK,
@@ -95,19 +95,16 @@ async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
         raise InvalidRequest(f"unknown body fields {sorted(extra)}")
     ids = _token_ids(d)
     ctx.check_tokens(ids)
-    name = ctx.principal.scoped(_field(d, "namespace", str))
+    name = _field(d, "namespace", str)
+    ctx.principal.scoped(name)  # 403 for another tenant's, before any work
     layers = _field(d, "kv", list)
 
     def work() -> int:
         kv = kv_from_wire(layers)
-        try:
-            ctx.cache.get_namespace(name)
-        except UnknownNamespace:
-            layout = KVLayout.from_kv(kv)
-            layout.validate(kv, len(ids))  # a put that fails registers nothing
-            ctx.cache.register_namespace(name, model_id=ctx.principal.external(name), layout=layout,
-                                         tenant=ctx.principal.tenant)
-        return ctx.cache.put(name, ids, kv, create=False)  # dropped meanwhile: 404, never re-created
+        layout = KVLayout.from_kv(kv)
+        layout.validate(kv, len(ids))  # a put that fails registers nothing
+        ns = ctx.namespace_for_put(name, layout)
+        return ctx.cache.put(ns.name, ids, kv, create=False)  # dropped meanwhile: 404, never re-created
 
     return {"tokens": await ctx.call(work)}
 
@@ -118,7 +115,9 @@ async def get(request: Request, ctx: Ctx = CtxDep) -> Response:
     d = await decode(request, json_ok=True)
     ids = _token_ids(d)
     ctx.check_tokens(ids)
-    ns = ctx.namespace(_field(d, "namespace", str))
+    ns = ctx.find_namespace(_field(d, "namespace", str))
+    if ns is None:  # never stored into: a miss, as in-process
+        return Response(msgpack.packb({"tokens": 0, "kv": None}), media_type=MSGPACK)
 
     def work() -> bytes:
         kv, n = ctx.cache.get(ns.name, ids)
@@ -174,9 +173,9 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     body = await tokens_body(request, ShmPutRequest)
     regions = _regions(request, body.region)
     ctx.check_tokens(body.token_ids)
-    ns = ctx.namespace(body.namespace)
     layout = KVLayout.from_dict(body.layout.model_dump())
-    if ns.layout is not None and ns.layout != layout:
+    ns = ctx.find_namespace(body.namespace)
+    if ns is not None and ns.layout is not None and ns.layout != layout:
         raise LayoutMismatch(f"layout {layout.fingerprint()} does not match namespace "
                              f"{body.namespace!r} layout {ns.layout.fingerprint()}")
     n = len(body.token_ids)
@@ -199,7 +198,9 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
             if slot != n:
                 kv = [tuple(t[:n] for t in layer) for layer in kv]
             try:
-                return ctx.cache.put(ns.name, body.token_ids, kv, create=False)
+                layout.validate(kv, n)  # a put that fails registers nothing
+                target = ctx.namespace_for_put(body.namespace, layout)
+                return ctx.cache.put(target.name, body.token_ids, kv, create=False)
             finally:
                 del kv
 
@@ -215,11 +216,12 @@ async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     body = await tokens_body(request, ShmGetRequest)
     regions = _regions(request, body.region)
     ctx.check_tokens(body.token_ids)
-    ns = ctx.namespace(body.namespace)
-    if ns.layout is None:
+    ns = ctx.find_namespace(body.namespace)
+    if ns is None or ns.layout is None:  # never stored into: a miss, as in-process
         return {"tokens": 0, "slot_tokens": 0, "layout": None, "nbytes": 0}
     layout, bt = ns.layout, ns.block_tokens
-    need = packed_nbytes(layout, len(body.token_ids) // bt * bt)
+    slot = len(body.token_ids) // bt * bt  # rows per tensor: room for a hit on every block
+    need = packed_nbytes(layout, slot)
     if need > ctx.settings.max_kv_bytes:
         raise PayloadTooLarge(f"{need} bytes of KV exceed the data-plane limit {ctx.settings.max_kv_bytes}")
     if need > body.region.size:
@@ -229,22 +231,12 @@ async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     def work() -> dict:  # the window is the most this get writes: never more than --max-kv-bytes
         with regions.open(tenant, body.region.id, body.region.offset, need,
                           ctx.settings.max_kv_bytes) as buf:
-            lease = ctx.cache.acquire(ns.name, body.token_ids)
+            outs = packed_views(torch.frombuffer(buf, dtype=torch.uint8), layout, slot)
             try:
-                slot = len(lease.blocks) * bt
-                if slot == 0:
-                    return {"tokens": 0, "slot_tokens": 0, "layout": layout.to_dict(), "nbytes": 0}
-                outs = packed_views(torch.frombuffer(buf, dtype=torch.uint8), layout, slot)
-                loaded = 0
-                for i, blk in enumerate(lease.blocks):
-                    views = [[t[i * bt:(i + 1) * bt] for t in layer] for layer in outs]
-                    if not ctx.cache.load_block(blk.key, views, ns.codec):
-                        break
-                    loaded += 1
-                del outs, views
+                tokens = ctx.cache.get_into(ns.name, body.token_ids, outs)
             finally:
-                ctx.cache.release(lease)
-        return {"tokens": loaded * bt, "slot_tokens": slot, "layout": layout.to_dict(),
-                "nbytes": packed_nbytes(layout, slot)}
+                del outs
+        return {"tokens": tokens, "slot_tokens": slot if tokens else 0, "layout": layout.to_dict(),
+                "nbytes": packed_nbytes(layout, slot) if tokens else 0}
 
     return await ctx.call(work)

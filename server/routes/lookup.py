@@ -24,8 +24,8 @@ async def lookup(request: Request, ctx: Ctx = CtxDep) -> dict:
     """The longest cached prefix of ``token_ids`` and the tier of each of its blocks."""
     body = await tokens_body(request, TokensRequest)
     ctx.check_tokens(body.token_ids)
-    ns = ctx.namespace(body.namespace)
-    hit = await ctx.call(ctx.cache.lookup, ns.name, body.token_ids)
+    scoped = ctx.principal.scoped(body.namespace)  # 403 for another tenant's; unknown: a miss
+    hit = await ctx.call(ctx.cache.lookup, scoped, body.token_ids)
     d = hit.to_dict()
     d["namespace"] = body.namespace
     return d

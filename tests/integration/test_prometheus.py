@@ -82,7 +82,7 @@ def workload(c: KVTierClient) -> None:
     assert c.prefetch("m", b).wait(30)
     assert c.evict("m", d) >= 1
     with pytest.raises(KVTierError):
-        c.lookup("no-such-namespace", a)  # answered 404
+        c.evict("no-such-namespace", a)  # answered 404
 
 
 def signal(expr: str) -> str:
