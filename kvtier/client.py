@@ -44,6 +44,7 @@ from kvtier.wire import (
     kv_from_wire,
     kv_to_wire,
     pack_into,
+    pack_pieces,
     packed_nbytes,
     packed_views,
     unpack_from,
@@ -129,7 +130,27 @@ def _tokens_call(method: str, path: str, body: dict[str, Any], token_ids: Any,
     4K-token JSON body costs more to build and parse than the round trip itself."""
     body = {**body, "token_ids": _packed_tokens(token_ids)}
     headers = {"content-type": MSGPACK, **({"accept": accept} if accept else {})}
-    return _Call(method, path, content=msgpack.packb(body), headers=headers)
+    nbytes, pieces = pack_pieces(body)
+    if len(pieces) == 1:
+        return _Call(method, path, content=bytes(pieces[0]), headers=headers)
+    # KV bodies go out as they lie in memory: the tensors' own bytes, never packed into one
+    # buffer (a 1 GiB put would be built twice), in pieces the transport sends without
+    # re-slicing a big buffer on every partial write.
+    return _Call(method, path, content=_Pieces(pieces), headers={**headers, "content-length": str(nbytes)})
+
+
+class _Pieces:
+    """A request body sent piece by piece (``wire.pack_pieces``), by either client."""
+
+    def __init__(self, pieces: list[bytes | memoryview]) -> None:
+        self.pieces = pieces
+
+    def __iter__(self):
+        return iter(self.pieces)
+
+    async def __aiter__(self):
+        for piece in self.pieces:
+            yield piece
 
 
 def _keys_call(method: str, path: str, namespace: str, keys: list[bytes],
@@ -458,7 +479,8 @@ class KVTierClient:
         try:
             call = next(op)
             while True:
-                resp = self._http.request(call.method, call.path, json=call.json, content=call.content,
+                content = iter(call.content) if isinstance(call.content, _Pieces) else call.content
+                resp = self._http.request(call.method, call.path, json=call.json, content=content,
                                           headers=call.headers, params=call.params)
                 try:
                     _raise_for(resp)
@@ -591,7 +613,8 @@ class AsyncKVTierClient:
         try:
             call = next(op)
             while True:
-                resp = await self._http.request(call.method, call.path, json=call.json, content=call.content,
+                content = aiter(call.content) if isinstance(call.content, _Pieces) else call.content
+                resp = await self._http.request(call.method, call.path, json=call.json, content=content,
                                                 headers=call.headers, params=call.params)
                 try:
                     _raise_for(resp)

@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
 from math import prod
 from typing import Any
 
 import torch
 
-from kvtier.errors import InvalidType, LayoutMismatch
+from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch
 from kvtier.layout import KV, KVLayout, dtype_from_name, dtype_name
 
 MSGPACK = "application/msgpack"
@@ -119,3 +120,134 @@ def unpack_from(buf: memoryview, layout: KVLayout, n_tokens: int, *, copy: bool)
                 for _ in range(layout.num_layers)]
     views = packed_views(torch.frombuffer(buf, dtype=torch.uint8), layout, n_tokens)
     return [tuple(t.clone() for t in layer) for layer in views] if copy else views
+
+
+# ---- msgpack without copying the bulk ------------------------------------------------------------
+# A 1 GiB put must not be built in memory twice: ``pack_pieces`` yields the msgpack encoding of a
+# body as pieces in which every large binary field is the caller's own buffer (the tensors'
+# bytes), and ``unpack_views`` decodes a received body with every binary field a memoryview into
+# it. Both speak plain msgpack: any msgpack peer reads and writes these bodies.
+
+PIECE_BYTES = 1 << 20  # largest piece handed to the transport at once (bounded re-slicing cost)
+_INLINE_BIN = 64 * 1024  # smaller binary fields are copied into the headers around them
+
+
+def pack_pieces(obj: Any) -> tuple[int, list[bytes | memoryview]]:
+    """``msgpack.packb(obj)`` as pieces (total length first): small values packed into header
+    pieces, binary fields of ``_INLINE_BIN`` bytes or more passed through uncopied."""
+    import msgpack
+
+    packer = msgpack.Packer(autoreset=True)
+    pieces: list[bytes | memoryview] = []
+    head = bytearray()
+
+    def walk(v: Any) -> None:
+        nonlocal head
+        if isinstance(v, dict):
+            head += packer.pack_map_header(len(v))
+            for k, item in v.items():
+                head += packer.pack(k)
+                walk(item)
+        elif isinstance(v, (list, tuple)):
+            head += packer.pack_array_header(len(v))
+            for item in v:
+                walk(item)
+        elif isinstance(v, (bytes, bytearray, memoryview)) and len(memoryview(v).cast("B")) >= _INLINE_BIN:
+            view = memoryview(v).cast("B")
+            head += _bin_header(len(view))
+            pieces.append(bytes(head))
+            head = bytearray()
+            pieces.extend(view[i:i + PIECE_BYTES] for i in range(0, len(view), PIECE_BYTES))
+        else:
+            head += packer.pack(v)
+
+    walk(obj)
+    if head:
+        pieces.append(bytes(head))
+    return sum(len(p) for p in pieces), pieces
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return struct.pack(">BB", 0xc4, n)
+    if n < 1 << 16:
+        return struct.pack(">BH", 0xc5, n)
+    return struct.pack(">BI", 0xc6, n)
+
+
+def unpack_views(buf: bytes | bytearray | memoryview) -> Any:
+    """Decode one msgpack object; binary fields come back as memoryviews into ``buf`` (no copy),
+    strings as ``str``, maps as dicts. Raises InvalidType on malformed or trailing bytes."""
+    mv = memoryview(buf).cast("B")
+    try:
+        obj, end = _decode(mv, 0)
+    except (IndexError, struct.error, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidRequest(f"malformed msgpack body: {type(e).__name__}: {e}") from None
+    if end != len(mv):
+        raise InvalidRequest(f"malformed msgpack body: {len(mv) - end} bytes after the object")
+    return obj
+
+
+_FMT = {0xcc: ">B", 0xcd: ">H", 0xce: ">I", 0xcf: ">Q", 0xd0: ">b", 0xd1: ">h", 0xd2: ">i",
+        0xd3: ">q", 0xca: ">f", 0xcb: ">d"}
+_LEN = {0xc4: ">B", 0xc5: ">H", 0xc6: ">I", 0xd9: ">B", 0xda: ">H", 0xdb: ">I",
+        0xdc: ">H", 0xdd: ">I", 0xde: ">H", 0xdf: ">I"}
+
+
+def _decode(mv: memoryview, at: int) -> tuple[Any, int]:
+    b = mv[at]
+    at += 1
+    if b <= 0x7f:
+        return b, at
+    if b >= 0xe0:
+        return b - 0x100, at
+    if 0x80 <= b <= 0x8f:
+        return _map(mv, at, b & 0x0f)
+    if 0x90 <= b <= 0x9f:
+        return _array(mv, at, b & 0x0f)
+    if 0xa0 <= b <= 0xbf:
+        n = b & 0x1f
+        return str(mv[at:at + n], "utf-8"), at + n
+    if b == 0xc0:
+        return None, at
+    if b in (0xc2, 0xc3):
+        return b == 0xc3, at
+    if b in _FMT:
+        fmt = _FMT[b]
+        return struct.unpack_from(fmt, mv, at)[0], at + struct.calcsize(fmt)
+    if b in _LEN:
+        fmt = _LEN[b]
+        n = struct.unpack_from(fmt, mv, at)[0]
+        at += struct.calcsize(fmt)
+        if b in (0xc4, 0xc5, 0xc6):
+            if at + n > len(mv):
+                raise IndexError("binary field runs past the end of the body")
+            return mv[at:at + n], at + n
+        if b in (0xd9, 0xda, 0xdb):
+            if at + n > len(mv):
+                raise IndexError("string runs past the end of the body")
+            return str(mv[at:at + n], "utf-8"), at + n
+        return (_array if b in (0xdc, 0xdd) else _map)(mv, at, n)
+    raise InvalidRequest(f"malformed msgpack body: unsupported type byte 0x{b:02x}")
+
+
+def _array(mv: memoryview, at: int, n: int) -> tuple[list, int]:
+    if n > len(mv) - at:
+        raise IndexError("array longer than the body")
+    out = []
+    for _ in range(n):
+        item, at = _decode(mv, at)
+        out.append(item)
+    return out, at
+
+
+def _map(mv: memoryview, at: int, n: int) -> tuple[dict, int]:
+    if 2 * n > len(mv) - at:
+        raise IndexError("map longer than the body")
+    out = {}
+    for _ in range(n):
+        key, at = _decode(mv, at)
+        if isinstance(key, (list, dict, memoryview)):
+            raise InvalidRequest("malformed msgpack body: a map key must be a scalar")
+        out[key], at = _decode(mv, at)
+    return out, at

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from kvtier.errors import InvalidRequest, InvalidType
-from kvtier.wire import MSGPACK
+from kvtier.wire import MSGPACK, unpack_views
 from server.errors import UnsupportedMediaType
 
 M = TypeVar("M", bound=BaseModel)
@@ -30,6 +30,32 @@ MAX_TOKEN_ID = 2**62  # as ``server.schemas.TokenId``
 
 def content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def decode_views(request: Request) -> dict[str, Any]:
+    """A msgpack body as a map whose binary fields are views into the one buffer it was
+    received into (``wire.unpack_views``): a big KV put is copied once, not three times."""
+    ctype = content_type(request)
+    if ctype != MSGPACK:
+        raise UnsupportedMediaType(f"content-type {ctype or '(none)'!r} is not accepted here: send {MSGPACK}")
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        body: bytes | memoryview = await request.body()
+    else:
+        # Not bytearray(n): it zero-fills every page first, a fifth of a big put's time.
+        body = memoryview(np.empty(int(length), dtype=np.uint8))  # BodyLimit checked the length
+        at = 0
+        async for chunk in request.stream():
+            if at + len(chunk) > len(body):
+                raise InvalidRequest(f"request body is longer than its Content-Length {len(body)}")
+            body[at:at + len(chunk)] = chunk
+            at += len(chunk)
+        if at != len(body):
+            raise InvalidRequest(f"request body ended after {at} of {len(body)} bytes")
+    d = unpack_views(body)
+    if not isinstance(d, dict):
+        raise InvalidType(f"body must be a map, got {type(d).__name__}")
+    return d
 
 
 async def decode(request: Request, *, json_ok: bool) -> dict[str, Any]:

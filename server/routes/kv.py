@@ -28,6 +28,7 @@ from kvtier.wire import (
 )
 from server.body import (
     decode,
+    decode_views,
     listed_token_ids,
     openapi_body,
     tokens_body,
@@ -71,7 +72,7 @@ _GET_RESPONSE = {200: {"description": "KV of the longest cached prefix (kv is nu
 def _token_ids(d: dict) -> Any:
     """``token_ids`` of a msgpack data-plane body: listed, or packed (``server.body``)."""
     raw = d.get("token_ids")
-    return unpack_token_ids(raw) if isinstance(raw, bytes) else listed_token_ids(_field(d, "token_ids", list))
+    return unpack_token_ids(raw) if isinstance(raw, (bytes, memoryview)) else listed_token_ids(_field(d, "token_ids", list))
 
 
 def _field(d: dict, name: str, kind: type) -> Any:
@@ -89,7 +90,7 @@ async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
     As ``TieredCache.put``: the first put to an unknown namespace registers it (the caller's
     tenant, the layout of this KV, the server's block size and codec).
     """
-    d = await decode(request, json_ok=False)
+    d = await decode_views(request)
     extra = set(d) - {"namespace", "token_ids", "kv"}
     if extra:
         raise InvalidRequest(f"unknown body fields {sorted(extra)}")
