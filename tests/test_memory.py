@@ -43,3 +43,16 @@ def test_device_tier_uses_fixed_slots_and_rejects_oversized_blocks():
     for i in range(4):
         tier.put(bytes([i]) * 16, b"x" * 100, META)  # each small block still takes a slot
     assert not tier.can_fit(1)
+
+
+def test_host_copies_do_not_go_through_torch(monkeypatch):
+    """Host-to-host copies are numpy memcpy: torch's copy_ (and its thread pool) is never used."""
+    tier = make_host_tier(HostTierConfig(capacity_bytes="1MiB"))
+    calls = []
+    real = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    src = torch.arange(100_000, dtype=torch.int32).view(torch.uint8)
+    tier.put(b"k" * 16, src, META)
+    out = torch.empty(src.numel(), dtype=torch.uint8)
+    assert tier.read_into(b"k" * 16, out) == src.numel() and torch.equal(out, src)
+    assert calls == []

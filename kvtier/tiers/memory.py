@@ -2,7 +2,9 @@
 
 Both are one preallocated uint8 tensor carved by the slab allocator; a put copies the block's
 bytes into its slot and allocates no tensors. The device tier uses fixed-size slots and runs on
-a CPU tensor when there is no GPU, so the same code is tested everywhere.
+a CPU tensor when there is no GPU, so the same code is tested everywhere. Copies between host
+memory are one numpy memcpy (``kvtier.bytecopy``: their speed does not hang on torch's thread
+pool); copies to or from device memory are queued with ``copy_(non_blocking=True)``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from kvtier.bytecopy import copy_bytes
 from kvtier.config import DeviceTierConfig, HostTierConfig
 from kvtier.errors import StorageFull
 from kvtier.tiers.allocator import SlabAllocator
@@ -74,7 +77,7 @@ class MemoryTier:
             self._slots[key] = (offset, n)
             self._used += n
         # Copying after publishing is safe: the manager exposes a block only after put returns.
-        self.buffer[offset: offset + n].copy_(src, non_blocking=True)
+        copy_bytes(self.buffer[offset: offset + n], src)
 
     def contains(self, key: bytes) -> bool:
         return key in self._slots
@@ -89,9 +92,10 @@ class MemoryTier:
         return self.buffer[offset: offset + n]
 
     def read_into(self, key: bytes, out: torch.Tensor, offset: int = 0) -> int:
+        """Copy the block's bytes from ``offset`` into ``out`` (1-D uint8); returns the count."""
         start, n = self._slots[key]
-        count = min(out.numel(), n - offset)
-        out[:count].copy_(self.buffer[start + offset: start + offset + count], non_blocking=True)
+        count = max(0, min(out.numel(), n - offset))
+        copy_bytes(out[:count], self.buffer[start + offset: start + offset + count])
         return count
 
     def delete(self, key: bytes) -> bool:
