@@ -45,6 +45,19 @@ def test_device_tier_uses_fixed_slots_and_rejects_oversized_blocks():
     assert not tier.can_fit(1)
 
 
+def test_host_tier_holds_seven_eighths_of_its_capacity_in_real_sized_blocks():
+    """2 MiB of KV plus its header page (a 16-token Llama-3-8B page in block format 2)."""
+    block = 2 * 1024**2 + 4096
+    tier = make_host_tier(HostTierConfig(capacity_bytes="32MiB"))
+    data = torch.zeros(block, dtype=torch.uint8)
+    n = 0
+    while tier.can_fit(block):
+        tier.put(n.to_bytes(16, "little"), data, META)
+        n += 1
+    assert n * block >= tier.capacity_bytes * 7 / 8 and n == 15  # the slab allocator held 8
+    assert all(tier.view(i.to_bytes(16, "little")).data_ptr() % 4096 == 0 for i in range(n))
+
+
 def test_host_copies_do_not_go_through_torch(monkeypatch):
     """Host-to-host copies are numpy memcpy: torch's copy_ (and its thread pool) is never used."""
     tier = make_host_tier(HostTierConfig(capacity_bytes="1MiB"))

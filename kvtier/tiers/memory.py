@@ -1,10 +1,11 @@
 """Memory tiers: host DRAM (pinned when CUDA is present) and GPU device memory.
 
-Both are one preallocated uint8 tensor carved by the slab allocator; a put copies the block's
-bytes into its slot and allocates no tensors. The device tier uses fixed-size slots and runs on
-a CPU tensor when there is no GPU, so the same code is tested everywhere. Copies between host
-memory are one numpy memcpy (``kvtier.bytecopy``: their speed does not hang on torch's thread
-pool); copies to or from device memory are queued with ``copy_(non_blocking=True)``.
+Both are one preallocated uint8 tensor carved by the extent allocator; a put copies the block's
+bytes into its slot and allocates no tensors. Host slots fit each block to 4 KiB and start on a
+page boundary; the device tier uses fixed-size slots and runs on a CPU tensor when there is no
+GPU, so the same code is tested everywhere. Copies between host memory are one numpy memcpy
+(``kvtier.bytecopy``: their speed does not hang on torch's thread pool); copies to or from
+device memory are queued with ``copy_(non_blocking=True)``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from collections.abc import Iterator
 
 import torch
 
+from kvtier.bufpool import aligned_empty
 from kvtier.bytecopy import copy_bytes
 from kvtier.config import DeviceTierConfig, HostTierConfig
 from kvtier.errors import StorageFull
-from kvtier.tiers.allocator import SlabAllocator
+from kvtier.tiers.allocator import UNIT, ExtentAllocator
 from kvtier.tiers.base import BlockMeta
 
 
@@ -37,7 +39,7 @@ class MemoryTier:
     persistent = False
     durable = False
 
-    def __init__(self, name: str, buffer: torch.Tensor, allocator: SlabAllocator) -> None:
+    def __init__(self, name: str, buffer: torch.Tensor, allocator: ExtentAllocator) -> None:
         self.name = name
         self.buffer = buffer
         self._alloc = allocator
@@ -120,15 +122,17 @@ class MemoryTier:
 
 
 def make_host_tier(cfg: HostTierConfig) -> MemoryTier:
+    """The host tier: slots fitted to each block (``cfg.page_bytes`` no longer matters)."""
     pinned = torch.cuda.is_available() if cfg.pinned is None else cfg.pinned
-    alloc = SlabAllocator(cfg.capacity_bytes, cfg.page_bytes)
-    buffer = torch.empty(alloc.capacity, dtype=torch.uint8, pin_memory=pinned)
-    return MemoryTier("host", buffer, alloc)
+    alloc = ExtentAllocator(cfg.capacity_bytes)
+    return MemoryTier("host", aligned_empty(alloc.capacity, pinned=pinned), alloc)
 
 
 def make_device_tier(cfg: DeviceTierConfig) -> MemoryTier:
+    """The device tier: one fixed slot of ``cfg.slot_bytes`` (at most the capacity) per block."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    alloc = SlabAllocator(cfg.capacity_bytes, cfg.slot_bytes, fixed_slot=True)
+    slot = max(UNIT, min(cfg.slot_bytes, cfg.capacity_bytes) // UNIT * UNIT)
+    alloc = ExtentAllocator(cfg.capacity_bytes, slot, max_block=slot)
     buffer = torch.empty(alloc.capacity, dtype=torch.uint8, device=device)
     return MemoryTier("device", buffer, alloc)
 
