@@ -45,6 +45,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import crc32c
 import numpy as np
@@ -67,8 +68,7 @@ def checksum(data: bytes | bytearray | memoryview | np.ndarray, value: int = 0) 
     return crc32c.crc32c(data, value)
 
 
-@dataclass(frozen=True, slots=True)
-class LayerEntry:
+class LayerEntry(NamedTuple):  # a tuple: decoding a block parses one per layer, fast
     offset: int
     length: int
     crc: int
@@ -130,40 +130,84 @@ def encode_block_pooled(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) 
     """Encode one block into a recycled uint8 tensor (``kvtier.bufpool``): the put path's form.
 
     The tensor starts on a 4 KiB boundary (a version 2 block can be written ``O_DIRECT`` from
-    it as is). It spares a fresh, page-faulting allocation per block, copies each payload once
-    (numpy memcpy: no torch thread pool), and takes each layer's checksum from the copy just
-    written (still in cache), not from a second pass over the source.
+    it as is), and spares a fresh, page-faulting allocation per block. To encode straight into
+    memory the caller owns (a tier's slot), use ``prepare_block``.
     """
-    payloads = _payload_parts(codec, layers)
-    lengths = [sum(p.nbytes for p in parts) for parts in payloads]
-    version, offsets, total = layout(codec.name, lengths)
-    out = block_buffers.take(total)
-    arr = out.numpy()
-    entries, end = [], header_size(len(lengths), codec.name)
-    for parts, start, n in zip(payloads, offsets, lengths, strict=True):
-        arr[end:start] = 0  # padding: zeros, never stale bytes of a recycled buffer
-        at = start
-        for p in parts:
-            np.copyto(arr[at: at + p.nbytes], np.frombuffer(p, dtype=np.uint8))
-            at += p.nbytes
-        entries.append(LayerEntry(start, n, checksum(arr[start:at])))
-        end = at
-    arr[end:] = 0
-    head = _header(codec.name, version, layers[0][0].shape[0], entries)
-    arr[:len(head)] = np.frombuffer(head, dtype=np.uint8)
+    block = prepare_block(codec, layers)
+    out = block_buffers.take(block.nbytes)
+    block.write_into(out)
     return out
 
 
-def _payload_parts(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> list[list[memoryview]]:
-    """Each layer's payload as a list of byte buffers (``Codec.encode_parts`` where offered)."""
+@dataclass(frozen=True, slots=True)
+class PreparedBlock:
+    """A block whose layers are encoded and laid out, not yet written: ``nbytes`` is known
+    before any memory is, so it can be written straight into a tier's slot (one copy)."""
+
+    codec: str
+    version: int
+    tokens: int
+    nbytes: int
+    offsets: Sequence[int]
+    lengths: Sequence[int]
+    payloads: Sequence[Sequence[np.ndarray]]  # each layer's parts (1-D uint8), in order
+
+    def write_into(self, out: torch.Tensor) -> None:
+        """Write the block into ``out`` (host memory, exactly ``nbytes`` uint8, any contents).
+
+        Copies each payload once with numpy (no torch thread pool): one ``concatenate`` per run
+        of layers with no padding between them (a whole block of ``none`` payloads whose layers
+        fill whole pages is one call), then each layer's checksum from the copy just written,
+        and zeroes the padding.
+        """
+        if out.device.type != "cpu" or out.dtype != torch.uint8 or out.numel() != self.nbytes:
+            raise ValueError(f"a block of {self.nbytes} bytes goes into {self.nbytes} host uint8, "
+                             f"got {out.numel()} {out.dtype} on {out.device}")
+        arr = out.numpy()
+        end = header_size(len(self.lengths), self.codec)
+        run: list[np.ndarray] = []
+        run_start = self.offsets[0] if self.offsets else end
+        for parts, start, n in zip(self.payloads, self.offsets, self.lengths, strict=True):
+            if start != end:  # padding before this layer: write the run so far
+                _concat(run, arr, run_start, end)
+                arr[end:start] = 0  # padding: zeros, never stale bytes of a recycled buffer
+                run, run_start = [], start
+            run += parts
+            end = start + n
+        _concat(run, arr, run_start, end)
+        arr[end:] = 0
+        entries = [(o, n, checksum(arr[o:o + n])) for o, n in zip(self.offsets, self.lengths, strict=True)]
+        head = _header(self.codec, self.version, self.tokens, entries)
+        arr[:len(head)] = np.frombuffer(head, dtype=np.uint8)
+
+
+def _concat(parts: list[np.ndarray], arr: np.ndarray, start: int, end: int) -> None:
+    if len(parts) == 1:
+        np.copyto(arr[start:end], parts[0])
+    elif parts:
+        np.concatenate(parts, out=arr[start:end])
+
+
+def prepare_block(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> PreparedBlock:
+    """Encode one block's layers (``Codec.encode_parts``: views of the tensors for ``none``)
+    and lay them out; ``write_into`` then writes the block wherever the caller wants it."""
+    payloads = _payload_parts(codec, layers)
+    lengths = [sum(p.nbytes for p in parts) for parts in payloads]
+    version, offsets, total = layout(codec.name, lengths)
+    return PreparedBlock(codec.name, version, layers[0][0].shape[0], total, offsets, lengths, payloads)
+
+
+def _payload_parts(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> list[list[np.ndarray]]:
+    """Each layer's payload as 1-D uint8 arrays (``Codec.encode_parts`` where offered)."""
     split = getattr(codec, "encode_parts", None)
-    return [[memoryview(p).cast("B") for p in (split(layer) if split else [codec.encode(layer)])]
+    return [[np.frombuffer(p, dtype=np.uint8) for p in (split(layer) if split else [codec.encode(layer)])]
             for layer in layers]
 
 
-def _header(codec: str, version: int, tokens: int, entries: Sequence[LayerEntry]) -> bytes:
+def _header(codec: str, version: int, tokens: int, entries: Sequence[tuple[int, int, int]]) -> bytes:
+    """The header of a block whose layers are at these (offset, length, crc32c)."""
     name = codec.encode()
-    table = b"".join(_ENTRY.pack(e.offset, e.length, e.crc) for e in entries)
+    table = b"".join(_ENTRY.pack(*e) for e in entries)
     body = name.ljust(_pad8(len(name)), b"\0") + table
     fixed = _FIXED.pack(MAGIC, version, len(name), 0, len(entries), tokens, 0)
     crc = checksum(body, checksum(fixed))
@@ -173,6 +217,13 @@ def _header(codec: str, version: int, tokens: int, entries: Sequence[LayerEntry]
 def parse_header(buf: bytes | bytearray | memoryview | torch.Tensor) -> BlockHeader:
     """Parse and verify a block header (version 1 or 2). Raises CorruptBlock on any
     inconsistency. ``buf`` holds the block from byte 0, at least ``header_bytes`` of it."""
+    codec, version, tokens, hsize, table = parse_table(buf)
+    return BlockHeader(codec, tokens, tuple(map(LayerEntry._make, table)), hsize, version)
+
+
+def parse_table(buf: bytes | bytearray | memoryview | torch.Tensor) -> tuple[str, int, int, int, list[tuple]]:
+    """``parse_header``'s checks without building records, for per-block hot paths:
+    (codec, version, tokens, header_bytes, [(offset, length, crc) per layer])."""
     mv = _head_bytes(buf)
     if len(mv) < _FIXED.size:
         raise CorruptBlock(f"block of {len(mv)} bytes is shorter than its header")
@@ -188,15 +239,14 @@ def parse_header(buf: bytes | bytearray | memoryview | torch.Tensor) -> BlockHea
     if checksum(mv[_FIXED.size: hsize], checksum(zeroed)) != crc:
         raise CorruptBlock("block header checksum mismatch")
     codec = bytes(mv[_FIXED.size: _FIXED.size + clen]).decode()
-    base = _FIXED.size + _pad8(clen)
-    layers = tuple(LayerEntry(*_ENTRY.unpack_from(mv, base + i * _ENTRY.size)) for i in range(n_layers))
-    end = hsize
-    for i, e in enumerate(layers):  # a checksummed header only fails this if its encoder erred
-        if e.offset < end or (version == ALIGNED and e.offset % ALIGN):
-            raise CorruptBlock(f"layer {i} at offset {e.offset} overlaps what precedes it "
+    table = list(_ENTRY.iter_unpack(mv[_FIXED.size + _pad8(clen): hsize]))
+    end, align = hsize, ALIGN if version == ALIGNED else 1
+    for i, (offset, length, _) in enumerate(table):  # only an encoder's bug fails this
+        if offset < end or offset % align:
+            raise CorruptBlock(f"layer {i} at offset {offset} overlaps what precedes it "
                                f"or is misaligned (version {version})")
-        end = e.offset + e.length
-    return BlockHeader(codec, tokens, layers, hsize, version)
+        end = offset + length
+    return codec, version, tokens, hsize, table
 
 
 def _head_bytes(buf: bytes | bytearray | memoryview | torch.Tensor) -> memoryview:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-from kvtier.bufpool import aligned_empty
+from kvtier.bufpool import aligned_empty, block_buffers
 from kvtier.bytecopy import copy_bytes
 from kvtier.config import DeviceTierConfig, HostTierConfig
 from kvtier.errors import StorageFull
@@ -68,18 +68,41 @@ class MemoryTier:
 
     def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta | None = None) -> None:
         src = as_uint8(data)
-        n = src.numel()
+        self.put_with(key, src.numel(), lambda slot: copy_bytes(slot, src), meta)
+
+    def put_with(self, key: bytes, nbytes: int, write: Callable[[torch.Tensor], None],
+                 meta: BlockMeta | None = None) -> bool:
+        """Store a block that ``write`` writes straight into its slot: a put without a staging
+        copy (``kvtier.block.prepare_block(...).write_into`` encodes into the slot itself).
+
+        ``write`` gets the slot, ``nbytes`` of uint8 starting on a 4 KiB boundary of the host
+        tier (host memory: on the device tier it gets a host buffer copied up after it returns).
+        False, with nothing written, if ``key`` is already stored (the first writer wins);
+        StorageFull if no slot is free. If ``write`` raises, the slot is freed and the put never
+        happened.
+        """
         with self._lock:
             if key in self._slots:
-                return
-            offset = self._alloc.alloc(n)
+                return False
+            offset = self._alloc.alloc(nbytes)
             if offset is None:
-                raise StorageFull(f"{self.name} tier has no free slot for a {n}-byte block "
+                raise StorageFull(f"{self.name} tier has no free slot for a {nbytes}-byte block "
                                   f"({self._used} of {self.capacity_bytes} bytes used)")
-            self._slots[key] = (offset, n)
-            self._used += n
-        # Copying after publishing is safe: the manager exposes a block only after put returns.
-        copy_bytes(self.buffer[offset: offset + n], src)
+            self._slots[key] = (offset, nbytes)
+            self._used += nbytes
+        # Writing after publishing is safe: the manager exposes a block only after put returns.
+        slot = self.buffer[offset: offset + nbytes]
+        try:
+            if slot.device.type == "cpu":
+                write(slot)
+            else:
+                staged = block_buffers.take(nbytes)
+                write(staged)
+                copy_bytes(slot, staged)
+        except BaseException:
+            self.delete(key)
+            raise
+        return True
 
     def contains(self, key: bytes) -> bool:
         return key in self._slots
