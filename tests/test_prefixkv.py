@@ -1,6 +1,8 @@
 """PrefixKV: blocks moved between the block format and a prefix's tensors, exactly, fast where the
 memory layout allows and by the general decoder where it does not."""
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -35,9 +37,9 @@ def same(a, b):
 
 @pytest.fixture
 def copies(monkeypatch):
-    """Counts numpy copies and torch copy_ calls."""
-    calls = {"numpy": 0, "torch": 0}
-    copyto, copy_ = np.copyto, torch.Tensor.copy_
+    """Counts numpy copies, memmoves and torch copy_ calls."""
+    calls = {"numpy": 0, "memmove": 0, "torch": 0}
+    copyto, copy_, memmove = np.copyto, torch.Tensor.copy_, ctypes.memmove
 
     def np_copy(dst, src, **k):
         calls["numpy"] += 1
@@ -47,8 +49,13 @@ def copies(monkeypatch):
         calls["torch"] += 1
         return copy_(self, *a, **k)
 
+    def move(*a):
+        calls["memmove"] += 1
+        return memmove(*a)
+
     monkeypatch.setattr(np, "copyto", np_copy)
     monkeypatch.setattr(torch.Tensor, "copy_", torch_copy)
+    monkeypatch.setattr(ctypes, "memmove", move)
     return calls
 
 
@@ -67,11 +74,11 @@ def test_decode_into_a_layout_empty_prefix_is_one_copy_per_tensor_of_a_layer(lay
     src = filled(layout, 3)
     blocks = blocks_of(src, 3)
     dest = PrefixKV(layout.empty(3 * BT), BT)
-    copies.update(numpy=0, torch=0)
+    copies.update(numpy=0, memmove=0, torch=0)
     for i in (2, 0, 1):
         dest.decode(i, blocks[i])
     assert same(src, dest.kv)
-    assert copies == {"numpy": 3 * len(layout.tensor_shapes), "torch": 0}  # per block, not per tensor
+    assert copies == {"numpy": 3 * len(layout.tensor_shapes), "memmove": 0, "torch": 0}  # not per tensor
 
 
 def test_fast_and_general_decodes_agree_on_aligned_and_compact_blocks():
@@ -96,9 +103,9 @@ def test_scattered_destinations_and_other_codecs_take_the_general_decoder(copies
     src = filled(GQA, 2)
     scattered = [tuple(torch.empty_like(t) for t in layer) for layer in src]  # one allocation each
     dest = PrefixKV(scattered, BT)
-    copies.update(numpy=0, torch=0)
+    copies.update(numpy=0, memmove=0, torch=0)
     dest.decode(1, blocks_of(src, 2)[1])
-    assert copies["numpy"] == 2 * GQA.num_layers  # one per tensor
+    assert copies == {"numpy": 0, "memmove": 2 * GQA.num_layers, "torch": 0}  # one per tensor
     assert all(torch.equal(a[BT:], b[BT:]) for la, lb in zip(src, scattered, strict=True)
                for a, b in zip(la, lb, strict=True))
     quantized = blocks_of(src, 2, "int8")
