@@ -22,7 +22,7 @@ import torch
 
 from bench.common import median, p99, table, timed
 from bench.host_tier import busy_cores
-from kvtier.block import decode_block_into, encode_block
+from kvtier.block import decode_block_into, encode_block, encode_block_pooled
 from kvtier.bytecopy import copy_bytes
 from kvtier.codecs import available_codecs, get_codec
 from kvtier.config import parse_size
@@ -49,7 +49,7 @@ def run(tokens: int = 256, repeats: int = 5) -> str:
     for spec in available_codecs():
         codec = get_codec(spec)
         data = encode_block(codec, kv)
-        enc = timed(lambda codec=codec: encode_block(codec, kv), repeats)
+        enc = timed(lambda codec=codec: encode_block_pooled(codec, kv), repeats)  # the put path's form
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         outs = [[torch.empty_like(t) for t in layer] for layer in kv]
         dec = timed(lambda buf=buf, outs=outs: decode_block_into(buf, outs), repeats)

@@ -11,7 +11,7 @@ pre-allocated by ``KVLayout.empty``, as a reload allocates it.
   manager did before ``put_with``);
 - get: ``PrefixKV.decode(i, tier.view(key))``, verify off (memory tiers hold bytes verified on
   their way in), and on;
-- get per tensor: ``decode_block_into(tier.view(key), views)`` (numpy copies, one per tensor);
+- get per tensor: ``decode_block_into(tier.view(key), views)`` (one memmove per tensor);
 - get with torch ``copy_``: the same per-tensor copies through torch (kvtier's decode before);
 - plain: one numpy memcpy per block of the same number of bytes between pre-allocated buffers.
 
@@ -139,7 +139,7 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
             Path("plain memcpy (put)", plain_put)]
     gets = [Path("get: PrefixKV.decode(view), verify off", get),
             Path("get: PrefixKV.decode(view), verify on", lambda i: get(i, True)),
-            Path("get: decode_block_into per tensor, numpy", get_per_tensor),
+            Path("get: decode_block_into, a memmove per tensor", get_per_tensor),
             Path("get: torch copy_ per tensor (before)", get_torch),
             Path("plain memcpy (get)", plain_get)]
     assert target._strided is not None  # KVLayout.empty: the strided reload applies

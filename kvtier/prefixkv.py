@@ -75,23 +75,28 @@ class PrefixKV:
         """Decode the block ``data`` (1-D uint8) into block ``i``: the fastest exact way the
         destination allows. Raises CorruptBlock like ``decode_block_into``."""
         self._check(i)
-        codec, _, _, _, table = parse_table(data)
-        step = self._step(codec, table) if data.device.type == "cpu" else 0
+        if data.device.type != "cpu":
+            decode_block_into(data, self.views(i), verify=verify)
+            return
+        arr = data.numpy()
+        codec, _, _, _, table = parse_table(arr)
+        step = self._step(codec, table)
         if not step:
             decode_block_into(data, self.views(i), verify=verify)
             return
-        first = table[0][0]
-        if data.numel() < first + (len(table) - 1) * step + self._layer_bytes:
-            raise CorruptBlock(f"block truncated: {data.numel()} bytes")
-        arr = data.numpy()
+        first, layers = table[0][0], len(table)
+        if arr.size < first + (layers - 1) * step + self._layer_bytes:
+            raise CorruptBlock(f"block truncated: {arr.size} bytes")
         if verify:
             for n, (offset, length, crc) in enumerate(table):
                 if checksum(arr[offset: offset + length]) != crc:
                     raise CorruptBlock(f"layer {n} payload checksum mismatch")
-        src = np.lib.stride_tricks.as_strided(arr[first:], (len(table), self._layer_bytes), (step, 1))
+        if first + layers * step <= arr.size:  # the usual case: a plain reshape, no as_strided
+            src = arr[first: first + layers * step].reshape(layers, step)
+        else:
+            src = np.lib.stride_tricks.as_strided(arr[first:], (layers, self._layer_bytes), (step, 1))
         at = 0
-        for view, row in zip(self._strided, self._row, strict=True):
-            n = self.block_tokens * row
+        for view, n in zip(self._strided, self._sizes, strict=True):
             np.copyto(view[:, i * n:(i + 1) * n], src[:, at:at + n])
             at += n
 
