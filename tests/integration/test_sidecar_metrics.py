@@ -76,7 +76,9 @@ def test_every_documented_metric_is_exported_and_moves(cache):
         assert hit.tokens == len(a) and {blk.tier for blk in hit.blocks} == {"ssd"}
         kv, n = client.get("m", a)  # read from SSD, promoted back into host
         assert n == len(a) and torch.equal(kv[1][1], kv_for(len(a), 1)[1][1])
-        assert client.prefetch("m", b).wait(30)
+        handle = client.prefetch("m", b)
+        assert handle.wait(30)
+        handle.refresh()  # one status GET even when the prefetch was done before the POST answered
         client.lookup("m", list(range(50_000, 50_000 + BT)))  # a miss
         assert client.evict("m", b) == 3
 
