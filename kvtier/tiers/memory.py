@@ -96,7 +96,7 @@ class MemoryTier:
             if slot.device.type == "cpu":
                 write(slot)
             else:
-                staged = block_buffers.take(nbytes)
+                staged = block_buffers.take(nbytes)  # pageable: the upload has read it on return
                 write(staged)
                 copy_bytes(slot, staged)
         except BaseException:
