@@ -233,14 +233,11 @@ def host_tier_config(p: IOParams, block_bytes: int):
     """A host tier holding the data set with 5% + 4 blocks to spare, for blocks of
     ``block_bytes`` as stored (after the codec, which may shrink or grow them)."""
     from kvtier.config import HostTierConfig
-    from kvtier.tiers.allocator import MIN_SLOT, SlabAllocator
+    from kvtier.tiers.allocator import ExtentAllocator
 
-    # On the allocator's 4 KiB grid (it rounds a page down), so one block never spans two pages.
-    page = max(-(-block_bytes // MIN_SLOT) * MIN_SLOT, 4 * 1024**2)
-    probe = SlabAllocator(page, page)  # one page: how many blocks of this size a page holds
-    per_page = probe.page_bytes // probe.slot_size(block_bytes)
+    slot = ExtentAllocator(2 * block_bytes).slot_size(block_bytes)  # the block on the 4 KiB grid
     blocks = math.ceil(p.blocks * 1.05) + 4
-    return HostTierConfig(capacity_bytes=-(-blocks // per_page) * probe.page_bytes, page_bytes=page)
+    return HostTierConfig(capacity_bytes=blocks * slot)
 
 
 def open_tier(p: IOParams, fresh: bool, block_bytes: int | None = None):

@@ -13,6 +13,7 @@ from math import prod
 
 import torch
 
+from kvtier.bufpool import aligned_empty
 from kvtier.errors import InvalidType, LayoutMismatch
 
 KV = Sequence[Sequence[torch.Tensor]]
@@ -118,9 +119,24 @@ class KVLayout:
         return tokens
 
     def empty(self, n_tokens: int, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, ...]]:
-        """Allocate KV tensors for ``n_tokens`` in this layout."""
-        return [tuple(torch.empty((n_tokens, *s), dtype=self.torch_dtype, device=device)
-                      for s in self.tensor_shapes) for _ in range(self.num_layers)]
+        """Allocate KV tensors for ``n_tokens`` in this layout.
+
+        One allocation (4 KiB-aligned on the host) holds every tensor, layer after layer, so the
+        tensors of a block lie at a regular stride: reloading a block into them is one strided
+        copy per tensor of a layer (``kvtier.prefixkv``), not one per tensor.
+        """
+        sizes = [n_tokens * prod(s) * self.element_size for s in self.tensor_shapes]
+        total = self.num_layers * sum(sizes)
+        dev = torch.device(device)
+        buf = aligned_empty(total) if dev.type == "cpu" else torch.empty(total, dtype=torch.uint8, device=dev)
+        out, at = [], 0
+        for _ in range(self.num_layers):
+            layer = []
+            for s, n in zip(self.tensor_shapes, sizes, strict=True):
+                layer.append(buf[at: at + n].view(self.torch_dtype).view(n_tokens, *s))
+                at += n
+            out.append(tuple(layer))
+        return out
 
 
 def block_slice(kv: KV, i: int, block_tokens: int) -> list[list[torch.Tensor]]:

@@ -252,8 +252,8 @@ class Loader:
                     raise res
                 headers.append((i, b, tier, h := _checked_header(buf[:res], job.n_layers)))
                 a = job.promos.get(i)
-                if a is not None and _contiguous(h, b.nbytes):
-                    a.data = torch.empty(b.nbytes, dtype=torch.uint8)
+                if a is not None and h.total_bytes == b.nbytes:
+                    a.data = torch.zeros(b.nbytes, dtype=torch.uint8)  # padding stays zero
                     a.data[:h.header_bytes].copy_(buf[:h.header_bytes])
                 elif a is not None:
                     self._promoter.abandon(job, i)  # ranges would not rebuild it whole: not promoted
@@ -268,7 +268,7 @@ class Loader:
             for i, _, _, _ in headers:
                 if i in job.promos:
                     job.promos[i].left = len(groups)
-        widest = max(_span(h, g)[1] - _span(h, g)[0] for _, _, _, h in headers for g in groups)
+        widest = max(h.span(g)[1] - h.span(g)[0] for _, _, _, h in headers for g in groups)
         ring = self._ring_for(widest)
         futures: list[Future] = []
         reads = 0
@@ -293,7 +293,7 @@ class Loader:
         try:
             if job.stream.cancelled or i >= job.stream.valid_blocks:
                 return
-            lo, hi = _span(h, g)
+            lo, hi = h.span(g)
             buf = slot.tensor[: hi - lo]
             got = tier.read_into(b.key, buf, lo)
             if got != hi - lo:
@@ -505,21 +505,6 @@ def _layer_groups(lengths: list[int], min_read: int) -> list[range]:
     if start < len(lengths):
         groups.append(range(start, len(lengths)))
     return groups
-
-
-def _contiguous(h: BlockHeader, nbytes: int) -> bool:
-    """True when header + layer payloads tile the block exactly (so ranges rebuild it whole)."""
-    at = h.header_bytes
-    for e in h.layers:
-        if e.offset != at:
-            return False
-        at += e.length
-    return at == nbytes
-
-
-def _span(h: BlockHeader, g: range) -> tuple[int, int]:
-    first, last = h.layers[g.start], h.layers[g.stop - 1]
-    return first.offset, last.offset + last.length
 
 
 def _reads_whole(tier: Tier) -> bool:

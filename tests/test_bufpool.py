@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 
-from kvtier.bufpool import BufferPool
+import torch
+
+from kvtier.bufpool import ALIGN, BufferPool, aligned_empty, is_aligned
 
 
 def test_a_freed_buffer_serves_the_next_take_of_its_size():
@@ -44,3 +46,22 @@ def test_idle_buffers_stay_within_the_cap():
     assert pool.idle_bytes == 8192
     pool.clear()
     assert pool.idle_bytes == 0
+
+
+def test_buffers_start_on_a_page_and_stay_aligned_when_recycled():
+    pool = BufferPool(max_idle_bytes=64 << 20)
+    sizes = [1, 4096, 5000, 2 * 1024**2 + 4096, 3 * 1024**2 + 17]
+    held = [pool.take(n) for n in sizes]
+    assert [t.numel() for t in held] == sizes
+    assert all(t.data_ptr() % ALIGN == 0 for t in held)
+    ptrs = [t.data_ptr() for t in held]
+    del held
+    gc.collect()
+    again = [pool.take(n) for n in sizes]
+    assert [t.data_ptr() for t in again] == ptrs
+
+
+def test_aligned_empty():
+    for n in (0, 1, 4096, 10_000, 1 << 22):
+        t = aligned_empty(n)
+        assert t.numel() == n and t.dtype == torch.uint8 and is_aligned(t)

@@ -49,12 +49,13 @@ class SlowTier:
 
 
 def split_cache(tmp_path, host_blocks: int, delay: float = 0.0, **kw) -> TieredCache:
-    """Host tier holding ``host_blocks`` blocks of random_kv(layers=LAYERS) over a real SSD tier."""
+    """Host tier of ``host_blocks`` half-slots over a real SSD tier: a block of random_kv(layers=
+    LAYERS) (16 tokens x 4 layers x 2 x 2 heads x 8 dims x 4 B + header = 8284 B) takes a 12 KiB
+    slot, so ``host_blocks // 2`` of them fit."""
     from kvtier.manager import build_tiers
 
-    block_bytes = 4096 * 2 + 512  # 16 tokens x 4 layers x 2 x 2 heads x 8 dims x 4 B + header, paged
-    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=host_blocks * block_bytes,
-                                                           page_bytes=block_bytes),
+    half_slot = 6144
+    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=host_blocks * half_slot),
                       ssd=SSDTierConfig(path=str(tmp_path / "ssd"), min_free_bytes=0, durability="none",
                                         capacity_bytes="64MiB", segment_bytes="4MiB",
                                         inline_threshold=0), **kw)
@@ -105,7 +106,7 @@ def test_split_prefix_loads_exactly_over_both_paths(tmp_path):
 
 def test_blocks_read_from_ssd_are_promoted_to_host_from_the_bytes_read(tmp_path):
     """The next turn finds the prefix in host memory, and the promotion cost no second SSD read."""
-    with split_cache(tmp_path, host_blocks=8) as cache:  # 8284 B blocks take 2 pages: 4 fit
+    with split_cache(tmp_path, host_blocks=8) as cache:  # 8284 B blocks take 2 half-slots: 4 fit
         toks, kv = fill(cache, 4 * BT)
         fill(cache, 4 * BT, seed=1)  # pushes the first prefix down to SSD
         lease = cache.acquire("m", toks)

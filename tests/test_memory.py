@@ -43,3 +43,67 @@ def test_device_tier_uses_fixed_slots_and_rejects_oversized_blocks():
     for i in range(4):
         tier.put(bytes([i]) * 16, b"x" * 100, META)  # each small block still takes a slot
     assert not tier.can_fit(1)
+
+
+def test_host_tier_holds_seven_eighths_of_its_capacity_in_real_sized_blocks():
+    """2 MiB of KV plus its header page (a 16-token Llama-3-8B page in block format 2)."""
+    block = 2 * 1024**2 + 4096
+    tier = make_host_tier(HostTierConfig(capacity_bytes="32MiB"))
+    data = torch.zeros(block, dtype=torch.uint8)
+    n = 0
+    while tier.can_fit(block):
+        tier.put(n.to_bytes(16, "little"), data, META)
+        n += 1
+    assert n * block >= tier.capacity_bytes * 7 / 8 and n == 15  # the slab allocator held 8
+    assert all(tier.view(i.to_bytes(16, "little")).data_ptr() % 4096 == 0 for i in range(n))
+
+
+def test_host_copies_do_not_go_through_torch(monkeypatch):
+    """Host-to-host copies are numpy memcpy: torch's copy_ (and its thread pool) is never used."""
+    tier = make_host_tier(HostTierConfig(capacity_bytes="1MiB"))
+    calls = []
+    real = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    src = torch.arange(100_000, dtype=torch.int32).view(torch.uint8)
+    tier.put(b"k" * 16, src, META)
+    out = torch.empty(src.numel(), dtype=torch.uint8)
+    assert tier.read_into(b"k" * 16, out) == src.numel() and torch.equal(out, src)
+    assert calls == []
+
+
+def test_put_with_encodes_straight_into_the_slot(monkeypatch):
+    """A block prepared by kvtier.block is written into its host slot with one copy per byte."""
+    import numpy as np
+
+    from kvtier.block import decode_block_into, prepare_block
+    from kvtier.codecs import get_codec
+    from tests.conftest import random_kv
+
+    tier = make_host_tier(HostTierConfig(capacity_bytes="4MiB"))
+    kv = random_kv(256, layers=4, heads=4, dim=64)
+    payload = sum(t.numel() * t.element_size() for layer in kv for t in layer)
+    copied = []
+    copyto, concatenate = np.copyto, np.concatenate
+    monkeypatch.setattr(np, "copyto", lambda dst, src, **k: copied.append(dst.nbytes) or copyto(dst, src, **k))
+    monkeypatch.setattr(np, "concatenate", lambda parts, out: copied.append(out.nbytes) or concatenate(parts, out=out))
+    block = prepare_block(get_codec("none"), kv)
+    assert tier.put_with(b"k" * 16, block.nbytes, block.write_into, META)
+    assert sum(copied) == payload  # every KV byte copied once, into the slot itself
+    view = tier.view(b"k" * 16)
+    assert view.numel() == block.nbytes and view.data_ptr() % 4096 == 0
+    out = [[torch.empty_like(t) for t in layer] for layer in kv]
+    decode_block_into(view, out)
+    assert all(torch.equal(a, b) for la, lb in zip(kv, out, strict=True) for a, b in zip(la, lb, strict=True))
+    assert not tier.put_with(b"k" * 16, 10, lambda slot: pytest.fail("written twice"))  # first writer wins
+
+
+def test_put_with_a_failing_writer_leaves_no_trace():
+    tier = make_host_tier(HostTierConfig(capacity_bytes="64KiB"))
+
+    def broken(slot):
+        slot.fill_(1)
+        raise OSError("source went away")
+
+    with pytest.raises(OSError):
+        tier.put_with(b"k" * 16, 5000, broken, META)
+    assert not tier.contains(b"k" * 16) and tier.used_bytes == 0 and tier.can_fit(64 * 1024)

@@ -22,8 +22,12 @@ def ssd_only_prefixes(cache, n: int, blocks: int = 8):
     return prefixes
 
 
+# A host tier of 8 blocks whose prefetch budget holds one 8-block prefix, not two.
+BUDGET = 0.75
+
+
 def test_prefetched_prefix_is_served_without_touching_ssd(tmp_path):
-    with split_cache(tmp_path, host_blocks=16) as cache:
+    with split_cache(tmp_path, host_blocks=16, prefetch_budget=BUDGET) as cache:
         (toks,) = ssd_only_prefixes(cache, 1)
         h = cache.prefetch("m", toks, "host", policy="wait_complete")
         assert h.state == "done" and h.ready_tokens == 8 * BT
@@ -64,7 +68,7 @@ def test_default_timeout_grows_with_length_and_is_capped():
 
 
 def test_budget_is_never_exceeded_and_frees_once_used(tmp_path):
-    with split_cache(tmp_path, host_blocks=16) as cache:
+    with split_cache(tmp_path, host_blocks=16, prefetch_budget=BUDGET) as cache:
         a, b = ssd_only_prefixes(cache, 2)
         budget = cache.prefetch_budget("host")
         limit = budget.limit(cache.tier("host").capacity_bytes)

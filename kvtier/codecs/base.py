@@ -67,6 +67,9 @@ def normalize_spec(spec: str) -> str:
 
 def get_codec(spec: str) -> Codec:
     """The (cached, shared) codec for a spec string. Raises InvalidRequest if unknown."""
+    codec = _CACHE.get(spec) if isinstance(spec, str) else None  # once per layer of every decode
+    if codec is not None:
+        return codec
     canonical = normalize_spec(spec)
     codec = _CACHE.get(canonical)
     if codec is None:
@@ -75,6 +78,7 @@ def get_codec(spec: str) -> Codec:
         if byte:
             codec = _BYTE_CODECS[byte[0]](codec)
         _CACHE[canonical] = codec
+    _CACHE[spec] = codec
     return codec
 
 

@@ -7,40 +7,27 @@ Layout per tensor: ``scales[groups] float32 | values[tokens, groups, last] e4m3`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from kvtier.codecs.base import as_bytes, group_view, register_value_codec, take
+from kvtier.codecs.base import register_value_codec
+from kvtier.codecs.quantized import QuantizedCodec
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
-class FP8Codec:
+class FP8Codec(QuantizedCodec):
     name = "fp8"
-    lossy = True
+    qdtype = FP8
 
-    def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
-        parts: list[bytes] = []
-        for t in tensors:
-            x = group_view(t.detach().float())
-            scale = x.abs().amax(dim=(0, 2)).clamp_min(1e-12) / FP8_MAX
-            q = (x / scale[None, :, None]).to(FP8)
-            parts += [as_bytes(scale), as_bytes(q)]
-        return b"".join(parts)
+    def scales(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs().amax(dim=(0, 2)).clamp_min(1e-12) / FP8_MAX
 
-    def decode_into(self, data: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
-        offset = 0
-        for out in outs:
-            g = group_view(out)
-            groups = g.shape[1]
-            scale = take(data, offset, groups, torch.float32).to(out.device)
-            offset += groups * 4
-            n = g.numel()
-            q = take(data, offset, n, FP8).reshape(g.shape).to(out.device)
-            offset += n
-            g.copy_(q.float() * scale[None, :, None])
+    def scale_shape(self, tokens: int, groups: int) -> tuple[int, ...]:
+        return (groups,)
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (x / scale).to(FP8)
 
 
 register_value_codec("fp8", FP8Codec)

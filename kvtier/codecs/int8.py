@@ -7,37 +7,24 @@ Layout per tensor: ``scales[tokens, groups] float32 | values[tokens, groups, las
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from kvtier.codecs.base import as_bytes, group_view, register_value_codec, take
+from kvtier.codecs.base import register_value_codec
+from kvtier.codecs.quantized import QuantizedCodec
 
 
-class Int8Codec:
+class Int8Codec(QuantizedCodec):
     name = "int8"
-    lossy = True
+    qdtype = torch.int8
 
-    def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:
-        parts: list[bytes] = []
-        for t in tensors:
-            x = group_view(t.detach().float())
-            scale = x.abs().amax(dim=2).clamp_min(1e-12) / 127.0
-            q = torch.round(x / scale[:, :, None]).clamp_(-127, 127).to(torch.int8)
-            parts += [as_bytes(scale), as_bytes(q)]
-        return b"".join(parts)
+    def scales(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs().amax(dim=2).clamp_min(1e-12) / 127.0
 
-    def decode_into(self, data: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
-        offset = 0
-        for out in outs:
-            g = group_view(out)
-            tokens, groups, _ = g.shape
-            scale = take(data, offset, tokens * groups, torch.float32).reshape(tokens, groups)
-            offset += tokens * groups * 4
-            n = g.numel()
-            q = take(data, offset, n, torch.int8).reshape(g.shape)
-            offset += n
-            g.copy_(q.to(out.device).float() * scale.to(out.device)[:, :, None])
+    def scale_shape(self, tokens: int, groups: int) -> tuple[int, ...]:
+        return (tokens, groups)
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
 
 
 register_value_codec("int8", Int8Codec)

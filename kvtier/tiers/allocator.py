@@ -1,120 +1,99 @@
-"""Slab allocator carving one preallocated buffer into size-classed slots.
+"""Extent allocator carving one preallocated buffer into slots sized to each block.
 
-The buffer is cut into pages; a page is given to one size class on demand and carved into
-slots of that class, and returns to the free-page pool when its last slot is freed. Classes
-step by 1.5x/2x from ``min_slot`` (waste per block <= 1/3), so blocks of one namespace share a
-class and a put never fails while its class has a free slot. Blocks larger than a page take a
-run of contiguous pages. Offsets are plain ints into the caller's buffer; the allocator never
-touches memory. Not thread-safe: the owning tier locks.
+A block of ``n`` bytes reserves ``slot_size(n)``: ``n`` rounded up to the ``unit`` (4 KiB for
+the host tier), so a slot wastes less than one unit: at most 1/8 for any block of 8 units
+(32 KiB) or more, 0.2% for a 2 MiB block. Every slot starts on a unit boundary (a host slot is
+page-aligned, so a block in it can be written ``O_DIRECT`` as is). The size classes are the
+exact slot sizes in use: free space is kept as extents, each carved best-fit (the smallest free
+extent that holds the slot, lowest offset first) and merged with its free neighbours when freed.
+So blocks of one size fill the buffer back to back (a 1 GiB host tier holds 511 blocks of 2 MiB
+of KV plus their header page: all but 4 KiB of it), and:
+
+- usage never exceeds capacity, and slots never overlap;
+- a put never fails while a free extent holds its slot: in particular, freeing any slot of a
+  size ``s`` makes room for a block needing ``s`` (freeing a block of its own size class always
+  makes room for the next);
+- everything freed is one extent again (no space stays bound to a size that is gone).
+
+``max_block`` caps the slot size (the device tier: ``unit = max_block = slot``, one fixed-size
+slot per block). Offsets are plain ints into the caller's buffer; the allocator never touches
+memory. Not thread-safe: the owning tier locks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
 
-MIN_SLOT = 4096
-
-
-def size_classes(page_bytes: int, min_slot: int = MIN_SLOT) -> list[int]:
-    classes: list[int] = []
-    size = min_slot
-    while size < page_bytes:
-        classes += [size, size * 3 // 2]
-        size *= 2
-    return [c for c in classes if c <= page_bytes // 2] + [page_bytes]
+UNIT = 4096
 
 
-@dataclass(slots=True)
-class _Class:
-    slot: int
-    free: dict[int, list[int]] = field(default_factory=dict)  # page -> free slot offsets
+class ExtentAllocator:
+    def __init__(self, capacity: int, unit: int = UNIT, *, max_block: int | None = None) -> None:
+        if unit <= 0:
+            raise ValueError(f"allocation unit must be positive, got {unit}")
+        self.unit = unit
+        self.capacity = max(0, capacity) // unit * unit
+        self.max_block = self.capacity if max_block is None else min(max_block, self.capacity)
+        self._by_size: list[tuple[int, int]] = []  # free extents as (size, offset), sorted
+        self._free_at: dict[int, int] = {}  # offset -> size of a free extent
+        self._free_end: dict[int, int] = {}  # end -> offset of a free extent
+        self._used: dict[int, int] = {}  # offset -> size of a reserved slot
+        if self.capacity:
+            self._add(0, self.capacity)
 
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(self._used.values())
 
-class SlabAllocator:
-    def __init__(self, capacity: int, page_bytes: int, *, fixed_slot: bool = False) -> None:
-        page_bytes = max(MIN_SLOT, min(page_bytes, capacity) // MIN_SLOT * MIN_SLOT)
-        self.page_bytes = page_bytes
-        self.n_pages = capacity // page_bytes if capacity >= MIN_SLOT else 0
-        self.capacity = self.n_pages * page_bytes
-        self.fixed_slot = fixed_slot
-        self._classes = [page_bytes] if fixed_slot else size_classes(page_bytes)
-        self._by_slot = {c: _Class(c) for c in self._classes}
-        self._free_pages: set[int] = set(range(self.n_pages))
-        self._page_class: dict[int, int] = {}  # page -> slot size (classed pages)
-        self._page_used: dict[int, int] = {}  # page -> slots in use
-        self._runs: dict[int, int] = {}  # first page of a multi-page run -> pages
+    @property
+    def largest_free(self) -> int:
+        return self._by_size[-1][0] if self._by_size else 0
 
     def slot_size(self, nbytes: int) -> int:
-        """Bytes actually reserved for a block of ``nbytes``."""
-        for c in self._classes:
-            if nbytes <= c:
-                return c
-        if self.fixed_slot:
-            return 0
-        return -(-nbytes // self.page_bytes) * self.page_bytes
+        """Bytes reserved for a block of ``nbytes``; 0 if no slot can ever hold it."""
+        size = max(1, -(-nbytes // self.unit)) * self.unit
+        return size if size <= self.max_block else 0
 
     def fits_ever(self, nbytes: int) -> bool:
-        size = self.slot_size(nbytes)
-        return 0 < size <= self.capacity
+        return self.slot_size(nbytes) > 0
 
     def can_alloc(self, nbytes: int) -> bool:
         size = self.slot_size(nbytes)
-        if size <= 0:
-            return False
-        if size <= self.page_bytes:
-            return bool(self._by_slot[size].free) or bool(self._free_pages)
-        return self._find_run(size // self.page_bytes) is not None
+        return 0 < size <= self.largest_free
 
     def alloc(self, nbytes: int) -> int | None:
-        """Offset of a slot for ``nbytes``, or None (and no change) if none is free."""
+        """Offset of a slot for ``nbytes``, or None (and no change) if no free extent holds it."""
         size = self.slot_size(nbytes)
-        if size <= 0:
+        if not size:
             return None
-        if size > self.page_bytes:
-            pages = size // self.page_bytes
-            first = self._find_run(pages)
-            if first is None:
-                return None
-            self._free_pages.difference_update(range(first, first + pages))
-            self._runs[first] = pages
-            return first * self.page_bytes
-        cls = self._by_slot[size]
-        if not cls.free:
-            if not self._free_pages:
-                return None
-            page = min(self._free_pages)
-            self._free_pages.remove(page)
-            base = page * self.page_bytes
-            cls.free[page] = [base + i * size for i in range(self.page_bytes // size - 1, -1, -1)]
-            self._page_class[page] = size
-            self._page_used[page] = 0
-        page, slots = next(iter(cls.free.items()))
-        offset = slots.pop()
-        if not slots:
-            del cls.free[page]
-        self._page_used[page] += 1
+        i = bisect.bisect_left(self._by_size, (size, -1))
+        if i == len(self._by_size):
+            return None
+        extent, offset = self._by_size[i]
+        self._remove(offset, extent)
+        if extent > size:
+            self._add(offset + size, extent - size)
+        self._used[offset] = size
         return offset
 
     def free(self, offset: int) -> None:
-        page = offset // self.page_bytes
-        pages = self._runs.pop(page, None)
-        if pages is not None:
-            self._free_pages.update(range(page, page + pages))
-            return
-        size = self._page_class[page]
-        cls = self._by_slot[size]
-        self._page_used[page] -= 1
-        if self._page_used[page] == 0:
-            cls.free.pop(page, None)
-            del self._page_class[page], self._page_used[page]
-            self._free_pages.add(page)
-        else:
-            cls.free.setdefault(page, []).append(offset)
+        size = self._used.pop(offset)
+        start, end = offset, offset + size
+        before = self._free_end.get(start)
+        if before is not None:
+            self._remove(before, start - before)
+            start = before
+        after = self._free_at.get(end)
+        if after is not None:
+            self._remove(end, after)
+            end += after
+        self._add(start, end - start)
 
-    def _find_run(self, pages: int) -> int | None:
-        run = 0
-        for p in range(self.n_pages):
-            run = run + 1 if p in self._free_pages else 0
-            if run == pages:
-                return p - pages + 1
-        return None
+    def _add(self, offset: int, size: int) -> None:
+        bisect.insort(self._by_size, (size, offset))
+        self._free_at[offset] = size
+        self._free_end[offset + size] = offset
+
+    def _remove(self, offset: int, size: int) -> None:
+        del self._by_size[bisect.bisect_left(self._by_size, (size, offset))]
+        del self._free_at[offset], self._free_end[offset + size]

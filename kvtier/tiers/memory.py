@@ -1,21 +1,26 @@
 """Memory tiers: host DRAM (pinned when CUDA is present) and GPU device memory.
 
-Both are one preallocated uint8 tensor carved by the slab allocator; a put copies the block's
-bytes into its slot and allocates no tensors. The device tier uses fixed-size slots and runs on
-a CPU tensor when there is no GPU, so the same code is tested everywhere.
+Both are one preallocated uint8 tensor carved by the extent allocator; a put copies the block's
+bytes into its slot and allocates no tensors. Host slots fit each block to 4 KiB and start on a
+page boundary; the device tier uses fixed-size slots and runs on a CPU tensor when there is no
+GPU, so the same code is tested everywhere. Copies between host memory are one numpy memcpy
+(``kvtier.bytecopy``: their speed does not hang on torch's thread pool); copies to or from
+device memory are queued with ``copy_(non_blocking=True)``.
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
+from kvtier.bufpool import aligned_empty, block_buffers
+from kvtier.bytecopy import copy_bytes
 from kvtier.config import DeviceTierConfig, HostTierConfig
 from kvtier.errors import StorageFull
-from kvtier.tiers.allocator import SlabAllocator
+from kvtier.tiers.allocator import UNIT, ExtentAllocator
 from kvtier.tiers.base import BlockMeta
 
 
@@ -34,7 +39,7 @@ class MemoryTier:
     persistent = False
     durable = False
 
-    def __init__(self, name: str, buffer: torch.Tensor, allocator: SlabAllocator) -> None:
+    def __init__(self, name: str, buffer: torch.Tensor, allocator: ExtentAllocator) -> None:
         self.name = name
         self.buffer = buffer
         self._alloc = allocator
@@ -63,18 +68,41 @@ class MemoryTier:
 
     def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta | None = None) -> None:
         src = as_uint8(data)
-        n = src.numel()
+        self.put_with(key, src.numel(), lambda slot: copy_bytes(slot, src), meta)
+
+    def put_with(self, key: bytes, nbytes: int, write: Callable[[torch.Tensor], None],
+                 meta: BlockMeta | None = None) -> bool:
+        """Store a block that ``write`` writes straight into its slot: a put without a staging
+        copy (``kvtier.block.prepare_block(...).write_into`` encodes into the slot itself).
+
+        ``write`` gets the slot, ``nbytes`` of uint8 starting on a 4 KiB boundary of the host
+        tier (host memory: on the device tier it gets a host buffer copied up after it returns).
+        False, with nothing written, if ``key`` is already stored (the first writer wins);
+        StorageFull if no slot is free. If ``write`` raises, the slot is freed and the put never
+        happened.
+        """
         with self._lock:
             if key in self._slots:
-                return
-            offset = self._alloc.alloc(n)
+                return False
+            offset = self._alloc.alloc(nbytes)
             if offset is None:
-                raise StorageFull(f"{self.name} tier has no free slot for a {n}-byte block "
+                raise StorageFull(f"{self.name} tier has no free slot for a {nbytes}-byte block "
                                   f"({self._used} of {self.capacity_bytes} bytes used)")
-            self._slots[key] = (offset, n)
-            self._used += n
-        # Copying after publishing is safe: the manager exposes a block only after put returns.
-        self.buffer[offset: offset + n].copy_(src, non_blocking=True)
+            self._slots[key] = (offset, nbytes)
+            self._used += nbytes
+        # Writing after publishing is safe: the manager exposes a block only after put returns.
+        slot = self.buffer[offset: offset + nbytes]
+        try:
+            if slot.device.type == "cpu":
+                write(slot)
+            else:
+                staged = block_buffers.take(nbytes)  # pageable: the upload has read it on return
+                write(staged)
+                copy_bytes(slot, staged)
+        except BaseException:
+            self.delete(key)
+            raise
+        return True
 
     def contains(self, key: bytes) -> bool:
         return key in self._slots
@@ -89,9 +117,10 @@ class MemoryTier:
         return self.buffer[offset: offset + n]
 
     def read_into(self, key: bytes, out: torch.Tensor, offset: int = 0) -> int:
+        """Copy the block's bytes from ``offset`` into ``out`` (1-D uint8); returns the count."""
         start, n = self._slots[key]
-        count = min(out.numel(), n - offset)
-        out[:count].copy_(self.buffer[start + offset: start + offset + count], non_blocking=True)
+        count = max(0, min(out.numel(), n - offset))
+        copy_bytes(out[:count], self.buffer[start + offset: start + offset + count])
         return count
 
     def delete(self, key: bytes) -> bool:
@@ -116,15 +145,17 @@ class MemoryTier:
 
 
 def make_host_tier(cfg: HostTierConfig) -> MemoryTier:
+    """The host tier: slots fitted to each block (``cfg.page_bytes`` no longer matters)."""
     pinned = torch.cuda.is_available() if cfg.pinned is None else cfg.pinned
-    alloc = SlabAllocator(cfg.capacity_bytes, cfg.page_bytes)
-    buffer = torch.empty(alloc.capacity, dtype=torch.uint8, pin_memory=pinned)
-    return MemoryTier("host", buffer, alloc)
+    alloc = ExtentAllocator(cfg.capacity_bytes)
+    return MemoryTier("host", aligned_empty(alloc.capacity, pinned=pinned), alloc)
 
 
 def make_device_tier(cfg: DeviceTierConfig) -> MemoryTier:
+    """The device tier: one fixed slot of ``cfg.slot_bytes`` (at most the capacity) per block."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    alloc = SlabAllocator(cfg.capacity_bytes, cfg.slot_bytes, fixed_slot=True)
+    slot = max(UNIT, min(cfg.slot_bytes, cfg.capacity_bytes) // UNIT * UNIT)
+    alloc = ExtentAllocator(cfg.capacity_bytes, slot, max_block=slot)
     buffer = torch.empty(alloc.capacity, dtype=torch.uint8, device=device)
     return MemoryTier("device", buffer, alloc)
 

@@ -1,0 +1,147 @@
+"""A prefix's KV cut into blocks, with the byte geometry worked out once per put or reload.
+
+Moving one block between the block format and a prefix's tensors is, per layer and tensor, a
+slice and a copy: 64 of them for a Llama-3-8B block. Done with torch views per block that is
+tens of microseconds of Python per tensor, more than the copy itself for 2 MiB blocks (a
+16-token page: 32 KiB per tensor). ``PrefixKV`` takes the tensors' numpy views once; then:
+
+- ``decode(i, data)`` of a ``none`` block into a host prefix whose tensors share one allocation
+  at a regular stride (``KVLayout.empty`` allocates them so) is one strided numpy copy per tensor
+  of a layer (2 for K and V) for the whole block, whatever its layer count; other codecs, device
+  destinations and scattered tensors take ``decode_block_into`` on ``views(i)``;
+- ``prepare(i, codec)`` hands a ``none`` block's parts to the encoder as numpy slices made
+  without touching torch, and the encoder concatenates them into place with one call per run.
+
+Every copy is numpy's (``kvtier.bytecopy``: no torch thread pool); what is verified and how
+corrupt bytes are refused is exactly ``kvtier.block``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from kvtier.block import (
+    PreparedBlock,
+    checksum,
+    decode_block_into,
+    layout,
+    parse_table,
+    prepare_block,
+)
+from kvtier.codecs import Codec
+from kvtier.errors import CorruptBlock
+
+
+class PrefixKV:
+    """``kv`` (layers of contiguous tensors, token axis first) in blocks of ``block_tokens``."""
+
+    def __init__(self, kv: Sequence[Sequence[torch.Tensor]], block_tokens: int) -> None:
+        self.kv = kv
+        self.block_tokens = block_tokens
+        self.blocks = kv[0][0].shape[0] // block_tokens
+        self._host = all(t.device.type == "cpu" and t.is_contiguous() for layer in kv for t in layer)
+        # Bytes per token of each tensor of a layer, and of a whole layer.
+        self._row = [t[0].numel() * t.element_size() if t.shape[0] else 0 for t in kv[0]]
+        self._sizes = [block_tokens * r for r in self._row]  # bytes of a block of each tensor
+        self._layer_bytes = sum(self._sizes)
+        self._flat = None  # per tensor: its bytes as a 1-D numpy array (host tensors only)
+        self._strided = None  # per tensor of a layer: a [layers, tokens * row] view over layers
+        if self._host:
+            self._flat = [[_bytes(t) for t in layer] for layer in kv]
+            self._strided = _strided_views(kv)
+        self._none = layout("none", [self._layer_bytes] * len(kv))  # every none block's layout
+
+    def views(self, i: int) -> list[list[torch.Tensor]]:
+        """Block ``i``'s tensor views."""
+        self._check(i)
+        a, b = i * self.block_tokens, (i + 1) * self.block_tokens
+        return [[t[a:b] for t in layer] for layer in self.kv]
+
+    def prepare(self, i: int, codec: Codec) -> PreparedBlock:
+        """Block ``i`` encoded and laid out (``kvtier.block.prepare_block``)."""
+        if codec.name != "none" or self._flat is None:
+            return prepare_block(codec, self.views(i))
+        self._check(i)
+        parts = [[f[i * n:(i + 1) * n] for f, n in zip(layer, self._sizes, strict=True) if n]
+                 for layer in self._flat]
+        version, offsets, total = self._none
+        return PreparedBlock("none", version, self.block_tokens, total, offsets,
+                             [self._layer_bytes] * len(parts), parts)
+
+    def decode(self, i: int, data: torch.Tensor, *, verify: bool = True) -> None:
+        """Decode the block ``data`` (1-D uint8) into block ``i``: the fastest exact way the
+        destination allows. Raises CorruptBlock like ``decode_block_into``."""
+        self._check(i)
+        if data.device.type != "cpu":
+            decode_block_into(data, self.views(i), verify=verify)
+            return
+        arr = data.numpy()
+        codec, _, _, _, table = parse_table(arr)
+        step = self._step(codec, table)
+        if not step:
+            decode_block_into(data, self.views(i), verify=verify)
+            return
+        first, layers = table[0][0], len(table)
+        if arr.size < first + (layers - 1) * step + self._layer_bytes:
+            raise CorruptBlock(f"block truncated: {arr.size} bytes")
+        if verify:
+            for n, (offset, length, crc) in enumerate(table):
+                if checksum(arr[offset: offset + length]) != crc:
+                    raise CorruptBlock(f"layer {n} payload checksum mismatch")
+        if first + layers * step <= arr.size:  # the usual case: a plain reshape, no as_strided
+            src = arr[first: first + layers * step].reshape(layers, step)
+        else:
+            src = np.lib.stride_tricks.as_strided(arr[first:], (layers, self._layer_bytes), (step, 1))
+        at = 0
+        for view, n in zip(self._strided, self._sizes, strict=True):
+            np.copyto(view[:, i * n:(i + 1) * n], src[:, at:at + n])
+            at += n
+
+    def _check(self, i: int) -> None:
+        if not 0 <= i < self.blocks:
+            raise IndexError(f"block {i} of a prefix of {self.blocks} blocks")
+
+    def _step(self, codec: str, table: list[tuple]) -> int:
+        """The regular distance between the layers' payloads when one strided copy per tensor
+        of a layer decodes the block exactly (codec ``none``, every layer the size this prefix
+        expects, at one stride, into a strided host destination); else 0."""
+        length = self._layer_bytes
+        if self._strided is None or codec != "none" or len(table) != len(self.kv):
+            return 0
+        step = table[1][0] - table[0][0] if len(table) > 1 else length
+        at = table[0][0]
+        for offset, n, _ in table:
+            if n != length or offset != at:
+                return 0
+            at += step
+        return step if step >= length else 0
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    return t.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def _strided_views(kv: Sequence[Sequence[torch.Tensor]]) -> list[np.ndarray] | None:
+    """Per tensor of a layer, one ``[layers, tokens * row]`` numpy view across all layers, when
+    every layer's tensor lies in one allocation at a regular stride; else None."""
+    layers, views = len(kv), []
+    for j in range(len(kv[0])):
+        ts = [layer[j] for layer in kv]
+        nbytes = ts[0].numel() * ts[0].element_size()
+        base = ts[0].untyped_storage()
+        if any(t.numel() * t.element_size() != nbytes or t.untyped_storage().data_ptr() != base.data_ptr()
+               for t in ts) or not nbytes:
+            return None
+        ptrs = [t.data_ptr() for t in ts]
+        stride = ptrs[1] - ptrs[0] if layers > 1 else nbytes
+        if stride < nbytes or any(b - a != stride for a, b in zip(ptrs[:-1], ptrs[1:], strict=True)):
+            return None
+        whole = torch.empty(0, dtype=torch.uint8).set_(base, 0, (base.nbytes(),), (1,)).numpy()
+        start = ptrs[0] - base.data_ptr()
+        if start + (layers - 1) * stride + nbytes > whole.nbytes:
+            return None
+        views.append(np.lib.stride_tricks.as_strided(whole[start:], (layers, nbytes), (stride, 1)))
+    return views

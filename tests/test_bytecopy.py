@@ -1,0 +1,51 @@
+"""Bulk byte copies: exact, never into a silent temporary, never through torch's thread pool."""
+
+import pytest
+import torch
+
+from kvtier.block import decode_block_into, encode_block_pooled
+from kvtier.bytecopy import byte_view, copy_bytes
+from kvtier.codecs import get_codec
+from kvtier.errors import CorruptBlock
+from tests.conftest import random_kv
+
+
+@pytest.fixture
+def torch_copies(monkeypatch):
+    """Counts calls of ``torch.Tensor.copy_`` (the path whose speed collapses on a busy host)."""
+    calls = []
+    real = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+def test_copy_bytes_between_dtypes_and_shapes(torch_copies):
+    src = torch.randn(64, 3, 8).to(torch.bfloat16)
+    dst = torch.empty(64 * 3 * 8 * 2, dtype=torch.uint8)
+    copy_bytes(dst, src)
+    assert torch.equal(dst.view(torch.bfloat16).view(64, 3, 8), src) and torch_copies == []
+    copy_bytes(torch.empty(0), torch.empty(0, 5))  # nothing to copy
+
+
+def test_copy_bytes_refuses_what_it_cannot_do_exactly():
+    with pytest.raises(ValueError, match="contiguous"):
+        copy_bytes(torch.empty(8, 8).t(), torch.empty(64))  # a silent temporary would lose it
+    with pytest.raises(ValueError, match="copy of 8 bytes into 4"):
+        copy_bytes(torch.empty(4, dtype=torch.uint8), torch.empty(2))
+    assert byte_view(torch.empty(3, dtype=torch.float16)).numel() == 6
+
+
+def test_decoding_into_host_memory_never_uses_torch_copies(torch_copies):
+    kv = random_kv(256, layers=3, heads=4, dim=64)
+    block = encode_block_pooled(get_codec("none"), kv)
+    torch_copies.clear()
+    out = [[torch.empty_like(t) for t in layer] for layer in kv]
+    decode_block_into(block, out)
+    assert torch_copies == []
+    assert all(torch.equal(a, b) for la, lb in zip(kv, out, strict=True) for a, b in zip(la, lb, strict=True))
+
+
+def test_a_payload_that_does_not_fill_its_outputs_is_corrupt():
+    data = torch.zeros(100, dtype=torch.uint8)
+    with pytest.raises(CorruptBlock, match="payload of 100 bytes for outputs of 96"):
+        get_codec("none").decode_into(data, [torch.empty(4, 3, 2)])
