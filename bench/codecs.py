@@ -3,7 +3,7 @@
 KV comes from a randomly initialised Llama-architecture decoder (realistic statistics: RoPE'd
 keys with per-channel structure, values per token), one 256-token block, all layers.
 
-    python -m bench.codecs [--tokens 256] [--repeats 5]
+    python -m kvtier.bench.codecs [--tokens 256] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from bench.common import median, table, timed
+from kvtier.bench.common import median, table, timed
 from kvtier.block import decode_block_into, encode_block
 from kvtier.codecs import available_codecs, get_codec
 

@@ -8,7 +8,7 @@ two tiers alternates between rounds. Reported: store and load throughput (bytes 
 time from the first submit to the last completion) and the p99 of per-job latency (submit to
 completion as vLLM's scheduler sees it through ``get_finished_jobs``), medians over rounds.
 
-    python -m bench.engines --dir /mnt/nvme/bench --page-mib 2 --jobs 32 --blocks-per-job 8 --rounds 5
+    python -m kvtier.bench.engines --dir /mnt/nvme/bench --page-mib 2 --jobs 32 --blocks-per-job 8 --rounds 5
 
 Needs vLLM installed (see tests/engines/requirements.txt) and, for cold reads, root (to write
 /proc/sys/vm/drop_caches); without it the run says so and the reads may come from the cache.
@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bench.common import p99, table
+from kvtier.bench.common import p99, table
 
 
 def _spec(page: int) -> SimpleNamespace:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.io import DATASET_DIR, PERCENTILES, IOParams
-from bench.io import run as run_kvtier
+from kvtier.bench.io import DATASET_DIR, PERCENTILES, IOParams
+from kvtier.bench.io import run as run_kvtier
 from kvtier.config import format_size
 from kvtier.errors import InvalidRequest, KVTierError
 
@@ -207,7 +207,7 @@ def compare_figures(job: dict, d: str) -> dict[str, float]:
 
 def compare_table(kv: dict, fio_job: dict) -> tuple[str, dict[str, float]]:
     """Both results side by side and kvtier/fio ratios (>1 is better for GB/s, worse for ms)."""
-    from bench.common import table
+    from kvtier.bench.common import table
 
     d = main_direction(kv)
     a, b = compare_figures(kv, d), compare_figures(fio_job, d)
@@ -229,8 +229,8 @@ def matrix(directory: str, out: str, size: int, runtime: float, repeat: int, rem
 
     Writes ``matrix.json`` and the PNGs under ``out``; returns the Markdown tables.
     """
-    from bench.common import table
-    from bench.plots import latency_cdf
+    from kvtier.bench.common import table
+    from kvtier.bench.plots import latency_cdf
 
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     rows, doc = [], {"fio": version(), "reads": [], "writes": []}
@@ -315,7 +315,7 @@ def _order(i: int, members: tuple[str, ...] = ("kvtier", "fio")) -> tuple[str, .
 
 def bandwidth_plots(doc: dict, dest: Path) -> list[Path]:
     """One PNG per queue depth: median random-read GB/s against block size, kvtier next to fio."""
-    from bench.plots import bandwidth_vs_block_size
+    from kvtier.bench.plots import bandwidth_vs_block_size
 
     by_qd: dict[int, dict[str, list[tuple[int, float]]]] = {}
     for r in doc["reads"]:

@@ -3,7 +3,7 @@
 Both sides copy the same block between the same kinds of buffers in the same run; the ratio is
 what the host tier's bookkeeping costs (target: get >= 70% of the plain copy).
 
-    python -m bench.host_tier [--block 2MiB] [--blocks 64] [--repeats 7]
+    python -m kvtier.bench.host_tier [--block 2MiB] [--blocks 64] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from bench.common import median, p99, table, timed
+from kvtier.bench.common import median, p99, table, timed
 from kvtier.config import HostTierConfig, parse_size
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.memory import make_host_tier

@@ -1,6 +1,6 @@
 """HTTP load on the sidecar: lookup throughput/latency, and data-plane GB/s vs the in-process API.
 
-    python bench/http_load.py --clients 8 --seconds 5 --prefix-tokens 8192 --kv-tokens 4096
+    python -m kvtier.bench.http_load --clients 8 --seconds 5 --prefix-tokens 8192 --kv-tokens 4096
 
 Starts ``kvtier serve`` as a subprocess on a free loopback port (memory tier only), so server and
 load generator do not share a GIL. Lookups: N asyncio clients for a bounded time, each looking up
@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 from kvtier import CacheConfig, KVLayout, TieredCache  # noqa: E402
 from kvtier.client import AsyncKVTierClient, KVTierClient  # noqa: E402
 from kvtier.config import HostTierConfig  # noqa: E402
-from server.testing import free_port  # noqa: E402
+from kvtier.server.testing import free_port  # noqa: E402
 
-log = logging.getLogger("bench.http_load")
+log = logging.getLogger("kvtier.bench.http_load")
 BT = 256
 
 

@@ -14,10 +14,10 @@ Destination buffers: one per request in flight, reused (fio's pattern) unless ``
 for a ring per request in flight (0: 16 across the jobs, what the loader's staging ring holds,
 ``LoaderConfig.staging_slots``). On a virtual disk a read landing in bytes the previous read's
 checksum pulled into cache costs up to ~0.3 ms more per 2 MiB; a ring avoids part of that
-(``python -m bench.verify_ceiling`` measures both).
+(``python -m kvtier.bench.verify_ceiling`` measures both).
 
-    python -m bench.io --rw randread --bs 2MiB --iodepth 4 --size 1GiB --directory DIR
-    python -m bench.io matrix --directory DIR --size 4GiB --repeat 5   # the README tables
+    python -m kvtier.bench.io --rw randread --bs 2MiB --iodepth 4 --size 1GiB --directory DIR
+    python -m kvtier.bench.io matrix --directory DIR --size 4GiB --repeat 5   # the README tables
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.params import ENGINES, RW, TIERS
+from kvtier.bench.params import ENGINES, RW, TIERS
 from kvtier.config import format_size
 from kvtier.errors import InvalidRequest, StorageFull
 
@@ -448,13 +448,13 @@ def _read_batch(tier, job: _Job, n_ops: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.io matrix [--directory D] ...`` runs the README matrix; else ``bench io``."""
+    """``python -m kvtier.bench.io matrix [--directory D] ...`` runs the README matrix; else ``bench io``."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["matrix"]:
         import argparse
 
         from kvtier.config import parse_size
-        ap = argparse.ArgumentParser(prog="python -m bench.io matrix")
+        ap = argparse.ArgumentParser(prog="python -m kvtier.bench.io matrix")
         ap.add_argument("--directory", default=tempfile.gettempdir())
         ap.add_argument("--out", default="bench/out/io")
         ap.add_argument("--size", default="2GiB")
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--no-fio-verify", action="store_true",
                         help="skip the reference run of fio checking a crc32c of every read")
         a = ap.parse_args(argv[1:])
-        from bench.fio import matrix
+        from kvtier.bench.fio import matrix
         print(matrix(a.directory, a.out, parse_size(a.size), a.runtime, a.repeat, a.remote_url,
                      verify_reference=not a.no_fio_verify))
         return 0

@@ -22,10 +22,10 @@ What each path does (the raw side does less work, by design: it is the bar to re
   stall) and ``kvtier-staged`` (kvtier into an unregistered tensor: read into a staging
   buffer, then verified and copied out, as before registration existed).
 
-    python bench/remote.py --engine all --runs 3            # loopback redis-server + Mooncake
-    python bench/remote.py --engine all --runs 3 --unit prefix
-    python bench/remote.py --url redis://host:6379/0 --sizes 2MiB,16MiB --reps 30
-    python bench/remote.py --engine all --runs 3 --unit load   # through the loader, into KV
+    python -m kvtier.bench.remote --engine all --runs 3            # loopback redis-server + Mooncake
+    python -m kvtier.bench.remote --engine all --runs 3 --unit prefix
+    python -m kvtier.bench.remote --url redis://host:6379/0 --sizes 2MiB,16MiB --reps 30
+    python -m kvtier.bench.remote --engine all --runs 3 --unit load   # through the loader, into KV
 
 ``--unit load`` measures the production reload path instead of the tier alone: a second
 ``TieredCache`` (promotion off, so every load is remote) streams the prefix one instance stored
@@ -52,13 +52,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import median, p99, table  # noqa: E402
+from kvtier.bench.common import median, p99, table  # noqa: E402
 from kvtier.block import checksum  # noqa: E402
 from kvtier.config import RemoteTierConfig, format_size, parse_size  # noqa: E402
 from kvtier.tiers.base import BlockMeta  # noqa: E402
 from kvtier.tiers.remote import make_remote_tier  # noqa: E402
 
-log = logging.getLogger("bench.remote")
+log = logging.getLogger("kvtier.bench.remote")
 META = BlockMeta("bench", None, 256, "none", 0.0)
 LEASE_EXPIRED = -707  # Mooncake: the read outlived the object's lease; read it again
 NOT_FOUND = -704

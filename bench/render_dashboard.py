@@ -1,8 +1,8 @@
 """See the kvtier dashboard without Grafana: query a Prometheus for every panel's expressions
 over a time range and render them as one PNG (matplotlib), laid out like the Grafana grid.
 
-    python bench/render_dashboard.py --prometheus http://127.0.0.1:9090 --last 1h -o dash.png
-    python bench/render_dashboard.py --demo 150 -o docs/img/dashboard.png
+    python -m kvtier.bench.render_dashboard --prometheus http://127.0.0.1:9090 --last 1h -o dash.png
+    python -m kvtier.bench.render_dashboard --demo 150 -o docs/img/dashboard.png
 
 ``--demo`` starts everything itself on loopback: a real kvtier sidecar (host + SSD tiers in a
 temp dir), a real Prometheus (Debian ``prometheus`` package) scraping it every second with the
@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import yaml
 
-log = logging.getLogger("kvtier.render_dashboard")
+log = logging.getLogger("kvtier.bench.render_dashboard")
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "kvtier.json"
 RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
@@ -356,7 +356,7 @@ def demo_stack(tmp: Path, interval: str = "1s", remote: bool = True
     yields (sidecar URL, Prometheus, the RedisServer or None)."""
     from kvtier import CacheConfig, TieredCache
     from kvtier.config import HostTierConfig, RemoteTierConfig, SSDTierConfig
-    from server.testing import serve_in_thread
+    from kvtier.server.testing import serve_in_thread
     from tests.integration.remote_servers import REDIS_SERVER, RedisServer
 
     cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"),

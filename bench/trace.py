@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.params import TraceParams
+from kvtier.bench.params import TraceParams
 from kvtier.block import header_size
 from kvtier.config import CacheConfig, HostTierConfig, SSDTierConfig
 from kvtier.errors import InvalidRequest

@@ -6,7 +6,7 @@ pipelined dual-path loader. The overlap of the pipelined SSD hit is reported aga
 alone and the compute alone, measured in the same run:
 ``efficiency = (load + compute - pipelined) / min(load, compute)``.
 
-    python -m bench.ttft --prompts 2048 8192 16384 --runs 3
+    python -m kvtier.bench.ttft --prompts 2048 8192 16384 --runs 3
 
 Medians of ``--runs`` runs; a Markdown table on stdout and a PNG in bench/out/.
 """
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import table
 from kvtier import CacheConfig, HostTierConfig, TieredCache
+from kvtier.bench.common import table
 from kvtier.config import SSDTierConfig
 from kvtier.integrations.transformers import kv_to_dynamic_cache, loader_for, prefill, save_kv
 
-log = logging.getLogger("bench.ttft")
+log = logging.getLogger("kvtier.bench.ttft")
 BLOCK = 256
 SUFFIX = 64  # uncached tokens at the end of each prompt (the new user turn)
 

@@ -118,13 +118,13 @@ def _hit(d: dict) -> Hit:
 
 
 def _packed_tokens(token_ids: Any) -> bytes:
-    """Token ids as little-endian int64 bytes: what ``server.body`` takes without parsing."""
+    """Token ids as little-endian int64 bytes: what ``kvtier.server.body`` takes without parsing."""
     return as_token_array(token_ids).astype("<i8", copy=False).tobytes()
 
 
 def _tokens_call(method: str, path: str, body: dict[str, Any], token_ids: Any,
                  accept: str | None = None) -> _Call:
-    """A request naming a prefix: msgpack with the token ids packed (``server.body``); a
+    """A request naming a prefix: msgpack with the token ids packed (``kvtier.server.body``); a
     4K-token JSON body costs more to build and parse than the round trip itself."""
     body = {**body, "token_ids": _packed_tokens(token_ids)}
     headers = {"content-type": MSGPACK, **({"accept": accept} if accept else {})}

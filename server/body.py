@@ -1,4 +1,4 @@
-"""Request bodies in JSON or msgpack, validated by the models of ``server.schemas``.
+"""Request bodies in JSON or msgpack, validated by the models of ``kvtier.server.schemas``.
 
 Token ids dominate the control messages of a long prefix: a 4K-token shared-memory put is
 ~50 KB of JSON, and encoding, parsing and validating it costs more than an HTTP round trip on
@@ -20,12 +20,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from kvtier.errors import InvalidRequest, InvalidType
+from kvtier.server.errors import UnsupportedMediaType
 from kvtier.wire import MSGPACK
-from server.errors import UnsupportedMediaType
 
 M = TypeVar("M", bound=BaseModel)
 PACKED_TOKEN_DTYPE = np.dtype("<i8")
-MAX_TOKEN_ID = 2**62  # as ``server.schemas.TokenId``
+MAX_TOKEN_ID = 2**62  # as ``kvtier.server.schemas.TokenId``
 
 
 def content_type(request: Request) -> str:
@@ -57,7 +57,7 @@ async def decode(request: Request, *, json_ok: bool) -> dict[str, Any]:
 def listed_token_ids(value: Any) -> np.ndarray:
     """Token ids given as a list (msgpack or JSON bodies parsed by hand) as an int64 array.
 
-    The same rules as ``server.schemas.TokenId`` and packed ids: each a plain integer (not a
+    The same rules as ``kvtier.server.schemas.TokenId`` and packed ids: each a plain integer (not a
     bool, float or list) in [0, 2**62]; anything else is ``InvalidType`` naming the position.
     """
     if not isinstance(value, list):

@@ -11,9 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from kvtier.manager import TieredCache
 from kvtier.namespaces import Namespace
+from kvtier.server.auth import Principal, authenticate
+from kvtier.server.errors import PayloadTooLarge
 from kvtier.settings import ServerSettings
-from server.auth import Principal, authenticate
-from server.errors import PayloadTooLarge
 
 T = TypeVar("T")
 

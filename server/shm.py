@@ -3,7 +3,7 @@
 Why no tenant can reach another's memory through the server:
 
 - **The server opens nothing by name.** A region exists for the server only as a file
-  descriptor its owner sent over the region socket (``server.shm_socket``: ``SCM_RIGHTS``), in
+  descriptor its owner sent over the region socket (``kvtier.server.shm_socket``: ``SCM_RIGHTS``), in
   the same message as the owner's bearer token. The server maps that descriptor, closes it and
   files the mapping under a fresh random id (128 bits) *and the tenant that token belongs to*.
   A request can only name a region id; no path, no ``/dev/shm`` name, nothing the server would
@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kvtier.errors import InvalidRequest, StorageFull
-from server.errors import NotFound, PayloadTooLarge
+from kvtier.server.errors import NotFound, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python >= 3.13 names it

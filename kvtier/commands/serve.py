@@ -74,7 +74,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from kvtier.manager import TieredCache
-    from server.app import create_app, start_region_socket
+    from kvtier.server.app import create_app, start_region_socket
 
     _Server = _server_class()
     srv = settings.server

@@ -17,17 +17,17 @@ from fastapi import APIRouter, Request, Response
 
 from kvtier.blocks import bytes_tensor
 from kvtier.errors import InvalidRequest, InvalidType
-from kvtier.wire import MSGPACK
-from server.body import decode
-from server.deps import Ctx, CtxDep
-from server.errors import PayloadTooLarge
-from server.schemas import (
+from kvtier.server.body import decode
+from kvtier.server.deps import Ctx, CtxDep
+from kvtier.server.errors import PayloadTooLarge
+from kvtier.server.schemas import (
     BlockHitsOut,
     BlockNamespaceCreate,
     BlocksStoredOut,
     CountOut,
     NamespaceOut,
 )
+from kvtier.wire import MSGPACK
 
 router = APIRouter(tags=["blocks"])
 

@@ -2,10 +2,10 @@
 
 msgpack suits a remote engine (one copy into the body each way); the shared-memory path
 suits an engine on the same host: the client hands a region it created to the server once
-(a file descriptor over the region socket, ``server.shm_socket``), then names it by id; the
+(a file descriptor over the region socket, ``kvtier.server.shm_socket``), then names it by id; the
 server reads from or writes into it, and only a small control message (JSON, or msgpack with
 packed token ids) crosses HTTP. Regions are bound to the tenant that handed them over
-(``server.shm``).
+(``kvtier.server.shm``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,26 @@ from fastapi import APIRouter, Request, Response
 
 from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch, UnknownNamespace
 from kvtier.layout import KVLayout
+from kvtier.server.body import (
+    decode,
+    listed_token_ids,
+    openapi_body,
+    tokens_body,
+    unpack_token_ids,
+    with_packed,
+)
+from kvtier.server.deps import Ctx, CtxDep
+from kvtier.server.errors import Forbidden, PayloadTooLarge, ServiceUnavailable
+from kvtier.server.schemas import (
+    ShmGetOut,
+    ShmGetRequest,
+    ShmPutRequest,
+    ShmRegion,
+    ShmSocketOut,
+    StoredOut,
+)
+from kvtier.server.shm import RegionTable
+from kvtier.server.shm_socket import PROTOCOL
 from kvtier.wire import (
     MSGPACK,
     kv_from_wire,
@@ -26,26 +46,6 @@ from kvtier.wire import (
     packed_views,
     unpack_from,
 )
-from server.body import (
-    decode,
-    listed_token_ids,
-    openapi_body,
-    tokens_body,
-    unpack_token_ids,
-    with_packed,
-)
-from server.deps import Ctx, CtxDep
-from server.errors import Forbidden, PayloadTooLarge, ServiceUnavailable
-from server.schemas import (
-    ShmGetOut,
-    ShmGetRequest,
-    ShmPutRequest,
-    ShmRegion,
-    ShmSocketOut,
-    StoredOut,
-)
-from server.shm import RegionTable
-from server.shm_socket import PROTOCOL
 
 router = APIRouter(prefix="/v1/kv", tags=["kv"])
 
@@ -69,7 +69,7 @@ _GET_RESPONSE = {200: {"description": "KV of the longest cached prefix (kv is nu
 
 
 def _token_ids(d: dict) -> Any:
-    """``token_ids`` of a msgpack data-plane body: listed, or packed (``server.body``)."""
+    """``token_ids`` of a msgpack data-plane body: listed, or packed (``kvtier.server.body``)."""
     raw = d.get("token_ids")
     return unpack_token_ids(raw) if isinstance(raw, bytes) else listed_token_ids(_field(d, "token_ids", list))
 
@@ -151,7 +151,7 @@ async def shm_socket(request: Request, ctx: Ctx = CtxDep) -> dict:
 
     Send ``{"op": "register", "token": <bearer token>}`` with one memfd (sealed with
     ``F_SEAL_SHRINK``) as ``SCM_RIGHTS``; the answer's ``id`` then names the region in
-    ``region.id`` here. Protocol: ``server.shm_socket``.
+    ``region.id`` here. Protocol: ``kvtier.server.shm_socket``.
     """
     _shm_on(ctx)
     sock = request.app.state.shm_socket
@@ -168,7 +168,7 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
 
     Each tensor has ``slot_tokens`` rows in the region (default: one per token id); the first
     ``len(token_ids)`` rows are stored. The server encodes straight from views of the region.
-    JSON or msgpack (token ids may come packed: ``server.body``).
+    JSON or msgpack (token ids may come packed: ``kvtier.server.body``).
     """
     _shm_on(ctx)
     body = await tokens_body(request, ShmPutRequest)

@@ -22,9 +22,9 @@ from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import AsyncKVTierClient, KVTierClient, pack_into, packed_nbytes
 from kvtier.config import HostTierConfig
 from kvtier.errors import InvalidRequest, LayoutMismatch
+from kvtier.server.shm import RegionTable, UnknownRegion
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.shm import RegionTable, UnknownRegion
-from server.testing import serve_in_thread
 from tests.integration.regions import Link, OwnRegion, memfd, socket_path
 
 BT = 16
@@ -237,7 +237,7 @@ def test_results_outlive_the_client_cleanly(tmp_path):
         from kvtier import CacheConfig, KVLayout, TieredCache
         from kvtier.client import KVTierClient
         from kvtier.config import HostTierConfig
-        from server.testing import serve_in_thread
+        from kvtier.server.testing import serve_in_thread
 
         unraisable = []
         sys.unraisablehook = lambda u: unraisable.append(repr(u.exc_value))
