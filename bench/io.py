@@ -16,8 +16,8 @@ for a ring per request in flight (0: 16 across the jobs, what the loader's stagi
 checksum pulled into cache costs up to ~0.3 ms more per 2 MiB; a ring avoids part of that
 (``python -m kvtier.bench.verify_ceiling`` measures both).
 
-    python -m kvtier.bench.io --rw randread --bs 2MiB --iodepth 4 --size 1GiB --directory DIR
-    python -m kvtier.bench.io matrix --directory DIR --size 4GiB --repeat 5   # the README tables
+    kvtier bench io --rw randread --bs 2MiB --iodepth 4 --size 1GiB --directory DIR
+    python -m kvtier.bench.matrix --directory DIR --size 4GiB --repeat 5   # the README tables
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import random
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -445,32 +444,3 @@ def _read_batch(tier, job: _Job, n_ops: int) -> None:
             raise InvalidRequest(f"short read: {r} of {job.payloads.stored_bytes} bytes")
     job.lat["read"].extend([dt] * n)
     job.bytes["read"] += p.bs * n
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kvtier.bench.io matrix [--directory D] ...`` runs the README matrix; else ``bench io``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["matrix"]:
-        import argparse
-
-        from kvtier.config import parse_size
-        ap = argparse.ArgumentParser(prog="python -m kvtier.bench.io matrix")
-        ap.add_argument("--directory", default=tempfile.gettempdir())
-        ap.add_argument("--out", default="bench/out/io")
-        ap.add_argument("--size", default="2GiB")
-        ap.add_argument("--runtime", type=float, default=4.0)
-        ap.add_argument("--repeat", type=int, default=3)
-        ap.add_argument("--remote-url", help="also plot the remote tier's latency (e.g. redis://...)")
-        ap.add_argument("--no-fio-verify", action="store_true",
-                        help="skip the reference run of fio checking a crc32c of every read")
-        a = ap.parse_args(argv[1:])
-        from kvtier.bench.fio import matrix
-        print(matrix(a.directory, a.out, parse_size(a.size), a.runtime, a.repeat, a.remote_url,
-                     verify_reference=not a.no_fio_verify))
-        return 0
-    from kvtier.commands.bench import main as bench_main
-    return bench_main(["io", *argv])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
