@@ -9,6 +9,7 @@ keys with per-channel structure, values per token), one 256-token block, all lay
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -38,10 +39,10 @@ def run(tokens: int = 256, repeats: int = 5) -> str:
     for spec in available_codecs():
         codec = get_codec(spec)
         data = encode_block(codec, kv)
-        enc = timed(lambda codec=codec: encode_block(codec, kv), repeats)
+        enc = timed(functools.partial(encode_block, codec, kv), repeats)
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         outs = [[torch.empty_like(t) for t in layer] for layer in kv]
-        dec = timed(lambda buf=buf, outs=outs: decode_block_into(buf, outs), repeats)
+        dec = timed(functools.partial(decode_block_into, buf, outs), repeats)
         err = max(((a.float() - b.float()).pow(2).mean().sqrt() / a.float().pow(2).mean().sqrt()).item()
                   for la, lb in zip(kv, outs, strict=True) for a, b in zip(la, lb, strict=True))
         rows.append([spec, raw / len(data), raw / median(enc) / 1e9, raw / median(dec) / 1e9, f"{err:.4f}"])

@@ -76,7 +76,8 @@ def run_jobs(tier, jobs: list, submit) -> tuple[float, list[float]]:
     for job in jobs:
         start[job.job_id] = time.perf_counter()
         submit(job)
-    lat, failed = [], []
+    lat: list[float] = []
+    failed: list[float] = []
     while len(lat) + len(failed) < len(jobs):
         for r in tier.get_finished_jobs():
             (lat if r.success else failed).append(time.perf_counter() - start[r.job_id])
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     n_blocks = args.jobs * args.blocks_per_job
     rows = _aligned_rows(2 * n_blocks, page)
     rows[:n_blocks].copy_(torch.randint(0, 256, (n_blocks, page), dtype=torch.uint8))
-    view = memoryview(rows.numpy())
+    view = rows.numpy().data
     root = Path(args.dir) / f"kvtier-bench-engines-{os.getpid()}"
     spec = _spec(page)
     kv_cfg = {"type": "KVTierSecondaryTier", "module_path": "kvtier.integrations.vllm",

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -172,11 +173,11 @@ def median_job(jobs: list[dict]) -> dict:
         runs = [j[d] for j in jobs if d in j]
         if not runs:
             continue
-        m = {k: float(np.median([r[k] for r in runs]))
+        m: dict[str, Any] = {k: float(np.median([r[k] for r in runs]))
              for k in ("io_bytes", "bw_bytes", "iops", "runtime", "total_ios")}
         for k in ("io_bytes", "bw_bytes", "runtime", "total_ios"):
             m[k] = int(m[k])
-        clat = {k: float(np.median([r["clat_ns"][k] for r in runs]))
+        clat: dict[str, Any] = {k: float(np.median([r["clat_ns"][k] for r in runs]))
                 for k in ("min", "max", "mean", "stddev", "N")}
         keys = runs[0]["clat_ns"].get("percentile", {})
         clat["percentile"] = {k: int(np.median([r["clat_ns"].get("percentile", {}).get(k, 0)

@@ -14,6 +14,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,8 @@ def matrix(directory: str, out: str, size: int, runtime: float, repeat: int, rem
     from kvtier.bench.plots import latency_cdf
 
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    rows, doc = [], {"fio": version(), "reads": [], "writes": []}
+    rows: list[list[object]] = []
+    doc: dict[str, Any] = {"fio": version(), "reads": [], "writes": []}
     cdf: dict[str, list[float]] = {}
     members = ("kvtier", "fio", "fio+crc") if verify_reference else ("kvtier", "fio")
     for bs in block_sizes:

@@ -31,6 +31,7 @@ from kvtier.bench.common import table
 from kvtier.bench.io import IOParams, _Payloads, block_key, open_tier, populate
 from kvtier.block import checksum
 from kvtier.config import format_size, parse_size
+from kvtier.tiers.ssd import SSDTier
 from kvtier.tiers.ssd.directio import aligned_empty
 
 PATHS = ("preadv", "preadv+crc32c", "preadv+crc32c ring", "kvtier", "kvtier ring")
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     p = IOParams(bs=parse_size(a.bs), size=parse_size(a.size), iodepth=1, directory=a.directory).check()
     tier, close = open_tier(p, fresh=False)
+    assert isinstance(tier, SSDTier)  # IOParams' default tier
     try:
         populate(tier, p, _Payloads(p), lambda m: print(m, file=sys.stderr, flush=True))
         if not tier.direct_io:
