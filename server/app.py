@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -23,7 +24,8 @@ from kvtier.server.shm import RegionTable
 from kvtier.server.shm_socket import RegionSocket
 from kvtier.settings import ServerSettings
 
-_ERROR_RESPONSES = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 415, 422, 507)}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 415, 422, 507)}
 
 
 def start_region_socket(app: FastAPI) -> None:

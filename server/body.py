@@ -21,9 +21,10 @@ from pydantic import BaseModel, ValidationError
 
 from kvtier.errors import InvalidRequest, InvalidType
 from kvtier.server.errors import UnsupportedMediaType
+from kvtier.server.schemas import TokensRequest
 from kvtier.wire import MSGPACK
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=TokensRequest)
 PACKED_TOKEN_DTYPE = np.dtype("<i8")
 MAX_TOKEN_ID = 2**62  # as ``kvtier.server.schemas.TokenId``
 
@@ -101,8 +102,8 @@ async def tokens_body(request: Request, model: type[M]) -> M:
         out = model.model_validate(d)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False)) from None
-    if packed is not None:
-        out.token_ids = packed
+    if packed is not None:  # the int64 array stands in for the list: routes take either
+        out.token_ids = packed  # type: ignore[assignment]
     return out
 
 

@@ -74,8 +74,8 @@ def _check_fd(fd: int) -> int:
         st = os.fstat(fd)
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if stat.S_ISREG(st.st_mode) else 0
     except OSError:
-        seals = 0
-    if not seals & fcntl.F_SEAL_SHRINK:
+        st, seals = None, 0
+    if st is None or not seals & fcntl.F_SEAL_SHRINK:
         raise InvalidRequest("a shared-memory region must be a memfd (memfd_create with "
                              "MFD_ALLOW_SEALING) sealed with F_SEAL_SHRINK")
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:

@@ -197,7 +197,7 @@ def parse_sweep(spec: str, points: int | None) -> dict[str, list[int]]:
     return out
 
 
-def _run_sweep(args: argparse.Namespace, tr: ModuleType, requests: list, bpt: int,
+def _run_sweep(args: argparse.Namespace, tr: ModuleType, requests: list, bpt: float,
                caps: dict[str, int], sweep: dict[str, list[int]], rate: float, head: str) -> int:
     from kvtier.bench.common import table
     from kvtier.bench.plots import hit_rate_vs_capacity
@@ -206,12 +206,15 @@ def _run_sweep(args: argparse.Namespace, tr: ModuleType, requests: list, bpt: in
     x_tier, series_tier = axes[0], axes[1] if len(axes) > 1 else None
     grid = [(x, s) for s in (sweep[series_tier] if series_tier else [None]) for x in sweep[x_tier]]
     progress = ProgressLine("sweep")
-    rows, results, series = [], [], {}
+    rows, results = [], []
+    series: dict[str, list[tuple[int, float]]] = {}
     for i, (x, s) in enumerate(grid):
-        point = {**caps, x_tier: x, **({series_tier: s} if series_tier else {})}
+        point = {**caps, x_tier: x}
+        if series_tier is not None and s is not None:
+            point[series_tier] = s
         plan = tr.TierPlan(args.block_tokens, bpt, {k: v for k, v in point.items() if v})
         res = tr.replay(requests, plan, progress=lambda d, n, i=i: progress(i * n + d, len(grid) * n))
-        label = f"{series_tier} {format_size(s)}" if series_tier else _fixed_label(point, x_tier)
+        label = f"{series_tier} {format_size(s)}" if series_tier and s is not None else _fixed_label(point, x_tier)
         series.setdefault(label, []).append((x, res.hit_rate_tokens))
         ttft = res.ttft(rate)
         results.append({"capacities": point, **res.to_dict(), "ttft": ttft})
@@ -350,7 +353,9 @@ def _run_io(args: argparse.Namespace) -> int:
     if args.compare_fio:  # fails early: no fio, not the ssd tier, or a job fio cannot verify
         fio.command(p, fio.data_file(p, args.filename), verify=args.fio_verify)
     progress = _StatusLine()
-    kv_jobs, fio_jobs, vfy_jobs, results, cmd, vcmd = [], [], [], [], None, None
+    kv_jobs, fio_jobs, vfy_jobs, results = [], [], [], []
+    cmd: list[str] = []  # fio's command lines, once run
+    vcmd: list[str] = []
     for i in range(args.repeat):
         progress.prefix = f"run {i + 1}/{args.repeat}: " if args.repeat > 1 else ""
         res = run(p, progress)

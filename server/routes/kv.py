@@ -63,7 +63,7 @@ _GET_BODY = {"requestBody": {"required": True, "content": {
         "namespace": {"type": "string"},
         "token_ids": with_packed(_TOKENS) if ct == MSGPACK else _TOKENS}}}
     for ct in (MSGPACK, "application/json")}}}
-_GET_RESPONSE = {200: {"description": "KV of the longest cached prefix (kv is null on a miss)",
+_GET_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"description": "KV of the longest cached prefix (kv is null on a miss)",
                        "content": {MSGPACK: {"schema": {"type": "object", "properties": {
                            "tokens": {"type": "integer"}, "kv": {**_KV, "nullable": True}}}}}}}
 
@@ -134,7 +134,8 @@ def _shm_on(ctx: Ctx) -> None:
         raise Forbidden("the shared-memory data path is disabled on this server (--shm false)")
 
 
-def _regions(request: Request, region: ShmRegion) -> RegionTable:
+def _regions(request: Request, region: ShmRegion) -> tuple[RegionTable, str]:
+    """The server's region table and the id of the region a request names."""
     if region.name is not None:
         raise InvalidRequest("shared-memory regions are no longer opened by name (region.name): "
                              "hand the region's file descriptor over on the region socket "
@@ -142,7 +143,7 @@ def _regions(request: Request, region: ShmRegion) -> RegionTable:
     if region.id is None:
         raise InvalidRequest("region.id is required: the id the region socket answered when the "
                              "region was handed over (GET /v1/kv/shm/socket)")
-    return request.app.state.shm_regions
+    return request.app.state.shm_regions, region.id
 
 
 @router.get("/shm/socket", response_model=ShmSocketOut)
@@ -172,7 +173,7 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     """
     _shm_on(ctx)
     body = await tokens_body(request, ShmPutRequest)
-    regions = _regions(request, body.region)
+    regions, region_id = _regions(request, body.region)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
     layout = KVLayout.from_dict(body.layout.model_dump())
@@ -193,7 +194,7 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     tenant = ctx.principal.tenant
 
     def work() -> int:  # the window is what this put reads: never more than --max-kv-bytes
-        with regions.open(tenant, body.region.id, body.region.offset, nbytes,
+        with regions.open(tenant, region_id, body.region.offset, nbytes,
                           ctx.settings.max_kv_bytes) as buf:
             kv = unpack_from(buf, layout, slot, copy=False)
             if slot != n:
@@ -213,7 +214,7 @@ async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     ``slot_tokens`` rows per tensor; the first ``tokens`` rows are valid). JSON or msgpack."""
     _shm_on(ctx)
     body = await tokens_body(request, ShmGetRequest)
-    regions = _regions(request, body.region)
+    regions, region_id = _regions(request, body.region)
     ctx.check_tokens(body.token_ids)
     ns = ctx.namespace(body.namespace)
     if ns.layout is None:
@@ -227,7 +228,7 @@ async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     tenant = ctx.principal.tenant
 
     def work() -> dict:  # the window is the most this get writes: never more than --max-kv-bytes
-        with regions.open(tenant, body.region.id, body.region.offset, need,
+        with regions.open(tenant, region_id, body.region.offset, need,
                           ctx.settings.max_kv_bytes) as buf:
             lease = ctx.cache.acquire(ns.name, body.token_ids)
             try:
@@ -236,6 +237,7 @@ async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
                     return {"tokens": 0, "slot_tokens": 0, "layout": layout.to_dict(), "nbytes": 0}
                 outs = packed_views(torch.frombuffer(buf, dtype=torch.uint8), layout, slot)
                 loaded = 0
+                views: list[list[torch.Tensor]] = []
                 for i, blk in enumerate(lease.blocks):
                     views = [[t[i * bt:(i + 1) * bt] for t in layer] for layer in outs]
                     if not ctx.cache.load_block(blk.key, views, ns.codec):
