@@ -1,5 +1,5 @@
-"""tools/import_cycles.py: no import cycle in the package, and the checker finds lazy, relative and
-type-only cycles."""
+"""The package's import graph (tools/import_cycles.py): no cycle, the checker finds lazy, relative
+and type-only ones, and every import points down the layers of docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -87,3 +87,37 @@ def test_command_exits_1_and_names_the_lines(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "cycle among pkg.a, pkg.b" in r.stdout
     assert "pkg/b.py:4: pkg.b imports pkg.a" in r.stdout
+
+
+# The layers of docs/architecture.md, bottom first: a module imports its own layer and those
+# below, never one above (``kvtier`` itself, the public API, sits with the facade).
+LAYERS = [
+    ("foundation", "errors config keys layout records stats wire settings calc"),
+    ("block format", "codecs block blocks bufpool namespaces policies"),
+    ("tiers", "tiers"),
+    ("parts", "index placement writethrough writes lookups reload recorder catalog "
+              "shared_namespaces prefetcher prefetch engine_blocks"),
+    ("loader", "loader loader_promote loadstream staging costmodel"),
+    ("facade", "manager"),
+    ("adapters", "integrations client client_async client_calls client_ops client_shm shm_pool metrics"),
+    ("entry points", "server bench commands cli __main__"),
+]
+
+
+def _layer(module: str) -> int:
+    if module == "kvtier":
+        return 5
+    rest = module.removeprefix("kvtier.")
+    for i, (_, names) in enumerate(LAYERS):
+        if any(rest == n or rest.startswith(n + ".") for n in names.split()):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and to docs/architecture.md")
+
+
+def test_layers_point_down():
+    mods = ic.modules(ROOT / "kvtier")
+    edges = ic.graph(mods, ic.imports(mods))
+    up = [f"{i.path.relative_to(ROOT)}:{i.line}: {a} ({LAYERS[_layer(a)][0]}) imports {b} "
+          f"({LAYERS[_layer(b)][0]})"
+          for a, targets in edges.items() for b, i in targets.items() if _layer(b) > _layer(a)]
+    assert not up, "\n".join(up)
