@@ -1,1 +1,1 @@
-"""kvtier benchmarks: run as ``python -m bench.<name>`` (or through ``kvtier bench``)."""
+"""kvtier benchmarks: run as ``python -m kvtier.bench.<name>`` (or through ``kvtier bench``)."""

@@ -9,19 +9,20 @@ the block with torch's ``copy_`` (torch's intra-op threads) and with ``kvtier.by
 memcpy), interleaved copy by copy, while ``--busy`` processes keep cores busy: per-copy and
 per-block medians and p99.
 
-    python -m bench.codecs [--tokens 256] [--repeats 5]
-    python -m bench.codecs --copies [--copy-bytes 512KiB] [--rounds 20] [--busy 2]
+    python -m kvtier.bench.codecs [--tokens 256] [--repeats 5]
+    python -m kvtier.bench.codecs --copies [--copy-bytes 512KiB] [--rounds 20] [--busy 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
 
-from bench.common import median, p99, table, timed
-from bench.host_tier import busy_cores
+from kvtier.bench.common import median, p99, table, timed
+from kvtier.bench.host_tier import busy_cores
 from kvtier.block import decode_block_into, encode_block, encode_block_pooled
 from kvtier.bytecopy import copy_bytes
 from kvtier.codecs import available_codecs, get_codec
@@ -49,10 +50,10 @@ def run(tokens: int = 256, repeats: int = 5) -> str:
     for spec in available_codecs():
         codec = get_codec(spec)
         data = encode_block(codec, kv)
-        enc = timed(lambda codec=codec: encode_block_pooled(codec, kv), repeats)  # the put path's form
+        enc = timed(functools.partial(encode_block_pooled, codec, kv), repeats)  # the put path's form
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         outs = [[torch.empty_like(t) for t in layer] for layer in kv]
-        dec = timed(lambda buf=buf, outs=outs: decode_block_into(buf, outs), repeats)
+        dec = timed(functools.partial(decode_block_into, buf, outs), repeats)
         err = max(((a.float() - b.float()).pow(2).mean().sqrt() / a.float().pow(2).mean().sqrt()).item()
                   for la, lb in zip(kv, outs, strict=True) for a, b in zip(la, lb, strict=True))
         rows.append([spec, raw / len(data), raw / median(enc) / 1e9, raw / median(dec) / 1e9, f"{err:.4f}"])

@@ -8,7 +8,7 @@ two tiers alternates between rounds. Reported: store and load throughput (bytes 
 time from the first submit to the last completion) and the p99 of per-job latency (submit to
 completion as vLLM's scheduler sees it through ``get_finished_jobs``), medians over rounds.
 
-    python -m bench.engines --dir /mnt/nvme/bench --page-mib 2 --jobs 32 --blocks-per-job 8 --rounds 5
+    python -m kvtier.bench.engines --dir /mnt/nvme/bench --page-mib 2 --jobs 32 --blocks-per-job 8 --rounds 5
 
 Needs vLLM installed (see tests/engines/requirements.txt) and, for cold reads, root (to write
 /proc/sys/vm/drop_caches); without it the run says so and the reads may come from the cache.
@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bench.common import p99, table
+from kvtier.bench.common import p99, table
 
 
 def _spec(page: int) -> SimpleNamespace:
@@ -76,7 +76,8 @@ def run_jobs(tier, jobs: list, submit) -> tuple[float, list[float]]:
     for job in jobs:
         start[job.job_id] = time.perf_counter()
         submit(job)
-    lat, failed = [], []
+    lat: list[float] = []
+    failed: list[float] = []
     while len(lat) + len(failed) < len(jobs):
         for r in tier.get_finished_jobs():
             (lat if r.success else failed).append(time.perf_counter() - start[r.job_id])
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     n_blocks = args.jobs * args.blocks_per_job
     rows = _aligned_rows(2 * n_blocks, page)
     rows[:n_blocks].copy_(torch.randint(0, 256, (n_blocks, page), dtype=torch.uint8))
-    view = memoryview(rows.numpy())
+    view = rows.numpy().data
     root = Path(args.dir) / f"kvtier-bench-engines-{os.getpid()}"
     spec = _spec(page)
     kv_cfg = {"type": "KVTierSecondaryTier", "module_path": "kvtier.integrations.vllm",

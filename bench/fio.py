@@ -12,8 +12,8 @@ like-for-like reference for kvtier, which verifies every read, next to plain fio
 nothing and is the bar.
 
 Also here: fio-shaped reports (fio's text summary, per-figure medians of repeated runs, kvtier and
-fio side by side with ratios) and ``matrix``, the README's table of both across block sizes and
-queue depths.
+fio side by side with ratios). The README's table of both across block sizes and queue depths is
+``kvtier.bench.matrix``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from bench.io import DATASET_DIR, PERCENTILES, IOParams
-from bench.io import run as run_kvtier
+from kvtier.bench.io import DATASET_DIR, PERCENTILES, IOParams
 from kvtier.config import format_size
 from kvtier.errors import InvalidRequest, KVTierError
 
@@ -174,11 +173,11 @@ def median_job(jobs: list[dict]) -> dict:
         runs = [j[d] for j in jobs if d in j]
         if not runs:
             continue
-        m = {k: float(np.median([r[k] for r in runs]))
+        m: dict[str, Any] = {k: float(np.median([r[k] for r in runs]))
              for k in ("io_bytes", "bw_bytes", "iops", "runtime", "total_ios")}
         for k in ("io_bytes", "bw_bytes", "runtime", "total_ios"):
             m[k] = int(m[k])
-        clat = {k: float(np.median([r["clat_ns"][k] for r in runs]))
+        clat: dict[str, Any] = {k: float(np.median([r["clat_ns"][k] for r in runs]))
                 for k in ("min", "max", "mean", "stddev", "N")}
         keys = runs[0]["clat_ns"].get("percentile", {})
         clat["percentile"] = {k: int(np.median([r["clat_ns"].get("percentile", {}).get(k, 0)
@@ -207,7 +206,7 @@ def compare_figures(job: dict, d: str) -> dict[str, float]:
 
 def compare_table(kv: dict, fio_job: dict) -> tuple[str, dict[str, float]]:
     """Both results side by side and kvtier/fio ratios (>1 is better for GB/s, worse for ms)."""
-    from bench.common import table
+    from kvtier.bench.common import table
 
     d = main_direction(kv)
     a, b = compare_figures(kv, d), compare_figures(fio_job, d)
@@ -215,117 +214,3 @@ def compare_table(kv: dict, fio_job: dict) -> tuple[str, dict[str, float]]:
     rows = [[k, f"{a[k]:.3f}" if k != "IOPS" else f"{a[k]:.0f}",
              f"{b[k]:.3f}" if k != "IOPS" else f"{b[k]:.0f}", f"{ratio[k]:.2f}"] for k in a]
     return f"{d}: kvtier vs fio\n" + table(["", "kvtier", "fio", "kvtier/fio"], rows), ratio
-
-
-# ---- the README matrix -------------------------------------------------------------------------
-def matrix(directory: str, out: str, size: int, runtime: float, repeat: int, remote_url: str | None = None,
-           block_sizes: tuple[int, ...] = (256 * 1024, 2 * 1024**2, 16 * 1024**2),
-           depths: tuple[int, ...] = (1, 4, 16), verify_reference: bool = True) -> str:
-    """Random reads per block size and depth: kvtier, fio and (``verify_reference``) fio checking
-    a crc32c of every read, run back to back in rounds, medians of ``repeat`` rounds.
-
-    The order rotates each round (``_order``). "paired" ratios are medians of the per-round
-    ratios: on a disk whose speed drifts, runs of one round saw the same disk.
-
-    Writes ``matrix.json`` and the PNGs under ``out``; returns the Markdown tables.
-    """
-    from bench.common import table
-    from bench.plots import latency_cdf
-
-    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    rows, doc = [], {"fio": version(), "reads": [], "writes": []}
-    cdf: dict[str, list[float]] = {}
-    members = ("kvtier", "fio", "fio+crc") if verify_reference else ("kvtier", "fio")
-    for bs in block_sizes:
-        for qd in depths:
-            p = IOParams(bs=bs, iodepth=qd, size=size, runtime=runtime, directory=directory)
-            jobs: dict[str, list[dict]] = {m: [] for m in members}
-            for i in range(repeat):
-                say(f"matrix: randread bs={format_size(bs)} qd={qd} run {i + 1}/{repeat}")
-                for who in _order(i, members):
-                    if who != "kvtier":
-                        jobs[who].append(run(p, verify=who == "fio+crc")[0])
-                        continue
-                    res = run_kvtier(p)
-                    jobs["kvtier"].append(res.to_fio_job())
-                    if bs == 2 * 1024**2 and qd == 1 and i == 0:
-                        cdf["ssd (kvtier, 2 MiB QD1)"] = (res.read.clat_ns / 1e9).tolist()
-            kv, fj = jobs["kvtier"], jobs["fio"]
-            a, b = compare_figures(median_job(kv), "read"), compare_figures(median_job(fj), "read")
-            doc["reads"].append({"bs": bs, "iodepth": qd, **jobs})
-            row = [format_size(bs), qd, f"{a['GB/s']:.2f}", f"{b['GB/s']:.2f}",
-                   f"{a['GB/s'] / b['GB/s']:.2f}", f"{_paired(kv, fj):.2f}"]
-            if verify_reference:
-                c = compare_figures(median_job(jobs["fio+crc"]), "read")
-                row += [f"{c['GB/s']:.2f}", f"{_paired(kv, jobs['fio+crc']):.2f}"]
-            rows.append(row + [f"{a['IOPS']:.0f}", f"{b['IOPS']:.0f}",
-                               *(f"{a[x]:.2f} / {b[x]:.2f}" for x in ("p50 ms", "p99 ms", "p99.9 ms")),
-                               f"{a['p99 ms'] / b['p99 ms']:.2f}"])
-    head = ["block", "QD", "kvtier GB/s", "fio GB/s", "ratio", "paired ratio"]
-    if verify_reference:
-        head += ["fio+crc GB/s", "paired vs fio+crc"]
-    reads = table(head + ["kvtier IOPS", "fio IOPS", "p50 ms kv / fio", "p99 ms kv / fio",
-                          "p99.9 ms kv / fio", "p99 ratio"], rows)
-    say(f"matrix: reads done\n{reads}")  # kept even if a later phase fails (e.g. a full disk)
-    host = run_kvtier(IOParams(tier="host", bs=2 * 1024**2, size=min(size, 1024**3), runtime=runtime))
-    cdf["host (kvtier, 2 MiB QD1)"] = (host.read.clat_ns / 1e9).tolist()
-    if remote_url:
-        rem = run_kvtier(IOParams(tier="remote", remote_url=remote_url, bs=2 * 1024**2,
-                                  size=min(size, 512 * 1024**2), runtime=runtime))
-        cdf["remote redis (kvtier, 2 MiB QD1)"] = (rem.read.clat_ns / 1e9).tolist()
-    wrows = []
-    for qd in (1, 4):
-        p = IOParams(rw="write", bs=2 * 1024**2, iodepth=qd, size=min(size, 1024**3), runtime=0,
-                     directory=directory)
-        kv, fj = [], []
-        for i in range(repeat):
-            say(f"matrix: sequential write qd={qd} run {i + 1}/{repeat}")
-            for who in _order(i):
-                if who == "fio":
-                    fj.append(run(p)[0])
-                else:
-                    kv.append(run_kvtier(p).to_fio_job())
-        k, f = median_job(kv), median_job(fj)
-        doc["writes"].append({"bs": p.bs, "iodepth": qd, "kvtier": kv, "fio": fj})
-        a, b = k["write"]["bw_bytes"] / 1e9, f["write"]["bw_bytes"] / 1e9
-        wrows.append([format_size(p.bs), qd, f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}"])
-    dest = Path(out)
-    dest.mkdir(parents=True, exist_ok=True)
-    doc["cdf_samples"] = {k: len(v) for k, v in cdf.items()}
-    bandwidth_plots(doc, dest)
-    latency_cdf(dest / "bench_io_latency_cdf.png", cdf, title="2 MiB random read latency per tier (QD1)")
-    writes = table(["block", "QD", "kvtier put GB/s", "fio write GB/s", "ratio"], wrows)
-    doc["tables"] = {"reads": reads, "writes": writes}
-    (dest / "matrix.json").write_text(json.dumps(doc))
-    return f"{reads}\n\n{writes}\n"
-
-
-def _paired(a: list[dict], b: list[dict]) -> float:
-    """Median over rounds of a's read GB/s over b's in the same round."""
-    return float(np.median([x["read"]["bw_bytes"] / y["read"]["bw_bytes"]
-                            for x, y in zip(a, b, strict=True)]))
-
-
-def _order(i: int, members: tuple[str, ...] = ("kvtier", "fio")) -> tuple[str, ...]:
-    """Who runs when in round ``i``: rotated each round, so no one always inherits the same
-    neighbour's disk state (a shared virtual disk's cache and bursts favour some positions)."""
-    k = i % len(members)
-    return members[k:] + members[:k]
-
-
-def bandwidth_plots(doc: dict, dest: Path) -> list[Path]:
-    """One PNG per queue depth: median random-read GB/s against block size, kvtier next to fio."""
-    from bench.plots import bandwidth_vs_block_size
-
-    by_qd: dict[int, dict[str, list[tuple[int, float]]]] = {}
-    for r in doc["reads"]:
-        s = by_qd.setdefault(r["iodepth"], {})
-        s.setdefault("kvtier ssd tier", []).append((r["bs"], median_job(r["kvtier"])["read"]["bw_bytes"]))
-        s.setdefault("fio (libaio)", []).append((r["bs"], median_job(r["fio"])["read"]["bw_bytes"]))
-        if r.get("fio+crc"):
-            s.setdefault("fio verifying crc32c", []).append(
-                (r["bs"], median_job(r["fio+crc"])["read"]["bw_bytes"]))
-    return [bandwidth_vs_block_size(dest / f"bench_io_bandwidth_qd{qd}.png", s,
-                                    title=f"random read, O_DIRECT, QD{qd}: kvtier vs fio "
-                                          f"(median of {len(doc['reads'][0]['kvtier'])})")
-            for qd, s in sorted(by_qd.items())]

@@ -20,7 +20,7 @@ block i+1) so machine noise hits all alike; GB/s and its ratio to plain are medi
 of the round's total, beside the median and p99 of per-block times. ``--busy N`` keeps N cores busy with spinning
 processes for the run, as on a serving host (acceptance: get >= 0.8x plain, put >= 0.7x).
 
-    python -m bench.host_tier [--block 2MiB] [--prefix 256MiB] [--rounds 7] [--busy 1]
+    python -m kvtier.bench.host_tier [--block 2MiB] [--prefix 256MiB] [--rounds 7] [--busy 1]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bench.common import median, p99, table
+from kvtier.bench.common import median, p99, table
 from kvtier.block import decode_block_into, encode_block_pooled, parse_header
 from kvtier.codecs import get_codec
 from kvtier.config import HostTierConfig, parse_size

@@ -1,6 +1,6 @@
 """HTTP load on the sidecar: lookup throughput/latency, and data-plane GB/s vs the in-process API.
 
-    python bench/http_load.py --clients 8 --seconds 5 --prefix-tokens 8192 --kv-tokens 4096
+    python -m kvtier.bench.http_load --clients 8 --seconds 5 --prefix-tokens 8192 --kv-tokens 4096
 
 Starts ``kvtier serve`` as a subprocess on a free loopback port (memory tier only), so server and
 load generator do not share a GIL. Lookups: N asyncio clients for a bounded time, each looking up
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -34,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 from kvtier import CacheConfig, KVLayout, TieredCache  # noqa: E402
 from kvtier.client import AsyncKVTierClient, KVTierClient  # noqa: E402
 from kvtier.config import HostTierConfig  # noqa: E402
-from server.testing import free_port  # noqa: E402
+from kvtier.server.testing import free_port  # noqa: E402
 
-log = logging.getLogger("bench.http_load")
+log = logging.getLogger("kvtier.bench.http_load")
 BT = 256
 
 
@@ -112,7 +113,7 @@ def data_plane(url: str, layout: KVLayout, tokens: int, repeats: int, capacity_b
 
     local = TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=capacity_bytes)))
     remotes = {"msgpack": KVTierClient(url), "shm": KVTierClient(url, use_shm=True)}
-    caches = {"in_process": local, **remotes}
+    caches: dict[str, TieredCache | KVTierClient] = {"in_process": local, **remotes}
     times: dict[str, dict[str, list[float]]] = {n: {"get": [], "put": []} for n in caches}
     times["shm_kv_buffer"] = {"put": [], "put_with_fill": []}
     try:
@@ -151,12 +152,13 @@ def data_plane(url: str, layout: KVLayout, tokens: int, repeats: int, capacity_b
         for c in remotes.values():
             c.close()
     med = {n: {op: statistics.median(v) for op, v in d.items()} for n, d in times.items()}
-    res = {"kv_bytes": nbytes, "tokens": tokens, "layout": layout.fingerprint(), "repeats": repeats}
-    for name, t in med.items():
-        res[name] = {op: {"seconds": round(s, 4), "GB_per_s": round(nbytes / s / 1e9, 2)} for op, s in t.items()}
+    res: dict[str, Any] = {"kv_bytes": nbytes, "tokens": tokens, "layout": layout.fingerprint(),
+                           "repeats": repeats}
+    for name, ops in med.items():
+        res[name] = {op: {"seconds": round(s, 4), "GB_per_s": round(nbytes / s / 1e9, 2)} for op, s in ops.items()}
         if name != "in_process":
-            for op in t:
-                res[name][op]["vs_in_process"] = round(med["in_process"][op.removesuffix("_with_fill")] / t[op], 2)
+            for op in ops:
+                res[name][op]["vs_in_process"] = round(med["in_process"][op.removesuffix("_with_fill")] / ops[op], 2)
     return res
 
 

@@ -14,10 +14,10 @@ Destination buffers: one per request in flight, reused (fio's pattern) unless ``
 for a ring per request in flight (0: 16 across the jobs, what the loader's staging ring holds,
 ``LoaderConfig.staging_slots``). On a virtual disk a read landing in bytes the previous read's
 checksum pulled into cache costs up to ~0.3 ms more per 2 MiB; a ring avoids part of that
-(``python -m bench.verify_ceiling`` measures both).
+(``python -m kvtier.bench.verify_ceiling`` measures both).
 
-    python -m bench.io --rw randread --bs 2MiB --iodepth 4 --size 1GiB --directory DIR
-    python -m bench.io matrix --directory DIR --size 4GiB --repeat 5   # the README tables
+    kvtier bench io --rw randread --bs 2MiB --iodepth 4 --size 1GiB --directory DIR
+    python -m kvtier.bench.matrix --directory DIR --size 4GiB --repeat 5   # the README tables
 """
 
 from __future__ import annotations
@@ -25,20 +25,24 @@ from __future__ import annotations
 import math
 import random
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from bench.params import ENGINES, RW, TIERS
-from kvtier.config import format_size
+from kvtier.bench.params import ENGINES, RW, TIERS
+from kvtier.config import Durability, RemoteBackendName, format_size
 from kvtier.errors import InvalidRequest, StorageFull
+from kvtier.tiers.base import RangedBatchReads, Tier
+
+if TYPE_CHECKING:
+    from kvtier.codecs.base import Codec
 
 PERCENTILES = (1.0, 5.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.99)
 DATASET_DIR = "kvtier-bench-io"
@@ -62,9 +66,9 @@ class IOParams:
     directory: str | None = None
     engine: str = "sync"
     rwmixread: int = 50
-    durability: str = "batch"
+    durability: Durability = "batch"
     remote_url: str | None = None
-    remote_backend: str = "redis"
+    remote_backend: RemoteBackendName = "redis"
     seed: int = 0
     buffers: int = 1  # destination buffers per request in flight; 0: the loader's ring (see top)
 
@@ -195,7 +199,7 @@ class _Payloads:
     HEADS, HEAD_DIM = 8, 128
 
     def __init__(self, p: IOParams) -> None:
-        self.codec = None
+        self.codec: Codec | None = None
         self.shape = (p.bs // (2 * self.HEADS * self.HEAD_DIM), self.HEADS, self.HEAD_DIM)
         g = torch.Generator().manual_seed(p.seed)
         if p.codec == "none":
@@ -240,19 +244,20 @@ def host_tier_config(p: IOParams, block_bytes: int):
     return HostTierConfig(capacity_bytes=blocks * slot)
 
 
-def open_tier(p: IOParams, fresh: bool, block_bytes: int | None = None):
+def open_tier(p: IOParams, fresh: bool, block_bytes: int | None = None) -> tuple[Tier, Callable[[], None]]:
     """The tier to benchmark, and a cleanup callable; ``block_bytes``: stored bytes per block
     (default ``p.bs``), which sizes the host tier."""
     if p.tier == "host":
         from kvtier.tiers.memory import make_host_tier
-        t = make_host_tier(host_tier_config(p, block_bytes or p.bs))
-        return t, t.close
+        host = make_host_tier(host_tier_config(p, block_bytes or p.bs))
+        return host, host.close
     if p.tier == "remote":
         from kvtier.config import RemoteTierConfig
         from kvtier.tiers.remote import make_remote_tier
         t = make_remote_tier(RemoteTierConfig(backend=p.remote_backend, url=p.remote_url,
                                               max_inflight_bytes=max(256 * 1024**2, 4 * p.bs),
                                               key_prefix="kvtier-bench-io"))
+        assert t is not None  # a backend is named
         return t, t.close
     from kvtier.config import SSDTierConfig
     from kvtier.tiers.ssd import SSDTier
@@ -260,11 +265,11 @@ def open_tier(p: IOParams, fresh: bool, block_bytes: int | None = None):
     if fresh and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    t = SSDTier(SSDTierConfig(path=str(root), capacity_bytes=max(p.size * 2, 1024**3),
+    ssd = SSDTier(SSDTierConfig(path=str(root), capacity_bytes=max(p.size * 2, 1024**3),
                               durability=p.durability, direct_io=p.direct,
                               io_threads=max(8, p.inflight), min_free_bytes=256 * 1024**2,
                               map_size=1024**3))
-    return t, t.close
+    return ssd, ssd.close
 
 
 def populate(tier, p: IOParams, payloads: _Payloads, progress: Progress | None = None) -> int:
@@ -312,7 +317,7 @@ class _Job:
                       for _ in range(p.ring_sets() if p.rw != "write" else 1)]
         self.bufs = self.rings[0]
         self.decoded = torch.empty(payloads.shape, dtype=torch.bfloat16) if payloads.codec else None
-        self.lat = {"read": [], "write": []}
+        self.lat: dict[str, list[int]] = {"read": [], "write": []}
         self.bytes = {"read": 0, "write": 0}
         self.seq = 0
         self.start = 0  # first block of this job's sequential stripe
@@ -427,13 +432,14 @@ def _read_batch(tier, job: _Job, n_ops: int) -> None:
     t = time.perf_counter_ns()
     if n == 1 and p.engine == "sync":
         res = [tier.read_into(keys[0], job.bufs[0])]
-    elif hasattr(tier, "read_many_into"):
+    elif isinstance(tier, RangedBatchReads):
         res = tier.read_many_into([(k, b, 0) for k, b in zip(keys, job.bufs, strict=True)])
     else:
         res = [tier.read_into(k, b) for k, b in zip(keys, job.bufs, strict=True)]
-    if job.decoded is not None:
+    codec = job.payloads.codec
+    if job.decoded is not None and codec is not None:
         for b in job.bufs:
-            job.payloads.codec.decode_into(b, [job.decoded])
+            codec.decode_into(b, [job.decoded])
     dt = time.perf_counter_ns() - t
     for r in res:
         if isinstance(r, BaseException):
@@ -442,32 +448,3 @@ def _read_batch(tier, job: _Job, n_ops: int) -> None:
             raise InvalidRequest(f"short read: {r} of {job.payloads.stored_bytes} bytes")
     job.lat["read"].extend([dt] * n)
     job.bytes["read"] += p.bs * n
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.io matrix [--directory D] ...`` runs the README matrix; else ``bench io``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["matrix"]:
-        import argparse
-
-        from kvtier.config import parse_size
-        ap = argparse.ArgumentParser(prog="python -m bench.io matrix")
-        ap.add_argument("--directory", default=tempfile.gettempdir())
-        ap.add_argument("--out", default="bench/out/io")
-        ap.add_argument("--size", default="2GiB")
-        ap.add_argument("--runtime", type=float, default=4.0)
-        ap.add_argument("--repeat", type=int, default=3)
-        ap.add_argument("--remote-url", help="also plot the remote tier's latency (e.g. redis://...)")
-        ap.add_argument("--no-fio-verify", action="store_true",
-                        help="skip the reference run of fio checking a crc32c of every read")
-        a = ap.parse_args(argv[1:])
-        from bench.fio import matrix
-        print(matrix(a.directory, a.out, parse_size(a.size), a.runtime, a.repeat, a.remote_url,
-                     verify_reference=not a.no_fio_verify))
-        return 0
-    from kvtier.commands.bench import main as bench_main
-    return bench_main(["io", *argv])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

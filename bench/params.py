@@ -1,6 +1,6 @@
 """What the ``kvtier bench`` command line needs before a benchmark runs: the job vocabularies
 and parameter defaults, kept free of torch and the cache so every ``--help`` answers at once.
-``bench.io`` and ``bench.trace`` re-export these names.
+``kvtier.bench.io`` and ``kvtier.bench.trace`` re-export these names.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ What each path does (the raw side does less work, by design: it is the bar to re
   stall) and ``kvtier-staged`` (kvtier into an unregistered tensor: read into a staging
   buffer, then verified and copied out, as before registration existed).
 
-    python bench/remote.py --engine all --runs 3            # loopback redis-server + Mooncake
-    python bench/remote.py --engine all --runs 3 --unit prefix
-    python bench/remote.py --url redis://host:6379/0 --sizes 2MiB,16MiB --reps 30
-    python bench/remote.py --engine all --runs 3 --unit load   # through the loader, into KV
+    python -m kvtier.bench.remote --engine all --runs 3            # loopback redis-server + Mooncake
+    python -m kvtier.bench.remote --engine all --runs 3 --unit prefix
+    python -m kvtier.bench.remote --url redis://host:6379/0 --sizes 2MiB,16MiB --reps 30
+    python -m kvtier.bench.remote --engine all --runs 3 --unit load   # through the loader, into KV
 
 ``--unit load`` measures the production reload path instead of the tier alone: a second
 ``TieredCache`` (promotion off, so every load is remote) streams the prefix one instance stored
@@ -52,14 +52,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import median, p99, table  # noqa: E402
+from kvtier.bench.common import median, p99, table  # noqa: E402
 from kvtier.block import checksum  # noqa: E402
-from kvtier.config import RemoteTierConfig, format_size, parse_size  # noqa: E402
+from kvtier.config import RemoteBackendName, RemoteTierConfig, format_size, parse_size  # noqa: E402
 from kvtier.tiers.base import BlockMeta  # noqa: E402
 from kvtier.tiers.remote import make_remote_tier  # noqa: E402
+from kvtier.tiers.remote.tier import RemoteTier  # noqa: E402
 
-log = logging.getLogger("bench.remote")
+log = logging.getLogger("kvtier.bench.remote")
 META = BlockMeta("bench", None, 256, "none", 0.0)
+BACKENDS: dict[str, RemoteBackendName] = {"redis": "redis", "cluster": "redis-cluster", "mooncake": "mooncake"}
 LEASE_EXPIRED = -707  # Mooncake: the read outlived the object's lease; read it again
 NOT_FOUND = -704
 WARMUP_PASSES = 3
@@ -100,7 +102,7 @@ def _raw_mooncake(tier, size: int, detail: bool, prefix: bool) -> tuple[Callable
     buf = torch.empty(size, dtype=torch.uint8)  # registered once, reused: the raw client's best
     tier.backend.register(buf)
     many: list[torch.Tensor] = []  # per prefix: one registered buffer per block
-    view = memoryview(buf.numpy())
+    view = buf.numpy().data
     keys: list[str] = []
     hop = cf.ThreadPoolExecutor(1)
 
@@ -135,7 +137,7 @@ def _raw_mooncake(tier, size: int, detail: bool, prefix: bool) -> tuple[Callable
     def raw_prefix_crc(i: int) -> None:
         raw_prefix(i)
         for b in many:
-            checksum(memoryview(b.numpy()))
+            checksum(b.numpy().data)
 
     def teardown() -> None:
         hop.shutdown()
@@ -203,13 +205,14 @@ def _time_paths(paths: dict[str, Read], calls: int, reps: int) -> dict[str, list
 def measure(engine: str, url: str, size: int, blocks: int, reps: int, detail: bool,
             prefix: bool = False) -> dict:
     """One run for one size: per path, the per-call seconds of every timed reload."""
-    backend = {"redis": "redis", "cluster": "redis-cluster", "mooncake": "mooncake"}[engine]
-    cfg = RemoteTierConfig(backend=backend, url=url, timeout_s=10.0, max_inflight_bytes=2 * 1024**3)
+    cfg = RemoteTierConfig(backend=BACKENDS[engine], url=url, timeout_s=10.0, max_inflight_bytes=2 * 1024**3)
     tier = make_remote_tier(cfg, prefix=f"bench{os.getpid()}-{os.urandom(4).hex()}:")
+    assert tier is not None  # a backend is named
     try:
         raw = _raw_mooncake if engine == "mooncake" else _raw_redis
         setup, teardown, paths = raw(tier, size, detail, prefix)
         keys = []
+        data = b""
         for _ in range(blocks):
             data, key = os.urandom(size), os.urandom(16)
             tier.put(key, data, META)
@@ -273,13 +276,13 @@ def measure_load(engine: str, url: str, size: int, blocks: int, reps: int) -> di
     from tests.conftest import random_kv
 
     bt = max(1, size // KV_TOKEN_BYTES)
-    backend = {"redis": "redis", "cluster": "redis-cluster", "mooncake": "mooncake"}[engine]
+    backend = BACKENDS[engine]
     prefix = f"bench{os.getpid()}-{os.urandom(4).hex()}"
 
     def cache() -> TieredCache:
         c = TieredCache(CacheConfig(
             block_tokens=bt, promote_on_get=False,
-            host=HostTierConfig(capacity_bytes="8MiB", page_bytes="1MiB"),
+            host=HostTierConfig(capacity_bytes=parse_size("8MiB"), page_bytes=parse_size("1MiB")),
             remote=RemoteTierConfig(backend=backend, url=url, timeout_s=10.0, key_prefix=prefix,
                                     max_inflight_bytes=2 * 1024**3)))
         c.register_namespace("m", layout=KVLayout(4, ((8, 64),) * 2, "float32"))
@@ -289,7 +292,8 @@ def measure_load(engine: str, url: str, size: int, blocks: int, reps: int) -> di
     with cache() as a:
         a.put("m", toks, random_kv(blocks * bt, layers=4, heads=8, dim=64))
         a.flush(120)
-        assert a.tier("remote").flush(120), "remote writes did not finish"
+        remote = a.tier("remote")
+        assert isinstance(remote, RemoteTier) and remote.flush(120), "remote writes did not finish"
     with cache() as b:
         tier = b.tier("remote")
         loader = Loader(b)
@@ -298,6 +302,7 @@ def measure_load(engine: str, url: str, size: int, blocks: int, reps: int) -> di
         b.release(lease)
         assert len(keys) == blocks, f"only {len(keys)} of {blocks} blocks found remotely"
         stored = tier.size(keys[0])
+        assert stored is not None, "the first block is gone"
         data = torch.empty(stored, dtype=torch.uint8)
         raw_setup, raw_teardown, raw_paths = (_raw_mooncake if engine == "mooncake" else _raw_redis)(
             tier, stored, False, True)
@@ -305,7 +310,9 @@ def measure_load(engine: str, url: str, size: int, blocks: int, reps: int) -> di
             tier.read_into(key, data)
             raw_setup(key, data.numpy().tobytes())
 
-        dest = b.get_namespace("m").layout.empty(blocks * bt)  # once, as an engine's KV pool
+        layout = b.get_namespace("m").layout
+        assert layout is not None  # registered with one
+        dest = layout.empty(blocks * bt)  # once, as an engine's KV pool
         for layer in dest:
             for t in layer:
                 t.zero_()  # touched: page faults are not what this measures
@@ -360,7 +367,7 @@ def main() -> None:
     for engine in engines:
         srv = None if args.url else _engine(engine).start()
         try:
-            url = args.url or srv.url
+            url = args.url if srv is None else srv.url
             for size in sizes:
                 prefix = args.unit in ("prefix", "load")
                 if args.unit == "load":

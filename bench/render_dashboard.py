@@ -1,8 +1,8 @@
 """See the kvtier dashboard without Grafana: query a Prometheus for every panel's expressions
 over a time range and render them as one PNG (matplotlib), laid out like the Grafana grid.
 
-    python bench/render_dashboard.py --prometheus http://127.0.0.1:9090 --last 1h -o dash.png
-    python bench/render_dashboard.py --demo 150 -o docs/img/dashboard.png
+    python -m kvtier.bench.render_dashboard --prometheus http://127.0.0.1:9090 --last 1h -o dash.png
+    python -m kvtier.bench.render_dashboard --demo 150 -o docs/img/dashboard.png
 
 ``--demo`` starts everything itself on loopback: a real kvtier sidecar (host + SSD tiers in a
 temp dir), a real Prometheus (Debian ``prometheus`` package) scraping it every second with the
@@ -30,12 +30,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import yaml
 
-log = logging.getLogger("kvtier.render_dashboard")
+log = logging.getLogger("kvtier.bench.render_dashboard")
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "kvtier.json"
 RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
@@ -124,14 +124,16 @@ class LocalPrometheus:
 
     def __init__(self, targets: list[str], rule_files: list[Path] | None = None,
                  interval: str = "1s", binary: str | None = None) -> None:
-        self.binary = binary or find_binaries()[0]
-        if not self.binary:
+        found = binary or find_binaries()[0]
+        if not found:
             raise FileNotFoundError("prometheus not found on PATH (apt-get install -y prometheus)")
+        self.binary = found
         self.targets, self.rule_files, self.interval = targets, rule_files or [], interval
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._dir = Path(tempfile.mkdtemp(prefix="kvtier-prom-"))
         self._proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None  # prometheus's output, once started
         self.http = httpx.Client(base_url=self.url, timeout=10.0)
 
     def config(self) -> dict:
@@ -195,7 +197,7 @@ class LocalPrometheus:
                 self._proc.kill()
                 self._proc.wait(5)
         self.http.close()
-        if getattr(self, "_log", None):
+        if self._log is not None:
             self._log.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -279,7 +281,8 @@ def render(prom: LocalPrometheus, queries: list[Query], start: float, end: float
             for r in prom.query_range(substitute(q.expr, rate_interval), start, end, step):
                 ts = [datetime.fromtimestamp(float(t)) for t, _ in r["values"]]
                 vs = [float(v) for _, v in r["values"]]
-                ax.plot(ts, vs, lw=1.2, label=_legend(q.legend, r["metric"]))
+                # matplotlib converts datetimes itself; its stubs do not say so
+                ax.plot(ts, vs, lw=1.2, label=_legend(q.legend, r["metric"]))  # type: ignore[arg-type]
                 n += 1
         if not n:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
@@ -355,12 +358,12 @@ def demo_stack(tmp: Path, interval: str = "1s", remote: bool = True
     """Sidecar (+ a loopback redis-server remote tier when installed) and Prometheus;
     yields (sidecar URL, Prometheus, the RedisServer or None)."""
     from kvtier import CacheConfig, TieredCache
-    from kvtier.config import HostTierConfig, RemoteTierConfig, SSDTierConfig
-    from server.testing import serve_in_thread
+    from kvtier.config import HostTierConfig, RemoteTierConfig, SSDTierConfig, parse_size
+    from kvtier.server.testing import serve_in_thread
     from tests.integration.remote_servers import REDIS_SERVER, RedisServer
 
-    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"),
-                      ssd=SSDTierConfig(path=str(tmp / "ssd"), capacity_bytes="48MiB",
+    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=parse_size("8MiB")),
+                      ssd=SSDTierConfig(path=str(tmp / "ssd"), capacity_bytes=parse_size("48MiB"),
                                         direct_io=False, min_free_bytes=0))
     with contextlib.ExitStack() as stack:
         redis = None

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.params import TraceParams
+from kvtier.bench.params import TraceParams
 from kvtier.block import header_size
 from kvtier.config import CacheConfig, HostTierConfig, SSDTierConfig
 from kvtier.errors import InvalidRequest
@@ -146,11 +146,10 @@ def _request(obj: object) -> Request:
 
 
 def _segment(s: object, where: str) -> Segment:
-    ok = (isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and s[0]
-          and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] > 0)
-    if not ok:
-        raise InvalidRequest(f"{where} segment must be [name, tokens > 0], got {s!r}")
-    return s[0], s[1]
+    if (isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and s[0]
+            and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] > 0):
+        return s[0], s[1]
+    raise InvalidRequest(f"{where} segment must be [name, tokens > 0], got {s!r}")
 
 
 class SegmentTokens:

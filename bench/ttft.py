@@ -6,7 +6,7 @@ pipelined dual-path loader. The overlap of the pipelined SSD hit is reported aga
 alone and the compute alone, measured in the same run:
 ``efficiency = (load + compute - pipelined) / min(load, compute)``.
 
-    python -m bench.ttft --prompts 2048 8192 16384 --runs 3
+    python -m kvtier.bench.ttft --prompts 2048 8192 16384 --runs 3
 
 Medians of ``--runs`` runs; a Markdown table on stdout and a PNG in bench/out/.
 """
@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from bench.common import table
 from kvtier import CacheConfig, HostTierConfig, TieredCache
-from kvtier.config import SSDTierConfig
+from kvtier.bench.common import table
+from kvtier.config import SSDTierConfig, parse_size
 from kvtier.integrations.transformers import kv_to_dynamic_cache, loader_for, prefill, save_kv
+from kvtier.keys import TokenIds
+from kvtier.manager import KVOut
 
-log = logging.getLogger("bench.ttft")
+log = logging.getLogger("kvtier.bench.ttft")
 BLOCK = 256
 SUFFIX = 64  # uncached tokens at the end of each prompt (the new user turn)
 
@@ -50,6 +52,13 @@ def med(fn, runs: int) -> float:
     return statistics.median(out)
 
 
+def _hit(cache: TieredCache, ids: TokenIds) -> tuple[KVOut, int]:
+    """The cached prefix of ``ids``, which must be cached."""
+    kv, n = cache.get("b", ids)
+    assert kv is not None, "the prefix was stored just before"
+    return kv, n
+
+
 def bench_prompt(model, n: int, runs: int, root: Path) -> dict:
     prompt = torch.randint(0, 32000, (n,), generator=torch.Generator().manual_seed(n))
     prefix = prompt[: n - SUFFIX]
@@ -59,21 +68,21 @@ def bench_prompt(model, n: int, runs: int, root: Path) -> dict:
     with torch.no_grad():
         res["recompute"] = med(lambda: model(ids, use_cache=True, logits_to_keep=1), runs)
         out = model(prefix.unsqueeze(0), use_cache=True)
-    host_cfg = CacheConfig(block_tokens=BLOCK, host=HostTierConfig(capacity_bytes="2GiB"))
+    host_cfg = CacheConfig(block_tokens=BLOCK, host=HostTierConfig(capacity_bytes=parse_size("2GiB")))
     with TieredCache(host_cfg) as cache:
         save_kv(cache, "b", prefix, out.past_key_values)
         res["host_hit"] = med(lambda: prefill(model, cache, "b", prompt, cost_check=False, logits_to_keep=1), runs)
     ssd_cfg = CacheConfig(block_tokens=BLOCK, host=HostTierConfig(capacity_bytes=0), promote_on_get=False,
-                          ssd=SSDTierConfig(path=str(root / f"ssd{n}"), capacity_bytes="8GiB", min_free_bytes=0,
+                          ssd=SSDTierConfig(path=str(root / f"ssd{n}"), capacity_bytes=parse_size("8GiB"), min_free_bytes=0,
                                             durability="none"))
     with TieredCache(ssd_cfg) as cache, torch.no_grad():
         save_kv(cache, "b", prefix, out.past_key_values)
         cache.flush()
         hit = cache.lookup("b", prompt[:-1])
-        kv_bytes = sum(t.numel() * t.element_size() for layer in cache.get("b", prefix)[0] for t in layer)
+        kv_bytes = sum(t.numel() * t.element_size() for layer in _hit(cache, prefix)[0] for t in layer)
 
         def serial():
-            kv, m = cache.get("b", prompt[:-1])
+            kv, m = _hit(cache, prompt[:-1])
             model(ids[:, m:], past_key_values=kv_to_dynamic_cache(kv), use_cache=True, logits_to_keep=1)
 
         res["ssd_serial"] = med(serial, runs)
@@ -83,11 +92,13 @@ def bench_prompt(model, n: int, runs: int, root: Path) -> dict:
         def load_only():
             lease = cache.acquire("b", prompt[:-1])
             try:
-                loader.load(lease, lease.namespace.layout.empty(lease.tokens)).wait_all()
+                ns = lease.namespace
+                assert ns is not None and ns.layout is not None
+                loader.load(lease, ns.layout.empty(lease.tokens)).wait_all()
             finally:
                 cache.release(lease)
 
-        kv, m = cache.get("b", prompt[:-1])
+        kv, m = _hit(cache, prompt[:-1])
         res["load"] = med(load_only, runs)
         res["compute"] = med(lambda: model(ids[:, m:], past_key_values=kv_to_dynamic_cache(kv), use_cache=True, logits_to_keep=1), runs)
         res["hit_tokens"] = hit.tokens

@@ -3,7 +3,7 @@
 kvtier checks a crc32c of every block it serves; plain fio checks nothing. At queue depth 1 the
 verification cannot overlap another read, so a reader that verifies is bounded by
 ``read / (read + verify)``, whatever its code. This measures that bound on kvtier's own data set
-(laid out by ``bench.io``, same segments, same offsets) in rounds of one-second runs, rotating
+(laid out by ``kvtier.bench.io``, same segments, same offsets) in rounds of one-second runs, rotating
 which path goes first, one thread, O_DIRECT:
 
 - ``preadv``: a bare ``os.preadv`` into one 4 KiB-aligned buffer (what fio's psync engine does);
@@ -11,9 +11,9 @@ which path goes first, one thread, O_DIRECT:
 - ``preadv+crc32c ring``: the same into a ring of buffers (``--ring``, as kvtier's loader reads
   into a staging ring), so the next read never lands in bytes the checksum just pulled into cache;
 - ``kvtier`` / ``kvtier ring``: ``SSDTier.read_into`` of the same blocks, into one buffer or the
-  ring (``bench.io --buffers 1`` / its default).
+  ring (``kvtier.bench.io --buffers 1`` / its default).
 
-    python -m bench.verify_ceiling --directory DIR --bs 2MiB --size 4GiB --rounds 7
+    python -m kvtier.bench.verify_ceiling --directory DIR --bs 2MiB --size 4GiB --rounds 7
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import time
 
 import numpy as np
 
-from bench.common import table
-from bench.io import IOParams, _Payloads, block_key, open_tier, populate
+from kvtier.bench.common import table
+from kvtier.bench.io import IOParams, _Payloads, block_key, open_tier, populate
 from kvtier.block import checksum
 from kvtier.config import format_size, parse_size
+from kvtier.tiers.ssd import SSDTier
 from kvtier.tiers.ssd.directio import aligned_empty
 
 PATHS = ("preadv", "preadv+crc32c", "preadv+crc32c ring", "kvtier", "kvtier ring")
@@ -68,7 +69,7 @@ def _run(path: str, tier, locs, bufs, seconds: float, rng: random.Random) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.verify_ceiling", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kvtier.bench.verify_ceiling", description=__doc__.splitlines()[0])
     ap.add_argument("--directory", required=True, help="where bench.io keeps (or lays out) its data set")
     ap.add_argument("--bs", default="2MiB")
     ap.add_argument("--size", default="4GiB")
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     p = IOParams(bs=parse_size(a.bs), size=parse_size(a.size), iodepth=1, directory=a.directory).check()
     tier, close = open_tier(p, fresh=False)
+    assert isinstance(tier, SSDTier)  # IOParams' default tier
     try:
         populate(tier, p, _Payloads(p), lambda m: print(m, file=sys.stderr, flush=True))
         if not tier.direct_io:

@@ -5,7 +5,7 @@ torch's OpenMP threads and waits for the slowest. On a busy host (a serving host
 of them is often descheduled: on the 2-core development machine with ``stress-ng --cpu 2``
 running, a 512 KiB ``copy_`` took 15.8 ms (median; p99 27.8 ms) against 81 us for a plain
 memcpy, and the 64 copies of a 32 MiB block 717 ms against 6.2 ms
-(``python -m bench.codecs --copies``). A host-to-host copy here is one ``memmove`` on the
+(``python -m kvtier.bench.codecs --copies``). A host-to-host copy here is one ``memmove`` on the
 calling thread (ctypes releases the GIL around it, so copies of several loader threads overlap),
 after checking both sides are contiguous and the same size: cheaper per call than torch's
 (~4 us against ~6 us), so small copies gain too.

@@ -72,7 +72,7 @@ class PinnedKeys:
     def __contains__(self, key: object) -> bool:
         if key in self._also:
             return True
-        e = self._index.get(key)  # type: ignore[arg-type]
+        e = self._index.get(key) if isinstance(key, bytes) else None
         return e is not None and e.pins > 0
 
 

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
 from kvtier.errors import InvalidRequest, InvalidType
+
+if TYPE_CHECKING:
+    import torch
+
+# Token ids as the API takes them: a sequence of ints, or a 1-D integer array or tensor.
+TokenIds: TypeAlias = "Sequence[int] | np.ndarray | torch.Tensor"
 
 KEY_BYTES = 16
 
@@ -48,7 +55,7 @@ def block_key(ns_digest: bytes, engine_key: bytes) -> bytes:
     return h.digest()
 
 
-def as_token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+def as_token_array(token_ids: TokenIds) -> np.ndarray:
     """Validate token ids and return them as a contiguous int64 array.
 
     Raises InvalidType for non-integers and InvalidRequest for empty or negative ids.

@@ -28,28 +28,34 @@ corrupt bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
 from kvtier.block import BlockHeader, decode_layer_into, header_size, parse_header
 from kvtier.costmodel import MEMORY_TIERS, CostDecision, CostModel
 from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError
+from kvtier.index import Lease, LeasedBlock
 from kvtier.loader_promote import Assembly, Promoter
 from kvtier.loadstream import LoadStream, PrefixTruncated
 from kvtier.recorder import LoadResult, TierReads
-from kvtier.staging import StagingRing
+from kvtier.staging import StagingRing, StagingSlot
 from kvtier.tiers.base import MemoryTier, RangedBatchReads, RegisteredBatchReads, Tier
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=Tier)
+# A block a path reads: its index in the lease, the block, the tier it is read from.
+Item = tuple[int, LeasedBlock, T]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +83,14 @@ class LoadSource(Protocol):
     - ``finish_load(result)``: told once per load (and per cost decision) what it did.
     """
 
-    promote_on_get: bool
+    @property
+    def promote_on_get(self) -> bool: ...
 
     def tier(self, name: str) -> Tier: ...
 
     def load_block(self, key: bytes, outs: Sequence[Sequence[torch.Tensor]]) -> bool: ...
 
-    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Container[bytes] = ()) -> bool: ...
+    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Collection[bytes] = ()) -> bool: ...
 
     def finish_load(self, result: LoadResult) -> None: ...
 
@@ -102,11 +109,11 @@ class Loader:
         self._promo_lock = self._promoter.lock
         self._ring: StagingRing | None = None
         self._ring_lock = threading.Lock()
-        self._registered: list[tuple[object, StagingRing]] = []  # (tier, ring) registered once
+        self._registered: list[tuple[RegisteredBatchReads, StagingRing]] = []  # registered once
         self._cuda = torch.cuda.Stream() if torch.cuda.is_available() else None
 
     # ---- the cost check --------------------------------------------------------------------
-    def plan(self, lease, *, probe: bool = True) -> CostDecision:
+    def plan(self, lease: Lease, *, probe: bool = True) -> CostDecision:
         """How many leading blocks of ``lease`` are worth loading; recorded in cache stats.
 
         With ``probe``, a slower tier the model has never timed gets one header read timed first,
@@ -115,6 +122,7 @@ class Loader:
         ns = lease.namespace
         if ns is None or not lease.blocks:
             return CostDecision("declined", 0, 0, ns.block_tokens if ns else 0, 0.0, 0.0)
+        assert ns.layout is not None  # its blocks were stored in it
         blocks = [(b.tiers[0], b.nbytes) for b in lease.blocks]
         if probe and self.cost.prefill_tokens_per_s is not None:
             self._probe(lease)
@@ -125,8 +133,10 @@ class Loader:
             **self.cost.snapshot(), "last_decision": decision.to_dict()}))
         return decision
 
-    def _probe(self, lease) -> None:
-        hsize = header_size(lease.namespace.layout.num_layers, lease.namespace.codec)
+    def _probe(self, lease: Lease) -> None:
+        ns = lease.namespace
+        assert ns is not None and ns.layout is not None  # plan's caller has blocks
+        hsize = header_size(ns.layout.num_layers, ns.codec)
         for b in lease.blocks:
             name = b.tiers[0]
             if name in MEMORY_TIERS or self.cost.has_latency(name):
@@ -140,7 +150,7 @@ class Loader:
             self.cost.observe_latency(name, time.perf_counter() - start)
 
     # ---- loading ---------------------------------------------------------------------------
-    def load(self, lease, dest: Sequence[Sequence[torch.Tensor]], *, blocks: int | None = None) -> LoadStream:
+    def load(self, lease: Lease, dest: Sequence[Sequence[torch.Tensor]], *, blocks: int | None = None) -> LoadStream:
         """Start loading the first ``blocks`` (default all) blocks of ``lease`` into ``dest``.
 
         ``dest`` is KV in the namespace layout covering at least those tokens (e.g.
@@ -155,23 +165,28 @@ class Loader:
             return stream
         if not 0 <= n <= len(lease.blocks):
             raise InvalidRequest(f"blocks must be in 0..{len(lease.blocks)}, got {n}")
+        assert ns.layout is not None  # its blocks were stored in it
         bt, n_layers = ns.block_tokens, ns.layout.num_layers
         if len(dest) != n_layers or any(t.shape[0] < n * bt or not t.is_contiguous() for layer in dest for t in layer):
             raise InvalidRequest(f"dest must be {n_layers} layers of contiguous tensors covering {n * bt} tokens")
         stream = LoadStream(n_layers, n, bt, self._cuda)
         if self._cuda is not None:
             self._cuda.wait_stream(torch.cuda.current_stream())  # dest was allocated on the compute stream
-        mem, io = [], []
+        mem: list[Item[MemoryTier]] = []
+        io: list[Item[Tier]] = []
         for i, b in enumerate(lease.blocks[:n]):
             tier = self.cache.tier(b.tiers[0])
-            (mem if isinstance(tier, MemoryTier) else io).append((i, b, tier))
+            if isinstance(tier, MemoryTier):
+                mem.append((i, b, tier))
+            else:
+                io.append((i, b, tier))
         job = _Job(stream, dest, ns.codec, bt, n_layers, promote=self.cache.promote_on_get)
         stream._on_done = lambda: self.cache.finish_load(job.result)
         self._paths.submit(self._guard, self._memory_path, job, mem)
         self._paths.submit(self._guard, self._io_path, job, io)
         return stream
 
-    def _guard(self, path, job: _Job, items: list) -> None:
+    def _guard(self, path: Callable[[_Job, list[Item[T]]], None], job: _Job, items: list[Item[T]]) -> None:
         try:
             path(job, items)
         except Exception as e:  # noqa: BLE001  a failed path truncates the prefix, never raises
@@ -180,7 +195,7 @@ class Loader:
         finally:
             job.stream._path_done()
 
-    def _memory_path(self, job: _Job, items: list) -> None:
+    def _memory_path(self, job: _Job, items: list[Item[MemoryTier]]) -> None:
         """Path 1: copy memory-resident blocks layer by layer from the tiers' views."""
         if not items:
             return
@@ -210,14 +225,15 @@ class Loader:
             self.cost.observe_path(name, nbytes, seconds)
             self._count_reads(job, name, sum(1 for _, _, t in items if t.name == name), nbytes, seconds)
 
-    def _io_path(self, job: _Job, items: list) -> None:
+    def _io_path(self, job: _Job, items: list[Item[Tier]]) -> None:
         """Path 2: headers, then layer-group ranges through the staging ring, many in flight;
         blocks of whole-read tiers in batches (``_whole_reads``), alongside."""
         if not items:
             return
         start = time.perf_counter()
-        whole = [it for it in items if _reads_whole(it[2])]
-        ranged = [it for it in items if not _reads_whole(it[2])]
+        # tiers that read a block whole, a prefix batch per call (the remote tier), and the rest
+        whole = [(i, b, t) for i, b, t in items if isinstance(t, RegisteredBatchReads)]
+        ranged = [it for it in items if not isinstance(it[2], RegisteredBatchReads)]
         with self._promo_lock:  # placeholders first: promotions go in prefix order across both
             if job.promote:
                 job.promos.update({i: Assembly(b.key, None, left=1) for i, b, _ in items})
@@ -231,7 +247,7 @@ class Loader:
         if whole:
             self._observe(job, whole, time.perf_counter() - start, len(futures))
 
-    def _ranged_reads(self, job: _Job, items: list, start: float) -> None:
+    def _ranged_reads(self, job: _Job, items: list[Item[Tier]], start: float) -> None:
         if not items:
             return
         hsize = header_size(job.n_layers, job.codec)
@@ -245,7 +261,7 @@ class Loader:
             # One batched call overlaps its reads inside the tier; otherwise io_threads at a time.
             rounds = 1 if isinstance(items[0][2], RangedBatchReads) else math.ceil(len(items) / self.config.io_threads)
             self.cost.observe_latency(name, header_s / rounds)
-        headers: list[tuple[int, object, object, BlockHeader]] = []
+        headers: list[tuple[int, LeasedBlock, Tier, BlockHeader]] = []
         for (i, b, tier), (_, buf, _), res in zip(items, requests, results, strict=True):
             try:
                 if isinstance(res, BaseException):
@@ -283,13 +299,14 @@ class Loader:
         self._observe(job, [(i, b, t) for i, b, t, _ in headers], time.perf_counter() - start,
                       reads + len(items))
 
-    def _observe(self, job: _Job, items: list, seconds: float, reads: int) -> None:
+    def _observe(self, job: _Job, items: Sequence[Item[Any]], seconds: float, reads: int) -> None:
         for name in {t.name for _, _, t in items}:
             nbytes = sum(b.nbytes for _, b, t in items if t.name == name)
             self.cost.observe_path(name, nbytes, seconds, reads)
             self._count_reads(job, name, sum(1 for _, _, t in items if t.name == name), nbytes, seconds)
 
-    def _read_group(self, job: _Job, ring: StagingRing, slot, i: int, b, tier, h: BlockHeader, g: range) -> None:
+    def _read_group(self, job: _Job, ring: StagingRing, slot: StagingSlot, i: int, b: LeasedBlock, tier: Tier,
+                    h: BlockHeader, g: range) -> None:
         try:
             if job.stream.cancelled or i >= job.stream.valid_blocks:
                 return
@@ -312,7 +329,7 @@ class Loader:
         finally:
             ring.release(slot)
 
-    def _whole_reads(self, job: _Job, items: list) -> list[Future]:
+    def _whole_reads(self, job: _Job, items: list[Item[RegisteredBatchReads]]) -> list[Future]:
         """Submit whole-block reads of ``items`` in batches of up to half the ring's slots (two
         batches in flight: one decodes while the next transfers), or one block per task where
         the tier has no batched read; the futures of the tasks."""
@@ -320,7 +337,7 @@ class Loader:
         if not items:
             return []
         ring = self._ring_for(max(b.nbytes for _, b, _ in items))
-        by_tier: dict[int, list] = {}
+        by_tier: dict[int, list[Item[RegisteredBatchReads]]] = {}
         for it in items:
             by_tier.setdefault(id(it[2]), []).append(it)
         futures: list[Future] = []
@@ -337,7 +354,7 @@ class Loader:
                 futures.append(self._io.submit(self._read_whole, job, ring, slots, batch, tier))
         return futures
 
-    def _known_sizes(self, job: _Job, items: list) -> list:
+    def _known_sizes(self, job: _Job, items: list[Item[RegisteredBatchReads]]) -> list[Item[RegisteredBatchReads]]:
         """``items`` with every block's size known: blocks found by a remote existence query have
         none yet, so ask the tier for those at once (in parallel) and remember the answer, as
         ``TieredCache.load_block`` does; a block without one is read whole through the manager."""
@@ -354,7 +371,8 @@ class Loader:
                 self._fallback(job, i, b)
         return [it for it in items if it[0] not in lost]
 
-    def _read_whole(self, job: _Job, ring: StagingRing, slots: list, batch: list, tier) -> None:
+    def _read_whole(self, job: _Job, ring: StagingRing, slots: list[StagingSlot], batch: list[Item[RegisteredBatchReads]],
+                    tier: RegisteredBatchReads) -> None:
         """One ``read_blocks_into`` for ``batch``, then decode each verified block into dest."""
         live = [(slot, i, b) for slot, (i, b, _) in zip(slots, batch, strict=True)
                 if not job.stream.cancelled and i < job.stream.valid_blocks]
@@ -385,9 +403,9 @@ class Loader:
                 self._promoter.gather_whole(job, i, out)
         finally:
             for slot in slots:  # a slot a timed-out read may still write into waits for it
-                tier.when_settled(slot.tensor, lambda slot=slot: ring.release(slot))
+                tier.when_settled(slot.tensor, functools.partial(ring.release, slot))
 
-    def _register(self, tier, ring: StagingRing) -> None:
+    def _register(self, tier: RegisteredBatchReads, ring: StagingRing) -> None:
         """Register ``ring`` with ``tier`` once (remote engines then read straight into it).
         A ring replaced by a larger one stays registered, and alive, until ``close``."""
         with self._ring_lock:
@@ -396,7 +414,7 @@ class Loader:
             self._registered.append((tier, ring))
         tier.register(ring.buffer)
 
-    def _fallback(self, job: _Job, i: int, b) -> None:
+    def _fallback(self, job: _Job, i: int, b: LeasedBlock) -> None:
         """Read block ``i`` whole via the manager (verifies, drops corrupt copies); else truncate."""
         with job.stream._lock:
             if i in job.stream._fallen:
@@ -415,11 +433,11 @@ class Loader:
             job.stream._truncate(i, f"block {i} ({b.key.hex()}) has no readable copy")
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _read_many(self, items: list, requests: list) -> list:
+    def _read_many(self, items: list[Item[Tier]], requests: list[tuple[bytes, torch.Tensor, int]]) -> list[int | Exception]:
         by_tier: dict[str, list[int]] = {}
         for j, (_, _, tier) in enumerate(items):
             by_tier.setdefault(tier.name, []).append(j)
-        results: list = [None] * len(requests)
+        results: list[int | Exception] = [0] * len(requests)
         for name, idx in by_tier.items():
             tier = self.cache.tier(name)
             if isinstance(tier, RangedBatchReads):
@@ -443,7 +461,7 @@ class Loader:
     def ring(self) -> StagingRing | None:
         return self._ring
 
-    def _on_load_stream(self):
+    def _on_load_stream(self) -> contextlib.AbstractContextManager[Any]:
         return torch.cuda.stream(self._cuda) if self._cuda is not None else contextlib.nullcontext()
 
     @staticmethod
@@ -512,14 +530,14 @@ def _reads_whole(tier: Tier) -> bool:
     return isinstance(tier, RegisteredBatchReads)
 
 
-def _size_or_none(tier, key: bytes) -> int | None:
+def _size_or_none(tier: Tier, key: bytes) -> int | None:
     try:
         return tier.size(key)
     except (KeyError, KVTierError, OSError):
         return None
 
 
-def _read_or_error(tier, key: bytes, out: torch.Tensor, offset: int):
+def _read_or_error(tier: Tier, key: bytes, out: torch.Tensor, offset: int) -> int | Exception:
     try:
         return tier.read_into(key, out, offset)
     except (KeyError, KVTierError, OSError) as e:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Container
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ class PromotedLoad(Protocol):
 
 
 class PromotesLoaded(Protocol):
-    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Container[bytes] = ()) -> bool: ...
+    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Collection[bytes] = ()) -> bool: ...
 
 
 class Promoter:
@@ -69,6 +69,7 @@ class Promoter:
         a = job.promos.get(i)
         if a is None:
             return
+        assert a.data is not None  # allocated when the block's header was read
         a.data[lo:hi].copy_(buf)
         with self.lock:
             a.left -= 1
@@ -98,6 +99,7 @@ class Promoter:
     def _promote(self, job: PromotedLoad, a: Assembly) -> None:
         if job.promo_failed:
             return  # the tier had no room for an earlier block: later ones would only evict it
+        assert a.data is not None  # submitted once whole
         try:
             ok = self.cache.promote_loaded(a.key, a.data, keep=job.keep)
         except Exception:  # noqa: BLE001  a failed promotion costs a later slow read, nothing more

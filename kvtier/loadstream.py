@@ -145,7 +145,7 @@ class LoadStream:
             if self._paths_left:
                 return
             complete = self._landed.all(axis=0)
-            first_missing = int(np.argmin(complete)) if not complete.all() else len(complete)
+            first_missing = int(np.argmin(complete)) if not complete.all() else complete.size
             if first_missing < self._valid:
                 self._valid = first_missing
                 self.error = self.error or "load cancelled"

@@ -8,17 +8,15 @@ is learned on first read). Every walk is counted as a lookup.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-
-import numpy as np
 
 from kvtier.catalog import NamespaceCatalog
 from kvtier.index import BlockEntry, Lease, LeasedBlock
-from kvtier.keys import as_token_array, prefix_hashes
+from kvtier.keys import TokenIds, as_token_array, prefix_hashes
 from kvtier.namespaces import Namespace
 from kvtier.placement import Placement
 from kvtier.recorder import StatsRecorder
 from kvtier.records import BlockLocation, Hit
+from kvtier.tiers.base import SharedIndex
 
 
 class Lookups:
@@ -31,7 +29,7 @@ class Lookups:
         self.recorder = recorder
         self.default_block_tokens = default_block_tokens
 
-    def walk(self, namespace: str, token_ids: Sequence[int] | np.ndarray, *,
+    def walk(self, namespace: str, token_ids: TokenIds, *,
              pin: bool) -> tuple[Namespace | None, list[BlockEntry], int]:
         """Entries of the longest cached prefix (pinned if asked; the caller releases them),
         the namespace (None if unknown) and the tokens asked; counted as a lookup."""
@@ -40,27 +38,30 @@ class Lookups:
         p = self.placement
         entries: list[BlockEntry] = []
         keys: list[bytes] = []
+        ttl_s: float | None = None
         if ns is not None and ns.layout is not None:
             keys = prefix_hashes(ns.digest, tokens, ns.block_tokens)
+            ttl_s = ns.ttl_s
         with p.lock:
             for key in keys:
-                e = p.live(key, ns.ttl_s)
+                e = p.live(key, ttl_s)
                 if e is None:
                     break
                 entries.append(e)
             p.touch(entries, pin=pin)
-        if len(entries) < len(keys) and p.shared is not None:
-            self._extend_from_shared(ns, keys, entries, pin)
+        shared = p.shared
+        if ns is not None and len(entries) < len(keys) and shared is not None:
+            self._extend_from_shared(shared, ns, keys, entries, pin)
         with p.lock:
             self.recorder.count_lookup(entries, len(keys), len(tokens), ns)
         return ns, entries, len(tokens)
 
-    def _extend_from_shared(self, ns: Namespace, keys: list[bytes], entries: list[BlockEntry],
-                            pin: bool) -> None:
+    def _extend_from_shared(self, shared: SharedIndex, ns: Namespace, keys: list[bytes],
+                            entries: list[BlockEntry], pin: bool) -> None:
         """Ask the shared tier, in one batched query, for the blocks past the local prefix."""
         p = self.placement
         start = len(entries)
-        found = p.shared.contains_many(keys[start:])  # network call: outside the lock
+        found = shared.contains_many(keys[start:])  # network call: outside the lock
         now = time.time()
         with p.lock:
             for i, present in enumerate(found, start):
@@ -91,7 +92,9 @@ class Lookups:
         only the run from ``start`` is filled (and pinned)."""
         p = self.placement
         missing = [i for i in range(start, len(keys)) if entries[i] is None]
-        found = p.shared.contains_many([keys[i] for i in missing])
+        shared = p.shared
+        assert shared is not None, "callers ask only a cache with a shared tier"
+        found = shared.contains_many([keys[i] for i in missing])
         now = time.time()
         with p.lock:
             for i, present in zip(missing, found, strict=True):
@@ -109,7 +112,7 @@ class Lookups:
                     e.pins += 1
                 entries[i] = e
 
-    def lease(self, namespace: str, token_ids: Sequence[int] | np.ndarray) -> Lease:
+    def lease(self, namespace: str, token_ids: TokenIds) -> Lease:
         """Pin the longest cached prefix for a reader (see ``TieredCache.acquire``)."""
         ns, entries, n = self.walk(namespace, token_ids, pin=True)
         tiers = self.placement.tiers
@@ -117,7 +120,7 @@ class Lookups:
                   for e in entries]
         return Lease(ns, blocks, n, entries)
 
-    def lookup(self, namespace: str, token_ids: Sequence[int] | np.ndarray) -> Hit:
+    def lookup(self, namespace: str, token_ids: TokenIds) -> Hit:
         ns, entries, n = self.walk(namespace, token_ids, pin=False)
         bt = ns.block_tokens if ns else self.default_block_tokens
         tiers = self.placement.tiers

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kvtier.blocks import BlockHits
@@ -30,7 +29,7 @@ from kvtier.catalog import NamespaceCatalog
 from kvtier.config import CacheConfig
 from kvtier.engine_blocks import EngineBlocks
 from kvtier.index import Lease
-from kvtier.keys import as_token_array, prefix_hashes
+from kvtier.keys import TokenIds, as_token_array, prefix_hashes
 from kvtier.layout import KV, KVLayout
 from kvtier.loader import Loader, LoaderConfig
 from kvtier.lookups import Lookups
@@ -121,7 +120,7 @@ class TieredCache:
         return dropped
 
     # ---- writes -----------------------------------------------------------------------------
-    def put(self, namespace: str, token_ids: Sequence[int] | np.ndarray, kv: KV, *, create: bool = True) -> int:
+    def put(self, namespace: str, token_ids: TokenIds, kv: KV, *, create: bool = True) -> int:
         """Store every full block of ``token_ids`` not already stored; returns the tokens stored.
 
         An unknown namespace is registered from ``kv``'s layout (``create=False``: raise
@@ -156,7 +155,7 @@ class TieredCache:
         """Wait until background writes to persistent tiers are done."""
         self._writes.flush(timeout)
 
-    def evict(self, namespace: str, token_ids: Sequence[int] | np.ndarray) -> int:
+    def evict(self, namespace: str, token_ids: TokenIds) -> int:
         """Remove a prefix's blocks (and anything cached beyond them); returns blocks removed."""
         ns = self._catalog.get(namespace)
         if ns.layout is None:
@@ -169,11 +168,11 @@ class TieredCache:
         return dropped
 
     # ---- reads ------------------------------------------------------------------------------
-    def lookup(self, namespace: str, token_ids: Sequence[int] | np.ndarray) -> Hit:
+    def lookup(self, namespace: str, token_ids: TokenIds) -> Hit:
         """The longest cached prefix of ``token_ids`` and where each block lives."""
         return self._lookups.lookup(namespace, token_ids)
 
-    def acquire(self, namespace: str, token_ids: Sequence[int] | np.ndarray) -> Lease:
+    def acquire(self, namespace: str, token_ids: TokenIds) -> Lease:
         """Pin the longest cached prefix for a reader; pair with ``release(lease)``.
 
         While leased, no block of the prefix is evicted or freed. Used by the loader.
@@ -185,14 +184,16 @@ class TieredCache:
         entries, lease._entries = lease._entries, []
         self._placement.release(entries)
 
-    def get(self, namespace: str, token_ids: Sequence[int] | np.ndarray, *,
+    def get(self, namespace: str, token_ids: TokenIds, *,
             device: str | torch.device = "cpu") -> tuple[KVOut | None, int]:
         """KV of the longest cached prefix (layers of tensors ``[n_tokens, ...]``) and ``n_tokens``."""
         lease = self.acquire(namespace, token_ids)
         try:
             if not lease.blocks:
                 return None, 0
-            out = lease.namespace.layout.empty(lease.tokens, device)
+            ns = lease.namespace
+            assert ns is not None and ns.layout is not None  # blocks were stored under both
+            out = ns.layout.empty(lease.tokens, device)
             n = self._load(lease, out)
             if n == 0:
                 return None, 0
@@ -200,7 +201,7 @@ class TieredCache:
         finally:
             self.release(lease)
 
-    def get_into(self, namespace: str, token_ids: Sequence[int] | np.ndarray, dest: KV) -> int:
+    def get_into(self, namespace: str, token_ids: TokenIds, dest: KV) -> int:
         """Reload the longest cached prefix into ``dest`` (KV in the namespace's layout, each
         tensor at least as long as the hit, e.g. ``layout.empty(len(token_ids))``); returns the
         tokens written. Nothing is allocated for the KV itself."""
@@ -233,7 +234,7 @@ class TieredCache:
         return self._reloads.load_block(key, outs)
 
     def promote_loaded(self, key: bytes, data: torch.Tensor, codec: str | None = None, *,
-                       keep: Container[bytes] = ()) -> bool:
+                       keep: Collection[bytes] = ()) -> bool:
         """Keep a block a loader read (verified) from a slower tier in the fastest one."""
         return self._reloads.promote_loaded(key, data, keep=keep)
 
@@ -242,7 +243,7 @@ class TieredCache:
         self._recorder.load_finished(result)
 
     # ---- prefetch ---------------------------------------------------------------------------
-    def prefetch(self, namespace: str, token_ids: Sequence[int] | np.ndarray, to: str = "host", *,
+    def prefetch(self, namespace: str, token_ids: TokenIds, to: str = "host", *,
                  policy: str = "best_effort", timeout_s: float | None = None) -> PrefetchHandle:
         """Promote a prefix toward tier ``to`` in the background (see ``kvtier.prefetch``).
 

@@ -67,7 +67,8 @@ _NAMESPACE_COUNTERS = (
 
 def _buckets(h: StatsHistogram) -> list[tuple[str, float]]:
     """Cumulative ``(le, count)`` pairs ending with +Inf, from per-bucket counts."""
-    out, running = [], 0
+    out: list[tuple[str, float]] = []
+    running = 0
     for bound, c in zip(h.buckets, h.counts, strict=False):
         running += c
         out.append((repr(float(bound)), running))
@@ -103,10 +104,10 @@ class CacheCollector(Collector):
                 fam.add_metric([t.name], getattr(t, attr))
             yield fam
         for name, doc, attr in _TIER_GAUGES:
-            fam = GaugeMetricFamily(name, doc, labels=["tier"])
+            gauge = GaugeMetricFamily(name, doc, labels=["tier"])
             for t in tiers:
-                fam.add_metric([t.name], getattr(t, attr))
-            yield fam
+                gauge.add_metric([t.name], getattr(t, attr))
+            yield gauge
         ev = CounterMetricFamily("kvtier_evictions", "Blocks evicted from a tier, by reason.",
                                  labels=["tier", "reason"])
         for t in tiers:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Collection, Container, Iterable, Sequence
 
 import torch
 
@@ -160,7 +160,7 @@ class Placement:
                     self._free(e)
 
     # ---- making room --------------------------------------------------------------------------
-    def make_room(self, t: int, nbytes: int, keep: Container[bytes] = ()) -> bool:
+    def make_room(self, t: int, nbytes: int, keep: Collection[bytes] = ()) -> bool:
         """Demote victims of tier ``t`` until ``nbytes`` fit; False if pinned blocks (or ``keep``)
         prevent it (lock held).
 
@@ -252,7 +252,9 @@ class Placement:
         the tier's timeout: call without the lock)."""
         with self.lock:
             keys, self._remote_deletes = self._remote_deletes, []
-        shared = self.tiers[self.shared_idx] if keys else None
+        if not keys:
+            return
+        shared = self.tiers[self.shared_idx]
         for key in keys:
             shared.delete(key)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kvtier.keys import as_token_array
+from kvtier.keys import TokenIds, as_token_array
 from kvtier.lookups import Lookups
 from kvtier.prefetch import TERMINAL, PrefetchBudget, PrefetchHandle, PrefetchTimeout, check_policy
 from kvtier.recorder import StatsRecorder
@@ -35,7 +34,7 @@ class Prefetcher:
         self._handles: OrderedDict[str, PrefetchHandle] = OrderedDict()  # newest last, bounded
         self._budgets: dict[int, PrefetchBudget] = {}  # tier index -> budget
 
-    def start(self, namespace: str, token_ids: Sequence[int] | np.ndarray, to: str, *,
+    def start(self, namespace: str, token_ids: TokenIds, to: str, *,
               policy: str, timeout_s: float | None) -> PrefetchHandle:
         """See ``TieredCache.prefetch``."""
         check_policy(policy)

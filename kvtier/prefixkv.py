@@ -79,7 +79,7 @@ class PrefixKV:
             decode_block_into(data, self.views(i), verify=verify)
             return
         arr = data.numpy()
-        codec, _, _, _, table = parse_table(arr)
+        codec, _, _, _, table = parse_table(arr.data)
         step = self._step(codec, table)
         if not step:
             decode_block_into(data, self.views(i), verify=verify)
@@ -96,6 +96,7 @@ class PrefixKV:
         else:
             src = np.lib.stride_tricks.as_strided(arr[first:], (layers, self._layer_bytes), (step, 1))
         at = 0
+        assert self._strided is not None  # a step is only found for a strided prefix
         for view, n in zip(self._strided, self._sizes, strict=True):
             np.copyto(view[:, i * n:(i + 1) * n], src[:, at:at + n])
             at += n

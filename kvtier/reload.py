@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -84,7 +84,7 @@ class Reloads:
                 p.drop(entry.key, "corrupt" if isinstance(err, CorruptBlock) else "lost")
 
     def promote(self, entry: BlockEntry, data: torch.Tensor | None, target: int = 0, *,
-                keep: Container[bytes] = ()) -> bool:
+                keep: Collection[bytes] = ()) -> bool:
         """Copy a pinned block into tier ``target`` (a faster one), from ``data`` (its verified
         bytes) or read from its fastest copy; True if it lives there now. Never evicts a key
         in ``keep``. A tier that refuses it (a full disk) only costs the promotion."""
@@ -108,7 +108,7 @@ class Reloads:
             p.stats.tiers[tier.name].promotions += 1
             return True
 
-    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Container[bytes] = ()) -> bool:
+    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Collection[bytes] = ()) -> bool:
         """Promote a block whose verified bytes a loader just read from a slower tier.
 
         Called after the fact (the lease may be released): a block dropped or already promoted

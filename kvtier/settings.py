@@ -87,7 +87,7 @@ def parse_bool(value: Any) -> bool:
     raise InvalidRequest(f"expected a boolean (true/false/1/0/yes/no), got {value!r}")
 
 
-def parse_log_level(value: Any) -> str:
+def parse_log_level(value: Any) -> LogLevel:
     """``info``, ``DEBUG``... -> the lower-case level; else InvalidRequest naming the levels."""
     return choice(value.lower() if isinstance(value, str) else value, LogLevel, "log level")
 

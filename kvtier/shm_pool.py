@@ -2,7 +2,7 @@
 
 A region is a memfd the client creates, seals against shrinking and maps; the server never
 opens it by name: the client hands the descriptor over once on the server's region socket
-(``RegionLink``, protocol in ``server.shm_socket``) with its bearer token, and names it by the
+(``RegionLink``, protocol in ``kvtier.server.shm_socket``) with its bearer token, and names it by the
 id the server answers from then on. The server drops its mapping when the client closes the
 link (or exits).
 

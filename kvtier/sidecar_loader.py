@@ -59,7 +59,7 @@ class SidecarLoader:
         """Start loading the first ``blocks`` (default all) blocks of ``lease`` into ``dest``."""
         ns = lease.namespace
         n = len(lease.blocks) if blocks is None else blocks
-        if ns is None or lease.token_ids is None:
+        if ns is None or ns.layout is None or lease.token_ids is None:
             raise InvalidRequest("a sidecar load needs a lease from the client's acquire()")
         if not 0 <= n <= len(lease.blocks):
             raise InvalidRequest(f"blocks must be in 0..{len(lease.blocks)}, got {n}")
@@ -69,6 +69,7 @@ class SidecarLoader:
 
     def _run(self, lease: Lease, dest: Sequence[Sequence[torch.Tensor]], n: int, stream: LoadStream) -> None:
         ns = lease.namespace
+        assert ns is not None and ns.layout is not None and lease.token_ids is not None  # load checked
         tokens = n * ns.block_tokens
         start = time.perf_counter()
         got, error = 0, None

@@ -28,7 +28,7 @@ MAX_SHAPE_PRODUCT = 2**48
 
 def _raw(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def kv_to_wire(kv: KV) -> list[list[dict[str, Any]]]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from kvtier.block import encode_block_pooled
 from kvtier.catalog import NamespaceCatalog
 from kvtier.codecs import get_codec
 from kvtier.index import BlockEntry
-from kvtier.keys import as_token_array, prefix_hashes
+from kvtier.keys import TokenIds, as_token_array, prefix_hashes
 from kvtier.layout import KV, block_slice
 from kvtier.namespaces import Namespace
 from kvtier.placement import Placement
@@ -34,10 +33,11 @@ class Puts:
         self.writes = writes
         self.recorder = recorder
 
-    def put(self, namespace: str, token_ids: Sequence[int] | np.ndarray, kv: KV, *, create: bool) -> int:
+    def put(self, namespace: str, token_ids: TokenIds, kv: KV, *, create: bool) -> int:
         """See ``TieredCache.put``."""
         tokens = as_token_array(token_ids)
         ns = self.catalog.for_put(namespace, kv, create=create)
+        assert ns.layout is not None  # for_put registers it
         ns.layout.validate(kv, len(tokens))
         bt = ns.block_tokens
         keys = prefix_hashes(ns.digest, tokens, bt)

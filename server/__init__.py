@@ -1,1 +1,1 @@
-"""The kvtier sidecar: a FastAPI app over one TieredCache (see ``server.app.create_app``)."""
+"""The kvtier sidecar: a FastAPI app over one TieredCache (see ``kvtier.server.app.create_app``)."""

@@ -2,28 +2,30 @@
 
 The app does not own the cache: whoever built it (``kvtier serve``, a test) closes it after
 the server has stopped, so in-flight requests finish before storage closes. Serve it with its
-lifespan on: that runs the shared-memory region socket (``server.shm_socket``).
+lifespan on: that runs the shared-memory region socket (``kvtier.server.shm_socket``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 
 import kvtier
 from kvtier.manager import TieredCache
 from kvtier.metrics import anonymous_registry, make_registry
+from kvtier.server import errors
+from kvtier.server.middleware import BodyLimit, RequestMetrics
+from kvtier.server.routes import blocks, kv, lookup, namespaces, ops, prefetch
+from kvtier.server.schemas import ErrorOut
+from kvtier.server.shm import RegionTable
+from kvtier.server.shm_socket import RegionSocket
 from kvtier.settings import ServerSettings
-from server import errors
-from server.middleware import BodyLimit, RequestMetrics
-from server.routes import blocks, kv, lookup, namespaces, ops, prefetch
-from server.schemas import ErrorOut
-from server.shm import RegionTable
-from server.shm_socket import RegionSocket
 
-_ERROR_RESPONSES = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 415, 422, 507)}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 415, 422, 507)}
 
 
 def start_region_socket(app: FastAPI) -> None:

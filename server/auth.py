@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from kvtier.errors import InvalidRequest
+from kvtier.server.errors import Forbidden, Unauthorized
 from kvtier.settings import ServerSettings
-from server.errors import Forbidden, Unauthorized
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 

@@ -1,4 +1,4 @@
-"""Request bodies in JSON or msgpack, validated by the models of ``server.schemas``.
+"""Request bodies in JSON or msgpack, validated by the models of ``kvtier.server.schemas``.
 
 Token ids dominate the control messages of a long prefix: a 4K-token shared-memory put is
 ~50 KB of JSON, and encoding, parsing and validating it costs more than an HTTP round trip on
@@ -20,12 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from kvtier.errors import InvalidRequest, InvalidType
+from kvtier.server.errors import UnsupportedMediaType
+from kvtier.server.schemas import TokensRequest
 from kvtier.wire import MSGPACK, unpack_views
-from server.errors import UnsupportedMediaType
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=TokensRequest)
 PACKED_TOKEN_DTYPE = np.dtype("<i8")
-MAX_TOKEN_ID = 2**62  # as ``server.schemas.TokenId``
+MAX_TOKEN_ID = 2**62  # as ``kvtier.server.schemas.TokenId``
 
 
 def content_type(request: Request) -> str:
@@ -43,7 +44,7 @@ async def decode_views(request: Request) -> dict[str, Any]:
         body: bytes | memoryview = await request.body()
     else:
         # Not bytearray(n): it zero-fills every page first, a fifth of a big put's time.
-        body = memoryview(np.empty(int(length), dtype=np.uint8))  # BodyLimit checked the length
+        body = np.empty(int(length), dtype=np.uint8).data  # BodyLimit checked the length
         at = 0
         async for chunk in request.stream():
             if at + len(chunk) > len(body):
@@ -83,7 +84,7 @@ async def decode(request: Request, *, json_ok: bool) -> dict[str, Any]:
 def listed_token_ids(value: Any) -> np.ndarray:
     """Token ids given as a list (msgpack or JSON bodies parsed by hand) as an int64 array.
 
-    The same rules as ``server.schemas.TokenId`` and packed ids: each a plain integer (not a
+    The same rules as ``kvtier.server.schemas.TokenId`` and packed ids: each a plain integer (not a
     bool, float or list) in [0, 2**62]; anything else is ``InvalidType`` naming the position.
     """
     if not isinstance(value, list):
@@ -100,7 +101,7 @@ def listed_token_ids(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.int64)
 
 
-def unpack_token_ids(raw: bytes) -> np.ndarray:
+def unpack_token_ids(raw: bytes | memoryview) -> np.ndarray:
     """Packed token ids (little-endian int64 bytes) as an int64 array, range-checked."""
     if not raw or len(raw) % PACKED_TOKEN_DTYPE.itemsize:
         raise InvalidRequest(f"packed token_ids must be a non-empty multiple of 8 bytes "
@@ -127,8 +128,8 @@ async def tokens_body(request: Request, model: type[M]) -> M:
         out = model.model_validate(d)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False)) from None
-    if packed is not None:
-        out.token_ids = packed
+    if packed is not None:  # the int64 array stands in for the list: routes take either
+        out.token_ids = packed  # type: ignore[assignment]
     return out
 
 

@@ -13,9 +13,9 @@ from kvtier.errors import LayoutMismatch, UnknownNamespace
 from kvtier.layout import KVLayout
 from kvtier.manager import TieredCache
 from kvtier.namespaces import Namespace
+from kvtier.server.auth import Principal, authenticate
+from kvtier.server.errors import PayloadTooLarge
 from kvtier.settings import ServerSettings
-from server.auth import Principal, authenticate
-from server.errors import PayloadTooLarge
 
 T = TypeVar("T")
 

@@ -119,7 +119,7 @@ class StoredOut(BaseModel):
 
 
 class ShmRegion(Strict):
-    """A window of a region the client handed over on the region socket (``server.shm_socket``)."""
+    """A window of a region the client handed over on the region socket (``kvtier.server.shm_socket``)."""
 
     id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="the id the region socket "
                            "answered when the client handed the region over (GET /v1/kv/shm/socket)")

@@ -3,7 +3,7 @@
 Why no tenant can reach another's memory through the server:
 
 - **The server opens nothing by name.** A region exists for the server only as a file
-  descriptor its owner sent over the region socket (``server.shm_socket``: ``SCM_RIGHTS``), in
+  descriptor its owner sent over the region socket (``kvtier.server.shm_socket``: ``SCM_RIGHTS``), in
   the same message as the owner's bearer token. The server maps that descriptor, closes it and
   files the mapping under a fresh random id (128 bits) *and the tenant that token belongs to*.
   A request can only name a region id; no path, no ``/dev/shm`` name, nothing the server would
@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kvtier.errors import InvalidRequest, StorageFull
-from server.errors import NotFound, PayloadTooLarge
+from kvtier.server.errors import NotFound, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python >= 3.13 names it
@@ -74,8 +74,8 @@ def _check_fd(fd: int) -> int:
         st = os.fstat(fd)
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if stat.S_ISREG(st.st_mode) else 0
     except OSError:
-        seals = 0
-    if not seals & fcntl.F_SEAL_SHRINK:
+        st, seals = None, 0
+    if st is None or not seals & fcntl.F_SEAL_SHRINK:
         raise InvalidRequest("a shared-memory region must be a memfd (memfd_create with "
                              "MFD_ALLOW_SEALING) sealed with F_SEAL_SHRINK")
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:

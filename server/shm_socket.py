@@ -11,7 +11,7 @@ a msgpack map; the server answers every message with one map, in order:
   the same error as HTTP would give (401 for a bad token, 400 for a bad descriptor...).
 
 Closing the connection releases every region registered over it. HTTP requests then name a
-region by its id (``server.shm``). The socket file is created mode 0600 (by default in a fresh
+region by its id (``kvtier.server.shm``). The socket file is created mode 0600 (by default in a fresh
 0700 directory): the bearer token is what binds a region to a tenant, the mode keeps other users
 of the host from even trying.
 """
@@ -33,9 +33,9 @@ from typing import Any
 import msgpack
 
 from kvtier.errors import InvalidRequest, InvalidType, KVTierError
-from server.auth import tenant_of
-from server.errors import status_of
-from server.shm import RegionTable
+from kvtier.server.auth import tenant_of
+from kvtier.server.errors import status_of
+from kvtier.server.shm import RegionTable
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 4096

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import uvicorn
 
 from kvtier.manager import TieredCache
+from kvtier.server.app import create_app
 from kvtier.settings import ServerSettings
-from server.app import create_app
 
 
 def free_port() -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import io as bio
-from bench.fio import command, median_job
+from kvtier.bench import io as bio
+from kvtier.bench.fio import command, median_job
 from kvtier.errors import InvalidRequest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,12 +206,12 @@ def test_ring_reads_cycle_through_distinct_buffers(tmp_path: Path) -> None:
 
 
 def test_verify_ceiling_reports_every_path(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "bench.verify_ceiling", "--directory", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "kvtier.bench.verify_ceiling", "--directory", str(tmp_path),
                         "--bs", "256KiB", "--size", "8MiB", "--rounds", "1", "--seconds", "0.2",
                         "--ring", "3"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
-    from bench.verify_ceiling import PATHS
+    from kvtier.bench.verify_ceiling import PATHS
     assert set(PATHS) <= set(rows)
     assert float(rows["preadv"].split("|")[-2]) == 1.0  # the reference, paired with itself

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import plots
-from bench import trace as tr
 from kvtier import cli as cli_main
+from kvtier.bench import plots
+from kvtier.bench import trace as tr
 from kvtier.commands import bench as bench_cmd
 from kvtier.errors import InvalidRequest
 

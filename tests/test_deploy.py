@@ -21,7 +21,8 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.render_dashboard import (
+from kvtier import CacheConfig, KVLayout, TieredCache
+from kvtier.bench.render_dashboard import (
     DASHBOARD,
     PROMETHEUS_LABELS,
     PROMETHEUS_MADE,
@@ -31,11 +32,10 @@ from bench.render_dashboard import (
     substitute,
     variable_queries,
 )
-from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import KVTierClient
 from kvtier.config import HostTierConfig, RemoteTierConfig, SSDTierConfig
 from kvtier.errors import KVTierError
-from server.testing import serve_in_thread
+from kvtier.server.testing import serve_in_thread
 from tests.integration.remote_servers import REDIS_SERVER, RedisServer
 
 try:

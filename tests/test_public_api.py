@@ -13,7 +13,7 @@ from kvtier import CacheConfig, HostTierConfig, KVLayout, SSDTierConfig, TieredC
 from kvtier.client import KVTierClient
 from kvtier.errors import InvalidRequest, LayoutMismatch, UnknownNamespace
 from kvtier.integrations.transformers import prefill, save_kv
-from server.testing import serve_in_thread
+from kvtier.server.testing import serve_in_thread
 from tests.conftest import random_kv
 
 BT = 16

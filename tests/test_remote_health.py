@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from kvtier import CacheConfig, HostTierConfig, RemoteTierConfig, TieredCache
+from kvtier.server.testing import free_port, serve_in_thread
 from kvtier.tiers.base import ReportsHealth
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.remote.breaker import CircuitBreaker
-from server.testing import free_port, serve_in_thread
 from tests.integration.remote_servers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

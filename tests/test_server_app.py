@@ -6,7 +6,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from kvtier import CacheConfig, TieredCache
-from server.app import create_app
+from kvtier.server.app import create_app
 
 
 def test_openapi_lists_every_endpoint_and_binary_bodies():

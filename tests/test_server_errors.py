@@ -12,8 +12,8 @@ import torch
 from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import MSGPACK, KVTierClient, kv_to_wire
 from kvtier.config import HostTierConfig, SSDTierConfig
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.testing import serve_in_thread
 from tests.integration.regions import OwnRegion
 
 A, B = "alpha-token-0001", "beta-token-00002"
@@ -49,7 +49,7 @@ def shm_get(region: dict, size: int = 1 << 20, offset: int = 0):
 
 
 def shm_get_mp(token_ids, region_id: str = UNKNOWN, **over):
-    """A shared-memory get as the client sends it: msgpack, token ids packed (``server.body``)."""
+    """A shared-memory get as the client sends it: msgpack, token ids packed (``kvtier.server.body``)."""
     return mp({"namespace": "chat", "token_ids": token_ids,
                "region": {"id": region_id, "offset": 0, "size": 1 << 20}, **over})
 

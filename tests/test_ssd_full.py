@@ -18,8 +18,8 @@ from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import MSGPACK, KVTierClient, kv_to_wire
 from kvtier.config import HostTierConfig, SSDTierConfig
 from kvtier.errors import KVTierError, StorageFull
+from kvtier.server.testing import serve_in_thread
 from kvtier.tiers.ssd import SSDTier, segments
-from server.testing import serve_in_thread
 from tests.conftest import random_kv
 from tests.ssd_child import block_key, make_block, meta_for
 

@@ -1,6 +1,6 @@
 """``kvtier bench``: benchmarks as sub-commands (``trace`` and ``io``); see ``DESCRIPTION``.
 
-Building the parsers imports only ``bench.params`` (no torch); a benchmark imports the rest when
+Building the parsers imports only ``kvtier.bench.params`` (no torch); a benchmark imports the rest when
 it runs. Bad arguments print one line and exit 2.
 """
 
@@ -22,7 +22,7 @@ from kvtier.config import format_size, parse_size
 from kvtier.errors import InvalidRequest, KVTierError
 
 if TYPE_CHECKING:
-    from bench.trace import ReplayResult
+    from kvtier.bench.trace import ReplayResult
 
 
 DESCRIPTION = """\
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- kvtier bench trace ---------------------------------------------------------------------
 def configure_trace(p: argparse.ArgumentParser) -> None:
-    from bench.params import TraceParams
+    from kvtier.bench.params import TraceParams
 
     d = TraceParams()
     g = p.add_argument_group("trace (generated unless --trace is given)")
@@ -124,7 +124,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
 
 def _run_trace(args: argparse.Namespace) -> int:
-    from bench import trace as tr
+    from kvtier.bench import trace as tr
 
     bpt, model = _bytes_per_token(args)
     if args.block_tokens < 1:
@@ -178,7 +178,7 @@ def _bytes_per_token(args: argparse.Namespace) -> tuple[float, str]:
 
 def parse_sweep(spec: str, points: int | None) -> dict[str, list[int]]:
     """``host=1GiB..64GiB,ssd=256GiB`` -> capacities per tier (geometric steps)."""
-    from bench.trace import default_points, geometric
+    from kvtier.bench.trace import default_points, geometric
 
     if points is not None and points < 1:
         raise InvalidRequest(f"--sweep-points must be >= 1, got {points}")
@@ -197,21 +197,24 @@ def parse_sweep(spec: str, points: int | None) -> dict[str, list[int]]:
     return out
 
 
-def _run_sweep(args: argparse.Namespace, tr: ModuleType, requests: list, bpt: int,
+def _run_sweep(args: argparse.Namespace, tr: ModuleType, requests: list, bpt: float,
                caps: dict[str, int], sweep: dict[str, list[int]], rate: float, head: str) -> int:
-    from bench.common import table
-    from bench.plots import hit_rate_vs_capacity
+    from kvtier.bench.common import table
+    from kvtier.bench.plots import hit_rate_vs_capacity
 
     axes = list(sweep)
     x_tier, series_tier = axes[0], axes[1] if len(axes) > 1 else None
     grid = [(x, s) for s in (sweep[series_tier] if series_tier else [None]) for x in sweep[x_tier]]
     progress = ProgressLine("sweep")
-    rows, results, series = [], [], {}
+    rows, results = [], []
+    series: dict[str, list[tuple[int, float]]] = {}
     for i, (x, s) in enumerate(grid):
-        point = {**caps, x_tier: x, **({series_tier: s} if series_tier else {})}
+        point = {**caps, x_tier: x}
+        if series_tier is not None and s is not None:
+            point[series_tier] = s
         plan = tr.TierPlan(args.block_tokens, bpt, {k: v for k, v in point.items() if v})
         res = tr.replay(requests, plan, progress=lambda d, n, i=i: progress(i * n + d, len(grid) * n))
-        label = f"{series_tier} {format_size(s)}" if series_tier else _fixed_label(point, x_tier)
+        label = f"{series_tier} {format_size(s)}" if series_tier and s is not None else _fixed_label(point, x_tier)
         series.setdefault(label, []).append((x, res.hit_rate_tokens))
         ttft = res.ttft(rate)
         results.append({"capacities": point, **res.to_dict(), "ttft": ttft})
@@ -237,7 +240,7 @@ def _fixed_label(point: dict[str, int], x_tier: str) -> str:
 
 
 def format_report(res: ReplayResult, rate: float) -> str:
-    from bench.common import table
+    from kvtier.bench.common import table
 
     def age(d: dict) -> str:
         return "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in ("p50", "p90", "p99"))
@@ -286,7 +289,7 @@ class ProgressLine:
 
 # ---- kvtier bench io ------------------------------------------------------------------------
 def configure_io(p: argparse.ArgumentParser) -> None:
-    from bench.params import ENGINES, RW, TIERS
+    from kvtier.bench.params import ENGINES, RW, TIERS
 
     g = p.add_argument_group("job (fio's names)")
     g.add_argument("--rw", default="randread", metavar="PATTERN", help=f"I/O pattern: {', '.join(RW)}")
@@ -334,9 +337,9 @@ def run_io(args: argparse.Namespace) -> int:
 
 
 def _run_io(args: argparse.Namespace) -> int:
-    from bench import fio
-    from bench.fio import compare_table, format_job, median_job
-    from bench.io import IOParams, run
+    from kvtier.bench import fio
+    from kvtier.bench.fio import compare_table, format_job, median_job
+    from kvtier.bench.io import IOParams, run
 
     if args.repeat < 1:
         raise InvalidRequest(f"--repeat must be >= 1, got {args.repeat}")
@@ -350,7 +353,9 @@ def _run_io(args: argparse.Namespace) -> int:
     if args.compare_fio:  # fails early: no fio, not the ssd tier, or a job fio cannot verify
         fio.command(p, fio.data_file(p, args.filename), verify=args.fio_verify)
     progress = _StatusLine()
-    kv_jobs, fio_jobs, vfy_jobs, results, cmd, vcmd = [], [], [], [], None, None
+    kv_jobs, fio_jobs, vfy_jobs, results = [], [], [], []
+    cmd: list[str] = []  # fio's command lines, once run
+    vcmd: list[str] = []
     for i in range(args.repeat):
         progress.prefix = f"run {i + 1}/{args.repeat}: " if args.repeat > 1 else ""
         res = run(p, progress)
@@ -370,7 +375,7 @@ def _run_io(args: argparse.Namespace) -> int:
     doc["jobs"] = [kv]
     doc["kvtier"]["runs"] = kv_jobs
     if args.plot:
-        from bench.plots import latency_cdf
+        from kvtier.bench.plots import latency_cdf
 
         lat = {f"kvtier {p.tier}": [x / 1e9 for r in results for x in
                                      (r.read.clat_ns if r.read.ios else r.write.clat_ns)]}

@@ -74,7 +74,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from kvtier.manager import TieredCache
-    from server.app import create_app, start_region_socket
+    from kvtier.server.app import create_app, start_region_socket
 
     _Server = _server_class()
     srv = settings.server
@@ -88,7 +88,8 @@ def serve(settings: Settings) -> int:
         start_region_socket(app)  # here, so that a bad --shm-socket is one line, not a traceback
         config = uvicorn.Config(app, host=srv.host, port=srv.port,
                                 log_level=srv.log_level.lower(), access_log=srv.access_log, lifespan="on",
-                                timeout_graceful_shutdown=srv.graceful_timeout_s)
+                                # uvicorn says int, waits with asyncio.wait_for: seconds as a float work
+                                timeout_graceful_shutdown=srv.graceful_timeout_s)  # type: ignore[arg-type]
         server = _Server(config)
         server.run()  # returns after SIGTERM/SIGINT once in-flight requests are done
         return 0 if server.started else 1

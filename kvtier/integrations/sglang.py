@@ -90,7 +90,7 @@ class KVTierHiCacheStorage(HiCacheStorage):
         if unknown:
             raise InvalidRequest(f"unknown kvtier HiCache config keys {sorted(unknown)}")
         self.backend = _open_backend(self._cfg)
-        self.mem_pool_host = None
+        self.mem_pool_host: Any = None  # SGLang's host pool, once registered
         self.namespace: str | None = None
         self._parts = 1  # blocks per page (K and V for MHA)
         self._part_bytes = 0
@@ -214,6 +214,7 @@ class KVTierHiCacheStorage(HiCacheStorage):
                     continue
                 target = self.mem_pool_host.get_dummy_flat_data_page()
             raw = target.view(-1).view(torch.uint8)
+            parts = range(0)
             try:
                 parts = self._flat_parts(raw.numel())
                 n = self.backend.get_blocks_into(self.namespace, self._keys([key], parts),

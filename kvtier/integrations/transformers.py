@@ -147,7 +147,8 @@ class StreamingCache(DynamicCache):
             layer = DynamicLayer()
             layer.keys = k[:tokens].transpose(0, 1).unsqueeze(0)
             layer.values = v[:tokens].transpose(0, 1).unsqueeze(0)
-            layer.dtype, layer.device = k.dtype, k.device
+            layer.device = k.device
+            setattr(layer, "dtype", k.dtype)  # noqa: B010  transformers 4.56's layers declare it, later ones not
             layer.is_initialized = True
             self.layers.append(layer)
 
@@ -195,7 +196,7 @@ def prefill(model: Any, cache: Any, namespace: str, input_ids: Sequence[int] | t
     out = None
     try:
         offered = lease.tokens if lease else 0
-        n = 0
+        n = n_blocks = 0
         if lease is not None and lease.blocks:
             decision = loader.plan(lease) if cost_check else None
             n_blocks = decision.blocks if decision else len(lease.blocks)
@@ -206,6 +207,7 @@ def prefill(model: Any, cache: Any, namespace: str, input_ids: Sequence[int] | t
                 out = model(ids, use_cache=True, **model_kwargs)
                 loader.cost.observe_prefill(len(tokens), time.perf_counter() - t0)
             else:
+                assert lease is not None  # n > 0 only with a lease
                 dest = lease.namespace.layout.empty(n, device)
                 stream = loader.load(lease, dest, blocks=n_blocks)
                 if pipelined:

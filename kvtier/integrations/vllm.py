@@ -51,7 +51,7 @@ from vllm.v1.kv_offload.tiering.base import JobId, JobResult, SecondaryTierManag
 
 from kvtier.blocks import bytes_tensor
 from kvtier.config import CacheConfig, HostTierConfig, SSDTierConfig
-from kvtier.errors import InvalidRequest
+from kvtier.errors import InvalidRequest, KVTierError
 
 if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec
@@ -77,10 +77,11 @@ def vllm_fingerprint(spec: OffloadingSpec, page_bytes: int, salt: str = "") -> d
     }
 
 
-def _open_backend(*, data_dir: str | None, url: str | None, token: str | None, capacity: str | int,
-                  durability: str, io_threads: int, direct_io: bool, min_free: str | int) -> Any:
+def _open_backend(*, data_dir: str | None, url: str | None, token: str | None, capacity: Any,
+                  durability: Any, io_threads: int, direct_io: bool, min_free: Any) -> Any:
     """A ``TieredCache`` over ``data_dir``, or a client of the sidecar at ``url``: both offer the
-    block methods with the same signatures."""
+    block methods with the same signatures. Sizes and durability as the user wrote them
+    (``"64GiB"``): ``SSDTierConfig`` checks them."""
     if (data_dir is None) == (url is None):
         raise InvalidRequest("the kvtier vLLM tier needs exactly one of 'data_dir' (embedded) or "
                              "'url' (a running kvtier serve)")
@@ -148,7 +149,7 @@ class KVTierSecondaryTier(SecondaryTierManager):
         page = self.block_size_bytes
         flat = primary_kv_view.cast("B") if primary_kv_view.ndim != 1 or primary_kv_view.format != "B" \
             else primary_kv_view
-        self._rows = bytes_tensor(flat).view(-1, page)  # row c is primary chunk c, no copy
+        self._rows: torch.Tensor | None = bytes_tensor(flat).view(-1, page)  # row c: chunk c, no copy
         fingerprint = vllm_fingerprint(offloading_spec, page, salt)
         digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         self.namespace = namespace or f"vllm-{digest}"
@@ -188,13 +189,13 @@ class KVTierSecondaryTier(SecondaryTierManager):
 
     def submit_store(self, job_metadata: TransferJob) -> None:
         keys = list(job_metadata.keys)
-        rows = [self._rows[int(c)] for c in job_metadata.chunk_ids]
+        rows = self._chunk_rows(job_metadata.chunk_ids)
         self._submit(job_metadata.job_id, self._store, keys, rows)
 
     def submit_load(self, job_metadata: TransferJob) -> None:
         keys = list(job_metadata.keys)
         self._load_keys[job_metadata.job_id] = keys
-        rows = [self._rows[int(c)] for c in job_metadata.chunk_ids]
+        rows = self._chunk_rows(job_metadata.chunk_ids)
         self._submit(job_metadata.job_id, self._load, keys, rows)
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
@@ -222,6 +223,12 @@ class KVTierSecondaryTier(SecondaryTierManager):
         self._rows = None  # our view must go before vLLM unmaps the CPU tier
 
     # ---- the work, on the pool ---------------------------------------------------------------
+    def _chunk_rows(self, chunk_ids: Iterable[int]) -> list[torch.Tensor]:
+        """Views of the CPU tier's rows of ``chunk_ids``."""
+        if self._rows is None:
+            raise KVTierError("the kvtier vLLM tier is shut down")
+        return [self._rows[int(c)] for c in chunk_ids]
+
     def _submit(self, job_id: JobId, fn: Any, keys: list[OffloadKey], rows: list[torch.Tensor]) -> None:
         with self._idle:
             self._inflight += 1

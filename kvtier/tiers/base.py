@@ -48,9 +48,15 @@ class Tier(Protocol):
       below the one that took it holds the block (write-through admission).
     """
 
-    name: str
-    persistent: bool
-    durable: bool
+    # read-only here: a plain attribute satisfies them
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def persistent(self) -> bool: ...
+
+    @property
+    def durable(self) -> bool: ...
 
     @property
     def capacity_bytes(self) -> int: ...
@@ -126,7 +132,7 @@ class RangedBatchReads(Protocol):
 
 
 @runtime_checkable
-class RegisteredBatchReads(Protocol):
+class RegisteredBatchReads(Tier, Protocol):
     """A tier that reads blocks only whole, a batch per call, straight into host memory
     registered with it once (a remote engine; every call is a network round trip).
 
@@ -151,7 +157,7 @@ class RegisteredBatchReads(Protocol):
 
 
 @runtime_checkable
-class SharedIndex(Protocol):
+class SharedIndex(Tier, Protocol):
     """A tier shared by several kvtier instances (a remote engine). It evicts by its own policy
     (the manager never evicts from it; ``can_fit`` is its write bound), answers for many keys in
     one round trip, and a block another instance stored can be found there though this instance

@@ -17,17 +17,17 @@ from fastapi import APIRouter, Request, Response
 
 from kvtier.blocks import bytes_tensor
 from kvtier.errors import InvalidRequest, InvalidType
-from kvtier.wire import MSGPACK
-from server.body import decode
-from server.deps import Ctx, CtxDep
-from server.errors import PayloadTooLarge
-from server.schemas import (
+from kvtier.server.body import decode
+from kvtier.server.deps import Ctx, CtxDep
+from kvtier.server.errors import PayloadTooLarge
+from kvtier.server.schemas import (
     BlockHitsOut,
     BlockNamespaceCreate,
     BlocksStoredOut,
     CountOut,
     NamespaceOut,
 )
+from kvtier.wire import MSGPACK
 
 router = APIRouter(tags=["blocks"])
 
@@ -41,7 +41,7 @@ _PUT_BODY = {"requestBody": {"required": True, "content": {MSGPACK: {"schema": {
     "properties": {"namespace": {"type": "string"}, "keys": _KEYS,
                    "pages": {"type": "string", "format": "binary",
                              "description": "len(keys) * page_bytes bytes: the pages in key order"}}}}}}}
-_GET_RESPONSE = {200: {"description": "the leading run of stored pages", "content": {MSGPACK: {"schema": {
+_GET_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"description": "the leading run of stored pages", "content": {MSGPACK: {"schema": {
     "type": "object", "properties": {
         "count": {"type": "integer"}, "page_bytes": {"type": "integer"},
         "pages": {"type": "string", "format": "binary", "description": "count * page_bytes bytes"}}}}}}}
@@ -122,7 +122,7 @@ async def get(request: Request, ctx: Ctx = CtxDep) -> Response:
         out = torch.empty(len(keys), page, dtype=torch.uint8)
         n = ctx.cache.get_blocks_into(ns.name, keys, out)
         return msgpack.packb({"count": n, "page_bytes": page,
-                              "pages": memoryview(out[:n].numpy()).cast("B")})
+                              "pages": out[:n].numpy().data.cast("B")})
 
     return Response(await ctx.call(work), media_type=MSGPACK)
 

@@ -2,10 +2,10 @@
 
 msgpack suits a remote engine (one copy into the body each way); the shared-memory path
 suits an engine on the same host: the client hands a region it created to the server once
-(a file descriptor over the region socket, ``server.shm_socket``), then names it by id; the
+(a file descriptor over the region socket, ``kvtier.server.shm_socket``), then names it by id; the
 server reads from or writes into it, and only a small control message (JSON, or msgpack with
 packed token ids) crosses HTTP. Regions are bound to the tenant that handed them over
-(``server.shm``).
+(``kvtier.server.shm``).
 """
 
 from __future__ import annotations
@@ -18,15 +18,7 @@ from fastapi import APIRouter, Request, Response
 
 from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch
 from kvtier.layout import KVLayout
-from kvtier.wire import (
-    MSGPACK,
-    kv_from_wire,
-    kv_to_wire,
-    packed_nbytes,
-    packed_views,
-    unpack_from,
-)
-from server.body import (
+from kvtier.server.body import (
     decode,
     decode_views,
     listed_token_ids,
@@ -35,9 +27,9 @@ from server.body import (
     unpack_token_ids,
     with_packed,
 )
-from server.deps import Ctx, CtxDep
-from server.errors import Forbidden, PayloadTooLarge, ServiceUnavailable
-from server.schemas import (
+from kvtier.server.deps import Ctx, CtxDep
+from kvtier.server.errors import Forbidden, PayloadTooLarge, ServiceUnavailable
+from kvtier.server.schemas import (
     ShmGetOut,
     ShmGetRequest,
     ShmPutRequest,
@@ -45,8 +37,16 @@ from server.schemas import (
     ShmSocketOut,
     StoredOut,
 )
-from server.shm import RegionTable
-from server.shm_socket import PROTOCOL
+from kvtier.server.shm import RegionTable
+from kvtier.server.shm_socket import PROTOCOL
+from kvtier.wire import (
+    MSGPACK,
+    kv_from_wire,
+    kv_to_wire,
+    packed_nbytes,
+    packed_views,
+    unpack_from,
+)
 
 router = APIRouter(prefix="/v1/kv", tags=["kv"])
 
@@ -64,13 +64,13 @@ _GET_BODY = {"requestBody": {"required": True, "content": {
         "namespace": {"type": "string"},
         "token_ids": with_packed(_TOKENS) if ct == MSGPACK else _TOKENS}}}
     for ct in (MSGPACK, "application/json")}}}
-_GET_RESPONSE = {200: {"description": "KV of the longest cached prefix (kv is null on a miss)",
+_GET_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"description": "KV of the longest cached prefix (kv is null on a miss)",
                        "content": {MSGPACK: {"schema": {"type": "object", "properties": {
                            "tokens": {"type": "integer"}, "kv": {**_KV, "nullable": True}}}}}}}
 
 
 def _token_ids(d: dict) -> Any:
-    """``token_ids`` of a msgpack data-plane body: listed, or packed (``server.body``)."""
+    """``token_ids`` of a msgpack data-plane body: listed, or packed (``kvtier.server.body``)."""
     raw = d.get("token_ids")
     return unpack_token_ids(raw) if isinstance(raw, (bytes, memoryview)) else listed_token_ids(_field(d, "token_ids", list))
 
@@ -134,7 +134,8 @@ def _shm_on(ctx: Ctx) -> None:
         raise Forbidden("the shared-memory data path is disabled on this server (--shm false)")
 
 
-def _regions(request: Request, region: ShmRegion) -> RegionTable:
+def _regions(request: Request, region: ShmRegion) -> tuple[RegionTable, str]:
+    """The server's region table and the id of the region a request names."""
     if region.name is not None:
         raise InvalidRequest("shared-memory regions are no longer opened by name (region.name): "
                              "hand the region's file descriptor over on the region socket "
@@ -142,7 +143,7 @@ def _regions(request: Request, region: ShmRegion) -> RegionTable:
     if region.id is None:
         raise InvalidRequest("region.id is required: the id the region socket answered when the "
                              "region was handed over (GET /v1/kv/shm/socket)")
-    return request.app.state.shm_regions
+    return request.app.state.shm_regions, region.id
 
 
 @router.get("/shm/socket", response_model=ShmSocketOut)
@@ -151,7 +152,7 @@ async def shm_socket(request: Request, ctx: Ctx = CtxDep) -> dict:
 
     Send ``{"op": "register", "token": <bearer token>}`` with one memfd (sealed with
     ``F_SEAL_SHRINK``) as ``SCM_RIGHTS``; the answer's ``id`` then names the region in
-    ``region.id`` here. Protocol: ``server.shm_socket``.
+    ``region.id`` here. Protocol: ``kvtier.server.shm_socket``.
     """
     _shm_on(ctx)
     sock = request.app.state.shm_socket
@@ -168,11 +169,11 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
 
     Each tensor has ``slot_tokens`` rows in the region (default: one per token id); the first
     ``len(token_ids)`` rows are stored. The server encodes straight from views of the region.
-    JSON or msgpack (token ids may come packed: ``server.body``).
+    JSON or msgpack (token ids may come packed: ``kvtier.server.body``).
     """
     _shm_on(ctx)
     body = await tokens_body(request, ShmPutRequest)
-    regions = _regions(request, body.region)
+    regions, region_id = _regions(request, body.region)
     ctx.check_tokens(body.token_ids)
     layout = KVLayout.from_dict(body.layout.model_dump())
     ns = ctx.find_namespace(body.namespace)
@@ -193,7 +194,7 @@ async def put_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     tenant = ctx.principal.tenant
 
     def work() -> int:  # the window is what this put reads: never more than --max-kv-bytes
-        with regions.open(tenant, body.region.id, body.region.offset, nbytes,
+        with regions.open(tenant, region_id, body.region.offset, nbytes,
                           ctx.settings.max_kv_bytes) as buf:
             kv = unpack_from(buf, layout, slot, copy=False)
             if slot != n:
@@ -215,7 +216,7 @@ async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     ``slot_tokens`` rows per tensor; the first ``tokens`` rows are valid). JSON or msgpack."""
     _shm_on(ctx)
     body = await tokens_body(request, ShmGetRequest)
-    regions = _regions(request, body.region)
+    regions, region_id = _regions(request, body.region)
     ctx.check_tokens(body.token_ids)
     ns = ctx.find_namespace(body.namespace)
     if ns is None or ns.layout is None:  # never stored into: a miss, as in-process
@@ -230,7 +231,7 @@ async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
     tenant = ctx.principal.tenant
 
     def work() -> dict:  # the window is the most this get writes: never more than --max-kv-bytes
-        with regions.open(tenant, body.region.id, body.region.offset, need,
+        with regions.open(tenant, region_id, body.region.offset, need,
                           ctx.settings.max_kv_bytes) as buf:
             outs = packed_views(torch.frombuffer(buf, dtype=torch.uint8), layout, slot)
             try:

@@ -1,6 +1,6 @@
 """``/v1/lookup`` and ``DELETE /v1/kv``: where a prefix's blocks are, and evicting them.
 
-Bodies are JSON or msgpack; msgpack may carry the token ids packed (``server.body``), which is
+Bodies are JSON or msgpack; msgpack may carry the token ids packed (``kvtier.server.body``), which is
 what ``KVTierClient`` sends: parsing an 8K-token JSON list costs more than the lookup itself.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from kvtier.server.body import openapi_body, tokens_body
+from kvtier.server.deps import Ctx, CtxDep
+from kvtier.server.schemas import CountOut, HitOut, TokensRequest
 from kvtier.wire import MSGPACK
-from server.body import openapi_body, tokens_body
-from server.deps import Ctx, CtxDep
-from server.schemas import CountOut, HitOut, TokensRequest
 
 router = APIRouter(tags=["lookup"])
 

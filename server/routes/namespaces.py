@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from kvtier.layout import KVLayout
-from server.deps import Ctx, CtxDep
-from server.schemas import CountOut, NamespaceCreate, NamespaceOut
+from kvtier.server.deps import Ctx, CtxDep
+from kvtier.server.schemas import CountOut, NamespaceCreate, NamespaceOut
 
 router = APIRouter(prefix="/v1/namespaces", tags=["namespaces"])
 

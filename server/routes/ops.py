@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import metrics_access
-from server.deps import Ctx, CtxDep
-from server.schemas import HealthOut, StatsOut
+from kvtier.server.auth import metrics_access
+from kvtier.server.deps import Ctx, CtxDep
+from kvtier.server.schemas import HealthOut, StatsOut
 
 router = APIRouter(tags=["ops"])
 

@@ -6,11 +6,11 @@ from fastapi import APIRouter, Query, Request
 
 from kvtier.errors import InvalidRequest
 from kvtier.prefetch import PrefetchHandle
+from kvtier.server.body import openapi_body, tokens_body
+from kvtier.server.deps import Ctx, CtxDep
+from kvtier.server.errors import NotFound
+from kvtier.server.schemas import PrefetchOut, PrefetchRequest
 from kvtier.wire import MSGPACK
-from server.body import openapi_body, tokens_body
-from server.deps import Ctx, CtxDep
-from server.errors import NotFound
-from server.schemas import PrefetchOut, PrefetchRequest
 
 router = APIRouter(prefix="/v1/prefetch", tags=["prefetch"])
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.testing import free_port
+from kvtier.server.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

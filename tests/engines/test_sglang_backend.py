@@ -112,6 +112,8 @@ def test_generic_get_set_round_trip(tmp_path):
             assert torch.equal(g.view(torch.uint8), v.view(torch.uint8))
         got = b.get(KEYS[3], pool.get_dummy_flat_data_page())  # random bytes: compare as bytes (NaNs)
         assert torch.equal(got.view(torch.uint8), pool.get_data_page(3 * PAGE).view(torch.uint8))
+        # a target that is not a whole number of pages is a miss (logged), like any failed read
+        assert b.get(KEYS[0], torch.empty(7, dtype=torch.uint8)) is None
     finally:
         b.close()
 

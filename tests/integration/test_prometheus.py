@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from bench.render_dashboard import (
+from kvtier import CacheConfig, KVLayout, TieredCache
+from kvtier.bench.render_dashboard import (
     RULES_DIR,
     LocalPrometheus,
     dashboard_queries,
@@ -23,12 +24,11 @@ from bench.render_dashboard import (
     rule_exprs,
     substitute,
 )
-from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import KVTierClient
 from kvtier.config import HostTierConfig, RemoteTierConfig, SSDTierConfig
 from kvtier.errors import KVTierError
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.testing import serve_in_thread
 from tests.integration.remote_servers import REDIS_SERVER, RedisServer
 
 PROMETHEUS, PROMTOOL = find_binaries()

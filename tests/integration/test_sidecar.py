@@ -9,8 +9,8 @@ import torch
 from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import AsyncKVTierClient, KVTierClient, RemoteError
 from kvtier.config import HostTierConfig, SSDTierConfig
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.testing import serve_in_thread
 
 BT = 16
 PROMPT, NEW = 48, 8

@@ -12,9 +12,9 @@ from kvtier import BlockHits, CacheConfig, FingerprintMismatch, TieredCache, Unk
 from kvtier.client import AsyncKVTierClient, KVTierClient, RemoteError
 from kvtier.config import HostTierConfig, SSDTierConfig
 from kvtier.errors import InvalidRequest, InvalidType
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
 from kvtier.wire import MSGPACK
-from server.testing import serve_in_thread
 from tests.conftest import random_bytes
 
 PAGE = 4096

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kvtier.client import KVTierClient
-from server.testing import free_port
+from kvtier.server.testing import free_port
 from tests.cache_child import BT, NAMESPACE, kv_of, tokens_of
 from tests.test_manager_crash import Zygote
 

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import MSGPACK, KVTierClient, kv_to_wire
 from kvtier.config import HostTierConfig, SSDTierConfig
+from kvtier.server.app import create_app
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.app import create_app
-from server.testing import serve_in_thread
 from tests.integration.regions import OwnRegion
 
 TOKEN = "fuzz-token-0001"

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import KVTierClient
 from kvtier.config import HostTierConfig, SSDTierConfig
-from server.testing import serve_in_thread
+from kvtier.server.testing import serve_in_thread
 
 DOC = Path(__file__).resolve().parents[2] / "README.md"
 BT = 256

@@ -9,8 +9,8 @@ import torch
 from kvtier import CacheConfig, HostTierConfig, TieredCache
 from kvtier.client import KVTierClient
 from kvtier.errors import UnknownNamespace
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.testing import serve_in_thread
 from tests.conftest import random_kv
 
 BT = 16

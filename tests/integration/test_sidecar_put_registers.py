@@ -10,8 +10,8 @@ from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import KVTierClient
 from kvtier.config import HostTierConfig
 from kvtier.errors import InvalidRequest, LayoutMismatch
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.testing import serve_in_thread
 from tests.conftest import random_kv
 
 BT = 16

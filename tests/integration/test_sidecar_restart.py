@@ -17,7 +17,7 @@ import torch
 
 from kvtier import KVLayout
 from kvtier.client import KVTierClient
-from server.testing import free_port
+from kvtier.server.testing import free_port
 
 pytest.importorskip("kvtier.tiers.ssd")
 

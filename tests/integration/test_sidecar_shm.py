@@ -17,14 +17,14 @@ import httpx
 import pytest
 import torch
 
-import kvtier.client as kclient
+import kvtier.client_shm as client_shm  # where the client looks pack_into up
 from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import AsyncKVTierClient, KVTierClient, pack_into, packed_nbytes
 from kvtier.config import HostTierConfig
 from kvtier.errors import InvalidRequest, LayoutMismatch
+from kvtier.server.shm import RegionTable, UnknownRegion
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.shm import RegionTable, UnknownRegion
-from server.testing import serve_in_thread
 from tests.integration.regions import Link, OwnRegion, memfd, socket_path
 
 BT = 16
@@ -100,7 +100,7 @@ def no_pack(monkeypatch):
         calls.append(1)
         raise AssertionError("pack_into called on the kv_buffer path")
 
-    monkeypatch.setattr(kclient, "pack_into", refuse)
+    monkeypatch.setattr(client_shm, "pack_into", refuse)
     return calls
 
 
@@ -139,7 +139,7 @@ def test_plain_tensors_still_packed_and_stored(client, monkeypatch):
         calls.append(1)
         return pack_into(kv, buf)
 
-    monkeypatch.setattr(kclient, "pack_into", spy)
+    monkeypatch.setattr(client_shm, "pack_into", spy)
     want = rand_kv(48, 4)
     assert client.put("kv", ids(4000, 48), want) == 48 and calls == [1]
     buf = client.kv_buffer("kv", 48)
@@ -237,7 +237,7 @@ def test_results_outlive_the_client_cleanly(tmp_path):
         from kvtier import CacheConfig, KVLayout, TieredCache
         from kvtier.client import KVTierClient
         from kvtier.config import HostTierConfig
-        from server.testing import serve_in_thread
+        from kvtier.server.testing import serve_in_thread
 
         unraisable = []
         sys.unraisablehook = lambda u: unraisable.append(repr(u.exc_value))

@@ -17,8 +17,8 @@ from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import MSGPACK, KVTierClient, RemoteError, kv_to_wire, packed_nbytes
 from kvtier.config import HostTierConfig, SSDTierConfig
 from kvtier.errors import BackendUnavailable, StorageFull
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.testing import serve_in_thread
 
 BT = 16
 LAYOUT = KVLayout(2, ((2, 8), (2, 8)), "float32")  # 256 bytes per token

@@ -18,8 +18,8 @@ import torch
 from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.client import MSGPACK, KVTierClient, kv_to_wire, packed_nbytes
 from kvtier.config import HostTierConfig, SSDTierConfig
+from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from server.testing import serve_in_thread
 from tests.integration.regions import Link, OwnRegion, socket_path
 
 ALPHA, BETA = "alpha-token-0001", "beta-token-00002"

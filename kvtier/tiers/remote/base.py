@@ -126,7 +126,7 @@ def as_byte_view(data: bytes | bytearray | memoryview | torch.Tensor) -> memoryv
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous().view(-1).view(torch.uint8)
-        return memoryview(t.numpy()).cast("B")
+        return t.numpy().data.cast("B")
     return memoryview(data).cast("B")
 
 

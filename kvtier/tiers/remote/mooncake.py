@@ -220,10 +220,10 @@ class MooncakeBackend:
         crcs[0::2] = [checksum(p) for _, p in pieces[0::2]]
         helper.wait()
         crcs[1::2] = helper.result()
-        out: list[int | None] = [None] * len(views)
+        out: dict[int, int] = {}  # view index -> crc of its pieces so far
         for (i, p), c in zip(pieces, crcs, strict=True):
-            out[i] = c if out[i] is None else checksum_combine(out[i], c, p.nbytes)
-        return out
+            out[i] = checksum_combine(out[i], c, p.nbytes) if i in out else c
+        return [out[i] for i in range(len(views))]
 
     # -- RegisteredReads ------------------------------------------------------------------------
 
@@ -286,13 +286,15 @@ class MooncakeBackend:
             got = self._get_direct([keys[j] for j in direct], [outs[j] for j in direct], deadline)
             for j, res in zip(direct, got, strict=True):
                 results[j] = res
+        done: list[int | Exception] = []
         for j, res in enumerate(results):
             if res is None:  # not registered, or not a whole value: the staged path says why
                 try:
-                    results[j] = self._get_staged(keys[j], outs[j], 0, deadline)
+                    res = self._get_staged(keys[j], outs[j], 0, deadline)
                 except (KeyError, CorruptBlock, InvalidRequest) as e:
-                    results[j] = e
-        return results
+                    res = e
+            done.append(res)
+        return done
 
     def _get_direct(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
                     deadline: float) -> list[int | Exception | None]:
@@ -307,7 +309,7 @@ class MooncakeBackend:
             deadline, lambda: self._give_trailers(slots),
             [(p[0], p[0] + o.numel()) for p, o in zip(ptrs, outs, strict=True)])
         try:
-            stored = [TRAILER.unpack_from(s.numpy())[0] for s in slots]
+            stored = [TRAILER.unpack_from(s.numpy().data)[0] for s in slots]
         finally:
             self._give_trailers(slots)
         results: list[int | Exception | None] = [None] * len(keys)
@@ -317,7 +319,7 @@ class MooncakeBackend:
                 results[j] = KeyError(keys[j])
             elif n == out.numel() + TRAILER.size:
                 ok.append(j)
-        crcs = self._checksums([memoryview(outs[j].numpy()) for j in ok])
+        crcs = self._checksums([outs[j].numpy().data for j in ok])
         for j, crc in zip(ok, crcs, strict=True):
             results[j] = outs[j].numel() if key_bound(crc, keys[j], outs[j].numel()) == stored[j] else \
                 CorruptBlock(f"mooncake value {keys[j].hex()} failed its crc32c check")
@@ -353,6 +355,7 @@ class MooncakeBackend:
 
     def _get_staged(self, key: bytes, out: torch.Tensor, offset: int, deadline: float) -> int:
         nbytes = out.numel()
+        stage: torch.Tensor | None
         n, stage = self._fetch(key, offset + nbytes + TRAILER.size, deadline)
         try:
             if n == NOT_FOUND:
@@ -372,7 +375,7 @@ class MooncakeBackend:
                 raise CorruptBlock(f"mooncake value {key.hex()} is shorter than its checksum")
             length = n - TRAILER.size
             check_span(length, offset, nbytes, key)
-            data = memoryview(stage.numpy())
+            data = stage.numpy().data
             if key_bound(_verify_copy(data, length, out, offset), key, length) != TRAILER.unpack_from(data, length)[0]:
                 raise CorruptBlock(f"mooncake value {key.hex()} failed its crc32c check")
             return nbytes
@@ -440,7 +443,7 @@ def _verify_copy(data: memoryview, length: int, out: torch.Tensor, offset: int) 
     MiB wakes its intra-op threads, which on a busy host costs more than the copy.
     """
     end = offset + out.numel()
-    dst = memoryview(out.numpy()).cast("B") if out.device.type == "cpu" and \
+    dst = out.numpy().data.cast("B") if out.device.type == "cpu" and \
         out.is_contiguous() else None
     crc = 0
     for lo in range(0, length, VERIFY_PIECE):

@@ -27,6 +27,7 @@ import logging
 import struct
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -81,7 +82,7 @@ class RedisBackend:
         self.chunk_bytes = chunk_bytes
         self._ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
         self._chunk_ttl_ms = None if ttl_s is None else int((ttl_s + CHUNK_TTL_SLACK_S) * 1000)
-        self._kwargs = dict(
+        self._kwargs: dict[str, Any] = dict(
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             socket_read_size=socket_read_size, retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
@@ -165,7 +166,7 @@ class RedisBackend:
         with _translate():
             client = self._get_client()
             if last == 0:  # fits the first chunk: most likely an inline value, one plain GET
-                res = [client.get(self._mkey(key))]
+                res: list[Any] = [client.get(self._mkey(key))]
             else:  # manifest and the chunks the span needs, in one pipelined round trip
                 pipe = client.pipeline(transaction=False)
                 pipe.get(self._mkey(key))
@@ -203,8 +204,8 @@ class RedisBackend:
         return nbytes
 
     def size(self, key: bytes) -> int | None:
-        with _translate():
-            head = self._get_client().getrange(self._mkey(key), 0, HEADER.size - 1)
+        with _translate():  # replies are bytes (no decode_responses)
+            head = cast(bytes, self._get_client().getrange(self._mkey(key), 0, HEADER.size - 1))
         if not head:
             return None
         return parse_header(head, key)[0]
@@ -212,7 +213,7 @@ class RedisBackend:
     def delete(self, key: bytes) -> bool:
         with _translate():
             client = self._get_client()
-            head = client.getrange(self._mkey(key), 0, HEADER.size - 1)
+            head = cast(bytes, client.getrange(self._mkey(key), 0, HEADER.size - 1))
             if not head:
                 return False
             _, _, nchunks, flags = parse_header(head, key)

@@ -18,6 +18,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 import redis.connection
@@ -45,10 +46,10 @@ class DirectReads:
         self._kwargs = connection_kwargs
         self._lock = threading.Lock()
         self._pool: redis.ConnectionPool | None = None
-        self._free: list[redis.connection.AbstractConnection] = []
+        self._free: list[Any] = []  # idle connections (redis-py's; we use their private socket)
         self._local = threading.local()  # per-thread line buffer: nothing allocated per read
 
-    def _checkout(self) -> redis.connection.AbstractConnection:
+    def _checkout(self) -> Any:
         while True:
             with self._lock:
                 conn = self._free.pop() if self._free else None
@@ -66,7 +67,7 @@ class DirectReads:
         conn.connect()
         return conn
 
-    def _checkin(self, conn: redis.connection.AbstractConnection) -> None:
+    def _checkin(self, conn: Any) -> None:
         with self._lock:
             if self._pool is not None:
                 self._free.append(conn)

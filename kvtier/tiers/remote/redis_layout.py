@@ -16,7 +16,7 @@ FLAG_INLINE = 1
 HEADER = struct.Struct("<4sBBHQII")  # magic, version, flags, reserved, length, chunk_bytes, nchunks
 
 
-def parse_header(buf: bytes, key: bytes) -> tuple[int, int, int, int]:
+def parse_header(buf: bytes | bytearray, key: bytes) -> tuple[int, int, int, int]:
     if len(buf) < HEADER.size:
         raise CorruptBlock(f"remote manifest of {key.hex()} is truncated ({len(buf)} bytes)")
     magic, version, flags, _, length, chunk_bytes, nchunks = HEADER.unpack_from(buf)

@@ -27,12 +27,14 @@ Guarantees:
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -45,7 +47,15 @@ from kvtier.tiers.remote.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_FAILED = object()
+
+
+class _Failed(enum.Enum):
+    """What ``_call`` returns for an engine call that failed or timed out (a typed sentinel)."""
+
+    FAILED = enum.auto()
+
+
+_FAILED = _Failed.FAILED
 _PROBE_KEY = b"kvtier-startup-probe"
 
 
@@ -134,7 +144,7 @@ class RemoteTier:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[[], T]) -> T | object:
+    def _call(self, fn: Callable[[], T]) -> T | Literal[_Failed.FAILED]:
         """Run one engine call through the breaker; return ``_FAILED`` on error or timeout."""
         if not self.breaker.allow():
             self._bump("short_circuits")
@@ -219,11 +229,12 @@ class RemoteTier:
         ``read_into`` would raise (``KeyError`` for misses, errors and timeouts alike,
         ``CorruptBlock`` after deleting the copy); never raises for a single block.
         """
-        if not isinstance(self.backend, RegisteredReads):
+        backend = self.backend
+        if not isinstance(backend, RegisteredReads):
             return [self._read_or_error(k, o) for k, o in zip(keys, outs, strict=True)]
         t0 = time.perf_counter()
         try:
-            got = self._call(lambda: self.backend.get_many_into(list(keys), list(outs)))
+            got = self._call(lambda: backend.get_many_into(list(keys), list(outs)))
         except InvalidRequest as e:
             return [e] * len(keys)
         if got is _FAILED:
@@ -233,7 +244,7 @@ class RemoteTier:
         for key, res in zip(keys, got, strict=True):
             if isinstance(res, CorruptBlock):
                 self._bump("corrupt_blocks")
-                self._call(lambda key=key: self.backend.delete(key))
+                self._call(functools.partial(backend.delete, key))
             elif isinstance(res, KeyError):
                 self._bump("read_misses")
         done = [n for n in got if not isinstance(n, Exception)]
@@ -355,7 +366,7 @@ class RemoteTier:
     def stats(self) -> dict:
         """A JSON-able snapshot: counters, bytes in flight, breaker, latency histograms."""
         with self._lock:
-            snap = dict(self._c)
+            snap: dict[str, Any] = dict(self._c)
             snap["inflight_bytes"] = self._inflight_bytes
             snap["inflight_puts"] = self._inflight_puts
             snap["read_seconds"] = self._read_seconds.to_dict()

@@ -1,0 +1,108 @@
+"""The sidecar client's HTTP calls as data, and its error answers as exceptions.
+
+An operation of the client (``kvtier.client_ops``) is a generator that yields the ``Call``s it
+needs and returns its result, so the sync and the async client share one implementation and
+each runs it with its own transport. An error answer becomes its ``kvtier.errors`` class by the
+name the server gives it, else ``RemoteError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import Any
+
+import httpx
+import msgpack
+
+from kvtier import errors as kerrors
+from kvtier.errors import KVTierError
+from kvtier.keys import as_token_array
+from kvtier.wire import MSGPACK, pack_pieces
+
+Op = Generator["Call", httpx.Response, Any]
+
+
+class Call:
+    """One HTTP request of an operation (what ``httpx``'s ``request`` takes)."""
+
+    __slots__ = ("method", "path", "json", "content", "headers", "params")
+
+    def __init__(self, method: str, path: str, *, json: Any = None, content: bytes | Pieces | None = None,
+                 headers: dict | None = None, params: dict | None = None) -> None:
+        self.method, self.path, self.json = method, path, json
+        self.content, self.headers, self.params = content, headers, params
+
+
+class RemoteError(KVTierError):
+    """An error answer the client has no local class for (401, 403, 413, 5xx...)."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(f"{status} {error}: {message}")
+        self.status, self.error, self.message = status, error, message
+
+
+_ERRORS: dict[str, type[KVTierError]] = {
+    name: cls for name, cls in vars(kerrors).items()
+    if isinstance(cls, type) and issubclass(cls, KVTierError)
+}
+
+
+def error_for(status: int, error: str, message: str) -> KVTierError:
+    cls = _ERRORS.get(error)
+    return cls(message) if cls is not None else RemoteError(status, error, message)
+
+
+def raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        body = resp.json()
+        error, message = str(body["error"]), str(body["message"])
+    except (ValueError, KeyError, TypeError):
+        error, message = "HTTPError", resp.text[:500]
+    raise error_for(resp.status_code, error, message)
+
+
+def headers_for(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def _packed_tokens(token_ids: Any) -> bytes:
+    """Token ids as little-endian int64 bytes: what ``kvtier.server.body`` takes without parsing."""
+    return as_token_array(token_ids).astype("<i8", copy=False).tobytes()
+
+
+def tokens_call(method: str, path: str, body: dict[str, Any], token_ids: Any,
+                 accept: str | None = None) -> Call:
+    """A request naming a prefix: msgpack with the token ids packed (``kvtier.server.body``); a
+    4K-token JSON body costs more to build and parse than the round trip itself."""
+    body = {**body, "token_ids": _packed_tokens(token_ids)}
+    headers = {"content-type": MSGPACK, **({"accept": accept} if accept else {})}
+    nbytes, pieces = pack_pieces(body)
+    if len(pieces) == 1:
+        return Call(method, path, content=bytes(pieces[0]), headers=headers)
+    # KV bodies go out as they lie in memory: the tensors' own bytes, never packed into one
+    # buffer (a 1 GiB put would be built twice), in pieces the transport sends without
+    # re-slicing a big buffer on every partial write.
+    return Call(method, path, content=Pieces(pieces), headers={**headers, "content-length": str(nbytes)})
+
+
+class Pieces:
+    """A request body sent piece by piece (``wire.pack_pieces``), by either client."""
+
+    def __init__(self, pieces: list[bytes | memoryview]) -> None:
+        self.pieces = pieces
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        return iter(self.pieces)
+
+    async def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
+        for piece in self.pieces:
+            yield piece
+
+
+def keys_call(method: str, path: str, namespace: str, keys: list[bytes],
+               accept: str | None = None) -> Call:
+    """A request naming engine blocks: msgpack with the keys as raw bytes."""
+    headers = {"content-type": MSGPACK, **({"accept": accept} if accept else {})}
+    return Call(method, path, content=msgpack.packb({"namespace": namespace, "keys": keys}), headers=headers)
