@@ -12,7 +12,9 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +23,9 @@ log = logging.getLogger(__name__)
 
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
-_preadv = os.preadv  # module-level so tests can inject faults
+# module-level so tests can inject faults; buffers are numpy arrays (typed Any: numpy's stubs
+# declare no buffer protocol before Python 3.12)
+_preadv: Callable[[int, Sequence[Any], int], int] = os.preadv
 
 
 def padded(n: int) -> int:

@@ -16,8 +16,10 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +27,8 @@ from kvtier.tiers.ssd.directio import ALIGN, O_DIRECT, aligned_empty, is_aligned
 
 log = logging.getLogger(__name__)
 
-_pwrite = os.pwrite  # module-level so tests can inject faults (ENOSPC, EIO)
+# module-level so tests can inject faults (ENOSPC, EIO); buffers may be numpy arrays
+_pwrite: Callable[[int, Any, int], int] = os.pwrite
 _fdatasync = os.fdatasync  # module-level so tests can record what was made durable, and when
 STAGING_BYTES = 8 * 1024**2  # per writing thread; larger records are written in pieces
 _staging = threading.local()
@@ -47,7 +50,7 @@ def list_segments(directory: Path) -> dict[int, Path]:
 
 @dataclass(slots=True, eq=False)
 class Segment:
-    """One open segment file. Counters are guarded by the tier's lock."""
+    """One open segment file. Counters are guarded by the store's lock."""
 
     id: int
     path: Path
@@ -151,9 +154,10 @@ def _stage_buffer() -> np.ndarray:
 
 
 class SegmentSet:
-    """The open segments and the write head. Callers hold the tier's lock around every method."""
+    """The open segments and the write head. Callers hold the store's lock around every method."""
 
-    def __init__(self, directory: Path, segment_bytes: int, direct: bool, on_create) -> None:
+    def __init__(self, directory: Path, segment_bytes: int, direct: bool,
+                 on_create: Callable[[], None]) -> None:
         self.directory = directory
         self.direct = direct
         self.segment_bytes = segment_bytes
@@ -161,6 +165,10 @@ class SegmentSet:
         self.active: Segment | None = None
         self.next_id = 1
         self._on_create = on_create  # called after a new segment file exists (dir fsync)
+
+    def is_active(self, seg: Segment) -> bool:
+        """Whether puts may still append to ``seg``."""
+        return seg is self.active
 
     def add(self, seg: Segment) -> None:
         self.by_id[seg.id] = seg
