@@ -7,7 +7,7 @@ never asks which kind of tier it talks to.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -102,3 +102,22 @@ class DiskBound(Protocol):
     for it; the tier's ``put`` refuses the block with ``StorageFull``. Cheap and thread-safe."""
 
     def short_of_disk(self, nbytes: int) -> bool: ...
+
+
+@runtime_checkable
+class BatchedPuts(Protocol):
+    """A tier that stores many blocks in one call, their writes in flight together and made
+    durable together (the SSD tier: one fdatasync per segment file written, one index
+    transaction — a group commit), where ``put`` after ``put`` pays each of those per block.
+
+    ``put_many(blocks)`` takes ``(key, data, meta)`` triples as ``put`` takes its arguments and
+    returns one entry per block: None when it is stored (or was already: first writer wins)
+    or the exception ``put`` would have raised for it (``StorageFull``, ``KVTierError``,
+    ``InvalidRequest``). It never raises for one block's failure, a failed block changes
+    nothing already stored, and when it returns every stored block is exactly as durable as
+    ``put`` would have left it (``durable`` tiers: acknowledged, or within the tier's commit
+    window). Thread-safe; calls from several threads write in parallel.
+    """
+
+    def put_many(self, blocks: Sequence[tuple[bytes, bytes | memoryview | torch.Tensor, BlockMeta]]
+                 ) -> list[Exception | None]: ...

@@ -219,8 +219,10 @@ class Store:
         with self.lock:
             return self.space.room_problem(self.blocks.used + self.blocks.reserved, nbytes, free)
 
-    def reserve(self, key: bytes, nbytes: int, *, inline: bool, free: int) -> Reservation | None:
-        """Claim room for a put of ``key`` (``free``: free disk measured by the caller).
+    def reserve(self, key: bytes, nbytes: int, *, inline: bool, free: int,
+                prefer: Segment | None = None) -> Reservation | None:
+        """Claim room for a put of ``key`` (``free``: free disk measured by the caller), in
+        segment ``prefer`` when it can take it.
 
         None if ``key`` is stored or being written (the put is a no-op). Raises StorageFull
         (budget, floor, disk) or KVTierError (closed, no segment could be created), counted.
@@ -240,7 +242,7 @@ class Store:
             seg, offset = None, 0
             if not inline:
                 try:
-                    seg, offset = self.segments.reserve(nbytes)
+                    seg, offset = self.segments.reserve(nbytes, prefer)
                 except OSError as e:  # e.g. the segment directory is gone
                     raise self._put_error(e, nbytes) from None
             self.blocks.begin_put(key, nbytes)

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,8 +54,12 @@ from kvtier.tiers.ssd.store import Store
 from kvtier.tiers.ssd.writer import Writer
 
 log = logging.getLogger(__name__)
+BlockData = bytes | bytearray | memoryview | torch.Tensor  # what put takes as a block's bytes
 
 DURABILITY = ("sync", "batch", "none")
+# Segments appended to at once (at most ``io_threads``), so concurrent puts write different
+# files; measured on ext4 / virtio: 4 concurrent writers went 1.4-1.8x faster than into one file.
+WRITE_STREAMS = 4
 _COUNTERS = ("corrupt_blocks", "index_errors", "put_failures", "disk_full", "bytes_read",
              "bytes_written", "blocks_read", "blocks_written", "direct_reads", "buffered_reads",
              "coalesced_reads", "compactions", "compacted_segments", "compacted_bytes", "expired")
@@ -83,7 +87,8 @@ class SSDTier:
             raise
         self.direct_io = bool(config.direct_io) and probe_direct_io(self.root / "segments")
         segments = SegmentSet(self.root / "segments", config.segment_bytes, self.direct_io,
-                              self._segment_created)
+                              self._segment_created,
+                              streams=min(WRITE_STREAMS, max(1, config.io_threads)))
         try:
             _upgrade(self.root, index, segments.directory)
             found = recover(index, segments)
@@ -99,7 +104,7 @@ class SSDTier:
                                                recovery_dropped=found.dropped))
         self._pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="kvtier-ssd")
         self._reader = Reader(self.store, self._pool)
-        self._writer = Writer(self.store, config.inline_threshold)
+        self._writer = Writer(self.store, config.inline_threshold, self._pool)
         self._stop = threading.Event()
         self._compact_interval_s = compact_interval_s
         self._flusher = threading.Thread(target=self._flush_loop, name="kvtier-ssd-flush",
@@ -164,7 +169,7 @@ class SSDTier:
         return [p for p in (self.space.problem(), self.store.damage()) if p is not None]
 
     # ---- writes ----------------------------------------------------------------------------
-    def put(self, key: bytes, data: bytes | memoryview | torch.Tensor, meta: BlockMeta) -> None:
+    def put(self, key: bytes, data: BlockData, meta: BlockMeta) -> None:
         """Store a block (whole or nothing). A key already stored is a no-op.
 
         Raises StorageFull (budget, disk floor, ENOSPC) or KVTierError (EIO, missing segment
@@ -182,6 +187,45 @@ class SSDTier:
                 raise self.store.refuse(
                     len(mv), f"ssd tier: no space under {self.root} to open the index for writes")
         self._writer.put(key, mv, meta, self._free_disk())
+
+    def put_many(self, blocks: Sequence[tuple[bytes, BlockData, BlockMeta]]
+                 ) -> list[Exception | None]:
+        """Store many blocks in one call (``BatchedPuts``): their writes in flight together,
+        made durable together — ``sync``: one fdatasync per segment written, then one index
+        transaction, before it returns; ``batch``: staged for the next batch commit; ``none``:
+        one transaction. Per block None (stored, or stored already) or the exception ``put``
+        would raise for it; never raises for one block, and a failed block changes nothing
+        stored."""
+        results: list[Exception | None] = [None] * len(blocks)
+        valid: list[tuple[bytes, memoryview, BlockMeta]] = []
+        where: list[int] = []
+        for i, block in enumerate(blocks):
+            try:
+                key, data, meta = block
+                _check_key(key)
+                if not isinstance(meta, BlockMeta):
+                    raise InvalidType(f"meta must be a BlockMeta, got {type(meta).__name__}")
+                mv = _byte_view(data)
+                if len(mv) == 0:
+                    raise InvalidRequest("cannot store an empty block")
+            except (KVTierError, TypeError, ValueError) as e:
+                results[i] = e if isinstance(e, KVTierError) else InvalidType(
+                    f"a block must be (key, data, meta), got {type(block).__name__} ({e})")
+                continue
+            valid.append((key, mv, meta))
+            where.append(i)
+        if not valid:
+            return results
+        if not self._marked:
+            self._marked = _mark_open(self.store.index, self.root)
+            if not self._marked:
+                why = f"ssd tier: no space under {self.root} to open the index for writes"
+                for i, (_, mv, _) in zip(where, valid, strict=True):
+                    results[i] = self.store.refuse(len(mv), why)
+                return results
+        for i, res in zip(where, self._writer.put_many(valid, self._free_disk()), strict=True):
+            results[i] = res
+        return results
 
     def _segment_created(self) -> None:
         if self.durability != "none":
@@ -388,7 +432,7 @@ def _check_key(key: bytes) -> None:
         raise InvalidRequest(f"key must be 1..511 bytes, got {len(key)}")
 
 
-def _byte_view(data: bytes | bytearray | memoryview | torch.Tensor) -> memoryview:
+def _byte_view(data: BlockData) -> memoryview:
     if isinstance(data, torch.Tensor):
         t = data.detach()
         if t.device.type != "cpu":
