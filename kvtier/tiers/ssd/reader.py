@@ -1,10 +1,15 @@
 """Reads for the SSD tier: resolve keys, coalesce adjacent records, read on the I/O pool, verify.
 
 Requests are resolved and their segments pinned by the store, then read without its lock.
-Records of one segment lying end to end (gaps up to ``MAX_GAP``: the 4 KiB padding) become one
-``preadv`` with a buffer per block and a scratch buffer per gap. Whole-block reads are checked
-against the stored crc32c in the pool thread (crc32c releases the GIL), and so is the head of
-a read from byte 0 (both checksums are bound to the key: ``index.matches``).
+A read goes O_DIRECT whenever its destination is congruent to its file offset modulo 4 KiB
+(``directio.DirectRead``: 4 KiB-aligned memory for a whole block or a 4 KiB-aligned range; a
+partial first or last page through a bounce page), else through the page cache; the counters
+say which (``direct_reads`` only when every byte came O_DIRECT). Non-CPU destinations read
+into a staging buffer allocated congruent. Records of one segment lying end to end (gaps up to
+``MAX_GAP``: the 4 KiB padding) become one ``preadv`` with a buffer per block and a discard
+buffer per gap. Whole-block reads are checked against the stored crc32c in the pool thread
+(crc32c releases the GIL), and so is the head of a read from byte 0 (both checksums are bound
+to the key: ``index.matches``); other ranges are verified by the caller (per-layer crc).
 """
 
 from __future__ import annotations
@@ -19,14 +24,23 @@ import torch
 
 from kvtier.errors import CorruptBlock, InvalidRequest, InvalidType, KVTierError
 from kvtier.tiers.ssd import directio
-from kvtier.tiers.ssd.directio import ALIGN, aligned_empty, is_aligned, read_exact, read_vectored
+from kvtier.tiers.ssd.directio import (
+    ALIGN,
+    DirectRead,
+    aligned_empty,
+    bounce_pages,
+    congruent,
+    read_vectored,
+)
 from kvtier.tiers.ssd.index import Location, matches
 from kvtier.tiers.ssd.segments import Segment
 from kvtier.tiers.ssd.store import Store
 
 MAX_GAP = 64 * 1024
 MAX_RUN = 64 * 1024**2
-MAX_IOV = min(512, os.sysconf("SC_IOV_MAX") // 2 if hasattr(os, "sysconf") else 512)
+# reads per coalesced preadv: each takes up to 4 buffers (gap, first page, bulk, last page)
+MAX_READS = min(256, (os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024) // 4)
+_discard: np.ndarray | None = None  # where the bytes of gaps between coalesced records go
 
 ReadRequest = tuple[bytes, torch.Tensor, int]  # (key, out, offset)
 
@@ -54,16 +68,21 @@ class _Read:
         return self.loc.offset + self.offset
 
 
-def host_array(out: torch.Tensor) -> tuple[np.ndarray, bool]:
-    """The numpy view to read into (out's own memory on CPU, else a staging buffer)."""
+def check_out(out: torch.Tensor) -> None:
+    """Raise unless ``out`` is a destination ``read_into`` takes."""
     if not isinstance(out, torch.Tensor):
         raise InvalidType(f"out must be a torch.Tensor, got {type(out).__name__}")
     if out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous():
         raise InvalidRequest(f"out must be a contiguous 1-D uint8 tensor, got {out.dtype} "
                              f"of shape {tuple(out.shape)}")
+
+
+def landing(out: torch.Tensor, n: int, file_offset: int) -> tuple[np.ndarray, bool]:
+    """Where ``n`` bytes from ``file_offset`` land: ``out``'s own memory on CPU, else a staging
+    buffer congruent to the offset (so it reads O_DIRECT); and whether it is staged."""
     if out.device.type == "cpu":
         return out.numpy(), False
-    return aligned_empty(out.numel()).numpy(), True
+    return aligned_empty(n, phase=file_offset % ALIGN).numpy(), True
 
 
 class Reader:
@@ -79,10 +98,10 @@ class Reader:
         Why a separate path: at thousands of small reads a second from many threads on a small
         machine, every object, call and lock round per read is CPU the disk is waiting for. This
         path takes the store's lock twice (resolve and pin; unpin and count), allocates no
-        record, and issues one ``preadv`` for an aligned whole-block read. Same checks and
-        outcomes as ``read_many``: whole-block reads are verified against the stored crc32c, a
-        mismatch or a short read drops the block and raises ``CorruptBlock``. Inline blocks and
-        non-CPU destinations take the general path.
+        record, and issues one ``preadv`` (O_DIRECT when ``out`` is congruent to the range).
+        Same checks and outcomes as ``read_many``: whole-block reads are verified against the
+        stored crc32c, a mismatch or a short read drops the block and raises ``CorruptBlock``.
+        Inline blocks and non-CPU destinations take the general path.
         """
         if type(out) is not torch.Tensor or out.dtype is not torch.uint8 or out.dim() != 1 \
                 or not out.is_contiguous() or not out.is_cpu:
@@ -99,15 +118,7 @@ class Reader:
         start = loc.offset + offset
         got, direct, crc_ok, error = 0, False, True, None
         try:
-            dfd = seg.dfd
-            if dfd >= 0 and n % ALIGN == 0 and start % ALIGN == 0 and out.data_ptr() % ALIGN == 0:
-                got = _preadv_direct(dfd, arr, start)  # the common case: one aligned O_DIRECT preadv
-                direct = got > 0
-                if got < n:
-                    more, _ = read_exact(seg.fd, -1, arr[got:], start + got)
-                    got += more
-            else:
-                got, direct = read_exact(seg.fd, dfd, arr, start)
+            got, direct = read_range(seg, arr, start)
             if got == n:
                 crc_ok = matches(key, loc, arr, offset)
         except OSError as e:
@@ -138,22 +149,27 @@ class Reader:
         prepared = []
         for i, (key, out, offset) in enumerate(requests):
             try:
-                arr, staged = host_array(out)
+                check_out(out)
                 if not isinstance(offset, int) or offset < 0:
                     raise InvalidRequest(f"offset must be a non-negative int, got {offset!r}")
             except KVTierError as e:
                 results[i] = e
                 continue
-            prepared.append((i, key, out, arr, staged, offset))
-        pins = self.store.pin_many((p[1], p[5]) for p in prepared)
+            prepared.append((i, key, out, offset))
+        pins = self.store.pin_many((p[1], p[3]) for p in prepared)
         reads: list[_Read] = []
-        for (i, key, out, arr, staged, offset), pin in zip(prepared, pins, strict=True):
-            if isinstance(pin, Exception):
-                results[i] = pin
-                continue
-            loc, seg, blob = pin
-            n = min(len(arr), loc.length - offset)
-            reads.append(_Read(i, key, out, arr, staged, loc, offset, n, seg, blob))
+        try:
+            for (i, key, out, offset), pin in zip(prepared, pins, strict=True):
+                if isinstance(pin, Exception):
+                    results[i] = pin
+                    continue
+                loc, seg, blob = pin
+                n = min(out.numel(), loc.length - offset)
+                arr, staged = landing(out, n, loc.offset + offset)
+                reads.append(_Read(i, key, out, arr, staged, loc, offset, n, seg, blob))
+        except BaseException:
+            self.store.unpin(p[1] for p in pins if not isinstance(p, Exception))
+            raise
         try:
             for r in reads:
                 if r.seg is None:
@@ -211,14 +227,32 @@ class Reader:
             store.served(done)
 
 
-def _preadv_direct(dfd: int, arr: np.ndarray, start: int) -> int:
-    """One O_DIRECT ``preadv``; 0 on EINVAL (the caller then reads buffered)."""
-    try:
-        return directio._preadv(dfd, [arr], start)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        return 0
+def read_range(seg: Segment, arr: np.ndarray, start: int) -> tuple[int, bool]:
+    """Read ``len(arr)`` bytes of ``seg`` from ``start`` into ``arr``: O_DIRECT when ``arr`` is
+    congruent to ``start``, else (or on EINVAL) buffered. Returns (bytes filled — short only at
+    the end of the file —, whether every byte came O_DIRECT)."""
+    n = len(arr)
+    filled = 0
+    if n and seg.dfd >= 0 and congruent(arr, start):
+        plan = DirectRead(arr, start, bounce_pages(2))
+        try:
+            filled = plan.finish(read_vectored(seg.dfd, plan.iov, plan.lo))
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        if filled == n:
+            return n, True
+    return filled + _buffered(seg.fd, arr[filled:], start + filled), False
+
+
+def _buffered(fd: int, arr: np.ndarray, start: int) -> int:
+    done, n = 0, len(arr)
+    while done < n:
+        got = directio._preadv(fd, [arr[done:]], start + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def plan_runs(reads: list[_Read]) -> list[list[_Read]]:
@@ -231,7 +265,7 @@ def plan_runs(reads: list[_Read]) -> list[list[_Read]]:
         if run is not None:
             last = run[-1]
             end = last.start + last.n
-            if (last.seg is r.seg and 0 <= r.start - end <= MAX_GAP and len(run) < MAX_IOV
+            if (last.seg is r.seg and 0 <= r.start - end <= MAX_GAP and len(run) < MAX_READS
                     and r.start + r.n - run[0].start <= MAX_RUN):
                 run.append(r)
                 continue
@@ -249,7 +283,7 @@ def _read_run(run: list[_Read]) -> None:
     try:
         if len(run) == 1:
             r = run[0]
-            r.got, r.direct = read_exact(seg.fd, seg.dfd, r.arr[:r.n], r.start)
+            r.got, r.direct = read_range(seg, r.arr[:r.n], r.start)
         else:
             _read_coalesced(seg, run)
         for r in run:
@@ -262,24 +296,47 @@ def _read_run(run: list[_Read]) -> None:
 
 
 def _read_coalesced(seg: Segment, run: list[_Read]) -> None:
+    """One ``preadv`` for the run: O_DIRECT when every read can go direct and no two share a
+    page, else (or on EINVAL) through the page cache."""
+    for r in run:
+        r.coalesced = True
+    if seg.dfd >= 0 and all(congruent(r.arr, r.start) for r in run):
+        bounce = bounce_pages(2 * len(run))
+        plans = [DirectRead(r.arr[:r.n], r.start, bounce) for r in run]
+        if all(b.lo >= a.hi for a, b in zip(plans, plans[1:], strict=False)):
+            iov, pos = [], plans[0].lo
+            for p in plans:
+                if p.lo > pos:
+                    iov.append(_gap(p.lo - pos))
+                iov.extend(p.iov)
+                pos = p.hi
+            try:
+                total = read_vectored(seg.dfd, iov, plans[0].lo)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+            else:
+                for r, p in zip(run, plans, strict=True):
+                    r.got = p.finish(total - (p.lo - plans[0].lo))
+                    r.direct = r.got == r.n
+                return
     base = run[0].start
-    direct = seg.dfd >= 0 and base % ALIGN == 0 and all(
-        is_aligned(r.arr) and r.n % ALIGN == 0 for r in run)
     arrays, pos = [], base
     for r in run:
         if r.start > pos:
-            gap = r.start - pos
-            arrays.append(aligned_empty(gap).numpy() if direct else np.empty(gap, np.uint8))
+            arrays.append(_gap(r.start - pos))
         arrays.append(r.arr[:r.n])
         pos = r.start + r.n
-    try:
-        total = read_vectored(seg.dfd if direct else seg.fd, arrays, base)
-    except OSError as e:
-        if not direct or e.errno != errno.EINVAL:
-            raise
-        direct = False
-        total = read_vectored(seg.fd, arrays, base)
+    total = read_vectored(seg.fd, arrays, base)
     for r in run:
         r.got = max(0, min(r.n, total - (r.start - base)))
-        r.direct = direct
-        r.coalesced = True
+        r.direct = False
+
+
+def _gap(n: int) -> np.ndarray:
+    """``n`` bytes of a shared, aligned buffer for the bytes between coalesced records (what
+    lands there is never read, so every gap of every thread may share it)."""
+    global _discard
+    if _discard is None:
+        _discard = aligned_empty(MAX_GAP + ALIGN).numpy()
+    return _discard[:n]

@@ -22,39 +22,29 @@ opens the data directory, composes them, and runs the background flush.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
 from kvtier.config import SSDTierConfig, format_size
-from kvtier.errors import DataDirError, InvalidRequest, InvalidType, KVTierError, StorageFull
+from kvtier.errors import InvalidRequest, InvalidType, KVTierError
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.ssd import compaction
-from kvtier.tiers.ssd.datadir import (
-    VERSION,
-    format_version,
-    fsync_dir,
-    open_data_dir,
-    write_version,
-)
-from kvtier.tiers.ssd.directio import probe_direct_io
+from kvtier.tiers.ssd.datadir import fsync_dir
 from kvtier.tiers.ssd.index import Index, Location
-from kvtier.tiers.ssd.migrate import bind_keys
+from kvtier.tiers.ssd.opening import close_cleanly, mark_open, open_directory
 from kvtier.tiers.ssd.reader import Reader, ReadRequest
-from kvtier.tiers.ssd.recovery import check, open_index, recover
-from kvtier.tiers.ssd.segments import Segment, SegmentSet
+from kvtier.tiers.ssd.recovery import check
+from kvtier.tiers.ssd.segments import SegmentSet
 from kvtier.tiers.ssd.space import DiskSpace, free_bytes
 from kvtier.tiers.ssd.store import Store
-from kvtier.tiers.ssd.writer import Writer
+from kvtier.tiers.ssd.writer import BlockData, Writer, check_block
 
 log = logging.getLogger(__name__)
-BlockData = bytes | bytearray | memoryview | torch.Tensor  # what put takes as a block's bytes
 
 DURABILITY = ("sync", "batch", "none")
 # Segments appended to at once (at most ``io_threads``), so concurrent puts write different
@@ -79,27 +69,15 @@ class SSDTier:
                 f"unknown ssd durability {config.durability!r}: expected one of {DURABILITY}")
         self.config = config
         self.durability = config.durability
-        self.root, self._lock_fd = open_data_dir(config.path)
-        try:
-            index = open_index(self.root, config.map_size, sync=config.durability != "none")
-        except DataDirError:
-            os.close(self._lock_fd)
-            raise
-        self.direct_io = bool(config.direct_io) and probe_direct_io(self.root / "segments")
-        segments = SegmentSet(self.root / "segments", config.segment_bytes, self.direct_io,
-                              self._segment_created,
-                              streams=min(WRITE_STREAMS, max(1, config.io_threads)))
-        try:
-            _upgrade(self.root, index, segments.directory)
-            found = recover(index, segments)
-            self._marked = _mark_open(index, self.root)
-        except Exception as e:
-            _close_files(segments, index, self._lock_fd)
-            raise DataDirError(f"data directory {self.root}: recovery failed ({e})") from None
+        opened = open_directory(config, min(WRITE_STREAMS, max(1, config.io_threads)),
+                                self._segment_created)
+        self.root, self._lock_fd, self.direct_io = opened.root, opened.lock_fd, opened.direct_io
+        self._marked = opened.marked
+        found = opened.found
         # ``free`` goes through ``_free_disk`` at call time: the seam tests blind to reach ENOSPC
         self.space = DiskSpace(self.root, config.capacity_bytes, config.min_free_bytes,
                                free=lambda: self._free_disk())
-        self.store = Store(self.root, index, segments, found.locations, self.durability,
+        self.store = Store(self.root, opened.index, opened.segments, found.locations, self.durability,
                            self.space, Counter(recovered_blocks=len(found.locations),
                                                recovery_dropped=found.dropped))
         self._pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="kvtier-ssd")
@@ -175,17 +153,9 @@ class SSDTier:
         Raises StorageFull (budget, disk floor, ENOSPC) or KVTierError (EIO, missing segment
         directory) for this put only; nothing already stored is touched.
         """
-        _check_key(key)
-        if not isinstance(meta, BlockMeta):
-            raise InvalidType(f"meta must be a BlockMeta, got {type(meta).__name__}")
-        mv = _byte_view(data)
-        if len(mv) == 0:
-            raise InvalidRequest("cannot store an empty block")
-        if not self._marked:
-            self._marked = _mark_open(self.store.index, self.root)
-            if not self._marked:
-                raise self.store.refuse(
-                    len(mv), f"ssd tier: no space under {self.root} to open the index for writes")
+        mv = check_block(key, data, meta)
+        if not self._open_for_writes():
+            raise self.store.refuse(len(mv), self._unmarked)
         self._writer.put(key, mv, meta, self._free_disk())
 
     def put_many(self, blocks: Sequence[tuple[bytes, BlockData, BlockMeta]]
@@ -202,30 +172,32 @@ class SSDTier:
         for i, block in enumerate(blocks):
             try:
                 key, data, meta = block
-                _check_key(key)
-                if not isinstance(meta, BlockMeta):
-                    raise InvalidType(f"meta must be a BlockMeta, got {type(meta).__name__}")
-                mv = _byte_view(data)
-                if len(mv) == 0:
-                    raise InvalidRequest("cannot store an empty block")
-            except (KVTierError, TypeError, ValueError) as e:
-                results[i] = e if isinstance(e, KVTierError) else InvalidType(
-                    f"a block must be (key, data, meta), got {type(block).__name__} ({e})")
-                continue
-            valid.append((key, mv, meta))
-            where.append(i)
+                valid.append((key, check_block(key, data, meta), meta))
+                where.append(i)
+            except KVTierError as e:
+                results[i] = e
+            except (TypeError, ValueError) as e:
+                results[i] = InvalidType(f"a block must be (key, data, meta), got "
+                                         f"{type(block).__name__} ({e})")
         if not valid:
             return results
-        if not self._marked:
-            self._marked = _mark_open(self.store.index, self.root)
-            if not self._marked:
-                why = f"ssd tier: no space under {self.root} to open the index for writes"
-                for i, (_, mv, _) in zip(where, valid, strict=True):
-                    results[i] = self.store.refuse(len(mv), why)
-                return results
+        if not self._open_for_writes():
+            for i, (_, mv, _) in zip(where, valid, strict=True):
+                results[i] = self.store.refuse(len(mv), self._unmarked)
+            return results
         for i, res in zip(where, self._writer.put_many(valid, self._free_disk()), strict=True):
             results[i] = res
         return results
+
+    def _open_for_writes(self) -> bool:
+        """Whether the in-use mark is written (``opening.mark_open``): puts need it."""
+        if not self._marked:
+            self._marked = mark_open(self.store.index, self.root)
+        return self._marked
+
+    @property
+    def _unmarked(self) -> str:
+        return f"ssd tier: no space under {self.root} to open the index for writes"
 
     def _segment_created(self) -> None:
         if self.durability != "none":
@@ -371,73 +343,11 @@ class SSDTier:
         self.flush()
         self._flush_touches()
         self._pool.shutdown(wait=True)
-        index, segments = self.store.index, self.store.segments
-        try:
-            if self.durability == "none":
-                for seg in list(segments.by_id.values()):
-                    seg.sync()
-            index.set_flag(b"clean", b"1")
-            index.sync()
-        except (OSError, KVTierError) as e:  # the next open then treats it as a crash
-            log.error("ssd tier under %s did not close cleanly: %s", self.root, e)
-        finally:
-            _close_files(segments, index, self._lock_fd)
+        close_cleanly(self.store.segments, self.store.index, self._lock_fd, self.root,
+                      sync_segments=self.durability == "none")
 
     def __enter__(self) -> SSDTier:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _upgrade(root: Path, index: Index, segment_dir: Path) -> None:
-    """Bind a format-1 directory's records to their keys (``migrate``); the version file says 2
-    once all are. On a full disk it is left for the next open: format-1 records stay readable
-    (checked the old way) meanwhile."""
-    if format_version(root) >= VERSION:
-        return
-    try:
-        bind_keys(index, segment_dir)
-        write_version(root, VERSION)
-    except (StorageFull, OSError) as e:
-        log.warning("ssd tier under %s stays at format 1 until the next open: %s", root, e)
-
-
-def _mark_open(index: Index, root: Path) -> bool:
-    """Record that the directory is open (a clean close clears it), so a crash is known at the
-    next open. False while the index cannot take the write (a full disk): the tier still opens
-    and serves reads, and puts are refused until the mark is written."""
-    try:
-        index.set_flag(b"clean", b"0")
-        index.sync()
-    except StorageFull as e:
-        log.warning("ssd tier under %s cannot mark itself open yet: %s", root, e)
-        return False
-    return True
-
-
-def _close_files(segments: SegmentSet, index: Index, lock_fd: int) -> None:
-    seg: Segment
-    for seg in list(segments.by_id.values()):
-        seg.close()
-    segments.by_id.clear()
-    index.close()
-    os.close(lock_fd)
-
-
-def _check_key(key: bytes) -> None:
-    if not isinstance(key, bytes):
-        raise InvalidType(f"key must be bytes, got {type(key).__name__}")
-    if not 1 <= len(key) <= 511:
-        raise InvalidRequest(f"key must be 1..511 bytes, got {len(key)}")
-
-
-def _byte_view(data: BlockData) -> memoryview:
-    if isinstance(data, torch.Tensor):
-        t = data.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return memoryview(data).cast("B")
-    raise InvalidType(f"block data must be bytes, memoryview or a tensor, got {type(data).__name__}")

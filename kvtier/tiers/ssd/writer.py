@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
+import torch
 
-from kvtier.errors import KVTierError
+from kvtier.errors import InvalidRequest, InvalidType, KVTierError
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.ssd.directio import padded
 from kvtier.tiers.ssd.index import Location, Record, seal
@@ -24,6 +25,30 @@ from kvtier.tiers.ssd.segments import Segment, sync_all, sync_each
 from kvtier.tiers.ssd.store import Reservation, Store
 
 log = logging.getLogger(__name__)
+BlockData = bytes | bytearray | memoryview | torch.Tensor  # what put takes as a block's bytes
+
+
+def check_block(key: bytes, data: BlockData, meta: BlockMeta) -> memoryview:
+    """A put's arguments checked (InvalidType, InvalidRequest); the block's bytes as a view."""
+    if not isinstance(key, bytes):
+        raise InvalidType(f"key must be bytes, got {type(key).__name__}")
+    if not 1 <= len(key) <= 511:
+        raise InvalidRequest(f"key must be 1..511 bytes, got {len(key)}")
+    if not isinstance(meta, BlockMeta):
+        raise InvalidType(f"meta must be a BlockMeta, got {type(meta).__name__}")
+    if isinstance(data, torch.Tensor):
+        t = data.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        mv = t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        mv = memoryview(data).cast("B")
+    else:
+        raise InvalidType(
+            f"block data must be bytes, memoryview or a tensor, got {type(data).__name__}")
+    if len(mv) == 0:
+        raise InvalidRequest("cannot store an empty block")
+    return mv
 
 
 class Writer:
