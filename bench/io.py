@@ -6,9 +6,10 @@ It drives the tier's own code — ``SSDTier.put`` / ``read_into`` / ``read_many_
 latency percentiles, and a JSON document with fio's field names (``jobs[].read.bw_bytes``...).
 
 Engines: ``sync`` (default) keeps ``numjobs x iodepth`` requests in flight, each on its own thread
-calling ``read_into`` — what fio's libaio engine does with one job at that depth, and the only way
-to time each request. ``batch`` issues ``read_many_into`` calls of ``iodepth`` requests per job
-(the loader's path); each request's completion latency is then its batch's.
+calling ``read_into`` (writes: ``put``) — what fio's libaio engine does with one job at that depth,
+and the only way to time each request. ``batch`` issues ``read_many_into`` (writes: ``put_many``)
+calls of ``iodepth`` requests per job (the loader's path); each request's completion latency is
+then its batch's.
 
 Destination buffers: one per request in flight, reused (fio's pattern) unless ``buffers`` asks
 for a ring per request in flight (0: 16 across the jobs, what the loader's staging ring holds,
@@ -350,7 +351,8 @@ def _measure(tier, p: IOParams, payloads: _Payloads, progress: Progress | None) 
     for j in jobs:
         j.start = j.jid * p.blocks // nthreads
         j.keys = keys  # no key formatting per read
-    per_job_ios = math.ceil(p.blocks / nthreads) if p.runtime == 0 else None
+    per_op = p.iodepth if p.engine == "batch" else 1  # blocks each op of a job moves
+    per_job_ios = math.ceil(p.blocks / (nthreads * per_op)) if p.runtime == 0 else None
     stop = threading.Event()
     meta = _meta(p.codec)
     t0 = time.perf_counter()
@@ -396,8 +398,10 @@ def _worker(tier, job: _Job, stop: threading.Event, deadline: float, ios: int | 
         while not stop.is_set() and (ios is None or n_ops < ios):
             if time.perf_counter() >= deadline:
                 break
-            if p.rw in ("write", "randwrite") or (p.rw == "randrw"
-                                                  and job.rng.integers(100) >= p.rwmixread):
+            if p.rw in ("write", "randwrite") and p.engine == "batch":
+                _batch_write(tier, job, meta)
+            elif p.rw in ("write", "randwrite") or (p.rw == "randrw"
+                                                    and job.rng.integers(100) >= p.rwmixread):
                 _one_write(tier, job, meta)
             else:
                 _read_batch(tier, job, n_ops)
@@ -414,6 +418,29 @@ def _one_write(tier, job: _Job, meta) -> None:
     _put(tier, key, data, meta)
     job.lat["write"].append(time.perf_counter_ns() - t)
     job.bytes["write"] += job.p.bs
+
+
+def _batch_write(tier, job: _Job, meta) -> None:
+    """``iodepth`` blocks in one ``put_many`` (``BatchedPuts``; else one ``put`` each): the
+    batch is written and made durable together; each block's latency is its batch's."""
+    from kvtier.tiers.base import BatchedPuts
+
+    p = job.p
+    blocks = []
+    for _ in range(p.iodepth):
+        blocks.append((_write_key(p, job.jid, job.seq), job.payloads.get(job.seq + 1), meta))
+        job.seq += 1
+    t = time.perf_counter_ns()
+    if isinstance(tier, BatchedPuts):
+        for r in tier.put_many(blocks):
+            if r is not None:
+                raise r
+    else:
+        for key, data, m in blocks:
+            _put(tier, key, data, m)
+    dt = time.perf_counter_ns() - t
+    job.lat["write"].extend([dt] * len(blocks))
+    job.bytes["write"] += p.bs * len(blocks)
 
 
 def _write_key(p: IOParams, jid: int, seq: int) -> bytes:

@@ -65,7 +65,7 @@ _ENTRY = struct.Struct("<QII")
 
 def checksum(data: bytes | bytearray | memoryview | np.ndarray, value: int = 0) -> int:
     """crc32c (hardware-accelerated), the one checksum kvtier uses everywhere."""
-    return crc32c.crc32c(data, value)
+    return crc32c.crc32c(data.data if isinstance(data, np.ndarray) else data, value)
 
 
 class LayerEntry(NamedTuple):  # a tuple: decoding a block parses one per layer, fast
@@ -254,12 +254,12 @@ def _head_bytes(buf: bytes | bytearray | memoryview | torch.Tensor) -> memoryvie
     if not isinstance(buf, torch.Tensor):
         return memoryview(buf).cast("B")
     if buf.device.type == "cpu":
-        return memoryview(buf.reshape(-1).numpy())
-    fixed = buf[: _FIXED.size].cpu().numpy()
+        return buf.reshape(-1).numpy().data
+    fixed = buf[: _FIXED.size].cpu().numpy().data
     if len(fixed) < _FIXED.size:
-        return memoryview(fixed)
+        return fixed
     _, _, clen, _, n_layers, _, _ = _FIXED.unpack_from(fixed)
-    return memoryview(buf[: _FIXED.size + _pad8(clen) + n_layers * _ENTRY.size].cpu().numpy())
+    return buf[: _FIXED.size + _pad8(clen) + n_layers * _ENTRY.size].cpu().numpy().data
 
 
 def decode_layer_into(

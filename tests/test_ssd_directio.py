@@ -6,12 +6,13 @@ import errno
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from kvtier.config import SSDTierConfig
 from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError
-from kvtier.tiers.ssd import SSDTier, aligned_empty, segments
+from kvtier.tiers.ssd import SSDTier, aligned_empty, directio, segments
 from tests.ssd_child import meta_for
 
 
@@ -146,3 +147,100 @@ def test_read_into_on_a_closed_tier_fails_cleanly(tmp_path):
     tier.close()
     with pytest.raises(KVTierError, match="closed"):
         tier.read_into(b"k", aligned_empty(20_000))
+
+
+# ---- reads straight into the caller's memory, O_DIRECT (docs/ssd.md "Reads") ------------------
+
+def direct_tier(tmp_path: Path, **kw) -> SSDTier:
+    tier = SSDTier(config(tmp_path, **kw))
+    if not tier.direct_io:
+        tier.close()
+        pytest.skip("no O_DIRECT on this file system (tmpfs has none): reads go buffered there")
+    return tier
+
+
+def recording_preadv(monkeypatch) -> list[int]:
+    """Record the descriptor of every positional read the tier makes."""
+    fds, real = [], directio._preadv
+
+    def preadv(fd, buffers, offset):
+        fds.append(fd)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(directio, "_preadv", preadv)
+    return fds
+
+
+def test_whole_block_and_range_reads_into_aligned_memory_go_direct(tmp_path, monkeypatch):
+    """A block whose length is not a multiple of 4 KiB, read whole into aligned memory, and
+    ranges read into memory congruent to their offset (``aligned_empty(n, phase=...)``): every
+    byte comes O_DIRECT — the partial last (and first) page through a bounce page — and each
+    read counts as direct."""
+    data = os.urandom(300_001)  # a tail of 1,089 bytes past the last whole page
+    with direct_tier(tmp_path) as tier:
+        tier.put(b"k", data, meta_for(0))
+        dfds = {seg.dfd for seg in tier._segments.by_id.values()}
+        fds = recording_preadv(monkeypatch)
+        cases = [(0, len(data), 0), (8192, 50_000, 0), (100, 70_000, 100), (4000, 200, 4000),
+                 (len(data) - 777, 777, (len(data) - 777) % 4096)]
+        for offset, n, phase in cases:
+            before = tier.stats()
+            buf = aligned_empty(n + 8192, phase=phase)
+            buf.fill_(0xAB)
+            out = buf[:n]
+            assert tier.read_into(b"k", out, offset=offset) == n
+            assert out.numpy().tobytes() == data[offset:offset + n], (offset, n)
+            assert (buf[n:] == 0xAB).all(), "a read wrote past its destination"
+            after = tier.stats()
+            assert after["direct_reads"] == before["direct_reads"] + 1, (offset, n)
+            assert after["buffered_reads"] == before["buffered_reads"]
+        assert fds and set(fds) <= dfds, "a read went through the page cache"
+        # memory not congruent to the offset cannot go direct: counted buffered, bytes right
+        before = tier.stats()["buffered_reads"]
+        out = aligned_empty(5000, phase=1)
+        assert tier.read_into(b"k", out, offset=0) == 5000 and out.numpy().tobytes() == data[:5000]
+        assert tier.stats()["buffered_reads"] == before + 1
+
+
+def test_read_many_whole_blocks_into_aligned_memory_coalesce_direct(tmp_path, monkeypatch):
+    blocks = {bytes([i]) * 16: os.urandom(50_000 + 999 * i) for i in range(6)}  # ragged tails
+    with direct_tier(tmp_path) as tier:
+        for key, data in blocks.items():
+            tier.put(key, data, meta_for(0))
+        dfds = {seg.dfd for seg in tier._segments.by_id.values()}
+        fds = recording_preadv(monkeypatch)
+        reqs = [(k, aligned_empty(len(d)), 0) for k, d in blocks.items()]
+        assert tier.read_many_into(reqs) == [len(d) for d in blocks.values()]
+        assert all(out.numpy().tobytes() == blocks[k] for k, out, _ in reqs)
+        stats = tier.stats()
+        assert stats["direct_reads"] == len(blocks) and stats["buffered_reads"] == 0
+        assert stats["coalesced_reads"] == len(blocks)
+        assert set(fds) <= dfds and len(fds) < len(blocks)  # one preadv for the run
+
+
+def test_direct_read_plan_fills_exactly_its_range():
+    """``DirectRead`` against an in-memory 'file': every start/length around page edges, and
+    short reads at the end of the file, fill exactly what arrived and nothing else."""
+    src = np.frombuffer(os.urandom(5 * 4096), dtype=np.uint8)
+    for start in (0, 1, 4095, 4096, 5000):
+        for n in (1, 100, 4096 - start % 4096, 4096, 4097, 8192 + 3):
+            if start + n > len(src):
+                continue
+            for got_cap in (None, 4096, 1):
+                buf = aligned_empty(n + 4096 + 8192, phase=start % 4096).numpy()
+                buf[:] = 0xAB
+                arr = buf[:n]
+                plan = directio.DirectRead(arr, start, directio.bounce_pages(2))
+                assert plan.lo % 4096 == 0 and plan.hi % 4096 == 0
+                assert all(directio.is_aligned(a) and len(a) % 4096 == 0 for a in plan.iov)
+                avail = len(src) - plan.lo if got_cap is None else min(got_cap, len(src) - plan.lo)
+                pos = plan.lo
+                for a in plan.iov:  # what preadv would do from plan.lo, stopping at `avail`
+                    k = max(0, min(len(a), plan.lo + avail - pos))
+                    a[:k] = src[pos:pos + k]
+                    pos += len(a)
+                filled = plan.finish(avail)
+                want = max(0, min(n, plan.lo + avail - start))
+                assert filled == want, (start, n, got_cap)
+                assert arr[:filled].tobytes() == src[start:start + filled].tobytes()
+                assert (buf[n:] == 0xAB).all()

@@ -46,13 +46,20 @@ class Disk:
         self.tier = tier
         # the seams themselves are the real calls (a no-op there would fool everything below)
         assert segments._pwrite is os.pwrite and segments._fdatasync is os.fdatasync
+        assert segments._pwritev is os.pwritev
         assert tier_mod.fsync_dir is datadir.fsync_dir
         real_pwrite, real_sync, real_dirsync = segments._pwrite, segments._fdatasync, tier_mod.fsync_dir
+        real_pwritev = segments._pwritev
         real_open = segments.Segment.open.__func__
         index = tier._index
 
         def pwrite(fd, data, offset):
             n = real_pwrite(fd, data, offset)
+            self._note("write", _path(fd), offset, offset + n)
+            return n
+
+        def pwritev(fd, buffers, offset):  # put_many's gathered writes
+            n = real_pwritev(fd, buffers, offset)
             self._note("write", _path(fd), offset, offset + n)
             return n
 
@@ -81,6 +88,7 @@ class Disk:
             monkeypatch.setattr(index, name, call)
 
         monkeypatch.setattr(segments, "_pwrite", pwrite)
+        monkeypatch.setattr(segments, "_pwritev", pwritev)
         monkeypatch.setattr(segments, "_fdatasync", fdatasync)
         monkeypatch.setattr(tier_mod, "fsync_dir", fsync_dir)
         monkeypatch.setattr(segments.Segment, "open", classmethod(seg_open))
@@ -254,3 +262,44 @@ def test_new_segment_files_are_in_their_directory_before_a_record_names_them(
         assert disk.violations == []
         copy = disk.cut(tmp_path / "cut")
     assert served(copy, durability) == acked
+
+
+def put_many(tier: SSDTier, seed: int, ids: range) -> dict[bytes, bytes]:
+    blocks = {block_key(seed, i): make_block(seed, i, 2048, 300_000) for i in ids}
+    res = tier.put_many([(k, d, meta_for(i)) for i, (k, d) in zip(ids, blocks.items(), strict=True)])
+    assert res == [None] * len(blocks)
+    return blocks
+
+
+def test_sync_put_many_is_one_group_commit_after_every_payload_is_durable(tmp_path, monkeypatch):
+    with SSDTier(config(tmp_path / "kv", "sync", segment_bytes=4 << 20)) as tier:
+        disk = Disk(monkeypatch, tier)
+        commits, recorded = [], tier._index.commit
+
+        def commit(puts=(), deletes=()):
+            puts = list(puts)
+            commits.append([k for k, _, _ in puts])
+            return recorded(puts, deletes)
+
+        monkeypatch.setattr(tier._index, "commit", commit)
+        acked = put_many(tier, 66, range(16))
+        assert disk.committed >= acked.keys()  # returned after its commit
+        assert commits == [list(acked)]  # one transaction for the whole batch
+        syncs = [e for e in disk.events if e[0] == "sync"]
+        assert 1 <= len(syncs) <= len({e[1] for e in disk.events if e[0] == "write"})
+        assert disk.violations == []
+        copy = disk.cut(tmp_path / "cut")
+    assert served(copy, "sync") == acked
+
+
+def test_batch_put_many_waits_for_the_batch_commit_like_put(tmp_path, monkeypatch):
+    with SSDTier(config(tmp_path / "kv", "batch")) as tier:
+        disk = Disk(monkeypatch, tier)
+        first = put_many(tier, 67, range(10))
+        assert not disk.committed & first.keys()
+        tier.flush()
+        assert disk.committed >= first.keys()
+        put_many(tier, 67, range(10, 16))  # the next interval: in memory only
+        assert disk.violations == []
+        copy = disk.cut(tmp_path / "cut")
+    assert served(copy, "batch") == first

@@ -20,7 +20,7 @@ class NoneCodec:
 
     def encode_parts(self, tensors: Sequence[torch.Tensor]) -> list[memoryview]:
         """The payload as views of the tensors' own bytes: no copy until the block is laid out."""
-        return [memoryview(byte_view(t.contiguous().cpu()).numpy()) for t in tensors if t.numel()]
+        return [byte_view(t.contiguous().cpu()).numpy().data for t in tensors if t.numel()]
 
     def decode_into(self, data: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
         """One copy per output tensor: a numpy memcpy on the CPU (independent of torch's thread

@@ -46,7 +46,7 @@ class QuantizedCodec:
             x = group_view(t.detach().float())
             scale = self.scales(x)
             q = self.quantize(x, self.broadcast(scale))
-            parts += [memoryview(byte_view(v.contiguous().cpu()).numpy()) for v in (scale, q)]
+            parts += [byte_view(v.contiguous().cpu()).numpy().data for v in (scale, q)]
         return parts
 
     def encode(self, tensors: Sequence[torch.Tensor]) -> bytes:

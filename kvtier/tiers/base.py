@@ -165,3 +165,22 @@ class SharedIndex(Tier, Protocol):
     evictions, which delete it (outside the cache lock: every call is a network round trip)."""
 
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]: ...
+
+
+@runtime_checkable
+class BatchedPuts(Protocol):
+    """A tier that stores many blocks in one call, their writes in flight together and made
+    durable together (the SSD tier: one fdatasync per segment file written, one index
+    transaction — a group commit), where ``put`` after ``put`` pays each of those per block.
+
+    ``put_many(blocks)`` takes ``(key, data, meta)`` triples as ``put`` takes its arguments and
+    returns one entry per block: None when it is stored (or was already: first writer wins)
+    or the exception ``put`` would have raised for it (``StorageFull``, ``KVTierError``,
+    ``InvalidRequest``). It never raises for one block's failure, a failed block changes
+    nothing already stored, and when it returns every stored block is exactly as durable as
+    ``put`` would have left it (``durable`` tiers: acknowledged, or within the tier's commit
+    window). Thread-safe; calls from several threads write in parallel.
+    """
+
+    def put_many(self, blocks: Sequence[tuple[bytes, bytes | memoryview | torch.Tensor, BlockMeta]]
+                 ) -> list[Exception | None]: ...

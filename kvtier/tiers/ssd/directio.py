@@ -1,8 +1,12 @@
 """Aligned buffers, the O_DIRECT probe and positional reads straight into caller memory.
 
 O_DIRECT needs the file offset, the length and the memory address aligned (4 KiB covers every
-device we target). Segment records start on 4 KiB boundaries, so a whole-block read into an
-aligned buffer goes direct for its aligned bulk; the last partial page is read buffered. Nothing
+device we target). A read of file bytes ``[start, start + n)`` into memory at address ``A`` can
+go O_DIRECT whenever ``A - start`` is a multiple of 4 KiB (``congruent``): the whole pages in
+the middle land straight in the caller's memory, and a partial first or last page is read whole
+into a small aligned bounce page and only its wanted bytes copied out (``DirectRead``). Segment
+records start on 4 KiB boundaries, so a whole-block read into 4 KiB-aligned memory is direct,
+and so is a layer range whose offset in the block is 4 KiB-aligned (block format v2). Nothing
 outside ``[0, n)`` of the caller's buffer is ever written.
 """
 
@@ -12,7 +16,10 @@ import errno
 import logging
 import mmap
 import os
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +28,9 @@ log = logging.getLogger(__name__)
 
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
-_preadv = os.preadv  # module-level so tests can inject faults
+# module-level so tests can inject faults; buffers are numpy arrays (typed Any: numpy's stubs
+# declare no buffer protocol before Python 3.12)
+_preadv: Callable[[int, Sequence[Any], int], int] = os.preadv
 
 
 def padded(n: int) -> int:
@@ -29,18 +38,89 @@ def padded(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def aligned_empty(nbytes: int) -> torch.Tensor:
-    """A 1-D uint8 CPU tensor of ``nbytes`` whose data starts on a 4 KiB boundary.
+def aligned_empty(nbytes: int, *, phase: int = 0, pinned: bool = False) -> torch.Tensor:
+    """A 1-D uint8 CPU tensor of ``nbytes`` whose data starts ``phase`` bytes past a 4 KiB
+    boundary (default: on one). Allocate every buffer an SSD read lands in this way.
 
-    Reads into such a buffer can use O_DIRECT (benchmarks and staging buffers want this).
+    Why: the SSD tier reads O_DIRECT — no page cache, no second copy — only into memory whose
+    address is congruent to the file offset modulo 4 KiB. A whole block (records start on
+    4 KiB boundaries) needs ``phase=0``; a range starting ``k`` bytes into a block needs
+    ``phase=k % 4096`` (0 for every layer of block format v2). ``pinned``: page-locked
+    memory for DMA to a GPU (needs CUDA). The tensor keeps its (slightly larger) allocation
+    alive; slices of it keep their alignment.
     """
-    raw = torch.empty(padded(nbytes) + ALIGN, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % ALIGN
+    if nbytes < 0 or not 0 <= phase < ALIGN:
+        raise ValueError(f"aligned_empty needs nbytes >= 0 and 0 <= phase < {ALIGN}, got "
+                         f"{nbytes} and {phase}")
+    raw = torch.empty(padded(nbytes + phase) + ALIGN, dtype=torch.uint8, pin_memory=pinned)
+    skip = (-raw.data_ptr()) % ALIGN + phase
     return raw[skip: skip + nbytes]
 
 
 def is_aligned(arr: np.ndarray) -> bool:
     return arr.ctypes.data % ALIGN == 0
+
+
+_local = threading.local()
+
+
+def bounce_pages(count: int) -> Callable[[], np.ndarray]:
+    """Up to ``count`` aligned 4 KiB pages of this thread's bounce buffer, one per call (valid
+    until this thread asks again; the buffer grows to the most ever asked for)."""
+    buf: np.ndarray | None = getattr(_local, "bounce", None)
+    if buf is None or len(buf) < count * ALIGN:
+        t = aligned_empty(max(count, 2) * ALIGN)
+        _local.tensor, buf = t, t.numpy()  # the tensor keeps the memory alive
+        _local.bounce = buf
+    pages = iter(range(0, count * ALIGN, ALIGN))
+    return lambda: buf[(at := next(pages)):at + ALIGN]
+
+
+def congruent(arr: np.ndarray, file_offset: int) -> bool:
+    """Whether ``arr`` can take file bytes from ``file_offset`` O_DIRECT (see the module
+    docstring): its address and the offset lie equally far past a 4 KiB boundary."""
+    return (arr.ctypes.data - file_offset) % ALIGN == 0
+
+
+class DirectRead:
+    """The O_DIRECT read of file bytes ``[start, start + len(arr))`` into ``arr`` (congruent).
+
+    ``iov`` are the buffers of one ``preadv`` from ``lo`` to ``hi`` (both 4 KiB-aligned): a
+    bounce page for a partial first page, ``arr``'s whole pages, a bounce page for a partial
+    last page. ``finish(got)`` copies the wanted bytes out of the bounce pages once ``got``
+    bytes from ``lo`` have arrived, and says how many bytes of ``arr`` are filled.
+    """
+
+    __slots__ = ("arr", "start", "lo", "hi", "iov", "_head", "_tail", "_cut")
+
+    def __init__(self, arr: np.ndarray, start: int, bounce: Callable[[], np.ndarray]) -> None:
+        end = start + len(arr)
+        self.arr, self.start = arr, start
+        self.lo, self.hi = start - start % ALIGN, padded(end)
+        first, cut = padded(start), end - end % ALIGN  # arr's whole pages: [first, cut)
+        self._head = bounce() if start > self.lo else None
+        self._tail = bounce() if end > cut and cut >= first else None
+        self._cut = cut
+        self.iov: list[np.ndarray] = []
+        if self._head is not None:
+            self.iov.append(self._head)
+        if cut > first:
+            self.iov.append(arr[first - start:cut - start])
+        if self._tail is not None:
+            self.iov.append(self._tail)
+
+    def finish(self, got: int) -> int:
+        """Bytes of ``arr`` filled once ``got`` bytes from ``lo`` arrived (short at EOF)."""
+        end = min(self.lo + max(got, 0), self.start + len(self.arr))
+        if end <= self.start:
+            return 0
+        if self._head is not None:
+            k = min(end, self.lo + ALIGN) - self.start
+            at = self.start - self.lo
+            self.arr[:k] = self._head[at:at + k]
+        if self._tail is not None and end > self._cut:
+            self.arr[self._cut - self.start:end - self.start] = self._tail[:end - self._cut]
+        return end - self.start
 
 
 def probe_direct_io(directory: Path) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import msgpack
@@ -29,6 +30,9 @@ from kvtier.errors import KVTierError, StorageFull
 from kvtier.tiers.base import BlockMeta
 
 HEAD_BYTES = 32  # a read from byte 0 this long is checked too (a block header's own crc is in it)
+# bytes, a memoryview or a 1-D uint8 numpy array: numpy declares no buffer protocol to type
+# checkers before Python 3.12, so this cannot be spelled as ``collections.abc.Buffer``
+Payload = Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +52,13 @@ class Location:
         return self.head >= 0
 
 
-def seal(key: bytes, payload) -> tuple[int, int]:
+def seal(key: bytes, payload: Payload) -> tuple[int, int]:
     """(crc, head) of ``payload`` stored under ``key``: both bound to the key."""
     seed = checksum(key)
     return checksum(payload, seed), checksum(payload[:HEAD_BYTES], seed)
 
 
-def matches(key: bytes, loc: Location, data, offset: int = 0) -> bool:
+def matches(key: bytes, loc: Location, data: Payload, offset: int = 0) -> bool:
     """Whether bytes ``[offset, offset + len(data))`` read for ``key`` are its block's.
 
     The whole block is checked against ``crc``; a read from byte 0 of at least ``HEAD_BYTES``

@@ -55,13 +55,15 @@ def file_problem(path: str | os.PathLike, segments: int) -> str | None:
         return f"index/data.mdb is unreadable ({e.strerror or e})"
     if size < _META_BYTES or (psize and size < psize + _META_BYTES):
         return f"index/data.mdb is truncated: {size} bytes, shorter than its two meta pages"
-    if metas[0] is None:
+    first = metas[0]
+    if first is None:
         return "index/data.mdb is not an LMDB file (bad meta page 0)"
-    if metas[1] is None:
+    second = metas[1]  # read whenever page 0 named a page size
+    if second is None:
         return "index/data.mdb is damaged (bad meta page 1)"
-    if any(m[0] != psize for m in metas):
+    if first[0] != psize or second[0] != psize:
         return "index/data.mdb is damaged (its meta pages disagree on the page size)"
-    need = (max(m[1] for m in metas) + 1) * psize
+    need = (max(first[1], second[1]) + 1) * psize
     if size < need:
         return (f"index/data.mdb is truncated: {size} bytes, its meta pages say "
                 f"{need} bytes are in use")

@@ -30,13 +30,15 @@ def bind_keys(index: Index, segment_dir: Path) -> tuple[int, int]:
     """Rewrite format-1 records as format 2; returns (rewritten, dropped as corrupt)."""
     files = list_segments(segment_dir)
     fds: dict[int, int] = {}
-    rewritten, dropped, puts, drops = 0, 0, [], []
+    rewritten, dropped = 0, 0
+    puts: list[tuple[bytes, Record, bytes | None]] = []
+    drops: list[bytes] = []
     try:
         for key, rec in index.records(bad=drops):
             if rec.loc.bound:
                 continue
             payload = _payload(index, files, fds, key, rec)
-            if payload is None or checksum(payload) != rec.loc.crc:
+            if payload is None or checksum(payload.data) != rec.loc.crc:
                 drops.append(key)
                 continue
             crc, head = seal(key, payload)

@@ -1,35 +1,48 @@
 """Reads for the SSD tier: resolve keys, coalesce adjacent records, read on the I/O pool, verify.
 
-Requests are resolved and their segments pinned under the tier's lock, then read without it.
-Records of one segment lying end to end (gaps up to ``MAX_GAP``: the 4 KiB padding) become one
-``preadv`` with a buffer per block and a scratch buffer per gap. Whole-block reads are checked
-against the stored crc32c in the pool thread (crc32c releases the GIL), and so is the head of
-a read from byte 0 (both checksums are bound to the key: ``index.matches``).
+Requests are resolved and their segments pinned by the store, then read without its lock.
+A read goes O_DIRECT whenever its destination is congruent to its file offset modulo 4 KiB
+(``directio.DirectRead``: 4 KiB-aligned memory for a whole block or a 4 KiB-aligned range; a
+partial first or last page through a bounce page), else through the page cache; the counters
+say which (``direct_reads`` only when every byte came O_DIRECT). Non-CPU destinations read
+into a staging buffer allocated congruent. Records of one segment lying end to end (gaps up to
+``MAX_GAP``: the 4 KiB padding) become one ``preadv`` with a buffer per block and a discard
+buffer per gap. Whole-block reads are checked against the stored crc32c in the pool thread
+(crc32c releases the GIL), and so is the head of a read from byte 0 (both checksums are bound
+to the key: ``index.matches``); other ranges are verified by the caller (per-layer crc).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from kvtier.errors import InvalidRequest, InvalidType, KVTierError
+from kvtier.errors import CorruptBlock, InvalidRequest, InvalidType, KVTierError
 from kvtier.tiers.ssd import directio
-from kvtier.tiers.ssd.directio import ALIGN, aligned_empty, is_aligned, read_exact, read_vectored
+from kvtier.tiers.ssd.directio import (
+    ALIGN,
+    DirectRead,
+    aligned_empty,
+    bounce_pages,
+    congruent,
+    read_vectored,
+)
 from kvtier.tiers.ssd.index import Location, matches
 from kvtier.tiers.ssd.segments import Segment
-
-if TYPE_CHECKING:
-    from kvtier.tiers.ssd.tier import SSDTier
+from kvtier.tiers.ssd.store import Store
 
 MAX_GAP = 64 * 1024
 MAX_RUN = 64 * 1024**2
-MAX_IOV = min(512, os.sysconf("SC_IOV_MAX") // 2 if hasattr(os, "sysconf") else 512)
+# reads per coalesced preadv: each takes up to 4 buffers (gap, first page, bulk, last page)
+MAX_READS = min(256, (os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024) // 4)
+_discard: np.ndarray | None = None  # where the bytes of gaps between coalesced records go
+
+ReadRequest = tuple[bytes, torch.Tensor, int]  # (key, out, offset)
 
 
 @dataclass(slots=True, eq=False)
@@ -55,163 +68,191 @@ class _Read:
         return self.loc.offset + self.offset
 
 
-def host_array(out: torch.Tensor) -> tuple[np.ndarray, bool]:
-    """The numpy view to read into (out's own memory on CPU, else a staging buffer)."""
+def check_out(out: torch.Tensor) -> None:
+    """Raise unless ``out`` is a destination ``read_into`` takes."""
     if not isinstance(out, torch.Tensor):
         raise InvalidType(f"out must be a torch.Tensor, got {type(out).__name__}")
     if out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous():
         raise InvalidRequest(f"out must be a contiguous 1-D uint8 tensor, got {out.dtype} "
                              f"of shape {tuple(out.shape)}")
+
+
+def landing(out: torch.Tensor, n: int, file_offset: int) -> tuple[np.ndarray, bool]:
+    """Where ``n`` bytes from ``file_offset`` land: ``out``'s own memory on CPU, else a staging
+    buffer congruent to the offset (so it reads O_DIRECT); and whether it is staged."""
     if out.device.type == "cpu":
         return out.numpy(), False
-    return aligned_empty(out.numel()).numpy(), True
+    return aligned_empty(n, phase=file_offset % ALIGN).numpy(), True
 
 
-def read_one(tier: SSDTier, key: bytes, out: torch.Tensor, offset: int = 0) -> int:
-    """One ``read_into`` of a segment-stored block into CPU memory, with the least machinery.
+class Reader:
+    """``read_into`` and ``read_many_into`` of the tier, over a store and an I/O pool."""
 
-    Why a separate path: at thousands of small reads a second from many threads on a small
-    machine, every object, call and lock round per read is CPU the disk is waiting for. This
-    path takes the tier's lock twice (resolve and pin; unpin and count), allocates no record,
-    and issues one ``preadv`` for an aligned whole-block read. Same checks and outcomes as
-    ``read_many``: whole-block reads are verified against the stored crc32c, a mismatch or a
-    short read drops the block and raises ``CorruptBlock``. Inline blocks and non-CPU
-    destinations take the general path.
-    """
-    if type(out) is not torch.Tensor or out.dtype is not torch.uint8 or out.dim() != 1 \
-            or not out.is_contiguous() or not out.is_cpu:
-        return _general_one(tier, key, out, offset)
-    if not isinstance(offset, int) or offset < 0:
-        raise InvalidRequest(f"offset must be a non-negative int, got {offset!r}")
-    lock = tier._lock
-    with lock:
-        if tier._closed:
-            raise KVTierError("the ssd tier is closed")
-        loc = tier._loc.get(key)
-        if loc is None:
-            raise KeyError(key)
-        if offset > loc.length:
-            raise InvalidRequest(
-                f"offset {offset} is past the end of block {key.hex()} ({loc.length} bytes)")
-        seg = tier._segments.by_id[loc.segment] if loc.segment else None
-        if seg is not None:
-            seg.readers += 1
-    if seg is None:
-        return _general_one(tier, key, out, offset)
-    arr = out.numpy()
-    n = min(len(arr), loc.length - offset)
-    if n != len(arr):
-        arr = arr[:n]
-    start = loc.offset + offset
-    got, direct, crc_ok, error = 0, False, True, None
-    try:
-        dfd = seg.dfd if tier.direct_io else -1
-        if dfd >= 0 and n % ALIGN == 0 and start % ALIGN == 0 and out.data_ptr() % ALIGN == 0:
-            got = _preadv_direct(dfd, arr, start)  # the common case: one aligned O_DIRECT preadv
-            direct = got > 0
-            if got < n:
-                more, _ = read_exact(seg.fd, -1, arr[got:], start + got)
-                got += more
-        else:
-            got, direct = read_exact(seg.fd, dfd, arr, start)
-        if got == n:
-            crc_ok = matches(key, loc, arr, offset)
-    except OSError as e:
-        error = KVTierError(
-            f"ssd read of block {key.hex()} from {seg.path.name} failed ({e.strerror or e})")
-    finally:
-        ok = error is None and got == n and crc_ok
-        now = time.time()
-        with lock:
-            tier._segments.release(seg)
-            if ok:
-                c = tier._counters
-                c["blocks_read"] += 1
-                c["bytes_read"] += n
-                c["direct_reads" if direct else "buffered_reads"] += 1
-                _, hits = tier._touches.get(key, (0.0, 0))
-                tier._touches[key] = (now, hits + 1)
-    if ok:
-        return n
-    if error is not None:
-        raise error
-    if got < n:
-        raise tier.drop_corrupt(key, loc, "is truncated in its segment")
-    raise tier.drop_corrupt(key, loc, "failed its checksum")
+    def __init__(self, store: Store, pool: Executor) -> None:
+        self.store = store
+        self.pool = pool
 
+    def read_one(self, key: bytes, out: torch.Tensor, offset: int = 0) -> int:
+        """One ``read_into`` of a segment-stored block into CPU memory, with the least machinery.
 
-def _preadv_direct(dfd: int, arr: np.ndarray, start: int) -> int:
-    """One O_DIRECT ``preadv``; 0 on EINVAL (the caller then reads buffered)."""
-    try:
-        return directio._preadv(dfd, [arr], start)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        return 0
-
-
-def _general_one(tier: SSDTier, key: bytes, out: torch.Tensor, offset: int) -> int:
-    res = read_many(tier, [(key, out, offset)], use_pool=False)[0]
-    if isinstance(res, BaseException):
-        raise res
-    return res
-
-
-def read_many(tier: SSDTier, requests: list[tuple[bytes, torch.Tensor, int]],
-              use_pool: bool = True) -> list[int | Exception]:
-    results: list[int | Exception] = [0] * len(requests)
-    prepared = []
-    for i, (key, out, offset) in enumerate(requests):
+        Why a separate path: at thousands of small reads a second from many threads on a small
+        machine, every object, call and lock round per read is CPU the disk is waiting for. This
+        path takes the store's lock twice (resolve and pin; unpin and count), allocates no
+        record, and issues one ``preadv`` (O_DIRECT when ``out`` is congruent to the range).
+        Same checks and outcomes as ``read_many``: whole-block reads are verified against the
+        stored crc32c, a mismatch or a short read drops the block and raises ``CorruptBlock``.
+        Inline blocks and non-CPU destinations take the general path.
+        """
+        if type(out) is not torch.Tensor or out.dtype is not torch.uint8 or out.dim() != 1 \
+                or not out.is_contiguous() or not out.is_cpu:
+            return self._general_one(key, out, offset)
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest(f"offset must be a non-negative int, got {offset!r}")
+        loc, seg, _ = self.store.pin(key, offset)
+        if seg is None:
+            return self._general_one(key, out, offset)
+        arr = out.numpy()
+        n = min(len(arr), loc.length - offset)
+        if n != len(arr):
+            arr = arr[:n]
+        start = loc.offset + offset
+        got, direct, crc_ok, error = 0, False, True, None
         try:
-            arr, staged = host_array(out)
-            if not isinstance(offset, int) or offset < 0:
-                raise InvalidRequest(f"offset must be a non-negative int, got {offset!r}")
-        except KVTierError as e:
-            results[i] = e
-            continue
-        prepared.append((i, key, out, arr, staged, offset))
-    reads: list[_Read] = []
-    with tier._lock:
-        if tier._closed:
-            raise KVTierError("the ssd tier is closed")
-        for i, key, out, arr, staged, offset in prepared:
-            loc = tier._loc.get(key)
-            if loc is None:
-                results[i] = KeyError(key)
-                continue
-            if offset > loc.length:
-                results[i] = InvalidRequest(
-                    f"offset {offset} is past the end of block {key.hex()} ({loc.length} bytes)")
-                continue
-            seg = tier._segments.by_id[loc.segment] if loc.segment else None
-            if seg is not None:
-                seg.readers += 1
-            n = min(len(arr), loc.length - offset)
-            reads.append(_Read(i, key, out, arr, staged, loc, offset, n, seg,
-                               tier._pending_inline.get(key) if seg is None else None))
-    try:
-        for r in reads:
-            if r.seg is None:
-                _read_inline(tier, r)
-        runs = plan_runs([r for r in reads if r.seg is not None])
-        if use_pool and len(runs) > 1:
-            # The calling thread reads the last run itself: one handoff fewer, one more in flight.
-            futures = [tier._pool.submit(_read_run, tier, run) for run in runs[:-1]]
+            got, direct = read_range(seg, arr, start)
+            if got == n:
+                crc_ok = matches(key, loc, arr, offset)
+        except OSError as e:
+            error = KVTierError(
+                f"ssd read of block {key.hex()} from {seg.path.name} failed ({e.strerror or e})")
+        finally:
+            ok = error is None and got == n and crc_ok
+            self.store.finish_read(seg, key, n, direct, ok)
+        if ok:
+            return n
+        if error is not None:
+            raise error
+        if got < n:
+            raise self.store.drop_corrupt(key, loc, "is truncated in its segment")
+        raise self.store.drop_corrupt(key, loc, "failed its checksum")
+
+    def _general_one(self, key: bytes, out: torch.Tensor, offset: int) -> int:
+        res = self.read_many([(key, out, offset)], use_pool=False)[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
+    def read_many(self, requests: list[ReadRequest], use_pool: bool = True
+                  ) -> list[int | Exception]:
+        """Many ``read_into`` calls with reads in flight on the pool (see the module docstring);
+        per request the byte count or the exception ``read_into`` would raise."""
+        results: list[int | Exception] = [0] * len(requests)
+        prepared = []
+        for i, (key, out, offset) in enumerate(requests):
             try:
-                _read_run(tier, runs[-1])
-            finally:  # segments stay pinned until every pool read has finished
-                for f in futures:
-                    f.result()
-        else:
-            for run in runs:
-                _read_run(tier, run)
-    finally:
-        with tier._lock:
+                check_out(out)
+                if not isinstance(offset, int) or offset < 0:
+                    raise InvalidRequest(f"offset must be a non-negative int, got {offset!r}")
+            except KVTierError as e:
+                results[i] = e
+                continue
+            prepared.append((i, key, out, offset))
+        pins = self.store.pin_many((p[1], p[3]) for p in prepared)
+        reads: list[_Read] = []
+        try:
+            for (i, key, out, offset), pin in zip(prepared, pins, strict=True):
+                if isinstance(pin, Exception):
+                    results[i] = pin
+                    continue
+                loc, seg, blob = pin
+                n = min(out.numel(), loc.length - offset)
+                arr, staged = landing(out, n, loc.offset + offset)
+                reads.append(_Read(i, key, out, arr, staged, loc, offset, n, seg, blob))
+        except BaseException:
+            self.store.unpin(p[1] for p in pins if not isinstance(p, Exception))
+            raise
+        try:
             for r in reads:
-                if r.seg is not None:
-                    tier._segments.release(r.seg)
-    _finish(tier, reads, results)
-    return results
+                if r.seg is None:
+                    self._read_inline(r)
+            runs = plan_runs([r for r in reads if r.seg is not None])
+            if use_pool and len(runs) > 1:
+                # The calling thread reads the last run itself: one handoff fewer, one more in flight.
+                futures = [self.pool.submit(_read_run, run) for run in runs[:-1]]
+                try:
+                    _read_run(runs[-1])
+                finally:  # segments stay pinned until every pool read has finished
+                    for f in futures:
+                        f.result()
+            else:
+                for run in runs:
+                    _read_run(run)
+        finally:
+            self.store.unpin(r.seg for r in reads)
+        self._finish(reads, results)
+        return results
+
+    def _read_inline(self, r: _Read) -> None:
+        if r.blob is not None:
+            r.arr[:r.n] = np.frombuffer(r.blob, dtype=np.uint8, count=r.n, offset=r.offset)
+            r.got = r.n
+        else:
+            try:
+                got = self.store.read_inline(r.key, r.loc, r.arr[:r.n], r.offset)
+            except CorruptBlock as e:  # index damage found on read: a counted miss, never raised
+                r.error = e
+                return
+            r.got = got if got >= 0 else 0
+        if r.got == r.n:
+            r.crc_ok = matches(r.key, r.loc, r.arr[:r.n], r.offset)
+
+    def _finish(self, reads: list[_Read], results: list[int | Exception]) -> None:
+        done = []
+        store = self.store
+        for r in reads:
+            if r.error is not None:
+                results[r.index] = r.error
+            elif r.got < r.n:
+                if r.seg is None and r.blob is None and store.location(r.key) is None:
+                    results[r.index] = KeyError(r.key)  # deleted while we read
+                else:
+                    results[r.index] = store.drop_corrupt(r.key, r.loc, "is truncated in its segment")
+            elif not r.crc_ok:
+                results[r.index] = store.drop_corrupt(r.key, r.loc, "failed its checksum")
+            else:
+                if r.staged:
+                    r.out[:r.n].copy_(torch.from_numpy(r.arr[:r.n]))
+                results[r.index] = r.n
+                done.append((r.key, r.n, r.direct, r.coalesced))
+        if done:
+            store.served(done)
+
+
+def read_range(seg: Segment, arr: np.ndarray, start: int) -> tuple[int, bool]:
+    """Read ``len(arr)`` bytes of ``seg`` from ``start`` into ``arr``: O_DIRECT when ``arr`` is
+    congruent to ``start``, else (or on EINVAL) buffered. Returns (bytes filled — short only at
+    the end of the file —, whether every byte came O_DIRECT)."""
+    n = len(arr)
+    filled = 0
+    if n and seg.dfd >= 0 and congruent(arr, start):
+        plan = DirectRead(arr, start, bounce_pages(2))
+        try:
+            filled = plan.finish(read_vectored(seg.dfd, plan.iov, plan.lo))
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        if filled == n:
+            return n, True
+    return filled + _buffered(seg.fd, arr[filled:], start + filled), False
+
+
+def _buffered(fd: int, arr: np.ndarray, start: int) -> int:
+    done, n = 0, len(arr)
+    while done < n:
+        got = directio._preadv(fd, [arr[done:]], start + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def plan_runs(reads: list[_Read]) -> list[list[_Read]]:
@@ -219,12 +260,12 @@ def plan_runs(reads: list[_Read]) -> list[list[_Read]]:
     if len(reads) <= 1:
         return [reads] if reads else []
     runs: list[list[_Read]] = []
-    for r in sorted(reads, key=lambda r: (r.seg.id, r.start)):
+    for r in sorted(reads, key=lambda r: (_seg(r).id, r.start)):
         run = runs[-1] if runs else None
         if run is not None:
             last = run[-1]
             end = last.start + last.n
-            if (last.seg is r.seg and 0 <= r.start - end <= MAX_GAP and len(run) < MAX_IOV
+            if (last.seg is r.seg and 0 <= r.start - end <= MAX_GAP and len(run) < MAX_READS
                     and r.start + r.n - run[0].start <= MAX_RUN):
                 run.append(r)
                 continue
@@ -232,29 +273,19 @@ def plan_runs(reads: list[_Read]) -> list[list[_Read]]:
     return runs
 
 
-def _read_inline(tier: SSDTier, r: _Read) -> None:
-    if r.blob is not None:
-        r.arr[:r.n] = np.frombuffer(r.blob, dtype=np.uint8, count=r.n, offset=r.offset)
-        r.got = r.n
-    else:
-        try:
-            got = tier._index.read_inline(r.key, r.arr[:r.n], r.offset)
-        except KVTierError as e:  # index damage found on read: a counted miss, never raised
-            r.error = tier.index_unreadable(r.key, r.loc, e)
-            return
-        r.got = got if got >= 0 else 0
-    if r.got == r.n:
-        r.crc_ok = matches(r.key, r.loc, r.arr[:r.n], r.offset)
+def _seg(r: _Read) -> Segment:
+    assert r.seg is not None, "inline reads are not planned into runs"
+    return r.seg
 
 
-def _read_run(tier: SSDTier, run: list[_Read]) -> None:
-    seg = run[0].seg
+def _read_run(run: list[_Read]) -> None:
+    seg = _seg(run[0])
     try:
         if len(run) == 1:
             r = run[0]
-            r.got, r.direct = tier._pread(seg, r.arr[:r.n], r.start)
+            r.got, r.direct = read_range(seg, r.arr[:r.n], r.start)
         else:
-            _read_coalesced(tier, seg, run)
+            _read_coalesced(seg, run)
         for r in run:
             if r.got == r.n:
                 r.crc_ok = matches(r.key, r.loc, r.arr[:r.n], r.offset)
@@ -264,56 +295,48 @@ def _read_run(tier: SSDTier, run: list[_Read]) -> None:
                 f"ssd read of block {r.key.hex()} from {seg.path.name} failed ({e.strerror or e})")
 
 
-def _read_coalesced(tier: SSDTier, seg: Segment, run: list[_Read]) -> None:
+def _read_coalesced(seg: Segment, run: list[_Read]) -> None:
+    """One ``preadv`` for the run: O_DIRECT when every read can go direct and no two share a
+    page, else (or on EINVAL) through the page cache."""
+    for r in run:
+        r.coalesced = True
+    if seg.dfd >= 0 and all(congruent(r.arr, r.start) for r in run):
+        bounce = bounce_pages(2 * len(run))
+        plans = [DirectRead(r.arr[:r.n], r.start, bounce) for r in run]
+        if all(b.lo >= a.hi for a, b in zip(plans, plans[1:], strict=False)):
+            iov, pos = [], plans[0].lo
+            for p in plans:
+                if p.lo > pos:
+                    iov.append(_gap(p.lo - pos))
+                iov.extend(p.iov)
+                pos = p.hi
+            try:
+                total = read_vectored(seg.dfd, iov, plans[0].lo)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+            else:
+                for r, p in zip(run, plans, strict=True):
+                    r.got = p.finish(total - (p.lo - plans[0].lo))
+                    r.direct = r.got == r.n
+                return
     base = run[0].start
-    direct = tier.direct_io and seg.dfd >= 0 and base % ALIGN == 0 and all(
-        is_aligned(r.arr) and r.n % ALIGN == 0 for r in run)
     arrays, pos = [], base
     for r in run:
         if r.start > pos:
-            gap = r.start - pos
-            arrays.append(aligned_empty(gap).numpy() if direct else np.empty(gap, np.uint8))
+            arrays.append(_gap(r.start - pos))
         arrays.append(r.arr[:r.n])
         pos = r.start + r.n
-    try:
-        total = read_vectored(seg.dfd if direct else seg.fd, arrays, base)
-    except OSError as e:
-        if not direct or e.errno != errno.EINVAL:
-            raise
-        direct = False
-        total = read_vectored(seg.fd, arrays, base)
+    total = read_vectored(seg.fd, arrays, base)
     for r in run:
         r.got = max(0, min(r.n, total - (r.start - base)))
-        r.direct = direct
-        r.coalesced = True
+        r.direct = False
 
 
-def _finish(tier: SSDTier, reads: list[_Read], results: list[int | Exception]) -> None:
-    done = []
-    for r in reads:
-        if r.error is not None:
-            results[r.index] = r.error
-        elif r.got < r.n:
-            if r.seg is None and r.blob is None and r.key not in tier._loc:
-                results[r.index] = KeyError(r.key)  # deleted while we read
-            else:
-                results[r.index] = tier.drop_corrupt(r.key, r.loc, "is truncated in its segment")
-        elif not r.crc_ok:
-            results[r.index] = tier.drop_corrupt(r.key, r.loc, "failed its checksum")
-        else:
-            if r.staged:
-                r.out[:r.n].copy_(torch.from_numpy(r.arr[:r.n]))
-            results[r.index] = r.n
-            done.append(r)
-    if not done:
-        return
-    now = time.time()
-    with tier._lock:
-        c = tier._counters
-        for r in done:
-            c["blocks_read"] += 1
-            c["bytes_read"] += r.n
-            c["direct_reads" if r.direct else "buffered_reads"] += 1
-            c["coalesced_reads"] += r.coalesced
-            _, hits = tier._touches.get(r.key, (0.0, 0))
-            tier._touches[r.key] = (now, hits + 1)
+def _gap(n: int) -> np.ndarray:
+    """``n`` bytes of a shared, aligned buffer for the bytes between coalesced records (what
+    lands there is never read, so every gap of every thread may share it)."""
+    global _discard
+    if _discard is None:
+        _discard = aligned_empty(MAX_GAP + ALIGN).numpy()
+    return _discard[:n]

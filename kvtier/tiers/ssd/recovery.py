@@ -111,7 +111,7 @@ def recover(index: Index, segments: SegmentSet) -> Recovered:
     segments.next_id = max([segments.next_id, *[i + 1 for i in files]])
     last = max(segments.by_id, default=None)
     if last is not None and segments.by_id[last].head < segments.segment_bytes:
-        segments.active = segments.by_id[last]
+        segments.active = [segments.by_id[last]]
     return out
 
 

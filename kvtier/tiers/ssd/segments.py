@@ -16,8 +16,11 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,9 +28,12 @@ from kvtier.tiers.ssd.directio import ALIGN, O_DIRECT, aligned_empty, is_aligned
 
 log = logging.getLogger(__name__)
 
-_pwrite = os.pwrite  # module-level so tests can inject faults (ENOSPC, EIO)
+# module-level so tests can inject faults (ENOSPC, EIO); buffers may be numpy arrays
+_pwrite: Callable[[int, Any, int], int] = os.pwrite
+_pwritev: Callable[[int, Sequence[Any], int], int] = os.pwritev  # gathered writes (write_many)
 _fdatasync = os.fdatasync  # module-level so tests can record what was made durable, and when
 STAGING_BYTES = 8 * 1024**2  # per writing thread; larger records are written in pieces
+MAX_IOV = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 _staging = threading.local()
 
 
@@ -47,7 +53,7 @@ def list_segments(directory: Path) -> dict[int, Path]:
 
 @dataclass(slots=True, eq=False)
 class Segment:
-    """One open segment file. Counters are guarded by the tier's lock."""
+    """One open segment file. Counters are guarded by the store's lock."""
 
     id: int
     path: Path
@@ -120,6 +126,65 @@ class Segment:
                 return done
         return n
 
+    def write_many(self, records: Sequence[tuple[np.ndarray, int]]) -> None:
+        """Write records lying end to end (each at the previous one's padded end), as few
+        gathered writes as possible: one O_DIRECT ``pwritev`` carries the aligned bulk of each
+        record straight from its memory, and its last partial page (or the whole record, when
+        its memory is not 4 KiB-aligned) through this thread's staging buffer, zero-padded.
+        A big write lets the kernel keep several device requests in flight where one record at
+        a time keeps one. Raises OSError (ENOSPC, EIO); without O_DIRECT, writes each record.
+        """
+        if not records:
+            return
+        if not self.direct_writes or records[0][1] % ALIGN:
+            for arr, offset in records:
+                self.write(arr.data, offset)
+            return
+        stage = _stage_buffer()
+        iov: list[np.ndarray] = []
+        base, used = records[0][1], 0
+        for arr, offset in records:
+            n = len(arr)
+            staged = n % ALIGN if is_aligned(arr) else n
+            if padded(staged) > len(stage):  # too big to stage at once: a record of its own
+                self._write_gathered(iov, base)
+                iov, used, base = [], 0, offset + padded(n)
+                self.write(arr.data, offset)
+                continue
+            if used + padded(staged) > len(stage) or len(iov) + 2 > MAX_IOV:
+                self._write_gathered(iov, base)
+                iov, used, base = [], 0, offset
+            if n > staged:
+                iov.append(arr[:n - staged])
+            if staged:
+                k = padded(staged)
+                stage[used:used + staged] = arr[n - staged:]
+                stage[used + staged:used + k] = 0
+                iov.append(stage[used:used + k])
+                used += k
+        self._write_gathered(iov, base)
+
+    def _write_gathered(self, iov: list[np.ndarray], offset: int) -> None:
+        """Write ``iov`` at ``offset``: O_DIRECT while the kernel takes it, the rest buffered."""
+        done = 0
+        if self.direct_writes and iov:
+            try:
+                done = _pwritev(self.dfd, iov, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                log.warning("O_DIRECT write to %s refused (%s); writing it buffered", self.path, e)
+                self.direct_writes = False
+        pos = offset
+        for a in iov:  # rare: a short write (or no O_DIRECT): the rest buffered, piece by piece
+            skip = min(done, len(a))
+            done -= skip
+            rest, at = a[skip:], pos + skip
+            while len(rest):
+                got = _pwrite(self.fd, rest, at)
+                rest, at = rest[got:], at + got
+            pos += len(a)
+
     def sync(self) -> None:
         """Make every record written so far durable (O_DIRECT writes too: the device cache)."""
         _fdatasync(self.fd)
@@ -140,6 +205,36 @@ class Segment:
             self.path.unlink(missing_ok=True)
 
 
+def sync_each(segs: Collection[Segment], pool: Executor | None = None) -> dict[Segment, OSError]:
+    """``sync`` every segment in ``segs``, on ``pool`` at once when there are several; returns
+    the failures by segment.
+
+    Why at once: each fdatasync waits for a journal commit and a device cache flush; issued
+    together they share one (the file system batches them), issued in turn each pays its own.
+    """
+    segs = list(segs)
+    failed: dict[Segment, OSError] = {}
+    futures = [(seg, pool.submit(seg.sync)) for seg in segs[1:]] if pool is not None else []
+    for seg in segs if pool is None else segs[:1]:
+        try:
+            seg.sync()
+        except OSError as e:
+            failed[seg] = e
+    for seg, f in futures:
+        try:
+            f.result()
+        except OSError as e:
+            failed[seg] = e
+    return failed
+
+
+def sync_all(segs: Collection[Segment], pool: Executor | None = None) -> None:
+    """``sync_each``, raising the first failure once every sync has finished."""
+    failed = sync_each(segs, pool)
+    if failed:
+        raise next(iter(failed.values()))
+
+
 def _stage_buffer() -> np.ndarray:
     """This thread's aligned staging buffer for O_DIRECT writes (allocated once per thread)."""
     buf = getattr(_staging, "buf", None)
@@ -151,29 +246,46 @@ def _stage_buffer() -> np.ndarray:
 
 
 class SegmentSet:
-    """The open segments and the write head. Callers hold the tier's lock around every method."""
+    """The open segments and their write heads. Callers hold the store's lock around every
+    method.
 
-    def __init__(self, directory: Path, segment_bytes: int, direct: bool, on_create) -> None:
+    Up to ``streams`` segments are active at once, so concurrent puts append to different
+    files: on ext4 (and most file systems) a write that extends a file holds that file's inode
+    lock for the whole O_DIRECT write, so writers appending to one file queue behind each
+    other, and the device sees one write at a time.
+    """
+
+    def __init__(self, directory: Path, segment_bytes: int, direct: bool,
+                 on_create: Callable[[], None], streams: int = 1) -> None:
         self.directory = directory
         self.direct = direct
         self.segment_bytes = segment_bytes
+        self.streams = max(1, streams)
         self.by_id: dict[int, Segment] = {}
-        self.active: Segment | None = None
+        self.active: list[Segment] = []  # the segments puts append to
         self.next_id = 1
         self._on_create = on_create  # called after a new segment file exists (dir fsync)
+
+    def is_active(self, seg: Segment) -> bool:
+        """Whether puts may still append to ``seg``."""
+        return seg in self.active
 
     def add(self, seg: Segment) -> None:
         self.by_id[seg.id] = seg
         self.next_id = max(self.next_id, seg.id + 1)
 
-    def reserve(self, nbytes: int) -> tuple[Segment, int]:
-        """Claim an aligned record of ``nbytes`` at the head of the active segment."""
+    def reserve(self, nbytes: int, prefer: Segment | None = None) -> tuple[Segment, int]:
+        """Claim an aligned record of ``nbytes`` at the head of an active segment: ``prefer``
+        (a batch keeps its records end to end), else the first with no write in flight, else a
+        new one while fewer than ``streams`` are active, else the least busy. A segment that
+        cannot take the record is no longer active."""
         need = padded(nbytes)
-        seg = self.active
-        if seg is None or (seg.head and seg.head + need > self.segment_bytes):
+        self.active = [s for s in self.active if not s.head or s.head + need <= self.segment_bytes]
+        seg = prefer if prefer in self.active else min(self.active, key=_writers, default=None)
+        if seg is None or (seg.writers and seg is not prefer and len(self.active) < self.streams):
             seg = Segment.open(self.directory, self.next_id, create=True, direct=self.direct)
             self.add(seg)
-            self.active = seg
+            self.active.append(seg)
             self._on_create()
         offset = seg.head
         seg.head += need
@@ -194,8 +306,8 @@ class SegmentSet:
         """Make ``seg`` unreachable; its file goes when the last reader releases it."""
         seg.retired = True
         self.by_id.pop(seg.id, None)
-        if self.active is seg:
-            self.active = None
+        if seg in self.active:
+            self.active.remove(seg)
         if seg.readers == 0:
             seg.close(unlink=True)
 
@@ -203,3 +315,7 @@ class SegmentSet:
         seg.readers -= 1
         if seg.retired and seg.readers == 0 and seg.fd >= 0:
             seg.close(unlink=True)
+
+
+def _writers(seg: Segment) -> int:
+    return seg.writers

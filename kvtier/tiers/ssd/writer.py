@@ -1,0 +1,223 @@
+"""Puts for the SSD tier: claim room, write the payload, make it durable, commit its record.
+
+The order is the durability contract (docs/ssd.md): a payload reaches the disk — and, for
+``sync`` and ``batch``, is fdatasync'd — before the index record naming it commits. ``sync``
+commits each put before it returns; ``batch`` serves a written block at once and commits the
+records of an interval together (``flush``: every written segment fdatasync'd, then one
+transaction); ``none`` commits at once without any fsync.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+
+import numpy as np
+import torch
+
+from kvtier.errors import InvalidRequest, InvalidType, KVTierError
+from kvtier.tiers.base import BlockMeta
+from kvtier.tiers.ssd.directio import padded
+from kvtier.tiers.ssd.index import Location, Record, seal
+from kvtier.tiers.ssd.segments import Segment, sync_all, sync_each
+from kvtier.tiers.ssd.store import Reservation, Store
+
+log = logging.getLogger(__name__)
+BlockData = bytes | bytearray | memoryview | torch.Tensor  # what put takes as a block's bytes
+
+
+def check_block(key: bytes, data: BlockData, meta: BlockMeta) -> memoryview:
+    """A put's arguments checked (InvalidType, InvalidRequest); the block's bytes as a view."""
+    if not isinstance(key, bytes):
+        raise InvalidType(f"key must be bytes, got {type(key).__name__}")
+    if not 1 <= len(key) <= 511:
+        raise InvalidRequest(f"key must be 1..511 bytes, got {len(key)}")
+    if not isinstance(meta, BlockMeta):
+        raise InvalidType(f"meta must be a BlockMeta, got {type(meta).__name__}")
+    if isinstance(data, torch.Tensor):
+        t = data.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        mv = t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        mv = memoryview(data).cast("B")
+    else:
+        raise InvalidType(
+            f"block data must be bytes, memoryview or a tensor, got {type(data).__name__}")
+    if len(mv) == 0:
+        raise InvalidRequest("cannot store an empty block")
+    return mv
+
+
+class Writer:
+    """The put path and the batch commit of one store."""
+
+    def __init__(self, store: Store, inline_threshold: int, pool: Executor | None = None) -> None:
+        self.store = store
+        self.inline_threshold = inline_threshold
+        self.pool = pool  # where several segments are fdatasync'd at once
+
+    def put(self, key: bytes, mv: memoryview, meta: BlockMeta, free: int) -> None:
+        """Store ``mv`` under ``key`` whole or not at all (``free``: free disk now). A key
+        already stored or being written is a no-op. Raises StorageFull or KVTierError, counted;
+        nothing already stored is touched."""
+        store = self.store
+        n = len(mv)
+        crc, head = seal(key, mv)
+        res = store.reserve(key, n, inline=n < self.inline_threshold, free=free)
+        if res is None:
+            return
+        seg = res.segment
+        ok = False
+        try:
+            if seg is not None:
+                seg.write(mv, res.offset)
+                if store.durability == "sync":
+                    seg.sync()
+            loc = Location(seg.id if seg else 0, res.offset, n, crc, store.durability != "none",
+                           head)
+            rec = Record(loc, meta, time.time())
+            blob = bytes(mv) if seg is None else None
+            if store.durability == "batch":
+                store.stage(res, rec, blob)
+            else:
+                store.commit([(res, rec, blob)])
+            ok = True
+        except (OSError, KVTierError) as e:
+            raise store.put_failed(e, n) from None
+        finally:
+            store.release(res, ok)
+
+    def put_many(self, blocks: Sequence[tuple[bytes, memoryview, BlockMeta]], free: int
+                 ) -> list[Exception | None]:
+        """Many puts made durable together (``BatchedPuts``); ``free``: free disk now.
+
+        Room for every block is claimed first, a batch's records end to end in one segment
+        where they fit; each segment's records go out in gathered O_DIRECT writes on the pool
+        while this thread checksums; then (``sync``) one fdatasync per segment written, and
+        one index transaction (``sync``, ``none``) or one batch staging (``batch``). Per block
+        None (stored, or stored already) or the error ``put`` would raise; a failed block
+        changes nothing stored.
+        """
+        store = self.store
+        results: list[Exception | None] = [None] * len(blocks)
+        claimed: list[tuple[int, Reservation]] = []
+        prefer: Segment | None = None
+        taken = 0
+        for i, (key, mv, _) in enumerate(blocks):
+            n = len(mv)
+            try:
+                res = store.reserve(key, n, inline=n < self.inline_threshold, free=free - taken,
+                                    prefer=prefer)
+            except KVTierError as e:
+                results[i] = e
+                continue
+            if res is not None:
+                claimed.append((i, res))
+                taken += n
+                prefer = res.segment or prefer
+        ok: dict[int, bool] = {}
+        try:
+            wait = self._start_writes(blocks, claimed)
+            records = {i: self._record(blocks[i], res) for i, res in claimed}  # while they run
+            failed = wait()
+            if store.durability == "sync":
+                written = {res.segment for _, res in claimed if res.segment is not None}
+                failed.update(sync_each([s for s in written if s not in failed], self.pool))
+            done = []
+            for i, res in claimed:
+                if res.segment in failed:
+                    results[i] = store.put_failed(failed[res.segment], res.nbytes)
+                else:
+                    done.append((i, res))
+            puts = [(res, records[i], bytes(blocks[i][1]) if res.segment is None else None)
+                    for i, res in done]
+            if store.durability == "batch":
+                for res, rec, blob in puts:
+                    store.stage(res, rec, blob)
+            elif puts:
+                try:
+                    store.commit(puts)
+                except KVTierError as e:
+                    for i, res in done:
+                        results[i] = store.put_failed(e, res.nbytes)
+                    return results
+            ok.update((i, True) for i, _ in done)
+            return results
+        finally:
+            for i, res in reversed(claimed):  # last first: a failed run gives its space back
+                store.release(res, ok.get(i, False))
+
+    def _start_writes(self, blocks: Sequence[tuple[bytes, memoryview, BlockMeta]],
+                      claimed: list[tuple[int, Reservation]]
+                      ) -> Callable[[], dict[Segment, OSError]]:
+        """Start writing the claimed segment records, each segment's on the pool (at once);
+        returns a wait for them that gives the failures by segment."""
+        runs: dict[Segment, list[tuple[np.ndarray, int]]] = {}
+        for i, res in claimed:
+            if res.segment is not None:
+                arr = np.frombuffer(blocks[i][1], dtype=np.uint8)
+                runs.setdefault(res.segment, []).append((arr, res.offset))
+        pool = self.pool
+        if pool is None:
+            failed = {}
+            for seg, recs in runs.items():
+                try:
+                    _write_runs(seg, recs)
+                except OSError as e:
+                    failed[seg] = e
+            return lambda: failed
+        futures = {seg: pool.submit(_write_runs, seg, recs) for seg, recs in runs.items()}
+
+        def wait() -> dict[Segment, OSError]:
+            out: dict[Segment, OSError] = {}
+            for seg, f in futures.items():
+                try:
+                    f.result()
+                except OSError as e:
+                    out[seg] = e
+            return out
+
+        return wait
+
+    def _record(self, block: tuple[bytes, memoryview, BlockMeta], res: Reservation) -> Record:
+        key, mv, meta = block
+        crc, head = seal(key, mv)
+        seg = res.segment
+        loc = Location(seg.id if seg else 0, res.offset, len(mv), crc,
+                       self.store.durability != "none", head)
+        return Record(loc, meta, time.time())
+
+    def flush(self) -> None:
+        """Commit puts waiting for a batch commit: payloads fdatasync'd first, then the index.
+
+        Also retries index deletes that could not commit before (a full disk, damage).
+        """
+        store = self.store
+        with store.commit_lock:
+            batch = store.take_batch()
+            store.retry_deletes()
+            if not batch:
+                return
+            try:
+                sync_all({p.segment for p in batch if p.segment is not None}, self.pool)
+                store.index.commit((p.key, p.record, p.inline) for p in batch)
+            except (OSError, KVTierError) as e:
+                log.error("ssd batch commit of %d blocks failed, dropping them: %s", len(batch), e)
+                store.batch_failed(batch, e)
+            finally:
+                store.batch_done(batch)
+
+
+def _write_runs(seg: Segment, records: list[tuple[np.ndarray, int]]) -> None:
+    """Write records of ``seg``: each run lying end to end in one gathered write."""
+    records.sort(key=lambda r: r[1])
+    run: list[tuple[np.ndarray, int]] = []
+    for arr, offset in records:
+        if run and run[-1][1] + padded(len(run[-1][0])) != offset:
+            seg.write_many(run)
+            run = []
+        run.append((arr, offset))
+    seg.write_many(run)
