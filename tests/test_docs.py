@@ -68,7 +68,10 @@ def resolves(dotted: str) -> bool:
             spec = None
         if spec is None:
             continue
-        obj = importlib.import_module(name)
+        try:
+            obj = importlib.import_module(name)
+        except ImportError:  # needs an optional dependency (an engine) not installed here
+            return True
         for attr in parts[i:]:
             if not hasattr(obj, attr):
                 return False
