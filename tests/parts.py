@@ -1,7 +1,7 @@
 """Builders for the tests of the cache's parts: real tiers, a ``Placement`` over them, blocks.
 
 Each part (``kvtier.placement``, ``writethrough``, ``recorder``, ``catalog``, ``lookups``,
-``reload``, ``prefetcher``) is built here the way ``TieredCache`` wires it, over real memory tiers, a real SSD
+``reload``, ``prefetcher``, ``writes``) is built here the way ``TieredCache`` wires it, over real memory tiers, a real SSD
 tier in a temporary directory, or a real Redis remote tier, so its tests exercise its own
 contract without the facade.
 """
