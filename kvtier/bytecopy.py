@@ -17,8 +17,11 @@ does those, asynchronously on the current stream.
 from __future__ import annotations
 
 import ctypes
+import warnings
 
 import torch
+
+Bytes = bytes | bytearray | memoryview | torch.Tensor  # what a tier's put accepts
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -26,6 +29,26 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     is not contiguous, since writing into a silent copy would lose the data)."""
     _check_contiguous(t)
     return t.detach().view(-1).view(torch.uint8)
+
+
+def as_uint8(data: Bytes) -> torch.Tensor:
+    """A 1-D uint8 tensor over ``data`` without copying (read-only buffers are not written)."""
+    if isinstance(data, torch.Tensor):
+        return data.reshape(-1).view(torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
+        return torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+
+
+def as_byte_view(data: Bytes) -> memoryview:
+    """A flat byte memoryview of ``data`` (for sockets and client libraries); tensors are copied
+    to host memory, or made contiguous, only if needed."""
+    if isinstance(data, torch.Tensor):
+        t = data.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        return t.contiguous().view(-1).view(torch.uint8).numpy().data.cast("B")
+    return memoryview(data).cast("B")
 
 
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -49,3 +49,18 @@ def test_a_payload_that_does_not_fill_its_outputs_is_corrupt():
     data = torch.zeros(100, dtype=torch.uint8)
     with pytest.raises(CorruptBlock, match="payload of 100 bytes for outputs of 96"):
         get_codec("none").decode_into(data, [torch.empty(4, 3, 2)])
+
+
+def test_the_byte_views_of_a_put_s_data_share_memory_and_keep_its_bytes():
+    from kvtier.bytecopy import as_byte_view, as_uint8
+
+    buf = bytearray(b"\x01\x02\x03\x04")
+    view = as_uint8(buf)
+    view[0] = 9  # a view, not a copy
+    assert buf[0] == 9 and as_uint8(b"").numel() == 0 and as_uint8(bytes(buf)).tolist() == [9, 2, 3, 4]
+    t = torch.arange(6, dtype=torch.float16).view(2, 3)
+    assert as_uint8(t).numel() == 12 and as_uint8(t).data_ptr() == t.data_ptr()
+    assert bytes(as_byte_view(t)) == t.numpy().tobytes()
+    cols = t.t()  # not contiguous: copied into row-major order
+    assert bytes(as_byte_view(cols)) == cols.contiguous().numpy().tobytes()
+    assert as_byte_view(memoryview(buf).cast("H")).nbytes == 4 and bytes(as_byte_view(buf)) == bytes(buf)

@@ -8,9 +8,14 @@ from kvtier.tiers.base import Tier
 
 
 def build_tiers(config: CacheConfig) -> list[Tier]:
-    """The tiers a config asks for, fastest first: device, host, SSD, remote."""
+    """The tiers a config asks for, fastest first: device, host, SSD, remote.
+
+    The config is checked again first (its fields may have been assigned since it was built),
+    so a bad setting fails in one line before any tier is allocated.
+    """
     from kvtier.tiers.memory import make_device_tier, make_host_tier
 
+    config.__post_init__()
     tiers: list[Tier] = []
     if config.device.capacity_bytes > 0:
         tiers.append(make_device_tier(config.device))

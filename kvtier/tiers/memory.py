@@ -11,26 +11,16 @@ device memory are queued with ``copy_(non_blocking=True)``.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 
 from kvtier.bufpool import aligned_empty, block_buffers
-from kvtier.bytecopy import copy_bytes
+from kvtier.bytecopy import as_uint8, copy_bytes
 from kvtier.config import DeviceTierConfig, HostTierConfig
 from kvtier.errors import StorageFull
 from kvtier.tiers.allocator import UNIT, ExtentAllocator
 from kvtier.tiers.base import BlockMeta
-
-
-def as_uint8(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
-    """A 1-D uint8 tensor over ``data`` without copying (read-only buffers are not written)."""
-    if isinstance(data, torch.Tensor):
-        return data.reshape(-1).view(torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
-        return torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
 
 
 class MemoryTier:

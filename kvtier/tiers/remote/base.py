@@ -119,17 +119,6 @@ def check_span(length: int, offset: int, nbytes: int, key: bytes) -> None:
         )
 
 
-def as_byte_view(data: bytes | bytearray | memoryview | torch.Tensor) -> memoryview:
-    """A flat byte memoryview of ``data``; tensors are copied to host memory if needed."""
-    if isinstance(data, torch.Tensor):
-        t = data.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous().view(-1).view(torch.uint8)
-        return t.numpy().data.cast("B")
-    return memoryview(data).cast("B")
-
-
 _QUEUED, _RUNNING, _DONE, _CANCELLED = range(4)
 _STATE = threading.Lock()  # guards every Call's state; held for a few bytecodes only
 

@@ -21,7 +21,7 @@ every byte of the value before returning:
   it is over, so a late completion lands in memory nobody reads.
 
 Values of ``PARALLEL_VERIFY`` bytes or more are checksummed on two cores (crc32c releases the
-GIL; the pieces are joined with ``checksum_combine``). Mooncake keeps the first value on a
+GIL; ``kvtier.tiers.remote.mooncake_value``). Mooncake keeps the first value on a
 duplicate put; it has no TTL (its master evicts under memory pressure), so ``ttl_s`` is accepted
 and ignored. Calls run on a small worker pool so each is bounded by ``timeout_s`` even when the
 client stalls on a lost storage node.
@@ -30,7 +30,6 @@ client stalls on a lost storage node.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,14 +42,12 @@ import torch
 from kvtier.block import checksum
 from kvtier.config import parse_size
 from kvtier.errors import BackendUnavailable, CorruptBlock, InvalidRequest
-from kvtier.tiers.remote.base import Call, Workers, check_span, checksum_combine, key_bound
+from kvtier.tiers.remote.base import Call, Workers, check_span, key_bound
+from kvtier.tiers.remote.mooncake_value import TRAILER, checksums, verify_copy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NOT_FOUND = -704  # Mooncake's OBJECT_NOT_FOUND
-TRAILER = struct.Struct("<I")
-VERIFY_PIECE = 256 * 1024  # checksum-then-copy unit: well inside a core's L2
-PARALLEL_VERIFY = 4 * 1024**2  # from this many bytes, verification is split over two cores
 DIRECT_MIN = 64 * 1024  # smaller reads (block headers) are staged: a copy that small is free
 TRAILER_SLOT, TRAILER_SLAB = 64, 4096  # direct reads' trailers: 64 slots per registered slab
 
@@ -207,24 +204,6 @@ class MooncakeBackend:
         with self._lock:
             return any(a <= lo and hi <= b for a, b, _ in self._regions)
 
-    def _checksums(self, views: Sequence[memoryview]) -> list[int]:
-        """crc32c of each view; with ``PARALLEL_VERIFY`` bytes or more, on two cores."""
-        if sum(v.nbytes for v in views) < PARALLEL_VERIFY:
-            return [checksum(v) for v in views]
-        pieces = []  # (view index, piece): a lone view is cut in two, several go whole
-        for i, v in enumerate(views):
-            half = v.nbytes // 2 if len(views) == 1 else v.nbytes
-            pieces += [(i, v[:half]), (i, v[half:])] if half < v.nbytes else [(i, v)]
-        helper = self._crc_worker.submit(lambda: [checksum(p) for _, p in pieces[1::2]])
-        crcs = [0] * len(pieces)
-        crcs[0::2] = [checksum(p) for _, p in pieces[0::2]]
-        helper.wait()
-        crcs[1::2] = helper.result()
-        out: dict[int, int] = {}  # view index -> crc of its pieces so far
-        for (i, p), c in zip(pieces, crcs, strict=True):
-            out[i] = checksum_combine(out[i], c, p.nbytes) if i in out else c
-        return [out[i] for i in range(len(views))]
-
     # -- RegisteredReads ------------------------------------------------------------------------
 
     def register(self, tensor: torch.Tensor) -> None:
@@ -319,7 +298,7 @@ class MooncakeBackend:
                 results[j] = KeyError(keys[j])
             elif n == out.numel() + TRAILER.size:
                 ok.append(j)
-        crcs = self._checksums([outs[j].numpy().data for j in ok])
+        crcs = checksums([outs[j].numpy().data for j in ok], self._crc_worker)
         for j, crc in zip(ok, crcs, strict=True):
             results[j] = outs[j].numel() if key_bound(crc, keys[j], outs[j].numel()) == stored[j] else \
                 CorruptBlock(f"mooncake value {keys[j].hex()} failed its crc32c check")
@@ -376,7 +355,7 @@ class MooncakeBackend:
             length = n - TRAILER.size
             check_span(length, offset, nbytes, key)
             data = stage.numpy().data
-            if key_bound(_verify_copy(data, length, out, offset), key, length) != TRAILER.unpack_from(data, length)[0]:
+            if key_bound(verify_copy(data, length, out, offset), key, length) != TRAILER.unpack_from(data, length)[0]:
                 raise CorruptBlock(f"mooncake value {key.hex()} failed its crc32c check")
             return nbytes
         finally:
@@ -433,28 +412,6 @@ class MooncakeBackend:
     def raw_store(self):
         """The Mooncake client itself, for benchmarks against the raw API."""
         return self._bounded(self._get_store)
-
-
-def _verify_copy(data: memoryview, length: int, out: torch.Tensor, offset: int) -> int:
-    """crc32c of ``data[:length]``, copying ``[offset, offset + out.numel())`` into ``out``.
-
-    Why piecewise: each piece is checksummed and then copied while still in cache, one pass
-    over memory instead of two; and a plain memoryview copy, because ``torch.copy_`` of a few
-    MiB wakes its intra-op threads, which on a busy host costs more than the copy.
-    """
-    end = offset + out.numel()
-    dst = out.numpy().data.cast("B") if out.device.type == "cpu" and \
-        out.is_contiguous() else None
-    crc = 0
-    for lo in range(0, length, VERIFY_PIECE):
-        hi = min(lo + VERIFY_PIECE, length)
-        crc = checksum(data[lo:hi], crc)
-        a, b = max(lo, offset), min(hi, end)
-        if a < b and dst is not None:
-            dst[a - offset:b - offset] = data[a:b]
-    if dst is None and end > offset:
-        out.copy_(torch.frombuffer(data[offset:end], dtype=torch.uint8))
-    return crc
 
 
 def parse_url(url: str) -> dict:

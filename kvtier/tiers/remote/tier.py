@@ -38,11 +38,12 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from kvtier.bytecopy import as_byte_view
 from kvtier.config import RemoteTierConfig
 from kvtier.errors import BackendUnavailable, CorruptBlock, InvalidRequest, StorageFull
 from kvtier.stats import Histogram
 from kvtier.tiers.base import BlockMeta
-from kvtier.tiers.remote.base import RegisteredReads, RemoteBackend, as_byte_view
+from kvtier.tiers.remote.base import RegisteredReads, RemoteBackend
 from kvtier.tiers.remote.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)

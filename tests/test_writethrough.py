@@ -1,0 +1,248 @@
+"""Write-through (``kvtier.writethrough``) over a host tier and a real SSD tier: a put waits for
+durable tiers only, the background backlog stays bounded, one write per block and tier is in
+flight, and a block dropped meanwhile leaves no copy behind."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvtier.errors import StorageFull
+from kvtier.writethrough import WriteThrough
+from tests.parts import BLOCK, data, entry, host, place, placement, ssd
+
+WAIT = 30.0  # generous: only a broken contract waits this long
+
+
+class Gate:
+    """Holds every ``put`` of a tier until opened; counts the calls that reached it."""
+
+    def __init__(self, tier, monkeypatch) -> None:
+        self.open = threading.Event()
+        self.calls = 0
+        self.reached = threading.Semaphore(0)
+        real = tier.put
+
+        def put(*args, **kw):
+            self.calls += 1
+            self.reached.release()
+            assert self.open.wait(WAIT)
+            return real(*args, **kw)
+
+        monkeypatch.setattr(tier, "put", put)
+
+    def wait_reached(self, n: int = 1) -> None:
+        for _ in range(n):
+            assert self.reached.acquire(timeout=WAIT)
+
+
+@pytest.fixture
+def gates(monkeypatch):
+    """Makes ``Gate``s; every one is opened when the test ends, passed or failed."""
+    made: list[Gate] = []
+
+    def make(tier) -> Gate:
+        made.append(Gate(tier, monkeypatch))
+        return made[-1]
+
+    yield make
+    for gate in made:
+        gate.open.set()
+
+
+@pytest.fixture
+def tiers(tmp_path, request):
+    """A host tier over an SSD tier of the durability the test asks for (default sync)."""
+    durability = getattr(request, "param", "sync")
+    disk = ssd(tmp_path / "ssd", durability=durability)
+    yield host(16 * BLOCK), disk
+    disk.close()
+
+
+def writer(p, backlog: int = 64 * BLOCK, threads: int = 2, admit_on_put: bool = True) -> WriteThrough:
+    return WriteThrough(p, admit_on_put=admit_on_put, backlog_bytes=backlog, threads=threads)
+
+
+def in_thread(fn) -> threading.Event:
+    done = threading.Event()
+    threading.Thread(target=lambda: (fn(), done.set()), daemon=True).start()
+    return done
+
+
+def test_a_put_waits_for_its_durable_tier(tiers, gates):
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p)
+    try:
+        assert w.durable == [1]
+        e = entry("a")
+        place(p, e)
+        gate = gates(disk)
+        writes = w.schedule(e, data(), below=0)
+        assert [x.tier for x in writes] == [1] and w.missing(e) == [1]
+        gate.wait_reached()
+        acked = in_thread(lambda: w.wait(writes))
+        assert not acked.wait(0.2)  # the SSD has not taken it: not acknowledged
+        gate.open.set()
+        assert acked.wait(WAIT)
+        assert e.tiers == {0, 1} and disk.contains(e.key) and w.missing(e) == []
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("tiers", ["none"], indirect=True)
+def test_writes_to_a_tier_that_is_not_durable_run_in_the_background(tiers, gates):
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p)
+    try:
+        assert w.durable == []
+        e = entry("a")
+        place(p, e)
+        gate = gates(disk)
+        assert w.schedule(e, data(), below=0) == []  # nothing for the put to wait for
+        gate.wait_reached()
+        assert w.backlog_bytes == BLOCK and e.tiers == {0}
+        gate.open.set()
+        w.flush(WAIT)
+        assert e.tiers == {0, 1} and disk.contains(e.key) and w.backlog_bytes == 0
+    finally:
+        w.close()
+
+
+def test_a_put_fails_when_its_durable_tier_refuses_a_block(tiers, monkeypatch):
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p)
+    try:
+        e = entry("a")
+        place(p, e)
+        monkeypatch.setattr(disk, "_free_disk", lambda: 0)  # the SSD's file system is full
+        writes = w.schedule(e, data(), below=0)
+        with pytest.raises(StorageFull, match="put not acknowledged: 1 of 1 blocks"):
+            w.wait(writes)
+        assert e.tiers == {0} and not disk.contains(e.key)
+        assert p.stats.tiers["ssd"].put_failures == 1
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("tiers", ["none"], indirect=True)
+def test_the_background_backlog_is_bounded(tiers, gates):
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p, backlog=2 * BLOCK, threads=4)
+    try:
+        gate = gates(disk)
+        blocks = [entry(i) for i in range(3)]
+        for e in blocks:
+            place(p, e)
+        w.schedule(blocks[0], data(), below=0)
+        w.schedule(blocks[1], data(), below=0)
+        gate.wait_reached(2)
+        third = in_thread(lambda: w.schedule(blocks[2], data(), below=0))
+        assert not third.wait(0.2)  # waits for room: back-pressure instead of memory growth
+        assert w.backlog_bytes == 2 * BLOCK and gate.calls == 2
+        gate.open.set()
+        assert third.wait(WAIT)
+        w.flush(WAIT)
+        assert w.backlog_bytes == 0 and all(disk.contains(e.key) for e in blocks)
+    finally:
+        w.close()
+
+
+def test_a_second_write_of_a_block_joins_the_first(tiers, gates):
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p)
+    try:
+        e = entry("a")
+        place(p, e)
+        gate = gates(disk)
+        first = w.write(e, data(), [1])
+        gate.wait_reached()
+        second = w.write(e, data(), [1])
+        assert first[0].future is second[0].future
+        gate.open.set()
+        w.wait(first + second)
+        assert gate.calls == 1 and e.tiers == {0, 1}
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("tiers", ["none"], indirect=True)
+def test_a_joined_background_write_reserves_the_backlog_once(tiers, gates):
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p)
+    try:
+        e = entry("a")
+        place(p, e)
+        gate = gates(disk)
+        w.schedule(e, data(), below=0)
+        gate.wait_reached()
+        w.schedule(e, data(), below=0)
+        assert w.backlog_bytes == BLOCK and gate.calls == 1
+        gate.open.set()
+        w.flush(WAIT)
+        assert w.backlog_bytes == 0 and gate.calls == 1
+    finally:
+        w.close()
+
+
+def test_a_block_dropped_while_its_write_runs_leaves_no_copy(tiers, gates):
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p)
+    try:
+        e = entry("a")
+        place(p, e)
+        with p.lock:
+            p.touch([e], pin=True)  # as a put holds its blocks
+        gate = gates(disk)
+        writes = w.schedule(e, data(), below=0)
+        gate.wait_reached()
+        with p.lock:
+            p.drop(e.key, "evicted")  # doomed: freed when the put lets go
+        gate.open.set()
+        w.wait(writes)  # a dropped block owes nothing: the put is not failed for it
+        p.release([e])
+        assert not disk.contains(e.key) and not hst.contains(e.key) and e.key not in p.index
+    finally:
+        w.close()
+
+
+def test_a_put_is_not_acknowledged_for_a_block_dropped_before_it_was_durable(tiers, gates):
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p)
+    try:
+        e = entry("a")
+        place(p, e)  # not pinned: nothing holds it
+        gate = gates(disk)
+        w.schedule(e, data(), below=0)
+        gate.wait_reached()  # a write of it in flight
+        with p.lock:
+            p.drop(e.key, "capacity")
+        writes = w.write(e, data(), [1])  # joins the one in flight
+        gate.open.set()
+        with pytest.raises(StorageFull, match="did not reach the ssd tier"):
+            w.wait(writes)
+        assert not disk.contains(e.key)
+    finally:
+        w.close()
+
+
+def test_without_write_through_admission_nothing_is_written_on_put(tiers):
+    hst, disk = tiers
+    p = placement([hst, disk], admission="write_back")
+    w = writer(p, admit_on_put=False)
+    try:
+        e = entry("a")
+        place(p, e)
+        assert w.schedule(e, data(), below=0) == [] and w.missing(e) == []
+        w.flush(WAIT)
+        assert not disk.contains(e.key) and e.tiers == {0}
+    finally:
+        w.close()
