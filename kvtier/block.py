@@ -155,30 +155,43 @@ class PreparedBlock:
     def write_into(self, out: torch.Tensor) -> None:
         """Write the block into ``out`` (host memory, exactly ``nbytes`` uint8, any contents).
 
-        Copies each payload once with numpy (no torch thread pool): one ``concatenate`` per run
-        of layers with no padding between them (a whole block of ``none`` payloads whose layers
-        fill whole pages is one call), then each layer's checksum from the copy just written,
-        and zeroes the padding.
+        Copies each payload once with numpy (no torch thread pool), a run of adjacent layers of
+        up to ``_RUN_BYTES`` per call, and checksums each run's layers right after its copy,
+        while they are still in cache: checksumming a large block after all of it was copied
+        reads it from memory a second time, while a call per small layer costs more in calls
+        than it saves (``python -m kvtier.bench.host_tier``). Padding is zeroed, never left
+        with stale bytes of a recycled buffer.
         """
         if out.device.type != "cpu" or out.dtype != torch.uint8 or out.numel() != self.nbytes:
             raise ValueError(f"a block of {self.nbytes} bytes goes into {self.nbytes} host uint8, "
                              f"got {out.numel()} {out.dtype} on {out.device}")
         arr = out.numpy()
         end = header_size(len(self.lengths), self.codec)
+        entries: list[tuple[int, int, int]] = []
         run: list[np.ndarray] = []
-        run_start = self.offsets[0] if self.offsets else end
+        run_layers: list[tuple[int, int]] = []
+
+        def flush() -> None:
+            if run_layers:
+                _concat(run, arr, run_layers[0][0], end)
+                entries.extend((o, n, checksum(arr[o:o + n])) for o, n in run_layers)
+                run.clear()
+                run_layers.clear()
+
         for parts, start, n in zip(self.payloads, self.offsets, self.lengths, strict=True):
-            if start != end:  # padding before this layer: write the run so far
-                _concat(run, arr, run_start, end)
-                arr[end:start] = 0  # padding: zeros, never stale bytes of a recycled buffer
-                run, run_start = [], start
+            if start != end or (run_layers and end - run_layers[0][0] + n > _RUN_BYTES):
+                flush()
+                arr[end:start] = 0
             run += parts
+            run_layers.append((start, n))
             end = start + n
-        _concat(run, arr, run_start, end)
+        flush()
         arr[end:] = 0
-        entries = [(o, n, checksum(arr[o:o + n])) for o, n in zip(self.offsets, self.lengths, strict=True)]
         head = _header(self.codec, self.version, self.tokens, entries)
         arr[:len(head)] = np.frombuffer(head, dtype=np.uint8)
+
+
+_RUN_BYTES = 512 << 10  # half this machine's L2: a run is still in cache when checksummed
 
 
 def _concat(parts: list[np.ndarray], arr: np.ndarray, start: int, end: int) -> None:
