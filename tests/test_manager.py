@@ -35,6 +35,27 @@ def test_put_lookup_get_roundtrip():
         assert c.lookup("other", toks).tokens == 0
 
 
+def test_a_put_encodes_the_next_blocks_while_it_places_one(monkeypatch):
+    import kvtier.writes as writes
+
+    where: list[str] = []
+    encode = writes.encode_block_pooled
+
+    def spy(codec, layers):
+        where.append(threading.current_thread().name)
+        return encode(codec, layers)
+
+    monkeypatch.setattr(writes, "encode_block_pooled", spy)
+    with small_cache() as c:
+        kv = random_kv(100)
+        toks = list(range(100))
+        assert c.put("m", toks, kv) == 96
+        assert len(where) == 6 and any(n.startswith("kvtier-encode") for n in where)
+        out, n = c.get("m", toks)
+        assert n == 96 and same(kv, out, 96)  # placed in order, each block its own bytes
+        assert [b.index for b in c.lookup("m", toks).blocks] == list(range(6))
+
+
 def test_namespaces_of_one_tenant_and_model_never_share_blocks():
     """Dropping or expiring one namespace must never empty another of the same model."""
     with small_cache() as c:
