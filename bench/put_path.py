@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ def _kv(tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
                   .view(torch.float16) for _ in range(2)) for _ in range(LAYERS)]  # type: ignore[misc]
 
 
-def put_once(root: Path, kv: list, tokens: int, block_tokens: int, durability: str) -> float:
+def put_once(root: Path, kv: list, tokens: int, block_tokens: int, durability: Any) -> float:
     """Seconds for one put of the whole prefix into a fresh SSD-only cache."""
     shutil.rmtree(root, ignore_errors=True)
     cache = TieredCache(CacheConfig(
