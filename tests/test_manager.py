@@ -304,21 +304,22 @@ def test_ttl_expires_blocks(monkeypatch):
 
 
 def _put_blocked_at_second_block(monkeypatch, c, name, kv):
-    """Start a put of ``kv`` into ``name`` that stops before encoding its second block; returns
-    (thread, result dict, release function)."""
-    import kvtier.writes as manager
+    """Start a put of ``kv`` into ``name`` that stops once its first block is published, before
+    it places the second (a put encodes blocks ahead: the hook is where the first block's
+    write-through is scheduled); returns (thread, result dict, release function)."""
+    from kvtier.writethrough import WriteThrough
 
-    real, calls = manager.encode_block_pooled, []
+    real, calls = WriteThrough.schedule, []
     entered, gate = threading.Event(), threading.Event()
 
-    def slow(codec, layers):
+    def slow(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 1:
             entered.set()
             assert gate.wait(30)
-        return real(codec, layers)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(manager, "encode_block_pooled", slow)
+    monkeypatch.setattr(WriteThrough, "schedule", slow)
     result = {}
 
     def run():
