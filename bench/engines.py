@@ -59,6 +59,10 @@ def _aligned_rows(n: int, page: int) -> torch.Tensor:
     return raw[shift: shift + n * page].view(n, page)
 
 
+def _name(mode: str, modes: list[str]) -> str:
+    return "kvtier" if modes == [mode] else f"kvtier ({mode})"
+
+
 def drop_page_cache() -> bool:
     subprocess.run(["sync"], check=False)
     try:
@@ -95,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blocks-per-job", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--kvtier-threads", type=int, default=None, help="kvtier n_threads (default: the tier's)")
+    ap.add_argument("--durability", default="batch",
+                    help="kvtier durability modes to run side by side, comma separated (batch: the "
+                         "default, fdatasync every commit window; none: no fsync, as the fs tier)")
     args = ap.parse_args(argv)
 
     from vllm.v1.kv_offload.base import ReqContext, make_offload_key
@@ -108,14 +115,16 @@ def main(argv: list[str] | None = None) -> None:
     view = rows.numpy().data
     root = Path(args.dir) / f"kvtier-bench-engines-{os.getpid()}"
     spec = _spec(page)
-    kv_cfg = {"type": "KVTierSecondaryTier", "module_path": "kvtier.integrations.vllm",
-              "data_dir": str(root / "kvtier"), "capacity": f"{4 * args.rounds * n_blocks * page}"}
-    if args.kvtier_threads:
-        kv_cfg["n_threads"] = args.kvtier_threads
-    tiers = {
-        "fs": SecondaryTierFactory.create_secondary_tier({"type": "fs", "root_dir": str(root / "fs")}, view, spec),
-        "kvtier": SecondaryTierFactory.create_secondary_tier(kv_cfg, view, spec),
-    }
+    tiers = {"fs": SecondaryTierFactory.create_secondary_tier({"type": "fs", "root_dir": str(root / "fs")},
+                                                             view, spec)}
+    modes = args.durability.split(",")
+    for mode in modes:
+        kv_cfg = {"type": "KVTierSecondaryTier", "module_path": "kvtier.integrations.vllm",
+                  "data_dir": str(root / f"kvtier-{mode}"), "durability": mode,
+                  "capacity": f"{4 * args.rounds * n_blocks * page}"}
+        if args.kvtier_threads:
+            kv_cfg["n_threads"] = args.kvtier_threads
+        tiers[_name(mode, modes)] = SecondaryTierFactory.create_secondary_tier(kv_cfg, view, spec)
     ctx = ReqContext("bench")
     rng = np.random.default_rng(0)
     results: dict[str, dict[str, list[float]]] = {n: {"store": [], "load": [], "store_p99": [], "load_p99": []}
@@ -126,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for rnd in range(args.rounds):
             keys = [make_offload_key(rng.bytes(32), 0) for _ in range(n_blocks)]
-            order = list(tiers) if rnd % 2 == 0 else list(reversed(tiers))
+            names = list(tiers)
+            order = names[rnd % len(names):] + names[:rnd % len(names)]  # each goes first in turn
 
             def jobs(promotion: bool, base: int, keys: list = keys):
                 nonlocal job_id
@@ -163,8 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
     rows_out = [[n, f"{m['store']:.2f}", f"{m['store_p99']:.0f}", f"{m['load']:.2f}", f"{m['load_p99']:.0f}"]
                 for n, m in med.items()]
-    rows_out.append(["kvtier / fs", f"{med['kvtier']['store'] / med['fs']['store']:.2f}x", "",
-                     f"{med['kvtier']['load'] / med['fs']['load']:.2f}x", ""])
+    for mode in modes:
+        n = _name(mode, modes)
+        rows_out.append([f"{n} / fs", f"{med[n]['store'] / med['fs']['store']:.2f}x", "",
+                         f"{med[n]['load'] / med['fs']['load']:.2f}x", ""])
     print(f"\n{args.rounds} rounds, {args.jobs} jobs x {args.blocks_per_job} blocks x {page / 2**20:.2f} MiB "
           f"({total / 2**30:.2f} GiB per phase), page cache {'dropped before loads' if cold else 'NOT dropped (no permission)'}")
     print(table(["tier", "store GB/s", "store p99 ms/job", "load GB/s", "load p99 ms/job"], rows_out))

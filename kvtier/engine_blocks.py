@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from kvtier.block import encode_block_pooled
 from kvtier.blocks import (
     BlockHits,
@@ -20,7 +22,7 @@ from kvtier.blocks import (
 )
 from kvtier.catalog import NamespaceCatalog
 from kvtier.codecs import get_codec
-from kvtier.errors import InvalidRequest
+from kvtier.errors import InvalidRequest, KVTierError
 from kvtier.index import BlockEntry
 from kvtier.keys import block_key
 from kvtier.lookups import Lookups
@@ -69,26 +71,33 @@ class EngineBlocks:
         return BlockHits(leading, present)
 
     def put(self, namespace: str, keys: Sequence[bytes], pages: Any) -> int:
+        """Store the pages not stored yet: encoded, then placed together (one ``put_many`` on a
+        tier that batches: writes in flight at once, one group commit), written through below;
+        returns once every durable tier holds them (raises the first failure after that)."""
         ns, ikeys = self._keys(namespace, keys)
         rows = page_rows(pages, len(ikeys), ns.page_bytes)
         codec = get_codec(ns.codec)
         p = self.placement
-        stored = 0
-        durable: list[DurableWrite] = []
+        todo: list[tuple[BlockEntry, torch.Tensor]] = []
         for key, row in zip(ikeys, rows, strict=True):
             with p.lock:
                 if p.live(key, ns.ttl_s) is not None:
                     continue
             data = encode_block_pooled(codec, [[row.view(1, -1)]])
-            entry = BlockEntry(key, ns.name, None, 0, 1, len(data), time.time(), ns.codec)
-            placed = p.place_unlocked(entry, data)
-            if placed is None:
-                break
-            if placed >= 0:
+            todo.append((BlockEntry(key, ns.name, None, 0, 1, len(data), time.time(), ns.codec), data))
+        stored = 0
+        failed: KVTierError | None = None
+        durable: list[DurableWrite] = []
+        for (entry, data), placed in zip(todo, p.place_many_unlocked(todo), strict=True):
+            if isinstance(placed, KVTierError):
+                failed = failed or placed
+            elif placed is not None and placed >= 0:
                 stored += 1
                 durable += self.writes.schedule(entry, data, below=placed)
         self.writes.wait(durable)
         self.recorder.count_put(ns, stored)
+        if failed is not None:
+            raise failed
         return stored
 
     def get_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> int:

@@ -25,7 +25,7 @@ from kvtier.index import BlockEntry, PinnedKeys, rebuild_index
 from kvtier.policies import EvictionPolicy
 from kvtier.policies.admission import AdmissionPolicy
 from kvtier.stats import CacheStats
-from kvtier.tiers.base import DiskBound, SharedIndex, Tier
+from kvtier.tiers.base import BatchedPuts, DiskBound, SharedIndex, Tier
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class Placement:
         self.shared_idx = shared[0] if shared else -1  # the shared remote tier, if any
         self._remote_deletes: list[bytes] = []
         self._placing: set[bytes] = set()  # blocks being written before they are indexed
+        # tiers that store a batch in one call (group commit): checked once, here
+        self.batched = [isinstance(tier, BatchedPuts) for tier in self.tiers]
 
     @property
     def shared(self) -> SharedIndex | None:
@@ -119,6 +121,62 @@ class Placement:
         finally:
             with self.lock:
                 self._placing.discard(entry.key)
+
+    def place_many_unlocked(self, blocks: Sequence[tuple[BlockEntry, torch.Tensor]]
+                            ) -> list[int | None | KVTierError]:
+        """``place_unlocked`` for many parentless blocks: those bound for a persistent tier that
+        stores batches (``BatchedPuts``) go there in one ``put_many`` outside the lock — their
+        writes in flight together, made durable together — the others one by one. Per block as
+        ``place_unlocked`` returns (the tier, -1, None), or the ``KVTierError`` it would raise."""
+        out: list[int | None | KVTierError] = [None] * len(blocks)
+        batches: dict[int, list[int]] = {}  # tier -> blocks bound for its put_many
+        alone: list[int] = []
+        with self.lock:
+            room: dict[int, int] = {}  # bytes a tier is promised by this batch so far
+            for i, (entry, data) in enumerate(blocks):
+                if entry.key in self.index or entry.key in self._placing:
+                    out[i] = -1
+                    continue
+                n = len(data)
+                for t, tier in enumerate(self.tiers):
+                    if tier.fits_ever(n) and self.make_room(t, room.get(t, 0) + n):
+                        break
+                else:
+                    continue
+                if not (tier.persistent and self.batched[t]):
+                    alone.append(i)
+                    continue
+                room[t] = room.get(t, 0) + n
+                batches.setdefault(t, []).append(i)
+                self._placing.add(entry.key)  # one writer per key while it is not indexed yet
+        for i in alone:
+            try:
+                out[i] = self.place_unlocked(*blocks[i])
+            except KVTierError as e:
+                out[i] = e
+        for t, idx in batches.items():
+            tier = self.tiers[t]
+            assert isinstance(tier, BatchedPuts)
+            try:
+                results = tier.put_many([(blocks[i][0].key, blocks[i][1], blocks[i][0].meta())
+                                         for i in idx])
+                with self.lock:
+                    for i, err in zip(idx, results, strict=True):
+                        entry, data = blocks[i]
+                        if entry.key in self.index:
+                            out[i] = -1
+                        elif err is None:
+                            self.publish(entry, t, len(data))
+                            out[i] = t
+                        else:  # e.g. a concurrent writer took the room made above
+                            try:
+                                out[i] = self.place_new(entry, data)
+                            except KVTierError as e:
+                                out[i] = e
+            finally:
+                with self.lock:
+                    self._placing.difference_update(blocks[i][0].key for i in idx)
+        return out
 
     def publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:
         """Record that tier ``t`` holds ``entry`` (lock held)."""

@@ -6,7 +6,8 @@ once every durable tier holds it.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -20,6 +21,45 @@ from kvtier.namespaces import Namespace
 from kvtier.placement import Placement
 from kvtier.recorder import StatsRecorder
 from kvtier.writethrough import DurableWrite, WriteThrough
+
+AHEAD = 2  # blocks encoded ahead of the one being placed
+
+_encoders: ThreadPoolExecutor | None = None
+
+
+def _encoder_pool() -> ThreadPoolExecutor:
+    """The small pool shared by every put that encodes the next blocks while one is written
+    (encoding copies with numpy and checksums with crc32c, both outside the GIL)."""
+    global _encoders
+    if _encoders is None:
+        _encoders = ThreadPoolExecutor(AHEAD, thread_name_prefix="kvtier-encode")
+    return _encoders
+
+
+class _EncodeAhead:
+    """Block ``i`` encoded, with blocks ``i+1..i+AHEAD`` started on the pool meanwhile: a put's
+    encode and checksum of the next blocks overlap the write of this one. Blocks are still
+    placed, written and acknowledged in order, one after another, as without it."""
+
+    def __init__(self, encode: Callable[[int], torch.Tensor], n: int) -> None:
+        self.encode = encode
+        self.n = n
+        self.ahead: dict[int, Future[torch.Tensor]] = {}
+
+    def __call__(self, i: int) -> torch.Tensor:
+        f = self.ahead.pop(i, None)
+        pool = _encoder_pool()
+        for j in range(i + 1, min(i + 1 + AHEAD, self.n)):
+            if j not in self.ahead:
+                self.ahead[j] = pool.submit(self.encode, j)
+        return f.result() if f is not None else self.encode(i)
+
+    def close(self) -> None:
+        """Wait for encodes still running: none reads the caller's KV once the put returns."""
+        for f in self.ahead.values():
+            if not f.cancel():
+                f.exception()
+        self.ahead.clear()
 
 
 class Puts:
@@ -47,6 +87,7 @@ class Puts:
         new: set[bytes] = set()
         chain: list[BlockEntry] = []  # pinned as we go: eviction never takes this put's ancestors
         durable: list[DurableWrite] = []
+        encoded = _EncodeAhead(lambda i: encode_block_pooled(codec, block_slice(kv, i, bt)), len(keys))
         try:
             for i, key in enumerate(keys):
                 with p.lock:
@@ -59,7 +100,7 @@ class Puts:
                         missing = self.writes.missing(existing)
                         if not missing:
                             continue
-                data = encode_block_pooled(codec, block_slice(kv, i, bt))
+                data = encoded(i)
                 if missing:
                     # Stored, but not yet on a durable tier (an earlier write-through failed, or
                     # one is in flight): write it (or wait for that write) before acknowledging.
@@ -81,6 +122,7 @@ class Puts:
             with p.lock:
                 self.catalog.check_live(ns)
         finally:
+            encoded.close()
             p.release(chain)
         with p.lock:
             p.order_after_put(keys, new)

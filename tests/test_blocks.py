@@ -67,6 +67,31 @@ def test_round_trip_exists_and_first_writer_wins(tmp_path):
         assert c.block_exists("e", keys(4)).present == [False, False, True, True]
 
 
+def test_pages_of_one_put_go_to_the_ssd_tier_in_one_group_commit(tmp_path, monkeypatch):
+    from kvtier.tiers.ssd.tier import SSDTier
+
+    batches: list[int] = []
+    put_many = SSDTier.put_many
+
+    def spy(self, blocks):
+        batches.append(len(blocks))
+        return put_many(self, blocks)
+
+    monkeypatch.setattr(SSDTier, "put_many", spy)
+    monkeypatch.setattr(SSDTier, "put", lambda *a: pytest.fail("a page put alone"))
+    p = pages(7)
+    with ssd_cache(tmp_path) as c:
+        c.register_block_namespace("e", page_bytes=PAGE, fingerprint=FP)
+        ks = keys(6)
+        assert c.put_blocks("e", [*ks[:3], ks[0], *ks[3:]], p) == 6  # a repeated key once
+        assert batches == [7 - 1]
+        out = torch.empty(6, PAGE, dtype=torch.uint8)
+        assert c.get_blocks_into("e", ks, out) == 6
+        assert torch.equal(out, torch.cat([p[:3], p[4:]]))
+    with ssd_cache(tmp_path) as c:  # committed: a new process finds every page
+        assert c.block_exists("e", keys(6)).leading == 6
+
+
 def test_pages_are_ordinary_blocks_that_survive_a_restart(tmp_path):
     p = pages(6)
     with ssd_cache(tmp_path) as c:

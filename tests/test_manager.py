@@ -35,6 +35,27 @@ def test_put_lookup_get_roundtrip():
         assert c.lookup("other", toks).tokens == 0
 
 
+def test_a_put_encodes_the_next_blocks_while_it_places_one(monkeypatch):
+    import kvtier.writes as writes
+
+    where: list[str] = []
+    encode = writes.encode_block_pooled
+
+    def spy(codec, layers):
+        where.append(threading.current_thread().name)
+        return encode(codec, layers)
+
+    monkeypatch.setattr(writes, "encode_block_pooled", spy)
+    with small_cache() as c:
+        kv = random_kv(100)
+        toks = list(range(100))
+        assert c.put("m", toks, kv) == 96
+        assert len(where) == 6 and any(n.startswith("kvtier-encode") for n in where)
+        out, n = c.get("m", toks)
+        assert n == 96 and same(kv, out, 96)  # placed in order, each block its own bytes
+        assert [b.index for b in c.lookup("m", toks).blocks] == list(range(6))
+
+
 def test_namespaces_of_one_tenant_and_model_never_share_blocks():
     """Dropping or expiring one namespace must never empty another of the same model."""
     with small_cache() as c:
@@ -283,21 +304,22 @@ def test_ttl_expires_blocks(monkeypatch):
 
 
 def _put_blocked_at_second_block(monkeypatch, c, name, kv):
-    """Start a put of ``kv`` into ``name`` that stops before encoding its second block; returns
-    (thread, result dict, release function)."""
-    import kvtier.writes as manager
+    """Start a put of ``kv`` into ``name`` that stops once its first block is published, before
+    it places the second (a put encodes blocks ahead: the hook is where the first block's
+    write-through is scheduled); returns (thread, result dict, release function)."""
+    from kvtier.writethrough import WriteThrough
 
-    real, calls = manager.encode_block_pooled, []
+    real, calls = WriteThrough.schedule, []
     entered, gate = threading.Event(), threading.Event()
 
-    def slow(codec, layers):
+    def slow(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 1:
             entered.set()
             assert gate.wait(30)
-        return real(codec, layers)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(manager, "encode_block_pooled", slow)
+    monkeypatch.setattr(WriteThrough, "schedule", slow)
     result = {}
 
     def run():

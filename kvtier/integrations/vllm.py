@@ -78,7 +78,8 @@ def vllm_fingerprint(spec: OffloadingSpec, page_bytes: int, salt: str = "") -> d
 
 
 def _open_backend(*, data_dir: str | None, url: str | None, token: str | None, capacity: Any,
-                  durability: Any, io_threads: int, direct_io: bool, min_free: Any) -> Any:
+                  durability: Any, batch_interval_ms: int, io_threads: int, direct_io: bool,
+                  min_free: Any) -> Any:
     """A ``TieredCache`` over ``data_dir``, or a client of the sidecar at ``url``: both offer the
     block methods with the same signatures. Sizes and durability as the user wrote them
     (``"64GiB"``): ``SSDTierConfig`` checks them."""
@@ -94,7 +95,8 @@ def _open_backend(*, data_dir: str | None, url: str | None, token: str | None, c
     return TieredCache(CacheConfig(
         host=HostTierConfig(capacity_bytes=0),  # vLLM's CPU tier is the host tier
         ssd=SSDTierConfig(path=data_dir, capacity_bytes=capacity, durability=durability,
-                          io_threads=io_threads, direct_io=direct_io, min_free_bytes=min_free)))
+                          batch_interval_ms=batch_interval_ms, io_threads=io_threads,
+                          direct_io=direct_io, min_free_bytes=min_free)))
 
 
 class _Lookups(AsyncLookupManager):
@@ -114,7 +116,7 @@ class KVTierSecondaryTier(SecondaryTierManager):
     Config keys (besides vLLM's ``type``/``module_path``): ``data_dir`` or ``url`` (+ ``token``),
     ``capacity`` (embedded; default 64GiB), ``namespace`` (default: derived from the
     fingerprint), ``salt``, ``codec`` (``none`` or ``zstd``), ``durability`` (``sync``, ``batch``,
-    ``none``), ``io_threads``, ``direct_io``, ``min_free``, ``n_threads`` (concurrent jobs),
+    ``none``), ``batch_interval_ms`` (``batch``: the commit window), ``io_threads``, ``direct_io``, ``min_free``, ``n_threads`` (concurrent jobs),
     ``ttl_s``.
     """
 
@@ -133,6 +135,7 @@ class KVTierSecondaryTier(SecondaryTierManager):
         salt: str = "",
         codec: str = "none",
         durability: str = "batch",
+        batch_interval_ms: int = 20,
         io_threads: int = 8,
         direct_io: bool = True,
         min_free: str | int = "1GiB",
@@ -154,7 +157,8 @@ class KVTierSecondaryTier(SecondaryTierManager):
         digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         self.namespace = namespace or f"vllm-{digest}"
         self.backend = _open_backend(data_dir=data_dir, url=url, token=token, capacity=capacity,
-                                     durability=durability, io_threads=io_threads,
+                                     durability=durability, batch_interval_ms=batch_interval_ms,
+                                     io_threads=io_threads,
                                      direct_io=direct_io, min_free=min_free)
         try:
             self.backend.register_block_namespace(self.namespace, page_bytes=page,
