@@ -75,7 +75,7 @@ def body_buffer(request: Request, n: int) -> memoryview:
     if pool is None or n < POOLED_BODY_BYTES:
         return np.empty(n, dtype=np.uint8).data
     step = 1 << max(n.bit_length() - 4, 16)
-    return memoryview(pool.take(-(-n // step) * step)[:n].numpy())
+    return pool.take(-(-n // step) * step)[:n].numpy().data
 
 
 async def decode(request: Request, *, json_ok: bool) -> dict[str, Any]:

@@ -45,7 +45,7 @@ _NEEDS = ("parser", "cycle", "flow", "scope", "headers", "on_headers_complete", 
 
 if HttpToolsProtocol is not None:
 
-    class DirectBodyProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+    class DirectBodyProtocol(HttpToolsProtocol):
         """``HttpToolsProtocol`` whose routes may receive a body with ``body_into``: the
         transport pauses and a worker thread reads the socket straight into the route's buffer."""
 
@@ -58,7 +58,7 @@ if HttpToolsProtocol is not None:
                 return
             length = _content_length(self.headers)
             if length is not None:
-                extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+                extensions: Any = self.scope.setdefault("extensions", {})
                 extensions[EXTENSION] = lambda buf: self._body_into(cycle, length, buf)
 
         async def _body_into(self, cycle: Any, length: int, buf: Any) -> int | None:
