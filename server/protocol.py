@@ -39,8 +39,7 @@ try:
 except ImportError:  # pragma: no cover  (httptools is a dependency; uvicorn falls back to h11)
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
-_NEEDS = ("parser", "cycle", "flow", "scope", "headers", "on_headers_complete", "on_message_complete",
-          "data_received", "connection_lost")
+_NEEDS = ("on_headers_complete", "on_message_complete", "data_received", "connection_lost")  # methods used
 
 
 if HttpToolsProtocol is not None:
@@ -77,6 +76,9 @@ if HttpToolsProtocol is not None:
             cycle.body = bytearray()
             if not cycle.more_body:
                 return at
+            if getattr(cycle, "waiting_for_100_continue", False):  # as uvicorn's receive()
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                cycle.waiting_for_100_continue = False
             self.flow.pause_reading()  # the loop stops reading this socket: the thread reads it
             try:
                 got = await asyncio.get_running_loop().run_in_executor(
@@ -144,6 +146,6 @@ def _parser(protocol: Any) -> Any:
 
 def uvicorn_http() -> Any:
     """``uvicorn.Config(http=...)``: the direct-body protocol when it fits this uvicorn."""
-    if HttpToolsProtocol is None or not all(hasattr(HttpToolsProtocol, a) or a in _NEEDS[:5] for a in _NEEDS):
+    if HttpToolsProtocol is None or not all(hasattr(HttpToolsProtocol, a) for a in _NEEDS):
         return "auto"
     return DirectBodyProtocol

@@ -143,3 +143,19 @@ def test_recycled_body_buffers_never_mix_puts(sidecar):
         for i, kv in kvs.items():
             for r in range(3):
                 assert_stored(c, ids(1_000_000 * (i + 1) + 10_000 * r), kv)
+
+
+def test_expect_100_continue_is_answered_before_the_body(sidecar):
+    url, client, _ = sidecar
+    u = urlsplit(url)
+    kv = rand_kv(8)
+    req = put_request("ns", ids(0), kv, u.netloc)
+    head, _, body = req.partition(b"\r\n\r\n")
+    with socket.create_connection((u.hostname, u.port)) as s, s.makefile("rb") as f:
+        s.settimeout(30)
+        s.sendall(head + b"\r\nexpect: 100-continue\r\n\r\n")
+        assert f.readline().startswith(b"HTTP/1.1 100")  # the client waits for this before sending
+        assert f.readline() == b"\r\n"
+        s.sendall(body)
+        assert read_response(f)[0] == 200
+    assert_stored(client, ids(0), kv)
