@@ -19,12 +19,15 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from kvtier.bufpool import BufferPool
 from kvtier.errors import InvalidRequest, InvalidType
 from kvtier.server.errors import UnsupportedMediaType
 from kvtier.server.schemas import TokensRequest
 from kvtier.wire import MSGPACK, unpack_views
 
 M = TypeVar("M", bound=TokensRequest)
+BODY_INTO = "kvtier.body_into"  # ``kvtier.server.protocol.EXTENSION``
+POOLED_BODY_BYTES = 1 << 20  # bodies from this size on are received into recycled buffers
 PACKED_TOKEN_DTYPE = np.dtype("<i8")
 MAX_TOKEN_ID = 2**62  # as ``kvtier.server.schemas.TokenId``
 
@@ -43,20 +46,36 @@ async def decode_views(request: Request) -> dict[str, Any]:
     if length is None or not length.isdigit():
         body: bytes | memoryview = await request.body()
     else:
-        # Not bytearray(n): it zero-fills every page first, a fifth of a big put's time.
-        body = np.empty(int(length), dtype=np.uint8).data  # BodyLimit checked the length
-        at = 0
-        async for chunk in request.stream():
-            if at + len(chunk) > len(body):
-                raise InvalidRequest(f"request body is longer than its Content-Length {len(body)}")
-            body[at:at + len(chunk)] = chunk
-            at += len(chunk)
-        if at != len(body):
-            raise InvalidRequest(f"request body ended after {at} of {len(body)} bytes")
+        # A recycled buffer (BodyLimit checked the length): a fresh one faults in every page
+        # on first touch, and bytearray(n) zero-fills them too, each a large part of a big put.
+        body = body_buffer(request, int(length))
+        into = request.scope.get("extensions", {}).get(BODY_INTO)
+        got = await into(body) if into is not None else None
+        if got is None:
+            at = 0
+            async for chunk in request.stream():
+                if at + len(chunk) > len(body):
+                    raise InvalidRequest(f"request body is longer than its Content-Length {len(body)}")
+                body[at:at + len(chunk)] = chunk
+                at += len(chunk)
+            if at != len(body):
+                raise InvalidRequest(f"request body ended after {at} of {len(body)} bytes")
     d = unpack_views(body)
     if not isinstance(d, dict):
         raise InvalidType(f"body must be a map, got {type(d).__name__}")
     return d
+
+
+def body_buffer(request: Request, n: int) -> memoryview:
+    """``n`` writable bytes (contents undefined) for a body. Big ones come from the app's
+    ``body_buffers`` pool (``kvtier.bufpool``) in size classes an eighth apart, so puts of
+    similar sizes share buffers; a buffer is reused only once nothing views it any more (the
+    put copied its KV into the cache), never while a request still reads it."""
+    pool: BufferPool | None = getattr(request.app.state, "body_buffers", None)
+    if pool is None or n < POOLED_BODY_BYTES:
+        return np.empty(n, dtype=np.uint8).data
+    step = 1 << max(n.bit_length() - 4, 16)
+    return pool.take(-(-n // step) * step)[:n].numpy().data
 
 
 async def decode(request: Request, *, json_ok: bool) -> dict[str, Any]:

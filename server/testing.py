@@ -12,6 +12,7 @@ import uvicorn
 
 from kvtier.manager import TieredCache
 from kvtier.server.app import create_app
+from kvtier.server.protocol import uvicorn_http
 from kvtier.settings import ServerSettings
 
 
@@ -28,7 +29,7 @@ def serve_in_thread(cache: TieredCache, settings: ServerSettings | None = None,
     (gracefully) on exit."""
     settings = settings or ServerSettings()
     settings.host, settings.port = "127.0.0.1", port or free_port()
-    config = uvicorn.Config(create_app(cache, settings), host=settings.host, port=settings.port,
+    config = uvicorn.Config(create_app(cache, settings), host=settings.host, port=settings.port, http=uvicorn_http(),
                             log_level="warning", lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="kvtier-sidecar", daemon=True)

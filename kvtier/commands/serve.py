@@ -75,6 +75,7 @@ def serve(settings: Settings) -> int:
 
     from kvtier.manager import TieredCache
     from kvtier.server.app import create_app, start_region_socket
+    from kvtier.server.protocol import uvicorn_http
 
     _Server = _server_class()
     srv = settings.server
@@ -86,7 +87,7 @@ def serve(settings: Settings) -> int:
     try:
         app = create_app(cache, srv)
         start_region_socket(app)  # here, so that a bad --shm-socket is one line, not a traceback
-        config = uvicorn.Config(app, host=srv.host, port=srv.port,
+        config = uvicorn.Config(app, host=srv.host, port=srv.port, http=uvicorn_http(),
                                 log_level=srv.log_level.lower(), access_log=srv.access_log, lifespan="on",
                                 # uvicorn says int, waits with asyncio.wait_for: seconds as a float work
                                 timeout_graceful_shutdown=srv.graceful_timeout_s)  # type: ignore[arg-type]
