@@ -13,7 +13,9 @@ block, one of two ways:
   group is one scatter read from the file into the destination's tensors (group 0 with the
   header page in front): O_DIRECT, no staging, no copy. Before a layer is marked ready, the
   header is checked (its crc, the tier's check of a read from byte 0, its table equal to the
-  expected one) and the layer's crc32c computed over the destination's bytes. A block that
+  expected one) and the layer's crc32c computed over the destination's bytes — unless the read
+  was the whole block (``get``), which the tier checked against the block's crc32c: every byte
+  is checksummed once. A block that
   fails is read whole again through the fallback once none of its reads is in flight, so no
   late read can overwrite what the fallback wrote.
 - **Through the staging ring** (other codecs, device destinations, unaligned tensors, format 1
@@ -179,7 +181,10 @@ class RangedReads:
             if h is None:
                 return  # group 0 failed: the block is read whole once its reads are done
             per = len(pages.sizes)
-            for k, layer in enumerate(g):
+            # A whole block read from byte 0 was checked by the tier against the block's crc32c
+            # (``ScatterReads``): its layers are not checksummed a second time.
+            whole = first and got == blk.b.nbytes
+            for k, layer in enumerate(() if whole else g):
                 crc = 0
                 for arr in arrays[k * per:(k + 1) * per]:
                     crc = checksum(arr, crc)
