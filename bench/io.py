@@ -11,6 +11,9 @@ and the only way to time each request. ``batch`` issues ``read_many_into`` (writ
 calls of ``iodepth`` requests per job (the loader's path); each request's completion latency is
 then its batch's.
 
+``path`` (``--path``): ``raw`` is the above; ``get`` and ``loader`` time the cache's own reload
+calls over the data set instead (``kvtier.bench.io_paths``).
+
 Destination buffers: one per request in flight, reused (fio's pattern) unless ``buffers`` asks
 for a ring per request in flight (0: 16 across the jobs, what the loader's staging ring holds,
 ``LoaderConfig.staging_slots``). On a virtual disk a read landing in bytes the previous read's
@@ -30,13 +33,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from kvtier.bench.io_result import PERCENTILES, DirStats, IOResult, percentiles  # noqa: F401  (re-exported)
 from kvtier.bench.params import ENGINES, RW, TIERS
 from kvtier.config import Durability, RemoteBackendName, format_size
 from kvtier.errors import InvalidRequest, StorageFull
@@ -45,7 +49,6 @@ from kvtier.tiers.base import RangedBatchReads, Tier
 if TYPE_CHECKING:
     from kvtier.codecs.base import Codec
 
-PERCENTILES = (1.0, 5.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.99)
 DATASET_DIR = "kvtier-bench-io"
 
 Progress = Callable[[str], None]
@@ -72,6 +75,7 @@ class IOParams:
     remote_backend: RemoteBackendName = "redis"
     seed: int = 0
     buffers: int = 1  # destination buffers per request in flight; 0: the loader's ring (see top)
+    path: str = "raw"  # raw: the tier's reads; get / loader: the cache's (``kvtier.bench.io_paths``)
 
     def check(self) -> IOParams:
         def bad(msg: str) -> None:
@@ -98,6 +102,8 @@ class IOParams:
             bad(f"--rwmixread must be 0..100, got {self.rwmixread}")
         if self.tier == "remote" and not self.remote_url:
             bad("--tier remote needs --remote-url (e.g. redis://127.0.0.1:6379/0)")
+        from kvtier.bench.io_paths import check as check_path
+        check_path(self)
         if self.codec != "none":
             from kvtier.codecs import get_codec
             get_codec(self.codec)  # raises InvalidRequest naming the known codecs
@@ -120,63 +126,6 @@ class IOParams:
         threads = self.numjobs if self.engine == "batch" else self.inflight
         per_op = self.iodepth if self.engine == "batch" else 1
         return max(1, -(-LoaderConfig().staging_slots // (threads * per_op)))
-
-
-@dataclass(slots=True)
-class DirStats:
-    """One direction (read or write) of a finished job."""
-
-    io_bytes: int = 0
-    ios: int = 0
-    clat_ns: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-
-    def to_fio(self, runtime_s: float) -> dict:
-        """fio's JSON fields for this direction (``bw`` in KiB/s and ``runtime`` in ms, as fio)."""
-        bw = self.io_bytes / runtime_s if runtime_s > 0 else 0.0
-        lat = self.clat_ns
-        clat = {"min": int(lat.min()) if lat.size else 0, "max": int(lat.max()) if lat.size else 0,
-                "mean": float(lat.mean()) if lat.size else 0.0,
-                "stddev": float(lat.std()) if lat.size else 0.0, "N": int(lat.size),
-                "percentile": percentiles(lat)}
-        return {"io_bytes": self.io_bytes, "io_kbytes": self.io_bytes // 1024, "bw_bytes": int(bw),
-                "bw": int(bw / 1024), "iops": self.ios / runtime_s if runtime_s > 0 else 0.0,
-                "runtime": int(runtime_s * 1000), "total_ios": self.ios, "clat_ns": clat}
-
-
-def percentiles(lat_ns: np.ndarray) -> dict[str, int]:
-    """``{"50.000000": ns, ...}`` — fio's key format."""
-    if lat_ns.size == 0:
-        return {f"{p:.6f}": 0 for p in PERCENTILES}
-    vals = np.percentile(lat_ns, PERCENTILES, method="higher")
-    return {f"{p:.6f}": int(v) for p, v in zip(PERCENTILES, vals, strict=True)}
-
-
-@dataclass(slots=True)
-class IOResult:
-    params: IOParams
-    runtime_s: float
-    read: DirStats
-    write: DirStats
-    tier_stats: dict = field(default_factory=dict)
-
-    def to_fio_job(self) -> dict:
-        p = self.params
-        return {"jobname": f"kvtier-{p.tier}", "groupid": 0, "error": 0,
-                "job options": {"rw": p.rw, "bs": str(p.bs), "iodepth": str(p.iodepth),
-                                "numjobs": str(p.numjobs), "size": str(p.size),
-                                "runtime": str(p.runtime), "direct": str(int(p.direct)),
-                                "tier": p.tier, "codec": p.codec, "engine": p.engine,
-                                "buffers": str(p.ring_sets() * (p.iodepth if p.engine == "batch" else 1))},
-                "read": self.read.to_fio(self.runtime_s), "write": self.write.to_fio(self.runtime_s)}
-
-    def to_json(self) -> dict:
-        return {"fio version": "kvtier-bench-io", "timestamp": int(time.time()),
-                "jobs": [self.to_fio_job()], "kvtier": {"params": asdict(self.params),
-                                                       "tier_stats": _plain(self.tier_stats)}}
-
-
-def _plain(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
 # ---- tiers and data sets ---------------------------------------------------------------------
@@ -328,6 +277,9 @@ class _Job:
 def run(p: IOParams, progress: Progress | None = None) -> IOResult:
     """Lay out the data set (reads) or start empty (writes), run the job, return the figures."""
     p.check()
+    if p.path != "raw":
+        from kvtier.bench.io_paths import run_path
+        return run_path(p, progress)
     writes = p.rw in ("write", "randwrite")
     payloads = _Payloads(p)
     tier, close = open_tier(p, fresh=writes, block_bytes=payloads.stored_bytes)
