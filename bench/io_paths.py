@@ -35,6 +35,12 @@ NAMESPACE = "bench-io"
 PATHS = ("raw", "get", "loader")
 
 
+def default_path(tier: str, rw: str, codec: str, bs: int) -> str:
+    """``get`` (what a user calls) where a job is a reload it can time, else ``raw``."""
+    reload = tier == "ssd" and rw in ("read", "randread") and codec == "none"
+    return "get" if reload and bs % TOKEN_BYTES == 0 else "raw"
+
+
 def check(p) -> None:
     """Raise InvalidRequest unless job ``p`` can run on a product path."""
     if p.path not in PATHS:
@@ -134,7 +140,9 @@ def run_path(p, progress=None):
             if n != len(tokens):
                 raise InvalidRequest(f"{p.path} reloaded {n} of {len(tokens)} tokens")
             if progress:
-                progress(f"{p.path}: {len(lat)} calls of {format_size(p.size)}")
+                el = time.perf_counter() - t0
+                progress(f"{p.rw} {p.tier} {p.path} bs={format_size(p.bs)}: {len(lat)} calls of "
+                         f"{format_size(p.size)}, {len(lat) * p.size / max(el, 1e-9) / 1e9:.2f} GB/s")
             if p.runtime <= 0:
                 break
         elapsed = time.perf_counter() - t0
