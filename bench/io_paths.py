@@ -129,6 +129,7 @@ def run_path(p, progress=None):
         while not lat or time.perf_counter() < deadline:
             t = time.perf_counter_ns()
             if loader is not None:
+                assert dest is not None
                 lease = cache.acquire(NAMESPACE, tokens)
                 try:
                     n = loader.load(lease, dest).wait_all()
