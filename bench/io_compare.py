@@ -95,7 +95,9 @@ class Runner:
         if not self.args.no_fio_verify:
             fio.layout(fio.data_file(p, verify=True), self.size, verify=True)
         run(self.params(bs, "get"))  # lays out the kvtier data set (kept), one get
-        if self.lmcache and not self.lm_dir(bs).exists():
+        d = self.lm_dir(bs)
+        if self.lmcache and (not d.exists() or len(list(d.glob("*.pt"))) < self.size // bs):
+            shutil.rmtree(d, ignore_errors=True)  # a smaller data set's, or a broken one
             self.lm(bs, "put")
 
     def one(self, s: Series, who: str) -> None:
