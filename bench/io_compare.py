@@ -9,6 +9,7 @@ order that rotates from round to round. Contenders:
 - ``fio+crc``: the same, checking a crc32c of every block (kvtier verifies every read);
 - ``get``: ``TieredCache.get`` of the whole prefix (``kvtier.bench.io_paths``);
 - ``loader``: ``Loader.load`` of it into preallocated KV, then ``wait_all``;
+- ``sidecar``: ``KVTierClient(use_shm=True).get`` of it from a sidecar serving the same cache;
 - ``lmcache``: LMCache's ``batched_get_blocking`` (``bench/lmcache_disk.py``, in its own venv).
 
 Ratios are per round (kvtier and the reference of the same round), then the median over rounds;
@@ -38,9 +39,9 @@ from kvtier.bench.io import IOParams, run
 from kvtier.bench.io_paths import drop_page_cache
 from kvtier.config import format_size, parse_size
 
-CONTENDERS = ("fio", "fio+crc", "get", "loader", "lmcache")
-RATIOS = (("get", "fio"), ("get", "fio+crc"), ("loader", "fio"), ("loader", "fio+crc"), ("get", "lmcache"),
-          ("loader", "lmcache"), ("lmcache", "fio"))
+CONTENDERS = ("fio", "fio+crc", "get", "loader", "sidecar", "lmcache")
+RATIOS = (("get", "fio"), ("get", "fio+crc"), ("loader", "fio"), ("loader", "fio+crc"), ("sidecar", "fio"),
+          ("sidecar", "get"), ("get", "lmcache"), ("loader", "lmcache"), ("lmcache", "fio"))
 
 
 @dataclass(slots=True)

@@ -8,6 +8,9 @@ promotion, so every round reads the disk):
   allocates the output and reloads it through the loader, every block verified.
 - ``loader``: ``Loader.load`` of the leased prefix into preallocated KV, layer by layer, then
   ``wait_all`` (what an engine connector does).
+- ``sidecar``: ``KVTierClient(use_shm=True).get`` from the sidecar (the real server on a
+  loopback port, in a thread of this process): the server reloads into a shared-memory region
+  through the same loader, the client copies the KV out of it.
 
 The namespace is Llama-3-8B shaped (32 layers, K and V of 8 heads x 128, bf16: 128 KiB a token),
 ``--bs`` bytes a block (a multiple of 128 KiB). One op is one call over the whole prefix; its
@@ -32,7 +35,7 @@ from kvtier.errors import InvalidRequest
 LAYERS, HEADS, HEAD_DIM = 32, 8, 128
 TOKEN_BYTES = LAYERS * 2 * HEADS * HEAD_DIM * 2  # K and V, bf16
 NAMESPACE = "bench-io"
-PATHS = ("raw", "get", "loader")
+PATHS = ("raw", "get", "loader", "sidecar")
 
 
 def default_path(tier: str, rw: str, codec: str, bs: int) -> str:
@@ -105,8 +108,19 @@ def _populate(cache, tokens: list[int], p, progress) -> None:
         raise InvalidRequest(f"the SSD tier kept only part of the {format_size(p.size)} data set")
 
 
+def _sidecar(stack: contextlib.ExitStack, cache):
+    """A client of a sidecar serving ``cache`` (stopped when ``stack`` closes)."""
+    from kvtier.client import KVTierClient
+    from kvtier.server.testing import serve_in_thread
+
+    url = stack.enter_context(serve_in_thread(cache))
+    client = KVTierClient(url, use_shm=True, timeout=600)
+    stack.callback(client.close)
+    return client
+
+
 def run_path(p, progress=None):
-    """Run job ``p`` on ``p.path`` (``get`` or ``loader``); returns an ``IOResult``."""
+    """Run job ``p`` on ``p.path`` (``get``, ``loader`` or ``sidecar``); returns an ``IOResult``."""
     from kvtier.bench.io import DirStats, IOResult, dataset_dir
     from kvtier.loader import Loader, LoaderConfig
 
@@ -118,8 +132,10 @@ def run_path(p, progress=None):
     cache = _cache(p, root)
     loader = Loader(cache, LoaderConfig(io_threads=max(8, p.inflight))) if p.path == "loader" else None
     dest = _layout().empty(len(tokens)) if loader is not None else None
+    stack = contextlib.ExitStack()
     try:
         _populate(cache, tokens, p, progress)
+        client = _sidecar(stack, cache) if p.path == "sidecar" else None
         ssd = cache.tier("ssd")
         before = dict(ssd.stats())
         drop_page_cache()
@@ -135,6 +151,8 @@ def run_path(p, progress=None):
                     n = loader.load(lease, dest).wait_all()
                 finally:
                     cache.release(lease)
+            elif client is not None:
+                _, n = client.get(NAMESPACE, tokens)
             else:
                 _, n = cache.get(NAMESPACE, tokens)
             lat.append(time.perf_counter_ns() - t)
@@ -156,6 +174,7 @@ def run_path(p, progress=None):
         res.tier_stats = {**{k: v for k, v in after.items() if not isinstance(v, dict)}, **counters}
         return res
     finally:
+        stack.close()
         with contextlib.suppress(Exception):
             if loader is not None:
                 loader.close()
