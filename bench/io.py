@@ -29,103 +29,32 @@ from __future__ import annotations
 import math
 import random
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from kvtier.bench.io_result import PERCENTILES, DirStats, IOResult, percentiles  # noqa: F401  (re-exported)
-from kvtier.bench.params import ENGINES, RW, TIERS
-from kvtier.config import Durability, RemoteBackendName, format_size
+from kvtier.bench.io_job import (  # noqa: F401  (re-exported: the job, its figures)
+    DATASET_DIR,
+    PERCENTILES,
+    DirStats,
+    IOParams,
+    IOResult,
+    dataset_dir,
+    percentiles,
+)
+from kvtier.config import format_size
 from kvtier.errors import InvalidRequest, StorageFull
 from kvtier.tiers.base import RangedBatchReads, Tier
 
 if TYPE_CHECKING:
     from kvtier.codecs.base import Codec
 
-DATASET_DIR = "kvtier-bench-io"
 
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True, slots=True)
-class IOParams:
-    """One benchmark job (sizes in bytes, times in seconds); ``check()`` validates it."""
-
-    rw: str = "randread"
-    bs: int = 2 * 1024**2
-    iodepth: int = 1
-    numjobs: int = 1
-    size: int = 1024**3
-    runtime: float = 5.0  # 0: read ``size`` bytes once (size-based, like fio without runtime)
-    tier: str = "ssd"
-    codec: str = "none"
-    direct: bool = True
-    directory: str | None = None
-    engine: str = "sync"
-    rwmixread: int = 50
-    durability: Durability = "batch"
-    remote_url: str | None = None
-    remote_backend: RemoteBackendName = "redis"
-    seed: int = 0
-    buffers: int = 1  # destination buffers per request in flight; 0: the loader's ring (see top)
-    path: str = "raw"  # raw: the tier's reads; get / loader: the cache's (``kvtier.bench.io_paths``)
-
-    def check(self) -> IOParams:
-        def bad(msg: str) -> None:
-            raise InvalidRequest(msg)
-        if self.rw not in RW:
-            bad(f"unknown --rw {self.rw!r}: expected one of {', '.join(RW)}")
-        if self.tier not in TIERS:
-            bad(f"unknown --tier {self.tier!r}: expected one of {', '.join(TIERS)}")
-        if self.engine not in ENGINES:
-            bad(f"unknown --engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
-        if self.iodepth < 1:
-            bad(f"--iodepth must be >= 1, got {self.iodepth}")
-        if self.buffers < 0:
-            bad(f"--buffers must be >= 0 (0: as the loader's staging ring), got {self.buffers}")
-        if self.numjobs < 1:
-            bad(f"--numjobs must be >= 1, got {self.numjobs}")
-        if self.bs < 4096 or self.bs % 4096:
-            bad(f"--bs must be a multiple of 4 KiB (O_DIRECT alignment), got {self.bs}")
-        if self.size < self.bs:
-            bad(f"--size ({self.size}) must be at least one block (--bs {self.bs})")
-        if not (self.runtime >= 0 and math.isfinite(self.runtime)):
-            bad(f"--runtime must be >= 0 seconds, got {self.runtime}")
-        if not 0 <= self.rwmixread <= 100:
-            bad(f"--rwmixread must be 0..100, got {self.rwmixread}")
-        if self.tier == "remote" and not self.remote_url:
-            bad("--tier remote needs --remote-url (e.g. redis://127.0.0.1:6379/0)")
-        from kvtier.bench.io_paths import check as check_path
-        check_path(self)
-        if self.codec != "none":
-            from kvtier.codecs import get_codec
-            get_codec(self.codec)  # raises InvalidRequest naming the known codecs
-        return self
-
-    @property
-    def blocks(self) -> int:
-        return self.size // self.bs
-
-    @property
-    def inflight(self) -> int:
-        return self.iodepth * self.numjobs
-
-    def ring_sets(self) -> int:
-        """How many sets of destination buffers each job cycles through."""
-        if self.buffers:
-            return self.buffers
-        from kvtier.loader import LoaderConfig
-
-        threads = self.numjobs if self.engine == "batch" else self.inflight
-        per_op = self.iodepth if self.engine == "batch" else 1
-        return max(1, -(-LoaderConfig().staging_slots // (threads * per_op)))
 
 
 # ---- tiers and data sets ---------------------------------------------------------------------
@@ -175,12 +104,6 @@ def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
     out = aligned_empty(t.numel())
     out.copy_(t)
     return out
-
-
-def dataset_dir(p: IOParams) -> Path:
-    """The SSD tier's data directory for job ``p`` (read sets are kept and reused; write sets not)."""
-    kind = "write" if p.rw in ("write", "randwrite") else "read"
-    return Path(p.directory or tempfile.gettempdir()) / DATASET_DIR / f"{kind}-{p.codec}-{p.bs}"
 
 
 def host_tier_config(p: IOParams, block_bytes: int):

@@ -29,33 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
+from kvtier.bench.io_job import (
+    HEAD_DIM,
+    HEADS,
+    LAYERS,
+    TOKEN_BYTES,
+    DirStats,
+    IOResult,
+    check_path,
+    dataset_dir,
+)
 from kvtier.config import format_size
 from kvtier.errors import InvalidRequest
 
-LAYERS, HEADS, HEAD_DIM = 32, 8, 128
-TOKEN_BYTES = LAYERS * 2 * HEADS * HEAD_DIM * 2  # K and V, bf16
 NAMESPACE = "bench-io"
-PATHS = ("raw", "get", "loader", "sidecar")
-
-
-def default_path(tier: str, rw: str, codec: str, bs: int) -> str:
-    """``get`` (what a user calls) where a job is a reload it can time, else ``raw``."""
-    reload = tier == "ssd" and rw in ("read", "randread") and codec == "none"
-    return "get" if reload and bs % TOKEN_BYTES == 0 else "raw"
-
-
-def check(p) -> None:
-    """Raise InvalidRequest unless job ``p`` can run on a product path."""
-    if p.path not in PATHS:
-        raise InvalidRequest(f"unknown --path {p.path!r}: expected one of {', '.join(PATHS)}")
-    if p.path == "raw":
-        return
-    if p.tier != "ssd" or p.rw not in ("read", "randread") or p.codec != "none":
-        raise InvalidRequest(f"--path {p.path} reloads from the ssd tier: needs --tier ssd, --rw read or "
-                             f"randread and --codec none; got --tier {p.tier} --rw {p.rw} --codec {p.codec}")
-    if p.bs % TOKEN_BYTES:
-        raise InvalidRequest(f"--path {p.path} stores Llama-3-8B-shaped blocks of {format_size(TOKEN_BYTES)} "
-                             f"a token: --bs must be a multiple of it, got {format_size(p.bs)}")
 
 
 def drop_page_cache() -> bool:
@@ -121,10 +108,9 @@ def _sidecar(stack: contextlib.ExitStack, cache):
 
 def run_path(p, progress=None):
     """Run job ``p`` on ``p.path`` (``get``, ``loader`` or ``sidecar``); returns an ``IOResult``."""
-    from kvtier.bench.io import DirStats, IOResult, dataset_dir
     from kvtier.loader import Loader, LoaderConfig
 
-    check(p)
+    check_path(p)
     blocks = p.size // p.bs
     tokens = list(range(1, blocks * (p.bs // TOKEN_BYTES) + 1))
     root = dataset_dir(p).with_name(f"path-{p.bs}")
