@@ -19,6 +19,8 @@ from typing import Protocol
 
 import torch
 
+from kvtier.bytecopy import copy_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +61,8 @@ class Promoter:
         a = job.promos.get(i)
         if a is None:
             return
-        a.data = out.clone()
+        a.data = torch.empty_like(out)
+        copy_bytes(a.data, out)
         with self.lock:
             a.left = 0
             self.submit_promotions(job)
@@ -70,8 +73,16 @@ class Promoter:
         if a is None:
             return
         assert a.data is not None  # allocated when the block's header was read
-        a.data[lo:hi].copy_(buf)
+        copy_bytes(a.data[lo:hi], buf)
+        self.filled(job, i)
+
+    def filled(self, job: PromotedLoad, i: int) -> None:
+        """One more verified range of block ``i`` is in its assembly (the caller copied it);
+        promote once the block is whole."""
         with self.lock:
+            a = job.promos.get(i)
+            if a is None:
+                return
             a.left -= 1
             if not a.left:
                 self.submit_promotions(job)

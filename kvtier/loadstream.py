@@ -41,6 +41,7 @@ class LoadStream:
         self.seconds: float | None = None  # wall time from start to the last path finishing
         self._landed = np.zeros((n_layers, n_blocks), dtype=bool)
         self._valid = n_blocks
+        self._missing = np.full(n_layers, n_blocks, dtype=np.int64)  # per layer: valid blocks not landed
         self._ready = [threading.Event() for _ in range(n_layers)]
         self._events: list[torch.cuda.Event | None] = [None] * n_layers
         self._cuda = cuda_stream
@@ -117,13 +118,23 @@ class LoadStream:
         self._path_done()
 
     def _land(self, layers: Sequence[int], blocks: Sequence[int]) -> None:
-        with self._lock:
-            for layer in layers:
-                self._landed[layer, list(blocks)] = True
+        rows, cols = np.asarray(layers, dtype=np.intp), np.asarray(blocks, dtype=np.intp)
+        if not rows.size or not cols.size:
+            return
+        idx = np.ix_(rows, cols)
+        with self._lock:  # a few array operations per call, whatever the layer count
+            new = ~self._landed[idx]
+            self._landed[idx] = True
+            self._missing[rows] -= (new & (cols < self._valid)).sum(axis=1)
+            for layer in rows[self._missing[rows] == 0].tolist():
                 self._check(layer)
 
+    def _recount(self) -> None:
+        """Recount what each layer misses after ``_valid`` shrank (lock held)."""
+        self._missing = (~self._landed[:, : self._valid]).sum(axis=1)
+
     def _check(self, layer: int) -> None:
-        if not self._ready[layer].is_set() and self._landed[layer, : self._valid].all():
+        if not self._ready[layer].is_set() and self._missing[layer] == 0:
             if self._cuda is not None:
                 ev = torch.cuda.Event()
                 ev.record(self._cuda)  # every copy of this layer was enqueued on this stream before
@@ -135,6 +146,7 @@ class LoadStream:
             if block < self._valid:
                 self._valid = block
                 self.error = why
+                self._recount()
                 log.warning("load truncated to %d blocks: %s", block, why)
             for layer in range(self.n_layers):
                 self._check(layer)
@@ -149,6 +161,7 @@ class LoadStream:
             if first_missing < self._valid:
                 self._valid = first_missing
                 self.error = self.error or "load cancelled"
+                self._recount()
             for layer in range(self.n_layers):
                 self._check(layer)
             self.seconds = time.perf_counter() - self._start

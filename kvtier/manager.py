@@ -217,7 +217,7 @@ class TieredCache:
         """Stream a leased prefix into ``dest`` through the loader (both paths, verified)."""
         if self._loader is None:
             self._loader = Loader(self, LoaderConfig())
-        return self._loader.load(lease, dest).wait_all()
+        return self._loader.load(lease, dest, layerwise=False).wait_all()
 
     def tier(self, name: str) -> Tier:
         """The tier called ``name`` (``device``, ``host``, ``ssd``, ``remote``)."""

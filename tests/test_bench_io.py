@@ -215,3 +215,28 @@ def test_verify_ceiling_reports_every_path(tmp_path: Path) -> None:
     from kvtier.bench.verify_ceiling import PATHS
     assert set(PATHS) <= set(rows)
     assert float(rows["preadv"].split("|")[-2]) == 1.0  # the reference, paired with itself
+
+
+@needs_fio
+@pytest.mark.parametrize("path", ["get", "loader", "sidecar"])
+def test_product_paths_report_direct_reads_next_to_fio(tmp_path: Path, path: str) -> None:
+    """``--path get`` (the default for ssd reads) times ``TieredCache.get`` itself, and its
+    counters show every read went O_DIRECT."""
+    args = ["--bs", "2MiB", "--size", "32MiB", "--runtime", "0", "--iodepth", "8"]
+    r = kvtier(*args, *([] if path == "get" else ["--path", path]), "--directory", str(tmp_path),
+               "--compare-fio", "--fio-verify", "--output-format", "json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["jobs"][0]["job options"]["path"] == path
+    stats = doc["kvtier"]["tier_stats"]
+    assert stats["direct_reads"] >= 16 and stats["buffered_reads"] == 0, stats
+    assert doc["ratio"]["GB/s"] > 0 and doc["fio_verify"]["ratio"]["GB/s"] > 0
+
+
+def test_product_paths_need_a_reload_they_can_time() -> None:
+    with pytest.raises(InvalidRequest, match="--path get"):
+        bio.IOParams(path="get", tier="host").check()
+    with pytest.raises(InvalidRequest, match="multiple of"):
+        bio.IOParams(path="loader", bs=64 * 1024).check()
+    with pytest.raises(InvalidRequest, match="unknown --path"):
+        bio.IOParams(path="nvme").check()

@@ -65,3 +65,23 @@ def test_aligned_empty():
     for n in (0, 1, 4096, 10_000, 1 << 22):
         t = aligned_empty(n)
         assert t.numel() == n and t.dtype == torch.uint8 and is_aligned(t)
+
+
+def test_large_allocations_map_pages_of_their_own():
+    """A prefix-sized destination gets its own mapping (small pages, zeroed, page-aligned)."""
+    import mmap
+
+    import numpy as np
+
+    from kvtier.bufpool import MAPPED_BYTES, aligned_array, aligned_empty
+
+    t = aligned_empty(MAPPED_BYTES + 1)
+    a = aligned_array(MAPPED_BYTES + 1)
+    assert a.ctypes.data % 4096 == 0 and a.flags.writeable and len(a) == MAPPED_BYTES + 1
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
+    assert not a[::4096].any()
+    t[-1] = 7
+    assert int(t[-1]) == 7 and t.data_ptr() % 4096 == 0

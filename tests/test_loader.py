@@ -10,7 +10,8 @@ import torch
 
 from kvtier import CacheConfig, HostTierConfig, TieredCache
 from kvtier.config import SSDTierConfig
-from kvtier.loader import Loader, LoaderConfig, LoadStream, _layer_groups
+from kvtier.loader import Loader, LoaderConfig, LoadStream
+from kvtier.loader_job import layer_groups
 from kvtier.staging import StagingRing
 from tests.conftest import random_kv
 
@@ -228,9 +229,9 @@ def test_load_validates_dest_and_blocks(tmp_path):
 
 
 def test_layer_groups_reach_min_read():
-    assert _layer_groups([10] * 8, 25) == [range(0, 3), range(3, 6), range(6, 8)]
-    assert _layer_groups([10] * 4, 1) == [range(i, i + 1) for i in range(4)]
-    assert _layer_groups([10] * 4, 10**9) == [range(0, 4)]
+    assert layer_groups([10] * 8, 25) == [range(0, 3), range(3, 6), range(6, 8)]
+    assert layer_groups([10] * 4, 1) == [range(i, i + 1) for i in range(4)]
+    assert layer_groups([10] * 4, 10**9) == [range(0, 4)]
 
 
 def test_staging_ring_back_pressure_and_alignment():

@@ -306,6 +306,10 @@ def configure_io(p: argparse.ArgumentParser) -> None:
     g.add_argument("--filename", metavar="FILE", help="fio's data file (default: DIRECTORY/kvtier-bench-io/fio-data.bin)")
     t = p.add_argument_group("kvtier")
     t.add_argument("--tier", default="ssd", metavar="TIER", help=f"tier to benchmark: {', '.join(TIERS)}")
+    t.add_argument("--path", metavar="raw|get|loader|sidecar",
+                   help="get: TieredCache.get of the whole data set (the default for ssd reads, "
+                        "codec none); loader: Loader.load of it; sidecar: a shared-memory get "
+                        "from the sidecar; raw: the tier's read_into")
     t.add_argument("--codec", metavar="CODEC", default="none", help="store blocks encoded with this codec; reads decode")
     t.add_argument("--engine", default="sync", metavar="|".join(ENGINES),
                    help="sync: read_into on iodepth threads; batch: read_many_into batches of iodepth")
@@ -340,6 +344,8 @@ def _run_io(args: argparse.Namespace) -> int:
     from kvtier.bench import fio
     from kvtier.bench.fio import compare_table, format_job, median_job
     from kvtier.bench.io import IOParams, run
+    from kvtier.bench.io_job import default_path
+    from kvtier.bench.io_paths import drop_page_cache
 
     if args.repeat < 1:
         raise InvalidRequest(f"--repeat must be >= 1, got {args.repeat}")
@@ -347,7 +353,8 @@ def _run_io(args: argparse.Namespace) -> int:
                  size=parse_size(args.size), runtime=args.runtime, tier=args.tier, codec=args.codec,
                  direct=bool(args.direct), directory=args.directory, engine=args.engine,
                  rwmixread=args.rwmixread, durability=args.durability, remote_url=args.remote_url,
-                 remote_backend=args.remote_backend, seed=args.seed, buffers=args.buffers).check()
+                 remote_backend=args.remote_backend, seed=args.seed, buffers=args.buffers,
+                 path=args.path or default_path(args.tier, args.rw, args.codec, parse_size(args.bs))).check()
     if args.fio_verify and not args.compare_fio:
         raise InvalidRequest("--fio-verify needs --compare-fio")
     if args.compare_fio:  # fails early: no fio, not the ssd tier, or a job fio cannot verify
@@ -358,15 +365,18 @@ def _run_io(args: argparse.Namespace) -> int:
     vcmd: list[str] = []
     for i in range(args.repeat):
         progress.prefix = f"run {i + 1}/{args.repeat}: " if args.repeat > 1 else ""
+        drop_page_cache()  # every run starts cold (where this process may drop it)
         res = run(p, progress)
         results.append(res)
         kv_jobs.append(res.to_fio_job())
         if args.compare_fio:
             progress(f"fio {p.rw} bs={format_size(p.bs)} qd={p.iodepth} ({p.runtime:g} s)")
+            drop_page_cache()
             job, cmd = fio.run(p, args.filename)
             fio_jobs.append(job)
         if args.fio_verify:
             progress(f"fio verifying crc32c {p.rw} bs={format_size(p.bs)} qd={p.iodepth}")
+            drop_page_cache()
             job, vcmd = fio.run(p, args.filename, verify=True)
             vfy_jobs.append(job)
     progress.done()
@@ -383,7 +393,7 @@ def _run_io(args: argparse.Namespace) -> int:
                                       lat, title=f"{p.rw} {format_size(p.bs)} QD{p.iodepth}: completion latency"))
     text = format_job(kv, f"kvtier: (tier={p.tier}) rw={p.rw}, bs={format_size(p.bs)}, iodepth={p.iodepth}, "
                           f"numjobs={p.numjobs}, size={format_size(p.size)}, direct={int(p.direct)}, "
-                          f"codec={p.codec}, engine={p.engine}, buffers={p.ring_sets()}"
+                          f"codec={p.codec}, path={p.path}, engine={p.engine}, buffers={p.ring_sets()}"
                           + (f" — median of {args.repeat} runs" if args.repeat > 1 else ""))
     if args.compare_fio:
         f = median_job(fio_jobs)

@@ -3,8 +3,8 @@
 Tiers hold opaque encoded blocks (see ``kvtier.block``) by 16-byte key. The manager owns
 placement, eviction order and admission; a tier only stores, reads and reports. Every tier
 implements ``Tier``; what only some tiers can do is a small capability Protocol of its own below
-(``MemoryTier``, ``RangedBatchReads``, ``RegisteredBatchReads``, ``SharedIndex``, ``DiskBound``,
-``ReportsHealth``, ``ReportsStats``), checked with ``isinstance`` once, when a cache is built or
+(``MemoryTier``, ``RangedBatchReads``, ``ScatterReads``, ``RegisteredBatchReads``, ``SharedIndex``,
+``DiskBound``, ``ReportsHealth``, ``ReportsStats``), checked with ``isinstance`` once, when a cache is built or
 a load starts: nothing asks a tier what it is by probing its attributes.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -129,6 +130,22 @@ class RangedBatchReads(Protocol):
     request, the byte count or the exception ``read_into`` would raise (never raises itself)."""
 
     def read_many_into(self, requests: list[tuple[bytes, torch.Tensor, int]]) -> list[int | Exception]: ...
+
+
+@runtime_checkable
+class ScatterReads(Protocol):
+    """A tier that reads one range of a block into several host buffers in one request (the
+    SSD tier: one ``preadv``, O_DIRECT when every buffer is whole 4 KiB pages of aligned memory).
+
+    ``read_scatter_into(key, offset, outs)`` fills ``outs`` (1-D uint8 numpy arrays) in order
+    with the block's bytes from ``offset``, as if they lay end to end, and returns the bytes
+    read (short only past the block's end). Raises and verifies as ``read_into``: a whole-block
+    read is checked against the block's checksum, other ranges are the caller's to check. Why:
+    a block's layers land straight in a destination whose tensors are not adjacent in memory
+    (K and V of a layer), with no staging copy.
+    """
+
+    def read_scatter_into(self, key: bytes, offset: int, outs: Sequence[np.ndarray]) -> int: ...
 
 
 @runtime_checkable

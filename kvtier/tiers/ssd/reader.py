@@ -5,7 +5,9 @@ A read goes O_DIRECT whenever its destination is congruent to its file offset mo
 (``directio.DirectRead``: 4 KiB-aligned memory for a whole block or a 4 KiB-aligned range; a
 partial first or last page through a bounce page), else through the page cache; the counters
 say which (``direct_reads`` only when every byte came O_DIRECT). Non-CPU destinations read
-into a staging buffer allocated congruent. Records of one segment lying end to end (gaps up to
+into a staging buffer allocated congruent. ``read_scatter`` reads one range of a block into
+several host buffers laid end to end (one ``preadv``; O_DIRECT when each is whole aligned pages):
+the loader lands a block's layers straight in the destination's tensors that way. Records of one segment lying end to end (gaps up to
 ``MAX_GAP``: the 4 KiB padding) become one ``preadv`` with a buffer per block and a discard
 buffer per gap. Whole-block reads are checked against the stored crc32c in the pool thread
 (crc32c releases the GIL), and so is the head of a read from byte 0 (both checksums are bound
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kvtier.block import checksum
 from kvtier.errors import CorruptBlock, InvalidRequest, InvalidType, KVTierError
 from kvtier.tiers.ssd import directio
 from kvtier.tiers.ssd.directio import (
@@ -32,7 +36,7 @@ from kvtier.tiers.ssd.directio import (
     congruent,
     read_vectored,
 )
-from kvtier.tiers.ssd.index import Location, matches
+from kvtier.tiers.ssd.index import HEAD_BYTES, Location, matches
 from kvtier.tiers.ssd.segments import Segment
 from kvtier.tiers.ssd.store import Store
 
@@ -121,6 +125,54 @@ class Reader:
             got, direct = read_range(seg, arr, start)
             if got == n:
                 crc_ok = matches(key, loc, arr, offset)
+        except OSError as e:
+            error = KVTierError(
+                f"ssd read of block {key.hex()} from {seg.path.name} failed ({e.strerror or e})")
+        finally:
+            ok = error is None and got == n and crc_ok
+            self.store.finish_read(seg, key, n, direct, ok)
+        if ok:
+            return n
+        if error is not None:
+            raise error
+        if got < n:
+            raise self.store.drop_corrupt(key, loc, "is truncated in its segment")
+        raise self.store.drop_corrupt(key, loc, "failed its checksum")
+
+    def read_scatter(self, key: bytes, offset: int, arrays: Sequence[np.ndarray]) -> int:
+        """Read the block's bytes from ``offset`` into ``arrays`` (1-D uint8, filled in order as
+        if laid end to end) with one ``preadv``; returns the bytes read (short only past the
+        block's end). O_DIRECT when the range starts on a page of the file and every array is
+        whole 4 KiB pages of aligned memory, else through the page cache. Checked as
+        ``read_one`` checks: a whole-block read against the block's crc32c, a read from byte 0
+        against its head's (bound to the key); other ranges are the caller's to verify (the
+        block format's per-layer crc). Raises KeyError, CorruptBlock (the block is dropped) or
+        KVTierError (I/O).
+        """
+        n = sum(len(a) for a in arrays)
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest(f"offset must be a non-negative int, got {offset!r}")
+        loc, seg, _ = self.store.pin(key, offset)
+        if seg is None:  # an inline block (small): through one buffer
+            buf = torch.empty(n, dtype=torch.uint8)
+            got = self._general_one(key, buf, offset)
+            _scatter(buf.numpy()[:got], arrays)
+            return got
+        n = min(n, loc.length - offset)
+        start = loc.offset + offset
+        direct = seg.dfd >= 0 and start % ALIGN == 0 and n % ALIGN == 0 and all(
+            a.ctypes.data % ALIGN == 0 and len(a) % ALIGN == 0 for a in arrays)
+        got, crc_ok, error = 0, True, None
+        try:
+            try:
+                got = _scatter_read(seg, arrays, start, n, direct)
+            except OSError as e:
+                if not direct or e.errno != errno.EINVAL:
+                    raise
+                direct = False
+                got = _scatter_read(seg, arrays, start, n, False)
+            if got == n and offset == 0 and n:
+                crc_ok = _matches_scattered(key, loc, arrays, n)
         except OSError as e:
             error = KVTierError(
                 f"ssd read of block {key.hex()} from {seg.path.name} failed ({e.strerror or e})")
@@ -243,6 +295,47 @@ def read_range(seg: Segment, arr: np.ndarray, start: int) -> tuple[int, bool]:
         if filled == n:
             return n, True
     return filled + _buffered(seg.fd, arr[filled:], start + filled), False
+
+
+def _scatter_read(seg: Segment, arrays: Sequence[np.ndarray], start: int, n: int, direct: bool) -> int:
+    """``n`` bytes of ``seg`` from ``start`` into ``arrays`` in order (O_DIRECT if ``direct``)."""
+    iov, left = [], n
+    for a in arrays:
+        if left <= 0:
+            break
+        iov.append(a[:left])
+        left -= len(a)
+    return read_vectored(seg.dfd if direct else seg.fd, iov, start)
+
+
+def _matches_scattered(key: bytes, loc: Location, arrays: Sequence[np.ndarray], n: int) -> bool:
+    """``matches`` for bytes ``[0, n)`` of a block read into ``arrays``."""
+    if n == loc.length:  # whole: the crc over every buffer, in order
+        crc, left = checksum(key) if loc.bound else 0, n
+        for a in arrays:
+            if left <= 0:
+                break
+            crc = checksum(a[:left], crc)
+            left -= len(a)
+        return crc == loc.crc
+    k = min(n, HEAD_BYTES)
+    head = arrays[0][:n] if len(arrays[0]) >= k else _gather(arrays, k)
+    return matches(key, loc, head, 0)
+
+
+def _gather(arrays: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """The first ``n`` bytes of ``arrays`` laid end to end, as one (small) array."""
+    return np.concatenate([a[:n] for a in arrays])[:n]
+
+
+def _scatter(src: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
+    at = 0
+    for a in arrays:
+        k = min(len(a), len(src) - at)
+        if k <= 0:
+            break
+        a[:k] = src[at:at + k]
+        at += k
 
 
 def _buffered(fd: int, arr: np.ndarray, start: int) -> int:

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from kvtier.config import SSDTierConfig, format_size
@@ -260,6 +261,12 @@ class SSDTier:
         Returns, per request, the byte count or the exception ``read_into`` would raise.
         """
         return self._reader.read_many(requests, use_pool=_inline_pool)
+
+    def read_scatter_into(self, key: bytes, offset: int, outs: Sequence[np.ndarray]) -> int:
+        """Read the block's bytes from ``offset`` into ``outs`` in order, as if laid end to end
+        (``ScatterReads``): one ``preadv``, O_DIRECT when every buffer is whole aligned pages.
+        Verified as ``read_into`` verifies; returns the bytes read."""
+        return self._reader.read_scatter(key, offset, outs)
 
     # ---- maintenance and reports -----------------------------------------------------------
     def compact(self) -> int:

@@ -1,0 +1,167 @@
+"""``kvtier bench io --path get|loader``: the reload paths a user calls, timed like a fio job.
+
+``--path raw`` (``kvtier.bench.io``) times the SSD tier's ``read_into``; these paths time what
+an application calls on a ``TieredCache`` whose only tier is the SSD (no host tier, no
+promotion, so every round reads the disk):
+
+- ``get``: ``TieredCache.get`` of the whole prefix (``--size`` bytes of KV): the cache
+  allocates the output and reloads it through the loader, every block verified.
+- ``loader``: ``Loader.load`` of the leased prefix into preallocated KV, layer by layer, then
+  ``wait_all`` (what an engine connector does).
+- ``sidecar``: ``KVTierClient(use_shm=True).get`` from the sidecar (the real server on a
+  loopback port, in a thread of this process): the server reloads into a shared-memory region
+  through the same loader, the client copies the KV out of it.
+
+The namespace is Llama-3-8B shaped (32 layers, K and V of 8 heads x 128, bf16: 128 KiB a token),
+``--bs`` bytes a block (a multiple of 128 KiB). One op is one call over the whole prefix; its
+latency is the call's, its bytes the KV bytes it returned (each block is stored with one 4 KiB
+header page more). The reads' ``direct_reads``/``buffered_reads`` counters of the SSD tier come
+with the result, so a run shows whether the reloads went O_DIRECT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvtier.bench.io_job import (
+    HEAD_DIM,
+    HEADS,
+    LAYERS,
+    TOKEN_BYTES,
+    DirStats,
+    IOResult,
+    check_path,
+    dataset_dir,
+)
+from kvtier.config import format_size
+from kvtier.errors import InvalidRequest
+
+NAMESPACE = "bench-io"
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only; like fio's ``invalidate``); True if done."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _cache(p, root: Path):
+    from kvtier import CacheConfig, HostTierConfig, SSDTierConfig, TieredCache
+
+    cfg = CacheConfig(block_tokens=p.bs // TOKEN_BYTES, host=HostTierConfig(capacity_bytes=0),
+                      promote_on_get=False,
+                      ssd=SSDTierConfig(path=str(root), capacity_bytes=max(p.size * 2, 1024**3),
+                                        durability="batch", direct_io=p.direct, min_free_bytes=256 * 1024**2,
+                                        map_size=1024**3))
+    return TieredCache(cfg)
+
+
+def _layout():
+    from kvtier.layout import KVLayout
+
+    return KVLayout(LAYERS, ((HEADS, HEAD_DIM), (HEADS, HEAD_DIM)), "bfloat16")
+
+
+def _populate(cache, tokens: list[int], p, progress) -> None:
+    import torch
+
+    layout = _layout()
+    cache.register_namespace(NAMESPACE, layout=layout)
+    if cache.lookup(NAMESPACE, tokens).tokens == len(tokens):
+        return
+    bt = p.bs // TOKEN_BYTES
+    g = torch.Generator().manual_seed(p.seed)
+    chunk = max(bt, (256 * 1024**2 // p.bs) * bt)  # put 256 MiB at a time: bounded memory
+    for end in range(chunk, len(tokens) + chunk, chunk):
+        end = min(end, len(tokens))
+        kv = [tuple(torch.randn((end, HEADS, HEAD_DIM), generator=g).to(torch.bfloat16) for _ in range(2))
+              for _ in range(LAYERS)]
+        cache.put(NAMESPACE, tokens[:end], kv)
+        if progress:
+            progress(f"laying out the {p.path} data set: {format_size(end * TOKEN_BYTES)} of {format_size(p.size)}")
+    cache.tier("ssd").flush()
+    if cache.lookup(NAMESPACE, tokens).tokens != len(tokens):
+        raise InvalidRequest(f"the SSD tier kept only part of the {format_size(p.size)} data set")
+
+
+def _sidecar(stack: contextlib.ExitStack, cache):
+    """A client of a sidecar serving ``cache`` (stopped when ``stack`` closes)."""
+    from kvtier.client import KVTierClient
+    from kvtier.server.testing import serve_in_thread
+
+    url = stack.enter_context(serve_in_thread(cache))
+    client = KVTierClient(url, use_shm=True, timeout=600)
+    stack.callback(client.close)
+    return client
+
+
+def run_path(p, progress=None):
+    """Run job ``p`` on ``p.path`` (``get``, ``loader`` or ``sidecar``); returns an ``IOResult``."""
+    from kvtier.loader import Loader, LoaderConfig
+
+    check_path(p)
+    blocks = p.size // p.bs
+    tokens = list(range(1, blocks * (p.bs // TOKEN_BYTES) + 1))
+    root = dataset_dir(p).with_name(f"path-{p.bs}")
+    root.mkdir(parents=True, exist_ok=True)
+    cache = _cache(p, root)
+    loader = Loader(cache, LoaderConfig(io_threads=max(8, p.inflight))) if p.path == "loader" else None
+    dest = _layout().empty(len(tokens)) if loader is not None else None
+    stack = contextlib.ExitStack()
+    try:
+        _populate(cache, tokens, p, progress)
+        client = _sidecar(stack, cache) if p.path == "sidecar" else None
+        ssd = cache.tier("ssd")
+        before = dict(ssd.stats())
+        drop_page_cache()
+        lat: list[int] = []
+        t0 = time.perf_counter()
+        deadline = t0 + p.runtime if p.runtime > 0 else math.inf
+        while not lat or time.perf_counter() < deadline:
+            t = time.perf_counter_ns()
+            if loader is not None:
+                assert dest is not None
+                lease = cache.acquire(NAMESPACE, tokens)
+                try:
+                    n = loader.load(lease, dest).wait_all()
+                finally:
+                    cache.release(lease)
+            elif client is not None:
+                _, n = client.get(NAMESPACE, tokens)
+            else:
+                _, n = cache.get(NAMESPACE, tokens)
+            lat.append(time.perf_counter_ns() - t)
+            if n != len(tokens):
+                raise InvalidRequest(f"{p.path} reloaded {n} of {len(tokens)} tokens")
+            if progress:
+                el = time.perf_counter() - t0
+                progress(f"{p.rw} {p.tier} {p.path} bs={format_size(p.bs)}: {len(lat)} calls of "
+                         f"{format_size(p.size)}, {len(lat) * p.size / max(el, 1e-9) / 1e9:.2f} GB/s")
+            if p.runtime <= 0:
+                break
+        elapsed = time.perf_counter() - t0
+        after = ssd.stats()
+        counters = {k: after[k] - before.get(k, 0) for k in ("direct_reads", "buffered_reads", "blocks_read",
+                                                             "bytes_read") if k in after}
+        nbytes = len(lat) * blocks * p.bs
+        read = DirStats(nbytes, len(lat) * blocks, np.repeat(np.asarray(lat, np.int64), 1))
+        res = IOResult(p, elapsed, read, DirStats())
+        res.tier_stats = {**{k: v for k, v in after.items() if not isinstance(v, dict)}, **counters}
+        return res
+    finally:
+        stack.close()
+        with contextlib.suppress(Exception):
+            if loader is not None:
+                loader.close()
+        cache.close()

@@ -1,0 +1,328 @@
+"""Path 2 of the loader for tiers read by byte ranges (the SSD tier): every read verified, and
+O_DIRECT into aligned memory — the destination itself where it can be.
+
+Blocks are read in layer groups (consecutive layers of at least ``min_read_bytes``), group 0 of
+every block first, so layer ``i`` is ready as soon as every block's layer ``i`` landed. Per
+block, one of two ways:
+
+- **Straight into the destination** (``DestPages``): codec ``none``, a host destination whose
+  per-block tensor slices are whole 4 KiB pages at aligned addresses (``KVLayout.empty``
+  allocates so whenever a block's tensors are page multiples: Llama-3-8B bf16 from 16 tokens a
+  block), a block of exactly the size a ``none`` block of this layout has in format 2, and a
+  tier with ``ScatterReads``. The layout of such a block is known before it is read, so each
+  group is one scatter read from the file into the destination's tensors (group 0 with the
+  header page in front): O_DIRECT, no staging, no copy. Before a layer is marked ready, the
+  header is checked (its crc, the tier's check of a read from byte 0, its table equal to the
+  expected one) and the layer's crc32c computed over the destination's bytes — unless the read
+  was the whole block (``get``), which the tier checked against the block's crc32c: every byte
+  is checksummed once. A block that
+  fails is read whole again through the fallback once none of its reads is in flight, so no
+  late read can overwrite what the fallback wrote.
+- **Through the staging ring** (other codecs, device destinations, unaligned tensors, format 1
+  blocks): every header first (one batched read into page-aligned memory), then ranges into
+  ring slots placed congruent to their file offset (so O_DIRECT even for a format 1 range),
+  each layer verified in the slot and decoded into the destination: one copy, the codec's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtier.block import ALIGNED, BlockHeader, checksum, decode_layer_into, header_size, layout
+from kvtier.bufpool import ALIGN, align_up, aligned_empty
+from kvtier.bytecopy import copy_bytes
+from kvtier.costmodel import CostModel
+from kvtier.errors import CorruptBlock, KVTierError
+from kvtier.index import LeasedBlock
+from kvtier.loader_job import Fallback, Item, LoadJob, checked_header, layer_groups
+from kvtier.loader_promote import Promoter
+from kvtier.staging import StagingRing, StagingSlot
+from kvtier.tiers.base import RangedBatchReads, ScatterReads, Tier
+
+log = logging.getLogger(__name__)
+
+Read = tuple[bytes, torch.Tensor, int]
+
+
+class DestPages:
+    """A host destination as numpy views, where a ``none`` block's layers can be read straight
+    in (see the module docstring); ``of`` says None where they cannot."""
+
+    __slots__ = ("flat", "sizes", "layer_bytes", "offsets", "total")
+
+    def __init__(self, flat: list[list[np.ndarray]], sizes: list[int], layer_bytes: int,
+                 offsets: list[int], total: int) -> None:
+        self.flat, self.sizes, self.layer_bytes = flat, sizes, layer_bytes
+        self.offsets, self.total = offsets, total  # where each layer is in the block; its length
+
+    @classmethod
+    def of(cls, dest: Sequence[Sequence[torch.Tensor]], block_tokens: int, codec: str) -> DestPages | None:
+        if codec != "none" or not dest:
+            return None
+        sizes = [block_tokens * t.stride(0) * t.element_size() if t.dim() else 0 for t in dest[0]]
+        for layer in dest:
+            if len(layer) != len(sizes):
+                return None
+            for t, n in zip(layer, sizes, strict=True):
+                if (t.device.type != "cpu" or t.dim() == 0 or block_tokens * t.stride(0) * t.element_size() != n
+                        or not n or n % ALIGN or t.data_ptr() % ALIGN):
+                    return None
+        layer_bytes = sum(sizes)
+        version, offsets, total = layout("none", [layer_bytes] * len(dest))
+        if version != ALIGNED:
+            return None
+        flat = [[t.detach().reshape(-1).view(torch.uint8).numpy() for t in layer] for layer in dest]
+        return cls(flat, sizes, layer_bytes, offsets, total)
+
+    def arrays(self, i: int, layers: range) -> list[np.ndarray]:
+        """Block ``i``'s bytes of ``layers`` in the destination, in block order."""
+        return [f[i * n:(i + 1) * n] for layer in layers
+                for f, n in zip(self.flat[layer], self.sizes, strict=True)]
+
+    def span(self, layers: range) -> tuple[int, int]:
+        return self.offsets[layers.start], self.offsets[layers.stop - 1] + self.layer_bytes
+
+
+@dataclass(slots=True, eq=False)
+class _Direct:
+    """A block read straight into the destination; its group reads share this."""
+
+    i: int
+    b: LeasedBlock
+    tier: ScatterReads
+    head: np.ndarray  # its header page(s) land here
+    left: int  # group reads not finished
+    header: BlockHeader | None = None
+    failed: str | None = None
+    checked: threading.Event = field(default_factory=threading.Event)  # group 0 checked the header
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class RangedReads:
+    """Path 2 for ranged tiers; one per loader (its pools and ring are the loader's)."""
+
+    def __init__(self, io: Executor, io_threads: int, min_read_bytes: int, cost: CostModel,
+                 promoter: Promoter, fallback: Fallback, ring_for: Callable[[int], StagingRing],
+                 on_stream: Callable[[], contextlib.AbstractContextManager[Any]],
+                 cuda: torch.cuda.Stream | None) -> None:
+        self._io, self._io_threads, self._min_read = io, io_threads, min_read_bytes
+        self._cost, self._promoter, self._fallback = cost, promoter, fallback
+        self._ring_for, self._on_stream, self._cuda = ring_for, on_stream, cuda
+
+    def run(self, job: LoadJob, items: list[Item[Tier]], start: float, *, layerwise: bool = True) -> None:
+        """Read ``items`` into ``job.dest``; returns when every read is done. ``layerwise``:
+        groups of ``min_read_bytes`` (layer ``i`` ready early); else whole blocks where they go
+        straight into the destination (fewer, larger reads: a ``get`` waits for all anyway)."""
+        if not items:
+            return
+        pages = DestPages.of(job.dest, job.block_tokens, job.codec)
+        direct: list[Item[Any]] = []
+        staged: list[Item[Tier]] = []
+        for it in items:
+            ok = pages is not None and isinstance(it[2], ScatterReads) and it[1].nbytes == pages.total
+            (direct if ok else staged).append(it)
+        futures: list[Future] = []
+        reads = 0
+        if direct:
+            assert pages is not None
+            min_read = self._min_read if layerwise else pages.total  # else: one group, the block
+            groups = layer_groups([pages.layer_bytes] * job.n_layers, min_read)
+            futures = self._submit_direct(job, pages, direct, groups)
+            reads += len(futures)
+        try:
+            reads += self._staged(job, staged, start)
+        finally:
+            wait_futures(futures)
+        seconds = time.perf_counter() - start
+        for name in {t.name for _, _, t in items}:
+            mine = [b for _, b, t in items if t.name == name]
+            nbytes = sum(b.nbytes for b in mine)
+            self._cost.observe_path(name, nbytes, seconds, reads)
+            job.count_reads(name, len(mine), nbytes, seconds)
+
+    # ---- straight into the destination ------------------------------------------------------
+    def _submit_direct(self, job: LoadJob, pages: DestPages, items: list[Item[Any]],
+                       groups: list[range]) -> list[Future]:
+        head = pages.offsets[0]
+        heads = aligned_empty(head * len(items)).numpy()
+        blocks = [_Direct(i, b, tier, heads[k * head:(k + 1) * head], len(groups))
+                  for k, (i, b, tier) in enumerate(items)]
+        return [self._io.submit(self._read_direct, job, pages, blk, g, len(groups))
+                for g in groups for blk in blocks]
+
+    def _read_direct(self, job: LoadJob, pages: DestPages, blk: _Direct, g: range, n_groups: int) -> None:
+        first = g.start == 0
+        try:
+            if blk.failed is not None or job.stream.cancelled or blk.i >= job.stream.valid_blocks:
+                return
+            lo, hi = pages.span(g)
+            arrays = pages.arrays(blk.i, g)
+            got = blk.tier.read_scatter_into(blk.b.key, 0 if first else lo, [blk.head, *arrays] if first else arrays)
+            if got != hi - (0 if first else lo):
+                raise CorruptBlock(f"short read: {got} of {hi - lo} bytes")
+            if first:
+                blk.header = self._expected(job, pages, blk, n_groups)
+                blk.checked.set()
+            else:
+                blk.checked.wait()  # group 0's read was submitted first: it is running or done
+            h = blk.header
+            if h is None:
+                return  # group 0 failed: the block is read whole once its reads are done
+            per = len(pages.sizes)
+            # A whole block read from byte 0 was checked by the tier against the block's crc32c
+            # (``ScatterReads``): its layers are not checksummed a second time.
+            whole = first and got == blk.b.nbytes
+            for k, layer in enumerate(() if whole else g):
+                crc = 0
+                for arr in arrays[k * per:(k + 1) * per]:
+                    crc = checksum(arr, crc)
+                if crc != h.layers[layer].crc:
+                    raise CorruptBlock(f"layer {layer} payload checksum mismatch")
+            a = job.promos.get(blk.i)
+            if a is not None and a.data is not None:
+                data = a.data.numpy()
+                for k, arr in enumerate(arrays):
+                    at = pages.offsets[g.start + k // per] + sum(pages.sizes[:k % per])
+                    data[at:at + len(arr)] = arr
+                self._promoter.filled(job, blk.i)
+            job.stream._land(g, [blk.i])
+        except (KeyError, KVTierError, OSError) as e:
+            with blk.lock:
+                blk.failed = blk.failed or str(e)
+        finally:
+            if first:
+                blk.checked.set()
+            with blk.lock:
+                blk.left -= 1
+                last, failed = blk.left == 0, blk.failed
+            if last and failed is not None:
+                log.warning("block %d in %s unreadable (%s); reading it whole", blk.i, blk.b.tiers[0], failed)
+                self._promoter.abandon(job, blk.i)
+                self._fallback(job, blk.i, blk.b)
+
+    def _expected(self, job: LoadJob, pages: DestPages, blk: _Direct, n_groups: int) -> BlockHeader:
+        """The block's header, checked to lay out the block as ``pages`` expects; prepares its
+        promotion (the header now, each group's layers as they are verified)."""
+        h = checked_header(torch.from_numpy(blk.head), job.n_layers)
+        if h.codec != "none" or not h.aligned or h.total_bytes != blk.b.nbytes or any(
+                e.offset != o or e.length != pages.layer_bytes for e, o in zip(h.layers, pages.offsets, strict=True)):
+            raise CorruptBlock("block layout is not the one its size implies")
+        a = job.promos.get(blk.i)
+        if a is not None:
+            data = torch.zeros(blk.b.nbytes, dtype=torch.uint8)  # padding stays zero
+            data.numpy()[:h.header_bytes] = blk.head[:h.header_bytes]
+            with self._promoter.lock:
+                a.data, a.left = data, n_groups
+        return h
+
+    # ---- through the staging ring -----------------------------------------------------------
+    def _staged(self, job: LoadJob, items: list[Item[Tier]], start: float) -> int:
+        """Headers, then layer-group ranges through the ring; returns the reads made."""
+        if not items:
+            return 0
+        stride = align_up(header_size(job.n_layers, job.codec))
+        scratch = aligned_empty(stride * len(items))  # page-aligned: header reads go O_DIRECT
+        requests = [(b.key, scratch[j * stride: j * stride + min(stride, b.nbytes)], 0)
+                    for j, (_, b, _) in enumerate(items)]
+        results = self._read_many(items, requests)
+        header_s = time.perf_counter() - start
+        for name in {t.name for _, _, t in items}:
+            # One batched call overlaps its reads inside the tier; otherwise io_threads at a time.
+            rounds = 1 if isinstance(items[0][2], RangedBatchReads) else math.ceil(len(items) / self._io_threads)
+            self._cost.observe_latency(name, header_s / rounds)
+        headers: list[tuple[int, LeasedBlock, Tier, BlockHeader]] = []
+        for (i, b, tier), (_, buf, _), res in zip(items, requests, results, strict=True):
+            try:
+                if isinstance(res, BaseException):
+                    raise res
+                headers.append((i, b, tier, h := checked_header(buf[:res], job.n_layers)))
+                a = job.promos.get(i)
+                if a is not None and h.total_bytes == b.nbytes:
+                    a.data = torch.zeros(b.nbytes, dtype=torch.uint8)  # padding stays zero
+                    copy_bytes(a.data[:h.header_bytes], buf[:h.header_bytes])
+                elif a is not None:
+                    self._promoter.abandon(job, i)  # ranges would not rebuild it whole: not promoted
+            except (KeyError, KVTierError, OSError) as e:
+                log.warning("header of block %d in %s unreadable (%s); reading it whole", i, tier.name, e)
+                self._promoter.abandon(job, i)
+                self._fallback(job, i, b)
+        if not headers:
+            return len(items)
+        groups = layer_groups([e.length for e in headers[0][3].layers], self._min_read)
+        with self._promoter.lock:
+            for i, _, _, _ in headers:
+                if i in job.promos:
+                    job.promos[i].left = len(groups)
+        # A slot holds a range at its offset's place in a page, so every read is congruent.
+        widest = max(hi - lo + lo % ALIGN for _, _, _, h in headers for lo, hi in map(h.span, groups))
+        ring = self._ring_for(widest)
+        futures: list[Future] = []
+        for g in groups:
+            for i, b, tier, h in headers:
+                if job.stream.cancelled or i >= job.stream.valid_blocks:
+                    continue
+                slot = ring.acquire()  # back-pressure: at most ring.slots ranges staged at once
+                futures.append(self._io.submit(self._read_group, job, ring, slot, i, b, tier, h, g))
+        wait_futures(futures)
+        return len(items) + len(futures)
+
+    def _read_group(self, job: LoadJob, ring: StagingRing, slot: StagingSlot, i: int, b: LeasedBlock,
+                    tier: Tier, h: BlockHeader, g: range) -> None:
+        try:
+            if job.stream.cancelled or i >= job.stream.valid_blocks:
+                return
+            lo, hi = h.span(g)
+            pad = lo % ALIGN
+            buf = slot.tensor[pad: pad + hi - lo]
+            got = tier.read_into(b.key, buf, lo)
+            if got != hi - lo:
+                raise CorruptBlock(f"short read: {got} of {hi - lo} bytes")
+            views = job.outs(i)
+            with self._on_stream():
+                for layer in g:
+                    decode_layer_into(h, layer, buf, views[layer], verify=True, base=lo)
+                if self._cuda is not None:
+                    self._cuda.synchronize()  # the slot is reused once its copies are done
+            job.stream._land(g, [i])
+            self._promoter.gather(job, i, buf, lo, hi)
+        except (KeyError, KVTierError, OSError) as e:
+            log.warning("layers %s of block %d in %s unreadable (%s); reading it whole", list(g), i, tier.name, e)
+            self._promoter.abandon(job, i)  # the whole-block read promotes it, if it can
+            self._fallback(job, i, b)
+        finally:
+            ring.release(slot)
+
+    def _read_many(self, items: list[Item[Tier]], requests: list[Read]) -> list[int | Exception]:
+        by_tier: dict[str, list[int]] = {}
+        for j, (_, _, tier) in enumerate(items):
+            by_tier.setdefault(tier.name, []).append(j)
+        results: list[int | Exception] = [0] * len(requests)
+        for idx in by_tier.values():
+            tier = items[idx[0]][2]
+            if isinstance(tier, RangedBatchReads):
+                for j, res in zip(idx, tier.read_many_into([requests[j] for j in idx]), strict=True):
+                    results[j] = res
+            else:
+                futs = {j: self._io.submit(_read_or_error, tier, *requests[j]) for j in idx}
+                for j, f in futs.items():
+                    results[j] = f.result()
+        return results
+
+
+def _read_or_error(tier: Tier, key: bytes, out: torch.Tensor, offset: int) -> int | Exception:
+    try:
+        return tier.read_into(key, out, offset)
+    except (KeyError, KVTierError, OSError) as e:
+        return e
