@@ -35,7 +35,14 @@ class FingerprintMismatch(InvalidRequest):
 
 
 class CorruptBlock(KVTierError):
-    """Stored bytes failed their checksum; the block is dropped, never served."""
+    """Stored bytes failed their checksum; the block is dropped, never served.
+
+    ``dropped``: the tier that found the damage already removed its copy (a caller that reads
+    the block again gets a miss there, so it is the caller's one chance to count the damage)."""
+
+    def __init__(self, *args: object, dropped: bool = False) -> None:
+        super().__init__(*args)
+        self.dropped = dropped
 
 
 class StorageFull(KVTierError):

@@ -12,6 +12,7 @@ import torch
 from kvtier.block import BlockHeader, parse_header
 from kvtier.errors import CorruptBlock
 from kvtier.index import LeasedBlock
+from kvtier.layout import block_slice
 from kvtier.loader_promote import Assembly
 from kvtier.loadstream import LoadStream
 from kvtier.recorder import LoadResult, TierReads
@@ -43,9 +44,15 @@ class LoadJob:
         too many to remake per layer)."""
         views = self._outs.get(i)
         if views is None:
-            bt = self.block_tokens
-            views = self._outs[i] = [[t[i * bt:(i + 1) * bt] for t in layer] for layer in self.dest]
+            views = self._outs[i] = block_slice(self.dest, i, self.block_tokens)
         return views
+
+    def note_failure(self, tier: str, err: BaseException) -> None:
+        """A read of ``tier`` failed: a copy the tier itself dropped as corrupt is counted here
+        (the whole-block fallback then finds it gone and could not tell damage from a miss)."""
+        if isinstance(err, CorruptBlock) and err.dropped:
+            with self.stream._lock:
+                self.result.corrupt[tier] = self.result.corrupt.get(tier, 0) + 1
 
     def count_reads(self, tier: str, blocks: int, nbytes: int, seconds: float) -> None:
         with self.stream._lock:

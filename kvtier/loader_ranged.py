@@ -199,6 +199,7 @@ class RangedReads:
                 self._promoter.filled(job, blk.i)
             job.stream._land(g, [blk.i])
         except (KeyError, KVTierError, OSError) as e:
+            job.note_failure(blk.b.tiers[0], e)
             with blk.lock:
                 blk.failed = blk.failed or str(e)
         finally:
@@ -255,6 +256,7 @@ class RangedReads:
                 elif a is not None:
                     self._promoter.abandon(job, i)  # ranges would not rebuild it whole: not promoted
             except (KeyError, KVTierError, OSError) as e:
+                job.note_failure(tier.name, e)
                 log.warning("header of block %d in %s unreadable (%s); reading it whole", i, tier.name, e)
                 self._promoter.abandon(job, i)
                 self._fallback(job, i, b)
@@ -298,6 +300,7 @@ class RangedReads:
             job.stream._land(g, [i])
             self._promoter.gather(job, i, buf, lo, hi)
         except (KeyError, KVTierError, OSError) as e:
+            job.note_failure(tier.name, e)
             log.warning("layers %s of block %d in %s unreadable (%s); reading it whole", list(g), i, tier.name, e)
             self._promoter.abandon(job, i)  # the whole-block read promotes it, if it can
             self._fallback(job, i, b)

@@ -110,6 +110,7 @@ class WholeReads:
                         if self._cuda is not None:
                             self._cuda.synchronize()  # the slot is reused once its copies are done
                 except (KeyError, KVTierError, OSError) as e:
+                    job.note_failure(tier.name, e)
                     log.warning("block %d in %s unreadable (%s); reading it whole", i, tier.name, e)
                     self._promoter.abandon(job, i)
                     self._fallback(job, i, b)

@@ -35,6 +35,7 @@ class LoadResult:
 
     reads: dict[str, TierReads] = field(default_factory=dict)
     sizes: dict[bytes, int] = field(default_factory=dict)
+    corrupt: dict[str, int] = field(default_factory=dict)  # per tier: copies its reads dropped
     decision: str | None = None
     decision_detail: dict | None = None
 
@@ -109,6 +110,8 @@ class StatsRecorder:
                     s.reload_seconds.observe(r.seconds / r.blocks)
             for key, nbytes in result.sizes.items():
                 p.record_size(key, nbytes)
+            for name, n in result.corrupt.items():
+                self.stats.tiers[name].corrupt_blocks += n
             if result.decision is not None:
                 self.stats.cost_decisions[result.decision] += 1
                 if result.decision_detail is not None:

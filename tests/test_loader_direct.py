@@ -117,6 +117,7 @@ def test_a_corrupt_byte_truncates_the_prefix_and_is_never_served(tmp_path, how):
             loader.close()
         assert n == 3 * BT and same(kv, out, n)
         assert cache.tier("ssd").stats()["corrupt_blocks"] == 1  # the tier's check caught it
+        assert cache.stats().tiers["ssd"].corrupt_blocks == 1  # and the cache counted it, once
         assert cache.lookup("m", toks).tokens == 3 * BT  # the corrupt copy is gone
 
 

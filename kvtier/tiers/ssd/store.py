@@ -184,7 +184,7 @@ class Store:
             if mine:
                 self._remove_records([(key, loc)], "removing a corrupt block")
         log.warning("ssd block %s %s; dropped", key.hex(), why)
-        return CorruptBlock(f"ssd block {key.hex()} {why}; dropped")
+        return CorruptBlock(f"ssd block {key.hex()} {why}; dropped", dropped=True)
 
     def index_unreadable(self, key: bytes, loc: Location, e: KVTierError) -> CorruptBlock:
         """A block the index cannot give back (damage found on read): counted, dropped, a miss."""
