@@ -126,18 +126,13 @@ class Reader:
             if got == n:
                 crc_ok = matches(key, loc, arr, offset)
         except OSError as e:
-            error = KVTierError(
-                f"ssd read of block {key.hex()} from {seg.path.name} failed ({e.strerror or e})")
+            error = read_error(key, seg, e)
         finally:
             ok = error is None and got == n and crc_ok
             self.store.finish_read(seg, key, n, direct, ok)
         if ok:
             return n
-        if error is not None:
-            raise error
-        if got < n:
-            raise self.store.drop_corrupt(key, loc, "is truncated in its segment")
-        raise self.store.drop_corrupt(key, loc, "failed its checksum")
+        raise error or self._bad_bytes(key, loc, got, n)
 
     def read_scatter(self, key: bytes, offset: int, arrays: Sequence[np.ndarray]) -> int:
         """Read the block's bytes from ``offset`` into ``arrays`` (1-D uint8, filled in order as
@@ -174,18 +169,17 @@ class Reader:
             if got == n and offset == 0 and n:
                 crc_ok = _matches_scattered(key, loc, arrays, n)
         except OSError as e:
-            error = KVTierError(
-                f"ssd read of block {key.hex()} from {seg.path.name} failed ({e.strerror or e})")
+            error = read_error(key, seg, e)
         finally:
             ok = error is None and got == n and crc_ok
             self.store.finish_read(seg, key, n, direct, ok)
         if ok:
             return n
-        if error is not None:
-            raise error
-        if got < n:
-            raise self.store.drop_corrupt(key, loc, "is truncated in its segment")
-        raise self.store.drop_corrupt(key, loc, "failed its checksum")
+        raise error or self._bad_bytes(key, loc, got, n)
+
+    def _bad_bytes(self, key: bytes, loc: Location, got: int, n: int) -> CorruptBlock:
+        """Drop a block whose read came back short or failed its checksum; the error to raise."""
+        return self.store.drop_corrupt(key, loc, "is truncated in its segment" if got < n else "failed its checksum")
 
     def _general_one(self, key: bytes, out: torch.Tensor, offset: int) -> int:
         res = self.read_many([(key, out, offset)], use_pool=False)[0]
@@ -263,13 +257,10 @@ class Reader:
         for r in reads:
             if r.error is not None:
                 results[r.index] = r.error
-            elif r.got < r.n:
-                if r.seg is None and r.blob is None and store.location(r.key) is None:
-                    results[r.index] = KeyError(r.key)  # deleted while we read
-                else:
-                    results[r.index] = store.drop_corrupt(r.key, r.loc, "is truncated in its segment")
-            elif not r.crc_ok:
-                results[r.index] = store.drop_corrupt(r.key, r.loc, "failed its checksum")
+            elif r.got < r.n and r.seg is None and r.blob is None and store.location(r.key) is None:
+                results[r.index] = KeyError(r.key)  # deleted while we read
+            elif r.got < r.n or not r.crc_ok:
+                results[r.index] = self._bad_bytes(r.key, r.loc, r.got, r.n)
             else:
                 if r.staged:
                     r.out[:r.n].copy_(torch.from_numpy(r.arr[:r.n]))
@@ -306,6 +297,11 @@ def _scatter_read(seg: Segment, arrays: Sequence[np.ndarray], start: int, n: int
         iov.append(a[:left])
         left -= len(a)
     return read_vectored(seg.dfd if direct else seg.fd, iov, start)
+
+
+def read_error(key: bytes, seg: Segment, e: OSError) -> KVTierError:
+    """An I/O error reading ``key`` from ``seg``, as callers see it (the block is kept)."""
+    return KVTierError(f"ssd read of block {key.hex()} from {seg.path.name} failed ({e.strerror or e})")
 
 
 def _matches_scattered(key: bytes, loc: Location, arrays: Sequence[np.ndarray], n: int) -> bool:
@@ -384,8 +380,7 @@ def _read_run(run: list[_Read]) -> None:
                 r.crc_ok = matches(r.key, r.loc, r.arr[:r.n], r.offset)
     except OSError as e:
         for r in run:
-            r.error = KVTierError(
-                f"ssd read of block {r.key.hex()} from {seg.path.name} failed ({e.strerror or e})")
+            r.error = read_error(r.key, seg, e)
 
 
 def _read_coalesced(seg: Segment, run: list[_Read]) -> None:
