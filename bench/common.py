@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,17 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float
         fn()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only; like fio's ``invalidate``); True if done."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def median(xs: list[float]) -> float:

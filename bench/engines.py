@@ -21,7 +21,6 @@ import mmap
 import os
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from kvtier.bench.common import p99, table
+from kvtier.bench.common import drop_page_cache, p99, table
 
 
 def _spec(page: int) -> SimpleNamespace:
@@ -61,16 +60,6 @@ def _aligned_rows(n: int, page: int) -> torch.Tensor:
 
 def _name(mode: str, modes: list[str]) -> str:
     return "kvtier" if modes == [mode] else f"kvtier ({mode})"
-
-
-def drop_page_cache() -> bool:
-    subprocess.run(["sync"], check=False)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def run_jobs(tier, jobs: list, submit) -> tuple[float, list[float]]:

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.bench import fio
+from kvtier.bench.common import drop_page_cache
 from kvtier.bench.io import IOParams, run
-from kvtier.bench.io_paths import drop_page_cache
 from kvtier.config import format_size, parse_size
 
 CONTENDERS = ("fio", "fio+crc", "get", "loader", "sidecar", "lmcache")

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from kvtier.bench.common import drop_page_cache
 from kvtier.bench.io_job import (
     HEAD_DIM,
     HEADS,
@@ -43,17 +43,6 @@ from kvtier.config import format_size
 from kvtier.errors import InvalidRequest
 
 NAMESPACE = "bench-io"
-
-
-def drop_page_cache() -> bool:
-    """Empty the kernel's page cache (root only; like fio's ``invalidate``); True if done."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def _cache(p, root: Path):

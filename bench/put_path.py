@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from kvtier.bench.common import table
-from kvtier.bench.engines import drop_page_cache
+from kvtier.bench.common import drop_page_cache, table
 from kvtier.config import CacheConfig, HostTierConfig, SSDTierConfig
 from kvtier.manager import TieredCache
 

@@ -342,10 +342,10 @@ def run_io(args: argparse.Namespace) -> int:
 
 def _run_io(args: argparse.Namespace) -> int:
     from kvtier.bench import fio
+    from kvtier.bench.common import drop_page_cache
     from kvtier.bench.fio import compare_table, format_job, median_job
     from kvtier.bench.io import IOParams, run
     from kvtier.bench.io_job import default_path
-    from kvtier.bench.io_paths import drop_page_cache
 
     if args.repeat < 1:
         raise InvalidRequest(f"--repeat must be >= 1, got {args.repeat}")
