@@ -54,6 +54,7 @@ import torch
 from kvtier.bufpool import ALIGN, align_up, block_buffers
 from kvtier.codecs import Codec, get_codec
 from kvtier.errors import CorruptBlock
+from kvtier.pieces import Block, BlockPieces
 
 MAGIC = b"KVTB"
 COMPACT, ALIGNED = 1, 2  # format versions
@@ -139,6 +140,20 @@ def encode_block_pooled(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) 
     return out
 
 
+def encode_block_for_put(codec: Codec, layers: Sequence[Sequence[torch.Tensor]], *, pieces: bool
+                         ) -> Block:
+    """Encode one block for a put: with ``pieces`` (its tier writes them gathered), as pieces
+    over the caller's own memory where the layout allows (``PreparedBlock.as_pieces``: no
+    copy); else into a recycled buffer."""
+    block = prepare_block(codec, layers)
+    gathered = block.as_pieces() if pieces else None
+    if gathered is not None:
+        return gathered
+    out = block_buffers.take(block.nbytes)
+    block.write_into(out)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedBlock:
     """A block whose layers are encoded and laid out, not yet written: ``nbytes`` is known
@@ -151,6 +166,25 @@ class PreparedBlock:
     offsets: Sequence[int]
     lengths: Sequence[int]
     payloads: Sequence[Sequence[np.ndarray]]  # each layer's parts (1-D uint8), in order
+
+    def as_pieces(self) -> BlockPieces | None:
+        """The block as its header page followed by the payloads' own memory (``kvtier.pieces``),
+        where that memory is already the block's layout: version 2, each layer one payload of
+        whole 4 KiB pages on a 4 KiB boundary (codec ``none`` over engine pages), so no padding
+        lies between them. None otherwise (the caller copies: ``write_into``)."""
+        if self.version != ALIGNED:
+            return None
+        payloads: list[np.ndarray] = []
+        for parts in self.payloads:
+            if len(parts) != 1 or parts[0].nbytes % ALIGN or parts[0].ctypes.data % ALIGN:
+                return None
+            payloads.append(parts[0])
+        head = block_buffers.take(self.offsets[0]).numpy()
+        entries = [(o, n, checksum(p)) for o, n, p in zip(self.offsets, self.lengths, payloads, strict=True)]
+        header = _header(self.codec, self.version, self.tokens, entries)
+        head[:len(header)] = np.frombuffer(header, dtype=np.uint8)
+        head[len(header):] = 0
+        return BlockPieces((head, *payloads), self.nbytes)
 
     def write_into(self, out: torch.Tensor) -> None:
         """Write the block into ``out`` (host memory, exactly ``nbytes`` uint8, any contents).

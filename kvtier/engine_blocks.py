@@ -9,9 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from kvtier.block import encode_block_pooled
+from kvtier.block import encode_block_for_put
 from kvtier.blocks import (
     BlockHits,
     canonical_fingerprint,
@@ -27,6 +25,7 @@ from kvtier.index import BlockEntry
 from kvtier.keys import block_key
 from kvtier.lookups import Lookups
 from kvtier.namespaces import Namespace, validate_name
+from kvtier.pieces import Block
 from kvtier.placement import Placement
 from kvtier.recorder import StatsRecorder
 from kvtier.reload import Reloads
@@ -78,12 +77,13 @@ class EngineBlocks:
         rows = page_rows(pages, len(ikeys), ns.page_bytes)
         codec = get_codec(ns.codec)
         p = self.placement
-        todo: list[tuple[BlockEntry, torch.Tensor]] = []
+        todo: list[tuple[BlockEntry, Block]] = []
+        in_pieces = p.takes_pieces(ns.page_bytes)
         for key, row in zip(ikeys, rows, strict=True):
             with p.lock:
                 if p.live(key, ns.ttl_s) is not None:
                     continue
-            data = encode_block_pooled(codec, [[row.view(1, -1)]])
+            data = encode_block_for_put(codec, [[row.view(1, -1)]], pieces=in_pieces)
             todo.append((BlockEntry(key, ns.name, None, 0, 1, len(data), time.time(), ns.codec), data))
         stored = 0
         failed: KVTierError | None = None

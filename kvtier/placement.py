@@ -22,6 +22,7 @@ import torch
 
 from kvtier.errors import KVTierError, StorageFull
 from kvtier.index import BlockEntry, PinnedKeys, rebuild_index
+from kvtier.pieces import Block, contiguous
 from kvtier.policies import EvictionPolicy
 from kvtier.policies.admission import AdmissionPolicy
 from kvtier.stats import CacheStats
@@ -122,12 +123,22 @@ class Placement:
             with self.lock:
                 self._placing.discard(entry.key)
 
-    def place_many_unlocked(self, blocks: Sequence[tuple[BlockEntry, torch.Tensor]]
+    def takes_pieces(self, nbytes: int) -> bool:
+        """Whether a new block of about ``nbytes`` goes first to a tier that writes a block in
+        pieces as they are (``BatchedPuts``: the SSD tier), so a put need not copy it together
+        (``kvtier.pieces``). A block sent elsewhere in pieces after all is copied then."""
+        for t, tier in enumerate(self.tiers):
+            if tier.fits_ever(nbytes):
+                return tier.persistent and self.batched[t]
+        return False
+
+    def place_many_unlocked(self, blocks: Sequence[tuple[BlockEntry, Block]]
                             ) -> list[int | None | KVTierError]:
         """``place_unlocked`` for many parentless blocks: those bound for a persistent tier that
         stores batches (``BatchedPuts``) go there in one ``put_many`` outside the lock — their
-        writes in flight together, made durable together — the others one by one. Per block as
-        ``place_unlocked`` returns (the tier, -1, None), or the ``KVTierError`` it would raise."""
+        writes in flight together, made durable together, in pieces where they came so
+        (``kvtier.pieces``: no copy) — the others one by one. Per block as ``place_unlocked``
+        returns (the tier, -1, None), or the ``KVTierError`` it would raise."""
         out: list[int | None | KVTierError] = [None] * len(blocks)
         batches: dict[int, list[int]] = {}  # tier -> blocks bound for its put_many
         alone: list[int] = []
@@ -151,7 +162,7 @@ class Placement:
                 self._placing.add(entry.key)  # one writer per key while it is not indexed yet
         for i in alone:
             try:
-                out[i] = self.place_unlocked(*blocks[i])
+                out[i] = self.place_unlocked(blocks[i][0], contiguous(blocks[i][1]))
             except KVTierError as e:
                 out[i] = e
         for t, idx in batches.items():
@@ -170,7 +181,7 @@ class Placement:
                             out[i] = t
                         else:  # e.g. a concurrent writer took the room made above
                             try:
-                                out[i] = self.place_new(entry, data)
+                                out[i] = self.place_new(entry, contiguous(data))
                             except KVTierError as e:
                                 out[i] = e
             finally:

@@ -23,6 +23,7 @@ import torch
 
 from kvtier.errors import KVTierError, StorageFull
 from kvtier.index import BlockEntry
+from kvtier.pieces import Block, contiguous
 from kvtier.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,16 @@ class WriteThrough:
         """Bytes of background writes queued now."""
         return self._backlog_bytes
 
-    def schedule(self, entry: BlockEntry, data: torch.Tensor, below: int) -> list[DurableWrite]:
+    def schedule(self, entry: BlockEntry, data: Block, below: int) -> list[DurableWrite]:
         """Write a new block (now in tier ``below``) to every persistent tier under it; returns
-        the writes to durable tiers. Call without the lock: the backlog bound may wait."""
+        the writes to durable tiers. Call without the lock: the backlog bound may wait. A block
+        in pieces (the caller's memory) is copied together first, since a write may outlive
+        the put."""
         if not self.admit_on_put:
             return []
         tiers = self.placement.tiers
-        return self.write(entry, data, [t for t in range(below + 1, len(tiers)) if tiers[t].persistent])
+        under = [t for t in range(below + 1, len(tiers)) if tiers[t].persistent]
+        return self.write(entry, contiguous(data), under) if under else []
 
     def missing(self, entry: BlockEntry) -> list[int]:
         """Durable tiers that should hold ``entry`` by write-through but do not (lock held)."""

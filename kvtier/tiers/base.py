@@ -17,6 +17,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from kvtier.pieces import BlockPieces
+
 
 @dataclass(frozen=True, slots=True)
 class BlockMeta:
@@ -199,5 +201,6 @@ class BatchedPuts(Protocol):
     window). Thread-safe; calls from several threads write in parallel.
     """
 
-    def put_many(self, blocks: Sequence[tuple[bytes, bytes | memoryview | torch.Tensor, BlockMeta]]
+    def put_many(self, blocks: Sequence[tuple[bytes, bytes | memoryview | torch.Tensor | BlockPieces,
+                                              BlockMeta]]
                  ) -> list[Exception | None]: ...

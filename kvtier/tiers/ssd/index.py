@@ -52,9 +52,16 @@ class Location:
         return self.head >= 0
 
 
-def seal(key: bytes, payload: Payload) -> tuple[int, int]:
-    """(crc, head) of ``payload`` stored under ``key``: both bound to the key."""
+def seal(key: bytes, payload: Payload | list[np.ndarray]) -> tuple[int, int]:
+    """(crc, head) of ``payload`` stored under ``key``: both bound to the key. A list of arrays
+    is a payload in pieces lying end to end (``kvtier.pieces``)."""
     seed = checksum(key)
+    if isinstance(payload, list):
+        crc = seed
+        for piece in payload:
+            crc = checksum(piece, crc)
+        first = payload[0] if len(payload[0]) >= HEAD_BYTES else np.concatenate(payload)
+        return crc, checksum(first[:HEAD_BYTES], seed)
     return checksum(payload, seed), checksum(payload[:HEAD_BYTES], seed)
 
 

@@ -126,34 +126,39 @@ class Segment:
                 return done
         return n
 
-    def write_many(self, records: Sequence[tuple[np.ndarray, int]]) -> None:
+    def write_many(self, records: Sequence[tuple[Sequence[np.ndarray], int]]) -> None:
         """Write records lying end to end (each at the previous one's padded end), as few
-        gathered writes as possible: one O_DIRECT ``pwritev`` carries the aligned bulk of each
-        record straight from its memory, and its last partial page (or the whole record, when
-        its memory is not 4 KiB-aligned) through this thread's staging buffer, zero-padded.
-        A big write lets the kernel keep several device requests in flight where one record at
-        a time keeps one. Raises OSError (ENOSPC, EIO); without O_DIRECT, writes each record.
+        gathered writes as possible. A record is its pieces end to end (``kvtier.pieces``: every
+        piece but the last whole, aligned 4 KiB pages). One O_DIRECT ``pwritev`` carries each
+        record's aligned bulk straight from its memory, and its last partial page (or the whole
+        last piece, when its memory is not 4 KiB-aligned) through this thread's staging buffer,
+        zero-padded. A big write lets the kernel keep several device requests in flight where
+        one record at a time keeps one. Raises OSError (ENOSPC, EIO); without O_DIRECT, writes
+        each record.
         """
         if not records:
             return
         if not self.direct_writes or records[0][1] % ALIGN:
-            for arr, offset in records:
-                self.write(arr.data, offset)
+            for pieces, offset in records:
+                self._write_pieces(pieces, offset)
             return
         stage = _stage_buffer()
         iov: list[np.ndarray] = []
         base, used = records[0][1], 0
-        for arr, offset in records:
+        for pieces, offset in records:
+            *whole, arr = pieces
             n = len(arr)
             staged = n % ALIGN if is_aligned(arr) else n
             if padded(staged) > len(stage):  # too big to stage at once: a record of its own
                 self._write_gathered(iov, base)
-                iov, used, base = [], 0, offset + padded(n)
-                self.write(arr.data, offset)
+                iov, used = [], 0
+                self._write_pieces(pieces, offset)
+                base = offset + padded(sum(len(p) for p in pieces))
                 continue
-            if used + padded(staged) > len(stage) or len(iov) + 2 > MAX_IOV:
+            if used + padded(staged) > len(stage) or len(iov) + len(whole) + 2 > MAX_IOV:
                 self._write_gathered(iov, base)
                 iov, used, base = [], 0, offset
+            iov += whole
             if n > staged:
                 iov.append(arr[:n - staged])
             if staged:
@@ -163,6 +168,12 @@ class Segment:
                 iov.append(stage[used:used + k])
                 used += k
         self._write_gathered(iov, base)
+
+    def _write_pieces(self, pieces: Sequence[np.ndarray], offset: int) -> None:
+        """Write a record piece by piece (``write``: O_DIRECT where it can)."""
+        for piece in pieces:
+            self.write(piece.data, offset)
+            offset += len(piece)
 
     def _write_gathered(self, iov: list[np.ndarray], offset: int) -> None:
         """Write ``iov`` at ``offset``: O_DIRECT while the kernel takes it, the rest buffered."""

@@ -33,6 +33,7 @@ import torch
 
 from kvtier.config import SSDTierConfig, format_size
 from kvtier.errors import InvalidRequest, InvalidType, KVTierError
+from kvtier.pieces import BlockPieces
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.ssd import compaction
 from kvtier.tiers.ssd.datadir import fsync_dir
@@ -154,10 +155,10 @@ class SSDTier:
         Raises StorageFull (budget, disk floor, ENOSPC) or KVTierError (EIO, missing segment
         directory) for this put only; nothing already stored is touched.
         """
-        mv = check_block(key, data, meta)
+        block = check_block(key, data, meta)
         if not self._open_for_writes():
-            raise self.store.refuse(len(mv), self._unmarked)
-        self._writer.put(key, mv, meta, self._free_disk())
+            raise self.store.refuse(block.nbytes, self._unmarked)
+        self._writer.put(key, block, meta, self._free_disk())
 
     def put_many(self, blocks: Sequence[tuple[bytes, BlockData, BlockMeta]]
                  ) -> list[Exception | None]:
@@ -168,7 +169,7 @@ class SSDTier:
         would raise for it; never raises for one block, and a failed block changes nothing
         stored."""
         results: list[Exception | None] = [None] * len(blocks)
-        valid: list[tuple[bytes, memoryview, BlockMeta]] = []
+        valid: list[tuple[bytes, BlockPieces, BlockMeta]] = []
         where: list[int] = []
         for i, block in enumerate(blocks):
             try:
@@ -183,8 +184,8 @@ class SSDTier:
         if not valid:
             return results
         if not self._open_for_writes():
-            for i, (_, mv, _) in zip(where, valid, strict=True):
-                results[i] = self.store.refuse(len(mv), self._unmarked)
+            for i, (_, pieces, _) in zip(where, valid, strict=True):
+                results[i] = self.store.refuse(pieces.nbytes, self._unmarked)
             return results
         for i, res in zip(where, self._writer.put_many(valid, self._free_disk()), strict=True):
             results[i] = res

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kvtier.errors import InvalidRequest, InvalidType, KVTierError
+from kvtier.pieces import BlockPieces
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.ssd.directio import padded
 from kvtier.tiers.ssd.index import Location, Record, seal
@@ -25,17 +26,22 @@ from kvtier.tiers.ssd.segments import Segment, sync_all, sync_each
 from kvtier.tiers.ssd.store import Reservation, Store
 
 log = logging.getLogger(__name__)
-BlockData = bytes | bytearray | memoryview | torch.Tensor  # what put takes as a block's bytes
+BlockData = bytes | bytearray | memoryview | torch.Tensor | BlockPieces  # a block's bytes, for put
 
 
-def check_block(key: bytes, data: BlockData, meta: BlockMeta) -> memoryview:
-    """A put's arguments checked (InvalidType, InvalidRequest); the block's bytes as a view."""
+def check_block(key: bytes, data: BlockData, meta: BlockMeta) -> BlockPieces:
+    """A put's arguments checked (InvalidType, InvalidRequest); the block's bytes as pieces
+    (one piece, a view, unless it came in pieces)."""
     if not isinstance(key, bytes):
         raise InvalidType(f"key must be bytes, got {type(key).__name__}")
     if not 1 <= len(key) <= 511:
         raise InvalidRequest(f"key must be 1..511 bytes, got {len(key)}")
     if not isinstance(meta, BlockMeta):
         raise InvalidType(f"meta must be a BlockMeta, got {type(meta).__name__}")
+    if isinstance(data, BlockPieces):
+        if not data.nbytes:
+            raise InvalidRequest("cannot store an empty block")
+        return data
     if isinstance(data, torch.Tensor):
         t = data.detach()
         if t.device.type != "cpu":
@@ -48,7 +54,7 @@ def check_block(key: bytes, data: BlockData, meta: BlockMeta) -> memoryview:
             f"block data must be bytes, memoryview or a tensor, got {type(data).__name__}")
     if len(mv) == 0:
         raise InvalidRequest("cannot store an empty block")
-    return mv
+    return BlockPieces((np.frombuffer(mv, dtype=np.uint8),), len(mv))
 
 
 class Writer:
@@ -59,13 +65,13 @@ class Writer:
         self.inline_threshold = inline_threshold
         self.pool = pool  # where several segments are fdatasync'd at once
 
-    def put(self, key: bytes, mv: memoryview, meta: BlockMeta, free: int) -> None:
-        """Store ``mv`` under ``key`` whole or not at all (``free``: free disk now). A key
+    def put(self, key: bytes, block: BlockPieces, meta: BlockMeta, free: int) -> None:
+        """Store ``block`` under ``key`` whole or not at all (``free``: free disk now). A key
         already stored or being written is a no-op. Raises StorageFull or KVTierError, counted;
         nothing already stored is touched."""
         store = self.store
-        n = len(mv)
-        crc, head = seal(key, mv)
+        n = block.nbytes
+        crc, head = seal(key, list(block.pieces))
         res = store.reserve(key, n, inline=n < self.inline_threshold, free=free)
         if res is None:
             return
@@ -73,13 +79,16 @@ class Writer:
         ok = False
         try:
             if seg is not None:
-                seg.write(mv, res.offset)
+                if len(block.pieces) == 1:
+                    seg.write(block.pieces[0].data, res.offset)
+                else:
+                    seg.write_many([(block.pieces, res.offset)])
                 if store.durability == "sync":
                     seg.sync()
             loc = Location(seg.id if seg else 0, res.offset, n, crc, store.durability != "none",
                            head)
             rec = Record(loc, meta, time.time())
-            blob = bytes(mv) if seg is None else None
+            blob = block.tobytes() if seg is None else None
             if store.durability == "batch":
                 store.stage(res, rec, blob)
             else:
@@ -90,7 +99,7 @@ class Writer:
         finally:
             store.release(res, ok)
 
-    def put_many(self, blocks: Sequence[tuple[bytes, memoryview, BlockMeta]], free: int
+    def put_many(self, blocks: Sequence[tuple[bytes, BlockPieces, BlockMeta]], free: int
                  ) -> list[Exception | None]:
         """Many puts made durable together (``BatchedPuts``); ``free``: free disk now.
 
@@ -106,8 +115,8 @@ class Writer:
         claimed: list[tuple[int, Reservation]] = []
         prefer: Segment | None = None
         taken = 0
-        for i, (key, mv, _) in enumerate(blocks):
-            n = len(mv)
+        for i, (key, block, _) in enumerate(blocks):
+            n = block.nbytes
             try:
                 res = store.reserve(key, n, inline=n < self.inline_threshold, free=free - taken,
                                     prefer=prefer)
@@ -132,7 +141,7 @@ class Writer:
                     results[i] = store.put_failed(failed[res.segment], res.nbytes)
                 else:
                     done.append((i, res))
-            puts = [(res, records[i], bytes(blocks[i][1]) if res.segment is None else None)
+            puts = [(res, records[i], blocks[i][1].tobytes() if res.segment is None else None)
                     for i, res in done]
             if store.durability == "batch":
                 for res, rec, blob in puts:
@@ -150,16 +159,15 @@ class Writer:
             for i, res in reversed(claimed):  # last first: a failed run gives its space back
                 store.release(res, ok.get(i, False))
 
-    def _start_writes(self, blocks: Sequence[tuple[bytes, memoryview, BlockMeta]],
+    def _start_writes(self, blocks: Sequence[tuple[bytes, BlockPieces, BlockMeta]],
                       claimed: list[tuple[int, Reservation]]
                       ) -> Callable[[], dict[Segment, OSError]]:
         """Start writing the claimed segment records, each segment's on the pool (at once);
         returns a wait for them that gives the failures by segment."""
-        runs: dict[Segment, list[tuple[np.ndarray, int]]] = {}
+        runs: dict[Segment, list[tuple[Sequence[np.ndarray], int]]] = {}
         for i, res in claimed:
             if res.segment is not None:
-                arr = np.frombuffer(blocks[i][1], dtype=np.uint8)
-                runs.setdefault(res.segment, []).append((arr, res.offset))
+                runs.setdefault(res.segment, []).append((blocks[i][1].pieces, res.offset))
         pool = self.pool
         if pool is None:
             failed = {}
@@ -182,11 +190,11 @@ class Writer:
 
         return wait
 
-    def _record(self, block: tuple[bytes, memoryview, BlockMeta], res: Reservation) -> Record:
-        key, mv, meta = block
-        crc, head = seal(key, mv)
+    def _record(self, block: tuple[bytes, BlockPieces, BlockMeta], res: Reservation) -> Record:
+        key, data, meta = block
+        crc, head = seal(key, list(data.pieces))
         seg = res.segment
-        loc = Location(seg.id if seg else 0, res.offset, len(mv), crc,
+        loc = Location(seg.id if seg else 0, res.offset, data.nbytes, crc,
                        self.store.durability != "none", head)
         return Record(loc, meta, time.time())
 
@@ -211,13 +219,15 @@ class Writer:
                 store.batch_done(batch)
 
 
-def _write_runs(seg: Segment, records: list[tuple[np.ndarray, int]]) -> None:
+def _write_runs(seg: Segment, records: list[tuple[Sequence[np.ndarray], int]]) -> None:
     """Write records of ``seg``: each run lying end to end in one gathered write."""
     records.sort(key=lambda r: r[1])
-    run: list[tuple[np.ndarray, int]] = []
-    for arr, offset in records:
-        if run and run[-1][1] + padded(len(run[-1][0])) != offset:
+    run: list[tuple[Sequence[np.ndarray], int]] = []
+    end = -1
+    for pieces, offset in records:
+        if run and end != offset:
             seg.write_many(run)
             run = []
-        run.append((arr, offset))
+        run.append((pieces, offset))
+        end = offset + padded(sum(p.nbytes for p in pieces))
     seg.write_many(run)
