@@ -71,7 +71,7 @@ def _open_backend(cfg: dict) -> Any:
     return TieredCache(CacheConfig(
         host=HostTierConfig(capacity_bytes=0),  # SGLang's host pool is the host tier
         ssd=SSDTierConfig(path=data_dir, capacity_bytes=cfg.get("capacity", "64GiB"),
-                          durability=cfg.get("durability", "batch"),
+                          durability=cfg.get("durability", "none"),  # as the vLLM tier: a cache, verified reads
                           direct_io=bool(cfg.get("direct_io", True)),
                           min_free_bytes=cfg.get("min_free", "1GiB"))))
 

@@ -115,8 +115,10 @@ class KVTierSecondaryTier(SecondaryTierManager):
 
     Config keys (besides vLLM's ``type``/``module_path``): ``data_dir`` or ``url`` (+ ``token``),
     ``capacity`` (embedded; default 64GiB), ``namespace`` (default: derived from the
-    fingerprint), ``salt``, ``codec`` (``none`` or ``zstd``), ``durability`` (``sync``, ``batch``,
-    ``none``), ``batch_interval_ms`` (``batch``: the commit window), ``io_threads``, ``direct_io``, ``min_free``, ``n_threads`` (concurrent jobs),
+    fingerprint), ``salt``, ``codec`` (``none`` or ``zstd``), ``durability`` (``none``, the
+    default: an engine cache of recomputable KV, like every engine tier, and every read is
+    verified, so a machine crash loses recent pages but never serves a wrong one; ``batch``;
+    ``sync``), ``batch_interval_ms`` (``batch``: the commit window), ``io_threads``, ``direct_io``, ``min_free``, ``n_threads`` (concurrent jobs),
     ``ttl_s``.
     """
 
@@ -134,7 +136,7 @@ class KVTierSecondaryTier(SecondaryTierManager):
         namespace: str | None = None,
         salt: str = "",
         codec: str = "none",
-        durability: str = "batch",
+        durability: str = "none",
         batch_interval_ms: int = 20,
         io_threads: int = 8,
         direct_io: bool = True,
