@@ -11,6 +11,14 @@ Every buffer handed out starts on an ``ALIGN`` (4 KiB) boundary, and its allocat
 the next boundary past its end, so a block laid out for direct I/O (``kvtier.block``, version 2:
 its length a multiple of 4 KiB) can be written or read with ``O_DIRECT`` straight from or into
 it, without a bounce copy. (The C allocator aligns to 16 bytes; torch's CPU allocator to 64.)
+
+Buffers of ``ARENA_MIN_BYTES`` and more are carved end to end out of arenas in transparent huge
+pages. An ``O_DIRECT`` write from scattered 4 KiB pages becomes more, smaller device requests (a
+virtio disk takes at most 254 memory segments per request): on the development VM a put of 2 MiB
+blocks from huge pages ran 2-3x faster than from the C allocator's pages
+(``python -m kvtier.bench.put_path --durability none``). Faulting a huge page in costs more than
+a small one, which recycling pays once; memory a caller keeps (``mapped_array``) stays in small
+pages.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ DEFAULT_MAX_IDLE_BYTES = 256 * 1024**2
 # Allocations from this size on get pages of their own (``mapped_array``): a prefix's KV that
 # ``TieredCache.get`` returns, staging rings.
 MAPPED_BYTES = 64 * 1024**2
+HUGE_PAGE = 2 * 1024**2
+ARENA_MIN_BYTES = 1024**2  # pooled buffers from this size on come from huge-page arenas
+ARENA_BYTES = 32 * 1024**2  # an arena holds this much of one buffer size (at least one buffer)
+ARENA_SIZES = 8  # sizes with an arena being carved at once (a namespace's blocks share one size)
 
 
 def align_up(n: int, align: int = ALIGN) -> int:
@@ -56,6 +68,17 @@ def mapped_array(nbytes: int) -> np.ndarray:
     return np.frombuffer(m, dtype=np.uint8)[:nbytes]
 
 
+def huge_array(nbytes: int) -> np.ndarray:
+    """``nbytes`` of anonymous memory starting on a huge-page boundary, advised to be backed by
+    transparent huge pages (where the kernel has them; else small pages, as any memory)."""
+    m = mmap.mmap(-1, align_up(nbytes, HUGE_PAGE) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arr = np.frombuffer(m, dtype=np.uint8)
+    start = -arr.ctypes.data % HUGE_PAGE
+    with contextlib.suppress(AttributeError, OSError):
+        m.madvise(mmap.MADV_HUGEPAGE, start, align_up(nbytes, HUGE_PAGE))
+    return arr[start: start + nbytes]
+
+
 def aligned_empty(nbytes: int, *, pinned: bool = False, align: int = ALIGN) -> torch.Tensor:
     """A 1-D uint8 tensor of ``nbytes`` starting on an ``align`` boundary: destination or staging
     memory for ``O_DIRECT`` reads. Pinned memory (CUDA hosts) comes page-aligned from the driver."""
@@ -78,6 +101,7 @@ class BufferPool:
         self.max_idle_bytes = max_idle_bytes
         self._idle: dict[int, list[np.ndarray]] = {}
         self._idle_bytes = 0
+        self._fresh: dict[int, list[np.ndarray]] = {}  # carved from an arena, never handed out
         self._lock = threading.Lock()
 
     @property
@@ -92,11 +116,28 @@ class BufferPool:
             base = free.pop() if free else None
             if base is not None:
                 self._idle_bytes -= nbytes
+            elif nbytes >= ARENA_MIN_BYTES:
+                base = self._carve(nbytes)
         if base is None:
             base = aligned_array(nbytes)
         view = base.view()  # the handle whose death returns ``base``; torch keeps it alive
         weakref.finalize(view, self._give_back, base)
         return torch.from_numpy(view)
+
+    def _carve(self, nbytes: int) -> np.ndarray:
+        """A never-used buffer of ``nbytes`` from this size's huge-page arena (lock held); a new
+        arena when the last is used up. An arena's memory goes back to the system when none of
+        its buffers is referenced any more (each one keeps it alive)."""
+        fresh = self._fresh.pop(nbytes, [])
+        self._fresh[nbytes] = fresh  # the most recently used size last
+        while len(self._fresh) > ARENA_SIZES:  # a size not used lately lets its arena go
+            del self._fresh[next(iter(self._fresh))]
+        if not fresh:
+            stride = align_up(nbytes)
+            count = max(1, ARENA_BYTES // stride)
+            arena = huge_array(count * stride)
+            fresh.extend(arena[i * stride: i * stride + nbytes] for i in reversed(range(count)))
+        return fresh.pop()
 
     def _give_back(self, base: np.ndarray) -> None:
         with self._lock:
@@ -107,6 +148,7 @@ class BufferPool:
     def clear(self) -> None:
         with self._lock:
             self._idle.clear()
+            self._fresh.clear()
             self._idle_bytes = 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 
+import pytest
 import torch
 
 from kvtier.bufpool import ALIGN, BufferPool, aligned_empty, is_aligned
@@ -85,3 +87,45 @@ def test_large_allocations_map_pages_of_their_own():
     assert not a[::4096].any()
     t[-1] = 7
     assert int(t[-1]) == 7 and t.data_ptr() % 4096 == 0
+
+
+def vm_flags(address: int) -> list[str]:
+    """The kernel's VmFlags of the mapping holding ``address`` (``/proc/self/smaps``)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_large_buffers_are_carved_from_huge_page_arenas_and_reused():
+    pool = BufferPool(max_idle_bytes=64 << 20)
+    size = (2 << 20) + 4096  # a 2 MiB block with its header page
+    first, second = pool.take(size), pool.take(size)
+    assert is_aligned(first) and is_aligned(second)
+    assert second.data_ptr() - first.data_ptr() == size  # end to end in one arena
+    assert "hg" in vm_flags(first.data_ptr())  # advised to be backed by huge pages
+    first.fill_(1)
+    second.fill_(2)  # neighbours never overlap
+    assert int(first.max()) == 1
+    ptr = first.data_ptr()
+    del first
+    gc.collect()
+    assert pool.take(size).data_ptr() == ptr  # a freed buffer is reused before a fresh one
+
+
+def test_an_arena_size_not_used_lately_is_let_go():
+    from kvtier import bufpool
+
+    pool = BufferPool()
+    sizes = [(1 << 20) + i * 4096 for i in range(bufpool.ARENA_SIZES + 3)]
+    for s in sizes:
+        pool.take(s)
+    assert len(pool._fresh) == bufpool.ARENA_SIZES
+    assert sizes[-1] in pool._fresh and sizes[0] not in pool._fresh
