@@ -12,13 +12,15 @@ the next boundary past its end, so a block laid out for direct I/O (``kvtier.blo
 its length a multiple of 4 KiB) can be written or read with ``O_DIRECT`` straight from or into
 it, without a bounce copy. (The C allocator aligns to 16 bytes; torch's CPU allocator to 64.)
 
-Buffers of ``ARENA_MIN_BYTES`` and more are carved end to end out of arenas in transparent huge
-pages. An ``O_DIRECT`` write from scattered 4 KiB pages becomes more, smaller device requests (a
-virtio disk takes at most 254 memory segments per request): on the development VM a put of 2 MiB
-blocks from huge pages ran 2-3x faster than from the C allocator's pages
-(``python -m kvtier.bench.put_path --durability none``). Faulting a huge page in costs more than
-a small one, which recycling pays once; memory a caller keeps (``mapped_array``) stays in small
-pages.
+Buffers of a size asked for again, from ``ARENA_MIN_BYTES`` to half of ``ARENA_BYTES``, are
+carved end to end out of arenas in transparent huge pages. An ``O_DIRECT`` write from scattered
+4 KiB pages becomes more, smaller device requests (a virtio disk takes at most 254 memory
+segments per request): on the development VM a put of 2 MiB blocks from huge pages ran 2-3x
+faster than from the C allocator's pages (``python -m kvtier.bench.put_path --durability
+none``). Faulting a huge page in costs more than a small one, which recycling pays once; memory
+a caller keeps (``mapped_array``) stays in small pages. A buffer held keeps its whole arena
+mapped, so arenas are only for sizes that recur (a namespace's blocks), at most
+``ARENA_SIZES`` at a time.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ DEFAULT_MAX_IDLE_BYTES = 256 * 1024**2
 # ``TieredCache.get`` returns, staging rings.
 MAPPED_BYTES = 64 * 1024**2
 HUGE_PAGE = 2 * 1024**2
-ARENA_MIN_BYTES = 1024**2  # pooled buffers from this size on come from huge-page arenas
-ARENA_BYTES = 32 * 1024**2  # an arena holds this much of one buffer size (at least one buffer)
+ARENA_MIN_BYTES = 1024**2  # pooled buffers of a size used again, from this size...
+ARENA_BYTES = 32 * 1024**2  # ... to half this, come from arenas of this many bytes of one size
 ARENA_SIZES = 8  # sizes with an arena being carved at once (a namespace's blocks share one size)
+SEEN_SIZES = 64  # sizes remembered as asked for before (blocks of varying size: zstd)
 
 
 def align_up(n: int, align: int = ALIGN) -> int:
@@ -102,7 +105,9 @@ class BufferPool:
         self._idle: dict[int, list[np.ndarray]] = {}
         self._idle_bytes = 0
         self._fresh: dict[int, list[np.ndarray]] = {}  # carved from an arena, never handed out
-        self._lock = threading.Lock()
+        self._seen: dict[int, None] = {}  # sizes asked for lately, oldest first
+        # reentrant: a garbage collection inside ``take`` can run a finalizer (``_give_back``)
+        self._lock = threading.RLock()
 
     @property
     def idle_bytes(self) -> int:
@@ -116,13 +121,23 @@ class BufferPool:
             base = free.pop() if free else None
             if base is not None:
                 self._idle_bytes -= nbytes
-            elif nbytes >= ARENA_MIN_BYTES:
+            elif ARENA_MIN_BYTES <= nbytes <= ARENA_BYTES // 2 and self._again(nbytes):
                 base = self._carve(nbytes)
         if base is None:
             base = aligned_array(nbytes)
         view = base.view()  # the handle whose death returns ``base``; torch keeps it alive
         weakref.finalize(view, self._give_back, base)
         return torch.from_numpy(view)
+
+    def _again(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` was asked for lately (lock held): an arena is for a size that
+        recurs (a namespace's blocks), not for blocks of varying size (a lossless codec's)."""
+        seen = nbytes in self._seen
+        self._seen.pop(nbytes, None)
+        self._seen[nbytes] = None  # the most recent last
+        while len(self._seen) > SEEN_SIZES:
+            del self._seen[next(iter(self._seen))]
+        return seen
 
     def _carve(self, nbytes: int) -> np.ndarray:
         """A never-used buffer of ``nbytes`` from this size's huge-page arena (lock held); a new
@@ -149,6 +164,7 @@ class BufferPool:
         with self._lock:
             self._idle.clear()
             self._fresh.clear()
+            self._seen.clear()
             self._idle_bytes = 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 
 import pytest
 import torch
@@ -103,11 +104,22 @@ def vm_flags(address: int) -> list[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def thp_available() -> bool:
+    """Transparent huge pages on, in some mode (``madvise`` is enough), and smaps to see them."""
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not (os.path.exists("/proc/self/smaps") and os.path.exists(thp)):
+        return False
+    with open(thp) as f:
+        return "[never]" not in f.read()
+
+
+@pytest.mark.skipif(not thp_available(), reason="needs Linux with transparent huge pages")
 def test_large_buffers_are_carved_from_huge_page_arenas_and_reused():
     pool = BufferPool(max_idle_bytes=64 << 20)
     size = (2 << 20) + 4096  # a 2 MiB block with its header page
-    first, second = pool.take(size), pool.take(size)
+    once = pool.take(size)  # a size asked for once: the C allocator's memory
+    assert "hg" not in vm_flags(once.data_ptr())
+    first, second = pool.take(size), pool.take(size)  # asked for again: an arena
     assert is_aligned(first) and is_aligned(second)
     assert second.data_ptr() - first.data_ptr() == size  # end to end in one arena
     assert "hg" in vm_flags(first.data_ptr())  # advised to be backed by huge pages
@@ -125,7 +137,34 @@ def test_an_arena_size_not_used_lately_is_let_go():
 
     pool = BufferPool()
     sizes = [(1 << 20) + i * 4096 for i in range(bufpool.ARENA_SIZES + 3)]
+    held = []
     for s in sizes:
-        pool.take(s)
+        held += [pool.take(s), pool.take(s)]  # the second of a size comes from an arena
     assert len(pool._fresh) == bufpool.ARENA_SIZES
     assert sizes[-1] in pool._fresh and sizes[0] not in pool._fresh
+
+
+def test_a_buffer_the_garbage_collector_frees_inside_take_goes_back_without_deadlock(monkeypatch):
+    """A cycle holding a pooled buffer can be collected while ``take`` holds the pool's lock
+    (any allocation there may run the collector); its finalizer gives the buffer back."""
+    from kvtier import bufpool
+
+    pool = BufferPool(max_idle_bytes=64 << 20)
+    size = 1 << 20
+    warm = pool.take(size)  # held: the next take of this size carves an arena
+
+    class Holder:
+        pass
+
+    cycle = Holder()
+    cycle.me, cycle.buf = cycle, pool.take(4096)
+    del cycle
+    real = bufpool.huge_array
+    monkeypatch.setattr(bufpool, "huge_array", lambda n: (gc.collect(), real(n))[1])
+    done: list[torch.Tensor] = []
+    t = threading.Thread(target=lambda: done.append(pool.take(size)), daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert done, "take() deadlocked giving back a buffer the collector freed"
+    assert pool.idle_bytes == 4096
+    assert warm.numel() == size
