@@ -42,6 +42,7 @@ layer by layer).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,45 @@ _ENTRY = struct.Struct("<QII")
 def checksum(data: bytes | bytearray | memoryview | np.ndarray, value: int = 0) -> int:
     """crc32c (hardware-accelerated), the one checksum kvtier uses everywhere."""
     return crc32c.crc32c(data.data if isinstance(data, np.ndarray) else data, value)
+
+
+_POLY = 0x82F63B78  # crc32c (Castagnoli), reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the crc polynomial (both reflected): zlib's ``multmodp``."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial, k = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _shift(nbytes: int) -> int:
+    """x^(8 nbytes) modulo the polynomial: appending ``nbytes`` zero bytes (a page size: few)."""
+    p, k, n = 1 << 31, 3, nbytes
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def checksum_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``checksum(a + b)`` from ``checksum(a)``, ``checksum(b)`` and ``len(b)``, without reading
+    either (zlib's ``crc32_combine``): a record's checksum from its pieces' when they were
+    checksummed already, so no byte is read twice and both come from the same pass."""
+    return _multmodp(_shift(len2), crc1) ^ crc2
 
 
 class LayerEntry(NamedTuple):  # a tuple: decoding a block parses one per layer, fast
@@ -184,7 +224,7 @@ class PreparedBlock:
         header = _header(self.codec, self.version, self.tokens, entries)
         head[:len(header)] = np.frombuffer(header, dtype=np.uint8)
         head[len(header):] = 0
-        return BlockPieces((head, *payloads), self.nbytes)
+        return BlockPieces((head, *payloads), self.nbytes, (None, *(crc for _, _, crc in entries)))
 
     def write_into(self, out: torch.Tensor) -> None:
         """Write the block into ``out`` (host memory, exactly ``nbytes`` uint8, any contents).

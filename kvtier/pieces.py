@@ -10,9 +10,10 @@ from recycled block-pool memory ran at about half the speed of the same write fr
 own pages (``python -m kvtier.bench.engines`` reports the store path). Every other consumer
 (memory tiers, write-through) asks for ``contiguous``: the one copy a block always had.
 
-The caller's pages must not change while the put runs, as with any engine's store: a page
-changed during its own write is stored with a checksum that no longer matches and is dropped on
-read, never served as something else.
+The caller's pages must not change while the put runs, as with any engine's store. A page that
+does change is still never served changed: each payload is checksummed once, when the block is
+encoded, and the record's checksum is combined from those (``BlockPieces.crcs``), so bytes that
+reach the disk after a change fail it and the block is dropped on read.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ class BlockPieces:
 
     pieces: tuple[np.ndarray, ...]
     nbytes: int
+    # each piece's crc32c (seed 0) where the encoder computed it (None: not known), or (): none
+    # known. A tier's record checksum is combined from these rather than read again, so it and
+    # the block's own layer checksums come from one pass over memory the caller still owns.
+    crcs: tuple[int | None, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.crcs and len(self.crcs) != len(self.pieces):
+            raise ValueError(f"{len(self.crcs)} checksums for {len(self.pieces)} pieces")
         if sum(p.nbytes for p in self.pieces) != self.nbytes:
             raise ValueError(f"pieces of {sum(p.nbytes for p in self.pieces)} bytes for a "
                              f"{self.nbytes}-byte block")

@@ -272,3 +272,16 @@ def test_every_layer_checksum_covers_its_own_bytes_whatever_the_copy_runs(layers
     out = empty_like(kv)
     decode_block_into(data, out, verify=True)
     assert equal_kv(kv, out)
+
+
+def test_checksum_combine_is_the_checksum_of_the_concatenation():
+    import random
+
+    from kvtier.block import checksum, checksum_combine
+
+    rng = random.Random(7)
+    for _ in range(200):
+        a = rng.randbytes(rng.randint(0, 3000))
+        b = rng.randbytes(rng.choice([0, 1, 7, 4096, rng.randint(0, 70000)]))
+        seed = rng.getrandbits(32)
+        assert checksum_combine(checksum(a, seed), checksum(b), len(b)) == checksum(a + b, seed)

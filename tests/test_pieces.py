@@ -124,27 +124,46 @@ def test_a_host_tier_on_top_gets_its_own_copy(tmp_path):
         assert torch.equal(out, snapshot)
 
 
-def test_a_page_changed_while_it_is_written_is_never_served_as_another(tmp_path, monkeypatch):
-    """The engine must not change a page during its store; if it does, what is read back is
-    either the bytes that reached the disk, verified, or a miss: never a mix."""
+@pytest.mark.parametrize("when", ["after encoding", "as the write starts"])
+def test_a_page_changed_during_its_put_is_never_served(tmp_path, monkeypatch, when):
+    """The engine must not change a page during its store. If it does, the block is dropped on
+    read (its record's checksum comes from the encoding pass), never served changed."""
+    import kvtier.engine_blocks as engine_blocks
+
     rows = engine_rows(2)
     keys = [os.urandom(32) for _ in range(2)]
-    real = segments._pwritev
+    before = rows.clone()
     row0 = rows[0].data_ptr()
 
-    def pwritev(fd, buffers, offset):  # the engine scribbles on page 0 as the write starts
-        if any(np.asarray(b).ctypes.data == row0 for b in buffers):
-            rows[0][:4096] = 7
-        return real(fd, buffers, offset)
+    def scribble() -> None:
+        rows[0][:4096] = 7
 
-    monkeypatch.setattr(segments, "_pwritev", pwritev)
+    if when == "after encoding":
+        real_encode = engine_blocks.encode_block_for_put
+
+        def encode(codec, layers, *, pieces):
+            block = real_encode(codec, layers, pieces=pieces)
+            if layers[0][0].data_ptr() == row0:
+                scribble()
+            return block
+
+        monkeypatch.setattr(engine_blocks, "encode_block_for_put", encode)
+    else:
+        real_pwritev = segments._pwritev
+
+        def pwritev(fd, buffers, offset):
+            if any(np.asarray(b).ctypes.data == row0 for b in buffers):
+                scribble()
+            return real_pwritev(fd, buffers, offset)
+
+        monkeypatch.setattr(segments, "_pwritev", pwritev)
     with ssd_cache(tmp_path) as cache:
         if not cache.tiers[-1]._segments.direct:
             pytest.skip("no O_DIRECT on this file system")
         cache.register_block_namespace("ns", page_bytes=PAGE, fingerprint=FP)
-        before = rows.clone()
-        cache.put_blocks("ns", keys, rows)
+        assert cache.put_blocks("ns", keys, rows) == 2
         out = torch.zeros_like(rows)
-        got = cache.get_blocks_into("ns", keys, out)
-        for i in range(got):
-            assert torch.equal(out[i], rows[i]) or torch.equal(out[i], before[i])
+        assert cache.get_blocks_into("ns", keys, out) == 0  # block 0: dropped, not served
+        assert cache.block_exists("ns", keys).present == [False, True]
+        assert cache.get_blocks_into("ns", keys[1:], out[1:]) == 1
+        assert torch.equal(out[1], before[1])  # its neighbour is untouched

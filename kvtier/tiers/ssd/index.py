@@ -25,8 +25,9 @@ import lmdb
 import msgpack
 import numpy as np
 
-from kvtier.block import checksum
+from kvtier.block import checksum, checksum_combine
 from kvtier.errors import KVTierError, StorageFull
+from kvtier.pieces import BlockPieces
 from kvtier.tiers.base import BlockMeta
 
 HEAD_BYTES = 32  # a read from byte 0 this long is checked too (a block header's own crc is in it)
@@ -52,17 +53,22 @@ class Location:
         return self.head >= 0
 
 
-def seal(key: bytes, payload: Payload | list[np.ndarray]) -> tuple[int, int]:
-    """(crc, head) of ``payload`` stored under ``key``: both bound to the key. A list of arrays
-    is a payload in pieces lying end to end (``kvtier.pieces``)."""
+def seal(key: bytes, payload: Payload | BlockPieces) -> tuple[int, int]:
+    """(crc, head) of ``payload`` stored under ``key``: both bound to the key. A block in pieces
+    (``kvtier.pieces``) is checksummed piece by piece, a piece whose checksum it carries by
+    combining that one (not reading the piece again): so the record's checksum comes from the
+    same pass as the block's own layer checksums, and a page the caller changed after encoding
+    fails both."""
     seed = checksum(key)
-    if isinstance(payload, list):
-        crc = seed
-        for piece in payload:
-            crc = checksum(piece, crc)
-        first = payload[0] if len(payload[0]) >= HEAD_BYTES else np.concatenate(payload)
-        return crc, checksum(first[:HEAD_BYTES], seed)
-    return checksum(payload, seed), checksum(payload[:HEAD_BYTES], seed)
+    if not isinstance(payload, BlockPieces):
+        return checksum(payload, seed), checksum(payload[:HEAD_BYTES], seed)
+    crc = seed
+    for piece, known in zip(payload.pieces, payload.crcs or (None,) * len(payload.pieces), strict=True):
+        crc = checksum(piece, crc) if known is None else checksum_combine(crc, known, len(piece))
+    first = payload.pieces[0]
+    if len(first) < HEAD_BYTES:
+        first = np.frombuffer(payload.tobytes()[:HEAD_BYTES], dtype=np.uint8)
+    return crc, checksum(first[:HEAD_BYTES], seed)
 
 
 def matches(key: bytes, loc: Location, data: Payload, offset: int = 0) -> bool:

@@ -149,7 +149,7 @@ class Segment:
             *whole, arr = pieces
             n = len(arr)
             staged = n % ALIGN if is_aligned(arr) else n
-            if padded(staged) > len(stage):  # too big to stage at once: a record of its own
+            if padded(staged) > len(stage) or len(whole) + 2 > MAX_IOV:  # a record of its own
                 self._write_gathered(iov, base)
                 iov, used = [], 0
                 self._write_pieces(pieces, offset)

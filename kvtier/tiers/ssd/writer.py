@@ -71,7 +71,7 @@ class Writer:
         nothing already stored is touched."""
         store = self.store
         n = block.nbytes
-        crc, head = seal(key, list(block.pieces))
+        crc, head = seal(key, block)
         res = store.reserve(key, n, inline=n < self.inline_threshold, free=free)
         if res is None:
             return
@@ -130,8 +130,10 @@ class Writer:
         ok: dict[int, bool] = {}
         try:
             wait = self._start_writes(blocks, claimed)
-            records = {i: self._record(blocks[i], res) for i, res in claimed}  # while they run
-            failed = wait()
+            try:
+                records = {i: self._record(blocks[i], res) for i, res in claimed}  # while they run
+            finally:
+                failed = wait()
             if store.durability == "sync":
                 written = {res.segment for _, res in claimed if res.segment is not None}
                 failed.update(sync_each([s for s in written if s not in failed], self.pool))
@@ -180,19 +182,26 @@ class Writer:
         futures = {seg: pool.submit(_write_runs, seg, recs) for seg, recs in runs.items()}
 
         def wait() -> dict[Segment, OSError]:
+            """Every write finished (then the first unexpected error raised): a write still
+            running must never outlive the put, its room or the caller's memory."""
             out: dict[Segment, OSError] = {}
+            unexpected: BaseException | None = None
             for seg, f in futures.items():
                 try:
                     f.result()
                 except OSError as e:
                     out[seg] = e
+                except BaseException as e:
+                    unexpected = unexpected or e
+            if unexpected is not None:
+                raise unexpected
             return out
 
         return wait
 
     def _record(self, block: tuple[bytes, BlockPieces, BlockMeta], res: Reservation) -> Record:
         key, data, meta = block
-        crc, head = seal(key, list(data.pieces))
+        crc, head = seal(key, data)
         seg = res.segment
         loc = Location(seg.id if seg else 0, res.offset, data.nbytes, crc,
                        self.store.durability != "none", head)
