@@ -289,7 +289,9 @@ class TieredCache:
 
     def get_blocks_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> int:
         """Read the leading run of stored ``keys`` into the rows of ``out`` (a 2-D uint8
-        ``[>= n, page_bytes]`` tensor or writable rows), verified; returns the rows filled."""
+        ``[>= n, page_bytes]`` tensor or writable rows), verified; returns the rows filled. A
+        page read straight into its row that fails its checksum leaves the row zeroed; rows past
+        the count are never a failed page's bytes."""
         return self._engine.get_into(namespace, keys, out)
 
     def evict_blocks(self, namespace: str, keys: Sequence[bytes]) -> int:

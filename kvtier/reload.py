@@ -13,11 +13,13 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from kvtier.block import decode_block_into
+from kvtier.block import decode_block_into, parse_header
+from kvtier.bufpool import block_buffers
+from kvtier.bytecopy import byte_view
 from kvtier.errors import CorruptBlock, StorageFull
 from kvtier.index import BlockEntry
 from kvtier.placement import Placement
-from kvtier.tiers.base import MemoryTier
+from kvtier.tiers.base import MemoryTier, ScatterReads, Tier
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class Reloads:
             t = min(entry.tiers)
             tier = p.tiers[t]
             start = time.perf_counter()
+            promoting = t > 0 and self.promote_on_get
+            data: torch.Tensor | None = None
             try:
                 if isinstance(tier, MemoryTier):
                     data, copied = tier.view(key), False
@@ -52,9 +56,12 @@ class Reloads:
                         entry.nbytes = tier.size(key) or 0
                         if not entry.nbytes:
                             raise KeyError(key)
-                    data, copied = torch.empty(entry.nbytes, dtype=torch.uint8), True
-                    tier.read_into(key, data)
-                decode_block_into(data, outs, verify=False)
+                    copied = True
+                    if promoting or not read_in_place(tier, key, entry.nbytes, outs):
+                        data = torch.empty(entry.nbytes, dtype=torch.uint8)
+                        tier.read_into(key, data)
+                if data is not None:
+                    decode_block_into(data, outs, verify=False)
             except (CorruptBlock, KeyError) as e:
                 self.lose_copy(entry, t, e)
                 continue
@@ -64,7 +71,7 @@ class Reloads:
                 s.blocks_read += 1
                 s.bytes_read += entry.nbytes
                 s.reload_seconds.observe(elapsed)
-            if t > 0 and self.promote_on_get:
+            if promoting:
                 self.promote(entry, data if copied else None)
             return True
         return False
@@ -124,3 +131,35 @@ class Reloads:
         if entry.nbytes != data.numel():
             return False
         return min(entry.tiers) == 0 or self.promote(entry, data, keep=keep)
+
+
+def read_in_place(tier: Tier, key: bytes, nbytes: int, outs: Sequence[Sequence[torch.Tensor]]) -> bool:
+    """Read a block of one host tensor whose payload ends it (an engine page: header page, then
+    the page) straight into that tensor, from a tier that reads scattered (the SSD tier): the
+    header into a small buffer and the payload into the caller's memory, in one read verified
+    by the block's checksum, so there is no staging buffer and no decode copy. False where the
+    block is not that (the caller reads and decodes it; the tensor's contents are then
+    undefined until it does); raises as a read does (``CorruptBlock``, ``KeyError``), the tensor
+    zeroed."""
+    if not isinstance(tier, ScatterReads) or len(outs) != 1 or len(outs[0]) != 1:
+        return False
+    out = outs[0][0]
+    if out.device.type != "cpu" or not out.is_contiguous():
+        return False
+    size = out.numel() * out.element_size()
+    head_len = nbytes - size
+    if not 0 < head_len <= MAX_HEAD_BYTES:
+        return False
+    head = block_buffers.take(head_len).numpy()
+    try:
+        if tier.read_scatter_into(key, 0, [head, byte_view(out).numpy()]) != nbytes:
+            raise KeyError(key)  # shorter than its record: gone
+        header = parse_header(head.data)
+    except (CorruptBlock, KeyError):
+        byte_view(out).zero_()  # bytes that failed their checksum never stay in the caller's memory
+        raise
+    layer = header.layers[0] if len(header.layers) == 1 else None
+    return header.codec == "none" and layer is not None and layer.offset == head_len and layer.length == size
+
+
+MAX_HEAD_BYTES = 64 * 1024  # a one-layer block's header, padded to its page, is far smaller

@@ -102,11 +102,17 @@ def test_engine_pages_go_to_disk_from_the_engines_memory_and_come_back_exact(tmp
         out = torch.zeros_like(rows)
         assert cache.get_blocks_into("ns", keys, out) == 8
         assert torch.equal(out, snapshot)
+    import kvtier.reload as reload
+
+    decodes = []
+    real_decode = reload.decode_block_into
+    monkeypatch.setattr(reload, "decode_block_into", lambda *a, **k: (decodes.append(1), real_decode(*a, **k)))
     with ssd_cache(tmp_path) as cache:  # a restart reads the same bytes, verified
         cache.register_block_namespace("ns", page_bytes=PAGE, fingerprint=FP)
         out = torch.zeros_like(rows)
         assert cache.get_blocks_into("ns", keys, out) == 8
         assert torch.equal(out, snapshot)
+        assert decodes == []  # each page was read straight into its row: no staging, no copy
 
 
 def test_a_host_tier_on_top_gets_its_own_copy(tmp_path):
