@@ -5,9 +5,13 @@ for the format and the validation helpers): exists / put / get-into / evict.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import torch
 
 from kvtier.block import encode_block_for_put
 from kvtier.blocks import (
@@ -30,6 +34,20 @@ from kvtier.placement import Placement
 from kvtier.recorder import StatsRecorder
 from kvtier.reload import Reloads
 from kvtier.writethrough import DurableWrite, WriteThrough
+
+PAGE_READERS = 8  # engine pages read at once (each a read of its own), across every caller
+_readers: ThreadPoolExecutor | None = None
+_readers_lock = threading.Lock()
+
+
+def _page_readers() -> ThreadPoolExecutor:
+    """The pool shared by every ``get_into``: a job's pages are read at once, not one after
+    another (vLLM's ``fs`` tier keeps 16 reads in flight; one job's pages at a time kept one)."""
+    global _readers
+    with _readers_lock:
+        if _readers is None:
+            _readers = ThreadPoolExecutor(PAGE_READERS, thread_name_prefix="kvtier-pages")
+        return _readers
 
 
 class EngineBlocks:
@@ -119,15 +137,16 @@ class EngineBlocks:
                 if e is None:
                     break
                 pinned.append(e)
-        loaded = 0
         try:
-            for e, row in zip(pinned, rows, strict=False):  # rows may be more
-                if not self.reloads.load_block(e.key, [[row.view(1, -1)]]):
-                    break
-                loaded += 1
+            pairs = list(zip(pinned, rows, strict=False))  # rows may be more
+
+            def load(pair: tuple[BlockEntry, torch.Tensor]) -> bool:
+                return self.reloads.load_block(pair[0].key, [[pair[1].view(1, -1)]])
+
+            done = list(_page_readers().map(load, pairs)) if len(pairs) > 1 else [load(x) for x in pairs]
         finally:
             p.release(pinned)
-        return loaded
+        return done.index(False) if False in done else len(done)
 
     def evict(self, namespace: str, keys: Sequence[bytes]) -> int:
         ns, ikeys = self._keys(namespace, keys)
