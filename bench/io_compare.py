@@ -1,4 +1,4 @@
-"""kvtier's reload paths against fio and LMCache, interleaved in one run (issue 15's acceptance).
+"""kvtier's reload paths against fio and LMCache, interleaved in one run.
 
 For each block size: lay out the data sets once (kvtier's SSD tier, fio's file, fio's file with
 crc32c verify headers, LMCache's ``LocalDiskBackend`` directory), then ``--rounds`` rounds; in a
