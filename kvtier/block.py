@@ -104,8 +104,10 @@ def _shift(nbytes: int) -> int:
 
 def checksum_combine(crc1: int, crc2: int, len2: int) -> int:
     """``checksum(a + b)`` from ``checksum(a)``, ``checksum(b)`` and ``len(b)``, without reading
-    either (zlib's ``crc32_combine``): a record's checksum from its pieces' when they were
-    checksummed already, so no byte is read twice and both come from the same pass."""
+    either (zlib's ``crc32_combine``). Why: pieces checksummed already need not be read again
+    (an SSD record of an engine page, from its layer checksum), pieces checksummed on several
+    cores at once still compare with one stored crc (a remote value's chunks), and a crc is
+    bound to its key (``remote.base.key_bound``)."""
     return _multmodp(_shift(len2), crc1) ^ crc2
 
 

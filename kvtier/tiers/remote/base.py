@@ -8,7 +8,6 @@ client library that the deployment does not use.
 
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 import time
@@ -17,7 +16,7 @@ from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from kvtier.block import checksum
+from kvtier.block import checksum, checksum_combine
 from kvtier.errors import BackendUnavailable, InvalidRequest
 
 T = TypeVar("T")
@@ -256,36 +255,6 @@ class Workers:
         return not any(t.is_alive() for t in threads)
 
 
-_CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a * b modulo the crc32c polynomial (reflected bit order), as zlib's crc32_combine."""
-    m, p = 1 << 31, 0
-    while m:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                break
-        m >>= 1
-        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
-    return p
-
-
-@functools.lru_cache(maxsize=64)
-def _x8nmodp(n: int) -> int:
-    """x^(8n) modulo the polynomial: the operator that appends n zero bytes to a crc."""
-    p, x2k = 1 << 31, 1 << 30  # x^0, x^1
-    for _ in range(3):  # x^(2^3) = x^8: one byte
-        x2k = _multmodp(x2k, x2k)
-    while n:
-        if n & 1:
-            p = _multmodp(x2k, p)
-        n >>= 1
-        x2k = _multmodp(x2k, x2k)
-    return p
-
-
 def key_bound(crc: int, key: bytes, nbytes: int, part: int = 0) -> int:
     """The checksum stored for ``nbytes`` of a value whose own crc32c is ``crc``, bound to the
     value's ``key`` (and chunk ``part``): crc32c(key ‖ part ‖ bytes).
@@ -294,12 +263,3 @@ def key_bound(crc: int, key: bytes, nbytes: int, part: int = 0) -> int:
     in the shared engine pass as that key's block; bound to the key it fails, and is a miss.
     """
     return checksum_combine(checksum(key + part.to_bytes(4, "little")), crc, nbytes)
-
-
-def checksum_combine(crc1: int, crc2: int, len2: int) -> int:
-    """``checksum(a + b)`` from ``crc1 = checksum(a)``, ``crc2 = checksum(b)`` and ``len(b)``.
-
-    Why: pieces of one value can be checksummed on two cores at once (crc32c releases the GIL)
-    and still be compared with the single crc32c stored for the whole value.
-    """
-    return _multmodp(_x8nmodp(len2), crc1) ^ crc2 if len2 else crc1

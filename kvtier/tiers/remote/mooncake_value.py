@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtier.block import checksum
-from kvtier.tiers.remote.base import Workers, checksum_combine
+from kvtier.block import checksum, checksum_combine
+from kvtier.tiers.remote.base import Workers
 
 TRAILER = struct.Struct("<I")
 VERIFY_PIECE = 256 * 1024  # checksum-then-copy unit: well inside a core's L2
