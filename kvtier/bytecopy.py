@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import warnings
 
+import numpy as np
 import torch
 
 Bytes = bytes | bytearray | memoryview | torch.Tensor  # what a tier's put accepts
@@ -49,6 +50,20 @@ def as_byte_view(data: Bytes) -> memoryview:
             t = t.cpu()
         return t.contiguous().view(-1).view(torch.uint8).numpy().data.cast("B")
     return memoryview(data).cast("B")
+
+
+def address(arr: np.ndarray) -> int:
+    """The address of ``arr``'s first byte. Why not ``arr.ctypes.data``: that builds a ctypes
+    helper object per call (2 us); a scattered read of a 2 MiB block checks 65 pages' alignment,
+    and this is 0.9 us where the array is writable and contiguous (read-only arrays take the
+    slow way)."""
+    try:
+        return ctypes.addressof(_char.from_buffer(arr.data))
+    except (TypeError, ValueError, BufferError):
+        return arr.ctypes.data
+
+
+_char = ctypes.c_char
 
 
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:

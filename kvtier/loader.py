@@ -46,7 +46,7 @@ from kvtier.loader_whole import WholeReads
 from kvtier.loadstream import LoadStream, PrefixTruncated
 from kvtier.recorder import LoadResult
 from kvtier.staging import StagingRing
-from kvtier.tiers.base import MemoryTier, RegisteredBatchReads, Tier
+from kvtier.tiers.base import MemoryTier, RegisteredBatchReads, Tier, kind_check
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,10 @@ class Loader:
             self._cuda.wait_stream(torch.cuda.current_stream())  # dest was allocated on the compute stream
         mem: list[Item[MemoryTier]] = []
         io: list[Item[Tier]] = []
+        in_memory = kind_check(MemoryTier)
         for i, b in enumerate(lease.blocks[:n]):
             tier = self.cache.tier(b.tiers[0])
-            if isinstance(tier, MemoryTier):
+            if in_memory(tier):
                 mem.append((i, b, tier))
             else:
                 io.append((i, b, tier))
@@ -230,8 +231,9 @@ class Loader:
             return
         start = time.perf_counter()
         # tiers that read a block whole, a prefix batch per call (the remote tier), and the rest
-        whole = [(i, b, t) for i, b, t in items if isinstance(t, RegisteredBatchReads)]
-        ranged = [it for it in items if not isinstance(it[2], RegisteredBatchReads)]
+        batch = kind_check(RegisteredBatchReads)
+        whole = [(i, b, t) for i, b, t in items if batch(t)]
+        ranged = [it for it in items if not batch(it[2])]
         with self._promoter.lock:  # placeholders first: promotions go in prefix order across both
             if job.promote:
                 job.promos.update({i: Assembly(b.key, None, left=1) for i, b, _ in items})

@@ -49,7 +49,7 @@ from kvtier.index import LeasedBlock
 from kvtier.loader_job import Fallback, Item, LoadJob, checked_header, layer_groups
 from kvtier.loader_promote import Promoter
 from kvtier.staging import StagingRing, StagingSlot
-from kvtier.tiers.base import RangedBatchReads, ScatterReads, Tier
+from kvtier.tiers.base import RangedBatchReads, ScatterReads, Tier, kind_check
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,9 @@ class RangedReads:
         pages = DestPages.of(job.dest, job.block_tokens, job.codec)
         direct: list[Item[Any]] = []
         staged: list[Item[Tier]] = []
+        scatter = kind_check(ScatterReads)
         for it in items:
-            ok = pages is not None and isinstance(it[2], ScatterReads) and it[1].nbytes == pages.total
+            ok = pages is not None and scatter(it[2]) and it[1].nbytes == pages.total
             (direct if ok else staged).append(it)
         futures: list[Future] = []
         reads = 0

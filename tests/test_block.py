@@ -285,3 +285,18 @@ def test_checksum_combine_is_the_checksum_of_the_concatenation():
         b = rng.randbytes(rng.choice([0, 1, 7, 4096, rng.randint(0, 70000)]))
         seed = rng.getrandbits(32)
         assert checksum_combine(checksum(a, seed), checksum(b), len(b)) == checksum(a + b, seed)
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 32 << 10, (256 << 10) - 1, 256 << 10, (1 << 20) + 5])
+def test_checksum_is_crc32c_of_the_bytes_whatever_holds_them(nbytes):
+    import numpy as np
+
+    from kvtier.block import checksum
+
+    raw = np.random.default_rng(nbytes).bytes(nbytes)
+    want = crc32c.crc32c(raw)
+    arr = np.frombuffer(raw, dtype=np.uint8).copy()
+    for held in (raw, bytearray(raw), memoryview(raw), arr, arr.reshape(1, -1) if nbytes else arr):
+        assert checksum(held) == want
+    half = nbytes // 2
+    assert checksum(arr[half:], checksum(arr[:half])) == want  # incremental, across the GIL threshold

@@ -64,3 +64,20 @@ def test_the_byte_views_of_a_put_s_data_share_memory_and_keep_its_bytes():
     cols = t.t()  # not contiguous: copied into row-major order
     assert bytes(as_byte_view(cols)) == cols.contiguous().numpy().tobytes()
     assert as_byte_view(memoryview(buf).cast("H")).nbytes == 4 and bytes(as_byte_view(buf)) == bytes(buf)
+
+
+def test_address_is_the_first_byte_of_any_array():
+    import numpy as np
+
+    from kvtier.bytecopy import address
+
+    base = np.zeros(1 << 16, dtype=np.uint8)
+    cases = {
+        "writable slice": base[4096 + 3:],
+        "read-only": np.frombuffer(b"kv" * 64, dtype=np.uint8),
+        "strided": base[5::2],
+        "empty": base[:0],
+        "2-d": base.reshape(16, -1)[2:],
+    }
+    for name, arr in cases.items():
+        assert address(arr) == arr.ctypes.data, name

@@ -110,3 +110,37 @@ def test_a_bad_remote_or_codec_fails_before_anything_is_allocated(tmp_path, allo
     with pytest.raises(InvalidRequest, match="unknown remote backend 'memcached'"):
         build_tiers(cfg)
     assert allocations == [] and not (tmp_path / "c").exists()
+
+
+
+def test_kind_check_answers_as_isinstance_and_asks_once_per_tier():
+    """A load asks a capability of every block's tier; the answer is remembered per tier (a
+    runtime Protocol check is slow), so a check is asked once per tier, not per block."""
+    from typing import Protocol, runtime_checkable
+
+    from kvtier.tiers.base import ScatterReads, kind_check
+
+    class Scatter:
+        def read_scatter_into(self, key, offset, outs):
+            return 0
+
+    host = memory.make_host_tier(HostTierConfig(capacity_bytes=1 << 20))
+    check = kind_check(ScatterReads)
+    assert check(Scatter()) and not check(host)
+    assert check(memory.make_host_tier(HostTierConfig(capacity_bytes=1 << 20))) is False
+
+    @runtime_checkable
+    class Ready(Protocol):  # a data member: isinstance looks at the object every time
+        ready: bool
+
+    class Tier:
+        def __init__(self):
+            self.ready = True
+
+    tier = Tier()
+    check = kind_check(Ready)
+    assert check(tier)
+    del tier.ready
+    assert not isinstance(tier, Ready)
+    assert check(tier), "asked again instead of remembered"
+    assert not kind_check(Ready)(tier), "a new check asks afresh"

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvtier.bytecopy import address
+
 log = logging.getLogger(__name__)
 
 ALIGN = 4096
@@ -58,7 +60,7 @@ def aligned_empty(nbytes: int, *, phase: int = 0, pinned: bool = False) -> torch
 
 
 def is_aligned(arr: np.ndarray) -> bool:
-    return arr.ctypes.data % ALIGN == 0
+    return address(arr) % ALIGN == 0
 
 
 _local = threading.local()
@@ -79,7 +81,7 @@ def bounce_pages(count: int) -> Callable[[], np.ndarray]:
 def congruent(arr: np.ndarray, file_offset: int) -> bool:
     """Whether ``arr`` can take file bytes from ``file_offset`` O_DIRECT (see the module
     docstring): its address and the offset lie equally far past a 4 KiB boundary."""
-    return (arr.ctypes.data - file_offset) % ALIGN == 0
+    return (address(arr) - file_offset) % ALIGN == 0
 
 
 class DirectRead:
@@ -181,9 +183,9 @@ def _read_loop(fd: int, arr: np.ndarray, offset: int) -> int:
     return done
 
 
-def read_vectored(fd: int, arrays: list[np.ndarray], file_offset: int) -> int:
+def read_vectored(fd: int, arrays: Sequence[np.ndarray], file_offset: int) -> int:
     """One preadv into several buffers laid end to end in the file; loops on short reads."""
-    total = sum(len(a) for a in arrays)
+    total = sum(map(len, arrays))
     done = _preadv(fd, arrays, file_offset)
     if done == total or done == 0:
         return done

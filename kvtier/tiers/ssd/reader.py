@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from kvtier.block import checksum
+from kvtier.bytecopy import address
 from kvtier.errors import CorruptBlock, InvalidRequest, InvalidType, KVTierError
 from kvtier.tiers.ssd import directio
 from kvtier.tiers.ssd.directio import (
@@ -144,30 +145,31 @@ class Reader:
         block format's per-layer crc). Raises KeyError, CorruptBlock (the block is dropped) or
         KVTierError (I/O).
         """
-        n = sum(len(a) for a in arrays)
+        total = sum(map(len, arrays))
         if not isinstance(offset, int) or offset < 0:
             raise InvalidRequest(f"offset must be a non-negative int, got {offset!r}")
         loc, seg, _ = self.store.pin(key, offset)
         if seg is None:  # an inline block (small): through one buffer
-            buf = torch.empty(n, dtype=torch.uint8)
+            buf = torch.empty(total, dtype=torch.uint8)
             got = self._general_one(key, buf, offset)
             _scatter(buf.numpy()[:got], arrays)
             return got
-        n = min(n, loc.length - offset)
+        n = min(total, loc.length - offset)
+        iov = arrays if n == total else _first(arrays, n)  # a whole block: no slicing per page
         start = loc.offset + offset
         direct = seg.dfd >= 0 and start % ALIGN == 0 and n % ALIGN == 0 and all(
-            a.ctypes.data % ALIGN == 0 and len(a) % ALIGN == 0 for a in arrays)
+            len(a) % ALIGN == 0 and address(a) % ALIGN == 0 for a in iov)
         got, crc_ok, error = 0, True, None
         try:
             try:
-                got = _scatter_read(seg, arrays, start, n, direct)
+                got = read_vectored(seg.dfd if direct else seg.fd, iov, start)
             except OSError as e:
                 if not direct or e.errno != errno.EINVAL:
                     raise
                 direct = False
-                got = _scatter_read(seg, arrays, start, n, False)
+                got = read_vectored(seg.fd, iov, start)
             if got == n and offset == 0 and n:
-                crc_ok = _matches_scattered(key, loc, arrays, n)
+                crc_ok = _matches_scattered(key, loc, iov, n)
         except OSError as e:
             error = read_error(key, seg, e)
         finally:
@@ -288,35 +290,32 @@ def read_range(seg: Segment, arr: np.ndarray, start: int) -> tuple[int, bool]:
     return filled + _buffered(seg.fd, arr[filled:], start + filled), False
 
 
-def _scatter_read(seg: Segment, arrays: Sequence[np.ndarray], start: int, n: int, direct: bool) -> int:
-    """``n`` bytes of ``seg`` from ``start`` into ``arrays`` in order (O_DIRECT if ``direct``)."""
-    iov, left = [], n
-    for a in arrays:
-        if left <= 0:
-            break
-        iov.append(a[:left])
-        left -= len(a)
-    return read_vectored(seg.dfd if direct else seg.fd, iov, start)
-
-
 def read_error(key: bytes, seg: Segment, e: OSError) -> KVTierError:
     """An I/O error reading ``key`` from ``seg``, as callers see it (the block is kept)."""
     return KVTierError(f"ssd read of block {key.hex()} from {seg.path.name} failed ({e.strerror or e})")
 
 
 def _matches_scattered(key: bytes, loc: Location, arrays: Sequence[np.ndarray], n: int) -> bool:
-    """``matches`` for bytes ``[0, n)`` of a block read into ``arrays``."""
+    """``matches`` for bytes ``[0, n)`` of a block read into ``arrays`` (holding exactly those)."""
     if n == loc.length:  # whole: the crc over every buffer, in order
-        crc, left = checksum(key) if loc.bound else 0, n
+        crc = checksum(key) if loc.bound else 0
         for a in arrays:
-            if left <= 0:
-                break
-            crc = checksum(a[:left], crc)
-            left -= len(a)
+            crc = checksum(a, crc)
         return crc == loc.crc
     k = min(n, HEAD_BYTES)
     head = arrays[0][:n] if len(arrays[0]) >= k else _gather(arrays, k)
     return matches(key, loc, head, 0)
+
+
+def _first(arrays: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+    """The first ``n`` bytes of ``arrays`` as arrays in order."""
+    out, left = [], n
+    for a in arrays:
+        if left <= 0:
+            break
+        out.append(a[:left])
+        left -= len(a)
+    return out
 
 
 def _gather(arrays: Sequence[np.ndarray], n: int) -> np.ndarray:
