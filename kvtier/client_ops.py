@@ -16,14 +16,14 @@ import torch
 from kvtier.blocks import BlockHits, bytes_tensor, engine_keys, page_rows
 from kvtier.client_calls import Call, Op, RemoteError, keys_call, tokens_call
 from kvtier.client_shm import ShmPlane
-from kvtier.errors import KVTierError
+from kvtier.errors import InvalidType, KVTierError
 from kvtier.keys import TokenIds, as_token_array
 from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace
 from kvtier.records import BlockLocation, Hit
 from kvtier.shm_pool import ShmPool
 from kvtier.stats import CacheStats, Histogram, NamespaceStats, TierStats
-from kvtier.wire import MSGPACK, kv_from_wire, kv_to_wire
+from kvtier.wire import MSGPACK, kv_from_wire, kv_to_wire, unpack_views
 
 
 def _histogram(d: dict) -> Histogram:
@@ -153,7 +153,9 @@ class Ops:
         if self.use_shm:
             return (yield from self._plane.get(namespace, ids))
         resp = yield tokens_call("POST", "/v1/kv/get", {"namespace": namespace}, ids, accept=MSGPACK)
-        d = msgpack.unpackb(resp.content)
+        d = unpack_views(resp.content)  # the tensors view the body: no copy per tensor
+        if not isinstance(d, dict) or set(d) != {"tokens", "kv"}:
+            raise InvalidType("the sidecar's get answer is not a map of tokens and kv")
         return (kv_from_wire(d["kv"]) if d["kv"] is not None else None), d["tokens"]
 
     # ---- key-addressed engine blocks (kvtier.blocks) ------------------------------------------

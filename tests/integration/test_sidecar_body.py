@@ -159,3 +159,27 @@ def test_expect_100_continue_is_answered_before_the_body(sidecar):
         s.sendall(body)
         assert read_response(f)[0] == 200
     assert_stored(client, ids(0), kv)
+
+
+def test_a_get_answer_is_plain_msgpack_sent_from_the_tensors_with_its_length(sidecar):
+    """The answer is streamed as pieces around the tensors' own bytes: a plain msgpack peer reads
+    it whole, its Content-Length is exact (no chunked framing), and a second request on the same
+    connection behind it is answered too."""
+    url, client, _ = sidecar
+    kv = rand_kv(7)
+    assert client.put("ans", ids(0), kv) == TOKENS
+    body = msgpack.packb({"namespace": "ans", "token_ids": ids(0)})
+    with httpx.Client(base_url=url) as http:
+        for _ in range(2):  # one keep-alive connection: the first answer ended where it said
+            resp = http.post("/v1/kv/get", content=body, headers={"content-type": MSGPACK})
+            assert resp.status_code == 200
+            assert "chunked" not in resp.headers.get("transfer-encoding", "")
+            assert int(resp.headers["content-length"]) == len(resp.content)
+            d = msgpack.unpackb(resp.content)
+            assert d["tokens"] == TOKENS
+            for layer, want in zip(d["kv"], kv, strict=True):
+                for item, t in zip(layer, want, strict=True):
+                    assert item["shape"] == list(t.shape) and item["dtype"] == "float32"
+                    assert item["data"] == t.numpy().tobytes()
+    got, n = client.get("ans", ids(0))
+    assert n == TOKENS and all(torch.equal(a, b) for la, lb in zip(got, kv) for a, b in zip(la, lb))
