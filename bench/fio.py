@@ -122,6 +122,22 @@ def run(p: IOParams, filename: str | None = None, verify: bool = False) -> tuple
     return doc["jobs"][0], cmd
 
 
+def run_files(p: IOParams, files: list[Path]) -> tuple[dict, list[str]]:
+    """fio's read job ``p`` over ``files`` as they are, ``p.size`` bytes in all, each I/O in a
+    file picked at random; returns (fio's job dict, the command line run). Why: given kvtier's
+    own segment files, fio reads the very bytes, on the same disk blocks and in whatever cache
+    state behind the virtual disk, that a kvtier reload of them reads: the like-for-like bar
+    where a host caching its own file makes plain fio swing 4x between rounds. Reads only
+    (fio opens the files read-only)."""
+    if p.rw not in ("read", "randread") or not files:
+        raise InvalidRequest("fio over existing files reads them: --rw read or randread, and files")
+    names = ":".join(str(f).replace(":", "\\:") for f in files)
+    cmd = [fio_binary(), "--name=fio", f"--filename={names}", f"--io_size={p.size}", f"--rw={p.rw}",
+           f"--bs={p.bs}", f"--iodepth={p.iodepth}", f"--numjobs={p.numjobs}",
+           "--file_service_type=random", *_common(p)]
+    return _run(cmd)["jobs"][0], cmd
+
+
 def _run(cmd: list[str]) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         proc = subprocess.run([*cmd, f"--output={out.name}"], capture_output=True, text=True,

@@ -7,6 +7,9 @@ order that rotates from round to round. Contenders:
 
 - ``fio``: ``fio --rw=randread --direct=1 --ioengine=libaio --iodepth=QD``, the bar;
 - ``fio+crc``: the same, checking a crc32c of every block (kvtier verifies every read);
+- ``fio@kvtier``: the same fio job over kvtier's own segment files of the data set the paths
+  below read (``fio.run_files``): the same bytes on the same disk blocks, in the same cache
+  state behind the virtual disk, so a host caching fio's file cannot make the bar swing;
 - ``get``: ``TieredCache.get`` of the whole prefix (``kvtier.bench.io_paths``);
 - ``loader``: ``Loader.load`` of it into preallocated KV, then ``wait_all``;
 - ``sidecar``: ``KVTierClient(use_shm=True).get`` of it from a sidecar serving the same cache;
@@ -37,11 +40,13 @@ import numpy as np
 from kvtier.bench import fio
 from kvtier.bench.common import drop_page_cache
 from kvtier.bench.io import IOParams, run
+from kvtier.bench.io_paths import data_root
 from kvtier.config import format_size, parse_size
 
-CONTENDERS = ("fio", "fio+crc", "get", "loader", "sidecar", "lmcache")
-RATIOS = (("get", "fio"), ("get", "fio+crc"), ("loader", "fio"), ("loader", "fio+crc"), ("sidecar", "fio"),
-          ("sidecar", "get"), ("get", "lmcache"), ("loader", "lmcache"), ("lmcache", "fio"))
+CONTENDERS = ("fio", "fio+crc", "fio@kvtier", "get", "loader", "sidecar", "lmcache")
+RATIOS = (("get", "fio"), ("get", "fio+crc"), ("get", "fio@kvtier"), ("loader", "fio"), ("loader", "fio+crc"),
+          ("loader", "fio@kvtier"), ("sidecar", "fio"), ("sidecar", "get"), ("get", "lmcache"),
+          ("loader", "lmcache"), ("lmcache", "fio"), ("fio@kvtier", "fio"))
 
 
 @dataclass(slots=True)
@@ -106,6 +111,11 @@ class Runner:
             s.notes["cache"] = "page cache NOT dropped (not root)"
         if who in ("fio", "fio+crc"):
             job, cmd = fio.run(self.params(s.bs), verify=who == "fio+crc")
+            s.notes[who] = " ".join(cmd[1:])
+            s.add(who, job["read"]["bw_bytes"] / 1e9)
+        elif who == "fio@kvtier":
+            segments = sorted((data_root(self.params(s.bs, "get")) / "segments").glob("*.seg"))
+            job, cmd = fio.run_files(self.params(s.bs), segments)
             s.notes[who] = " ".join(cmd[1:])
             s.add(who, job["read"]["bw_bytes"] / 1e9)
         elif who == "lmcache":

@@ -45,6 +45,12 @@ from kvtier.errors import InvalidRequest
 NAMESPACE = "bench-io"
 
 
+def data_root(p) -> Path:
+    """The SSD tier's data directory of the ``get``/``loader``/``sidecar`` data set of job ``p``
+    (kept and reused: its segment files are also what ``fio@kvtier`` reads)."""
+    return dataset_dir(p).with_name(f"path-{p.bs}")
+
+
 def _cache(p, root: Path):
     from kvtier import CacheConfig, HostTierConfig, SSDTierConfig, TieredCache
 
@@ -102,7 +108,7 @@ def run_path(p, progress=None):
     check_path(p)
     blocks = p.size // p.bs
     tokens = list(range(1, blocks * (p.bs // TOKEN_BYTES) + 1))
-    root = dataset_dir(p).with_name(f"path-{p.bs}")
+    root = data_root(p)
     root.mkdir(parents=True, exist_ok=True)
     cache = _cache(p, root)
     loader = Loader(cache, LoaderConfig(io_threads=max(8, p.inflight))) if p.path == "loader" else None

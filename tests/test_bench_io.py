@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvtier.bench import io as bio
@@ -240,3 +241,26 @@ def test_product_paths_need_a_reload_they_can_time() -> None:
         bio.IOParams(path="loader", bs=64 * 1024).check()
     with pytest.raises(InvalidRequest, match="unknown --path"):
         bio.IOParams(path="nvme").check()
+
+
+@needs_fio
+def test_fio_over_existing_files_reads_them_all_and_changes_none(tmp_path: Path) -> None:
+    """``fio@kvtier``'s job: fio reads kvtier's own segment files, ``size`` bytes in all, and
+    never writes them (the data set stays kvtier's)."""
+    import hashlib
+
+    from kvtier.bench.fio import run_files
+
+    files = []
+    for i in range(3):
+        f = tmp_path / f"0000000{i}:seg"  # a ':' in a name must not split fio's file list
+        f.write_bytes(np.random.default_rng(i).bytes(1 << 20))
+        files.append(f)
+    before = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    p = bio.IOParams(bs=64 * 1024, iodepth=4, size=2 << 20, runtime=0, direct=False)
+    job, cmd = run_files(p, files)
+    assert job["read"]["io_bytes"] == 2 << 20 and job["write"]["io_bytes"] == 0
+    assert "--file_service_type=random" in cmd
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == before
+    with pytest.raises(InvalidRequest, match="reads them"):
+        run_files(bio.IOParams(rw="randwrite"), files)

@@ -182,4 +182,4 @@ def test_a_get_answer_is_plain_msgpack_sent_from_the_tensors_with_its_length(sid
                     assert item["shape"] == list(t.shape) and item["dtype"] == "float32"
                     assert item["data"] == t.numpy().tobytes()
     got, n = client.get("ans", ids(0))
-    assert n == TOKENS and all(torch.equal(a, b) for la, lb in zip(got, kv) for a, b in zip(la, lb))
+    assert n == TOKENS and all(torch.equal(a, b) for la, lb in zip(got, kv, strict=True) for a, b in zip(la, lb, strict=True))
