@@ -33,19 +33,23 @@ from kvtier.manager import TieredCache
 LAYERS, HEADS, DIM = 4, 8, 64  # float16: a 256-token block is 2 MiB
 
 
+BATCH_INTERVAL_MS = SSDTierConfig().batch_interval_ms  # the default commit window
+
+
 def _kv(tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [tuple(torch.randint(-2**15, 2**15, (tokens, HEADS, DIM), dtype=torch.int16, generator=g)
                   .view(torch.float16) for _ in range(2)) for _ in range(LAYERS)]  # type: ignore[misc]
 
 
-def put_once(root: Path, kv: list, tokens: int, block_tokens: int, durability: Any) -> float:
+def put_once(root: Path, kv: list, tokens: int, block_tokens: int, durability: Any,
+             batch_interval_ms: int = BATCH_INTERVAL_MS) -> float:
     """Seconds for one put of the whole prefix into a fresh SSD-only cache."""
     shutil.rmtree(root, ignore_errors=True)
     cache = TieredCache(CacheConfig(
         host=HostTierConfig(capacity_bytes=0),
         ssd=SSDTierConfig(path=str(root), capacity_bytes=4 * tokens * LAYERS * 2 * HEADS * DIM * 2,
-                          durability=durability, min_free_bytes=0),
+                          durability=durability, min_free_bytes=0, batch_interval_ms=batch_interval_ms),
         block_tokens=block_tokens))
     try:
         ids = torch.arange(tokens, dtype=torch.int64)
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--durability", default="batch", choices=("sync", "batch", "none"))
     ap.add_argument("--qd", type=int, default=4, help="fio's queue depth")
+    ap.add_argument("--batch-interval-ms", type=int, default=BATCH_INTERVAL_MS,
+                    help="the SSD tier's batch commit interval (durability batch)")
     args = ap.parse_args(argv)
 
     block_tokens = 128 * args.block_mib
@@ -100,12 +106,12 @@ def main(argv: list[str] | None = None) -> None:
                 cold = drop_page_cache() and cold
                 if name == "kvtier":
                     rates[name].append(total / put_once(work / "cache", kv, tokens, block_tokens,
-                                                        args.durability) / 1e9)
+                                                        args.durability, args.batch_interval_ms) / 1e9)
                 elif name == "fio":
                     rates[name].append(fio_once(work / "fio.dat", total, block, args.qd) / 1e9)
                 else:
                     rates[name].append(fio_once(work / "fio.dat", total, block, args.qd,
-                                                sync_every(args.durability, block)) / 1e9)
+                                                sync_every(args.durability, block, args.batch_interval_ms)) / 1e9)
             print(f"round {rnd + 1}: " + ", ".join(f"{n} {r[-1]:.2f} GB/s" for n, r in rates.items()),
                   flush=True)
     finally:
@@ -118,18 +124,18 @@ def main(argv: list[str] | None = None) -> None:
                 [[n, f"{med[n]:.2f}", f"{min(r):.2f}", f"{max(r):.2f}"] for n, r in rates.items()]
                 + [[f"kvtier / {n}", f"{med['kvtier'] / med[n]:.2f}x", "", ""] for n in rates if n != "kvtier"]))
     if "fio+sync" in rates:
-        print(f"fio+sync: fdatasync every {sync_every(args.durability, block)} writes, as often as "
+        print(f"fio+sync: fdatasync every {sync_every(args.durability, block, args.batch_interval_ms)} writes, as often as "
               f"the '{args.durability}' mode makes its writes durable")
 
 
-def sync_every(durability: str, block: int) -> int:
+def sync_every(durability: str, block: int, batch_interval_ms: int = BATCH_INTERVAL_MS) -> int:
     """Writes between fio's fdatasyncs that make its writes as durable as ``durability``'s:
-    ``sync`` after every write; ``batch`` once per commit window (the default 20 ms) at
+    ``sync`` after every write; ``batch`` once per commit window (``batch_interval_ms``) at
     1 GB/s, a write rate above this machine's durable one, so fio syncs no more often than
     kvtier does."""
     if durability == "sync":
         return 1
-    return max(1, round(1e9 * SSDTierConfig().batch_interval_ms / 1e3 / block))
+    return max(1, round(1e9 * batch_interval_ms / 1e3 / block))
 
 
 if __name__ == "__main__":
