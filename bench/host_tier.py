@@ -13,7 +13,13 @@ pre-allocated by ``KVLayout.empty``, as a reload allocates it.
   their way in), and on;
 - get per tensor: ``decode_block_into(tier.view(key), views)`` (one memmove per tensor);
 - get with torch ``copy_``: the same per-tensor copies through torch (kvtier's decode before);
-- plain: one numpy memcpy per block of the same number of bytes between pre-allocated buffers.
+- plain gather: the block's bytes copied out of the same per-layer tensors into pre-allocated
+  memory (one ``np.concatenate`` of its 64 slices, no checksum): what the source's layout alone
+  costs a put;
+- plain: one numpy memcpy per block of the same number of bytes between pre-allocated buffers;
+- the calls a user makes, per round on the whole prefix: ``TieredCache.put`` into a host-only
+  cache (fresh token ids, evicted after) and ``TieredCache.get_into`` the destination, against
+  one memcpy of the whole prefix's bytes.
 
 Paths are interleaved block by block (in each round, every path moves block i before any moves
 block i+1) so machine noise hits all alike; GB/s and its ratio to plain are medians over rounds
@@ -37,8 +43,9 @@ import torch
 from kvtier.bench.common import median, p99, table
 from kvtier.block import decode_block_into, encode_block_pooled, parse_header
 from kvtier.codecs import get_codec
-from kvtier.config import HostTierConfig, parse_size
+from kvtier.config import CacheConfig, HostTierConfig, parse_size
 from kvtier.layout import KVLayout
+from kvtier.manager import TieredCache
 from kvtier.prefixkv import PrefixKV
 from kvtier.tiers.base import BlockMeta
 from kvtier.tiers.memory import make_host_tier
@@ -128,6 +135,14 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
                 out.view(-1).view(torch.uint8).copy_(data[at: at + k], non_blocking=True)
                 at += k
 
+    flat_src = [t.reshape(-1).view(torch.uint8).numpy() for layer in src for t in layer]
+    gathered = np.empty(n * kv_bytes, np.uint8)
+    per_tensor = kv_bytes // len(flat_src)
+
+    def plain_gather(i):
+        np.concatenate([f[i * per_tensor:(i + 1) * per_tensor] for f in flat_src],
+                       out=gathered[i * kv_bytes:(i + 1) * kv_bytes])
+
     def plain_put(i):
         np.copyto(store[i * kv_bytes:(i + 1) * kv_bytes], src_plain[i * kv_bytes:(i + 1) * kv_bytes])
 
@@ -136,6 +151,7 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
 
     puts = [Path("put: PrefixKV.prepare + put_with", put),
             Path("put: encode_block_pooled + put", put_pooled),
+            Path("plain gather of the same tensors (put)", plain_gather),
             Path("plain memcpy (put)", plain_put)]
     gets = [Path("get: PrefixKV.decode(view), verify off", get),
             Path("get: PrefixKV.decode(view), verify on", lambda i: get(i, True)),
@@ -143,11 +159,35 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
             Path("get: torch copy_ per tensor (before)", get_torch),
             Path("plain memcpy (get)", plain_get)]
     assert target._strided is not None  # KVLayout.empty: the strided reload applies
+    cache = TieredCache(CacheConfig(block_tokens=bt, host=HostTierConfig(capacity_bytes=2 * n * nbytes + (64 << 20))))
+    fresh = iter(range(1, 1 << 30))
+
+    def cache_put():
+        base = next(fresh) * 10**7
+        ids = list(range(base, base + n * bt))
+        t0 = time.perf_counter()
+        cache.put("bench", ids, src)
+        dt = time.perf_counter() - t0
+        cache.evict("bench", ids)
+        return dt
+
+    prefix_ids = list(range(n * bt))
+    whole = {"TieredCache.put of the prefix": cache_put,
+             "TieredCache.get_into the prefix": lambda: _timed(lambda: cache.get_into("bench", prefix_ids, dest)),
+             "plain memcpy of the prefix": lambda: _timed(lambda: np.copyto(dst_plain, src_plain))}
     spinners = busy_cores(busy)
     try:
         interleaved(puts, n, rounds, clear)
         interleaved(gets, n, rounds, lambda: None)
+        cache.put("bench", prefix_ids, src)
+        calls: dict[str, list[float]] = {k: [] for k in whole}
+        for r in range(rounds + 1):
+            for k, f in whole.items():
+                dt = f()
+                if r:
+                    calls[k].append(dt)
     finally:
+        cache.close()
         for s in spinners:
             s.terminate()
             s.wait()
@@ -158,11 +198,20 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
             m = median(p.rounds)
             rows.append([p.name, n * kv_bytes / m / 1e9, f"{plain / m:.2f}", median(p.blocks) * 1e3,
                          p99(p.blocks) * 1e3, f"{plain_block / median(p.blocks):.2f}"])
+    plain = median(calls["plain memcpy of the prefix"])
+    for k, xs in calls.items():
+        rows.append([k, n * kv_bytes / median(xs) / 1e9, f"{plain / median(xs):.2f}", "", "", ""])
     head = (f"host tier: {n} blocks of {bt} tokens ({kv_bytes / 2**20:.0f} MiB of KV, {nbytes} B encoded), "
             f"codec none, pinned={tier.pinned}, {busy} core(s) kept busy; medians of {rounds} interleaved "
             f"rounds, per-block p99")
     return head + "\n" + table(["path", "GB/s (KV bytes)", "x plain", "per block ms", "p99 ms",
                                 "x plain (per block)"], rows)
+
+
+def _timed(f: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
 
 
 def main() -> None:

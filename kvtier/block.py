@@ -187,10 +187,7 @@ def encode_block_pooled(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) 
     it as is), and spares a fresh, page-faulting allocation per block. To encode straight into
     memory the caller owns (a tier's slot), use ``prepare_block``.
     """
-    block = prepare_block(codec, layers)
-    out = block_buffers.take(block.nbytes)
-    block.write_into(out)
-    return out
+    return prepare_block(codec, layers).pooled()
 
 
 def encode_block_for_put(codec: Codec, layers: Sequence[Sequence[torch.Tensor]], *, pieces: bool
@@ -200,11 +197,7 @@ def encode_block_for_put(codec: Codec, layers: Sequence[Sequence[torch.Tensor]],
     copy); else into a recycled buffer."""
     block = prepare_block(codec, layers)
     gathered = block.as_pieces() if pieces else None
-    if gathered is not None:
-        return gathered
-    out = block_buffers.take(block.nbytes)
-    block.write_into(out)
-    return out
+    return gathered if gathered is not None else block.pooled()
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +231,12 @@ class PreparedBlock:
         head[:len(header)] = np.frombuffer(header, dtype=np.uint8)
         head[len(header):] = 0
         return BlockPieces((head, *payloads), self.nbytes, (None, *(crc for _, _, crc in entries)))
+
+    def pooled(self) -> torch.Tensor:
+        """The block written into a recycled, 4 KiB-aligned buffer (``encode_block_pooled``)."""
+        out = block_buffers.take(self.nbytes)
+        self.write_into(out)
+        return out
 
     def write_into(self, out: torch.Tensor) -> None:
         """Write the block into ``out`` (host memory, exactly ``nbytes`` uint8, any contents).

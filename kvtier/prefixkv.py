@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from kvtier.block import (
+    BlockHeader,
     PreparedBlock,
     checksum,
     decode_block_into,
@@ -84,21 +85,35 @@ class PrefixKV:
         if not step:
             decode_block_into(data, self.views(i), verify=verify)
             return
-        first, layers = table[0][0], len(table)
-        if arr.size < first + (layers - 1) * step + self._layer_bytes:
-            raise CorruptBlock(f"block truncated: {arr.size} bytes")
         if verify:
             for n, (offset, length, crc) in enumerate(table):
-                if checksum(arr[offset: offset + length]) != crc:
+                if offset + length > arr.size or checksum(arr[offset: offset + length]) != crc:
                     raise CorruptBlock(f"layer {n} payload checksum mismatch")
-        if first + layers * step <= arr.size:  # the usual case: a plain reshape, no as_strided
-            src = arr[first: first + layers * step].reshape(layers, step)
+        self.decode_layers(i, arr, table[0][0], step, range(len(table)))
+
+    def strided_step(self, header: BlockHeader) -> int:
+        """For ``decode_layers``: the regular distance between the layers of the block with
+        ``header``; 0 where that copy does not apply (see ``decode``)."""
+        return self._step(header.codec, list(header.layers))
+
+    def decode_layers(self, i: int, arr: np.ndarray, first: int, step: int, layers: range) -> None:
+        """Copy ``layers`` of a ``none`` block into block ``i``, unverified: one strided numpy
+        copy per tensor of a layer for all of them. ``arr`` is the block's bytes, layer 0 at
+        ``first`` and each next one ``step`` further (``strided_step``). A loader landing
+        layers in groups calls this per group. Raises CorruptBlock if ``arr`` is too short."""
+        self._check(i)
+        count = len(self.kv)
+        if arr.size < first + (count - 1) * step + self._layer_bytes:
+            raise CorruptBlock(f"block truncated: {arr.size} bytes")
+        if first + count * step <= arr.size:  # the usual case: a plain reshape, no as_strided
+            src = arr[first: first + count * step].reshape(count, step)
         else:
-            src = np.lib.stride_tricks.as_strided(arr[first:], (layers, self._layer_bytes), (step, 1))
+            src = np.lib.stride_tricks.as_strided(arr[first:], (count, self._layer_bytes), (step, 1))
+        lo, hi = layers.start, layers.stop
         at = 0
         assert self._strided is not None  # a step is only found for a strided prefix
         for view, n in zip(self._strided, self._sizes, strict=True):
-            np.copyto(view[:, i * n:(i + 1) * n], src[:, at:at + n])
+            np.copyto(view[lo:hi, i * n:(i + 1) * n], src[lo:hi, at:at + n])
             at += n
 
     def _check(self, i: int) -> None:

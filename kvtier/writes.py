@@ -11,14 +11,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from kvtier.block import encode_block_pooled
 from kvtier.catalog import NamespaceCatalog
 from kvtier.codecs import get_codec
 from kvtier.index import BlockEntry
 from kvtier.keys import TokenIds, as_token_array, prefix_hashes
-from kvtier.layout import KV, block_slice
+from kvtier.layout import KV
 from kvtier.namespaces import Namespace
 from kvtier.placement import Placement
+from kvtier.prefixkv import PrefixKV
 from kvtier.recorder import StatsRecorder
 from kvtier.writethrough import DurableWrite, WriteThrough
 
@@ -87,7 +87,10 @@ class Puts:
         new: set[bytes] = set()
         chain: list[BlockEntry] = []  # pinned as we go: eviction never takes this put's ancestors
         durable: list[DurableWrite] = []
-        encoded = _EncodeAhead(lambda i: encode_block_pooled(codec, block_slice(kv, i, bt)), len(keys))
+        # PrefixKV: a block's slices of host tensors as numpy views, without torch per tensor
+        # (torch views cost more Python than a 2 MiB block's copy takes).
+        prefix = PrefixKV(kv, bt)
+        encoded = _EncodeAhead(lambda i: prefix.prepare(i, codec).pooled(), len(keys))
         try:
             for i, key in enumerate(keys):
                 with p.lock:

@@ -105,6 +105,43 @@ def test_split_prefix_loads_exactly_over_both_paths(tmp_path):
         loader.close()
 
 
+def test_memory_blocks_land_in_a_host_prefix_by_strided_copies_in_layer_groups(monkeypatch):
+    """Host-tier blocks reloaded into a ``KVLayout.empty`` prefix: a numpy copy per tensor of a
+    layer for a whole group of layers (no per-layer, per-tensor decode), groups landing in order,
+    exact bytes; into tensors that do not share one allocation, the per-layer decode, exact too."""
+    import kvtier.loader as loader_mod
+
+    decodes = []
+    real = loader_mod.decode_layer_into
+    monkeypatch.setattr(loader_mod, "decode_layer_into", lambda *a, **k: decodes.append(a[1]) or real(*a, **k))
+    landed: list[int] = []
+    real_land = LoadStream._land
+    monkeypatch.setattr(LoadStream, "_land", lambda self, layers, blocks: landed.extend(layers) or real_land(self, layers, blocks))
+    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))
+    with TieredCache(cfg) as cache:
+        kv = random_kv(6 * BT, layers=LAYERS)
+        toks = list(range(6 * BT))
+        assert cache.put("m", toks, kv) == 6 * BT
+        block = cache.acquire("m", toks)
+        layer_bytes = block.blocks[0].nbytes // LAYERS
+        cache.release(block)
+        loader = Loader(cache, LoaderConfig(min_read_bytes=2 * layer_bytes))  # groups of 2 layers
+        stream, dest = load(cache, loader, toks)
+        assert stream.tokens == 6 * BT and stream.error is None and same(kv, dest, 6 * BT)
+        assert decodes == [] and landed == [0, 1, 2, 3]
+
+        lease = cache.acquire("m", toks)
+        try:
+            apart = [tuple(torch.empty_like(t) for t in layer) for layer in kv]  # separate allocations
+            s2 = loader.load(lease, apart)
+            s2.wait_all(10)
+        finally:
+            cache.release(lease)
+        assert s2.tokens == 6 * BT and same(kv, apart, 6 * BT)
+        assert sorted(set(decodes)) == list(range(LAYERS))
+        loader.close()
+
+
 def test_blocks_read_from_ssd_are_promoted_to_host_from_the_bytes_read(tmp_path):
     """The next turn finds the prefix in host memory, and the promotion cost no second SSD read."""
     with split_cache(tmp_path, host_blocks=8) as cache:  # 8284 B blocks take 2 half-slots: 4 fit

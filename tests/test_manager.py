@@ -36,16 +36,16 @@ def test_put_lookup_get_roundtrip():
 
 
 def test_a_put_encodes_the_next_blocks_while_it_places_one(monkeypatch):
-    import kvtier.writes as writes
+    from kvtier.block import PreparedBlock
 
     where: list[str] = []
-    encode = writes.encode_block_pooled
+    encode = PreparedBlock.pooled
 
-    def spy(codec, layers):
+    def spy(block):
         where.append(threading.current_thread().name)
-        return encode(codec, layers)
+        return encode(block)
 
-    monkeypatch.setattr(writes, "encode_block_pooled", spy)
+    monkeypatch.setattr(PreparedBlock, "pooled", spy)
     with small_cache() as c:
         kv = random_kv(100)
         toks = list(range(100))
@@ -54,6 +54,29 @@ def test_a_put_encodes_the_next_blocks_while_it_places_one(monkeypatch):
         out, n = c.get("m", toks)
         assert n == 96 and same(kv, out, 96)  # placed in order, each block its own bytes
         assert [b.index for b in c.lookup("m", toks).blocks] == list(range(6))
+
+
+def test_a_put_of_host_kv_takes_its_blocks_as_numpy_views_not_torch_views(monkeypatch):
+    """Slicing and viewing 64 tensors with torch per block cost more Python than a 2 MiB block's
+    copy (``kvtier.prefixkv``): a put of contiguous host KV makes no torch byte view per tensor,
+    and stores the same bytes."""
+    import kvtier.codecs.none as none
+
+    views = []
+    real = none.byte_view
+    monkeypatch.setattr(none, "byte_view", lambda t: views.append(t) or real(t))
+    with small_cache() as c:
+        kv = random_kv(64)
+        toks = list(range(64))
+        assert c.put("m", toks, kv) == 64
+        assert views == []
+        out, n = c.get("m", toks)
+        assert n == 64 and same(kv, out, 64)
+        strided = [tuple(t.transpose(0, 1).contiguous().transpose(0, 1) for t in layer) for layer in kv]
+        assert c.put("m2", toks, strided) == 64  # not contiguous: the torch way, same bytes
+        assert views
+        out, n = c.get("m2", toks)
+        assert n == 64 and same(kv, out, 64)
 
 
 def test_namespaces_of_one_tenant_and_model_never_share_blocks():
