@@ -35,19 +35,19 @@ def test_drop_during_a_put_never_recreates_the_namespace_outside_its_tenant(monk
             except Exception as e:  # noqa: BLE001  inspected below
                 result["error"] = e
 
-        import kvtier.writes as manager
+        from kvtier.block import PreparedBlock
 
-        real, calls = manager.encode_block_pooled, []
+        real, calls = PreparedBlock.pooled, []
         entered, gate = threading.Event(), threading.Event()
 
-        def slow(codec, layers):
+        def slow(block):
             calls.append(1)
             if len(calls) == 2:
                 entered.set()
                 assert gate.wait(30)
-            return real(codec, layers)
+            return real(block)
 
-        monkeypatch.setattr(manager, "encode_block_pooled", slow)
+        monkeypatch.setattr(PreparedBlock, "pooled", slow)
         t = threading.Thread(target=put)
         t.start()
         assert entered.wait(30)
