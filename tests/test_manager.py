@@ -79,6 +79,23 @@ def test_a_put_of_host_kv_takes_its_blocks_as_numpy_views_not_torch_views(monkey
         assert n == 64 and same(kv, out, 64)
 
 
+def test_a_put_that_finds_every_block_stored_makes_no_views(monkeypatch):
+    """The views a put encodes from are made on first use: a turn that re-puts a prefix the
+    cache holds whole (the common case in multi-turn chat) pays nothing for them."""
+    import kvtier.prefixkv as prefixkv
+
+    made = []
+    real = prefixkv._bytes
+    monkeypatch.setattr(prefixkv, "_bytes", lambda t: made.append(1) or real(t))
+    with small_cache() as c:
+        kv = random_kv(64)
+        toks = list(range(64))
+        assert c.put("m", toks, kv) == 64 and made
+        made.clear()
+        assert c.put("m", toks, kv) == 0
+        assert made == []
+
+
 def test_namespaces_of_one_tenant_and_model_never_share_blocks():
     """Dropping or expiring one namespace must never empty another of the same model."""
     with small_cache() as c:
