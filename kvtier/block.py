@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from kvtier.bufpool import ALIGN, align_up, block_buffers
+from kvtier.bytecopy import address
 from kvtier.codecs import Codec, get_codec
 from kvtier.errors import CorruptBlock
 from kvtier.pieces import Block, BlockPieces
@@ -222,7 +223,7 @@ class PreparedBlock:
             return None
         payloads: list[np.ndarray] = []
         for parts in self.payloads:
-            if len(parts) != 1 or parts[0].nbytes % ALIGN or parts[0].ctypes.data % ALIGN:
+            if len(parts) != 1 or parts[0].nbytes % ALIGN or address(parts[0]) % ALIGN:
                 return None
             payloads.append(parts[0])
         head = block_buffers.take(self.offsets[0]).numpy()

@@ -4,8 +4,8 @@ for the format and the validation helpers): exists / put / get-into / evict.
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,18 +36,11 @@ from kvtier.reload import Reloads
 from kvtier.writethrough import DurableWrite, WriteThrough
 
 PAGE_READERS = 8  # engine pages read at once (each a read of its own), across every caller
-_readers: ThreadPoolExecutor | None = None
-_readers_lock = threading.Lock()
-
-
+@functools.cache
 def _page_readers() -> ThreadPoolExecutor:
     """The pool shared by every ``get_into``: a job's pages are read at once, not one after
     another (vLLM's ``fs`` tier keeps 16 reads in flight; one job's pages at a time kept one)."""
-    global _readers
-    with _readers_lock:
-        if _readers is None:
-            _readers = ThreadPoolExecutor(PAGE_READERS, thread_name_prefix="kvtier-pages")
-        return _readers
+    return ThreadPoolExecutor(PAGE_READERS, thread_name_prefix="kvtier-pages")
 
 
 class EngineBlocks:

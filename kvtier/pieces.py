@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from kvtier.bufpool import ALIGN, block_buffers
+from kvtier.bytecopy import address
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,7 @@ class BlockPieces:
         if sum(p.nbytes for p in self.pieces) != self.nbytes:
             raise ValueError(f"pieces of {sum(p.nbytes for p in self.pieces)} bytes for a "
                              f"{self.nbytes}-byte block")
-        if any(p.ctypes.data % ALIGN or p.nbytes % ALIGN for p in self.pieces[:-1]):
+        if any(p.nbytes % ALIGN or address(p) % ALIGN for p in self.pieces[:-1]):
             raise ValueError("every piece but the last must be whole, aligned 4 KiB pages")
 
     def __len__(self) -> int:

@@ -5,6 +5,7 @@ once every durable tier holds it.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,16 +25,11 @@ from kvtier.writethrough import DurableWrite, WriteThrough
 
 AHEAD = 2  # blocks encoded ahead of the one being placed
 
-_encoders: ThreadPoolExecutor | None = None
-
-
+@functools.cache
 def _encoder_pool() -> ThreadPoolExecutor:
     """The small pool shared by every put that encodes the next blocks while one is written
     (encoding copies with numpy and checksums with crc32c, both outside the GIL)."""
-    global _encoders
-    if _encoders is None:
-        _encoders = ThreadPoolExecutor(AHEAD, thread_name_prefix="kvtier-encode")
-    return _encoders
+    return ThreadPoolExecutor(AHEAD, thread_name_prefix="kvtier-encode")
 
 
 class _EncodeAhead:

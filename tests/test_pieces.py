@@ -173,3 +173,25 @@ def test_a_page_changed_during_its_put_is_never_served(tmp_path, monkeypatch, wh
         assert cache.block_exists("ns", keys).present == [False, True]
         assert cache.get_blocks_into("ns", keys[1:], out[1:]) == 1
         assert torch.equal(out[1], before[1])  # its neighbour is untouched
+
+
+@pytest.mark.parametrize("sizes", [(10,), (31,), (4096, 20), (4096, 8192, 4096)])
+def test_a_record_sealed_from_pieces_is_sealed_as_its_bytes(sizes):
+    """``seal`` of a block in pieces (checksums known or not, a head shorter than the head check
+    or spanning pieces) gives exactly the (crc, head) of the same bytes laid end to end."""
+    from kvtier.block import checksum
+    from kvtier.bufpool import aligned_array
+    from kvtier.tiers.ssd.index import seal
+
+    rng = np.random.default_rng(len(sizes))
+    pieces = []
+    for n in sizes:
+        a = aligned_array(n)
+        a[:] = np.frombuffer(rng.bytes(n), dtype=np.uint8)
+        pieces.append(a)
+    whole = np.concatenate(pieces)
+    key = b"k" * 16
+    want = seal(key, whole)
+    assert seal(key, BlockPieces(tuple(pieces), len(whole))) == want
+    known = tuple(None if i == 0 else checksum(p) for i, p in enumerate(pieces))
+    assert seal(key, BlockPieces(tuple(pieces), len(whole), known)) == want

@@ -66,8 +66,8 @@ def seal(key: bytes, payload: Payload | BlockPieces) -> tuple[int, int]:
     for piece, known in zip(payload.pieces, payload.crcs or (None,) * len(payload.pieces), strict=True):
         crc = checksum(piece, crc) if known is None else checksum_combine(crc, known, len(piece))
     first = payload.pieces[0]
-    if len(first) < HEAD_BYTES:
-        first = np.frombuffer(payload.tobytes()[:HEAD_BYTES], dtype=np.uint8)
+    if len(first) < HEAD_BYTES:  # the head spans pieces: gather its bytes only
+        first = np.concatenate([p[:HEAD_BYTES] for p in payload.pieces])
     return crc, checksum(first[:HEAD_BYTES], seed)
 
 
