@@ -20,13 +20,14 @@ from collections.abc import Collection, Container, Iterable, Sequence
 
 import torch
 
+from kvtier.block import PreparedBlock
 from kvtier.errors import KVTierError, StorageFull
 from kvtier.index import BlockEntry, PinnedKeys, rebuild_index
 from kvtier.pieces import Block, contiguous
 from kvtier.policies import EvictionPolicy
 from kvtier.policies.admission import AdmissionPolicy
 from kvtier.stats import CacheStats
-from kvtier.tiers.base import BatchedPuts, DiskBound, SharedIndex, Tier
+from kvtier.tiers.base import BatchedPuts, DiskBound, MemoryTier, SharedIndex, Tier, WritesInPlace
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,14 @@ class Placement:
         self.shared_idx = shared[0] if shared else -1  # the shared remote tier, if any
         self._remote_deletes: list[bytes] = []
         self._placing: set[bytes] = set()  # blocks being written before they are indexed
+        # Dropped blocks a reader still holds (doomed), by key: their copies are still in the
+        # tiers under that key, so a new block of the key is not placed until they are freed
+        # (it would find the slot taken, first writer wins, and lose it when they are).
+        self._held: dict[bytes, BlockEntry] = {}
         # tiers that store a batch in one call (group commit): checked once, here
         self.batched = [isinstance(tier, BatchedPuts) for tier in self.tiers]
+        self._in_place = [tier if isinstance(tier, WritesInPlace) else None for tier in self.tiers]
+        self._viewable = [tier if isinstance(tier, MemoryTier) else None for tier in self.tiers]
 
     @property
     def shared(self) -> SharedIndex | None:
@@ -70,22 +77,34 @@ class Placement:
             log.info("warm start: %d blocks recovered", len(self.index))
 
     # ---- placing new blocks -------------------------------------------------------------------
-    def place_new(self, entry: BlockEntry, data: torch.Tensor) -> int | None:
+    def place_new(self, entry: BlockEntry, data: torch.Tensor | PreparedBlock) -> int | None:
         """Put a new block into the fastest tier that can ever hold it (lock held, parent
         pinned); the tier it landed in, or None; raises the last ``StorageFull`` if that is why
-        no tier took it (a full disk). The caller schedules its write-through."""
+        no tier took it (a full disk). The caller schedules its write-through.
+
+        A ``PreparedBlock`` is written straight into the slot of a tier that takes it in place
+        (``WritesInPlace``: one copy), else encoded into a buffer first. None too while a
+        reader still holds a dropped copy of the key (``_held``)."""
+        if entry.key in self._held:
+            return None
         full: StorageFull | None = None
+        nbytes = data.nbytes if isinstance(data, PreparedBlock) else len(data)
         for t, tier in enumerate(self.tiers):
-            if not tier.fits_ever(len(data)) or not self.make_room(t, len(data)):
+            if not tier.fits_ever(nbytes) or not self.make_room(t, nbytes):
                 continue
             try:
-                tier.put(entry.key, data, entry.meta())
+                if not isinstance(data, PreparedBlock):
+                    tier.put(entry.key, data, entry.meta())
+                elif (writer := self._in_place[t]) is not None:
+                    writer.put_with(entry.key, nbytes, data.write_into, entry.meta())
+                else:
+                    tier.put(entry.key, data.pooled(), entry.meta())
             except KVTierError as e:
                 self.stats.tiers[tier.name].put_failures += 1
                 log.warning("put to %s failed: %s", tier.name, e)
                 full = e if isinstance(e, StorageFull) else full
                 continue
-            self.publish(entry, t, len(data))
+            self.publish(entry, t, nbytes)
             if entry.parent is not None:
                 self.index[entry.parent].children.add(entry.key)  # pinned: still indexed
             return t
@@ -100,6 +119,8 @@ class Placement:
         with self.lock:
             if entry.key in self.index or entry.key in self._placing:
                 return -1
+            if entry.key in self._held:
+                return None
             for t, tier in enumerate(self.tiers):
                 if tier.fits_ever(len(data)) and self.make_room(t, len(data)):
                     break
@@ -122,6 +143,15 @@ class Placement:
         finally:
             with self.lock:
                 self._placing.discard(entry.key)
+
+    def host_view(self, t: int, key: bytes) -> torch.Tensor | None:
+        """The bytes of block ``key`` in tier ``t`` as stored, where that is host memory (a
+        memory tier's slot); None elsewhere. Valid while the block is pinned."""
+        tier = self._viewable[t]
+        if tier is None:
+            return None
+        view = tier.view(key)
+        return view if view.device.type == "cpu" else None
 
     def takes_pieces(self, nbytes: int) -> bool:
         """Whether a new block of about ``nbytes`` goes first to a tier that writes a block in
@@ -147,6 +177,8 @@ class Placement:
             for i, (entry, data) in enumerate(blocks):
                 if entry.key in self.index or entry.key in self._placing:
                     out[i] = -1
+                    continue
+                if entry.key in self._held:
                     continue
                 n = len(data)
                 for t, tier in enumerate(self.tiers):
@@ -303,6 +335,7 @@ class Placement:
                     self.stats.tiers[self.tiers[t].name].evictions[reason if k == key else "orphaned"] += 1
             if entry.pins:
                 entry.doomed = True
+                self._held[k] = entry
             else:
                 self._free(entry)
             self.stats.blocks_dropped += 1
@@ -311,6 +344,8 @@ class Placement:
     def _free(self, entry: BlockEntry) -> None:
         """Delete a dropped block's copies. A shared tier's copy is only forgotten: the fleet may
         still use it (explicit evictions delete it: ``flush_remote_deletes``)."""
+        if self._held.get(entry.key) is entry:
+            del self._held[entry.key]
         for t in entry.tiers:
             if t != self.shared_idx:
                 self.tiers[t].delete(entry.key)

@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from kvtier.block import PreparedBlock
 from kvtier.catalog import NamespaceCatalog
 from kvtier.codecs import get_codec
 from kvtier.index import BlockEntry
@@ -33,19 +34,20 @@ def _encoder_pool() -> ThreadPoolExecutor:
 
 
 class _EncodeAhead:
-    """Block ``i`` encoded, with blocks ``i+1..i+AHEAD`` started on the pool meanwhile: a put's
+    """Block ``i`` encoded, with blocks ``i+1..i+ahead`` started on the pool meanwhile: a put's
     encode and checksum of the next blocks overlap the write of this one. Blocks are still
     placed, written and acknowledged in order, one after another, as without it."""
 
-    def __init__(self, encode: Callable[[int], torch.Tensor], n: int) -> None:
+    def __init__(self, encode: Callable[[int], torch.Tensor], n: int, ahead: int = AHEAD) -> None:
         self.encode = encode
         self.n = n
+        self.ahead_blocks = ahead
         self.ahead: dict[int, Future[torch.Tensor]] = {}
 
     def __call__(self, i: int) -> torch.Tensor:
         f = self.ahead.pop(i, None)
         pool = _encoder_pool()
-        for j in range(i + 1, min(i + 1 + AHEAD, self.n)):
+        for j in range(i + 1, min(i + 1 + self.ahead_blocks, self.n)):
             if j not in self.ahead:
                 self.ahead[j] = pool.submit(self.encode, j)
         return f.result() if f is not None else self.encode(i)
@@ -86,7 +88,12 @@ class Puts:
         # PrefixKV: a block's slices of host tensors as numpy views, without torch per tensor
         # (torch views cost more Python than a 2 MiB block's copy takes).
         prefix = PrefixKV(kv, bt)
-        encoded = _EncodeAhead(lambda i: prefix.prepare(i, codec).pooled(), len(keys))
+        # In place: each new block is encoded straight into its memory tier's slot (one copy,
+        # no encoding ahead), and write-throughs read it from there while the put holds it
+        # pinned, which it does until they are done only if it waits for every one of them.
+        in_place = self.writes.all_awaited
+        encoded = _EncodeAhead(lambda i: prefix.prepare(i, codec).pooled(), len(keys),
+                               ahead=0 if in_place else AHEAD)
         try:
             for i, key in enumerate(keys):
                 with p.lock:
@@ -99,24 +106,28 @@ class Puts:
                         missing = self.writes.missing(existing)
                         if not missing:
                             continue
-                data = encoded(i)
                 if missing:
                     # Stored, but not yet on a durable tier (an earlier write-through failed, or
                     # one is in flight): write it (or wait for that write) before acknowledging.
-                    durable += self.writes.write(chain[-1], data, missing)
+                    durable += self.writes.write(chain[-1], encoded(i), missing)
                     continue
-                placed, entry = self._place(ns, chain, key, i, data)
+                block = prefix.prepare(i, codec) if in_place else encoded(i)
+                placed, entry = self._place(ns, chain, key, i, block)
                 if entry is None:
                     break
                 chain.append(entry)
                 if placed is not None:  # outside the lock: the backlog bound may wait
                     new.add(key)
                     stored += bt
-                    durable += self.writes.schedule(entry, data, below=placed)
+                    if isinstance(block, PreparedBlock):
+                        view = p.host_view(placed, key)
+                        block = view if view is not None else encoded(i)
+                    durable += self.writes.schedule(entry, block, below=placed)
                 else:
                     with p.lock:
                         missing = self.writes.missing(entry)
-                    durable += self.writes.write(entry, data, missing)
+                    if missing:
+                        durable += self.writes.write(entry, encoded(i), missing)
             self.writes.wait(durable)
             with p.lock:
                 self.catalog.check_live(ns)
@@ -129,13 +140,14 @@ class Puts:
         return stored
 
     def _place(self, ns: Namespace, chain: list[BlockEntry], key: bytes, i: int,
-               data: torch.Tensor) -> tuple[int | None, BlockEntry | None]:
+               data: torch.Tensor | PreparedBlock) -> tuple[int | None, BlockEntry | None]:
         """Place block ``i`` (or find it placed by a concurrent put); returns (the tier it was
         placed in, or None if it already was; its entry, pinned — None: stop the put here)."""
         p = self.placement
         parent = chain[-1] if chain else None
+        nbytes = data.nbytes if isinstance(data, PreparedBlock) else len(data)
         entry = BlockEntry(key, ns.name, parent.key if parent else None, i, ns.block_tokens,
-                           len(data), time.time(), ns.codec)
+                           nbytes, time.time(), ns.codec)
         with p.lock:
             self.catalog.check_live(ns)
             if parent is not None and parent.doomed:

@@ -54,6 +54,13 @@ class WriteThrough:
         self._backlog_limit = backlog_bytes
 
     @property
+    def all_awaited(self) -> bool:
+        """Whether every write-through a put starts is one it waits for (none at all, or only
+        durable tiers below): the put's pinned blocks then outlive their writes, so a write may
+        read a block from its slot in a memory tier instead of from a copy of its own."""
+        return not self.admit_on_put or all(tier.durable for tier in self.placement.tiers if tier.persistent)
+
+    @property
     def backlog_bytes(self) -> int:
         """Bytes of background writes queued now."""
         return self._backlog_bytes

@@ -264,3 +264,14 @@ def test_fio_over_existing_files_reads_them_all_and_changes_none(tmp_path: Path)
     assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == before
     with pytest.raises(InvalidRequest, match="reads them"):
         run_files(bio.IOParams(rw="randwrite"), files)
+
+
+def test_put_path_times_a_put_with_and_without_a_host_tier_in_front(tmp_path):
+    """``bench put_path --host``: the deployed shape (host tier written through to the SSD);
+    put_once raises unless every token was stored, and leaves nothing behind."""
+    from kvtier.bench.put_path import _kv, put_once
+
+    kv = _kv(512)
+    for host in (False, True):
+        assert put_once(tmp_path / "c", kv, 512, 128, "batch", host=host) > 0
+        assert not (tmp_path / "c").exists()

@@ -35,7 +35,10 @@ def test_put_lookup_get_roundtrip():
         assert c.lookup("other", toks).tokens == 0
 
 
-def test_a_put_encodes_the_next_blocks_while_it_places_one(monkeypatch):
+def test_a_put_with_background_write_through_encodes_the_next_blocks_while_it_places_one(tmp_path, monkeypatch):
+    """A write-through the put does not wait for (durability none) outlives the put, so it
+    needs a copy of its own: the put encodes blocks into buffers, the next ones ahead."""
+    from kvtier import SSDTierConfig
     from kvtier.block import PreparedBlock
 
     where: list[str] = []
@@ -46,7 +49,8 @@ def test_a_put_encodes_the_next_blocks_while_it_places_one(monkeypatch):
         return encode(block)
 
     monkeypatch.setattr(PreparedBlock, "pooled", spy)
-    with small_cache() as c:
+    with small_cache(ssd=SSDTierConfig(path=str(tmp_path), durability="none", direct_io=False,
+                                       min_free_bytes=0)) as c:
         kv = random_kv(100)
         toks = list(range(100))
         assert c.put("m", toks, kv) == 96
@@ -54,6 +58,28 @@ def test_a_put_encodes_the_next_blocks_while_it_places_one(monkeypatch):
         out, n = c.get("m", toks)
         assert n == 96 and same(kv, out, 96)  # placed in order, each block its own bytes
         assert [b.index for b in c.lookup("m", toks).blocks] == list(range(6))
+        c.flush(30)
+        assert c.stats().tiers["ssd"].blocks == 6
+
+
+def test_a_put_into_memory_tiers_encodes_each_block_straight_into_its_slot(monkeypatch):
+    """With no write-through outliving the put, each block is encoded once, into its host slot
+    (``WritesInPlace``), never into a buffer copied again; and reads back bit-exact."""
+    from kvtier.block import PreparedBlock
+
+    monkeypatch.setattr(PreparedBlock, "pooled", lambda b: pytest.fail("encoded into a buffer"))
+    written = []
+    write_into = PreparedBlock.write_into
+    monkeypatch.setattr(PreparedBlock, "write_into", lambda b, out: (written.append(out), write_into(b, out))[1])
+    with small_cache() as c:
+        host = c.tier("host").buffer
+        kv = random_kv(100)
+        toks = list(range(100))
+        assert c.put("m", toks, kv) == 96
+        lo, hi = host.data_ptr(), host.data_ptr() + host.numel()
+        assert len(written) == 6 and all(lo <= out.data_ptr() < hi for out in written)
+        out, n = c.get("m", toks)
+        assert n == 96 and same(kv, out, 96)
 
 
 def test_a_put_of_host_kv_takes_its_blocks_as_numpy_views_not_torch_views(monkeypatch):
@@ -395,3 +421,23 @@ def test_a_put_without_create_never_registers(monkeypatch):
         with pytest.raises(UnknownNamespace):
             c.put("absent", list(range(32)), random_kv(32), create=False)
         assert c.namespaces() == []
+
+
+def test_a_prefix_put_again_while_a_reader_holds_its_evicted_copy_is_not_lost_when_the_reader_lets_go():
+    """Attack on the index: evict a prefix a reader still holds (its copies stay until the
+    reader lets go), put it again at once, then let the reader go. The second put must not
+    count the held copies as its own (they are freed with the reader: the index would point
+    at freed, then reused, slots): it stores nothing while they are held, and a put after
+    that stores and reads back every block."""
+    with small_cache() as c:
+        kv = random_kv(64)
+        toks = list(range(64))
+        assert c.put("m", toks, kv) == 64
+        lease = c.acquire("m", toks)
+        assert c.evict("m", toks) == 4
+        assert c.put("m", toks, kv) == 0  # the evicted copies are still held
+        c.release(lease)
+        assert c.lookup("m", toks).tokens == 0 and c.stats().tiers["host"].blocks == 0
+        assert c.put("m", toks, kv) == 64
+        out, n = c.get("m", toks)
+        assert n == 64 and same(kv, out, 64)

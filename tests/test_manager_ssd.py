@@ -181,3 +181,54 @@ def test_background_write_through_backlog_is_bounded(tmp_path, monkeypatch):
         c.flush(60)
         assert c._writes.backlog_bytes == 0
         assert c.stats().tiers["ssd"].blocks == 8
+
+
+def test_a_durable_write_through_reads_the_host_slot_and_no_other_put_can_take_it(tmp_path, monkeypatch):
+    """Under durability sync a put encodes each block into its host slot, and the SSD's write
+    reads it from there (no second copy). Attack: hold the SSD write of prompt A's first block
+    while other puts fill the host tier to force evictions. A's blocks stay pinned until its
+    writes are done, so no other block lands in their slots: the disk holds A's own bytes (its
+    checksum could not tell a wrong block that is whole)."""
+    import threading
+
+    from kvtier.block import PreparedBlock
+
+    monkeypatch.setattr(PreparedBlock, "pooled", lambda b: pytest.fail("encoded into a buffer"))
+    toks_a, kv_a = prompt(1)
+    others = [prompt(i) for i in range(2, 8)]
+    with cache(tmp_path, host="64KiB") as c:  # a few blocks: the others' 18 overflow it
+        ssd = c.tier("ssd")
+        real, gate, entered = ssd.put, threading.Event(), threading.Event()
+        held: list[bytes] = []
+
+        def held_put(key, data, meta):
+            if not held:
+                held.append(key)
+                entered.set()
+                assert gate.wait(30)
+            return real(key, data, meta)
+
+        monkeypatch.setattr(ssd, "put", held_put)
+        errors: list[BaseException] = []
+
+        def put_a():
+            try:
+                c.put("m", toks_a, kv_a)
+            except BaseException as e:  # noqa: BLE001  reported below
+                errors.append(e)
+
+        t = threading.Thread(target=put_a, daemon=True)
+        t.start()
+        assert entered.wait(30)
+        for toks, kv in others:  # these evict every block of the host tier but A's
+            c.put("m", toks, kv)
+        assert c.lookup("m", toks_a).tiers == {"host": 3}  # still pinned in their slots
+        gate.set()
+        t.join(60)
+        assert not t.is_alive() and not errors
+        assert c.stats().tiers["ssd"].blocks >= 3
+    with cache(tmp_path) as c:  # a restart: only what the disk holds
+        for toks, kv in [(toks_a, kv_a), *others]:
+            assert c.lookup("m", toks).tiers == {"ssd": 3}
+            out, n = c.get("m", toks)
+            assert n == 3 * BT and same(kv, out, n)

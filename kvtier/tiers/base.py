@@ -3,7 +3,7 @@
 Tiers hold opaque encoded blocks (see ``kvtier.block``) by 16-byte key. The manager owns
 placement, eviction order and admission; a tier only stores, reads and reports. Every tier
 implements ``Tier``; what only some tiers can do is a small capability Protocol of its own below
-(``MemoryTier``, ``RangedBatchReads``, ``ScatterReads``, ``RegisteredBatchReads``, ``SharedIndex``,
+(``MemoryTier``, ``WritesInPlace``, ``RangedBatchReads``, ``ScatterReads``, ``RegisteredBatchReads``, ``SharedIndex``,
 ``DiskBound``, ``ReportsHealth``, ``ReportsStats``), checked with ``isinstance`` once, when a cache is built or
 a load starts (``kind_check`` remembers the answer over a load's blocks): nothing asks a tier what
 it is by probing its attributes.
@@ -95,6 +95,18 @@ class MemoryTier(Tier, Protocol):
     """
 
     def view(self, key: bytes) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class WritesInPlace(Protocol):
+    """A tier whose put can hand its caller the block's slot to write into (the memory tiers):
+    a block encoded straight into place is copied once, not encoded into a buffer and copied
+    again. ``put_with(key, nbytes, write, meta)`` calls ``write`` with ``nbytes`` of host uint8
+    to fill; False, writing nothing, if ``key`` is already stored; if ``write`` raises, nothing
+    is stored. Raises ``StorageFull`` like ``put``."""
+
+    def put_with(self, key: bytes, nbytes: int, write: Callable[[torch.Tensor], None],
+                 meta: BlockMeta | None = None) -> bool: ...
 
 
 @runtime_checkable
