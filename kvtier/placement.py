@@ -48,6 +48,7 @@ class Placement:
         self.shared_idx = shared[0] if shared else -1  # the shared remote tier, if any
         self._remote_deletes: list[bytes] = []
         self._placing: set[bytes] = set()  # blocks being written before they are indexed
+        self.placed = threading.Condition(self.lock)  # notified when a key leaves _placing
         # Dropped blocks a reader still holds (doomed), by key: their copies are still in the
         # tiers under that key, so a new block of the key is not placed until they are freed
         # (it would find the slot taken, first writer wins, and lose it when they are).
@@ -112,6 +113,62 @@ class Placement:
             raise full
         return None
 
+    def placing(self, key: bytes) -> bool:
+        """Whether a block of ``key`` is being written outside the lock, not yet indexed (lock
+        held; wait on ``placed`` for it to be published or given up)."""
+        return key in self._placing
+
+    def claim_in_place(self, entry: BlockEntry, nbytes: int) -> int | None:
+        """For a new block a tier could take in place (lock held, parent pinned): make room in
+        the fastest tier that can ever hold it and, where that tier is ``WritesInPlace``, claim
+        the key, for the caller to write the block into its slot outside the lock
+        (``fill_claimed``) and publish it (``publish_claimed``). The tier; None where the block
+        is to be placed with ``place_new`` instead."""
+        if entry.key in self._held or entry.key in self._placing:
+            return None
+        for t, tier in enumerate(self.tiers):
+            if not tier.fits_ever(nbytes) or not self.make_room(t, nbytes):
+                continue
+            if self._in_place[t] is None:
+                return None
+            self._placing.add(entry.key)
+            return t
+        return None
+
+    def fill_claimed(self, t: int, entry: BlockEntry, block: PreparedBlock) -> bool:
+        """Write a block claimed in tier ``t`` into its slot (without the lock: other puts,
+        lookups and write-throughs go on meanwhile; nothing evicts a block not yet indexed).
+        False, the claim given up, if the tier had no room after all (a concurrent put took
+        the room made): place it with ``place_new``. Raises what the write raises, likewise."""
+        writer = self._in_place[t]
+        assert writer is not None  # claim_in_place claims only such tiers
+        try:
+            if writer.put_with(entry.key, block.nbytes, block.write_into, entry.meta()):
+                return True
+        except StorageFull:
+            pass
+        except BaseException:
+            self.unclaim(entry.key)
+            raise
+        self.unclaim(entry.key)
+        return False
+
+    def publish_claimed(self, entry: BlockEntry, t: int, nbytes: int) -> None:
+        """Index a block written by ``fill_claimed`` (lock held, parent pinned and live)."""
+        self._placing.discard(entry.key)
+        self.placed.notify_all()
+        self.publish(entry, t, nbytes)
+        if entry.parent is not None:
+            self.index[entry.parent].children.add(entry.key)
+
+    def unclaim(self, key: bytes, t: int | None = None) -> None:
+        """Give up a claim (takes the lock), deleting the copy written into tier ``t`` if given."""
+        with self.lock:
+            self._placing.discard(key)
+            self.placed.notify_all()
+            if t is not None:
+                self.tiers[t].delete(key)
+
     def place_unlocked(self, entry: BlockEntry, data: torch.Tensor) -> int | None:
         """``place_new`` for a parentless block (engine pages), taking the lock itself and
         writing a persistent tier's copy outside it, so many stores overlap their disk writes.
@@ -143,6 +200,7 @@ class Placement:
         finally:
             with self.lock:
                 self._placing.discard(entry.key)
+                self.placed.notify_all()
 
     def host_view(self, t: int, key: bytes) -> torch.Tensor | None:
         """The bytes of block ``key`` in tier ``t`` as stored, where that is host memory (a
@@ -219,6 +277,7 @@ class Placement:
             finally:
                 with self.lock:
                     self._placing.difference_update(blocks[i][0].key for i in idx)
+                    self.placed.notify_all()
         return out
 
     def publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:

@@ -441,3 +441,91 @@ def test_a_prefix_put_again_while_a_reader_holds_its_evicted_copy_is_not_lost_wh
         assert c.put("m", toks, kv) == 64
         out, n = c.get("m", toks)
         assert n == 64 and same(kv, out, 64)
+
+
+class _HeldWrite:
+    """``PreparedBlock.write_into`` held at its ``nth`` call until released: a put stopped
+    while it writes a block into its slot."""
+
+    def __init__(self, monkeypatch, nth: int = 1):
+        from kvtier.block import PreparedBlock
+
+        self.entered, self.gate, self.calls = threading.Event(), threading.Event(), 0
+        real = PreparedBlock.write_into
+
+        def held(block, out):
+            self.calls += 1
+            if self.calls == nth:
+                self.entered.set()
+                assert self.gate.wait(30)
+            return real(block, out)
+
+        monkeypatch.setattr(PreparedBlock, "write_into", held)
+
+    def put(self, c, toks, kv):
+        """Start ``c.put`` on a thread; returns (thread, results: stored count or exception)."""
+        out: list = []
+
+        def run():
+            try:
+                out.append(c.put("m", toks, kv))
+            except BaseException as e:  # noqa: BLE001  the test inspects it
+                out.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        assert self.entered.wait(30)
+        return t, out
+
+
+def test_a_block_is_written_into_its_slot_outside_the_cache_lock(monkeypatch):
+    """The copy and checksums of a block into its host slot take ~0.5 ms per 2 MiB; done under
+    the cache's lock, every lookup, get and write-through waited for them. A put held in the
+    middle of that write must not stop a lookup, or a concurrent put of the same prefix from
+    taking the first's block once it is there (each block stored once)."""
+    held = _HeldWrite(monkeypatch, nth=2)
+    with small_cache() as c:
+        kv = random_kv(64)
+        toks = list(range(64))
+        t, out = held.put(c, toks, kv)
+        done = threading.Event()
+        threading.Thread(target=lambda: (c.lookup("m", toks), done.set()), daemon=True).start()
+        assert done.wait(30)  # the lookup ran while block 1 was being written
+        assert c.lookup("m", toks).tokens == BT  # block 1 is not visible before it is whole
+        second: list = []
+        t2 = threading.Thread(target=lambda: second.append(c.put("m", toks, kv)), daemon=True)
+        t2.start()
+        held.gate.set()
+        t.join(30)
+        t2.join(30)
+        assert out[0] + second[0] == 64  # each block stored once, by one of them
+        assert c.stats().tiers["host"].blocks == 4
+        got, n = c.get("m", toks)
+        assert n == 64 and same(kv, got, 64)
+
+
+def test_a_namespace_dropped_while_a_block_is_written_leaves_no_slot_behind(monkeypatch):
+    held = _HeldWrite(monkeypatch, nth=2)
+    with small_cache() as c:
+        kv = random_kv(64)
+        toks = list(range(64))
+        t, out = held.put(c, toks, kv)
+        c.drop_namespace("m")
+        held.gate.set()
+        t.join(30)
+        assert isinstance(out[0], UnknownNamespace)
+        assert c.tier("host").used_bytes == 0 and c.stats().tiers["host"].blocks == 0
+
+
+def test_a_prefix_evicted_while_its_next_block_is_written_stops_the_put_and_frees_the_slot(monkeypatch):
+    held = _HeldWrite(monkeypatch, nth=2)
+    with small_cache() as c:
+        kv = random_kv(64)
+        toks = list(range(64))
+        t, out = held.put(c, toks, kv)
+        assert c.evict("m", toks) == 1  # block 0: pinned by the put, so doomed
+        held.gate.set()
+        t.join(30)
+        assert out == [16]  # block 0 was stored (and then evicted); the put stopped at block 1
+        assert c.lookup("m", toks).tokens == 0
+        assert c.tier("host").used_bytes == 0  # block 1's slot freed, block 0's with the put

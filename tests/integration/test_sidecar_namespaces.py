@@ -37,17 +37,17 @@ def test_drop_during_a_put_never_recreates_the_namespace_outside_its_tenant(monk
 
         from kvtier.block import PreparedBlock
 
-        real, calls = PreparedBlock.pooled, []
+        real, calls = PreparedBlock.write_into, []
         entered, gate = threading.Event(), threading.Event()
 
-        def slow(block):
+        def slow(block, out):
             calls.append(1)
             if len(calls) == 2:
                 entered.set()
                 assert gate.wait(30)
-            return real(block)
+            return real(block, out)
 
-        monkeypatch.setattr(PreparedBlock, "pooled", slow)
+        monkeypatch.setattr(PreparedBlock, "write_into", slow)
         t = threading.Thread(target=put)
         t.start()
         assert entered.wait(30)
