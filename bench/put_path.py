@@ -29,6 +29,7 @@ import torch
 from kvtier.bench.common import drop_page_cache, table
 from kvtier.config import CacheConfig, HostTierConfig, SSDTierConfig
 from kvtier.manager import TieredCache
+from kvtier.tiers.memory import MemoryTier
 
 LAYERS, HEADS, DIM = 4, 8, 64  # float16: a 256-token block is 2 MiB
 
@@ -54,6 +55,10 @@ def put_once(root: Path, kv: list, tokens: int, block_tokens: int, durability: A
                           durability=durability, min_free_bytes=0, batch_interval_ms=batch_interval_ms),
         block_tokens=block_tokens))
     try:
+        hst = cache.tier("host") if host else None
+        if isinstance(hst, MemoryTier):  # a running sidecar's host memory is faulted in: time
+            hst.wait_prefaulted()        # the put, not the page faults
+
         ids = torch.arange(tokens, dtype=torch.int64)
         t0 = time.perf_counter()
         stored = cache.put("bench", ids, kv)

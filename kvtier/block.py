@@ -196,9 +196,7 @@ def encode_block_for_put(codec: Codec, layers: Sequence[Sequence[torch.Tensor]],
     """Encode one block for a put: with ``pieces`` (its tier writes them gathered), as pieces
     over the caller's own memory where the layout allows (``PreparedBlock.as_pieces``: no
     copy); else into a recycled buffer."""
-    block = prepare_block(codec, layers)
-    gathered = block.as_pieces() if pieces else None
-    return gathered if gathered is not None else block.pooled()
+    return prepare_block(codec, layers).for_put(pieces=pieces)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +230,12 @@ class PreparedBlock:
         head[:len(header)] = np.frombuffer(header, dtype=np.uint8)
         head[len(header):] = 0
         return BlockPieces((head, *payloads), self.nbytes, (None, *(crc for _, _, crc in entries)))
+
+    def for_put(self, *, pieces: bool) -> Block:
+        """The block as a put hands it to a tier: with ``pieces`` (the tier writes them
+        gathered), ``as_pieces`` where the layout allows (no copy); else ``pooled``."""
+        gathered = self.as_pieces() if pieces else None
+        return gathered if gathered is not None else self.pooled()
 
     def pooled(self) -> torch.Tensor:
         """The block written into a recycled, 4 KiB-aligned buffer (``encode_block_pooled``)."""

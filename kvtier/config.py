@@ -131,11 +131,15 @@ class HostTierConfig:
     policy: Policy = "lru"
     pinned: bool | None = None  # None: pin when CUDA is available
     page_bytes: int = 4 * 1024**2  # slab page; a block larger than a page takes a run of pages
+    # fault the buffer's memory in at open, on a background thread, rather than on the first puts
+    # (on a VM ~1-3 s of system time per GiB); the process then holds all of it from the start
+    prefault: bool = True
 
     def __post_init__(self) -> None:
         normalize_sizes(self)
         choice(self.policy, Policy, "eviction policy")
         _flag(self, "pinned", optional=True)
+        _flag(self, "prefault")
         _number(self, "page_bytes", strict=True, integer=True)
 
 

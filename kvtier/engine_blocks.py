@@ -33,7 +33,7 @@ from kvtier.pieces import Block
 from kvtier.placement import Placement
 from kvtier.recorder import StatsRecorder
 from kvtier.reload import Reloads
-from kvtier.writethrough import DurableWrite, WriteThrough
+from kvtier.writethrough import WriteThrough
 
 PAGE_READERS = 8  # engine pages read at once (each a read of its own), across every caller
 @functools.cache
@@ -98,14 +98,14 @@ class EngineBlocks:
             todo.append((BlockEntry(key, ns.name, None, 0, 1, len(data), time.time(), ns.codec), data))
         stored = 0
         failed: KVTierError | None = None
-        durable: list[DurableWrite] = []
+        through: list[tuple[BlockEntry, Block, int]] = []
         for (entry, data), placed in zip(todo, p.place_many_unlocked(todo), strict=True):
             if isinstance(placed, KVTierError):
                 failed = failed or placed
             elif placed is not None and placed >= 0:
                 stored += 1
-                durable += self.writes.schedule(entry, data, below=placed)
-        self.writes.wait(durable)
+                through.append((entry, data, placed))
+        self.writes.wait(self.writes.schedule(through))
         self.recorder.count_put(ns, stored)
         if failed is not None:
             raise failed

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Container, Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Sequence
 
 import torch
 
@@ -215,10 +215,7 @@ class Placement:
         """Whether a new block of about ``nbytes`` goes first to a tier that writes a block in
         pieces as they are (``BatchedPuts``: the SSD tier), so a put need not copy it together
         (``kvtier.pieces``). A block sent elsewhere in pieces after all is copied then."""
-        for t, tier in enumerate(self.tiers):
-            if tier.fits_ever(nbytes):
-                return tier.persistent and self.batched[t]
-        return False
+        return self._landing(nbytes) is not None
 
     def place_many_unlocked(self, blocks: Sequence[tuple[BlockEntry, Block]]
                             ) -> list[int | None | KVTierError]:
@@ -279,6 +276,81 @@ class Placement:
                     self._placing.difference_update(blocks[i][0].key for i in idx)
                     self.placed.notify_all()
         return out
+
+    def place_chain_unlocked(self, blocks: Sequence[tuple[BlockEntry, Block]],
+                             check: Callable[[], None]) -> list[BlockEntry]:
+        """Place a run of a prefix's new blocks (each the parent of the next; the first's parent
+        pinned by the caller) that land in a persistent tier storing batches (``takes_pieces``:
+        the SSD tier with no memory tier in front): claimed and made room for under the lock,
+        written with one ``put_many`` outside it (the writes in flight together, one group
+        commit), published in order. A put of a prefix to the SSD then neither holds the lock
+        through its disk writes nor waits for each block's write before the next starts.
+
+        Returns the leading blocks published, each pinned. It stops short at the first block it
+        could not claim (indexed, being placed by a concurrent put, held, no room) or whose
+        write failed; copies written after that are deleted (a child without its parent is
+        useless), and the caller places the rest one by one (``place_new``). ``check`` runs
+        under the lock before anything is published; if it raises, nothing is and the copies
+        are deleted."""
+        if not blocks:
+            return []
+        with self.lock:
+            t = self._landing(len(blocks[0][1]))
+            if t is None:
+                return []
+            tier = self.tiers[t]
+            disk = tier if isinstance(tier, DiskBound) else None
+            claimed: list[tuple[BlockEntry, Block]] = []
+            room = 0
+            for entry, data in blocks:
+                key = entry.key
+                if key in self.index or key in self._placing or key in self._held:
+                    break
+                if not self.make_room(t, room + len(data)):
+                    break
+                if disk is not None and disk.short_of_disk(room + len(data)):
+                    break  # a full disk refuses it: once, by place_new, which counts it
+                room += len(data)
+                self._placing.add(key)  # one writer per key while it is not indexed yet
+                claimed.append((entry, data))
+        if not claimed:
+            return []
+        assert isinstance(tier, BatchedPuts)  # _landing says so
+        out: list[BlockEntry] = []
+        written: list[bytes] = []
+        try:
+            results = tier.put_many([(e.key, data, e.meta()) for e, data in claimed])
+            written = [e.key for (e, _), err in zip(claimed, results, strict=True) if err is None]
+            ok = next((i for i, err in enumerate(results) if err is not None), len(claimed))
+            with self.lock:
+                check()
+                parent_key = claimed[0][0].parent
+                parent = self.index.get(parent_key) if parent_key is not None else None
+                if parent_key is not None and (parent is None or parent.doomed):
+                    return out  # the parent was dropped meanwhile: children alone are useless
+                for entry, data in claimed[:ok]:
+                    self.publish(entry, t, len(data))
+                    if entry.parent is not None:
+                        self.index[entry.parent].children.add(entry.key)
+                    entry.pins += 1
+                    out.append(entry)
+            return out
+        finally:
+            with self.lock:
+                kept = {e.key for e in out}
+                for key in written:
+                    if key not in kept:
+                        tier.delete(key)
+                self._placing.difference_update(e.key for e, _ in claimed)
+                self.placed.notify_all()
+
+    def _landing(self, nbytes: int) -> int | None:
+        """The tier a new block of ``nbytes`` goes to first if that is a persistent tier storing
+        batches (``BatchedPuts``); None otherwise."""
+        for t, tier in enumerate(self.tiers):
+            if tier.fits_ever(nbytes):
+                return t if tier.persistent and self.batched[t] else None
+        return None
 
     def publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:
         """Record that tier ``t`` holds ``entry`` (lock held)."""

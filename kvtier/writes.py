@@ -20,12 +20,14 @@ from kvtier.index import BlockEntry
 from kvtier.keys import TokenIds, as_token_array, prefix_hashes
 from kvtier.layout import KV
 from kvtier.namespaces import Namespace
+from kvtier.pieces import Block, contiguous
 from kvtier.placement import Placement
 from kvtier.prefixkv import PrefixKV
 from kvtier.recorder import StatsRecorder
 from kvtier.writethrough import DurableWrite, WriteThrough
 
 AHEAD = 2  # blocks encoded ahead of the one being placed
+WINDOW_BYTES = 16 << 20  # new blocks a put writes to the SSD tier per put_many (placed, or through)
 
 @functools.cache
 def _encoder_pool() -> ThreadPoolExecutor:
@@ -39,19 +41,25 @@ class _EncodeAhead:
     encode and checksum of the next blocks overlap the write of this one. Blocks are still
     placed, written and acknowledged in order, one after another, as without it."""
 
-    def __init__(self, encode: Callable[[int], torch.Tensor], n: int, ahead: int = AHEAD) -> None:
+    def __init__(self, encode: Callable[[int], Block], n: int, ahead: int = AHEAD) -> None:
         self.encode = encode
         self.n = n
         self.ahead_blocks = ahead
-        self.ahead: dict[int, Future[torch.Tensor]] = {}
+        self.ahead: dict[int, Future[Block]] = {}
 
-    def __call__(self, i: int) -> torch.Tensor:
+    def __call__(self, i: int) -> Block:
         f = self.ahead.pop(i, None)
         pool = _encoder_pool()
         for j in range(i + 1, min(i + 1 + self.ahead_blocks, self.n)):
             if j not in self.ahead:
                 self.ahead[j] = pool.submit(self.encode, j)
         return f.result() if f is not None else self.encode(i)
+
+    def batch(self, encode: Callable[[int], Block], ahead: int) -> None:
+        """Encode blocks with ``encode`` from now on, ``ahead`` of the one asked for: a window of
+        blocks written together while the next is encoded."""
+        self.encode = encode
+        self.ahead_blocks = ahead
 
     def close(self) -> None:
         """Wait for encodes still running: none reads the caller's KV once the put returns."""
@@ -95,8 +103,17 @@ class Puts:
         in_place = self.writes.all_awaited
         encoded = _EncodeAhead(lambda i: prefix.prepare(i, codec).pooled(), len(keys),
                                ahead=0 if in_place else AHEAD)
+        window = -1  # new blocks placed per put_many (0: one by one; -1: not known yet)
+        placed_to = 0  # blocks before this one were placed by a window
+        alone = -1  # a block that stopped a window is placed one by one
+        # New blocks placed one by one are written through below a window at a time, together
+        # where that tier stores batches (the put waits for durable tiers: in-flight pins hold).
+        through: list[tuple[BlockEntry, Block, int]] = []
+        through_bytes = WINDOW_BYTES if self.writes.batches else 0
         try:
             for i, key in enumerate(keys):
+                if i < placed_to:
+                    continue
                 with p.lock:
                     self.catalog.check_live(ns)
                     existing = p.index.get(key)
@@ -110,9 +127,25 @@ class Puts:
                 if missing:
                     # Stored, but not yet on a durable tier (an earlier write-through failed, or
                     # one is in flight): write it (or wait for that write) before acknowledging.
-                    durable += self.writes.write(chain[-1], encoded(i), missing)
+                    durable += self.writes.write(chain[-1], contiguous(encoded(i)), missing)
                     continue
-                block = prefix.prepare(i, codec) if in_place else encoded(i)
+                if window < 0:  # the first new block: does it land in a tier storing batches?
+                    window = self._window(prefix.prepare(i, codec).nbytes)
+                    if window:
+                        encoded.batch(lambda j: prefix.prepare(j, codec).for_put(pieces=True), window)
+                if window and i != alone:
+                    run = self._place_window(ns, chain, keys, i, window, encoded)
+                    for placed_entry, _ in run:
+                        new.add(placed_entry.key)
+                        stored += bt
+                    durable += self.writes.schedule([(e, data, min(e.tiers)) for e, data in run])
+                    if run:
+                        placed_to = i + len(run)
+                        if len(run) < min(window, len(keys) - i):
+                            alone = placed_to  # the block that stopped the window: one by one
+                        continue
+                    window = 0  # none placed together (a concurrent put of them, no room): one by one
+                block = prefix.prepare(i, codec) if in_place else contiguous(encoded(i))
                 placed, entry = self._place(ns, chain, key, i, block)
                 if entry is None:
                     break
@@ -122,23 +155,52 @@ class Puts:
                     stored += bt
                     if isinstance(block, PreparedBlock):
                         view = p.host_view(placed, key)
-                        block = view if view is not None else encoded(i)
-                    durable += self.writes.schedule(entry, block, below=placed)
+                        block = view if view is not None else contiguous(encoded(i))
+                    through.append((entry, block, placed))
+                    if len(through) * len(block) >= through_bytes:
+                        durable += self.writes.schedule(through)
+                        through.clear()
                 else:
                     with p.lock:
                         missing = self.writes.missing(entry)
                     if missing:
-                        durable += self.writes.write(entry, encoded(i), missing)
+                        durable += self.writes.write(entry, contiguous(encoded(i)), missing)
+            durable += self.writes.schedule(through)
             self.writes.wait(durable)
             with p.lock:
                 self.catalog.check_live(ns)
         finally:
             encoded.close()
+            for w in durable:  # a put that failed: writes may read blocks its pins keep in place
+                w.future.exception()
             p.release(chain)
         with p.lock:
             p.order_after_put(keys, new)
         self.recorder.count_put(ns, stored)
         return stored
+
+    def _window(self, nbytes: int) -> int:
+        """New blocks of ``nbytes`` a put places per ``put_many`` where they land in a tier that
+        stores batches (the SSD tier with no memory tier in front): enough for the disk to keep
+        several writes in flight. 0 elsewhere: they are placed one by one."""
+        return max(1, WINDOW_BYTES // nbytes) if self.placement.takes_pieces(nbytes) else 0
+
+    def _place_window(self, ns: Namespace, chain: list[BlockEntry], keys: Sequence[bytes], start: int,
+                      window: int, encoded: _EncodeAhead) -> list[tuple[BlockEntry, Block]]:
+        """Place new blocks ``start``.. (up to ``window``) together (``place_chain_unlocked``):
+        their writes in flight at once, outside the lock, while the next window is encoded on
+        the pool. Returns the blocks placed, pinned and appended to ``chain``; fewer (none) where
+        the rest are to be placed one by one."""
+        parent = chain[-1].key if chain else None
+        blocks: list[tuple[BlockEntry, Block]] = []
+        for j in range(start, min(start + window, len(keys))):
+            data = encoded(j)
+            blocks.append((BlockEntry(keys[j], ns.name, parent, j, ns.block_tokens, len(data), time.time(),
+                                      ns.codec), data))
+            parent = keys[j]
+        placed = self.placement.place_chain_unlocked(blocks, lambda: self.catalog.check_live(ns))
+        chain.extend(placed)
+        return blocks[:len(placed)]
 
     def _place(self, ns: Namespace, chain: list[BlockEntry], key: bytes, i: int,
                data: torch.Tensor | PreparedBlock, claim: bool = True) -> tuple[int | None, BlockEntry | None]:

@@ -25,6 +25,7 @@ from kvtier.errors import KVTierError, StorageFull
 from kvtier.index import BlockEntry
 from kvtier.pieces import Block, contiguous
 from kvtier.placement import Placement
+from kvtier.tiers.base import BatchedPuts
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,42 @@ class WriteThrough:
         return not self.admit_on_put or all(tier.durable for tier in self.placement.tiers if tier.persistent)
 
     @property
+    def batches(self) -> bool:
+        """Whether some write-through goes to a durable tier in batches (``schedule``)."""
+        return self.admit_on_put and any(self.placement.batched[t] for t in self.durable)
+
+    @property
     def backlog_bytes(self) -> int:
         """Bytes of background writes queued now."""
         return self._backlog_bytes
 
-    def schedule(self, entry: BlockEntry, data: Block, below: int) -> list[DurableWrite]:
-        """Write a new block (now in tier ``below``) to every persistent tier under it; returns
-        the writes to durable tiers. Call without the lock: the backlog bound may wait. A block
-        in pieces (the caller's memory) is copied together first, since a write may outlive
-        the put."""
+    def schedule(self, blocks: Sequence[tuple[BlockEntry, Block, int]]) -> list[DurableWrite]:
+        """Write new blocks (``(entry, data, the tier it is in now)``) to every persistent tier
+        under them; returns the writes to durable tiers. Call without the lock: the backlog
+        bound may wait.
+
+        A durable tier that stores batches (``BatchedPuts``: the SSD tier) takes them in one
+        ``put_many`` on the pool: their writes in flight together, one group commit, where a
+        ``put`` per block kept one write per writer thread in flight. Elsewhere a block in
+        pieces (the caller's memory) is copied together first, since a write may outlive the
+        put; a durable write does not (the put waits for it)."""
         if not self.admit_on_put:
             return []
-        tiers = self.placement.tiers
-        under = [t for t in range(below + 1, len(tiers)) if tiers[t].persistent]
-        return self.write(entry, contiguous(data), under) if under else []
+        p = self.placement
+        waits: list[DurableWrite] = []
+        batches: dict[int, list[tuple[BlockEntry, Block]]] = {}
+        for entry, data, below in blocks:
+            rest = []
+            for t in range(below + 1, len(p.tiers)):
+                if t in self.durable and p.batched[t]:
+                    batches.setdefault(t, []).append((entry, data))
+                elif p.tiers[t].persistent:
+                    rest.append(t)
+            if rest:
+                waits += self.write(entry, contiguous(data), rest)
+        for t, batch in batches.items():
+            waits += self._write_batch(batch, t)
+        return waits
 
     def missing(self, entry: BlockEntry) -> list[int]:
         """Durable tiers that should hold ``entry`` by write-through but do not (lock held)."""
@@ -111,9 +134,12 @@ class WriteThrough:
         errors: list[KVTierError] = []
         for w in writes:
             try:
-                w.future.result()
+                failed = w.future.result()  # a batch's: its blocks' errors by key
             except KVTierError as e:
                 errors.append(e)
+                continue
+            if failed and w.entry.key in failed:
+                errors.append(failed[w.entry.key])
                 continue
             with p.lock:
                 if w.tier not in w.entry.tiers and not w.entry.doomed:
@@ -154,6 +180,72 @@ class WriteThrough:
                 tier.delete(key)
             elif t not in entry.tiers:
                 p.publish(entry, t, len(data))
+
+    def _write_batch(self, blocks: Sequence[tuple[BlockEntry, Block]], t: int) -> list[DurableWrite]:
+        """Submit one ``put_many`` of ``blocks`` into durable tier ``t`` (joining the writes of
+        any already in flight); returns the writes to wait for."""
+        waits: list[DurableWrite] = []
+        todo: list[tuple[BlockEntry, Block]] = []
+        with self.placement.lock:  # check and submit at once: one write per block and tier
+            for entry, data in blocks:
+                fut = self._inflight.get((entry.key, t))
+                if fut is None:
+                    todo.append((entry, data))
+                else:
+                    waits.append(DurableWrite(entry, t, fut))
+            if todo:
+                fut = self._pool.submit(self._write_many, todo, t)
+                self._pending.add(fut)
+                for entry, _ in todo:
+                    self._inflight[(entry.key, t)] = fut
+                    waits.append(DurableWrite(entry, t, fut))
+                fut.add_done_callback(functools.partial(self._done_many, [e.key for e, _ in todo], t))
+        return waits
+
+    def _write_many(self, blocks: Sequence[tuple[BlockEntry, Block]], t: int) -> dict[bytes, KVTierError]:
+        """``_write`` for many blocks into batching tier ``t``: room made for all under the lock,
+        one ``put_many`` outside it, each published under it. Returns the errors by key (counted;
+        a put waiting for them reports them), never raises for one block."""
+        p = self.placement
+        tier = p.tiers[t]
+        assert isinstance(tier, BatchedPuts)  # schedule batches only such tiers
+        failed: dict[bytes, KVTierError] = {}
+        go: list[tuple[BlockEntry, Block]] = []
+        with p.lock:
+            room = 0
+            for entry, data in blocks:
+                e = p.index.get(entry.key)
+                if e is None or e.doomed or t in e.tiers:
+                    continue
+                n = len(data)
+                if not (tier.fits_ever(n) and p.make_room(t, room + n)):
+                    p.stats.tiers[tier.name].put_failures += 1
+                    failed[entry.key] = StorageFull(
+                        f"{tier.name} tier has no room for a {n}-byte block ({tier.used_bytes} of "
+                        f"{tier.capacity_bytes} bytes used, the rest held by readers or unevictable)")
+                    continue
+                room += n
+                go.append((e, data))
+        results = tier.put_many([(e.key, data, e.meta()) for e, data in go]) if go else []
+        with p.lock:
+            for (entry, data), err in zip(go, results, strict=True):
+                if err is not None:
+                    p.stats.tiers[tier.name].put_failures += 1
+                    failed[entry.key] = err if isinstance(err, KVTierError) else KVTierError(str(err))
+                    log.log(logging.DEBUG if isinstance(err, StorageFull) else logging.WARNING,
+                            "write-through to %s failed: %s", tier.name, err)
+                elif entry.doomed or p.index.get(entry.key) is not entry:
+                    tier.delete(entry.key)
+                elif t not in entry.tiers:
+                    p.publish(entry, t, len(data))
+        return failed
+
+    def _done_many(self, keys: Sequence[bytes], t: int, fut: Future) -> None:
+        with self.placement.lock:
+            self._pending.discard(fut)
+            for key in keys:
+                if self._inflight.get((key, t)) is fut:
+                    del self._inflight[(key, t)]
 
     def _reserve(self, nbytes: int) -> None:
         with self._backlog:  # back-pressure: a put waits rather than letting memory grow

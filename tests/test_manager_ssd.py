@@ -198,17 +198,17 @@ def test_a_durable_write_through_reads_the_host_slot_and_no_other_put_can_take_i
     others = [prompt(i) for i in range(2, 8)]
     with cache(tmp_path, host="64KiB") as c:  # a few blocks: the others' 18 overflow it
         ssd = c.tier("ssd")
-        real, gate, entered = ssd.put, threading.Event(), threading.Event()
+        real, gate, entered = ssd.put_many, threading.Event(), threading.Event()
         held: list[bytes] = []
 
-        def held_put(key, data, meta):
+        def held_put_many(blocks):
             if not held:
-                held.append(key)
+                held.extend(key for key, _, _ in blocks)
                 entered.set()
                 assert gate.wait(30)
-            return real(key, data, meta)
+            return real(blocks)
 
-        monkeypatch.setattr(ssd, "put", held_put)
+        monkeypatch.setattr(ssd, "put_many", held_put_many)
         errors: list[BaseException] = []
 
         def put_a():
@@ -226,6 +226,7 @@ def test_a_durable_write_through_reads_the_host_slot_and_no_other_put_can_take_i
         gate.set()
         t.join(60)
         assert not t.is_alive() and not errors
+        assert len(held) == 3  # A's blocks were written through together
         assert c.stats().tiers["ssd"].blocks >= 3
     with cache(tmp_path) as c:  # a restart: only what the disk holds
         for toks, kv in [(toks_a, kv_a), *others]:

@@ -107,3 +107,35 @@ def test_put_with_a_failing_writer_leaves_no_trace():
     with pytest.raises(OSError):
         tier.put_with(b"k" * 16, 5000, broken, META)
     assert not tier.contains(b"k" * 16) and tier.used_bytes == 0 and tier.can_fit(64 * 1024)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux only")
+def test_a_host_tier_faults_its_memory_in_at_open_without_changing_what_is_written():
+    """Prefault (the default) makes the fresh buffer resident on a background thread, so the
+    first puts do not pay its page faults; it never changes a byte a put wrote meanwhile, and
+    ``prefault=False`` leaves the memory to be faulted in on use."""
+    from kvtier.bufpool import prefault
+
+    size = 256 * 1024**2
+    before = _resident_bytes()
+    lazy = make_host_tier(HostTierConfig(capacity_bytes=size, pinned=False, prefault=False))
+    assert lazy.wait_prefaulted(0) and _resident_bytes() - before < size // 4
+    lazy.close()
+    before = _resident_bytes()
+    tier = make_host_tier(HostTierConfig(capacity_bytes=size, pinned=False))
+    data = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8)
+    tier.put(b"k", data, META)  # written while the prefault may still run
+    assert tier.wait_prefaulted(120)
+    if not prefault(tier.buffer[:4096]):
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14)")
+    assert _resident_bytes() - before > size * 3 // 4
+    assert torch.equal(tier.view(b"k"), data)
+    region = tier.buffer[size // 2: size // 2 + (1 << 20)]
+    region.copy_(data)
+    assert prefault(region) and torch.equal(region, data)
+    tier.close()

@@ -10,9 +10,10 @@ import threading
 import pytest
 import torch
 
-from kvtier.block import decode_block_into
+from kvtier.block import decode_block_into, encode_block_for_put
 from kvtier.catalog import NamespaceCatalog
-from kvtier.errors import UnknownNamespace
+from kvtier.codecs import get_codec
+from kvtier.errors import StorageFull, UnknownNamespace
 from kvtier.keys import as_token_array, prefix_hashes
 from kvtier.layout import block_slice
 from kvtier.namespaces import NamespaceRegistry
@@ -71,17 +72,18 @@ def test_every_full_block_is_stored_once_bit_exact_and_counted():
 def test_a_put_is_acknowledged_only_once_the_ssd_tier_holds_every_block(tmp_path, monkeypatch):
     p = placement([host(16 * BLOCK), ssd(tmp_path / "ssd", inline_threshold=0)])
     puts, writes, catalog = puts_over(p)
-    gate = Gate(p.tiers[1], monkeypatch)
+    sizes = spy_put_many(p.tiers[1], monkeypatch)
+    gate = Gate(p.tiers[1], monkeypatch, method="put_many")
     result: list[int] = []
     t = threading.Thread(target=lambda: result.append(puts.put("m", TOKENS, KV, create=True)))
     try:
         t.start()
-        gate.wait_reached(2)  # the write-throughs are under way (two writer threads), held
+        gate.wait_reached()  # the write-throughs are under way (together: one put_many), held
         t.join(0.2)
         assert t.is_alive() and not result  # not acknowledged while the SSD tier lacks them
         gate.open.set()
         t.join(30)
-        assert result == [4 * BT]
+        assert result == [4 * BT] and sizes == [4]
         ks = keys(catalog)  # no flush: the acknowledgement itself means durable
         assert all(p.index[k].tiers == {0, 1} and p.tiers[1].contains(k) for k in ks)
         assert p.stats.tiers["ssd"].blocks_written == 4
@@ -141,3 +143,158 @@ def test_refused_puts_store_nothing():
         writes.close()
 
 
+
+
+def ssd_puts(tmp_path, monkeypatch, window_blocks: int):
+    """Puts over an SSD tier alone (new blocks land there: written ``window_blocks`` per
+    ``put_many``), with its single-block ``put`` made to fail the test."""
+    p = placement([ssd(tmp_path / "ssd", inline_threshold=0)])
+    puts, writes, catalog = puts_over(p)
+    nbytes = len(encode_block_for_put(get_codec("none"), block_slice(KV, 0, BT), pieces=False))
+    monkeypatch.setattr("kvtier.writes.WINDOW_BYTES", window_blocks * nbytes)
+    return p, puts, writes, catalog
+
+
+def spy_put_many(tier, monkeypatch) -> list[int]:
+    """The number of blocks of each ``put_many`` call, in order."""
+    sizes: list[int] = []
+    real = tier.put_many
+
+    def put_many(blocks):
+        sizes.append(len(blocks))
+        return real(blocks)
+
+    monkeypatch.setattr(tier, "put_many", put_many)
+    return sizes
+
+
+def test_a_put_to_the_ssd_tier_writes_its_blocks_together_outside_the_lock(tmp_path, monkeypatch):
+    """With no memory tier in front, a put's new blocks go to the SSD tier a window at a time
+    (one ``put_many``: writes in flight together), never one ``put`` each under the cache lock.
+    Held in the middle of its first window's write, the lock is free (a lookup runs), nothing of
+    the window is visible yet, and what lands is the whole chain, bit-exact and released."""
+    p, puts, writes, catalog = ssd_puts(tmp_path, monkeypatch, window_blocks=2)
+    monkeypatch.setattr(p.tiers[0], "put", lambda *a: pytest.fail("one block at a time"))
+    sizes = spy_put_many(p.tiers[0], monkeypatch)
+    gate = Gate(p.tiers[0], monkeypatch, method="put_many")
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(puts.put("m", TOKENS, KV, create=True)))
+    try:
+        t.start()
+        gate.wait_reached()
+        got = threading.Event()
+        threading.Thread(target=lambda: (p.lock.acquire(), p.lock.release(), got.set()), daemon=True).start()
+        assert got.wait(30), "the cache lock is held through the disk write"
+        ks = keys(catalog)
+        with p.lock:
+            assert not any(k in p.index for k in ks)
+        gate.open.set()
+        t.join(30)
+        assert result == [4 * BT] and sizes == [2, 2]
+        assert [p.index[k].parent for k in ks] == [None] + ks[:3]
+        assert all(p.index[k].tiers == {0} and p.index[k].pins == 0 for k in ks)
+        for i, k in enumerate(ks):
+            want = block_slice(KV, i, BT)
+            assert all(torch.equal(a, b) for la, lb in zip(decoded(p.tiers[0], k, p.index[k].nbytes), want,
+                                                            strict=True) for a, b in zip(la, lb, strict=True))
+        assert p.stats.tiers["ssd"].blocks_written == 4
+    finally:
+        gate.open.set()
+        t.join(30)
+        writes.close()
+
+
+def test_a_failed_write_in_a_window_keeps_the_blocks_before_it_and_no_copy_after_it(tmp_path, monkeypatch):
+    """Block 2 of a window of four cannot be written (as a bad sector would): block 1 is
+    stored, the copies of blocks 3 and 4 written beside it are deleted (children without their
+    parent), and block 2 is tried once more alone before the put ends there."""
+    p, puts, writes, catalog = ssd_puts(tmp_path, monkeypatch, window_blocks=4)
+    tier = p.tiers[0]
+    real_many, real_put = tier.put_many, tier.put
+    bad: list[bytes] = []
+    tries: list[bytes] = []
+
+    def put_many(blocks):
+        bad.append(blocks[1][0])
+        out = real_many(blocks)
+        for i, (key, _, _) in enumerate(blocks):
+            if key == bad[0]:
+                tier.delete(key)
+                out[i] = StorageFull("injected: the disk refused this block")
+        return out
+
+    def put(key, data, meta):
+        tries.append(key)
+        if key in bad:
+            raise StorageFull("injected: the disk refused this block again")
+        return real_put(key, data, meta)
+
+    monkeypatch.setattr(tier, "put_many", put_many)
+    monkeypatch.setattr(tier, "put", put)
+    try:
+        with pytest.raises(StorageFull, match="again"):
+            puts.put("m", TOKENS, KV, create=True)
+        ks = keys(catalog)
+        assert bad == [ks[1]] and tries == [ks[1]]
+        assert ks[0] in p.index and not any(k in p.index for k in ks[1:])
+        assert [tier.contains(k) for k in ks] == [True, False, False, False]
+        assert p.index[ks[0]].pins == 0 and not p.placing(ks[2])
+    finally:
+        writes.close()
+
+
+def test_a_namespace_dropped_while_a_window_is_written_leaves_nothing_on_disk(tmp_path, monkeypatch):
+    p, puts, writes, catalog = ssd_puts(tmp_path, monkeypatch, window_blocks=4)
+    gate = Gate(p.tiers[0], monkeypatch, method="put_many")
+    result: list = []
+
+    def run():
+        try:
+            result.append(puts.put("m", TOKENS, KV, create=True))
+        except UnknownNamespace as e:
+            result.append(e)
+
+    t = threading.Thread(target=run)
+    try:
+        t.start()
+        gate.wait_reached()
+        ks = keys(catalog)
+        catalog.remove("m")
+        gate.open.set()
+        t.join(30)
+        assert isinstance(result[0], UnknownNamespace)
+        assert not p.index and not any(p.tiers[0].contains(k) for k in ks)
+        assert p.tiers[0].used_bytes == 0
+    finally:
+        gate.open.set()
+        t.join(30)
+        writes.close()
+
+
+def test_concurrent_puts_of_a_prefix_to_the_ssd_tier_store_each_block_once(tmp_path, monkeypatch):
+    """A second put of the prefix while the first's window is being written waits for it and
+    takes its blocks: each stored once, by one of them."""
+    p, puts, writes, catalog = ssd_puts(tmp_path, monkeypatch, window_blocks=4)
+    sizes = spy_put_many(p.tiers[0], monkeypatch)
+    gate = Gate(p.tiers[0], monkeypatch, method="put_many")
+    first: list[int] = []
+    second: list[int] = []
+    t1 = threading.Thread(target=lambda: first.append(puts.put("m", TOKENS, KV, create=True)))
+    t2 = threading.Thread(target=lambda: second.append(puts.put("m", TOKENS, KV, create=True)))
+    try:
+        t1.start()
+        gate.wait_reached()
+        t2.start()
+        t2.join(0.2)
+        assert t2.is_alive()  # waiting for the blocks being written, not writing them again
+        gate.open.set()
+        t1.join(30)
+        t2.join(30)
+        assert first + second == [4 * BT, 0] and sizes == [4]
+        assert p.stats.tiers["ssd"].blocks_written == 4
+        assert all(p.index[k].pins == 0 for k in keys(catalog))
+    finally:
+        gate.open.set()
+        t1.join(30)
+        t2.join(30)
+        writes.close()

@@ -16,13 +16,14 @@ WAIT = 30.0  # generous: only a broken contract waits this long
 
 
 class Gate:
-    """Holds every ``put`` of a tier until opened; counts the calls that reached it."""
+    """Holds every ``put`` (or ``method``) of a tier until opened; counts the calls that
+    reached it."""
 
-    def __init__(self, tier, monkeypatch) -> None:
+    def __init__(self, tier, monkeypatch, method: str = "put") -> None:
         self.open = threading.Event()
         self.calls = 0
         self.reached = threading.Semaphore(0)
-        real = tier.put
+        real = getattr(tier, method)
 
         def put(*args, **kw):
             self.calls += 1
@@ -30,7 +31,7 @@ class Gate:
             assert self.open.wait(WAIT)
             return real(*args, **kw)
 
-        monkeypatch.setattr(tier, "put", put)
+        monkeypatch.setattr(tier, method, put)
 
     def wait_reached(self, n: int = 1) -> None:
         for _ in range(n):
@@ -42,8 +43,8 @@ def gates(monkeypatch):
     """Makes ``Gate``s; every one is opened when the test ends, passed or failed."""
     made: list[Gate] = []
 
-    def make(tier) -> Gate:
-        made.append(Gate(tier, monkeypatch))
+    def make(tier, method: str = "put") -> Gate:
+        made.append(Gate(tier, monkeypatch, method))
         return made[-1]
 
     yield make
@@ -78,8 +79,8 @@ def test_a_put_waits_for_its_durable_tier(tiers, gates):
         assert w.durable == [1]
         e = entry("a")
         place(p, e)
-        gate = gates(disk)
-        writes = w.schedule(e, data(), below=0)
+        gate = gates(disk, "put_many")  # durable: written in batches
+        writes = w.schedule([(e, data(), 0)])
         assert [x.tier for x in writes] == [1] and w.missing(e) == [1]
         gate.wait_reached()
         acked = in_thread(lambda: w.wait(writes))
@@ -101,7 +102,7 @@ def test_writes_to_a_tier_that_is_not_durable_run_in_the_background(tiers, gates
         e = entry("a")
         place(p, e)
         gate = gates(disk)
-        assert w.schedule(e, data(), below=0) == []  # nothing for the put to wait for
+        assert w.schedule([(e, data(), 0)]) == []  # nothing for the put to wait for
         gate.wait_reached()
         assert w.backlog_bytes == BLOCK and e.tiers == {0}
         gate.open.set()
@@ -119,7 +120,7 @@ def test_a_put_fails_when_its_durable_tier_refuses_a_block(tiers, monkeypatch):
         e = entry("a")
         place(p, e)
         monkeypatch.setattr(disk, "_free_disk", lambda: 0)  # the SSD's file system is full
-        writes = w.schedule(e, data(), below=0)
+        writes = w.schedule([(e, data(), 0)])
         with pytest.raises(StorageFull, match="put not acknowledged: 1 of 1 blocks"):
             w.wait(writes)
         assert e.tiers == {0} and not disk.contains(e.key)
@@ -138,10 +139,10 @@ def test_the_background_backlog_is_bounded(tiers, gates):
         blocks = [entry(i) for i in range(3)]
         for e in blocks:
             place(p, e)
-        w.schedule(blocks[0], data(), below=0)
-        w.schedule(blocks[1], data(), below=0)
+        w.schedule([(blocks[0], data(), 0)])
+        w.schedule([(blocks[1], data(), 0)])
         gate.wait_reached(2)
-        third = in_thread(lambda: w.schedule(blocks[2], data(), below=0))
+        third = in_thread(lambda: w.schedule([(blocks[2], data(), 0)]))
         assert not third.wait(0.2)  # waits for room: back-pressure instead of memory growth
         assert w.backlog_bytes == 2 * BLOCK and gate.calls == 2
         gate.open.set()
@@ -180,9 +181,9 @@ def test_a_joined_background_write_reserves_the_backlog_once(tiers, gates):
         e = entry("a")
         place(p, e)
         gate = gates(disk)
-        w.schedule(e, data(), below=0)
+        w.schedule([(e, data(), 0)])
         gate.wait_reached()
-        w.schedule(e, data(), below=0)
+        w.schedule([(e, data(), 0)])
         assert w.backlog_bytes == BLOCK and gate.calls == 1
         gate.open.set()
         w.flush(WAIT)
@@ -200,8 +201,8 @@ def test_a_block_dropped_while_its_write_runs_leaves_no_copy(tiers, gates):
         place(p, e)
         with p.lock:
             p.touch([e], pin=True)  # as a put holds its blocks
-        gate = gates(disk)
-        writes = w.schedule(e, data(), below=0)
+        gate = gates(disk, "put_many")  # durable: written in batches
+        writes = w.schedule([(e, data(), 0)])
         gate.wait_reached()
         with p.lock:
             p.drop(e.key, "evicted")  # doomed: freed when the put lets go
@@ -220,8 +221,8 @@ def test_a_put_is_not_acknowledged_for_a_block_dropped_before_it_was_durable(tie
     try:
         e = entry("a")
         place(p, e)  # not pinned: nothing holds it
-        gate = gates(disk)
-        w.schedule(e, data(), below=0)
+        gate = gates(disk, "put_many")  # durable: written in batches
+        w.schedule([(e, data(), 0)])
         gate.wait_reached()  # a write of it in flight
         with p.lock:
             p.drop(e.key, "capacity")
@@ -241,8 +242,41 @@ def test_without_write_through_admission_nothing_is_written_on_put(tiers):
     try:
         e = entry("a")
         place(p, e)
-        assert w.schedule(e, data(), below=0) == [] and w.missing(e) == []
+        assert w.schedule([(e, data(), 0)]) == [] and w.missing(e) == []
         w.flush(WAIT)
         assert not disk.contains(e.key) and e.tiers == {0}
+    finally:
+        w.close()
+
+
+def test_durable_writes_go_together_and_each_blocks_failure_is_its_own(tiers, monkeypatch):
+    """Blocks written through to the SSD tier go in one ``put_many`` (their writes in flight
+    together); one that the disk refuses fails the put for itself alone: the others are
+    written and published, and the refused one is counted and reported with its reason."""
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p)
+    real = disk.put_many
+    calls: list[int] = []
+
+    def put_many(blocks):
+        calls.append(len(blocks))
+        out = real([b for b in blocks if b[0] != bad.key])
+        return [StorageFull("injected: a bad sector") if b[0] == bad.key else out.pop(0) for b in blocks]
+
+    monkeypatch.setattr(disk, "put_many", put_many)
+    monkeypatch.setattr(disk, "put", lambda *a: pytest.fail("one block at a time"))
+    try:
+        blocks = [entry(i) for i in range(3)]
+        bad = blocks[1]
+        for e in blocks:
+            place(p, e)
+        writes = w.schedule([(e, data(seed=i), 0) for i, e in enumerate(blocks)])
+        with pytest.raises(StorageFull, match=r"1 of 3 blocks could not be made durable \(injected: a bad sector"):
+            w.wait(writes)
+        assert calls == [3]
+        assert [e.tiers for e in blocks] == [{0, 1}, {0}, {0, 1}]
+        assert [disk.contains(e.key) for e in blocks] == [True, False, True]
+        assert p.stats.tiers["ssd"].put_failures == 1 and w.missing(bad) == [1]
     finally:
         w.close()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from kvtier.bufpool import aligned_empty, block_buffers
+from kvtier.bufpool import aligned_empty, block_buffers, prefault
 from kvtier.bytecopy import as_uint8, copy_bytes
 from kvtier.config import DeviceTierConfig, HostTierConfig
 from kvtier.errors import StorageFull
@@ -36,6 +36,22 @@ class MemoryTier:
         self._slots: dict[bytes, tuple[int, int]] = {}  # key -> (offset, nbytes)
         self._used = 0
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._prefaulting: threading.Thread | None = None
+
+    def start_prefault(self) -> None:
+        """Fault the buffer's memory in on a background thread (``bufpool.prefault``), so puts
+        into a fresh tier do not pay the page faults; ``close`` stops it."""
+        self._prefaulting = threading.Thread(target=prefault, args=(self.buffer, self._stop),
+                                             name=f"kvtier-{self.name}-prefault", daemon=True)
+        self._prefaulting.start()
+
+    def wait_prefaulted(self, timeout: float | None = None) -> bool:
+        """Wait until the memory is faulted in (or the kernel could not); False on timeout."""
+        if self._prefaulting is not None:
+            self._prefaulting.join(timeout)
+            return not self._prefaulting.is_alive()
+        return True
 
     @property
     def capacity_bytes(self) -> int:
@@ -129,6 +145,9 @@ class MemoryTier:
         return iter(())
 
     def close(self) -> None:
+        self._stop.set()
+        if self._prefaulting is not None:
+            self._prefaulting.join()  # a chunk at most: the memory outlives it
         with self._lock:
             self._slots.clear()
             self._used = 0
@@ -138,7 +157,10 @@ def make_host_tier(cfg: HostTierConfig) -> MemoryTier:
     """The host tier: slots fitted to each block (``cfg.page_bytes`` no longer matters)."""
     pinned = torch.cuda.is_available() if cfg.pinned is None else cfg.pinned
     alloc = ExtentAllocator(cfg.capacity_bytes)
-    return MemoryTier("host", aligned_empty(alloc.capacity, pinned=pinned), alloc)
+    tier = MemoryTier("host", aligned_empty(alloc.capacity, pinned=pinned), alloc)
+    if cfg.prefault and not pinned:  # pinned memory is faulted in and locked when allocated
+        tier.start_prefault()
+    return tier
 
 
 def make_device_tier(cfg: DeviceTierConfig) -> MemoryTier:
