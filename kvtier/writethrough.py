@@ -205,7 +205,9 @@ class WriteThrough:
     def _write_many(self, blocks: Sequence[tuple[BlockEntry, Block]], t: int) -> dict[bytes, KVTierError]:
         """``_write`` for many blocks into batching tier ``t``: room made for all under the lock,
         one ``put_many`` outside it, each published under it. Returns the errors by key (counted;
-        a put waiting for them reports them), never raises for one block."""
+        a put waiting for them reports them), never raises for one block. A block whose parent
+        in the batch did not reach the tier is not kept there either: its copy would be an
+        orphan (dropped, unreadable) once the parent left the tiers above."""
         p = self.placement
         tier = p.tiers[t]
         assert isinstance(tier, BatchedPuts)  # schedule batches only such tiers
@@ -216,6 +218,9 @@ class WriteThrough:
             for entry, data in blocks:
                 e = p.index.get(entry.key)
                 if e is None or e.doomed or t in e.tiers:
+                    continue
+                if e.parent in failed:  # its copy there would be an orphan once the parent leaves
+                    failed[e.key] = failed[e.parent]
                     continue
                 n = len(data)
                 if not (tier.fits_ever(n) and p.make_room(t, room + n)):
@@ -234,6 +239,9 @@ class WriteThrough:
                     failed[entry.key] = err if isinstance(err, KVTierError) else KVTierError(str(err))
                     log.log(logging.DEBUG if isinstance(err, StorageFull) else logging.WARNING,
                             "write-through to %s failed: %s", tier.name, err)
+                elif entry.parent in failed:  # written beside a parent that was not: no orphans
+                    tier.delete(entry.key)
+                    failed[entry.key] = failed[entry.parent]
                 elif entry.doomed or p.index.get(entry.key) is not entry:
                     tier.delete(entry.key)
                 elif t not in entry.tiers:

@@ -280,3 +280,37 @@ def test_durable_writes_go_together_and_each_blocks_failure_is_its_own(tiers, mo
         assert p.stats.tiers["ssd"].put_failures == 1 and w.missing(bad) == [1]
     finally:
         w.close()
+
+
+def test_a_child_is_not_written_through_where_its_parent_was_refused(tiers, monkeypatch):
+    """A prefix a -> b -> c written through together, b refused by the disk: c's copy (written
+    beside it) is deleted, as its descendants' would be, so the SSD keeps no block whose parent
+    it lacks (an orphan once b leaves the host tier); the put fails for b and c, a is kept."""
+    hst, disk = tiers
+    p = placement([hst, disk])
+    w = writer(p)
+    real = disk.put_many
+
+    def put_many(blocks):
+        out = real(blocks)
+        for i, (key, _, _) in enumerate(blocks):
+            if key == b.key:
+                disk.delete(key)
+                out[i] = StorageFull("injected: a bad sector")
+        return out
+
+    monkeypatch.setattr(disk, "put_many", put_many)
+    try:
+        a = entry("a")
+        b = entry("b", parent=a)
+        c = entry("c", parent=b)
+        for e in (a, b, c):
+            place(p, e)
+        writes = w.schedule([(e, data(seed=i), 0) for i, e in enumerate((a, b, c))])
+        with pytest.raises(StorageFull, match="2 of 3 blocks"):
+            w.wait(writes)
+        assert [e.tiers for e in (a, b, c)] == [{0, 1}, {0}, {0}]
+        assert [disk.contains(e.key) for e in (a, b, c)] == [True, False, False]
+        assert w.missing(c) == [1]  # the next put of the prefix writes both again
+    finally:
+        w.close()
