@@ -135,9 +135,8 @@ class Puts:
                         encoded.batch(lambda j: prefix.prepare(j, codec).for_put(pieces=True), window)
                 if window and i != alone:
                     run = self._place_window(ns, chain, keys, i, window, encoded)
-                    for placed_entry, _ in run:
-                        new.add(placed_entry.key)
-                        stored += bt
+                    new.update(e.key for e, _ in run)
+                    stored += bt * len(run)
                     durable += self.writes.schedule([(e, data, min(e.tiers)) for e, data in run])
                     if run:
                         placed_to = i + len(run)

@@ -159,27 +159,46 @@ class WriteThrough:
             entry = p.index.get(key)
             if entry is None or entry.doomed or t in entry.tiers:
                 return
-            if not (tier.fits_ever(len(data)) and p.make_room(t, len(data))):
-                p.stats.tiers[tier.name].put_failures += 1
-                raise StorageFull(f"{tier.name} tier has no room for a {len(data)}-byte block "
-                                  f"({tier.used_bytes} of {tier.capacity_bytes} bytes used, the rest "
-                                  "held by readers or unevictable)")
+            no_room = self._make_room(t, len(data), 0)
+            if no_room is not None:
+                raise no_room
             meta = entry.meta()
         try:
             tier.put(key, data, meta)  # I/O outside the lock
         except KVTierError as e:
             with p.lock:
-                p.stats.tiers[tier.name].put_failures += 1
-            # Counted (kvtier_put_failures_total); a full or frozen tier would flood the log.
-            log.log(logging.DEBUG if isinstance(e, StorageFull) else logging.WARNING,
-                    "write-through to %s failed: %s", tier.name, e)
+                self._count_failure(t, e)
             raise
         with p.lock:
-            entry = p.index.get(key)
-            if entry is None or entry.doomed:
-                tier.delete(key)
-            elif t not in entry.tiers:
-                p.publish(entry, t, len(data))
+            self._publish(key, t, len(data))
+
+    def _make_room(self, t: int, nbytes: int, promised: int) -> StorageFull | None:
+        """Make room in tier ``t`` for ``nbytes`` more than the ``promised`` bytes (lock held);
+        the counted StorageFull if it cannot."""
+        tier = self.placement.tiers[t]
+        if tier.fits_ever(nbytes) and self.placement.make_room(t, promised + nbytes):
+            return None
+        self.placement.stats.tiers[tier.name].put_failures += 1
+        return StorageFull(f"{tier.name} tier has no room for a {nbytes}-byte block ({tier.used_bytes} of "
+                           f"{tier.capacity_bytes} bytes used, the rest held by readers or unevictable)")
+
+    def _count_failure(self, t: int, e: Exception) -> None:
+        """Count a write-through the tier refused (lock held) and log it: quietly for a full tier
+        (``kvtier_put_failures_total`` shows it; a full or frozen tier would flood the log)."""
+        tier = self.placement.tiers[t]
+        self.placement.stats.tiers[tier.name].put_failures += 1
+        log.log(logging.DEBUG if isinstance(e, StorageFull) else logging.WARNING,
+                "write-through to %s failed: %s", tier.name, e)
+
+    def _publish(self, key: bytes, t: int, nbytes: int) -> None:
+        """Record a copy written into tier ``t`` (lock held), or delete it if its block was
+        dropped meanwhile."""
+        p = self.placement
+        entry = p.index.get(key)
+        if entry is None or entry.doomed:
+            p.tiers[t].delete(key)
+        elif t not in entry.tiers:
+            p.publish(entry, t, nbytes)
 
     def _write_batch(self, blocks: Sequence[tuple[BlockEntry, Block]], t: int) -> list[DurableWrite]:
         """Submit one ``put_many`` of ``blocks`` into durable tier ``t`` (joining the writes of
@@ -222,30 +241,23 @@ class WriteThrough:
                 if e.parent in failed:  # its copy there would be an orphan once the parent leaves
                     failed[e.key] = failed[e.parent]
                     continue
-                n = len(data)
-                if not (tier.fits_ever(n) and p.make_room(t, room + n)):
-                    p.stats.tiers[tier.name].put_failures += 1
-                    failed[entry.key] = StorageFull(
-                        f"{tier.name} tier has no room for a {n}-byte block ({tier.used_bytes} of "
-                        f"{tier.capacity_bytes} bytes used, the rest held by readers or unevictable)")
+                no_room = self._make_room(t, len(data), room)
+                if no_room is not None:
+                    failed[entry.key] = no_room
                     continue
-                room += n
+                room += len(data)
                 go.append((e, data))
         results = tier.put_many([(e.key, data, e.meta()) for e, data in go]) if go else []
         with p.lock:
             for (entry, data), err in zip(go, results, strict=True):
                 if err is not None:
-                    p.stats.tiers[tier.name].put_failures += 1
+                    self._count_failure(t, err)
                     failed[entry.key] = err if isinstance(err, KVTierError) else KVTierError(str(err))
-                    log.log(logging.DEBUG if isinstance(err, StorageFull) else logging.WARNING,
-                            "write-through to %s failed: %s", tier.name, err)
                 elif entry.parent in failed:  # written beside a parent that was not: no orphans
                     tier.delete(entry.key)
                     failed[entry.key] = failed[entry.parent]
-                elif entry.doomed or p.index.get(entry.key) is not entry:
-                    tier.delete(entry.key)
-                elif t not in entry.tiers:
-                    p.publish(entry, t, len(data))
+                else:
+                    self._publish(entry.key, t, len(data))
         return failed
 
     def _done_many(self, keys: Sequence[bytes], t: int, fut: Future) -> None:
