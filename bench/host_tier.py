@@ -6,7 +6,9 @@ source is one tensor per layer and K/V, as a model hands them over; the destinat
 pre-allocated by ``KVLayout.empty``, as a reload allocates it.
 
 - put: ``PrefixKV.prepare(i)`` written straight into the block's host slot
-  (``MemoryTier.put_with``): one copy and the layer checksums;
+  (``MemoryTier.put_with``): each layer copied and checksummed in one pass (``kvtier._fastcopy``);
+- put in two passes: the same with ``kvtier.block.ONE_PASS_COPY`` off (a numpy copy, then
+  crc32c over it: what a put does where ``kvtier._fastcopy`` is not built);
 - put via a pooled buffer: ``encode_block_pooled`` then ``MemoryTier.put`` (two copies, what the
   manager did before ``put_with``);
 - get: ``PrefixKV.decode(i, tier.view(key))``, verify off (memory tiers hold bytes verified on
@@ -32,14 +34,16 @@ processes for the run, as on a serving host (acceptance: get >= 0.8x plain, put 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
+import kvtier.block as block_mod
 from kvtier.bench.common import median, p99, table
 from kvtier.block import decode_block_into, encode_block_pooled, parse_header
 from kvtier.codecs import get_codec
@@ -90,6 +94,17 @@ def interleaved(paths: list[Path], n: int, rounds: int, setup: Callable[[], obje
                 p.rounds.append(t)
 
 
+@contextlib.contextmanager
+def two_passes() -> Iterator[None]:
+    """Puts in numpy's two passes meanwhile: what a put does where ``kvtier._fastcopy`` is not
+    built, measured in the same run as the one-pass put."""
+    one_pass, block_mod.ONE_PASS_COPY = block_mod.ONE_PASS_COPY, False
+    try:
+        yield
+    finally:
+        block_mod.ONE_PASS_COPY = one_pass
+
+
 def run(block: int, prefix: int, rounds: int, busy: int) -> str:
     bt = max(1, block // TOKEN_BYTES)
     n = max(1, prefix // (bt * TOKEN_BYTES))
@@ -101,20 +116,25 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
     source, target = PrefixKV(src, bt), PrefixKV(dest, bt)
     nbytes = source.prepare(0, codec).nbytes
     kv_bytes = bt * TOKEN_BYTES
-    tier = make_host_tier(HostTierConfig(capacity_bytes=2 * n * nbytes + (64 << 20)))
+    tier = make_host_tier(HostTierConfig(capacity_bytes=3 * n * nbytes + (64 << 20)))
     keys = [i.to_bytes(16, "little") for i in range(n)]
     pooled_keys = [(n + i).to_bytes(16, "little") for i in range(n)]
+    two_pass_keys = [(2 * n + i).to_bytes(16, "little") for i in range(n)]
     store = np.empty(n * kv_bytes, np.uint8)
     src_plain = np.frombuffer(np.random.default_rng(0).bytes(n * kv_bytes), np.uint8).copy()
     dst_plain = np.empty(n * kv_bytes, np.uint8)
 
     def clear():
-        for k in keys + pooled_keys:
+        for k in keys + pooled_keys + two_pass_keys:
             tier.delete(k)
 
-    def put(i):
+    def put(i, keys=keys):
         b = source.prepare(i, codec)
         tier.put_with(keys[i], b.nbytes, b.write_into, META)
+
+    def put_two_passes(i):
+        with two_passes():
+            put(i, two_pass_keys)
 
     def put_pooled(i):
         tier.put(pooled_keys[i], encode_block_pooled(codec, source.views(i)), META)
@@ -150,6 +170,7 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
         np.copyto(dst_plain[i * kv_bytes:(i + 1) * kv_bytes], store[i * kv_bytes:(i + 1) * kv_bytes])
 
     puts = [Path("put: PrefixKV.prepare + put_with", put),
+            Path("put: the same, in two passes (numpy, then crc32c)", put_two_passes),
             Path("put: encode_block_pooled + put", put_pooled),
             Path("plain gather of the same tensors (put)", plain_gather),
             Path("plain memcpy (put)", plain_put)]
@@ -171,8 +192,13 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
         cache.evict("bench", ids)
         return dt
 
+    def cache_put_two_passes():
+        with two_passes():
+            return cache_put()
+
     prefix_ids = list(range(n * bt))
     whole = {"TieredCache.put of the prefix": cache_put,
+             "TieredCache.put, two passes": cache_put_two_passes,
              "TieredCache.get_into the prefix": lambda: _timed(lambda: cache.get_into("bench", prefix_ids, dest)),
              "plain memcpy of the prefix": lambda: _timed(lambda: np.copyto(dst_plain, src_plain))}
     spinners = busy_cores(busy)
@@ -202,7 +228,8 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
     for k, xs in calls.items():
         rows.append([k, n * kv_bytes / median(xs) / 1e9, f"{plain / median(xs):.2f}", "", "", ""])
     head = (f"host tier: {n} blocks of {bt} tokens ({kv_bytes / 2**20:.0f} MiB of KV, {nbytes} B encoded), "
-            f"codec none, pinned={tier.pinned}, {busy} core(s) kept busy; medians of {rounds} interleaved "
+            f"codec none, pinned={tier.pinned}, one-pass copy+crc={block_mod.ONE_PASS_COPY}, "
+            f"{busy} core(s) kept busy; medians of {rounds} interleaved "
             f"rounds, per-block p99")
     return head + "\n" + table(["path", "GB/s (KV bytes)", "x plain", "per block ms", "p99 ms",
                                 "x plain (per block)"], rows)

@@ -57,6 +57,7 @@ class Placement:
         self.batched = [isinstance(tier, BatchedPuts) for tier in self.tiers]
         self._in_place = [tier if isinstance(tier, WritesInPlace) else None for tier in self.tiers]
         self._viewable = [tier if isinstance(tier, MemoryTier) else None for tier in self.tiers]
+        self._disk_bound = [tier if isinstance(tier, DiskBound) else None for tier in self.tiers]
 
     @property
     def shared(self) -> SharedIndex | None:
@@ -299,7 +300,7 @@ class Placement:
             if t is None:
                 return []
             tier = self.tiers[t]
-            disk = tier if isinstance(tier, DiskBound) else None
+            disk = self._disk_bound[t]
             claimed: list[tuple[BlockEntry, Block]] = []
             room = 0
             for entry, data in blocks:
@@ -405,8 +406,9 @@ class Placement:
         if t == self.shared_idx:
             return tier.can_fit(nbytes)
         protected = PinnedKeys(self.index, keep) if keep else self._protected
+        disk = self._disk_bound[t]
         while not tier.can_fit(nbytes):
-            if isinstance(tier, DiskBound) and tier.short_of_disk(nbytes):
+            if disk is not None and disk.short_of_disk(nbytes):
                 return True
             victim = self.policies[t].evict(protected)
             if victim is None:

@@ -71,14 +71,20 @@ def test_host_copies_do_not_go_through_torch(monkeypatch):
     assert calls == []
 
 
-def test_put_with_encodes_straight_into_the_slot(monkeypatch):
-    """A block prepared by kvtier.block is written into its host slot with one copy per byte."""
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "numpy"])
+def test_put_with_encodes_straight_into_the_slot(monkeypatch, one_pass):
+    """A block prepared by kvtier.block is written into its host slot with one copy per byte:
+    in one pass with its checksum (kvtier._fastcopy), or with numpy where that is not built."""
     import numpy as np
 
+    import kvtier.block as block_mod
     from kvtier.block import decode_block_into, prepare_block
     from kvtier.codecs import get_codec
     from tests.conftest import random_kv
 
+    if one_pass and not block_mod.ONE_PASS_COPY:
+        pytest.skip("kvtier._fastcopy is not built here, or this CPU lacks AVX2 + VPCLMULQDQ")
+    monkeypatch.setattr(block_mod, "ONE_PASS_COPY", one_pass)
     tier = make_host_tier(HostTierConfig(capacity_bytes="4MiB"))
     kv = random_kv(256, layers=4, heads=4, dim=64)
     payload = sum(t.numel() * t.element_size() for layer in kv for t in layer)
@@ -86,6 +92,10 @@ def test_put_with_encodes_straight_into_the_slot(monkeypatch):
     copyto, concatenate = np.copyto, np.concatenate
     monkeypatch.setattr(np, "copyto", lambda dst, src, **k: copied.append(dst.nbytes) or copyto(dst, src, **k))
     monkeypatch.setattr(np, "concatenate", lambda parts, out: copied.append(out.nbytes) or concatenate(parts, out=out))
+    if one_pass:
+        copy_crc = block_mod.copy_crc
+        monkeypatch.setattr(block_mod, "copy_crc", lambda dst, at, parts: copied.append(
+            sum(p.nbytes for p in parts)) or copy_crc(dst, at, parts))
     block = prepare_block(get_codec("none"), kv)
     assert tier.put_with(b"k" * 16, block.nbytes, block.write_into, META)
     assert sum(copied) == payload  # every KV byte copied once, into the slot itself

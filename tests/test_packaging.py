@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "out", "*.egg-info")
+    ignore = shutil.ignore_patterns("__pycache__", "out", "*.egg-info", "*.so")  # built in place
     for f in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / f, src / f)
     for folder in SOURCES:
@@ -68,6 +69,15 @@ def test_wheel_holds_every_module_of_kvtier_server_and_bench(wheel):
     assert "kvtier/server/routes/kv.py" in expected and "kvtier/bench/io.py" in expected
     assert modules == expected, (f"missing (add the package to pyproject's [tool.setuptools] packages): "
                                  f"{sorted(expected - modules)}; unexpected: {sorted(modules - expected)}")
+
+
+def test_wheel_carries_the_one_pass_copy_where_it_can_be_built(wheel):
+    """kvtier/_fastcopy.c is an optional extension: a wheel built where a C compiler is holds it
+    compiled (an install without one still works, on numpy's path)."""
+    if platform.machine() != "x86_64" or not shutil.which("cc"):
+        pytest.skip("kvtier._fastcopy builds on x86-64 with a C compiler only")
+    with zipfile.ZipFile(wheel) as z:
+        assert any(n.startswith("kvtier/_fastcopy.") and n.endswith(".so") for n in z.namelist())
 
 
 def test_the_installed_tree_imports_the_server_and_the_benchmarks(wheel, tmp_path):

@@ -35,16 +35,19 @@ class Import:
 
 
 def modules(package_dir: Path) -> dict[str, Path]:
-    """Every module of the package rooted at ``package_dir``: dotted name -> file."""
+    """Every module of the package rooted at ``package_dir``: dotted name -> file. A compiled
+    module counts by its stub (``x.pyi`` with no ``x.py``: ``kvtier/_fastcopy.c``)."""
     root = package_dir.name
     found: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(package_dir, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
         rel = Path(dirpath).relative_to(package_dir).parts
         for f in sorted(filenames):
-            if not f.endswith(".py"):
+            stub = f.endswith(".pyi") and f[:-1] not in filenames
+            if not (f.endswith(".py") or stub):
                 continue
-            parts = (root, *rel) if f == "__init__.py" else (root, *rel, f[:-3])
+            stem = f[:-4] if stub else f[:-3]
+            parts = (root, *rel) if f == "__init__.py" else (root, *rel, stem)
             found[".".join(parts)] = Path(dirpath) / f
     return found
 

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    from kvtier.block import ONE_PASS_COPY
     from kvtier.manager import TieredCache
     from kvtier.server.app import create_app, start_region_socket
     from kvtier.server.protocol import uvicorn_http
@@ -83,6 +84,10 @@ def serve(settings: Settings) -> int:
         log.warning("binding %s (not loopback) without any bearer token: anyone who can reach "
                     "this port can read and write the cache; set --tokens", srv.host)
     cache = TieredCache(settings.cache)  # a bad data directory raises DataDirError: one line
+    if not ONE_PASS_COPY:
+        log.info("puts copy and checksum each block in two passes (about 1.3x slower): "
+                 "kvtier._fastcopy is not built (no C compiler at install) or this CPU lacks "
+                 "AVX2 + VPCLMULQDQ")
     app = None
     try:
         app = create_app(cache, srv)

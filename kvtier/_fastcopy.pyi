@@ -1,0 +1,9 @@
+"""Types of kvtier/_fastcopy.c (a block's copy and its crc32c in one pass)."""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+available: int  # 1 where the CPU has AVX2 and VPCLMULQDQ, else 0 (copy_crc raises)
+
+def copy_crc(dst: np.ndarray, offset: int, parts: Sequence[np.ndarray], crc: int = 0) -> int: ...
