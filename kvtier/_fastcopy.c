@@ -27,7 +27,7 @@ kvtier.block writes blocks in two passes with numpy and the crc32c package: the 
 
 #define FOLD_BYTES 256 /* 8 accumulators of 32 bytes: each folds 2048 bits forward */
 #define CPU_FEATURES "avx2,pclmul,vpclmulqdq,sse4.2"
-#define GIL_FREE_BYTES (256 << 10) /* kvtier.block._GIL_FREE_BYTES */
+#define GIL_FREE_BYTES (256 << 10) /* kvtier.block._GIL_FREE_BYTES (tests/test_fastcopy.py) */
 
 static int available = 0;
 static uint64_t fold_hi, fold_lo; /* x^(64+2048-1) and x^(2048-1) mod P, reflected */
@@ -207,7 +207,8 @@ PyMODINIT_FUNC PyInit__fastcopy(void) {
     }
 #endif
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "available", available) < 0) {
+    if (m && (PyModule_AddIntConstant(m, "available", available) < 0 ||
+              PyModule_AddIntConstant(m, "gil_free_bytes", GIL_FREE_BYTES) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -253,8 +253,8 @@ class PreparedBlock:
     def write_into(self, out: torch.Tensor) -> None:
         """Write the block into ``out`` (host memory, exactly ``nbytes`` uint8, any contents).
 
-        Each layer is copied and checksummed in one pass over its bytes (``copy_crc``, C, the
-        GIL released; ``ONE_PASS_COPY``). Without it: copied with numpy (no torch thread pool),
+        Each layer is copied and checksummed in one pass over its bytes (``copy_crc``, C;
+        ``ONE_PASS_COPY``). Without it: copied with numpy (no torch thread pool),
         a run of adjacent layers of up to ``_RUN_BYTES`` per call, and each run's layers
         checksummed right after its copy, while still in cache (checksumming a large block
         after all of it was copied reads it from memory a second time, while a call per small

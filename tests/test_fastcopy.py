@@ -145,3 +145,5 @@ def test_the_gil_is_released_for_large_copies_only():
 
     assert other_runs_during(64 << 20, calls=200)
     assert not other_runs_during(64 << 10, calls=200)
+    from kvtier import _fastcopy
+    assert _fastcopy.gil_free_bytes == block_mod._GIL_FREE_BYTES  # one threshold for both
