@@ -12,16 +12,20 @@ pre-allocated by ``KVLayout.empty``, as a reload allocates it.
 - put via a pooled buffer: ``encode_block_pooled`` then ``MemoryTier.put`` (two copies, what the
   manager did before ``put_with``);
 - get: ``PrefixKV.decode(i, tier.view(key))``, verify off (memory tiers hold bytes verified on
-  their way in), and on;
+  their way in), and on; and verify off with numpy's strided copies (``kvtier._fastcopy`` not
+  built: its ``copy_runs`` streams its stores past the cache);
 - get per tensor: ``decode_block_into(tier.view(key), views)`` (one memmove per tensor);
 - get with torch ``copy_``: the same per-tensor copies through torch (kvtier's decode before);
 - plain gather: the block's bytes copied out of the same per-layer tensors into pre-allocated
   memory (one ``np.concatenate`` of its 64 slices, no checksum): what the source's layout alone
   costs a put;
-- plain: one numpy memcpy per block of the same number of bytes between pre-allocated buffers;
+- plain: one numpy memcpy per block of the same number of bytes between pre-allocated buffers
+  (the reference: "a plain copy"); beside it the same memcpy with streaming stores
+  (``copy_runs``), the machine's limit for a copy;
 - the calls a user makes, per round on the whole prefix: ``TieredCache.put`` into a host-only
-  cache (fresh token ids, evicted after) and ``TieredCache.get_into`` the destination, against
-  one memcpy of the whole prefix's bytes.
+  cache (fresh token ids, evicted after) and ``TieredCache.get_into`` the destination, each
+  also without ``kvtier._fastcopy``, against one memcpy of the whole prefix's bytes (and one
+  with streaming stores).
 
 Paths are interleaved block by block (in each round, every path moves block i before any moves
 block i+1) so machine noise hits all alike; GB/s and its ratio to plain are medians over rounds
@@ -44,6 +48,7 @@ import numpy as np
 import torch
 
 import kvtier.block as block_mod
+import kvtier.prefixkv as prefixkv_mod
 from kvtier.bench.common import median, p99, table
 from kvtier.block import decode_block_into, encode_block_pooled, parse_header
 from kvtier.codecs import get_codec
@@ -95,14 +100,25 @@ def interleaved(paths: list[Path], n: int, rounds: int, setup: Callable[[], obje
 
 
 @contextlib.contextmanager
-def two_passes() -> Iterator[None]:
-    """Puts in numpy's two passes meanwhile: what a put does where ``kvtier._fastcopy`` is not
-    built, measured in the same run as the one-pass put."""
+def numpy_only() -> Iterator[None]:
+    """Puts and reloads with numpy's copies meanwhile (a put in two passes, a copy then crc32c;
+    a reload's strided copies with cached stores): what they do where ``kvtier._fastcopy`` is
+    not built, measured in the same run as with it."""
     one_pass, block_mod.ONE_PASS_COPY = block_mod.ONE_PASS_COPY, False
+    runs, prefixkv_mod.copy_runs = prefixkv_mod.copy_runs, None
     try:
         yield
     finally:
-        block_mod.ONE_PASS_COPY = one_pass
+        block_mod.ONE_PASS_COPY, prefixkv_mod.copy_runs = one_pass, runs
+
+
+def streamed_copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """A memcpy with streaming stores (``kvtier._fastcopy.copy_runs``; numpy's where not built):
+    the machine's own limit for a copy, beside numpy's plain one."""
+    if block_mod.copy_runs is None:
+        np.copyto(dst, src)
+    else:
+        block_mod.copy_runs([dst], src, np.array([0, 0, 0, src.nbytes], np.int64))
 
 
 def run(block: int, prefix: int, rounds: int, busy: int) -> str:
@@ -133,7 +149,7 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
         tier.put_with(keys[i], b.nbytes, b.write_into, META)
 
     def put_two_passes(i):
-        with two_passes():
+        with numpy_only():
             put(i, two_pass_keys)
 
     def put_pooled(i):
@@ -141,6 +157,10 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
 
     def get(i, verify=False):
         target.decode(i, tier.view(keys[i]), verify=verify)
+
+    def get_numpy(i):
+        with numpy_only():
+            get(i)
 
     def get_per_tensor(i):
         decode_block_into(tier.view(keys[i]), target.views(i), verify=False)
@@ -169,15 +189,24 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
     def plain_get(i):
         np.copyto(dst_plain[i * kv_bytes:(i + 1) * kv_bytes], store[i * kv_bytes:(i + 1) * kv_bytes])
 
+    def streamed_put(i):
+        streamed_copy(store[i * kv_bytes:(i + 1) * kv_bytes], src_plain[i * kv_bytes:(i + 1) * kv_bytes])
+
+    def streamed_get(i):
+        streamed_copy(dst_plain[i * kv_bytes:(i + 1) * kv_bytes], store[i * kv_bytes:(i + 1) * kv_bytes])
+
     puts = [Path("put: PrefixKV.prepare + put_with", put),
-            Path("put: the same, in two passes (numpy, then crc32c)", put_two_passes),
+            Path("put: the same, numpy's two passes (a copy, then crc32c)", put_two_passes),
             Path("put: encode_block_pooled + put", put_pooled),
             Path("plain gather of the same tensors (put)", plain_gather),
+            Path("memcpy with streaming stores (put)", streamed_put),
             Path("plain memcpy (put)", plain_put)]
     gets = [Path("get: PrefixKV.decode(view), verify off", get),
             Path("get: PrefixKV.decode(view), verify on", lambda i: get(i, True)),
+            Path("get: the same, numpy's copies (verify off)", get_numpy),
             Path("get: decode_block_into, a memmove per tensor", get_per_tensor),
             Path("get: torch copy_ per tensor (before)", get_torch),
+            Path("memcpy with streaming stores (get)", streamed_get),
             Path("plain memcpy (get)", plain_get)]
     assert target._strided is not None  # KVLayout.empty: the strided reload applies
     cache = TieredCache(CacheConfig(block_tokens=bt, host=HostTierConfig(capacity_bytes=2 * n * nbytes + (64 << 20))))
@@ -193,13 +222,22 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
         return dt
 
     def cache_put_two_passes():
-        with two_passes():
+        with numpy_only():
             return cache_put()
+
+    def cache_get_into():
+        return _timed(lambda: cache.get_into("bench", prefix_ids, dest))
+
+    def cache_get_into_numpy():
+        with numpy_only():
+            return cache_get_into()
 
     prefix_ids = list(range(n * bt))
     whole = {"TieredCache.put of the prefix": cache_put,
-             "TieredCache.put, two passes": cache_put_two_passes,
-             "TieredCache.get_into the prefix": lambda: _timed(lambda: cache.get_into("bench", prefix_ids, dest)),
+             "TieredCache.put, numpy's two passes": cache_put_two_passes,
+             "TieredCache.get_into the prefix": cache_get_into,
+             "TieredCache.get_into, numpy's copies": cache_get_into_numpy,
+             "memcpy of the prefix with streaming stores": lambda: _timed(lambda: streamed_copy(dst_plain, src_plain)),
              "plain memcpy of the prefix": lambda: _timed(lambda: np.copyto(dst_plain, src_plain))}
     spinners = busy_cores(busy)
     try:

@@ -1,10 +1,12 @@
-"""Types of kvtier/_fastcopy.c (a block's copy and its crc32c in one pass)."""
+"""Types of kvtier/_fastcopy.c (a block's copies: into its slot with its crc32c, out into tensors)."""
 
 from collections.abc import Sequence
 
 import numpy as np
 
-gil_free_bytes: int  # copies of this many bytes or more release the GIL
-available: int  # 1 where the CPU has AVX2 and VPCLMULQDQ, else 0 (copy_crc raises)
+gil_free_bytes: int  # copies of this many bytes or more (in one call) release the GIL
+stream_bytes: int  # copies of this many bytes or more (in one call) stream their stores past the cache
+available: int  # 1 where the CPU has AVX2 and VPCLMULQDQ, else 0 (copy_layers raises)
 
-def copy_crc(dst: np.ndarray, offset: int, parts: Sequence[np.ndarray], crc: int = 0) -> int: ...
+def copy_layers(dst: np.ndarray, offsets: Sequence[int], payloads: Sequence[Sequence[np.ndarray]]) -> list[int]: ...
+def copy_runs(dsts: Sequence[np.ndarray], src: np.ndarray, plan: np.ndarray) -> None: ...

@@ -43,8 +43,9 @@ layer by layer).
 from __future__ import annotations
 
 import functools
+import itertools
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,11 +59,13 @@ from kvtier.codecs import Codec, get_codec
 from kvtier.errors import CorruptBlock
 from kvtier.pieces import Block, BlockPieces
 
-try:  # a put's copy and checksum in one pass (kvtier/_fastcopy.c, optional: see pyproject.toml)
+CopyRuns = Callable[[Sequence[np.ndarray], np.ndarray, np.ndarray], None]
+copy_runs: CopyRuns | None  # runs of a block into tensors (C); None where it is not built
+try:  # a block's copies in C (kvtier/_fastcopy.c, optional: see pyproject.toml)
     from kvtier._fastcopy import available as _native
-    from kvtier._fastcopy import copy_crc
+    from kvtier._fastcopy import copy_layers, copy_runs
 except ImportError:
-    _native = 0
+    _native, copy_runs = 0, None
 ONE_PASS_COPY = bool(_native)  # False: numpy copies, then crc32c over what they wrote
 
 MAGIC = b"KVTB"
@@ -253,8 +256,8 @@ class PreparedBlock:
     def write_into(self, out: torch.Tensor) -> None:
         """Write the block into ``out`` (host memory, exactly ``nbytes`` uint8, any contents).
 
-        Each layer is copied and checksummed in one pass over its bytes (``copy_crc``, C;
-        ``ONE_PASS_COPY``). Without it: copied with numpy (no torch thread pool),
+        Each layer is copied and checksummed in one pass over its bytes, the whole block in one
+        call (``copy_layers``, C; ``ONE_PASS_COPY``). Without it: copied with numpy (no torch thread pool),
         a run of adjacent layers of up to ``_RUN_BYTES`` per call, and each run's layers
         checksummed right after its copy, while still in cache (checksumming a large block
         after all of it was copied reads it from memory a second time, while a call per small
@@ -268,12 +271,12 @@ class PreparedBlock:
         end = header_size(len(self.lengths), self.codec)
         entries: list[tuple[int, int, int]] = []
         if ONE_PASS_COPY:
-            for parts, start, n in zip(self.payloads, self.offsets, self.lengths, strict=True):
+            for start, n in zip(self.offsets, self.lengths, strict=True):
                 if start != end:
                     arr[end:start] = 0
-                entries.append((start, n, copy_crc(arr, start, parts)))
                 end = start + n
-            self._finish(arr, end, entries)
+            crcs = copy_layers(arr, self.offsets, self.payloads)
+            self._finish(arr, end, list(zip(self.offsets, self.lengths, crcs, strict=True)))
             return
         run: list[np.ndarray] = []
         run_layers: list[tuple[int, int]] = []
@@ -331,11 +334,17 @@ def _payload_parts(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> li
 def _header(codec: str, version: int, tokens: int, entries: Sequence[tuple[int, int, int]]) -> bytes:
     """The header of a block whose layers are at these (offset, length, crc32c)."""
     name = codec.encode()
-    table = b"".join(_ENTRY.pack(*e) for e in entries)
+    table = _table(len(entries)).pack(*itertools.chain.from_iterable(entries))
     body = name.ljust(_pad8(len(name)), b"\0") + table
     fixed = _FIXED.pack(MAGIC, version, len(name), 0, len(entries), tokens, 0)
     crc = checksum(body, checksum(fixed))
     return _FIXED.pack(MAGIC, version, len(name), 0, len(entries), tokens, crc) + body
+
+
+@functools.cache
+def _table(n_layers: int) -> struct.Struct:
+    """A header's table of ``n_layers`` entries, packed in one call (a put writes one per block)."""
+    return struct.Struct("<" + "QII" * n_layers)
 
 
 def parse_header(buf: bytes | bytearray | memoryview | torch.Tensor) -> BlockHeader:

@@ -28,6 +28,7 @@ from kvtier.block import (
     BlockHeader,
     PreparedBlock,
     checksum,
+    copy_runs,
     decode_block_into,
     layout,
     parse_table,
@@ -48,21 +49,52 @@ class PrefixKV:
         # Bytes per token of each tensor of a layer, and of a whole layer.
         self._row = [t[0].numel() * t.element_size() if t.shape[0] else 0 for t in kv[0]]
         self._sizes = [block_tokens * r for r in self._row]  # bytes of a block of each tensor
+        self._block_bytes = np.array(self._sizes, np.int64)
+        self._plans: dict[tuple[int, int, int, int], np.ndarray] = {}
         self._layer_bytes = sum(self._sizes)
         self._none = layout("none", [self._layer_bytes] * len(kv))  # every none block's layout
 
     # Made on first use: each takes ~0.3 ms for a 32-layer prefix, and a put that finds all its
     # blocks stored, or a load of device KV, needs neither.
     @functools.cached_property
-    def _flat(self) -> list[list[np.ndarray]] | None:
-        """Per tensor: its bytes as a 1-D numpy array (host tensors only)."""
-        return [[_bytes(t) for t in layer] for layer in self.kv] if self._host else None
+    def _blocked(self) -> list[list[np.ndarray]] | None:
+        """Per tensor with bytes: its blocks' bytes as a ``[blocks, bytes]`` numpy view (host
+        tensors only). Block ``i`` is then ``view[i]``: an integer index, half the cost of a slice
+        (64 per block: ``prepare`` is per-block Python)."""
+        if not self._host:
+            return None
+        return [[_bytes(t)[: self.blocks * n].reshape(self.blocks, n)
+                 for t, n in zip(layer, self._sizes, strict=True) if n] for layer in self.kv]
 
     @functools.cached_property
     def _strided(self) -> list[np.ndarray] | None:
         """Per tensor of a layer: a ``[layers, tokens * row]`` view over all layers (see
         ``_strided_views``; host tensors only)."""
         return _strided_views(self.kv) if self._host else None
+
+    @functools.cached_property
+    def _spans(self) -> list[np.ndarray]:
+        """For ``copy_runs``: per tensor of a layer, the bytes its strided view spans."""
+        assert self._strided is not None
+        return [np.lib.stride_tricks.as_strided(v, ((v.shape[0] - 1) * v.strides[0] + v.shape[1],), (1,))
+                for v in self._strided]
+
+    def _plan(self, first: int, step: int, lo: int, hi: int) -> np.ndarray:
+        """``copy_runs`` rows, [layers, tensors, 4], copying layers ``lo:hi`` of a block laid out
+        at ``first``/``step`` into block 0 of the tensors (made once per layout and group)."""
+        key = (first, step, lo, hi)
+        plan = self._plans.get(key)
+        if plan is None:
+            assert self._strided is not None
+            plan = np.zeros((hi - lo, len(self._sizes), 4), np.int64)
+            at = first + np.arange(lo, hi, dtype=np.int64) * step
+            for j, (view, n) in enumerate(zip(self._strided, self._sizes, strict=True)):
+                plan[:, j, 0], plan[:, j, 3] = j, n
+                plan[:, j, 1] = np.arange(lo, hi, dtype=np.int64) * view.strides[0]
+                plan[:, j, 2] = at
+                at = at + n
+            self._plans[key] = plan
+        return plan
 
     def views(self, i: int) -> list[list[torch.Tensor]]:
         """Block ``i``'s tensor views."""
@@ -72,11 +104,10 @@ class PrefixKV:
 
     def prepare(self, i: int, codec: Codec) -> PreparedBlock:
         """Block ``i`` encoded and laid out (``kvtier.block.prepare_block``)."""
-        if codec.name != "none" or self._flat is None:
+        if codec.name != "none" or self._blocked is None:
             return prepare_block(codec, self.views(i))
         self._check(i)
-        parts = [[f[i * n:(i + 1) * n] for f, n in zip(layer, self._sizes, strict=True) if n]
-                 for layer in self._flat]
+        parts = [[b[i] for b in layer] for layer in self._blocked]
         version, offsets, total = self._none
         return PreparedBlock("none", version, self.block_tokens, total, offsets,
                              [self._layer_bytes] * len(parts), parts)
@@ -119,6 +150,11 @@ class PrefixKV:
         else:
             src = np.lib.stride_tricks.as_strided(arr[first:], (count, self._layer_bytes), (step, 1))
         lo, hi = layers.start, layers.stop
+        if copy_runs is not None:
+            runs = self._plan(first, step, lo, hi).copy()
+            runs[:, :, 1] += i * self._block_bytes  # destination: block i of each tensor
+            copy_runs(self._spans, arr, runs)
+            return
         at = 0
         assert self._strided is not None  # a step is only found for a strided prefix
         for view, n in zip(self._strided, self._sizes, strict=True):

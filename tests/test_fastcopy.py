@@ -1,6 +1,8 @@
-"""kvtier._fastcopy: a put's copy and its crc32c in one pass. It must give exactly the bytes and
-the crc32c that numpy and the crc32c package give (blocks written by either read back under the
-other), refuse bad arguments before writing anything, and be built wherever CI can build it."""
+"""kvtier._fastcopy: a put's copy and its crc32c in one pass, a reload's copies of runs. They must
+give exactly the bytes and the crc32c that numpy and the crc32c package give (blocks written by
+either read back under the other), in the streamed (large) and the cached (small) way alike,
+write nothing outside their runs, refuse bad arguments before writing anything, and be built
+wherever CI can build it."""
 
 import os
 import platform
@@ -19,6 +21,7 @@ from kvtier.codecs import get_codec
 from kvtier.errors import CorruptBlock
 from tests.conftest import random_kv
 
+needs_runs = pytest.mark.skipif(block_mod.copy_runs is None, reason="kvtier._fastcopy is not built here")
 native = pytest.mark.skipif(not block_mod.ONE_PASS_COPY,
                             reason="kvtier._fastcopy is not built here (no C compiler at install, not x86-64) or "
                                    "this CPU lacks AVX2 + VPCLMULQDQ")
@@ -35,53 +38,108 @@ def test_ci_builds_the_extension():
         pytest.fail(f"kvtier._fastcopy did not build ({e}): see pip's output for kvtier")
 
 
-# lengths around every boundary of the C loop: words of 8 bytes, folds of 256 from 512 bytes on
-EDGES = [0, 1, 7, 8, 9, 511, 512, 513, 767, 768, 769, 1000, 4096 + 7, 32768, 65536 + 255]
+# lengths around every boundary of the C loop: words of 8 bytes, folds of 256 from 544 bytes on,
+# and copies streamed past the cache (STREAM_BYTES in a call) from dst's first 32-byte boundary
+EDGES = [0, 1, 7, 8, 9, 511, 543, 544, 545, 767, 800, 801, 1000, 4096 + 7, 32768, 65536 + 255]
+STREAMED = [256 << 10, (256 << 10) + 1, (1 << 20) + 4095]
+
+
+def _layers_of(src: np.ndarray) -> list[list[np.ndarray]]:
+    n = len(src)
+    return [[src[: n // 3], src[n // 3: n // 2]], [src[n // 2:]]]
 
 
 @native
-@pytest.mark.parametrize("n", EDGES)
+@pytest.mark.parametrize("n", EDGES + STREAMED)
 @pytest.mark.parametrize("skew", [0, 3])
-def test_copy_crc_is_a_copy_and_its_crc32c(n, skew):
+def test_copy_layers_is_a_copy_and_each_layers_crc32c(n, skew):
     rng = np.random.default_rng(n)
     src = rng.integers(0, 256, n + skew, dtype=np.uint8)[skew:]  # unaligned source too
-    dst = np.full(n + 16, 0xAB, np.uint8)
-    parts = [src[: n // 3], src[n // 3: n // 2], src[n // 2:]]
-    assert block_mod.copy_crc(dst, 5, parts, 7) == crc32c.crc32c(src.tobytes(), 7)
-    assert np.array_equal(dst[5: 5 + n], src)
-    assert (dst[:5] == 0xAB).all() and (dst[5 + n:] == 0xAB).all()  # nothing outside written
+    dst = np.full(n + 40, 0xAB, np.uint8)
+    layers = _layers_of(src)
+    crcs = block_mod.copy_layers(dst, [5, 5 + n // 2 + 11], layers)  # unaligned destinations
+    assert crcs == [crc32c.crc32c(src[: n // 2].tobytes()), crc32c.crc32c(src[n // 2:].tobytes())]
+    assert np.array_equal(dst[5: 5 + n // 2], src[: n // 2])
+    assert np.array_equal(dst[16 + n // 2: 16 + n], src[n // 2:])
+    untouched = np.r_[dst[:5], dst[5 + n // 2: 16 + n // 2], dst[16 + n:]]
+    assert (untouched == 0xAB).all()  # nothing outside the layers written
 
 
 @native
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.binary(max_size=70_000), max_size=5), st.integers(0, 64), st.integers(0, 2**32 - 1))
-def test_copy_crc_matches_for_any_parts(parts, offset, crc):
-    arrays = [np.frombuffer(p, np.uint8) for p in parts]
-    total = sum(len(p) for p in parts)
-    dst = np.zeros(offset + total, np.uint8)
-    assert block_mod.copy_crc(dst, offset, arrays, crc) == crc32c.crc32c(b"".join(parts), crc)
-    assert dst[offset:].tobytes() == b"".join(parts)
+@given(st.lists(st.lists(st.binary(max_size=70_000), max_size=4), max_size=4), st.integers(0, 64))
+def test_copy_layers_matches_for_any_parts(layers, gap):
+    arrays = [[np.frombuffer(p, np.uint8) for p in parts] for parts in layers]
+    offsets, at = [], gap
+    for parts in layers:
+        offsets.append(at)
+        at += sum(len(p) for p in parts) + gap
+    dst = np.zeros(at, np.uint8)
+    assert block_mod.copy_layers(dst, offsets, arrays) == [crc32c.crc32c(b"".join(p)) for p in layers]
+    for o, parts in zip(offsets, layers, strict=True):
+        joined = b"".join(parts)
+        assert dst[o: o + len(joined)].tobytes() == joined
 
 
 @native
-def test_bad_arguments_are_refused_and_write_nothing():
+def test_copy_layers_refuses_bad_arguments_and_writes_nothing():
     src = np.arange(100, dtype=np.uint8)
     dst = np.zeros(64, np.uint8)
-    with pytest.raises(ValueError, match="100 bytes from offset 0 do not fit a buffer of 64"):
-        block_mod.copy_crc(dst, 0, [src])
-    with pytest.raises(ValueError, match="from offset 60"):
-        block_mod.copy_crc(dst, 60, [src[:10]])
+    with pytest.raises(ValueError, match="layer 0: 100 bytes from offset 0 do not fit a buffer of 64"):
+        block_mod.copy_layers(dst, [0], [[src]])
+    with pytest.raises(ValueError, match="layer 1: 10 bytes from offset 60"):
+        block_mod.copy_layers(dst, [0, 60], [[src[:10]], [src[:10]]])  # layer 0 would fit
     with pytest.raises(ValueError, match="offset must be >= 0"):
-        block_mod.copy_crc(dst, -1, [src[:10]])
-    with pytest.raises(ValueError, match="not 32-bit"):
-        block_mod.copy_crc(dst, 0, [src[:10]], 2**32)
+        block_mod.copy_layers(dst, [-1], [[src[:10]]])
+    with pytest.raises(ValueError, match="2 offsets for 1 layers"):
+        block_mod.copy_layers(dst, [0, 1], [[src[:10]]])
     with pytest.raises((BufferError, ValueError)):  # a strided part is not one run of bytes
-        block_mod.copy_crc(dst, 0, [src[::2]])
+        block_mod.copy_layers(dst, [0], [[src[::2]]])
     with pytest.raises((BufferError, ValueError, TypeError)):  # read-only destination
-        block_mod.copy_crc(np.frombuffer(bytes(64), np.uint8), 0, [src[:10]])
+        block_mod.copy_layers(np.frombuffer(bytes(64), np.uint8), [0], [[src[:10]]])
     with pytest.raises(TypeError, match="sequence of buffers"):
-        block_mod.copy_crc(dst, 0, 5)
+        block_mod.copy_layers(dst, [0], [5])
     assert not dst.any()
+
+
+def _plan(*rows: tuple[int, int, int, int]) -> np.ndarray:
+    return np.array(rows, np.int64).reshape(-1, 4)
+
+
+@needs_runs
+@pytest.mark.parametrize("n", EDGES + STREAMED)
+@pytest.mark.parametrize("skew", [0, 5])
+def test_copy_runs_copies_each_run_and_nothing_else(n, skew):
+    rng = np.random.default_rng(n)
+    src = rng.integers(0, 256, 2 * n + skew, dtype=np.uint8)[skew:]
+    a, b = np.full(n + 16, 0xAB, np.uint8), np.full(n + 16, 0xCD, np.uint8)
+    block_mod.copy_runs([a, b], src, _plan((1, 3, n, n // 2), (0, 7, 0, n), (1, 3 + n // 2, n + n // 2, n - n // 2)))
+    assert np.array_equal(a[7: 7 + n], src[:n]) and (a[:7] == 0xAB).all() and (a[7 + n:] == 0xAB).all()
+    assert np.array_equal(b[3: 3 + n], src[n: 2 * n]) and (b[:3] == 0xCD).all() and (b[3 + n:] == 0xCD).all()
+
+
+@needs_runs
+def test_copy_runs_refuses_bad_plans_and_writes_nothing():
+    src = np.arange(100, dtype=np.uint8)
+    a, b = np.zeros(64, np.uint8), np.zeros(64, np.uint8)
+    good = (0, 0, 0, 10)  # comes first in each plan: nothing may be written before all are checked
+    for bad, match in [((2, 0, 0, 1), "destination 2 at 0"), ((-1, 0, 0, 1), "destination -1"),
+                       ((1, 60, 0, 10), "destination 1 at 60, source at 0, 10 bytes"),
+                       ((1, 0, 95, 10), "source at 95"), ((1, -1, 0, 1), "out of bounds"),
+                       ((1, 0, 0, -1), "out of bounds"), ((1, 2**62, 0, 2**62), "out of bounds")]:
+        with pytest.raises(ValueError, match=f"run 1 .*{match}"):
+            block_mod.copy_runs([a, b], src, _plan(good, bad))
+    with pytest.raises(ValueError, match="overlaps its source"):
+        block_mod.copy_runs([src], src, _plan(good, (0, 10, 0, 20)))
+    with pytest.raises(ValueError, match="int64 rows of 4"):
+        block_mod.copy_runs([a], src, np.array([0, 0, 0, 1], np.int32))
+    with pytest.raises(ValueError, match="int64 rows of 4"):
+        block_mod.copy_runs([a], src, np.array([0, 0, 0], np.int64))
+    with pytest.raises((BufferError, ValueError, TypeError)):  # read-only destination
+        block_mod.copy_runs([np.frombuffer(bytes(64), np.uint8)], src, _plan(good))
+    with pytest.raises(TypeError, match="writable buffers"):
+        block_mod.copy_runs(5, src, _plan(good))
+    assert not a.any() and not b.any()
 
 
 def _written(kv, codec: str, one_pass: bool, monkeypatch) -> bytes:
@@ -117,7 +175,8 @@ def test_a_flipped_byte_in_a_one_pass_block_is_caught(monkeypatch):
 
 
 @native
-def test_the_gil_is_released_for_large_copies_only():
+@pytest.mark.parametrize("copy", ["copy_layers", "copy_runs"])
+def test_the_gil_is_released_for_large_copies_only(copy):
     """Another thread runs during a copy of 256 KiB or more (a reload's threads are not held up
     by a put), never during a smaller one (giving the GIL up costs more than such a copy). The
     switch interval is made long, so the other thread can only get the GIL when a call gives
@@ -127,6 +186,7 @@ def test_the_gil_is_released_for_large_copies_only():
 
     def other_runs_during(nbytes: int, calls: int) -> bool:
         src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+        halves = _plan((0, 0, 0, nbytes // 2), (0, nbytes // 2, nbytes // 2, nbytes - nbytes // 2))
         go, ran = threading.Event(), []
         t = threading.Thread(target=lambda: go.wait() and ran.append(1))
         t.start()
@@ -135,7 +195,10 @@ def test_the_gil_is_released_for_large_copies_only():
         try:
             go.set()  # the thread is runnable now, but needs the GIL this thread holds
             for _ in range(calls):
-                block_mod.copy_crc(dst, 0, [src])
+                if copy == "copy_layers":  # two layers of half: the threshold is the call's bytes
+                    block_mod.copy_layers(dst, [0, nbytes // 2], [[src[: nbytes // 2]], [src[nbytes // 2:]]])
+                else:
+                    block_mod.copy_runs([dst], src, halves)
                 if ran:
                     return True
             return False

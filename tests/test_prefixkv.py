@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import kvtier.prefixkv as prefixkv_mod
 from kvtier.block import decode_block_into, encode_block, parse_header, prepare_block
 from kvtier.codecs import get_codec
 from kvtier.errors import CorruptBlock
@@ -37,9 +38,13 @@ def same(a, b):
 
 @pytest.fixture
 def copies(monkeypatch):
-    """Counts numpy copies, memmoves and torch copy_ calls."""
-    calls = {"numpy": 0, "memmove": 0, "torch": 0}
-    copyto, copy_, memmove = np.copyto, torch.Tensor.copy_, ctypes.memmove
+    """Counts numpy copies, memmoves, torch copy_ calls and ``copy_runs`` calls (kvtier._fastcopy)."""
+    calls = {"numpy": 0, "memmove": 0, "torch": 0, "runs": 0}
+    copyto, copy_, memmove, copy_runs = np.copyto, torch.Tensor.copy_, ctypes.memmove, prefixkv_mod.copy_runs
+
+    def runs(*a):
+        calls["runs"] += 1
+        return copy_runs(*a)
 
     def np_copy(dst, src, **k):
         calls["numpy"] += 1
@@ -56,7 +61,19 @@ def copies(monkeypatch):
     monkeypatch.setattr(np, "copyto", np_copy)
     monkeypatch.setattr(torch.Tensor, "copy_", torch_copy)
     monkeypatch.setattr(ctypes, "memmove", move)
+    if copy_runs is not None:
+        monkeypatch.setattr(prefixkv_mod, "copy_runs", runs)
     return calls
+
+
+@pytest.fixture(params=["copy_runs", "numpy"])
+def strided_copy(request, monkeypatch):
+    """Both ways of the strided copy: ``copy_runs`` (kvtier._fastcopy) where built, numpy else."""
+    if request.param == "copy_runs" and prefixkv_mod.copy_runs is None:
+        pytest.skip("kvtier._fastcopy is not built here")
+    if request.param == "numpy":
+        monkeypatch.setattr(prefixkv_mod, "copy_runs", None)
+    return request.param
 
 
 def test_layout_empty_is_one_aligned_allocation_of_contiguous_tensors():
@@ -70,18 +87,49 @@ def test_layout_empty_is_one_aligned_allocation_of_contiguous_tensors():
 
 
 @pytest.mark.parametrize("layout", [GQA, ODD, MLA], ids=["gqa", "odd", "mla"])
-def test_decode_into_a_layout_empty_prefix_is_one_copy_per_tensor_of_a_layer(layout, copies):
+def test_decode_into_a_layout_empty_prefix_is_one_copy_per_tensor_of_a_layer(layout, strided_copy, copies):
     src = filled(layout, 3)
     blocks = blocks_of(src, 3)
-    dest = PrefixKV(layout.empty(3 * BT), BT)
-    copies.update(numpy=0, memmove=0, torch=0)
+    kv = layout.empty(3 * BT)
+    for layer in kv:
+        for t in layer:
+            t.view(torch.uint8).fill_(0x77)
+    dest = PrefixKV(kv, BT)
+    copies.update(numpy=0, memmove=0, torch=0, runs=0)
     for i in (2, 0, 1):
         dest.decode(i, blocks[i])
+        if i == 2:  # blocks 0 and 1 not yet written: each block's runs land in that block only
+            assert all(bool((t[:2 * BT].view(torch.uint8) == 0x77).all()) for layer in kv for t in layer)
     assert same(src, dest.kv)
-    assert copies == {"numpy": 3 * len(layout.tensor_shapes), "memmove": 0, "torch": 0}  # not per tensor
+    if strided_copy == "copy_runs":
+        assert copies == {"numpy": 0, "memmove": 0, "torch": 0, "runs": 3}  # one call per block
+    else:
+        assert copies == {"numpy": 3 * len(layout.tensor_shapes), "memmove": 0, "torch": 0, "runs": 0}
 
 
-def test_fast_and_general_decodes_agree_on_aligned_and_compact_blocks():
+def test_a_layer_group_lands_those_layers_only(strided_copy):
+    """The loader lands a block's layers in groups: each group's copy writes its layers' rows of
+    block i, nothing of other layers or blocks."""
+    src = filled(GQA, 3)
+    block = blocks_of(src, 3)[1]
+    kv = GQA.empty(3 * BT)
+    for layer in kv:
+        for t in layer:
+            t.view(torch.uint8).fill_(0x77)
+    dest = PrefixKV(kv, BT)
+    h = parse_header(block)
+    dest.decode_layers(1, block.numpy(), h.layers[0].offset, dest.strided_step(h), range(1, 3))
+    for n, (got, want) in enumerate(zip(kv, src, strict=True)):
+        for t, w in zip(got, want, strict=True):
+            rows = t.view(torch.uint8).view(3 * BT, -1)
+            assert bool((rows[:BT] == 0x77).all()) and bool((rows[2 * BT:] == 0x77).all())
+            if n in (1, 2):
+                assert torch.equal(t[BT:2 * BT], w[BT:2 * BT])
+            else:
+                assert bool((rows[BT:2 * BT] == 0x77).all())
+
+
+def test_fast_and_general_decodes_agree_on_aligned_and_compact_blocks(strided_copy):
     src = filled(GQA, 2)
     blocks = blocks_of(src, 2)
     assert parse_header(blocks[0]).aligned
@@ -103,9 +151,9 @@ def test_scattered_destinations_and_other_codecs_take_the_general_decoder(copies
     src = filled(GQA, 2)
     scattered = [tuple(torch.empty_like(t) for t in layer) for layer in src]  # one allocation each
     dest = PrefixKV(scattered, BT)
-    copies.update(numpy=0, memmove=0, torch=0)
+    copies.update(numpy=0, memmove=0, torch=0, runs=0)
     dest.decode(1, blocks_of(src, 2)[1])
-    assert copies == {"numpy": 0, "memmove": 2 * GQA.num_layers, "torch": 0}  # one per tensor
+    assert copies == {"numpy": 0, "memmove": 2 * GQA.num_layers, "torch": 0, "runs": 0}  # one per tensor
     assert all(torch.equal(a[BT:], b[BT:]) for la, lb in zip(src, scattered, strict=True)
                for a, b in zip(la, lb, strict=True))
     quantized = blocks_of(src, 2, "int8")
@@ -116,7 +164,7 @@ def test_scattered_destinations_and_other_codecs_take_the_general_decoder(copies
     assert same([[t[:BT] for t in layer] for layer in target.kv], ref)
 
 
-def test_a_corrupt_block_is_refused_before_any_byte_lands():
+def test_a_corrupt_block_is_refused_before_any_byte_lands(strided_copy):
     src = filled(GQA, 1)
     block = blocks_of(src, 1)[0]
     h = parse_header(block)
