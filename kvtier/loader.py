@@ -35,11 +35,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from kvtier.block import decode_layer_into, header_size
+from kvtier.block import decode_layer_into, header_size, parse_header, parse_table
 from kvtier.costmodel import MEMORY_TIERS, CostDecision, CostModel
 from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError
 from kvtier.index import Lease, LeasedBlock
-from kvtier.loader_job import Item, LoadJob, T, checked_header, layer_groups
+from kvtier.loader_job import Item, LoadJob, T, layer_groups
 from kvtier.loader_promote import Assembly, Promoter
 from kvtier.loader_ranged import RangedReads
 from kvtier.loader_whole import WholeReads
@@ -182,7 +182,7 @@ class Loader:
                 io.append((i, b, tier))
         job = LoadJob(stream, dest, ns.codec, bt, n_layers, promote=self.cache.promote_on_get)
         stream._on_done = lambda: self.cache.finish_load(job.result)
-        self._paths.submit(self._guard, self._memory_path, job, mem)
+        self._paths.submit(self._guard, self._memory_path, job, mem, layerwise)
         self._paths.submit(self._guard, self._io_path, job, io, layerwise)
         return stream
 
@@ -195,14 +195,16 @@ class Loader:
         finally:
             job.stream._path_done()
 
-    def _memory_path(self, job: LoadJob, items: list[Item[MemoryTier]]) -> None:
+    def _memory_path(self, job: LoadJob, items: list[Item[MemoryTier]], layerwise: bool = True) -> None:
         """Path 1: copy memory-resident blocks from the tiers' views, layer group by layer
-        group (groups of ``min_read_bytes`` of a block, as the I/O path reads them).
+        group (groups of ``min_read_bytes`` of a block, as the I/O path reads them), or each
+        block whole where the caller waits for the whole prefix (``layerwise=False``).
 
         Into a host prefix that ``PrefixKV`` can copy strided (``KVLayout.empty``), a group of a
-        ``none`` block is one numpy copy per tensor of a layer; else ``decode_layer_into`` per
-        layer and tensor, as for device destinations. Why: the per-tensor way costs about 1 ms
-        of Python per 2 MiB block, four times its copy (``python -m kvtier.bench.host_tier``)."""
+        ``none`` block is one ``copy_runs`` call (numpy: one copy per tensor of a layer); else
+        ``decode_layer_into`` per layer and tensor, as for device destinations. Why: the
+        per-tensor way costs about 1 ms of Python per 2 MiB block, four times its copy
+        (``python -m kvtier.bench.host_tier``)."""
         if not items:
             return
         start = time.perf_counter()
@@ -211,26 +213,31 @@ class Loader:
         for i, b, tier in items:
             try:
                 view = tier.view(b.key)
-                header = checked_header(view, job.n_layers)
+                codec, _, _, _, table = parse_table(view)  # checked as parse_header does, no records
+                if len(table) != job.n_layers:
+                    raise CorruptBlock(f"block has {len(table)} layers, expected {job.n_layers}")
+                step = prefix.strided_step(codec, table) if prefix is not None and view.device.type == "cpu" else 0
+                header = None if step else parse_header(view)
             except (KeyError, CorruptBlock) as e:
                 log.warning("block %d in %s unusable (%s); reading it whole", i, tier.name, e)
                 self._fallback(job, i, b)
                 continue
-            step = prefix.strided_step(header) if prefix is not None and view.device.type == "cpu" else 0
-            ready.append((i, view, header, step))
-        lengths = [e.length for e in ready[0][2].layers] if ready else []
+            ready.append((i, view, header, step, table))
+        lengths = [n for _, n, _ in ready[0][4]] if ready else []
+        groups = layer_groups(lengths, self.config.min_read_bytes if layerwise else sum(lengths))
         with self._on_load_stream():
-            for group in layer_groups(lengths, self.config.min_read_bytes):
+            for group in groups:
                 if job.stream.cancelled:
                     break
-                landed = [i for i, _, _, _ in ready if i < job.stream.valid_blocks]
-                for i, view, header, step in ready:
+                landed = [i for i, _, _, _, _ in ready if i < job.stream.valid_blocks]
+                for i, view, header, step, table in ready:
                     if i >= job.stream.valid_blocks:
                         continue
                     if step:
                         assert prefix is not None
-                        prefix.decode_layers(i, view.numpy(), header.layers[0].offset, step, group)
+                        prefix.decode_layers(i, view.numpy(), table[0][0], step, group)
                         continue
+                    assert header is not None
                     outs = job.outs(i)
                     for layer in group:
                         decode_layer_into(header, layer, view, outs[layer], verify=False)

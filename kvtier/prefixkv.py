@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from kvtier.block import (
-    BlockHeader,
     PreparedBlock,
     checksum,
     copy_runs,
@@ -131,10 +130,11 @@ class PrefixKV:
                     raise CorruptBlock(f"layer {n} payload checksum mismatch")
         self.decode_layers(i, arr, table[0][0], step, range(len(table)))
 
-    def strided_step(self, header: BlockHeader) -> int:
-        """For ``decode_layers``: the regular distance between the layers of the block with
-        ``header``; 0 where that copy does not apply (see ``decode``)."""
-        return self._step(header.codec, list(header.layers))
+    def strided_step(self, codec: str, table: Sequence[tuple[int, int, int]]) -> int:
+        """For ``decode_layers``: the regular distance between the layers of a block with this
+        codec and (offset, length, crc) table (``parse_table``, or a ``BlockHeader``'s
+        ``layers``); 0 where that copy does not apply (see ``decode``)."""
+        return self._step(codec, table)
 
     def decode_layers(self, i: int, arr: np.ndarray, first: int, step: int, layers: range) -> None:
         """Copy ``layers`` of a ``none`` block into block ``i``, unverified: one strided numpy
@@ -165,7 +165,7 @@ class PrefixKV:
         if not 0 <= i < self.blocks:
             raise IndexError(f"block {i} of a prefix of {self.blocks} blocks")
 
-    def _step(self, codec: str, table: list[tuple]) -> int:
+    def _step(self, codec: str, table: Sequence[tuple[int, int, int]]) -> int:
         """The regular distance between the layers' payloads when one strided copy per tensor
         of a layer decodes the block exactly (codec ``none``, every layer the size this prefix
         expects, at one stride, into a strided host destination); else 0."""

@@ -118,7 +118,7 @@ def test_a_layer_group_lands_those_layers_only(strided_copy):
             t.view(torch.uint8).fill_(0x77)
     dest = PrefixKV(kv, BT)
     h = parse_header(block)
-    dest.decode_layers(1, block.numpy(), h.layers[0].offset, dest.strided_step(h), range(1, 3))
+    dest.decode_layers(1, block.numpy(), h.layers[0].offset, dest.strided_step(h.codec, h.layers), range(1, 3))
     for n, (got, want) in enumerate(zip(kv, src, strict=True)):
         for t, w in zip(got, want, strict=True):
             rows = t.view(torch.uint8).view(3 * BT, -1)
