@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import itertools
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,18 +54,16 @@ import numpy as np
 import torch
 
 from kvtier.bufpool import ALIGN, align_up, block_buffers
-from kvtier.bytecopy import address
+from kvtier.bytecopy import address, copy_runs  # noqa: F401  copy_runs: block's runs out (None: not built)
 from kvtier.codecs import Codec, get_codec
 from kvtier.errors import CorruptBlock
 from kvtier.pieces import Block, BlockPieces
 
-CopyRuns = Callable[[Sequence[np.ndarray], np.ndarray, np.ndarray], None]
-copy_runs: CopyRuns | None  # runs of a block into tensors (C); None where it is not built
-try:  # a block's copies in C (kvtier/_fastcopy.c, optional: see pyproject.toml)
+try:  # a put's copy and checksum in one pass (kvtier/_fastcopy.c, optional: see pyproject.toml)
     from kvtier._fastcopy import available as _native
-    from kvtier._fastcopy import copy_layers, copy_runs
+    from kvtier._fastcopy import copy_layers
 except ImportError:
-    _native, copy_runs = 0, None
+    _native = 0
 ONE_PASS_COPY = bool(_native)  # False: numpy copies, then crc32c over what they wrote
 
 MAGIC = b"KVTB"

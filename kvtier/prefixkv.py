@@ -27,12 +27,12 @@ import torch
 from kvtier.block import (
     PreparedBlock,
     checksum,
-    copy_runs,
     decode_block_into,
     layout,
     parse_table,
     prepare_block,
 )
+from kvtier.bytecopy import copy_runs
 from kvtier.codecs import Codec
 from kvtier.errors import CorruptBlock
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kvtier.bytecopy import copy_bytes
 from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch
 from kvtier.layout import KV, KVLayout, dtype_from_name, dtype_name
 
@@ -90,7 +91,10 @@ def pack_into(kv: KV, buf: memoryview) -> int:
                 continue
             if flat is None or off + nb > len(buf):
                 raise LayoutMismatch(f"kv needs more than the {len(buf)} bytes given")
-            flat[off:off + nb].view(t.dtype).view(t.shape).copy_(t)
+            if t.is_cpu and t.is_contiguous():
+                copy_bytes(flat[off:off + nb], t)  # no torch thread pool (kvtier.bytecopy)
+            else:
+                flat[off:off + nb].view(t.dtype).view(t.shape).copy_(t)
             off += nb
     return off
 

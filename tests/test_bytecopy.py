@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kvtier import bytecopy
 from kvtier.block import decode_block_into, encode_block_pooled
 from kvtier.bytecopy import byte_view, copy_bytes
 from kvtier.codecs import get_codec
@@ -25,6 +26,48 @@ def test_copy_bytes_between_dtypes_and_shapes(torch_copies):
     copy_bytes(dst, src)
     assert torch.equal(dst.view(torch.bfloat16).view(64, 3, 8), src) and torch_copies == []
     copy_bytes(torch.empty(0), torch.empty(0, 5))  # nothing to copy
+
+
+@pytest.mark.parametrize("nbytes", [bytecopy.STREAM_BYTES - 1, bytecopy.STREAM_BYTES, (3 << 20) + 5]
+                         if bytecopy.copy_runs is not None else [1 << 20])
+def test_large_copies_stream_and_small_ones_memmove(monkeypatch, nbytes):
+    """From ``STREAM_BYTES`` on a host copy is ``copy_runs`` (streaming stores); below, and for
+    overlapping ranges (which ``copy_runs`` refuses), it stays one memmove: the same bytes."""
+    import ctypes
+
+    calls = {"runs": 0, "memmove": 0}
+    runs, memmove = bytecopy.copy_runs, ctypes.memmove
+    if runs is not None:
+        monkeypatch.setattr(bytecopy, "copy_runs", lambda *a: calls.__setitem__("runs", calls["runs"] + 1) or runs(*a))
+    monkeypatch.setattr(ctypes, "memmove", lambda *a: calls.__setitem__("memmove", calls["memmove"] + 1) or memmove(*a))
+    src = torch.randint(0, 256, (nbytes + 7,), dtype=torch.uint8)
+    dst = torch.full((nbytes + 16,), 0xAB, dtype=torch.uint8)
+    copy_bytes(dst[3:3 + nbytes], src[7:])  # unaligned on both sides
+    assert torch.equal(dst[3:3 + nbytes], src[7:])
+    assert bool((dst[:3] == 0xAB).all()) and bool((dst[3 + nbytes:] == 0xAB).all())
+    streamed = runs is not None and nbytes >= bytecopy.STREAM_BYTES
+    assert calls == {"runs": int(streamed), "memmove": int(not streamed)}
+    whole = src.clone()
+    copy_bytes(whole[1:], whole[:-1].clone())  # a copy of its own: no overlap
+    ref = src.clone()
+    copy_bytes(src[1:], src[:-1])  # overlapping: memmove semantics, never refused
+    assert torch.equal(src, whole) and torch.equal(src[1:], ref[:-1])
+
+
+def test_packing_contiguous_host_kv_uses_no_torch_copies(torch_copies):
+    from kvtier.layout import KVLayout
+    from kvtier.wire import pack_into, packed_nbytes, packed_views
+
+    kv = random_kv(64, layers=3, heads=4, dim=64)
+    layout = KVLayout.from_kv(kv)
+    buf = bytearray(packed_nbytes(layout, 64))
+    assert pack_into(kv, memoryview(buf)) == len(buf)
+    assert torch_copies == []
+    back = packed_views(torch.frombuffer(buf, dtype=torch.uint8), layout, 64)
+    assert all(torch.equal(a, b) for la, lb in zip(kv, back, strict=True) for a, b in zip(la, lb, strict=True))
+    strided = [tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in layer) for layer in kv]
+    assert pack_into(strided, memoryview(buf)) == len(buf)  # not contiguous: torch copies them
+    assert len(torch_copies) == 2 * 3
 
 
 def test_copy_bytes_refuses_what_it_cannot_do_exactly():
