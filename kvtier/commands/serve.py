@@ -74,6 +74,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from kvtier.block import ONE_PASS_COPY
+    from kvtier.bytecopy import copy_runs
     from kvtier.manager import TieredCache
     from kvtier.server.app import create_app, start_region_socket
     from kvtier.server.protocol import uvicorn_http
@@ -84,10 +85,12 @@ def serve(settings: Settings) -> int:
         log.warning("binding %s (not loopback) without any bearer token: anyone who can reach "
                     "this port can read and write the cache; set --tokens", srv.host)
     cache = TieredCache(settings.cache)  # a bad data directory raises DataDirError: one line
-    if not ONE_PASS_COPY:
-        log.info("puts copy and checksum each block in two passes (about 1.3x slower): "
-                 "kvtier._fastcopy is not built (no C compiler at install) or this CPU lacks "
-                 "AVX2 + VPCLMULQDQ")
+    if copy_runs is None:
+        log.info("kvtier._fastcopy is not built (no C compiler at install): puts copy and "
+                 "checksum each block in two passes, reloads copy with numpy (both 1.3-1.6x slower)")
+    elif not ONE_PASS_COPY:
+        log.info("puts copy and checksum each block in two passes (about 1.3x slower): this CPU "
+                 "lacks AVX2 + VPCLMULQDQ")
     app = None
     try:
         app = create_app(cache, srv)
