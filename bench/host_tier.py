@@ -49,6 +49,7 @@ import torch
 
 import kvtier.block as block_mod
 import kvtier.prefixkv as prefixkv_mod
+from kvtier import bytecopy
 from kvtier.bench.common import median, p99, table
 from kvtier.block import decode_block_into, encode_block_pooled, parse_header
 from kvtier.codecs import get_codec
@@ -115,10 +116,10 @@ def numpy_only() -> Iterator[None]:
 def streamed_copy(dst: np.ndarray, src: np.ndarray) -> None:
     """A memcpy with streaming stores (``kvtier._fastcopy.copy_runs``; numpy's where not built):
     the machine's own limit for a copy, beside numpy's plain one."""
-    if block_mod.copy_runs is None:
+    if bytecopy.copy_runs is None:
         np.copyto(dst, src)
     else:
-        block_mod.copy_runs([dst], src, np.array([0, 0, 0, src.nbytes], np.int64))
+        bytecopy.copy_runs([dst], src, np.array([0, 0, 0, src.nbytes], np.int64))
 
 
 def run(block: int, prefix: int, rounds: int, busy: int) -> str:

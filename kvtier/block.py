@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from kvtier.bufpool import ALIGN, align_up, block_buffers
-from kvtier.bytecopy import address, copy_runs  # noqa: F401  copy_runs: block's runs out (None: not built)
+from kvtier.bytecopy import address
 from kvtier.codecs import Codec, get_codec
 from kvtier.errors import CorruptBlock
 from kvtier.pieces import Block, BlockPieces
@@ -255,8 +255,8 @@ class PreparedBlock:
         """Write the block into ``out`` (host memory, exactly ``nbytes`` uint8, any contents).
 
         Each layer is copied and checksummed in one pass over its bytes, the whole block in one
-        call (``copy_layers``, C; ``ONE_PASS_COPY``). Without it: copied with numpy (no torch thread pool),
-        a run of adjacent layers of up to ``_RUN_BYTES`` per call, and each run's layers
+        call (``copy_layers``, C; ``ONE_PASS_COPY``). Without it: copied with numpy (no torch
+        thread pool), a run of adjacent layers of up to ``_RUN_BYTES`` per call, and each run's layers
         checksummed right after its copy, while still in cache (checksumming a large block
         after all of it was copied reads it from memory a second time, while a call per small
         layer costs more in calls than it saves: ``python -m kvtier.bench.host_tier``).

@@ -36,7 +36,7 @@ try:
     from kvtier._fastcopy import copy_runs
     from kvtier._fastcopy import stream_bytes as STREAM_BYTES
 except ImportError:
-    copy_runs, STREAM_BYTES = None, 1 << 62
+    copy_runs, STREAM_BYTES = None, 1 << 62  # never: every copy is a memmove
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -83,8 +83,9 @@ _char = ctypes.c_char
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy ``src``'s bytes into ``dst`` (both contiguous, the same number of bytes).
 
-    Host to host is one memmove on this thread (streamed from ``STREAM_BYTES`` on); a copy involving a device tensor is queued
-    with ``copy_(non_blocking=True)`` (the caller synchronizes before reusing ``src``).
+    Host to host is one copy on this thread (streamed from ``STREAM_BYTES`` on; overlapping
+    ranges are memmoved); a copy involving a device tensor is queued with
+    ``copy_(non_blocking=True)`` (the caller synchronizes before reusing ``src``).
     """
     _check_contiguous(dst)
     _check_contiguous(src)

@@ -6,13 +6,15 @@ tens of microseconds of Python per tensor, more than the copy itself for 2 MiB b
 16-token page: 32 KiB per tensor). ``PrefixKV`` takes the tensors' numpy views once; then:
 
 - ``decode(i, data)`` of a ``none`` block into a host prefix whose tensors share one allocation
-  at a regular stride (``KVLayout.empty`` allocates them so) is one strided numpy copy per tensor
-  of a layer (2 for K and V) for the whole block, whatever its layer count; other codecs, device
+  at a regular stride (``KVLayout.empty`` allocates them so) is one ``copy_runs`` call for the
+  whole block (``kvtier._fastcopy``: a run per layer and tensor, streaming stores), or one
+  strided numpy copy per tensor of a layer where that is not built; other codecs, device
   destinations and scattered tensors take ``decode_block_into`` on ``views(i)``;
-- ``prepare(i, codec)`` hands a ``none`` block's parts to the encoder as numpy slices made
-  without touching torch, and the encoder concatenates them into place with one call per run.
+- ``prepare(i, codec)`` hands a ``none`` block's parts to the encoder as numpy views made
+  without touching torch (a row of a per-tensor ``[blocks, bytes]`` view), and the encoder
+  copies them into place with one call per block.
 
-Every copy is numpy's (``kvtier.bytecopy``: no torch thread pool); what is verified and how
+No copy goes through torch's thread pool (``kvtier.bytecopy``); what is verified and how
 corrupt bytes are refused is exactly ``kvtier.block``'s.
 """
 
@@ -137,10 +139,11 @@ class PrefixKV:
         return self._step(codec, table)
 
     def decode_layers(self, i: int, arr: np.ndarray, first: int, step: int, layers: range) -> None:
-        """Copy ``layers`` of a ``none`` block into block ``i``, unverified: one strided numpy
-        copy per tensor of a layer for all of them. ``arr`` is the block's bytes, layer 0 at
-        ``first`` and each next one ``step`` further (``strided_step``). A loader landing
-        layers in groups calls this per group. Raises CorruptBlock if ``arr`` is too short."""
+        """Copy ``layers`` of a ``none`` block into block ``i``, unverified: one ``copy_runs``
+        call for all of them (numpy: one strided copy per tensor of a layer). ``arr`` is the
+        block's bytes, layer 0 at ``first`` and each next one ``step`` further
+        (``strided_step``). A loader landing layers in groups calls this per group. Raises
+        CorruptBlock if ``arr`` is too short."""
         self._check(i)
         count = len(self.kv)
         if arr.size < first + (count - 1) * step + self._layer_bytes:

@@ -16,12 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvtier.block as block_mod
+from kvtier import bytecopy
 from kvtier.block import decode_block_into, prepare_block
 from kvtier.codecs import get_codec
 from kvtier.errors import CorruptBlock
 from tests.conftest import random_kv
 
-needs_runs = pytest.mark.skipif(block_mod.copy_runs is None, reason="kvtier._fastcopy is not built here")
+needs_runs = pytest.mark.skipif(bytecopy.copy_runs is None, reason="kvtier._fastcopy is not built here")
 native = pytest.mark.skipif(not block_mod.ONE_PASS_COPY,
                             reason="kvtier._fastcopy is not built here (no C compiler at install, not x86-64) or "
                                    "this CPU lacks AVX2 + VPCLMULQDQ")
@@ -113,7 +114,7 @@ def test_copy_runs_copies_each_run_and_nothing_else(n, skew):
     rng = np.random.default_rng(n)
     src = rng.integers(0, 256, 2 * n + skew, dtype=np.uint8)[skew:]
     a, b = np.full(n + 16, 0xAB, np.uint8), np.full(n + 16, 0xCD, np.uint8)
-    block_mod.copy_runs([a, b], src, _plan((1, 3, n, n // 2), (0, 7, 0, n), (1, 3 + n // 2, n + n // 2, n - n // 2)))
+    bytecopy.copy_runs([a, b], src, _plan((1, 3, n, n // 2), (0, 7, 0, n), (1, 3 + n // 2, n + n // 2, n - n // 2)))
     assert np.array_equal(a[7: 7 + n], src[:n]) and (a[:7] == 0xAB).all() and (a[7 + n:] == 0xAB).all()
     assert np.array_equal(b[3: 3 + n], src[n: 2 * n]) and (b[:3] == 0xCD).all() and (b[3 + n:] == 0xCD).all()
 
@@ -128,17 +129,17 @@ def test_copy_runs_refuses_bad_plans_and_writes_nothing():
                        ((1, 0, 95, 10), "source at 95"), ((1, -1, 0, 1), "out of bounds"),
                        ((1, 0, 0, -1), "out of bounds"), ((1, 2**62, 0, 2**62), "out of bounds")]:
         with pytest.raises(ValueError, match=f"run 1 .*{match}"):
-            block_mod.copy_runs([a, b], src, _plan(good, bad))
+            bytecopy.copy_runs([a, b], src, _plan(good, bad))
     with pytest.raises(ValueError, match="overlaps its source"):
-        block_mod.copy_runs([src], src, _plan(good, (0, 10, 0, 20)))
+        bytecopy.copy_runs([src], src, _plan(good, (0, 10, 0, 20)))
     with pytest.raises(ValueError, match="int64 rows of 4"):
-        block_mod.copy_runs([a], src, np.array([0, 0, 0, 1], np.int32))
+        bytecopy.copy_runs([a], src, np.array([0, 0, 0, 1], np.int32))
     with pytest.raises(ValueError, match="int64 rows of 4"):
-        block_mod.copy_runs([a], src, np.array([0, 0, 0], np.int64))
+        bytecopy.copy_runs([a], src, np.array([0, 0, 0], np.int64))
     with pytest.raises((BufferError, ValueError, TypeError)):  # read-only destination
-        block_mod.copy_runs([np.frombuffer(bytes(64), np.uint8)], src, _plan(good))
+        bytecopy.copy_runs([np.frombuffer(bytes(64), np.uint8)], src, _plan(good))
     with pytest.raises(TypeError, match="writable buffers"):
-        block_mod.copy_runs(5, src, _plan(good))
+        bytecopy.copy_runs(5, src, _plan(good))
     assert not a.any() and not b.any()
 
 
@@ -198,7 +199,7 @@ def test_the_gil_is_released_for_large_copies_only(copy):
                 if copy == "copy_layers":  # two layers of half: the threshold is the call's bytes
                     block_mod.copy_layers(dst, [0, nbytes // 2], [[src[: nbytes // 2]], [src[nbytes // 2:]]])
                 else:
-                    block_mod.copy_runs([dst], src, halves)
+                    bytecopy.copy_runs([dst], src, halves)
                 if ran:
                     return True
             return False
