@@ -257,6 +257,59 @@ def test_prefetch_promotes_to_host():
         assert c.prefetch_status(h.id) is h
 
 
+def test_concurrent_streamed_puts_and_reloads_keep_every_byte():
+    """Blocks of 256 KiB: every put and every reload of a block is one C copy with streaming
+    stores, the GIL released (``kvtier._fastcopy``, where built). 4 threads put and reload
+    prompts sharing prefixes into a host tier that holds 12 blocks, so slots are evicted and
+    reused under the copies; every reload must be exactly the KV put."""
+    from kvtier.bytecopy import STREAM_BYTES
+    from kvtier.layout import KVLayout
+
+    layout = KVLayout(4, ((8, 128), (8, 128)), "float16")  # 32 KiB per tensor per block
+    assert layout.bytes_per_token * BT >= min(STREAM_BYTES, 256 << 10)
+    shared = random_kv(BT * 2, layers=4, heads=8, dim=128, dtype=torch.float16, seed=99)
+    prompts = {}
+    for p in range(10):  # two shared blocks, then two of the prompt's own
+        own = random_kv(BT * 2, layers=4, heads=8, dim=128, dtype=torch.float16, seed=p)
+        kv = [tuple(torch.cat([a, b]) for a, b in zip(la, lb, strict=True)) for la, lb in zip(shared, own, strict=True)]
+        prompts[p] = (list(range(BT * 2)) + list(range(1000 * (p + 1), 1000 * (p + 1) + BT * 2)), kv)
+    block = layout.bytes_per_token * BT + 4096
+    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=12 * block, prefault=False),
+                      device=DeviceTierConfig(capacity_bytes=0))
+    errors: list[BaseException] = []
+    reloads = [0] * 4
+    with TieredCache(cfg) as c:
+        def worker(w):
+            rnd = random.Random(w)
+            dest = layout.empty(BT * 4)
+            try:
+                for _ in range(40):
+                    p = rnd.randrange(10)
+                    toks, kv = prompts[p]
+                    if rnd.random() < 0.5:
+                        c.put("m", toks, kv)
+                        continue
+                    for layer in dest:
+                        for t in layer:
+                            t.fill_(7)
+                    n = c.get_into("m", toks, dest)
+                    assert n % BT == 0 and same(kv, dest, n), f"wrong KV for prompt {p}"
+                    reloads[w] += n > 0
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert sum(reloads) > 0  # some reloads found blocks (the test checked bytes, not misses)
+        s = c.stats().tiers["host"]
+        assert s.used_bytes <= s.capacity_bytes
+        assert sum(s.evictions.values()) > 0  # slots were freed and reused under the copies
+
+
 def test_concurrent_put_get_lookup():
     """8 threads, random put/get/lookup for 10 s on a small cache: no error, no wrong KV."""
     with small_cache(host="192KiB", device="32KiB", policy="s3fifo") as c:
