@@ -333,6 +333,7 @@ static PyObject *copy_runs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_
     }
     {
         int stream = total >= STREAM_BYTES;
+        (void)stream; /* memcpy alone where there are no streaming stores */
         PyThreadState *released = total >= GIL_FREE_BYTES ? PyEval_SaveThread() : NULL;
         row = plan.buf;
         for (Py_ssize_t r = 0; r < runs; r++, row += 4) {
