@@ -163,18 +163,42 @@ static void release_all(Py_buffer *views, Py_ssize_t n) {
 /* ---- copy_layers ---------------------------------------------------------------------- */
 
 PyDoc_STRVAR(copy_layers_doc,
-             "copy_layers(dst, offsets, payloads) -> list[int]\n\n"
+             "copy_layers(dst, offsets, payloads, row=-1) -> list[int]\n\n"
              "For each layer i, copy the contiguous buffers ``payloads[i]`` one after another into "
              "the writable buffer ``dst`` from ``offsets[i]`` on, and return each layer's crc32c "
-             "(``crc32c.crc32c(b''.join(payloads[i]))``), each byte read once. Everything is "
-             "checked before a byte is written. The GIL is released for 256 KiB or more in all "
-             "(as kvtier.block.checksum: for less, getting it back costs more than the copy), and "
+             "(``crc32c.crc32c(b''.join(payloads[i]))``), each byte read once. With ``row`` >= 0 "
+             "each part is row ``row`` of its buffer, taken as ``shape[0]`` equal rows (a "
+             "``[blocks, bytes]`` array: no view to make per block). Everything is checked before "
+             "a byte is written. The GIL is released for 256 KiB or more in all (as "
+             "kvtier.block.checksum: for less, getting it back costs more than the copy), and "
              "stores stream past the cache from STREAM_BYTES on.");
 
+/* The bytes of part ``v``: all of it, or row ``row`` of its ``shape[0]`` rows (row >= 0). */
+static int part_bytes(Py_buffer *v, Py_ssize_t row, Py_ssize_t layer, const uint8_t **at, Py_ssize_t *len) {
+    if (row < 0) {
+        *at = v->buf, *len = v->len;
+        return 0;
+    }
+    Py_ssize_t rows = v->ndim >= 1 && v->shape ? v->shape[0] : 0;
+    if (row >= rows) {
+        PyErr_Format(PyExc_ValueError, "layer %zd: row %zd of a part of %zd rows", layer, row, rows);
+        return -1;
+    }
+    *len = v->len / rows;
+    *at = (const uint8_t *)v->buf + row * *len;
+    return 0;
+}
+
 static PyObject *copy_layers(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "copy_layers(dst, offsets, payloads)");
+    if (nargs < 3 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "copy_layers(dst, offsets, payloads, row=-1)");
         return NULL;
+    }
+    Py_ssize_t row = -1;
+    if (nargs == 4) {
+        row = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
+        if (row == -1 && PyErr_Occurred()) return NULL;
+        if (row < 0) row = -1;
     }
 #if KVT_X86
     if (!available)
@@ -222,9 +246,15 @@ static PyObject *copy_layers(PyObject *Py_UNUSED(self), PyObject *const *args, P
     for (Py_ssize_t i = 0; i < layers; i++) {
         Py_ssize_t bytes = 0;
         for (Py_ssize_t j = 0; j < count[i]; j++, held++) {
+            const uint8_t *at;
+            Py_ssize_t len;
             if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seqs[i], j), &views[held], PyBUF_C_CONTIGUOUS) < 0)
                 goto done;
-            bytes += views[held].len;
+            if (part_bytes(&views[held], row, i, &at, &len) < 0) {
+                held++;
+                goto done;
+            }
+            bytes += len;
         }
         if (offset[i] > views[0].len || bytes > views[0].len - offset[i]) {
             PyErr_Format(PyExc_ValueError, "layer %zd: %zd bytes from offset %zd do not fit a buffer of %zd",
@@ -245,8 +275,11 @@ static PyObject *copy_layers(PyObject *Py_UNUSED(self), PyObject *const *args, P
             uint8_t *out = (uint8_t *)views[0].buf + offset[i];
             uint32_t c = ~0u;
             for (Py_ssize_t j = 0, k = count[i]; j < k; j++, v++) {
-                c = copy_fold(c, v->buf, out, (size_t)v->len, stream);
-                out += v->len;
+                const uint8_t *at;
+                Py_ssize_t len;
+                part_bytes(v, row, i, &at, &len); /* checked above */
+                c = copy_fold(c, at, out, (size_t)len, stream);
+                out += len;
             }
             crcs[i] = ~c;
         }

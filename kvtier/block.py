@@ -218,7 +218,16 @@ class PreparedBlock:
     nbytes: int
     offsets: Sequence[int]
     lengths: Sequence[int]
-    payloads: Sequence[Sequence[np.ndarray]]  # each layer's parts (1-D uint8), in order
+    # Each layer's parts (1-D uint8), in order; or, with ``row`` >= 0, 2-D ``[blocks, bytes]``
+    # uint8 arrays whose row ``row`` is the part (``PrefixKV``: no view made per block).
+    payloads: Sequence[Sequence[np.ndarray]]
+    row: int = -1
+
+    def parts(self) -> Sequence[Sequence[np.ndarray]]:
+        """Each layer's parts as 1-D uint8 arrays."""
+        if self.row < 0:
+            return self.payloads
+        return [[p[self.row] for p in layer] for layer in self.payloads]
 
     def as_pieces(self) -> BlockPieces | None:
         """The block as its header page followed by the payloads' own memory (``kvtier.pieces``),
@@ -228,7 +237,7 @@ class PreparedBlock:
         if self.version != ALIGNED:
             return None
         payloads: list[np.ndarray] = []
-        for parts in self.payloads:
+        for parts in self.parts():
             if len(parts) != 1 or parts[0].nbytes % ALIGN or address(parts[0]) % ALIGN:
                 return None
             payloads.append(parts[0])
@@ -273,7 +282,7 @@ class PreparedBlock:
                 if start != end:
                     arr[end:start] = 0
                 end = start + n
-            crcs = copy_layers(arr, self.offsets, self.payloads)
+            crcs = copy_layers(arr, self.offsets, self.payloads, self.row)
             self._finish(arr, end, list(zip(self.offsets, self.lengths, crcs, strict=True)))
             return
         run: list[np.ndarray] = []
@@ -286,7 +295,7 @@ class PreparedBlock:
                 run.clear()
                 run_layers.clear()
 
-        for parts, start, n in zip(self.payloads, self.offsets, self.lengths, strict=True):
+        for parts, start, n in zip(self.parts(), self.offsets, self.lengths, strict=True):
             if start != end or (run_layers and end - run_layers[0][0] + n > _RUN_BYTES):
                 flush()
                 arr[end:start] = 0

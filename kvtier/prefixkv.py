@@ -10,9 +10,9 @@ tens of microseconds of Python per tensor, more than the copy itself for 2 MiB b
   whole block (``kvtier._fastcopy``: a run per layer and tensor, streaming stores), or one
   strided numpy copy per tensor of a layer where that is not built; other codecs, device
   destinations and scattered tensors take ``decode_block_into`` on ``views(i)``;
-- ``prepare(i, codec)`` hands a ``none`` block's parts to the encoder as numpy views made
-  without touching torch (a row of a per-tensor ``[blocks, bytes]`` view), and the encoder
-  copies them into place with one call per block.
+- ``prepare(i, codec)`` hands a ``none`` block's parts to the encoder as row ``i`` of per-tensor
+  ``[blocks, bytes]`` numpy views made once, without touching torch, and the encoder copies
+  them into place with one call per block.
 
 No copy goes through torch's thread pool (``kvtier.bytecopy``); what is verified and how
 corrupt bytes are refused is exactly ``kvtier.block``'s.
@@ -54,14 +54,15 @@ class PrefixKV:
         self._plans: dict[tuple[int, int, int, int], np.ndarray] = {}
         self._layer_bytes = sum(self._sizes)
         self._none = layout("none", [self._layer_bytes] * len(kv))  # every none block's layout
+        self._lengths = [self._layer_bytes] * len(kv)
 
     # Made on first use: each takes ~0.3 ms for a 32-layer prefix, and a put that finds all its
     # blocks stored, or a load of device KV, needs neither.
     @functools.cached_property
     def _blocked(self) -> list[list[np.ndarray]] | None:
         """Per tensor with bytes: its blocks' bytes as a ``[blocks, bytes]`` numpy view (host
-        tensors only). Block ``i`` is then ``view[i]``: an integer index, half the cost of a slice
-        (64 per block: ``prepare`` is per-block Python)."""
+        tensors only). A prepared block is these and its row (``PreparedBlock.row``): making 64
+        views per block cost more Python than a 2 MiB block's header and placement together."""
         if not self._host:
             return None
         return [[_bytes(t)[: self.blocks * n].reshape(self.blocks, n)
@@ -108,10 +109,9 @@ class PrefixKV:
         if codec.name != "none" or self._blocked is None:
             return prepare_block(codec, self.views(i))
         self._check(i)
-        parts = [[b[i] for b in layer] for layer in self._blocked]
         version, offsets, total = self._none
-        return PreparedBlock("none", version, self.block_tokens, total, offsets,
-                             [self._layer_bytes] * len(parts), parts)
+        return PreparedBlock("none", version, self.block_tokens, total, offsets, self._lengths,
+                             self._blocked, row=i)
 
     def decode(self, i: int, data: torch.Tensor, *, verify: bool = True) -> None:
         """Decode the block ``data`` (1-D uint8) into block ``i``: the fastest exact way the

@@ -103,6 +103,32 @@ def test_copy_layers_refuses_bad_arguments_and_writes_nothing():
     assert not dst.any()
 
 
+@native
+@pytest.mark.parametrize("row", [0, 3, 6])
+def test_copy_layers_of_a_row_copies_that_row_of_each_part(row):
+    """``row``: each part is row ``row`` of a ``[blocks, bytes]`` array, as PrefixKV hands them
+    over: the same bytes and crcs as those rows passed as parts, nothing of other rows."""
+    rng = np.random.default_rng(row)
+    blocked = [rng.integers(0, 256, (7, 96 << 10), dtype=np.uint8) for _ in range(4)]  # 384 KiB a row set
+    layers = [[blocked[0], blocked[1]], [blocked[2], blocked[3]]]
+    a, b = np.zeros(1 << 20, np.uint8), np.zeros(1 << 20, np.uint8)
+    offsets = [4096, 4096 + (192 << 10)]
+    assert block_mod.copy_layers(a, offsets, layers, row) == block_mod.copy_layers(
+        b, offsets, [[p[row] for p in parts] for parts in layers])
+    assert np.array_equal(a, b)
+
+
+@native
+def test_copy_layers_refuses_a_row_past_a_part_and_writes_nothing():
+    blocked = np.ones((3, 64), np.uint8)
+    dst = np.zeros(256, np.uint8)
+    with pytest.raises(ValueError, match="layer 1: row 3 of a part of 3 rows"):
+        block_mod.copy_layers(dst, [0, 64], [[np.ones((4, 64), np.uint8)], [blocked]], 3)
+    with pytest.raises(ValueError, match="row 0 of a part of 0 rows"):
+        block_mod.copy_layers(dst, [0], [[np.ones((0, 64), np.uint8)]], 0)
+    assert not dst.any()
+
+
 def _plan(*rows: tuple[int, int, int, int]) -> np.ndarray:
     return np.array(rows, np.int64).reshape(-1, 4)
 

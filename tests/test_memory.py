@@ -94,8 +94,8 @@ def test_put_with_encodes_straight_into_the_slot(monkeypatch, one_pass):
     monkeypatch.setattr(np, "concatenate", lambda parts, out: copied.append(out.nbytes) or concatenate(parts, out=out))
     if one_pass:
         copy_layers = block_mod.copy_layers
-        monkeypatch.setattr(block_mod, "copy_layers", lambda dst, at, layers: copied.append(
-            sum(p.nbytes for parts in layers for p in parts)) or copy_layers(dst, at, layers))
+        monkeypatch.setattr(block_mod, "copy_layers", lambda dst, at, layers, row: copied.append(
+            sum(p.nbytes for parts in layers for p in parts)) or copy_layers(dst, at, layers, row))
     block = prepare_block(get_codec("none"), kv)
     assert tier.put_with(b"k" * 16, block.nbytes, block.write_into, META)
     assert sum(copied) == payload  # every KV byte copied once, into the slot itself

@@ -201,6 +201,36 @@ def test_prepare_writes_the_same_block_as_prepare_block(layout, spec):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_a_prepared_block_is_its_rows_in_every_form(monkeypatch, one_pass):
+    """``prepare`` hands over row ``i`` of per-tensor ``[blocks, bytes]`` views: written in one
+    pass (C), in numpy's two passes, or as pieces for the SSD tier, it is block i's bytes."""
+    import kvtier.block as block_mod
+
+    if one_pass and not block_mod.ONE_PASS_COPY:
+        pytest.skip("kvtier._fastcopy is not built here, or this CPU lacks AVX2 + VPCLMULQDQ")
+    monkeypatch.setattr(block_mod, "ONE_PASS_COPY", one_pass)
+    paged = KVLayout(3, ((1024,),), "float32")  # a layer of a block is 64 KiB: SSD-ready pieces
+    src = paged.empty(3 * BT)  # 4 KiB-aligned, so each layer of a block is a piece as it lies
+    for layer in src:
+        layer[0].copy_(torch.randn(3 * BT, 1024))
+    for kv in (filled(GQA, 3), src):
+        prefix = PrefixKV(kv, BT)
+        codec = get_codec("none")
+        for i in range(3):
+            block = prefix.prepare(i, codec)
+            assert block.row == i and all(p.ndim == 2 for parts in block.payloads for p in parts)
+            out = torch.empty(block.nbytes, dtype=torch.uint8)
+            block.write_into(out)
+            ref = prepare_block(codec, prefix.views(i))
+            expect = torch.empty(ref.nbytes, dtype=torch.uint8)
+            ref.write_into(expect)
+            assert torch.equal(out, expect)
+            pieces = block.as_pieces()
+            assert (pieces is None) == (kv is not src)  # K and V apart: a block is no run of pieces
+            assert pieces is None or torch.equal(pieces.contiguous(), expect)
+
+
 def test_block_indices_are_bounded():
     prefix = PrefixKV(GQA.empty(2 * BT + 3), BT)  # a partial third block is not a block
     assert prefix.blocks == 2
