@@ -152,6 +152,8 @@ class Puts:
                 if placed is not None:  # outside the lock: the backlog bound may wait
                     new.add(key)
                     stored += bt
+                    if not self.writes.writes_below(placed):
+                        continue
                     if isinstance(block, PreparedBlock):
                         view = p.host_view(placed, key)
                         block = view if view is not None else contiguous(encoded(i))

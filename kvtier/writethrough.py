@@ -47,6 +47,9 @@ class WriteThrough:
         self.placement = placement
         self.admit_on_put = admit_on_put
         self.durable = [t for t, tier in enumerate(placement.tiers) if tier.durable]
+        # Per tier: whether a block placed there is written through to some tier under it.
+        self._below = [admit_on_put and any(tier.persistent for tier in placement.tiers[t + 1:])
+                       for t in range(len(placement.tiers))]
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="kvtier-writer")
         self._inflight: dict[tuple[bytes, int], Future] = {}  # guarded by the placement lock
         self._pending: set[Future] = set()
@@ -60,6 +63,11 @@ class WriteThrough:
         durable tiers below): the put's pinned blocks then outlive their writes, so a write may
         read a block from its slot in a memory tier instead of from a copy of its own."""
         return not self.admit_on_put or all(tier.durable for tier in self.placement.tiers if tier.persistent)
+
+    def writes_below(self, t: int) -> bool:
+        """Whether ``schedule`` writes a block placed in tier ``t`` anywhere (a persistent tier
+        under it, write-through admission): a put of a host-only cache skips the bookkeeping."""
+        return self._below[t]
 
     @property
     def batches(self) -> bool:

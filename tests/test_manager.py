@@ -424,21 +424,20 @@ def test_ttl_expires_blocks(monkeypatch):
 
 def _put_blocked_at_second_block(monkeypatch, c, name, kv):
     """Start a put of ``kv`` into ``name`` that stops once its first block is published, before
-    it places the second (a put encodes blocks ahead: the hook is where the first block's
-    write-through is scheduled); returns (thread, result dict, release function)."""
-    from kvtier.writethrough import WriteThrough
+    it places the second (a host-only put prepares each block just before placing it: the hook
+    is where the second block is prepared); returns (thread, result dict, release function)."""
+    from kvtier.prefixkv import PrefixKV
 
-    real, calls = WriteThrough.schedule, []
+    real = PrefixKV.prepare
     entered, gate = threading.Event(), threading.Event()
 
-    def slow(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
+    def slow(self, i, codec):
+        if i == 1 and not entered.is_set():
             entered.set()
             assert gate.wait(30)
-        return real(self, *args, **kwargs)
+        return real(self, i, codec)
 
-    monkeypatch.setattr(WriteThrough, "schedule", slow)
+    monkeypatch.setattr(PrefixKV, "prepare", slow)
     result = {}
 
     def run():

@@ -249,6 +249,20 @@ def test_without_write_through_admission_nothing_is_written_on_put(tiers):
         w.close()
 
 
+def test_writes_below_says_where_a_put_has_something_to_write_through(tiers):
+    """A put skips the write-through bookkeeping of a block only where ``schedule`` would write
+    it nowhere: a block in the SSD tier, or any block without write-through admission or
+    without a persistent tier under it."""
+    hst, disk = tiers
+    for tiers_, admit, expect in [([hst, disk], True, [True, False]), ([hst, disk], False, [False, False]),
+                                  ([hst], True, [False])]:
+        w = writer(placement(tiers_), admit_on_put=admit)
+        try:
+            assert [w.writes_below(t) for t in range(len(tiers_))] == expect
+        finally:
+            w.close()
+
+
 def test_durable_writes_go_together_and_each_blocks_failure_is_its_own(tiers, monkeypatch):
     """Blocks written through to the SSD tier go in one ``put_many`` (their writes in flight
     together); one that the disk refuses fails the put for itself alone: the others are
