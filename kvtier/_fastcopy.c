@@ -4,10 +4,10 @@ reload's copies of a block's runs into their tensors; large copies with non-temp
 Why: a put copies each layer of a block into its host slot (or an SSD staging buffer) and
 checksums it. From Python that is two passes, a numpy copy and then crc32c over the copied
 bytes, and the crc32 instruction (8 bytes a cycle at best) cannot keep up with memory. On this
-project's 2-core test machine, gathering 2 MiB blocks (64 pieces of 32 KiB) with their layer
-checksums ran at 0.45-0.48x one memcpy of the same bytes in two passes, 0.55-0.68x here, where
-the gather alone runs at 0.7x; a 32 MiB block's put, at 0.64x in two passes, runs at the
-gather's speed here (python -m kvtier.bench.host_tier).
+project's 2-core test machine (python -m kvtier.bench.host_tier, against one numpy copy of the
+same bytes): a put of 2 MiB blocks (64 pieces of 32 KiB) with their layer checksums ran at
+0.35-0.42x in two passes, 0.55-0.67x here; a 32 MiB block's put at 0.51x in two passes, 1.20x
+here (with the streaming stores below).
 
 The checksum is crc32c (Castagnoli), the value crc32c.crc32c gives, computed by folding with
 carry-less multiplies (AVX2 + VPCLMULQDQ: x86-64 from Ice Lake and Zen 3 on) while the bytes are
