@@ -320,7 +320,10 @@ def test_full_disk_gets_back_the_space_of_deleted_blocks(tmp_path):
             except StorageFull:
                 assert time.monotonic() < deadline, "compaction never returned the space"
                 time.sleep(0.05)
-        assert tier.stats()["compactions"] >= 1
+        # A pass is counted when it ends; the put may already fit once its first segment is gone.
+        while tier.stats()["compactions"] < 1:
+            assert time.monotonic() < deadline, "the space came back, but no compaction was counted"
+            time.sleep(0.05)
         assert tier.health() == []
         stored[key] = data
         assert all(read(tier, k) == d for k, d in stored.items())
