@@ -49,9 +49,9 @@ import torch
 
 import kvtier.block as block_mod
 import kvtier.prefixkv as prefixkv_mod
-from kvtier import bytecopy
 from kvtier.bench.common import median, p99, table
 from kvtier.block import decode_block_into, encode_block_pooled, parse_header
+from kvtier.bytecopy import copy_bytes
 from kvtier.codecs import get_codec
 from kvtier.config import CacheConfig, HostTierConfig, parse_size
 from kvtier.layout import KVLayout
@@ -114,12 +114,9 @@ def numpy_only() -> Iterator[None]:
 
 
 def streamed_copy(dst: np.ndarray, src: np.ndarray) -> None:
-    """A memcpy with streaming stores (``kvtier._fastcopy.copy_runs``; numpy's where not built):
-    the machine's own limit for a copy, beside numpy's plain one."""
-    if bytecopy.copy_runs is None:
-        np.copyto(dst, src)
-    else:
-        bytecopy.copy_runs([dst], src, np.array([0, 0, 0, src.nbytes], np.int64))
+    """A memcpy with streaming stores (``kvtier.bytecopy.copy_bytes``, streamed where
+    ``kvtier._fastcopy`` is built): the machine's own limit for a copy, beside numpy's plain one."""
+    copy_bytes(torch.from_numpy(dst), torch.from_numpy(src))
 
 
 def run(block: int, prefix: int, rounds: int, busy: int) -> str:

@@ -357,7 +357,11 @@ def _table(n_layers: int) -> struct.Struct:
 def parse_header(buf: bytes | bytearray | memoryview | torch.Tensor) -> BlockHeader:
     """Parse and verify a block header (version 1 or 2). Raises CorruptBlock on any
     inconsistency. ``buf`` holds the block from byte 0, at least ``header_bytes`` of it."""
-    codec, version, tokens, hsize, table = parse_table(buf)
+    return header_of(*parse_table(buf))
+
+
+def header_of(codec: str, version: int, tokens: int, hsize: int, table: Sequence[tuple]) -> BlockHeader:
+    """The ``BlockHeader`` of a ``parse_table`` result (already checked: nothing parsed again)."""
     return BlockHeader(codec, tokens, tuple(map(LayerEntry._make, table)), hsize, version)
 
 

@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from kvtier.block import decode_layer_into, header_size, parse_header, parse_table
+from kvtier.block import decode_layer_into, header_of, header_size, parse_table
 from kvtier.costmodel import MEMORY_TIERS, CostDecision, CostModel
 from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError
 from kvtier.index import Lease, LeasedBlock
@@ -195,7 +195,7 @@ class Loader:
         finally:
             job.stream._path_done()
 
-    def _memory_path(self, job: LoadJob, items: list[Item[MemoryTier]], layerwise: bool = True) -> None:
+    def _memory_path(self, job: LoadJob, items: list[Item[MemoryTier]], layerwise: bool) -> None:
         """Path 1: copy memory-resident blocks from the tiers' views, layer group by layer
         group (groups of ``min_read_bytes`` of a block, as the I/O path reads them), or each
         block whole where the caller waits for the whole prefix (``layerwise=False``).
@@ -213,11 +213,12 @@ class Loader:
         for i, b, tier in items:
             try:
                 view = tier.view(b.key)
-                codec, _, _, _, table = parse_table(view)  # checked as parse_header does, no records
+                parsed = parse_table(view)  # checked as parse_header does, no records made
+                codec, table = parsed[0], parsed[4]
                 if len(table) != job.n_layers:
                     raise CorruptBlock(f"block has {len(table)} layers, expected {job.n_layers}")
                 step = prefix.strided_step(codec, table) if prefix is not None and view.device.type == "cpu" else 0
-                header = None if step else parse_header(view)
+                header = None if step else header_of(*parsed)
             except (KeyError, CorruptBlock) as e:
                 log.warning("block %d in %s unusable (%s); reading it whole", i, tier.name, e)
                 self._fallback(job, i, b)

@@ -53,8 +53,8 @@ class PrefixKV:
         self._block_bytes = np.array(self._sizes, np.int64)
         self._plans: dict[tuple[int, int, int, int], np.ndarray] = {}
         self._layer_bytes = sum(self._sizes)
-        self._none = layout("none", [self._layer_bytes] * len(kv))  # every none block's layout
         self._lengths = [self._layer_bytes] * len(kv)
+        self._none = layout("none", self._lengths)  # every none block's layout
 
     # Made on first use: each takes ~0.3 ms for a 32-layer prefix, and a put that finds all its
     # blocks stored, or a load of device KV, needs neither.
@@ -148,16 +148,16 @@ class PrefixKV:
         count = len(self.kv)
         if arr.size < first + (count - 1) * step + self._layer_bytes:
             raise CorruptBlock(f"block truncated: {arr.size} bytes")
-        if first + count * step <= arr.size:  # the usual case: a plain reshape, no as_strided
-            src = arr[first: first + count * step].reshape(count, step)
-        else:
-            src = np.lib.stride_tricks.as_strided(arr[first:], (count, self._layer_bytes), (step, 1))
         lo, hi = layers.start, layers.stop
         if copy_runs is not None:
             runs = self._plan(first, step, lo, hi).copy()
             runs[:, :, 1] += i * self._block_bytes  # destination: block i of each tensor
             copy_runs(self._spans, arr, runs)
             return
+        if first + count * step <= arr.size:  # the usual case: a plain reshape, no as_strided
+            src = arr[first: first + count * step].reshape(count, step)
+        else:
+            src = np.lib.stride_tricks.as_strided(arr[first:], (count, self._layer_bytes), (step, 1))
         at = 0
         assert self._strided is not None  # a step is only found for a strided prefix
         for view, n in zip(self._strided, self._sizes, strict=True):

@@ -21,6 +21,24 @@ def same(kv_a, kv_b, n):
     return all(torch.equal(a[:n], b[:n]) for la, lb in zip(kv_a, kv_b, strict=True) for a, b in zip(la, lb, strict=True))
 
 
+def run_workers(worker, n: int) -> list[BaseException]:
+    """Run ``worker(w)`` for w in range(n) on threads, wait for all; what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(w):
+        try:
+            worker(w)
+        except BaseException as e:  # noqa: BLE001  returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(w,)) for w in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_put_lookup_get_roundtrip():
     with small_cache() as c:
         kv = random_kv(100)
@@ -276,33 +294,25 @@ def test_concurrent_streamed_puts_and_reloads_keep_every_byte():
     block = layout.bytes_per_token * BT + 4096
     cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=12 * block, prefault=False),
                       device=DeviceTierConfig(capacity_bytes=0))
-    errors: list[BaseException] = []
     reloads = [0] * 4
     with TieredCache(cfg) as c:
         def worker(w):
             rnd = random.Random(w)
             dest = layout.empty(BT * 4)
-            try:
-                for _ in range(40):
-                    p = rnd.randrange(10)
-                    toks, kv = prompts[p]
-                    if rnd.random() < 0.5:
-                        c.put("m", toks, kv)
-                        continue
-                    for layer in dest:
-                        for t in layer:
-                            t.fill_(7)
-                    n = c.get_into("m", toks, dest)
-                    assert n % BT == 0 and same(kv, dest, n), f"wrong KV for prompt {p}"
-                    reloads[w] += n > 0
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
+            for _ in range(40):
+                p = rnd.randrange(10)
+                toks, kv = prompts[p]
+                if rnd.random() < 0.5:
+                    c.put("m", toks, kv)
+                    continue
+                for layer in dest:
+                    for t in layer:
+                        t.fill_(7)
+                n = c.get_into("m", toks, dest)
+                assert n % BT == 0 and same(kv, dest, n), f"wrong KV for prompt {p}"
+                reloads[w] += n > 0
 
-        threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_workers(worker, 4)
         assert not errors, errors[:3]
         assert sum(reloads) > 0  # some reloads found blocks (the test checked bytes, not misses)
         s = c.stats().tiers["host"]
@@ -314,35 +324,27 @@ def test_concurrent_put_get_lookup():
     """8 threads, random put/get/lookup for 10 s on a small cache: no error, no wrong KV."""
     with small_cache(host="192KiB", device="32KiB", policy="s3fifo") as c:
         prompts = {p: (list(range(p * 1000, p * 1000 + BT * 3)), random_kv(BT * 3, seed=p)) for p in range(40)}
-        errors: list[BaseException] = []
         counts = [0] * 8
         deadline = time.monotonic() + 10
 
         def worker(w):
             rnd = random.Random(w)
-            try:
-                while time.monotonic() < deadline:
-                    p = rnd.randrange(40)
-                    toks, kv = prompts[p]
-                    op = rnd.random()
-                    if op < 0.4:
-                        c.put("m", toks, kv)
-                    elif op < 0.8:
-                        out, n = c.get("m", toks)
-                        if n:
-                            assert same(kv, out, n), f"wrong KV for prompt {p}"
-                    else:
-                        hit = c.lookup("m", toks)
-                        assert hit.tokens % BT == 0 and hit.tokens <= BT * 3
-                    counts[w] += 1
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
+            while time.monotonic() < deadline:
+                p = rnd.randrange(40)
+                toks, kv = prompts[p]
+                op = rnd.random()
+                if op < 0.4:
+                    c.put("m", toks, kv)
+                elif op < 0.8:
+                    out, n = c.get("m", toks)
+                    if n:
+                        assert same(kv, out, n), f"wrong KV for prompt {p}"
+                else:
+                    hit = c.lookup("m", toks)
+                    assert hit.tokens % BT == 0 and hit.tokens <= BT * 3
+                counts[w] += 1
 
-        threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_workers(worker, 8)
         assert not errors, errors[:3]
         s = c.stats()
         assert all(counts) and s.lookups >= sum(counts) * 0.5
