@@ -25,7 +25,8 @@ pre-allocated by ``KVLayout.empty``, as a reload allocates it.
 - the calls a user makes, per round on the whole prefix: ``TieredCache.put`` into a host-only
   cache (fresh token ids, evicted after) and ``TieredCache.get_into`` the destination, each
   also without ``kvtier._fastcopy``, against one memcpy of the whole prefix's bytes (and one
-  with streaming stores).
+  with streaming stores); and the put with one block per copy (``kvtier.writes``'
+  ``SLOTS_WINDOW_BYTES`` at 1: a new read stream per tensor and block, placed one by one).
 
 Paths are interleaved block by block (in each round, every path moves block i before any moves
 block i+1) so machine noise hits all alike; GB/s and its ratio to plain are medians over rounds
@@ -49,6 +50,7 @@ import torch
 
 import kvtier.block as block_mod
 import kvtier.prefixkv as prefixkv_mod
+import kvtier.writes as writes_mod
 from kvtier.bench.common import median, p99, table
 from kvtier.block import decode_block_into, encode_block_pooled, parse_header
 from kvtier.bytecopy import copy_bytes
@@ -223,6 +225,13 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
         with numpy_only():
             return cache_put()
 
+    def cache_put_one_by_one():
+        window, writes_mod.SLOTS_WINDOW_BYTES = writes_mod.SLOTS_WINDOW_BYTES, 1
+        try:
+            return cache_put()
+        finally:
+            writes_mod.SLOTS_WINDOW_BYTES = window
+
     def cache_get_into():
         return _timed(lambda: cache.get_into("bench", prefix_ids, dest))
 
@@ -233,6 +242,7 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
     prefix_ids = list(range(n * bt))
     whole = {"TieredCache.put of the prefix": cache_put,
              "TieredCache.put, numpy's two passes": cache_put_two_passes,
+             "TieredCache.put, one block per copy": cache_put_one_by_one,
              "TieredCache.get_into the prefix": cache_get_into,
              "TieredCache.get_into, numpy's copies": cache_get_into_numpy,
              "memcpy of the prefix with streaming stores": lambda: _timed(lambda: streamed_copy(dst_plain, src_plain)),

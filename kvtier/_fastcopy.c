@@ -189,35 +189,26 @@ static int part_bytes(Py_buffer *v, Py_ssize_t row, Py_ssize_t layer, const uint
     return 0;
 }
 
-static PyObject *copy_layers(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs < 3 || nargs > 4) {
-        PyErr_SetString(PyExc_TypeError, "copy_layers(dst, offsets, payloads, row=-1)");
-        return NULL;
-    }
-    Py_ssize_t row = -1;
-    if (nargs == 4) {
-        row = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
-        if (row == -1 && PyErr_Occurred()) return NULL;
-        if (row < 0) row = -1;
-    }
-#if KVT_X86
-    if (!available)
-#endif
-    {
-        PyErr_SetString(PyExc_RuntimeError, "kvtier._fastcopy: this CPU lacks AVX2 or VPCLMULQDQ (see available)");
-        return NULL;
-    }
-    PyObject *offs = PySequence_Fast(args[1], "offsets must be a sequence of ints");
+/* Copy ``nb`` blocks: block w (into ``dsts[w]``) is each part whole (rows[w] < 0) or row
+   ``rows[w]`` of it. Returns the crcs as a list (nb == 1 and ``flat``) or a list of nb lists.
+   Layer by layer, part by part, block by block: the rows of a part for consecutive blocks lie
+   one after another, so the source is read as one stream per part, not one per block and part
+   (the hardware prefetcher restarts at each new stream; the stores stream to any number of
+   destinations at no cost). */
+static PyObject *copy_impl(PyObject *const *dstobjs, Py_ssize_t nb, PyObject *offsets, PyObject *payloads,
+                           const Py_ssize_t *rows, int flat) {
+    PyObject *offs = PySequence_Fast(offsets, "offsets must be a sequence of ints");
     if (!offs) return NULL;
-    PyObject *pays = PySequence_Fast(args[2], "payloads must be a sequence of sequences of buffers");
+    PyObject *pays = PySequence_Fast(payloads, "payloads must be a sequence of sequences of buffers");
     if (!pays) {
         Py_DECREF(offs);
         return NULL;
     }
-    Py_ssize_t layers = PySequence_Fast_GET_SIZE(pays), nviews = 1, held = 0, total = 0;
+    Py_ssize_t layers = PySequence_Fast_GET_SIZE(pays), nviews = nb, held = 0, total = 0;
     PyObject *result = NULL, **seqs = NULL;
     Py_buffer *views = NULL;
-    Py_ssize_t *offset = NULL, *count = NULL;
+    Py_ssize_t *offset = NULL, *count = NULL, *span = NULL;
+    uint32_t *crcs = NULL;
     if (PySequence_Fast_GET_SIZE(offs) != layers) {
         PyErr_Format(PyExc_ValueError, "%zd offsets for %zd layers", PySequence_Fast_GET_SIZE(offs), layers);
         goto done;
@@ -225,7 +216,9 @@ static PyObject *copy_layers(PyObject *Py_UNUSED(self), PyObject *const *args, P
     seqs = PyMem_Calloc((size_t)layers + 1, sizeof(PyObject *));
     offset = PyMem_Calloc((size_t)layers + 1, sizeof(Py_ssize_t));
     count = PyMem_Calloc((size_t)layers + 1, sizeof(Py_ssize_t));
-    if (!seqs || !offset || !count) {
+    span = PyMem_Calloc((size_t)layers + 1, sizeof(Py_ssize_t));
+    crcs = PyMem_Calloc((size_t)(layers * nb) + 1, sizeof(uint32_t));
+    if (!seqs || !offset || !count || !span || !crcs) {
         PyErr_NoMemory();
         goto done;
     }
@@ -241,60 +234,71 @@ static PyObject *copy_layers(PyObject *Py_UNUSED(self), PyObject *const *args, P
         PyErr_NoMemory();
         goto done;
     }
-    if (PyObject_GetBuffer(args[0], &views[0], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
-    held = 1;
+    for (; held < nb; held++)
+        if (PyObject_GetBuffer(dstobjs[held], &views[held], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
     for (Py_ssize_t i = 0; i < layers; i++) {
-        Py_ssize_t bytes = 0;
         for (Py_ssize_t j = 0; j < count[i]; j++, held++) {
             const uint8_t *at;
-            Py_ssize_t len;
+            Py_ssize_t len = 0;
             if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seqs[i], j), &views[held], PyBUF_C_CONTIGUOUS) < 0)
                 goto done;
-            if (part_bytes(&views[held], row, i, &at, &len) < 0) {
-                held++;
+            for (Py_ssize_t w = 0; w < nb; w++)
+                if (part_bytes(&views[held], rows[w], i, &at, &len) < 0) {
+                    held++;
+                    goto done;
+                }
+            span[i] += len; /* a part's rows are equal: the same for every block */
+        }
+        for (Py_ssize_t w = 0; w < nb; w++)
+            if (offset[i] > views[w].len || span[i] > views[w].len - offset[i]) {
+                PyErr_Format(PyExc_ValueError, "layer %zd: %zd bytes from offset %zd do not fit a buffer of %zd",
+                             i, span[i], offset[i], views[w].len);
                 goto done;
             }
-            bytes += len;
-        }
-        if (offset[i] > views[0].len || bytes > views[0].len - offset[i]) {
-            PyErr_Format(PyExc_ValueError, "layer %zd: %zd bytes from offset %zd do not fit a buffer of %zd",
-                         i, bytes, offset[i], views[0].len);
-            goto done;
-        }
-        total += bytes;
+        total += span[i] * nb;
     }
-    result = PyList_New(layers);
-    if (!result) goto done;
 #if KVT_X86
     {
-        uint32_t *crcs = (uint32_t *)count; /* reused: a layer's count is read before its crc is written */
         int stream = total >= STREAM_BYTES;
         PyThreadState *released = total >= GIL_FREE_BYTES ? PyEval_SaveThread() : NULL;
-        Py_buffer *v = &views[1];
+        Py_buffer *v = &views[nb];
         for (Py_ssize_t i = 0; i < layers; i++) {
-            uint8_t *out = (uint8_t *)views[0].buf + offset[i];
-            uint32_t c = ~0u;
+            uint32_t *c = crcs + i * nb;
+            for (Py_ssize_t w = 0; w < nb; w++) c[w] = ~0u;
+            Py_ssize_t at_layer = offset[i];
             for (Py_ssize_t j = 0, k = count[i]; j < k; j++, v++) {
-                const uint8_t *at;
-                Py_ssize_t len;
-                part_bytes(v, row, i, &at, &len); /* checked above */
-                c = copy_fold(c, at, out, (size_t)len, stream);
-                out += len;
+                const uint8_t *at = NULL;
+                Py_ssize_t len = 0;
+                for (Py_ssize_t w = 0; w < nb; w++) {
+                    part_bytes(v, rows[w], i, &at, &len); /* checked above */
+                    c[w] = copy_fold(c[w], at, (uint8_t *)views[w].buf + at_layer, (size_t)len, stream);
+                }
+                at_layer += len;
             }
-            crcs[i] = ~c;
+            for (Py_ssize_t w = 0; w < nb; w++) c[w] = ~c[w];
         }
         if (stream) _mm_sfence();
         if (released) PyEval_RestoreThread(released);
+    }
+#endif
+    result = PyList_New(flat ? layers : nb);
+    if (!result) goto done;
+    for (Py_ssize_t w = 0; w < (flat ? 1 : nb); w++) {
+        PyObject *list = flat ? result : PyList_New(layers);
+        if (!list) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        if (!flat) PyList_SET_ITEM(result, w, list);
         for (Py_ssize_t i = 0; i < layers; i++) {
-            PyObject *crc = PyLong_FromUnsignedLong(crcs[i]);
+            PyObject *crc = PyLong_FromUnsignedLong(crcs[i * nb + w]);
             if (!crc) {
                 Py_CLEAR(result);
                 goto done;
             }
-            PyList_SET_ITEM(result, i, crc);
+            PyList_SET_ITEM(list, i, crc);
         }
     }
-#endif
 done:
     if (views) release_all(views, held);
     PyMem_Free(views);
@@ -303,8 +307,72 @@ done:
     PyMem_Free(seqs);
     PyMem_Free(offset);
     PyMem_Free(count);
+    PyMem_Free(span);
+    PyMem_Free(crcs);
     Py_DECREF(offs);
     Py_DECREF(pays);
+    return result;
+}
+
+static int check_available(void) {
+#if KVT_X86
+    if (available) return 0;
+#endif
+    PyErr_SetString(PyExc_RuntimeError, "kvtier._fastcopy: this CPU lacks AVX2 or VPCLMULQDQ (see available)");
+    return -1;
+}
+
+static PyObject *copy_layers(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 3 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "copy_layers(dst, offsets, payloads, row=-1)");
+        return NULL;
+    }
+    Py_ssize_t row = -1;
+    if (nargs == 4) {
+        row = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
+        if (row == -1 && PyErr_Occurred()) return NULL;
+        if (row < 0) row = -1;
+    }
+    if (check_available() < 0) return NULL;
+    return copy_impl(&args[0], 1, args[1], args[2], &row, 1);
+}
+
+PyDoc_STRVAR(copy_blocks_doc,
+             "copy_blocks(dsts, offsets, payloads, rows) -> list[list[int]]\n\n"
+             "``copy_layers(dsts[w], offsets, payloads, rows[w])`` for every w, in one call: each "
+             "part is a ``[blocks, bytes]`` array and block w is its row ``rows[w]`` (>= 0). Returns "
+             "each block's layer crcs. The parts' rows for consecutive blocks are read as one "
+             "stream (a put of many blocks of one prefix reads each tensor once, in order), which "
+             "a copy per block cannot do. Everything is checked before a byte is written.");
+
+static PyObject *copy_blocks(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "copy_blocks(dsts, offsets, payloads, rows)");
+        return NULL;
+    }
+    if (check_available() < 0) return NULL;
+    PyObject *dsts = PySequence_Fast(args[0], "dsts must be a sequence of writable buffers");
+    if (!dsts) return NULL;
+    PyObject *rowseq = PySequence_Fast(args[3], "rows must be a sequence of ints");
+    PyObject *result = NULL;
+    Py_ssize_t *rows = NULL, nb = PySequence_Fast_GET_SIZE(dsts);
+    if (!rowseq) goto done;
+    if (PySequence_Fast_GET_SIZE(rowseq) != nb) {
+        PyErr_Format(PyExc_ValueError, "%zd rows for %zd destinations", PySequence_Fast_GET_SIZE(rowseq), nb);
+        goto done;
+    }
+    rows = PyMem_Calloc((size_t)nb + 1, sizeof(Py_ssize_t));
+    if (!rows) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t w = 0; w < nb; w++)
+        if (get_index(PySequence_Fast_GET_ITEM(rowseq, w), &rows[w], "row") < 0) goto done;
+    result = copy_impl(PySequence_Fast_ITEMS(dsts), nb, args[1], args[2], rows, 0);
+done:
+    PyMem_Free(rows);
+    Py_XDECREF(rowseq);
+    Py_DECREF(dsts);
     return result;
 }
 
@@ -398,6 +466,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"copy_layers", (PyCFunction)(void (*)(void))copy_layers, METH_FASTCALL, copy_layers_doc},
+    {"copy_blocks", (PyCFunction)(void (*)(void))copy_blocks, METH_FASTCALL, copy_blocks_doc},
     {"copy_runs", (PyCFunction)(void (*)(void))copy_runs, METH_FASTCALL, copy_runs_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Container, Iterable, Sequence
 
 import torch
 
-from kvtier.block import PreparedBlock
+from kvtier.block import PreparedBlock, write_blocks
 from kvtier.errors import KVTierError, StorageFull
 from kvtier.index import BlockEntry, PinnedKeys, rebuild_index
 from kvtier.pieces import Block, contiguous
@@ -127,13 +127,17 @@ class Placement:
         is to be placed with ``place_new`` instead."""
         if entry.key in self._held or entry.key in self._placing:
             return None
-        for t, tier in enumerate(self.tiers):
-            if not tier.fits_ever(nbytes) or not self.make_room(t, nbytes):
-                continue
-            if self._in_place[t] is None:
-                return None
+        t = self._in_place_landing(nbytes)
+        if t is not None:
             self._placing.add(entry.key)
-            return t
+        return t
+
+    def _in_place_landing(self, nbytes: int) -> int | None:
+        """The fastest tier that can ever hold a block of ``nbytes``, room made for it, where that
+        tier writes in place (``WritesInPlace``); None otherwise (lock held)."""
+        for t, tier in enumerate(self.tiers):
+            if tier.fits_ever(nbytes) and self.make_room(t, nbytes):
+                return t if self._in_place[t] is not None else None
         return None
 
     def fill_claimed(self, t: int, entry: BlockEntry, block: PreparedBlock) -> bool:
@@ -161,6 +165,45 @@ class Placement:
         self.publish(entry, t, nbytes)
         if entry.parent is not None:
             self.index[entry.parent].children.add(entry.key)
+
+    def fill_chain_in_place(self, blocks: Sequence[tuple[BlockEntry, PreparedBlock]],
+                            check: Callable[[], None]) -> list[BlockEntry]:
+        """Place a run of a prefix's new blocks (each the parent of the next; the first's parent
+        pinned by the caller) straight into the slots of a tier that writes in place: claimed
+        and made room for under the lock, written by one ``put_many_with`` outside it
+        (``write_blocks``: one pass over the prefix's tensors for them all, not one per block),
+        published in order. Returns the leading blocks published, each pinned; it stops short
+        as ``place_chain_unlocked`` does, and ``check`` runs as there."""
+        claimed: list[tuple[BlockEntry, PreparedBlock]] = []
+        with self.lock:
+            t: int | None = None
+            room = 0
+            for entry, block in blocks:
+                key = entry.key
+                if key in self.index or key in self._placing or key in self._held:
+                    break
+                if t is None and (t := self._in_place_landing(block.nbytes)) is None:
+                    return []
+                if not self.make_room(t, room + block.nbytes):
+                    break
+                room += block.nbytes
+                self._placing.add(key)  # one writer per key while it is not indexed yet
+                claimed.append((entry, block))
+        if not claimed:
+            return []
+        assert t is not None
+        writer = self._in_place[t]
+        assert writer is not None  # _in_place_landing says so
+        out: list[BlockEntry] = []
+        written = 0
+        try:
+            written = writer.put_many_with(  # fewer where slots ran out: the rest one by one
+                [(e.key, b.nbytes, e.meta()) for e, b in claimed],
+                lambda slots: write_blocks([b for _, b in claimed[:len(slots)]], slots))
+            out = self._publish_chain(t, [(e, b.nbytes) for e, b in claimed[:written]], check)
+            return out
+        finally:
+            self._end_claims(t, [e.key for e, _ in claimed], [e.key for e, _ in claimed[:written]], out)
 
     def unclaim(self, key: bytes, t: int | None = None) -> None:
         """Give up a claim (takes the lock), deleting the copy written into tier ``t`` if given."""
@@ -323,27 +366,40 @@ class Placement:
             results = tier.put_many([(e.key, data, e.meta()) for e, data in claimed])
             written = [e.key for (e, _), err in zip(claimed, results, strict=True) if err is None]
             ok = next((i for i, err in enumerate(results) if err is not None), len(claimed))
-            with self.lock:
-                check()
-                parent_key = claimed[0][0].parent
-                parent = self.index.get(parent_key) if parent_key is not None else None
-                if parent_key is not None and (parent is None or parent.doomed):
-                    return out  # the parent was dropped meanwhile: children alone are useless
-                for entry, data in claimed[:ok]:
-                    self.publish(entry, t, len(data))
-                    if entry.parent is not None:
-                        self.index[entry.parent].children.add(entry.key)
-                    entry.pins += 1
-                    out.append(entry)
+            out = self._publish_chain(t, [(e, len(data)) for e, data in claimed[:ok]], check)
             return out
         finally:
-            with self.lock:
-                kept = {e.key for e in out}
-                for key in written:
-                    if key not in kept:
-                        tier.delete(key)
-                self._placing.difference_update(e.key for e, _ in claimed)
-                self.placed.notify_all()
+            self._end_claims(t, [e.key for e, _ in claimed], written, out)
+
+    def _publish_chain(self, t: int, placed: Sequence[tuple[BlockEntry, int]], check: Callable[[], None]
+                       ) -> list[BlockEntry]:
+        """Publish a run of a prefix's blocks (entry, bytes) written to tier ``t`` outside the
+        lock, in order, each pinned (takes the lock). None where ``check`` raises, or the first's
+        parent was dropped meanwhile: children alone are useless."""
+        with self.lock:
+            check()
+            parent_key = placed[0][0].parent if placed else None
+            parent = self.index.get(parent_key) if parent_key is not None else None
+            if parent_key is not None and (parent is None or parent.doomed):
+                return []
+            for entry, nbytes in placed:
+                self.publish(entry, t, nbytes)
+                if entry.parent is not None:
+                    self.index[entry.parent].children.add(entry.key)
+                entry.pins += 1
+            return [entry for entry, _ in placed]
+
+    def _end_claims(self, t: int, claimed: Iterable[bytes], written: Iterable[bytes],
+                    published: Iterable[BlockEntry]) -> None:
+        """Give up the claims of a run placed outside the lock, deleting the copies written to
+        tier ``t`` that were not published (takes the lock)."""
+        with self.lock:
+            kept = {e.key for e in published}
+            for key in written:
+                if key not in kept:
+                    self.tiers[t].delete(key)
+            self._placing.difference_update(claimed)
+            self.placed.notify_all()
 
     def _landing(self, nbytes: int) -> int | None:
         """The tier a new block of ``nbytes`` goes to first if that is a persistent tier storing

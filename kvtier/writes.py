@@ -14,7 +14,7 @@ import torch
 
 from kvtier.block import PreparedBlock
 from kvtier.catalog import NamespaceCatalog
-from kvtier.codecs import get_codec
+from kvtier.codecs import Codec, get_codec
 from kvtier.errors import UnknownNamespace
 from kvtier.index import BlockEntry
 from kvtier.keys import TokenIds, as_token_array, prefix_hashes
@@ -28,6 +28,9 @@ from kvtier.writethrough import DurableWrite, WriteThrough
 
 AHEAD = 2  # blocks encoded ahead of the one being placed
 WINDOW_BYTES = 16 << 20  # new blocks a put writes to the SSD tier per put_many (placed, or through)
+# New blocks a put copies into a memory tier's slots per call (Placement.fill_chain_in_place):
+# enough that each tensor's rows for them are one long read (16 blocks of 2 MiB).
+SLOTS_WINDOW_BYTES = 32 << 20
 
 @functools.cache
 def _encoder_pool() -> ThreadPoolExecutor:
@@ -104,12 +107,25 @@ class Puts:
         encoded = _EncodeAhead(lambda i: prefix.prepare(i, codec).pooled(), len(keys),
                                ahead=0 if in_place else AHEAD)
         window = -1  # new blocks placed per put_many (0: one by one; -1: not known yet)
+        in_slots = False  # the window is written into a memory tier's slots, not to the SSD
         placed_to = 0  # blocks before this one were placed by a window
         alone = -1  # a block that stopped a window is placed one by one
         # New blocks placed one by one are written through below a window at a time, together
         # where that tier stores batches (the put waits for durable tiers: in-flight pins hold).
         through: list[tuple[BlockEntry, Block, int]] = []
         through_bytes = WINDOW_BYTES if self.writes.batches else 0
+
+        def write_through(entry: BlockEntry, block: Block | PreparedBlock, placed: int) -> None:
+            """Queue a new block's write-through below tier ``placed``, a window at a time."""
+            if not self.writes.writes_below(placed):
+                return
+            if isinstance(block, PreparedBlock):  # written in place: the write reads the slot
+                view = p.host_view(placed, entry.key)
+                block = view if view is not None else contiguous(encoded(entry.index))
+            through.append((entry, block, placed))
+            if len(through) * len(block) >= through_bytes:
+                durable.extend(self.writes.schedule(through))
+                through.clear()
         try:
             for i, key in enumerate(keys):
                 if i < placed_to:
@@ -130,14 +146,24 @@ class Puts:
                     durable += self.writes.write(chain[-1], contiguous(encoded(i)), missing)
                     continue
                 if window < 0:  # the first new block: does it land in a tier storing batches?
-                    window = self._window(prefix.prepare(i, codec).nbytes)
+                    nbytes = prefix.prepare(i, codec).nbytes
+                    window = self._window(nbytes)
                     if window:
                         encoded.batch(lambda j: prefix.prepare(j, codec).for_put(pieces=True), window)
+                    elif in_place:  # into a memory tier's slots (if it lands in one), a window at a time
+                        window, in_slots = max(1, SLOTS_WINDOW_BYTES // nbytes), True
                 if window and i != alone:
-                    run = self._place_window(ns, chain, keys, i, window, encoded)
-                    new.update(e.key for e, _ in run)
+                    if in_slots:
+                        filled = self._fill_window(ns, chain, keys, i, window, prefix, codec)
+                        for e, prepared in filled:
+                            write_through(e, prepared, min(e.tiers))
+                        run = [e for e, _ in filled]
+                    else:
+                        batch = self._place_window(ns, chain, keys, i, window, encoded)
+                        durable += self.writes.schedule([(e, data, min(e.tiers)) for e, data in batch])
+                        run = [e for e, _ in batch]
+                    new.update(e.key for e in run)
                     stored += bt * len(run)
-                    durable += self.writes.schedule([(e, data, min(e.tiers)) for e, data in run])
                     if run:
                         placed_to = i + len(run)
                         if len(run) < min(window, len(keys) - i):
@@ -152,15 +178,7 @@ class Puts:
                 if placed is not None:  # outside the lock: the backlog bound may wait
                     new.add(key)
                     stored += bt
-                    if not self.writes.writes_below(placed):
-                        continue
-                    if isinstance(block, PreparedBlock):
-                        view = p.host_view(placed, key)
-                        block = view if view is not None else contiguous(encoded(i))
-                    through.append((entry, block, placed))
-                    if len(through) * len(block) >= through_bytes:
-                        durable += self.writes.schedule(through)
-                        through.clear()
+                    write_through(entry, block, placed)
                 else:
                     with p.lock:
                         missing = self.writes.missing(entry)
@@ -200,6 +218,22 @@ class Puts:
                                       ns.codec), data))
             parent = keys[j]
         placed = self.placement.place_chain_unlocked(blocks, lambda: self.catalog.check_live(ns))
+        chain.extend(placed)
+        return blocks[:len(placed)]
+
+    def _fill_window(self, ns: Namespace, chain: list[BlockEntry], keys: Sequence[bytes], start: int,
+                     window: int, prefix: PrefixKV, codec: Codec) -> list[tuple[BlockEntry, PreparedBlock]]:
+        """Place new blocks ``start``.. (up to ``window``) straight into a memory tier's slots,
+        together (``Placement.fill_chain_in_place``). Returns the blocks placed, pinned and
+        appended to ``chain``; fewer (none) where the rest are to be placed one by one."""
+        parent = chain[-1].key if chain else None
+        blocks: list[tuple[BlockEntry, PreparedBlock]] = []
+        for j in range(start, min(start + window, len(keys))):
+            block = prefix.prepare(j, codec)
+            blocks.append((BlockEntry(keys[j], ns.name, parent, j, ns.block_tokens, block.nbytes, time.time(),
+                                      ns.codec), block))
+            parent = keys[j]
+        placed = self.placement.fill_chain_in_place(blocks, lambda: self.catalog.check_live(ns))
         chain.extend(placed)
         return blocks[:len(placed)]
 

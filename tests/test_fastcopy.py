@@ -129,6 +129,43 @@ def test_copy_layers_refuses_a_row_past_a_part_and_writes_nothing():
     assert not dst.any()
 
 
+@native
+@pytest.mark.parametrize("rows", [[0], [2, 3, 4], [6, 0, 6, 1], []])
+@pytest.mark.parametrize("size", [96, 96 << 10])  # cached, and streamed (STREAM_BYTES in the call)
+def test_copy_blocks_is_copy_layers_of_each_row(rows, size):
+    """Many blocks in one call, read part by part across the blocks: exactly what a
+    ``copy_layers`` of each row gives (bytes and crcs), into each block's own destination, in
+    any order of rows (repeated too), nothing written outside them."""
+    rng = np.random.default_rng(size + len(rows))
+    blocked = [rng.integers(0, 256, (7, size), dtype=np.uint8) for _ in range(3)]
+    layers = [[blocked[0], blocked[1]], [blocked[2]]]
+    offsets = [64, 64 + 2 * size + 5]  # an unaligned second layer
+    nbytes = offsets[1] + size + 64
+    outs = [np.zeros(nbytes, np.uint8) for _ in rows]
+    crcs = block_mod.copy_blocks(outs, offsets, layers, rows)
+    for out, row, got in zip(outs, rows, crcs, strict=True):
+        want = np.zeros(nbytes, np.uint8)
+        assert got == block_mod.copy_layers(want, offsets, layers, row)
+        assert np.array_equal(out, want)
+
+
+@native
+def test_copy_blocks_refuses_bad_arguments_and_writes_nothing():
+    blocked = np.ones((3, 64), np.uint8)
+    outs = [np.zeros(256, np.uint8), np.zeros(256, np.uint8)]
+    with pytest.raises(ValueError, match="1 rows for 2 destinations"):
+        block_mod.copy_blocks(outs, [0], [[blocked]], [0])
+    with pytest.raises(ValueError, match="row 3 of a part of 3 rows"):
+        block_mod.copy_blocks(outs, [0], [[blocked]], [0, 3])  # the second block's row
+    with pytest.raises(ValueError, match="row must be >= 0"):
+        block_mod.copy_blocks(outs, [0], [[blocked]], [0, -1])
+    with pytest.raises(ValueError, match="do not fit a buffer of 60"):
+        block_mod.copy_blocks([outs[0], np.zeros(60, np.uint8)], [0], [[blocked]], [0, 1])
+    with pytest.raises(ValueError, match="read-only"):
+        block_mod.copy_blocks([outs[0], np.frombuffer(bytes(256), np.uint8)], [0], [[blocked]], [0, 1])
+    assert not any(out.any() for out in outs)
+
+
 def _plan(*rows: tuple[int, int, int, int]) -> np.ndarray:
     return np.array(rows, np.int64).reshape(-1, 4)
 

@@ -86,9 +86,9 @@ def test_a_put_into_memory_tiers_encodes_each_block_straight_into_its_slot(monke
     from kvtier.block import PreparedBlock
 
     monkeypatch.setattr(PreparedBlock, "pooled", lambda b: pytest.fail("encoded into a buffer"))
-    written = []
-    write_into = PreparedBlock.write_into
-    monkeypatch.setattr(PreparedBlock, "write_into", lambda b, out: (written.append(out), write_into(b, out))[1])
+    written = []  # every block's destination (write_into and write_blocks check each first)
+    host_bytes = PreparedBlock._host_bytes
+    monkeypatch.setattr(PreparedBlock, "_host_bytes", lambda b, out: (written.append(out), host_bytes(b, out))[1])
     with small_cache() as c:
         host = c.tier("host").buffer
         kv = random_kv(100)
@@ -427,9 +427,12 @@ def test_ttl_expires_blocks(monkeypatch):
 def _put_blocked_at_second_block(monkeypatch, c, name, kv):
     """Start a put of ``kv`` into ``name`` that stops once its first block is published, before
     it places the second (a host-only put prepares each block just before placing it: the hook
-    is where the second block is prepared); returns (thread, result dict, release function)."""
+    is where the second block is prepared; the put copies one block per window into its slot,
+    not all of them in one call); returns (thread, result dict, release function)."""
+    import kvtier.writes as writes_mod
     from kvtier.prefixkv import PrefixKV
 
+    monkeypatch.setattr(writes_mod, "SLOTS_WINDOW_BYTES", 1)
     real = PrefixKV.prepare
     entered, gate = threading.Event(), threading.Event()
 
@@ -498,26 +501,39 @@ def test_a_prefix_put_again_while_a_reader_holds_its_evicted_copy_is_not_lost_wh
 
 
 class _HeldWrite:
-    """``PreparedBlock.write_into`` held at its ``nth`` call until released: a put stopped
-    while it writes a block into its slot."""
+    """A put stopped while it writes into memory-tier slots, until released: at the ``nth``
+    block (``PreparedBlock.write_into``, blocks placed one by one) or, with ``window``, at the
+    ``nth`` window of that many blocks (``kvtier.block.write_blocks``, one call per window)."""
 
-    def __init__(self, monkeypatch, nth: int = 1):
+    def __init__(self, monkeypatch, nth: int = 1, window: int | None = None):
+        import kvtier.placement as placement_mod
         from kvtier.block import PreparedBlock
 
+        self.monkeypatch, self.window = monkeypatch, window
         self.entered, self.gate, self.calls = threading.Event(), threading.Event(), 0
-        real = PreparedBlock.write_into
 
-        def held(block, out):
-            self.calls += 1
-            if self.calls == nth:
-                self.entered.set()
-                assert self.gate.wait(30)
-            return real(block, out)
+        def hold(real):
+            def held(*args):
+                self.calls += 1
+                if self.calls == nth:
+                    self.entered.set()
+                    assert self.gate.wait(30)
+                return real(*args)
+            return held
 
-        monkeypatch.setattr(PreparedBlock, "write_into", held)
+        if window is None:
+            monkeypatch.setattr(PreparedBlock, "write_into", hold(PreparedBlock.write_into))
+        else:
+            monkeypatch.setattr(placement_mod, "write_blocks", hold(placement_mod.write_blocks))
 
     def put(self, c, toks, kv):
         """Start ``c.put`` on a thread; returns (thread, results: stored count or exception)."""
+        import kvtier.writes as writes_mod
+        from kvtier.codecs import get_codec
+        from kvtier.prefixkv import PrefixKV
+
+        nbytes = PrefixKV(kv, BT).prepare(0, get_codec("none")).nbytes
+        self.monkeypatch.setattr(writes_mod, "SLOTS_WINDOW_BYTES", (self.window or 1) * nbytes)
         out: list = []
 
         def run():
@@ -532,20 +548,22 @@ class _HeldWrite:
         return t, out
 
 
-def test_a_block_is_written_into_its_slot_outside_the_cache_lock(monkeypatch):
+@pytest.mark.parametrize("window", [None, 2], ids=["one by one", "windows"])
+def test_a_block_is_written_into_its_slot_outside_the_cache_lock(monkeypatch, window):
     """The copy and checksums of a block into its host slot take ~0.5 ms per 2 MiB; done under
     the cache's lock, every lookup, get and write-through waited for them. A put held in the
-    middle of that write must not stop a lookup, or a concurrent put of the same prefix from
-    taking the first's block once it is there (each block stored once)."""
-    held = _HeldWrite(monkeypatch, nth=2)
+    middle of that write (of block 1, or of the window of blocks 2-3) must not stop a lookup,
+    which sees only what was published before, or a concurrent put of the same prefix from
+    taking the first's blocks once they are there (each block stored once)."""
+    held = _HeldWrite(monkeypatch, nth=2, window=window)
     with small_cache() as c:
         kv = random_kv(64)
         toks = list(range(64))
         t, out = held.put(c, toks, kv)
         done = threading.Event()
         threading.Thread(target=lambda: (c.lookup("m", toks), done.set()), daemon=True).start()
-        assert done.wait(30)  # the lookup ran while block 1 was being written
-        assert c.lookup("m", toks).tokens == BT  # block 1 is not visible before it is whole
+        assert done.wait(30)  # the lookup ran while the write was held
+        assert c.lookup("m", toks).tokens == (window or 1) * BT  # what is being written is not visible
         second: list = []
         t2 = threading.Thread(target=lambda: second.append(c.put("m", toks, kv)), daemon=True)
         t2.start()
@@ -558,8 +576,9 @@ def test_a_block_is_written_into_its_slot_outside_the_cache_lock(monkeypatch):
         assert n == 64 and same(kv, got, 64)
 
 
-def test_a_namespace_dropped_while_a_block_is_written_leaves_no_slot_behind(monkeypatch):
-    held = _HeldWrite(monkeypatch, nth=2)
+@pytest.mark.parametrize("window", [None, 2], ids=["one by one", "windows"])
+def test_a_namespace_dropped_while_a_block_is_written_leaves_no_slot_behind(monkeypatch, window):
+    held = _HeldWrite(monkeypatch, nth=2, window=window)
     with small_cache() as c:
         kv = random_kv(64)
         toks = list(range(64))
@@ -571,15 +590,17 @@ def test_a_namespace_dropped_while_a_block_is_written_leaves_no_slot_behind(monk
         assert c.tier("host").used_bytes == 0 and c.stats().tiers["host"].blocks == 0
 
 
-def test_a_prefix_evicted_while_its_next_block_is_written_stops_the_put_and_frees_the_slot(monkeypatch):
-    held = _HeldWrite(monkeypatch, nth=2)
+@pytest.mark.parametrize("window", [None, 2], ids=["one by one", "windows"])
+def test_a_prefix_evicted_while_its_next_block_is_written_stops_the_put_and_frees_the_slot(monkeypatch, window):
+    held = _HeldWrite(monkeypatch, nth=2, window=window)
+    first = window or 1  # blocks placed before the held write
     with small_cache() as c:
         kv = random_kv(64)
         toks = list(range(64))
         t, out = held.put(c, toks, kv)
-        assert c.evict("m", toks) == 1  # block 0: pinned by the put, so doomed
+        assert c.evict("m", toks) == first  # pinned by the put, so doomed
         held.gate.set()
         t.join(30)
-        assert out == [16]  # block 0 was stored (and then evicted); the put stopped at block 1
+        assert out == [first * BT]  # those were stored (and then evicted); the put stopped after
         assert c.lookup("m", toks).tokens == 0
-        assert c.tier("host").used_bytes == 0  # block 1's slot freed, block 0's with the put
+        assert c.tier("host").used_bytes == 0  # the held write's slots freed, the rest with the put

@@ -119,6 +119,46 @@ def test_put_with_a_failing_writer_leaves_no_trace():
     assert not tier.contains(b"k" * 16) and tier.used_bytes == 0 and tier.can_fit(64 * 1024)
 
 
+@pytest.mark.parametrize("make", [lambda: make_host_tier(HostTierConfig(capacity_bytes="64KiB")),
+                                  lambda: make_device_tier(DeviceTierConfig(capacity_bytes="64KiB", slot_bytes="16KiB"))],
+                         ids=["host", "device"])
+def test_put_many_with_fills_the_leading_blocks_it_has_slots_for_in_one_write(make):
+    """A window of blocks: slots for the leading ones (up to a key already stored, or no room),
+    all handed to one ``write``; what it wrote reads back, nothing of the rest is stored."""
+    tier = make()
+    assert tier.put_with(b"c" * 16, 100, lambda slot: slot.fill_(3), META)
+    calls = []
+
+    def write(slots):
+        calls.append([s.numel() for s in slots])
+        for n, s in enumerate(slots):
+            s.fill_(n + 1)
+
+    blocks = [(b"a" * 16, 5000, META), (b"b" * 16, 7000, META), (b"c" * 16, 100, META), (b"d" * 16, 10, META)]
+    assert tier.put_many_with(blocks, write) == 2  # "c" is stored already: the window stops there
+    assert calls == [[5000, 7000]]
+    assert bool((tier.view(b"a" * 16) == 1).all()) and bool((tier.view(b"b" * 16) == 2).all())
+    assert not tier.contains(b"d" * 16) and bool((tier.view(b"c" * 16) == 3).all())
+    used = tier.used_bytes
+    assert tier.put_many_with([(b"e" * 16, 10, META), (b"f" * 16, 1 << 20, META)], write) == 1  # no room for f
+    assert not tier.contains(b"f" * 16) and tier.used_bytes == used + 10
+    assert tier.put_many_with([(b"g" * 16, 1 << 20, META)], write) == 0 and len(calls) == 2  # not called
+
+
+def test_put_many_with_a_failing_writer_stores_none_of_them():
+    tier = make_host_tier(HostTierConfig(capacity_bytes="64KiB"))
+
+    def broken(slots):
+        for s in slots:
+            s.fill_(1)
+        raise OSError("source went away")
+
+    with pytest.raises(OSError):
+        tier.put_many_with([(b"a" * 16, 5000, META), (b"b" * 16, 5000, META)], broken)
+    assert not tier.contains(b"a" * 16) and not tier.contains(b"b" * 16)
+    assert tier.used_bytes == 0 and tier.can_fit(64 * 1024)
+
+
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096

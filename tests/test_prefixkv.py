@@ -231,6 +231,41 @@ def test_a_prepared_block_is_its_rows_in_every_form(monkeypatch, one_pass):
             assert pieces is None or torch.equal(pieces.contiguous(), expect)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("spec", ["none", "fp8"])
+def test_blocks_written_together_are_each_block_written_alone(monkeypatch, one_pass, spec):
+    """``write_blocks`` (a put's window: one copy call for a prefix's blocks, each tensor's
+    rows read as one stream) writes exactly what ``write_into`` writes for each block, into
+    recycled (dirty) destinations, in any order of blocks; blocks it cannot copy together
+    (another codec, mixed prefixes) are written one by one, the same bytes."""
+    import kvtier.block as block_mod
+
+    if one_pass and not block_mod.ONE_PASS_COPY:
+        pytest.skip("kvtier._fastcopy is not built here, or this CPU lacks AVX2 + VPCLMULQDQ")
+    monkeypatch.setattr(block_mod, "ONE_PASS_COPY", one_pass)
+    calls = []
+    if one_pass:
+        copy_blocks = block_mod.copy_blocks
+        monkeypatch.setattr(block_mod, "copy_blocks", lambda *a: calls.append(a[3]) or copy_blocks(*a))
+    codec = get_codec(spec)
+    a, b = PrefixKV(filled(GQA, 4), BT), PrefixKV(filled(ODD, 2), BT)
+    for blocks in ([a.prepare(i, codec) for i in (2, 0, 3)],
+                   [a.prepare(1, codec), b.prepare(1, codec), a.prepare(3, codec)]):
+        outs = [torch.full((blk.nbytes,), 0xAB, dtype=torch.uint8) for blk in blocks]
+        block_mod.write_blocks(blocks, outs)
+        assert calls == ([[2, 0, 3]] if one_pass and spec == "none" else [])  # the first set, together
+        for blk, out in zip(blocks, outs, strict=True):
+            expect = torch.empty(blk.nbytes, dtype=torch.uint8)
+            blk.write_into(expect)
+            assert torch.equal(out, expect)
+    with pytest.raises(ValueError, match="2 blocks for 1 destinations"):
+        block_mod.write_blocks([a.prepare(0, codec)] * 2, [torch.empty(0, dtype=torch.uint8)])
+    first = a.prepare(0, codec)
+    with pytest.raises(ValueError, match=f"a block of {first.nbytes} bytes"):
+        block_mod.write_blocks([first, a.prepare(1, codec)],
+                               [torch.empty(first.nbytes, dtype=torch.uint8), torch.empty(8, dtype=torch.uint8)])
+
+
 def test_block_indices_are_bounded():
     prefix = PrefixKV(GQA.empty(2 * BT + 3), BT)  # a partial third block is not a block
     assert prefix.blocks == 2

@@ -103,10 +103,15 @@ class WritesInPlace(Protocol):
     a block encoded straight into place is copied once, not encoded into a buffer and copied
     again. ``put_with(key, nbytes, write, meta)`` calls ``write`` with ``nbytes`` of host uint8
     to fill; False, writing nothing, if ``key`` is already stored; if ``write`` raises, nothing
-    is stored. Raises ``StorageFull`` like ``put``."""
+    is stored. Raises ``StorageFull`` like ``put``. ``put_many_with(blocks, write)`` does so for
+    the leading (key, nbytes, meta) it has slots for, filled by one ``write`` of them all, and
+    returns how many."""
 
     def put_with(self, key: bytes, nbytes: int, write: Callable[[torch.Tensor], None],
                  meta: BlockMeta | None = None) -> bool: ...
+
+    def put_many_with(self, blocks: Sequence[tuple[bytes, int, BlockMeta | None]],
+                      write: Callable[[list[torch.Tensor]], None]) -> int: ...
 
 
 @runtime_checkable

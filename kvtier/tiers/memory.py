@@ -11,7 +11,7 @@ device memory are queued with ``copy_(non_blocking=True)``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -96,19 +96,48 @@ class MemoryTier:
                                   f"({self._used} of {self.capacity_bytes} bytes used)")
             self._slots[key] = (offset, nbytes)
             self._used += nbytes
-        # Writing after publishing is safe: the manager exposes a block only after put returns.
-        slot = self.buffer[offset: offset + nbytes]
-        try:
-            if slot.device.type == "cpu":
-                write(slot)
-            else:
-                staged = block_buffers.take(nbytes)  # pageable: the upload has read it on return
-                write(staged)
-                copy_bytes(slot, staged)
-        except BaseException:
-            self.delete(key)
-            raise
+        self._fill([(key, offset, nbytes)], lambda slots: write(slots[0]))
         return True
+
+    def put_many_with(self, blocks: Sequence[tuple[bytes, int, BlockMeta | None]],
+                      write: Callable[[list[torch.Tensor]], None]) -> int:
+        """``put_with`` for a run of (key, nbytes, meta) filled by one call: slots are taken for
+        the leading blocks, in order, up to the first already stored or with no slot free;
+        ``write`` gets them all (``kvtier.block.write_blocks`` copies a prefix's blocks in one
+        pass over its tensors). Returns how many were stored (0: ``write`` was not called). If
+        ``write`` raises, none of them is stored."""
+        taken: list[tuple[bytes, int, int]] = []
+        with self._lock:
+            for key, nbytes, _ in blocks:
+                if key in self._slots:
+                    break
+                offset = self._alloc.alloc(nbytes)
+                if offset is None:
+                    break
+                self._slots[key] = (offset, nbytes)
+                self._used += nbytes
+                taken.append((key, offset, nbytes))
+        if taken:
+            self._fill(taken, write)
+        return len(taken)
+
+    def _fill(self, taken: Sequence[tuple[bytes, int, int]], write: Callable[[list[torch.Tensor]], None]) -> None:
+        """Have ``write`` fill the slots just taken (key, offset, nbytes): in place on the host,
+        through host buffers copied up on the device. If it raises, the slots are freed."""
+        # Writing after taking the slot is safe: the manager exposes a block only after put returns.
+        slots = [self.buffer[offset: offset + nbytes] for _, offset, nbytes in taken]
+        try:
+            if self.buffer.device.type == "cpu":
+                write(slots)
+            else:
+                staged = [block_buffers.take(nbytes) for _, _, nbytes in taken]  # pageable: the
+                write(staged)  # upload has read it on return
+                for slot, buf in zip(slots, staged, strict=True):
+                    copy_bytes(slot, buf)
+        except BaseException:
+            for key, _, _ in taken:
+                self.delete(key)
+            raise
 
     def contains(self, key: bytes) -> bool:
         return key in self._slots

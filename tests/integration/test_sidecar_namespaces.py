@@ -26,7 +26,7 @@ def test_drop_during_a_put_never_recreates_the_namespace_outside_its_tenant(monk
         kv = random_kv(64)
         client.put("chat", list(range(16)), [tuple(t[:16] for t in layer) for layer in kv])
 
-        # A put in flight on the server (blocked before its second new block) ...
+        # A put in flight on the server (blocked while it writes its new blocks) ...
         result: dict = {}
 
         def put() -> None:
@@ -35,19 +35,19 @@ def test_drop_during_a_put_never_recreates_the_namespace_outside_its_tenant(monk
             except Exception as e:  # noqa: BLE001  inspected below
                 result["error"] = e
 
-        from kvtier.block import PreparedBlock
+        import kvtier.placement as placement_mod
 
-        real, calls = PreparedBlock.write_into, []
+        real, calls = placement_mod.write_blocks, []
         entered, gate = threading.Event(), threading.Event()
 
-        def slow(block, out):
+        def slow(blocks, outs):  # a put's window of new blocks, written into their host slots
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == 1:
                 entered.set()
                 assert gate.wait(30)
-            return real(block, out)
+            return real(blocks, outs)
 
-        monkeypatch.setattr(PreparedBlock, "write_into", slow)
+        monkeypatch.setattr(placement_mod, "write_blocks", slow)
         t = threading.Thread(target=put)
         t.start()
         assert entered.wait(30)
