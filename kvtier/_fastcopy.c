@@ -1,5 +1,7 @@
 /* kvtier._fastcopy: a put's copy of a block and its crc32c, in one pass over the bytes, and a
 reload's copies of a block's runs into their tensors; large copies with non-temporal stores.
+A put of many blocks of one prefix copies them in one call (copy_blocks), reading each tensor's
+rows for all of them as one stream rather than one 32 KiB stream per block and tensor.
 
 Why: a put copies each layer of a block into its host slot (or an SSD staging buffer) and
 checksums it. From Python that is two passes, a numpy copy and then crc32c over the copied
