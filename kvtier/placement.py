@@ -374,8 +374,9 @@ class Placement:
     def _publish_chain(self, t: int, placed: Sequence[tuple[BlockEntry, int]], check: Callable[[], None]
                        ) -> list[BlockEntry]:
         """Publish a run of a prefix's blocks (entry, bytes) written to tier ``t`` outside the
-        lock, in order, each pinned (takes the lock). None where ``check`` raises, or the first's
-        parent was dropped meanwhile: children alone are useless."""
+        lock, in order, each pinned (takes the lock); the entries published. None where the
+        first's parent was dropped meanwhile (children alone are useless); raises what ``check``
+        raises, publishing nothing."""
         with self.lock:
             check()
             parent_key = placed[0][0].parent if placed else None

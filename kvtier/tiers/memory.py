@@ -87,16 +87,13 @@ class MemoryTier:
         StorageFull if no slot is free. If ``write`` raises, the slot is freed and the put never
         happened.
         """
-        with self._lock:
+        taken = self._take([(key, nbytes, meta)])
+        if not taken:
             if key in self._slots:
                 return False
-            offset = self._alloc.alloc(nbytes)
-            if offset is None:
-                raise StorageFull(f"{self.name} tier has no free slot for a {nbytes}-byte block "
-                                  f"({self._used} of {self.capacity_bytes} bytes used)")
-            self._slots[key] = (offset, nbytes)
-            self._used += nbytes
-        self._fill([(key, offset, nbytes)], lambda slots: write(slots[0]))
+            raise StorageFull(f"{self.name} tier has no free slot for a {nbytes}-byte block "
+                              f"({self._used} of {self.capacity_bytes} bytes used)")
+        self._fill(taken, lambda slots: write(slots[0]))
         return True
 
     def put_many_with(self, blocks: Sequence[tuple[bytes, int, BlockMeta | None]],
@@ -106,6 +103,14 @@ class MemoryTier:
         ``write`` gets them all (``kvtier.block.write_blocks`` copies a prefix's blocks in one
         pass over its tensors). Returns how many were stored (0: ``write`` was not called). If
         ``write`` raises, none of them is stored."""
+        taken = self._take(blocks)
+        if taken:
+            self._fill(taken, write)
+        return len(taken)
+
+    def _take(self, blocks: Sequence[tuple[bytes, int, BlockMeta | None]]) -> list[tuple[bytes, int, int]]:
+        """Take slots for the leading blocks, up to the first already stored or with no slot
+        free: their (key, offset, nbytes)."""
         taken: list[tuple[bytes, int, int]] = []
         with self._lock:
             for key, nbytes, _ in blocks:
@@ -117,9 +122,7 @@ class MemoryTier:
                 self._slots[key] = (offset, nbytes)
                 self._used += nbytes
                 taken.append((key, offset, nbytes))
-        if taken:
-            self._fill(taken, write)
-        return len(taken)
+        return taken
 
     def _fill(self, taken: Sequence[tuple[bytes, int, int]], write: Callable[[list[torch.Tensor]], None]) -> None:
         """Have ``write`` fill the slots just taken (key, offset, nbytes): in place on the host,
