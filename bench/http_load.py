@@ -15,7 +15,8 @@ Variants:
   from the tensors), ``shm`` (the caller's own tensors, packed into a pooled region by the
   client), ``shm_kv_buffer`` (KV already in a ``kv_buffer``: only a control message crosses
   HTTP). Each put stores fresh token ids (every block new), evicted untimed after it.
-- get: ``in_process`` (``TieredCache.get``: fresh output tensors), ``in_process_into``
+- get: ``in_process`` (``TieredCache.get``: its output in the memory the last get returned,
+  ``CacheConfig.reload_pool_bytes``), ``in_process_into``
   (``get_into`` pre-allocated tensors), ``msgpack`` (``POST /v1/kv/get``), ``shm`` (decoded into
   a pooled region; the caller gets views). Results are dropped before the next call.
 - floors: ``socket`` (the same bytes over a bare loopback TCP connection into a reused buffer

@@ -40,7 +40,7 @@ import numpy as np
 from kvtier.bench import fio
 from kvtier.bench.common import drop_page_cache
 from kvtier.bench.io import IOParams, run
-from kvtier.bench.io_paths import data_root
+from kvtier.bench.io_paths import data_root, kept_open
 from kvtier.config import format_size, parse_size
 
 CONTENDERS = ("fio", "fio+crc", "fio@kvtier", "get", "loader", "sidecar", "lmcache")
@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runner = Runner(args)
         t0 = time.time()
-        series = [runner.series(parse_size(b)) for b in args.bs.split(",")]
+        series = []
+        for b in args.bs.split(","):
+            with kept_open():  # each path's cache stays open across the rounds, as a user's does
+                series.append(runner.series(parse_size(b)))
     finally:
         if stress is not None:
             stress.terminate()

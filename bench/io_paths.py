@@ -7,7 +7,8 @@ promotion, so every round reads the disk):
 - ``get``: ``TieredCache.get`` of the whole prefix (``--size`` bytes of KV): the cache
   allocates the output and reloads it through the loader, every block verified.
 - ``loader``: ``Loader.load`` of the leased prefix into preallocated KV, layer by layer, then
-  ``wait_all`` (what an engine connector does).
+  ``wait_all`` (what an engine connector does). The KV is faulted in before the first call, as
+  an engine's KV memory is long before a load writes into it.
 - ``sidecar``: ``KVTierClient(use_shm=True).get`` from the sidecar (the real server on a
   loopback port, in a thread of this process): the server reloads into a shared-memory region
   through the same loader, the client copies the KV out of it.
@@ -17,6 +18,9 @@ The namespace is Llama-3-8B shaped (32 layers, K and V of 8 heads x 128, bf16: 1
 latency is the call's, its bytes the KV bytes it returned (each block is stored with one 4 KiB
 header page more). The reads' ``direct_reads``/``buffered_reads`` counters of the SSD tier come
 with the result, so a run shows whether the reloads went O_DIRECT.
+
+Within ``kept_open`` (``kvtier bench io --repeat``, ``io_compare``'s rounds) each path's cache
+stays open from call to call, as an application's does; outside it every call opens its own.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,22 +107,90 @@ def _sidecar(stack: contextlib.ExitStack, cache):
     return client
 
 
-def run_path(p, progress=None):
-    """Run job ``p`` on ``p.path`` (``get``, ``loader`` or ``sidecar``); returns an ``IOResult``."""
+@dataclass(eq=False)
+class _Session:
+    """What the paths' calls on one data set run on: the cache, and the loader with its
+    destination, and the sidecar's client, each made when first needed."""
+
+    cache: Any
+    loader: Any = None
+    dest: Any = None
+    client: Any = None
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def close(self) -> None:
+        self.stack.close()
+        with contextlib.suppress(Exception):
+            if self.loader is not None:
+                self.loader.close()
+        self.cache.close()
+
+
+_kept: dict[str, _Session] | None = None
+
+
+@contextlib.contextmanager
+def kept_open():
+    """Within this, ``run_path`` keeps each data set's cache (with the loader and its
+    destination, the sidecar and its client) open from one call to the next, as an application
+    keeps its cache: from the second call on, a ``get`` writes into the memory the last one
+    returned (``CacheConfig.reload_pool_bytes``) and the sidecar's client reuses its regions.
+    Outside it, every call opens and closes its own (a first call in a fresh process)."""
+    global _kept
+    outer = _kept is None
+    if outer:
+        _kept = {}
+    try:
+        yield
+    finally:
+        if outer:
+            assert _kept is not None
+            for session in _kept.values():
+                session.close()
+            _kept = None
+
+
+def _session(p, root: Path, tokens: list[int], progress) -> _Session:
+    """The open session on ``root`` (one cache per data directory: it is locked), readied for
+    ``p.path``."""
+    from kvtier.bufpool import prefault
     from kvtier.loader import Loader, LoaderConfig
 
+    s = _kept.get(str(root)) if _kept is not None else None
+    fresh = s is None
+    if s is None:
+        s = _Session(_cache(p, root))
+    try:
+        if fresh:
+            _populate(s.cache, tokens, p, progress)
+        if p.path == "loader" and s.loader is None:
+            s.loader = Loader(s.cache, LoaderConfig(io_threads=max(8, p.inflight)))
+            # An engine's KV memory is in use, faulted in long before a load writes into it.
+            s.dest = _layout().empty(len(tokens))
+            for layer in s.dest:
+                for t in layer:
+                    prefault(t)
+        elif p.path == "sidecar" and s.client is None:
+            s.client = _sidecar(s.stack, s.cache)
+    except BaseException:
+        if fresh:
+            s.close()
+        raise
+    if fresh and _kept is not None:
+        _kept[str(root)] = s
+    return s
+
+
+def run_path(p, progress=None):
+    """Run job ``p`` on ``p.path`` (``get``, ``loader`` or ``sidecar``); returns an ``IOResult``."""
     check_path(p)
     blocks = p.size // p.bs
     tokens = list(range(1, blocks * (p.bs // TOKEN_BYTES) + 1))
     root = data_root(p)
     root.mkdir(parents=True, exist_ok=True)
-    cache = _cache(p, root)
-    loader = Loader(cache, LoaderConfig(io_threads=max(8, p.inflight))) if p.path == "loader" else None
-    dest = _layout().empty(len(tokens)) if loader is not None else None
-    stack = contextlib.ExitStack()
+    s = _session(p, root, tokens, progress)
+    cache, loader, dest, client = s.cache, s.loader, s.dest, s.client
     try:
-        _populate(cache, tokens, p, progress)
-        client = _sidecar(stack, cache) if p.path == "sidecar" else None
         ssd = cache.tier("ssd")
         before = dict(ssd.stats())
         drop_page_cache()
@@ -155,8 +229,5 @@ def run_path(p, progress=None):
         res.tier_stats = {**{k: v for k, v in after.items() if not isinstance(v, dict)}, **counters}
         return res
     finally:
-        stack.close()
-        with contextlib.suppress(Exception):
-            if loader is not None:
-                loader.close()
-        cache.close()
+        if _kept is None:
+            s.close()

@@ -30,8 +30,10 @@ import ctypes
 import functools
 import mmap
 import threading
+import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -209,3 +211,82 @@ class BufferPool:
 
 
 block_buffers = BufferPool()  # one per process: shared by every cache's put path
+
+RELOAD_IDLE_SECONDS = 60.0  # a returned mapping unused this long is unmapped (at the next take or return)
+RELOAD_HEADROOM = 4  # a new mapping reserves 1/4 more address space, so a prefix that grew reuses it
+
+
+@dataclass(slots=True)
+class _Idle:
+    base: np.ndarray  # the whole mapping
+    resident: int  # bytes of it handed out so far (faulted in): what keeping it costs
+    since: float
+
+
+class MappedPool:
+    """Large host buffers (``mapped_array``) that come back once their caller drops them: the
+    KV ``TieredCache.get`` returns. Why: ``get`` hands out fresh memory, and on a VM faulting it
+    in cost 0.6-8 s of system time per 2 GiB on the development VM, more than the disk reads
+    that fill it (``python -m kvtier.bench.io_compare``). The next ``get`` writes into pages
+    already faulted in, as the sidecar's pooled regions (``kvtier.shm_pool``) and an engine's
+    own KV memory are.
+
+    A new mapping reserves ``RELOAD_HEADROOM`` more address space than asked (untouched pages
+    cost nothing), so a multi-turn prefix that grew still fits the last turn's. A take gets the
+    smallest idle mapping that fits. Idle mappings are kept up to ``max_idle_bytes`` of faulted-in
+    memory (the oldest go first) and for at most ``idle_seconds``; ``clear`` (the cache's close)
+    lets them all go. A buffer's contents are undefined: whatever the last reload left."""
+
+    def __init__(self, max_idle_bytes: int, idle_seconds: float = RELOAD_IDLE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_idle_bytes = max_idle_bytes
+        self.idle_seconds = idle_seconds
+        self._clock = clock
+        self._idle: list[_Idle] = []  # the most recently returned last
+        self._idle_bytes = 0
+        self._closed = False
+        self._lock = threading.RLock()  # a finalizer (``_give_back``) may run inside ``take``
+
+    @property
+    def idle_bytes(self) -> int:
+        """Faulted-in bytes of the idle mappings kept."""
+        return self._idle_bytes
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A uint8 array of ``nbytes`` (contents undefined) starting on a page boundary, from a
+        mapping of its own that comes back here when the last view of it is freed."""
+        with self._lock:
+            self._trim(self._clock())
+            fits = [k for k, m in enumerate(self._idle) if m.base.nbytes >= nbytes]
+            best = self._idle.pop(min(fits, key=lambda k: self._idle[k].base.nbytes)) if fits else None
+            if best is not None:
+                self._idle_bytes -= best.resident
+        if best is None:
+            base, resident = mapped_array(nbytes + nbytes // RELOAD_HEADROOM), 0
+        else:
+            base, resident = best.base, best.resident
+        view = base[:nbytes]  # the handle whose death returns ``base``; torch keeps it alive
+        weakref.finalize(view, self._give_back, base, max(resident, align_up(nbytes, mmap.PAGESIZE)))
+        return view
+
+    def _give_back(self, base: np.ndarray, resident: int) -> None:
+        with self._lock:
+            if self._closed or resident > self.max_idle_bytes:
+                return
+            self._idle.append(_Idle(base, resident, self._clock()))
+            self._idle_bytes += resident
+            while self._idle_bytes > self.max_idle_bytes:
+                self._idle_bytes -= self._idle.pop(0).resident
+            self._trim(self._clock())
+
+    def _trim(self, now: float) -> None:
+        """Unmap idle mappings past ``idle_seconds`` (lock held)."""
+        while self._idle and now - self._idle[0].since > self.idle_seconds:
+            self._idle_bytes -= self._idle.pop(0).resident
+
+    def clear(self) -> None:
+        """Let every idle mapping go; buffers still held are unmapped when freed, not kept."""
+        with self._lock:
+            self._closed = True
+            self._idle.clear()
+            self._idle_bytes = 0

@@ -223,6 +223,10 @@ class CacheConfig:
     remote: RemoteTierConfig = field(default_factory=RemoteTierConfig)
     promote_on_get: bool = True
     prefetch_budget: float = 0.5  # share of a tier's capacity prefetched blocks may hold
+    # Host memory ``get`` keeps from the KV it returned once the caller dropped it, so the next
+    # get of a large prefix writes into pages already faulted in (``kvtier.bufpool.MappedPool``:
+    # gets of 64 MiB or more; kept 60 s at most). 0: every such get maps fresh memory.
+    reload_pool_bytes: int = 4 * 1024**3
 
     def __post_init__(self) -> None:
         """Check every field, the tiers' too (settings re-run this after assigning fields)."""
@@ -233,6 +237,8 @@ class CacheConfig:
         check_codec(self.codec)
         _flag(self, "promote_on_get")
         _number(self, "prefetch_budget", high=1)
+        normalize_sizes(self)
+        _number(self, "reload_pool_bytes", integer=True)
 
 
 def normalize_sizes(obj: Any) -> None:

@@ -13,7 +13,7 @@ from math import prod
 
 import torch
 
-from kvtier.bufpool import aligned_empty
+from kvtier.bufpool import MAPPED_BYTES, MappedPool, aligned_empty
 from kvtier.errors import InvalidType, LayoutMismatch
 
 KV = Sequence[Sequence[torch.Tensor]]
@@ -118,17 +118,25 @@ class KVLayout:
             raise LayoutMismatch(f"kv covers {tokens} tokens but token_ids has {n_tokens}")
         return tokens
 
-    def empty(self, n_tokens: int, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, ...]]:
+    def empty(self, n_tokens: int, device: torch.device | str = "cpu", *,
+              pool: MappedPool | None = None) -> list[tuple[torch.Tensor, ...]]:
         """Allocate KV tensors for ``n_tokens`` in this layout.
 
         One allocation (4 KiB-aligned on the host) holds every tensor, layer after layer, so the
         tensors of a block lie at a regular stride: reloading a block into them is one strided
-        copy per tensor of a layer (``kvtier.prefixkv``), not one per tensor.
+        copy per tensor of a layer (``kvtier.prefixkv``), not one per tensor. A host allocation
+        of ``MAPPED_BYTES`` or more comes from ``pool`` where one is given (recycled memory:
+        its contents are whatever was there).
         """
         sizes = [n_tokens * prod(s) * self.element_size for s in self.tensor_shapes]
         total = self.num_layers * sum(sizes)
         dev = torch.device(device)
-        buf = aligned_empty(total) if dev.type == "cpu" else torch.empty(total, dtype=torch.uint8, device=dev)
+        if dev.type != "cpu":
+            buf = torch.empty(total, dtype=torch.uint8, device=dev)
+        elif pool is not None and total >= MAPPED_BYTES:
+            buf = torch.from_numpy(pool.take(total))
+        else:
+            buf = aligned_empty(total)
         out, at = [], 0
         for _ in range(self.num_layers):
             layer = []

@@ -165,9 +165,12 @@ class LoadStream:
             for layer in range(self.n_layers):
                 self._check(layer)
             self.seconds = time.perf_counter() - self._start
-        if self._on_done is not None:
+        # Dropped once called: it holds the load's job, which holds this stream and the
+        # destination, and a cycle would keep ``get``'s KV from its pool until a collection.
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
             try:
-                self._on_done()
+                on_done()
             except Exception:  # noqa: BLE001  accounting must never fail a load
                 log.exception("reporting a finished load failed")
         self._done.set()

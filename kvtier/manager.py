@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from kvtier.blocks import BlockHits
+from kvtier.bufpool import MappedPool
 from kvtier.catalog import NamespaceCatalog
 from kvtier.config import CacheConfig
 from kvtier.engine_blocks import EngineBlocks
@@ -84,6 +85,7 @@ class TieredCache:
         self._prefetcher = Prefetcher(self._lookups, self._reloads, self._recorder, self.config.prefetch_budget)
         self._engine = EngineBlocks(self._catalog, p, self._lookups, self._reloads, self._writes, self._recorder)
         self._loader: Loader | None = None  # get()'s reload path, started on first use
+        self._get_buffers = MappedPool(self.config.reload_pool_bytes)  # get()'s KV, recycled
         self._closed = False
         self._next_reap = 0.0
         p.warm_start()
@@ -186,14 +188,17 @@ class TieredCache:
 
     def get(self, namespace: str, token_ids: TokenIds, *,
             device: str | torch.device = "cpu") -> tuple[KVOut | None, int]:
-        """KV of the longest cached prefix (layers of tensors ``[n_tokens, ...]``) and ``n_tokens``."""
+        """KV of the longest cached prefix (layers of tensors ``[n_tokens, ...]``) and ``n_tokens``.
+
+        Host KV of 64 MiB or more is memory an earlier ``get`` returned and its caller dropped,
+        where there is some (``CacheConfig.reload_pool_bytes``)."""
         lease = self.acquire(namespace, token_ids)
         try:
             if not lease.blocks:
                 return None, 0
             ns = lease.namespace
             assert ns is not None and ns.layout is not None  # blocks were stored under both
-            out = ns.layout.empty(lease.tokens, device)
+            out = ns.layout.empty(lease.tokens, device, pool=self._get_buffers)
             n = self._load(lease, out)
             if n == 0:
                 return None, 0
@@ -326,6 +331,7 @@ class TieredCache:
         if self._loader is not None:
             self._loader.close()
         self._writes.close()
+        self._get_buffers.clear()
         for tier in self.tiers:
             tier.close()
 

@@ -234,6 +234,25 @@ def test_product_paths_report_direct_reads_next_to_fio(tmp_path: Path, path: str
     assert doc["ratio"]["GB/s"] > 0 and doc["fio_verify"]["ratio"]["GB/s"] > 0
 
 
+def test_kept_open_keeps_a_paths_cache_open_from_run_to_run(tmp_path: Path) -> None:
+    """Within ``kept_open`` (``--repeat``, ``io_compare``) the get path runs on one open cache, so
+    from the second run on a get writes into the memory the last one returned, as in an
+    application; leaving it closes the cache."""
+    from kvtier.bench import io_paths
+
+    p = bio.IOParams(rw="randread", bs=2 * 1024**2, iodepth=8, size=64 * 1024**2, runtime=0,
+                     directory=str(tmp_path), path="get").check()
+    with io_paths.kept_open():
+        assert bio.run(p).read.io_bytes == 64 * 1024**2
+        assert io_paths._kept is not None
+        (session,) = io_paths._kept.values()
+        pool = session.cache._get_buffers
+        assert pool.idle_bytes == 64 * 1024**2  # the first get's KV, dropped by the bench
+        bio.run(p)
+        assert list(io_paths._kept.values()) == [session] and pool.idle_bytes == 64 * 1024**2
+    assert io_paths._kept is None and session.cache.closed
+
+
 def test_product_paths_need_a_reload_they_can_time() -> None:
     with pytest.raises(InvalidRequest, match="--path get"):
         bio.IOParams(path="get", tier="host").check()

@@ -168,3 +168,102 @@ def test_a_buffer_the_garbage_collector_frees_inside_take_goes_back_without_dead
     assert done, "take() deadlocked giving back a buffer the collector freed"
     assert pool.idle_bytes == 4096
     assert warm.numel() == size
+
+
+# ---- MappedPool: get()'s large KV, recycled once its caller drops it ----------------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _mapped_pool(max_idle_bytes: int = 1 << 30, clock: _Clock | None = None):
+    from kvtier.bufpool import MappedPool
+
+    return MappedPool(max_idle_bytes, idle_seconds=60.0, clock=clock or _Clock())
+
+
+def test_a_dropped_mapping_serves_the_next_take_that_fits_and_never_while_viewed():
+    pool = _mapped_pool()
+    a = torch.from_numpy(pool.take(8 << 20))
+    assert a.numel() == 8 << 20 and a.data_ptr() % ALIGN == 0
+    a.fill_(7)
+    tail = a[1 << 20:]  # a view outlives the tensor it came from: the mapping stays taken
+    ptr = a.data_ptr()
+    del a
+    gc.collect()
+    b = torch.from_numpy(pool.take(8 << 20))
+    assert b.data_ptr() != ptr and pool.idle_bytes == 0
+    b.fill_(1)
+    assert int(tail.min()) == 7 == int(tail.max())  # another caller's writes never reach it
+    del tail
+    gc.collect()
+    assert pool.idle_bytes == 8 << 20  # the pages it faulted in
+    grown = pool.take((8 << 20) + (1 << 20))  # a prefix that grew by 1/8 fits the headroom
+    assert grown.ctypes.data == ptr and pool.idle_bytes == 0
+
+
+def test_the_smallest_idle_mapping_that_fits_is_taken():
+    pool = _mapped_pool()
+    small, big = pool.take(4 << 20), pool.take(32 << 20)
+    ptrs = small.ctypes.data, big.ctypes.data
+    del small, big
+    gc.collect()
+    held = [pool.take(2 << 20)]
+    assert held[0].ctypes.data == ptrs[0]
+    held.append(pool.take(6 << 20))  # 4 MiB and its headroom (5 MiB) is too small for 6
+    assert held[1].ctypes.data == ptrs[1]
+
+
+def _marked(pool, nbytes: int, mark: int):
+    a = pool.take(nbytes)
+    a[:] = mark
+    return a
+
+
+def test_idle_mappings_stay_within_the_cap_and_the_oldest_go_first():
+    pool = _mapped_pool(max_idle_bytes=10 << 20)
+    first, second, third = (_marked(pool, 4 << 20, k) for k in (1, 2, 3))
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    del third
+    gc.collect()
+    assert pool.idle_bytes == 8 << 20  # the first one returned was let go
+    held = [pool.take(4 << 20) for _ in range(3)]
+    assert sorted(int(a[0]) for a in held) == [0, 2, 3]  # two recycled, one fresh (zeroed)
+    too_big = pool.take(16 << 20)
+    del too_big
+    gc.collect()
+    assert pool.idle_bytes == 0  # larger than the whole cap: never kept
+
+
+def test_an_idle_mapping_is_let_go_after_idle_seconds():
+    clock = _Clock()
+    pool = _mapped_pool(clock=clock)
+    a = _marked(pool, 4 << 20, 9)
+    del a
+    gc.collect()
+    clock.now = 59.0
+    b = pool.take(4 << 20)
+    assert int(b[0]) == 9  # within the idle time: the same memory
+    del b
+    gc.collect()
+    clock.now = 59.0 + 61.0
+    c = pool.take(4 << 20)
+    assert pool.idle_bytes == 0 and int(c.max()) == 0  # past it: fresh, zeroed memory
+
+
+def test_a_cleared_pool_keeps_nothing_returned_later():
+    pool = _mapped_pool()
+    a, b = pool.take(4 << 20), pool.take(4 << 20)
+    del a
+    gc.collect()
+    pool.clear()
+    assert pool.idle_bytes == 0
+    del b
+    gc.collect()
+    assert pool.idle_bytes == 0

@@ -27,6 +27,7 @@ from kvtier.errors import InvalidRequest
     (lambda: CacheConfig(codec="zstd+int8"), ["'zstd+int8'"]),
     (lambda: CacheConfig(block_tokens=0), ["block_tokens"]),
     (lambda: CacheConfig(prefetch_budget=1.5), ["prefetch_budget", "1.5"]),
+    (lambda: CacheConfig(reload_pool_bytes="-1GiB"), ["reload_pool_bytes", "'-1GiB'"]),
     (lambda: HostTierConfig(policy="mru"), ["eviction policy 'mru'", "lru, s3fifo"]),
     (lambda: HostTierConfig(page_bytes=0), ["page_bytes"]),
     (lambda: HostTierConfig(capacity_bytes="-1GiB"), [">= 0", "'-1GiB'"]),
@@ -68,6 +69,7 @@ def test_good_values_pass():
     from pathlib import Path
 
     assert SSDTierConfig(path=Path("data") / "ssd").path == str(Path("data") / "ssd")
+    assert CacheConfig(reload_pool_bytes="1GiB").reload_pool_bytes == 1024**3
 
 
 def test_the_closed_sets_name_exactly_the_registered_builtins():

@@ -1,3 +1,4 @@
+import gc
 import random
 import threading
 import time
@@ -604,3 +605,38 @@ def test_a_prefix_evicted_while_its_next_block_is_written_stops_the_put_and_free
         assert out == [first * BT]  # those were stored (and then evicted); the put stopped after
         assert c.lookup("m", toks).tokens == 0
         assert c.tier("host").used_bytes == 0  # the held write's slots freed, the rest with the put
+
+
+def test_a_large_get_reuses_memory_a_dropped_get_returned_and_never_one_still_held():
+    """``get`` of 64 MiB or more writes into memory an earlier get returned once its caller
+    dropped it (no page faults), and never into a result the caller still holds."""
+    tokens = 512  # 2 layers x K,V of [tokens, 8, 1024] float32: 128 KiB a token, 64 MiB in all
+    cfg = CacheConfig(block_tokens=64, host=HostTierConfig(capacity_bytes="384MiB"))
+    with TieredCache(cfg) as c:
+        kv_a, kv_b = (random_kv(tokens, heads=8, dim=1024, seed=s) for s in (1, 2))
+        toks_a, toks_b = list(range(tokens)), list(range(10**6, 10**6 + tokens))
+        assert c.put("m", toks_a, kv_a) == tokens and c.put("m", toks_b, kv_b) == tokens
+        held, n = c.get("m", toks_a)
+        assert n == tokens and same(kv_a, held, n)
+        out_b, n = c.get("m", toks_b)  # ``held`` is still viewed: fresh memory
+        assert n == tokens and same(kv_b, out_b, n) and same(kv_a, held, tokens)
+        ptr_b = out_b[0][0].data_ptr()
+        del out_b  # no collection needed: nothing of a finished get holds it in a cycle
+        again, n = c.get("m", toks_a)  # B's memory, now dropped, holds A's prefix
+        assert again[0][0].data_ptr() == ptr_b and n == tokens and same(kv_a, again, n)
+        assert same(kv_a, held, tokens)
+        del again, held
+        assert c._get_buffers.idle_bytes == 2 * 64 * 1024**2
+    assert c._get_buffers.idle_bytes == 0  # a closed cache lets it go
+
+
+def test_a_get_pool_of_zero_bytes_keeps_nothing():
+    cfg = CacheConfig(block_tokens=64, host=HostTierConfig(capacity_bytes="128MiB"), reload_pool_bytes=0)
+    with TieredCache(cfg) as c:
+        kv = random_kv(512, heads=8, dim=1024)
+        c.put("m", list(range(512)), kv)
+        out, n = c.get("m", list(range(512)))
+        assert n == 512 and same(kv, out, n)
+        del out
+        gc.collect()
+        assert c._get_buffers.idle_bytes == 0
