@@ -61,7 +61,7 @@ from kvtier.pieces import Block, BlockPieces
 
 try:  # a put's copy and checksum in one pass (kvtier/_fastcopy.c, optional: see pyproject.toml)
     from kvtier._fastcopy import available as _native
-    from kvtier._fastcopy import copy_blocks, copy_layers
+    from kvtier._fastcopy import copy_blocks, copy_layers, crc_parts
 except ImportError:
     _native = 0
 ONE_PASS_COPY = bool(_native)  # False: numpy copies, then crc32c over what they wrote
@@ -88,6 +88,18 @@ def checksum(data: bytes | bytearray | memoryview | np.ndarray, value: int = 0) 
 
 
 _GIL_FREE_BYTES = 256 << 10
+
+
+def checksum_parts(parts: Sequence[bytes | bytearray | memoryview | np.ndarray], value: int = 0) -> int:
+    """``checksum`` of ``parts`` laid end to end, continuing from ``value``. Why: a block read
+    straight into a prefix's tensors is 65 pieces (a header page and 64 tensors' rows), and a
+    Python call per piece cost more than its checksum; ``kvtier._fastcopy.crc_parts`` checks
+    them all in one call, the GIL released once (where it is built; else one call a piece)."""
+    if ONE_PASS_COPY:
+        return crc_parts(parts, value)
+    for part in parts:
+        value = checksum(part, value)
+    return value
 
 
 _POLY = 0x82F63B78  # crc32c (Castagnoli), reflected

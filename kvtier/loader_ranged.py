@@ -40,7 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtier.block import ALIGNED, BlockHeader, checksum, decode_layer_into, header_size, layout
+from kvtier.block import (
+    ALIGNED,
+    BlockHeader,
+    checksum_parts,
+    decode_layer_into,
+    header_size,
+    layout,
+)
 from kvtier.bufpool import ALIGN, align_up, aligned_empty
 from kvtier.bytecopy import copy_bytes
 from kvtier.costmodel import CostModel
@@ -106,7 +113,9 @@ class _Direct:
     left: int  # group reads not finished
     header: BlockHeader | None = None
     failed: str | None = None
-    checked: threading.Event = field(default_factory=threading.Event)  # group 0 checked the header
+    # Set once group 0 checked the header; None where the block is one group (a ``get``): no
+    # other read waits, and making an Event per block cost more than its checksum's call.
+    checked: threading.Event | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -158,7 +167,8 @@ class RangedReads:
                        groups: list[range]) -> list[Future]:
         head = pages.offsets[0]
         heads = aligned_empty(head * len(items)).numpy()
-        blocks = [_Direct(i, b, tier, heads[k * head:(k + 1) * head], len(groups))
+        blocks = [_Direct(i, b, tier, heads[k * head:(k + 1) * head], len(groups),
+                          checked=threading.Event() if len(groups) > 1 else None)
                   for k, (i, b, tier) in enumerate(items)]
         return [self._io.submit(self._read_direct, job, pages, blk, g, len(groups))
                 for g in groups for blk in blocks]
@@ -175,8 +185,10 @@ class RangedReads:
                 raise CorruptBlock(f"short read: {got} of {hi - lo} bytes")
             if first:
                 blk.header = self._expected(job, pages, blk, n_groups)
-                blk.checked.set()
+                if blk.checked is not None:
+                    blk.checked.set()
             else:
+                assert blk.checked is not None  # more than one group
                 blk.checked.wait()  # group 0's read was submitted first: it is running or done
             h = blk.header
             if h is None:
@@ -186,10 +198,7 @@ class RangedReads:
             # (``ScatterReads``): its layers are not checksummed a second time.
             whole = first and got == blk.b.nbytes
             for k, layer in enumerate(() if whole else g):
-                crc = 0
-                for arr in arrays[k * per:(k + 1) * per]:
-                    crc = checksum(arr, crc)
-                if crc != h.layers[layer].crc:
+                if checksum_parts(arrays[k * per:(k + 1) * per]) != h.layers[layer].crc:
                     raise CorruptBlock(f"layer {layer} payload checksum mismatch")
             a = job.promos.get(blk.i)
             if a is not None and a.data is not None:
@@ -204,7 +213,7 @@ class RangedReads:
             with blk.lock:
                 blk.failed = blk.failed or str(e)
         finally:
-            if first:
+            if first and blk.checked is not None:
                 blk.checked.set()
             with blk.lock:
                 blk.left -= 1

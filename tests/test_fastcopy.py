@@ -274,3 +274,51 @@ def test_the_gil_is_released_for_large_copies_only(copy):
     assert not other_runs_during(64 << 10, calls=200)
     from kvtier import _fastcopy
     assert _fastcopy.gil_free_bytes == block_mod._GIL_FREE_BYTES  # one threshold for both
+
+
+# ---- crc_parts: the crc32c of a block read in pieces, in one call -------------------------------
+@native
+@settings(max_examples=150, deadline=None)
+@given(size=st.integers(0, 70_000), cuts=st.lists(st.integers(0, 70_000), max_size=6),
+       value=st.sampled_from([0, 1, 0xDEADBEEF, 0xFFFFFFFF]), seed=st.integers(0, 2**16))
+def test_crc_parts_is_crc32c_of_the_pieces_laid_end_to_end(size, cuts, value, seed):
+    from kvtier._fastcopy import crc_parts
+
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    parts = np.split(data, sorted(min(c, size) for c in cuts))
+    want = crc32c.crc32c(data.tobytes(), value)
+    assert crc_parts(parts, value) == want
+    assert crc_parts([p.tobytes() for p in parts], value) == want  # read-only buffers too
+
+
+@native
+def test_crc_parts_of_a_large_block_with_the_gil_released_and_bad_arguments_refused():
+    from kvtier._fastcopy import crc_parts
+
+    data = np.random.default_rng(1).integers(0, 256, 2 * 1024**2 + 5, dtype=np.uint8)
+    assert crc_parts(np.array_split(data, 65)) == crc32c.crc32c(data.tobytes())
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        crc_parts([data], 2**32)
+    with pytest.raises(TypeError):
+        crc_parts([data, 7])
+    with pytest.raises(TypeError):
+        crc_parts(data[:8], 0, 1)
+
+
+def test_checksum_parts_gives_the_same_crc_with_and_without_the_extension(monkeypatch):
+    data = np.random.default_rng(2).integers(0, 256, 300_000, dtype=np.uint8)
+    parts = np.array_split(data, 7)
+    want = crc32c.crc32c(data.tobytes(), 5)
+    assert block_mod.checksum_parts(parts, 5) == want
+    monkeypatch.setattr(block_mod, "ONE_PASS_COPY", False)
+    assert block_mod.checksum_parts(parts, 5) == want
+
+
+def test_aligned_refuses_bad_arguments():
+    aligned = pytest.importorskip("kvtier._fastcopy").aligned
+    with pytest.raises(ValueError, match="align"):
+        aligned([], 0)
+    with pytest.raises(TypeError):
+        aligned([7], 4096)
+    with pytest.raises(TypeError):
+        aligned(7, 4096)

@@ -83,14 +83,20 @@ def test_get_checksums_each_byte_once(tmp_path, monkeypatch):
     with ssd_cache(tmp_path) as cache:
         toks, kv = fill(cache, 4)
         counted = [0]
-        real = block_mod.checksum
+        real, real_parts = block_mod.checksum, block_mod.checksum_parts
 
         def counting(data, value=0):
             counted[0] += memoryview(data).nbytes
             return real(data, value)
 
-        for mod in (block_mod, ranged_mod, index_mod, reader_mod):
+        def counting_parts(parts, value=0):
+            counted[0] += sum(memoryview(p).nbytes for p in parts)
+            return real_parts(parts, value)
+
+        for mod in (block_mod, index_mod, reader_mod):
             monkeypatch.setattr(mod, "checksum", counting)
+        for mod in (block_mod, ranged_mod, reader_mod):
+            monkeypatch.setattr(mod, "checksum_parts", counting_parts)
         out, n = cache.get("m", toks)
         assert n == 4 * BT and same(kv, out, n)
         payload = sum(t.numel() * t.element_size() for layer in kv for t in layer)

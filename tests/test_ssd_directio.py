@@ -244,3 +244,18 @@ def test_direct_read_plan_fills_exactly_its_range():
                 assert filled == want, (start, n, got_cap)
                 assert arr[:filled].tobytes() == src[start:start + filled].tobytes()
                 assert (buf[n:] == 0xAB).all()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_whole_pages_says_whether_every_piece_can_take_a_direct_read(monkeypatch, native):
+    from kvtier.bufpool import aligned_array
+    from kvtier.tiers.ssd import directio
+
+    if not native:
+        monkeypatch.setattr(directio, "_all_aligned", None)
+    elif directio._all_aligned is None:
+        pytest.skip("kvtier._fastcopy is not built here")
+    a = aligned_array(4 * 4096)
+    assert directio.whole_pages([a[:4096], a[4096:]]) and directio.whole_pages([])
+    assert not directio.whole_pages([a[:4096], a[4097:8193]])  # a piece off its page
+    assert not directio.whole_pages([a[:4096], a[4096:6000]])  # a piece not whole pages

@@ -63,6 +63,22 @@ def is_aligned(arr: np.ndarray) -> bool:
     return address(arr) % ALIGN == 0
 
 
+_all_aligned: Callable[[Sequence[np.ndarray], int], bool] | None
+try:  # kvtier/_fastcopy.c (optional): one call for all the pieces of a scattered read
+    from kvtier._fastcopy import aligned as _all_aligned
+except ImportError:
+    _all_aligned = None
+
+
+def whole_pages(arrays: Sequence[np.ndarray]) -> bool:
+    """Whether every array is whole 4 KiB pages of aligned memory: an O_DIRECT read can go
+    straight into them. (A block read into a prefix's tensors is 65 arrays: asked one by one
+    from Python, their addresses cost about 1 us each.)"""
+    if _all_aligned is not None:
+        return _all_aligned(arrays, ALIGN)
+    return all(len(a) % ALIGN == 0 and is_aligned(a) for a in arrays)
+
+
 _local = threading.local()
 
 

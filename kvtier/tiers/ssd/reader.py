@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvtier.block import checksum
-from kvtier.bytecopy import address
+from kvtier.block import checksum, checksum_parts
 from kvtier.errors import CorruptBlock, InvalidRequest, InvalidType, KVTierError
 from kvtier.tiers.ssd import directio
 from kvtier.tiers.ssd.directio import (
@@ -36,6 +35,7 @@ from kvtier.tiers.ssd.directio import (
     bounce_pages,
     congruent,
     read_vectored,
+    whole_pages,
 )
 from kvtier.tiers.ssd.index import HEAD_BYTES, Location, matches
 from kvtier.tiers.ssd.segments import Segment
@@ -157,8 +157,7 @@ class Reader:
         n = min(total, loc.length - offset)
         iov = arrays if n == total else _first(arrays, n)  # a whole block: no slicing per page
         start = loc.offset + offset
-        direct = seg.dfd >= 0 and start % ALIGN == 0 and n % ALIGN == 0 and all(
-            len(a) % ALIGN == 0 and address(a) % ALIGN == 0 for a in iov)
+        direct = seg.dfd >= 0 and start % ALIGN == 0 and n % ALIGN == 0 and whole_pages(iov)
         got, crc_ok, error = 0, True, None
         try:
             try:
@@ -298,10 +297,7 @@ def read_error(key: bytes, seg: Segment, e: OSError) -> KVTierError:
 def _matches_scattered(key: bytes, loc: Location, arrays: Sequence[np.ndarray], n: int) -> bool:
     """``matches`` for bytes ``[0, n)`` of a block read into ``arrays`` (holding exactly those)."""
     if n == loc.length:  # whole: the crc over every buffer, in order
-        crc = checksum(key) if loc.bound else 0
-        for a in arrays:
-            crc = checksum(a, crc)
-        return crc == loc.crc
+        return checksum_parts(arrays, checksum(key) if loc.bound else 0) == loc.crc
     k = min(n, HEAD_BYTES)
     head = arrays[0][:n] if len(arrays[0]) >= k else _gather(arrays, k)
     return matches(key, loc, head, 0)
