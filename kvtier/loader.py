@@ -181,7 +181,12 @@ class Loader:
             else:
                 io.append((i, b, tier))
         job = LoadJob(stream, dest, ns.codec, bt, n_layers, promote=self.cache.promote_on_get)
-        stream._on_done = lambda: self.cache.finish_load(job.result)
+
+        def done() -> None:
+            job.finish()
+            self.cache.finish_load(job.result)
+
+        stream._on_done = done
         self._paths.submit(self._guard, self._memory_path, job, mem, layerwise)
         self._paths.submit(self._guard, self._io_path, job, io, layerwise)
         return stream

@@ -39,6 +39,13 @@ class LoadJob:
     result: LoadResult = field(default_factory=LoadResult)  # reported once the load is done
     _outs: dict[int, list[list[torch.Tensor]]] = field(default_factory=dict)
 
+    def finish(self) -> None:
+        """Let go of the destination once the load is done (before its waiters wake). Why: a
+        worker thread holds its task's arguments, this job among them, until it takes its next
+        task, and ``get``'s KV must be free to return to its pool as soon as the caller drops it."""
+        self.dest = ()
+        self._outs.clear()
+
     def outs(self, i: int) -> list[list[torch.Tensor]]:
         """Block ``i``'s views of ``dest`` (made once per block: 64 slices for a Llama block,
         too many to remake per layer)."""

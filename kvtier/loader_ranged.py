@@ -27,8 +27,10 @@ block, one of two ways:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
+import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +49,7 @@ from kvtier.block import (
     decode_layer_into,
     header_size,
     layout,
+    parse_table,
 )
 from kvtier.bufpool import ALIGN, align_up, aligned_empty
 from kvtier.bytecopy import copy_bytes
@@ -67,12 +70,17 @@ class DestPages:
     """A host destination as numpy views, where a ``none`` block's layers can be read straight
     in (see the module docstring); ``of`` says None where they cannot."""
 
-    __slots__ = ("flat", "sizes", "layer_bytes", "offsets", "total")
+    __slots__ = ("flat", "sizes", "layer_bytes", "offsets", "total", "table", "_rows")
 
     def __init__(self, flat: list[list[np.ndarray]], sizes: list[int], layer_bytes: int,
                  offsets: list[int], total: int) -> None:
         self.flat, self.sizes, self.layer_bytes = flat, sizes, layer_bytes
         self.offsets, self.total = offsets, total  # where each layer is in the block; its length
+        self.table = [(o, layer_bytes) for o in offsets]  # (offset, length) per layer, as stored
+        # Per layer, its tensors' bytes as ``[blocks, bytes]`` views: block i's arrays are row i
+        # of each (one C-level map per read, not a slice per tensor made in Python).
+        self._rows = [[f[: len(f) // n * n].reshape(-1, n) for f, n in zip(layer, sizes, strict=True)]
+                      for layer in flat]
 
     @classmethod
     def of(cls, dest: Sequence[Sequence[torch.Tensor]], block_tokens: int, codec: str) -> DestPages | None:
@@ -95,8 +103,8 @@ class DestPages:
 
     def arrays(self, i: int, layers: range) -> list[np.ndarray]:
         """Block ``i``'s bytes of ``layers`` in the destination, in block order."""
-        return [f[i * n:(i + 1) * n] for layer in layers
-                for f, n in zip(self.flat[layer], self.sizes, strict=True)]
+        row = operator.itemgetter(i)
+        return list(map(row, itertools.chain.from_iterable(self._rows[layers.start:layers.stop])))
 
     def span(self, layers: range) -> tuple[int, int]:
         return self.offsets[layers.start], self.offsets[layers.stop - 1] + self.layer_bytes
@@ -111,12 +119,31 @@ class _Direct:
     tier: ScatterReads
     head: np.ndarray  # its header page(s) land here
     left: int  # group reads not finished
-    header: BlockHeader | None = None
+    crcs: list[int] | None = None  # its layers' crc32c, from its header once checked
     failed: str | None = None
     # Set once group 0 checked the header; None where the block is one group (a ``get``): no
     # other read waits, and making an Event per block cost more than its checksum's call.
     checked: threading.Event | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Call:
+    """``fn(*args)`` for a worker thread that lets go of ``args`` before it returns. Why: the
+    worker keeps its task until it takes the next one, and a read's arguments view the
+    destination (``DestPages``), which must be free to go back to ``get``'s pool as soon as
+    the load is done and the caller drops it."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable[..., None], *args: Any) -> None:
+        self.fn: Callable[..., None] | None = fn
+        self.args: tuple[Any, ...] = args
+
+    def __call__(self) -> None:
+        fn, args = self.fn, self.args
+        self.fn, self.args = None, ()
+        assert fn is not None  # called once
+        fn(*args)
 
 
 class RangedReads:
@@ -170,7 +197,7 @@ class RangedReads:
         blocks = [_Direct(i, b, tier, heads[k * head:(k + 1) * head], len(groups),
                           checked=threading.Event() if len(groups) > 1 else None)
                   for k, (i, b, tier) in enumerate(items)]
-        return [self._io.submit(self._read_direct, job, pages, blk, g, len(groups))
+        return [self._io.submit(_Call(self._read_direct, job, pages, blk, g, len(groups)))
                 for g in groups for blk in blocks]
 
     def _read_direct(self, job: LoadJob, pages: DestPages, blk: _Direct, g: range, n_groups: int) -> None:
@@ -184,21 +211,21 @@ class RangedReads:
             if got != hi - (0 if first else lo):
                 raise CorruptBlock(f"short read: {got} of {hi - lo} bytes")
             if first:
-                blk.header = self._expected(job, pages, blk, n_groups)
+                blk.crcs = self._expected(job, pages, blk, n_groups)
                 if blk.checked is not None:
                     blk.checked.set()
             else:
                 assert blk.checked is not None  # more than one group
                 blk.checked.wait()  # group 0's read was submitted first: it is running or done
-            h = blk.header
-            if h is None:
+            crcs = blk.crcs
+            if crcs is None:
                 return  # group 0 failed: the block is read whole once its reads are done
             per = len(pages.sizes)
             # A whole block read from byte 0 was checked by the tier against the block's crc32c
             # (``ScatterReads``): its layers are not checksummed a second time.
             whole = first and got == blk.b.nbytes
             for k, layer in enumerate(() if whole else g):
-                if checksum_parts(arrays[k * per:(k + 1) * per]) != h.layers[layer].crc:
+                if checksum_parts(arrays[k * per:(k + 1) * per]) != crcs[layer]:
                     raise CorruptBlock(f"layer {layer} payload checksum mismatch")
             a = job.promos.get(blk.i)
             if a is not None and a.data is not None:
@@ -223,20 +250,25 @@ class RangedReads:
                 self._promoter.abandon(job, blk.i)
                 self._fallback(job, blk.i, blk.b)
 
-    def _expected(self, job: LoadJob, pages: DestPages, blk: _Direct, n_groups: int) -> BlockHeader:
-        """The block's header, checked to lay out the block as ``pages`` expects; prepares its
-        promotion (the header now, each group's layers as they are verified)."""
-        h = checked_header(torch.from_numpy(blk.head), job.n_layers)
-        if h.codec != "none" or not h.aligned or h.total_bytes != blk.b.nbytes or any(
-                e.offset != o or e.length != pages.layer_bytes for e, o in zip(h.layers, pages.offsets, strict=True)):
+    def _expected(self, job: LoadJob, pages: DestPages, blk: _Direct, n_groups: int) -> list[int]:
+        """The block's layer crcs, from its header checked (``parse_table``: its own crc, its
+        table) to lay out the block as ``pages`` expects (a ``none`` block of format 2 of the
+        destination's geometry: then its length is ``pages.total``, which only such blocks were
+        read this way for); prepares its promotion (the header now, each group's layers as they
+        are verified)."""
+        codec, version, _, header_bytes, table = parse_table(blk.head.data)
+        if len(table) != job.n_layers:
+            raise CorruptBlock(f"block has {len(table)} layers, expected {job.n_layers}")
+        if codec != "none" or version != ALIGNED or blk.b.nbytes != pages.total or [
+                e[:2] for e in table] != pages.table:
             raise CorruptBlock("block layout is not the one its size implies")
         a = job.promos.get(blk.i)
         if a is not None:
             data = torch.zeros(blk.b.nbytes, dtype=torch.uint8)  # padding stays zero
-            data.numpy()[:h.header_bytes] = blk.head[:h.header_bytes]
+            data.numpy()[:header_bytes] = blk.head[:header_bytes]
             with self._promoter.lock:
                 a.data, a.left = data, n_groups
-        return h
+        return [e[2] for e in table]
 
     # ---- through the staging ring -----------------------------------------------------------
     def _staged(self, job: LoadJob, items: list[Item[Tier]], start: float) -> int:

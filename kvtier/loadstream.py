@@ -118,6 +118,9 @@ class LoadStream:
         self._path_done()
 
     def _land(self, layers: Sequence[int], blocks: Sequence[int]) -> None:
+        if isinstance(layers, range) and layers.step == 1 and len(blocks) == 1:
+            self._land_one(layers.start, layers.stop, blocks[0])
+            return
         rows, cols = np.asarray(layers, dtype=np.intp), np.asarray(blocks, dtype=np.intp)
         if not rows.size or not cols.size:
             return
@@ -127,6 +130,20 @@ class LoadStream:
             self._landed[idx] = True
             self._missing[rows] -= (new & (cols < self._valid)).sum(axis=1)
             for layer in rows[self._missing[rows] == 0].tolist():
+                self._check(layer)
+
+    def _land_one(self, lo: int, hi: int, block: int) -> None:
+        """``_land(range(lo, hi), [block])`` with slices: what a path lands per read (a block's
+        group of layers), without building index arrays."""
+        if lo >= hi:
+            return
+        with self._lock:
+            landed = self._landed[lo:hi, block]
+            new = ~landed
+            landed[:] = True
+            if block < self._valid:
+                self._missing[lo:hi] -= new
+            for layer in (np.flatnonzero(self._missing[lo:hi] == 0) + lo).tolist():
                 self._check(layer)
 
     def _recount(self) -> None:

@@ -233,3 +233,34 @@ def test_a_durable_write_through_reads_the_host_slot_and_no_other_put_can_take_i
             assert c.lookup("m", toks).tiers == {"ssd": 3}
             out, n = c.get("m", toks)
             assert n == 3 * BT and same(kv, out, n)
+
+
+def test_a_dropped_get_from_ssd_is_back_in_the_pool_before_the_next_get(tmp_path, monkeypatch):
+    """The loader's worker threads hold their tasks' arguments until they take the next task;
+    none of them may keep a finished get's KV from its pool, however fast the caller drops it
+    and gets again (else every such get would fault fresh memory in). The attack: every worker
+    keeps its finished task a while longer, as a descheduled thread does."""
+    from concurrent.futures import thread
+
+    run = thread._WorkItem.run
+
+    def lingering(self):
+        run(self)
+        time.sleep(0.02)  # the task (and what it holds) outlives its future's result
+
+    monkeypatch.setattr(thread._WorkItem, "run", lingering)
+    cfg = CacheConfig(block_tokens=64, host=HostTierConfig(capacity_bytes=0), promote_on_get=False,
+                      ssd=SSDTierConfig(path=str(tmp_path / "ssd"), capacity_bytes="1GiB", durability="none"))
+    with TieredCache(cfg) as c:
+        kv = random_kv(512, heads=8, dim=1024)  # 128 KiB a token: 64 MiB, 8 blocks of 8 MiB
+        toks = list(range(512))
+        assert c.put("m", toks, kv) == 512
+        c.tier("ssd").flush()
+        ptrs = set()
+        for _ in range(20):
+            out, n = c.get("m", toks)
+            assert n == 512 and same(kv, out, n)
+            ptrs.add(out[0][0].data_ptr())
+            del out
+            assert c._get_buffers.idle_bytes == 64 * 1024**2
+        assert len(ptrs) == 1  # every get wrote into the same memory
