@@ -189,7 +189,10 @@ def run_path(p, progress=None):
     root = data_root(p)
     root.mkdir(parents=True, exist_ok=True)
     s = _session(p, root, tokens, progress)
-    cache, loader, dest, client = s.cache, s.loader, s.dest, s.client
+    cache = s.cache
+    # The session may have a loader and a client made for other paths: only p.path's is used.
+    loader, dest = (s.loader, s.dest) if p.path == "loader" else (None, None)
+    client = s.client if p.path == "sidecar" else None
     try:
         ssd = cache.tier("ssd")
         before = dict(ssd.stats())

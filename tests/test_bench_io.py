@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -250,6 +251,10 @@ def test_kept_open_keeps_a_paths_cache_open_from_run_to_run(tmp_path: Path) -> N
         assert pool.idle_bytes == 64 * 1024**2  # the first get's KV, dropped by the bench
         bio.run(p)
         assert list(io_paths._kept.values()) == [session] and pool.idle_bytes == 64 * 1024**2
+        loaded = bio.run(dataclasses.replace(p, path="loader"))  # the session gains a loader...
+        assert loaded.tier_stats["direct_reads"] == 64  # two groups of layers a block
+        again = bio.run(p)  # ... which a get never takes: whole blocks, a read each
+        assert again.tier_stats["direct_reads"] == 32 and pool.idle_bytes == 64 * 1024**2
     assert io_paths._kept is None and session.cache.closed
 
 
