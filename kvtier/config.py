@@ -225,7 +225,8 @@ class CacheConfig:
     prefetch_budget: float = 0.5  # share of a tier's capacity prefetched blocks may hold
     # Host memory ``get`` keeps from the KV it returned once the caller dropped it, so the next
     # get of a large prefix writes into pages already faulted in (``kvtier.bufpool.MappedPool``:
-    # gets of 64 MiB or more; kept 60 s at most). 0: every such get maps fresh memory.
+    # gets of 64 MiB or more; a mapping idle 60 s goes at the next get, all at close). 0: every
+    # such get maps fresh memory.
     reload_pool_bytes: int = 4 * 1024**3
 
     def __post_init__(self) -> None:
