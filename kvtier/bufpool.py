@@ -257,9 +257,10 @@ class MappedPool:
         mapping of its own that comes back here when the last view of it is freed."""
         with self._lock:
             self._trim(self._clock())
-            fits = [k for k, m in enumerate(self._idle) if m.base.nbytes >= nbytes]
-            best = self._idle.pop(min(fits, key=lambda k: self._idle[k].base.nbytes)) if fits else None
+            best = min((m for m in self._idle if m.base.nbytes >= nbytes), key=lambda m: m.base.nbytes,
+                       default=None)
             if best is not None:
+                self._idle.remove(best)
                 self._idle_bytes -= best.resident
         if best is None:
             base, resident = mapped_array(nbytes + nbytes // RELOAD_HEADROOM), 0

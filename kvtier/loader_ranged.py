@@ -70,11 +70,11 @@ class DestPages:
     """A host destination as numpy views, where a ``none`` block's layers can be read straight
     in (see the module docstring); ``of`` says None where they cannot."""
 
-    __slots__ = ("flat", "sizes", "layer_bytes", "offsets", "total", "table", "_rows")
+    __slots__ = ("sizes", "layer_bytes", "offsets", "total", "table", "_rows")
 
     def __init__(self, flat: list[list[np.ndarray]], sizes: list[int], layer_bytes: int,
                  offsets: list[int], total: int) -> None:
-        self.flat, self.sizes, self.layer_bytes = flat, sizes, layer_bytes
+        self.sizes, self.layer_bytes = sizes, layer_bytes
         self.offsets, self.total = offsets, total  # where each layer is in the block; its length
         self.table = [(o, layer_bytes) for o in offsets]  # (offset, length) per layer, as stored
         # Per layer, its tensors' bytes as ``[blocks, bytes]`` views: block i's arrays are row i

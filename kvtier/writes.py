@@ -9,12 +9,13 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
 from kvtier.block import PreparedBlock
 from kvtier.catalog import NamespaceCatalog
-from kvtier.codecs import Codec, get_codec
+from kvtier.codecs import get_codec
 from kvtier.errors import UnknownNamespace
 from kvtier.index import BlockEntry
 from kvtier.keys import TokenIds, as_token_array, prefix_hashes
@@ -26,6 +27,7 @@ from kvtier.prefixkv import PrefixKV
 from kvtier.recorder import StatsRecorder
 from kvtier.writethrough import DurableWrite, WriteThrough
 
+B = TypeVar("B", Block, PreparedBlock)  # a block a put places: encoded, or prepared to fill a slot
 AHEAD = 2  # blocks encoded ahead of the one being placed
 WINDOW_BYTES = 16 << 20  # new blocks a put writes to the SSD tier per put_many (placed, or through)
 # New blocks a put copies into a memory tier's slots per call (Placement.fill_chain_in_place):
@@ -154,12 +156,14 @@ class Puts:
                         window, in_slots = max(1, SLOTS_WINDOW_BYTES // nbytes), True
                 if window and i != alone:
                     if in_slots:
-                        filled = self._fill_window(ns, chain, keys, i, window, prefix, codec)
+                        filled = self._place_window(ns, chain, keys, i, window, lambda j: prefix.prepare(j, codec),
+                                                    self.placement.fill_chain_in_place)
                         for e, prepared in filled:
                             write_through(e, prepared, min(e.tiers))
                         run = [e for e, _ in filled]
                     else:
-                        batch = self._place_window(ns, chain, keys, i, window, encoded)
+                        batch = self._place_window(ns, chain, keys, i, window, encoded,
+                                                   self.placement.place_chain_unlocked)
                         durable += self.writes.schedule([(e, data, min(e.tiers)) for e, data in batch])
                         run = [e for e, _ in batch]
                     new.update(e.key for e in run)
@@ -205,35 +209,23 @@ class Puts:
         return max(1, WINDOW_BYTES // nbytes) if self.placement.takes_pieces(nbytes) else 0
 
     def _place_window(self, ns: Namespace, chain: list[BlockEntry], keys: Sequence[bytes], start: int,
-                      window: int, encoded: _EncodeAhead) -> list[tuple[BlockEntry, Block]]:
-        """Place new blocks ``start``.. (up to ``window``) together (``place_chain_unlocked``):
-        their writes in flight at once, outside the lock, while the next window is encoded on
-        the pool. Returns the blocks placed, pinned and appended to ``chain``; fewer (none) where
-        the rest are to be placed one by one."""
+                      window: int, block_of: Callable[[int], B],
+                      place: Callable[[list[tuple[BlockEntry, B]], Callable[[], None]], list[BlockEntry]],
+                      ) -> list[tuple[BlockEntry, B]]:
+        """Place new blocks ``start``.. (up to ``window``; ``block_of(j)`` is block j) together:
+        with ``Placement.place_chain_unlocked`` (encoded blocks: their writes in flight at once,
+        outside the lock, while the next window is encoded on the pool) or
+        ``Placement.fill_chain_in_place`` (prepared blocks copied straight into a memory tier's
+        slots by one call). Returns the blocks placed, pinned and appended to ``chain``; fewer
+        (none) where the rest are to be placed one by one."""
         parent = chain[-1].key if chain else None
-        blocks: list[tuple[BlockEntry, Block]] = []
+        blocks: list[tuple[BlockEntry, B]] = []
         for j in range(start, min(start + window, len(keys))):
-            data = encoded(j)
-            blocks.append((BlockEntry(keys[j], ns.name, parent, j, ns.block_tokens, len(data), time.time(),
-                                      ns.codec), data))
-            parent = keys[j]
-        placed = self.placement.place_chain_unlocked(blocks, lambda: self.catalog.check_live(ns))
-        chain.extend(placed)
-        return blocks[:len(placed)]
-
-    def _fill_window(self, ns: Namespace, chain: list[BlockEntry], keys: Sequence[bytes], start: int,
-                     window: int, prefix: PrefixKV, codec: Codec) -> list[tuple[BlockEntry, PreparedBlock]]:
-        """Place new blocks ``start``.. (up to ``window``) straight into a memory tier's slots,
-        together (``Placement.fill_chain_in_place``). Returns the blocks placed, pinned and
-        appended to ``chain``; fewer (none) where the rest are to be placed one by one."""
-        parent = chain[-1].key if chain else None
-        blocks: list[tuple[BlockEntry, PreparedBlock]] = []
-        for j in range(start, min(start + window, len(keys))):
-            block = prefix.prepare(j, codec)
+            block = block_of(j)
             blocks.append((BlockEntry(keys[j], ns.name, parent, j, ns.block_tokens, block.nbytes, time.time(),
                                       ns.codec), block))
             parent = keys[j]
-        placed = self.placement.fill_chain_in_place(blocks, lambda: self.catalog.check_live(ns))
+        placed = place(blocks, lambda: self.catalog.check_live(ns))
         chain.extend(placed)
         return blocks[:len(placed)]
 
