@@ -30,8 +30,9 @@ import httpx
 import torch
 
 from kvtier.blocks import BlockHits
+from kvtier.client_answers import RELOAD_POOL_BYTES, Answer, DirectAnswers
 from kvtier.client_async import AsyncKVTierClient, AsyncRemotePrefetch
-from kvtier.client_calls import Op, Pieces, RemoteError, headers_for, raise_for
+from kvtier.client_calls import Op, Pieces, RemoteError, headers_for, raise_for, whole_body
 from kvtier.client_ops import Ops, RemotePrefetch, stats_from_dict
 from kvtier.index import Lease
 from kvtier.keys import TokenIds, as_token_array
@@ -60,17 +61,27 @@ class KVTierClient:
     """Synchronous sidecar client; thread-safe."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8400", token: str | None = None, *,
-                 use_shm: bool = False, timeout: float = 120.0, transport: httpx.BaseTransport | None = None) -> None:
+                 use_shm: bool = False, timeout: float = 120.0, transport: httpx.BaseTransport | None = None,
+                 reload_pool_bytes: int = RELOAD_POOL_BYTES) -> None:
+        """``reload_pool_bytes``: memory kept from msgpack ``get`` answers the caller dropped, for
+        the next ones to be read into (``kvtier.client_answers``; 0 keeps none)."""
         self._http = httpx.Client(base_url=base_url, headers=headers_for(token), timeout=timeout, transport=transport)
+        self._direct = DirectAnswers.for_client(base_url, transport, timeout, reload_pool_bytes)
         self._ops = Ops(use_shm, token, timeout)
 
     def _run(self, op: Op) -> Any:
         try:
             call = next(op)
             while True:
-                content: Any = iter(call.content) if isinstance(call.content, Pieces) else call.content
-                resp = self._http.request(call.method, call.path, json=call.json, content=content,
-                                          headers=call.headers, params=call.params)
+                resp: httpx.Response | Answer
+                if call.bulk and self._direct is not None:
+                    resp = self._direct.fetch(self._http.build_request(
+                        call.method, call.path, json=call.json, content=whole_body(call), headers=call.headers,
+                        params=call.params))
+                else:
+                    content: Any = iter(call.content) if isinstance(call.content, Pieces) else call.content
+                    resp = self._http.request(call.method, call.path, json=call.json, content=content,
+                                              headers=call.headers, params=call.params)
                 try:
                     raise_for(resp)
                 except Exception as e:  # let the op see it (and clean up, or translate it)
@@ -179,6 +190,8 @@ class KVTierClient:
 
     def close(self) -> None:
         self._ops.close()
+        if self._direct is not None:
+            self._direct.close()
         self._http.close()
 
     def __enter__(self) -> KVTierClient:

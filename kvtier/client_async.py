@@ -3,6 +3,7 @@ same operations (``kvtier.client_ops``) over an ``httpx.AsyncClient``."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,8 @@ import httpx
 import torch
 
 from kvtier.blocks import BlockHits
-from kvtier.client_calls import Op, Pieces, headers_for, raise_for
+from kvtier.client_answers import RELOAD_POOL_BYTES, Answer, DirectAnswers
+from kvtier.client_calls import Op, Pieces, headers_for, raise_for, whole_body
 from kvtier.client_ops import Ops, RemotePrefetch
 from kvtier.keys import TokenIds
 from kvtier.layout import KV, KVLayout
@@ -47,18 +49,26 @@ class AsyncKVTierClient:
 
     def __init__(self, base_url: str = "http://127.0.0.1:8400", token: str | None = None, *,
                  use_shm: bool = False, timeout: float = 120.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 reload_pool_bytes: int = RELOAD_POOL_BYTES) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, headers=headers_for(token), timeout=timeout,
                                        transport=transport)
+        self._direct = DirectAnswers.for_client(base_url, transport, timeout, reload_pool_bytes)
         self._ops = Ops(use_shm, token, timeout)
 
     async def _run(self, op: Op) -> Any:
         try:
             call = next(op)
             while True:
-                content: Any = aiter(call.content) if isinstance(call.content, Pieces) else call.content
-                resp = await self._http.request(call.method, call.path, json=call.json, content=content,
-                                                headers=call.headers, params=call.params)
+                resp: httpx.Response | Answer
+                if call.bulk and self._direct is not None:  # a blocking read into memory: off the loop
+                    resp = await asyncio.to_thread(self._direct.fetch, self._http.build_request(
+                        call.method, call.path, json=call.json, content=whole_body(call), headers=call.headers,
+                        params=call.params))
+                else:
+                    content: Any = aiter(call.content) if isinstance(call.content, Pieces) else call.content
+                    resp = await self._http.request(call.method, call.path, json=call.json, content=content,
+                                                    headers=call.headers, params=call.params)
                 try:
                     raise_for(resp)
                 except Exception as e:
@@ -133,6 +143,8 @@ class AsyncKVTierClient:
 
     async def aclose(self) -> None:
         self._ops.close()
+        if self._direct is not None:
+            self._direct.close()
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncKVTierClient:

@@ -15,22 +15,31 @@ import httpx
 import msgpack
 
 from kvtier import errors as kerrors
+from kvtier.client_answers import Answer
 from kvtier.errors import KVTierError
 from kvtier.keys import as_token_array
 from kvtier.wire import MSGPACK, pack_pieces
 
-Op = Generator["Call", httpx.Response, Any]
+Op = Generator["Call", "httpx.Response | Answer", Any]
 
 
 class Call:
-    """One HTTP request of an operation (what ``httpx``'s ``request`` takes)."""
+    """One HTTP request of an operation (what ``httpx``'s ``request`` takes). ``bulk``: its
+    answer may be large (KV), so the client reads it straight into pooled memory where it can
+    (``kvtier.client_answers``)."""
 
-    __slots__ = ("method", "path", "json", "content", "headers", "params")
+    __slots__ = ("method", "path", "json", "content", "headers", "params", "bulk")
 
     def __init__(self, method: str, path: str, *, json: Any = None, content: bytes | Pieces | None = None,
-                 headers: dict | None = None, params: dict | None = None) -> None:
+                 headers: dict | None = None, params: dict | None = None, bulk: bool = False) -> None:
         self.method, self.path, self.json = method, path, json
         self.content, self.headers, self.params = content, headers, params
+        self.bulk = bulk
+
+
+def whole_body(call: Call) -> bytes | None:
+    """``call``'s body in one piece (a ``bulk`` call's body is small: token ids)."""
+    return b"".join(call.content) if isinstance(call.content, Pieces) else call.content
 
 
 class RemoteError(KVTierError):
@@ -52,7 +61,7 @@ def error_for(status: int, error: str, message: str) -> KVTierError:
     return cls(message) if cls is not None else RemoteError(status, error, message)
 
 
-def raise_for(resp: httpx.Response) -> None:
+def raise_for(resp: httpx.Response | Answer) -> None:
     if resp.status_code < 400:
         return
     try:
@@ -73,18 +82,18 @@ def _packed_tokens(token_ids: Any) -> bytes:
 
 
 def tokens_call(method: str, path: str, body: dict[str, Any], token_ids: Any,
-                 accept: str | None = None) -> Call:
+                 accept: str | None = None, bulk: bool = False) -> Call:
     """A request naming a prefix: msgpack with the token ids packed (``kvtier.server.body``); a
     4K-token JSON body costs more to build and parse than the round trip itself."""
     body = {**body, "token_ids": _packed_tokens(token_ids)}
     headers = {"content-type": MSGPACK, **({"accept": accept} if accept else {})}
     nbytes, pieces = pack_pieces(body)
     if len(pieces) == 1:
-        return Call(method, path, content=bytes(pieces[0]), headers=headers)
+        return Call(method, path, content=bytes(pieces[0]), headers=headers, bulk=bulk)
     # KV bodies go out as they lie in memory: the tensors' own bytes, never packed into one
     # buffer (a 1 GiB put would be built twice), in pieces the transport sends without
     # re-slicing a big buffer on every partial write.
-    return Call(method, path, content=Pieces(pieces), headers={**headers, "content-length": str(nbytes)})
+    return Call(method, path, content=Pieces(pieces), headers={**headers, "content-length": str(nbytes)}, bulk=bulk)
 
 
 class Pieces:

@@ -152,8 +152,8 @@ class Ops:
         ids = as_token_array(token_ids)
         if self.use_shm:
             return (yield from self._plane.get(namespace, ids))
-        resp = yield tokens_call("POST", "/v1/kv/get", {"namespace": namespace}, ids, accept=MSGPACK)
-        d = unpack_views(resp.content)  # the tensors view the body: no copy per tensor
+        resp = yield tokens_call("POST", "/v1/kv/get", {"namespace": namespace}, ids, accept=MSGPACK, bulk=True)
+        d = unpack_views(resp.content)  # the tensors view the body (pooled memory): no copy per tensor
         if not isinstance(d, dict) or set(d) != {"tokens", "kv"}:
             raise InvalidType("the sidecar's get answer is not a map of tokens and kv")
         return (kv_from_wire(d["kv"]) if d["kv"] is not None else None), d["tokens"]

@@ -141,34 +141,36 @@ def pack_pieces(obj: Any) -> tuple[int, list[bytes | memoryview]]:
     pieces, binary fields of ``_INLINE_BIN`` bytes or more passed through uncopied."""
     import msgpack
 
-    packer = msgpack.Packer(autoreset=True)
     pieces: list[bytes | memoryview] = []
-    head = bytearray()
-
-    def walk(v: Any) -> None:
-        nonlocal head
-        if isinstance(v, dict):
-            head += packer.pack_map_header(len(v))
-            for k, item in v.items():
-                head += packer.pack(k)
-                walk(item)
-        elif isinstance(v, (list, tuple)):
-            head += packer.pack_array_header(len(v))
-            for item in v:
-                walk(item)
-        elif isinstance(v, (bytes, bytearray, memoryview)) and len(memoryview(v).cast("B")) >= _INLINE_BIN:
-            view = memoryview(v).cast("B")
-            head += _bin_header(len(view))
-            pieces.append(bytes(head))
-            head = bytearray()
-            pieces.extend(view[i:i + PIECE_BYTES] for i in range(0, len(view), PIECE_BYTES))
-        else:
-            head += packer.pack(v)
-
-    walk(obj)
+    head = _pack_into(obj, msgpack.Packer(autoreset=True), pieces, bytearray())
     if head:
         pieces.append(bytes(head))
     return sum(len(p) for p in pieces), pieces
+
+
+def _pack_into(v: Any, packer: Any, pieces: list[bytes | memoryview], head: bytearray) -> bytearray:
+    """Encode ``v`` after ``head`` (packed bytes not yet in ``pieces``); returns the new head.
+    A function, not a recursive closure: that is a reference cycle, and it kept a sidecar
+    ``get``'s KV (the pieces) from going back to the reload pool until the garbage collector
+    ran, so every such get faulted in fresh memory."""
+    if isinstance(v, dict):
+        head += packer.pack_map_header(len(v))
+        for k, item in v.items():
+            head += packer.pack(k)
+            head = _pack_into(item, packer, pieces, head)
+    elif isinstance(v, (list, tuple)):
+        head += packer.pack_array_header(len(v))
+        for item in v:
+            head = _pack_into(item, packer, pieces, head)
+    elif isinstance(v, (bytes, bytearray, memoryview)) and len(memoryview(v).cast("B")) >= _INLINE_BIN:
+        view = memoryview(v).cast("B")
+        head += _bin_header(len(view))
+        pieces.append(bytes(head))
+        pieces.extend(view[i:i + PIECE_BYTES] for i in range(0, len(view), PIECE_BYTES))
+        return bytearray()
+    else:
+        head += packer.pack(v)
+    return head
 
 
 def _bin_header(n: int) -> bytes:

@@ -1,0 +1,165 @@
+"""Large answers of the sidecar (a msgpack ``get``'s KV) read straight into pooled memory.
+
+Why: httpx receives a body in 64 KiB reads, each through h11's buffer, and ``Response.content``
+joins them into fresh memory: a 1 GiB msgpack ``get`` took 8-16 s on the development VM. The
+standard library's ``http.client`` reads a body of known length with ``recv_into`` straight into
+the caller's buffer (the kernel's copy only), and ``MappedPool`` hands out memory an earlier
+answer used and its caller dropped, already faulted in: 0.7 s for the same ``get``.
+
+Used where httpx would send the request as it is, over plain TCP: an ``http://`` URL, httpx's
+own transport, no proxy for the host. Anything else (a transport passed in, TLS, a proxy) goes
+through httpx as before. Failures raise httpx's exceptions (``ConnectError``, ``ReadTimeout``,
+``RemoteProtocolError``...), so callers catch one set of errors whichever way the answer came.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import threading
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from kvtier.bufpool import MAPPED_BYTES, MappedPool
+
+log = logging.getLogger(__name__)
+
+IDLE_CONNECTIONS = 4  # kept-alive connections kept per client; more concurrent calls open more
+RELOAD_POOL_BYTES = 4 * 1024**3  # a client's default: as ``CacheConfig.reload_pool_bytes``
+
+
+@dataclass(slots=True)
+class Answer:
+    """An HTTP answer as the client's operations read one (``httpx.Response``'s few fields they use)."""
+
+    status_code: int
+    content: bytes | memoryview  # the body; one of MAPPED_BYTES or more views pooled memory
+
+    def json(self) -> Any:
+        return json.loads(bytes(self.content))
+
+    @property
+    def text(self) -> str:
+        return bytes(self.content).decode("utf-8", errors="replace")
+
+
+class DirectAnswers:
+    """Sends a request over a kept-alive ``http.client`` connection and reads its answer with
+    ``recv_into`` into pooled memory. Thread-safe: a call takes an idle connection or opens one.
+
+    A kept-alive connection the server closed while idle (uvicorn closes them after 5 s) fails
+    the next request before any answer arrives; that request is sent again once, on a fresh
+    connection (the calls that come here, ``POST /v1/kv/get``, only read)."""
+
+    def __init__(self, host: str, port: int, timeout: float, pool_bytes: int) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.pool = MappedPool(pool_bytes)
+        self.calls = 0  # answers read this way (tests and benchmarks count them)
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def for_client(cls, base_url: str, transport: object, timeout: float, pool_bytes: int) -> DirectAnswers | None:
+        """The reader for a client of ``base_url``, or None where httpx must send the requests
+        itself (a transport passed in, TLS, a proxy set for the host)."""
+        url = httpx.URL(base_url)
+        if transport is not None or url.scheme != "http" or not url.host:
+            return None
+        proxies = urllib.request.getproxies()
+        if ("http" in proxies or "all" in proxies) and not urllib.request.proxy_bypass(url.host):
+            return None
+        return cls(url.host, url.port or 80, timeout, pool_bytes)
+
+    def fetch(self, request: httpx.Request) -> Answer:
+        """Send ``request`` (built by the client's ``httpx.Client``: its URL, headers and body)
+        and read the whole answer."""
+        headers = {**request.headers, "accept-encoding": "identity"}  # the body as it lies
+        body = request.read()
+        target = request.url.raw_path.decode("ascii")
+        for attempt in (0, 1):
+            conn, reused = self._take()
+            try:
+                try:
+                    conn.request(request.method, target, body=body, headers=headers)
+                    resp = conn.getresponse()
+                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                    conn.close()
+                    if reused and attempt == 0:
+                        continue  # the server had closed it while idle: nothing was answered
+                    raise
+                answer = self._read(resp, request)
+            except BaseException as e:
+                conn.close()
+                err = _as_httpx(e, request)
+                if err is e:
+                    raise
+                raise err from e
+            if resp.will_close:
+                conn.close()
+            else:
+                self._give(conn)
+            self.calls += 1
+            return answer
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _read(self, resp: http.client.HTTPResponse, request: httpx.Request) -> Answer:
+        encoding = resp.getheader("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise httpx.DecodingError(f"the sidecar answered with content-encoding {encoding!r}", request=request)
+        n = resp.length
+        if n is None or n < MAPPED_BYTES:  # no length (chunked) or small: read as bytes
+            return Answer(resp.status, resp.read())
+        buf = memoryview(self.pool.take(n).data)  # the tensors viewing it keep the mapping from the pool
+        got = 0
+        while got < n:  # one readinto normally fills it: recv_into until the length is read
+            k = resp.readinto(buf[got:])
+            if not k:
+                raise httpx.RemoteProtocolError(f"the sidecar closed the connection after {got} of the "
+                                                f"{n} bytes of its answer", request=request)
+            got += k
+        return Answer(resp.status, buf)
+
+    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the client is closed")
+            if self._idle:
+                return self._idle.pop(), True
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout), False
+
+    def _give(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections and let the idle memory go (answers still held stay valid)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        self.pool.clear()
+
+
+def _as_httpx(e: BaseException, request: httpx.Request) -> BaseException:
+    """``e`` as the httpx exception httpx would have raised for the same failure."""
+    if isinstance(e, httpx.HTTPError):
+        return e
+    if isinstance(e, ConnectionRefusedError | socket.gaierror):
+        return httpx.ConnectError(str(e), request=request)
+    if isinstance(e, TimeoutError):
+        return httpx.ReadTimeout(str(e) or "timed out", request=request)
+    if isinstance(e, http.client.HTTPException):  # RemoteDisconnected, IncompleteRead, a bad status line
+        return httpx.RemoteProtocolError(f"{type(e).__name__}: {e}", request=request)
+    if isinstance(e, OSError):
+        return httpx.ReadError(f"{type(e).__name__}: {e}", request=request)
+    return e

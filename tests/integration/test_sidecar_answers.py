@@ -1,0 +1,213 @@
+"""msgpack ``get`` answers read straight into pooled memory (``kvtier.client_answers``), against
+the real sidecar on loopback: the KV is bit-exact, memory the caller still holds is never
+reused, a kept-alive connection the server dropped is retried once, a server that dies or stalls
+mid-answer is a transport error (never a short answer), and error answers and exceptions are
+the ones httpx's path gives."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+
+from kvtier import CacheConfig, KVLayout, TieredCache
+from kvtier.bufpool import MAPPED_BYTES
+from kvtier.client import AsyncKVTierClient, KVTierClient, RemoteError
+from kvtier.client_answers import DirectAnswers
+from kvtier.config import HostTierConfig
+from kvtier.server.testing import free_port, serve_in_thread
+from kvtier.settings import ServerSettings
+
+BT = 64
+LAYOUT = KVLayout(2, ((8, 64), (8, 64)), "float32")  # 8 KiB a token
+TOKENS = MAPPED_BYTES // LAYOUT.bytes_per_token + BT  # an answer just over the pooled size
+
+
+def rand_kv(seed: int, tokens: int = TOKENS) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(tokens, *s, generator=g) for s in LAYOUT.tensor_shapes)
+            for _ in range(LAYOUT.num_layers)]
+
+
+def ids(start: int, n: int = TOKENS) -> list[int]:
+    return list(range(start, start + n))
+
+
+def assert_kv(got, want) -> None:
+    assert got is not None
+    for lg, lw in zip(got, want, strict=True):
+        for g, w in zip(lg, lw, strict=True):
+            assert torch.equal(g, w)
+
+
+@pytest.fixture(scope="module")
+def cache() -> Iterator[TieredCache]:
+    config = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="512MiB"))
+    with TieredCache(config) as c:
+        c.register_namespace("ns", layout=LAYOUT)
+        for seed in (1, 2):
+            c.put("ns", ids(seed * 10**6), rand_kv(seed))
+        yield c
+
+
+@pytest.fixture(scope="module")
+def url(cache) -> Iterator[str]:
+    with serve_in_thread(cache) as u:
+        yield u
+
+
+def test_get_reads_the_answer_into_pooled_memory_bit_exact(url):
+    with KVTierClient(url) as c:
+        assert c._direct is not None
+        got, n = c.get("ns", ids(10**6))
+        assert n == TOKENS and c._direct.calls == 1
+        assert_kv(got, rand_kv(1))
+        first = got[0][0].data_ptr()
+        del got
+        assert c._direct.pool.idle_bytes >= MAPPED_BYTES  # the answer's memory came back
+        got, n = c.get("ns", ids(10**6))
+        assert got is not None and got[0][0].data_ptr() == first  # and was read into again
+        assert_kv(got, rand_kv(1))
+        assert c._direct.pool.idle_bytes == 0
+
+
+def test_memory_the_caller_holds_is_never_read_into(url):
+    with KVTierClient(url) as c:
+        held, _ = c.get("ns", ids(10**6))
+        other, n = c.get("ns", ids(2 * 10**6))
+        assert n == TOKENS
+        assert_kv(held, rand_kv(1))  # the second answer went elsewhere
+        assert_kv(other, rand_kv(2))
+        del other
+        again, _ = c.get("ns", ids(2 * 10**6))
+        assert_kv(held, rand_kv(1))
+        assert_kv(again, rand_kv(2))
+
+
+def test_a_miss_and_a_small_answer(url):
+    with KVTierClient(url) as c:
+        assert c.get("ns", ids(5 * 10**6, 100)) == (None, 0)
+        got, n = c.get("ns", ids(10**6, 3 * BT))  # well under MAPPED_BYTES: plain bytes
+        assert n == 3 * BT
+        assert_kv(got, [tuple(t[:n] for t in layer) for layer in rand_kv(1)])
+        assert c._direct is not None and c._direct.calls == 2
+
+
+def test_async_client_reads_the_same_way(url):
+    async def run() -> None:
+        async with AsyncKVTierClient(url) as c:
+            got, n = await c.get("ns", ids(10**6))
+            assert n == TOKENS and c._direct is not None and c._direct.calls == 1
+            assert_kv(got, rand_kv(1))
+
+    asyncio.run(run())
+
+
+def test_a_kept_alive_connection_the_server_dropped_is_retried_once(cache):
+    port = free_port()
+    with KVTierClient(f"http://127.0.0.1:{port}") as c:
+        assert c._direct is not None
+        for _ in range(2):  # the second server finds the first one's connection dead
+            with serve_in_thread(cache, port=port):
+                got, n = c.get("ns", ids(10**6, 4 * BT))
+                assert n == 4 * BT
+                del got
+            assert len(c._direct._idle) == 1  # kept alive; the server going away closes it
+        assert c._direct.calls == 2
+
+
+class _DyingServer:
+    """A loopback server that answers every request with a 200 announcing ``length`` bytes,
+    sends ``sent`` of them and then closes (``sent`` None: sends nothing and never closes)."""
+
+    def __init__(self, length: int, sent: int | None) -> None:
+        self.length, self.sent = length, sent
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(body) < length:  # all of it: closing with bytes unread would be a reset
+                body += conn.recv(65536)
+            if self.sent is None:
+                continue  # stall: the client's timeout has to end it
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/msgpack\r\n"
+                         b"content-length: %d\r\n\r\n" % self.length + b"\x00" * self.sent)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.mark.parametrize("sent", [0, 1 << 20])
+def test_a_server_that_dies_mid_answer_is_a_transport_error(sent):
+    server = _DyingServer(MAPPED_BYTES, sent)
+    try:
+        with KVTierClient(server.url) as c:
+            with pytest.raises(httpx.RemoteProtocolError, match="closed the connection|RemoteDisconnected"):
+                c.get("ns", ids(0, 10))
+            assert c._direct is not None and c._direct._idle == [] and c._direct.calls == 0
+    finally:
+        server.close()
+
+
+def test_a_server_that_stalls_is_a_read_timeout():
+    server = _DyingServer(MAPPED_BYTES, None)
+    try:
+        with KVTierClient(server.url, timeout=1.0) as c, pytest.raises(httpx.ReadTimeout):
+            c.get("ns", ids(0, 10))
+    finally:
+        server.close()
+
+
+def test_no_server_is_a_connect_error():
+    with KVTierClient(f"http://127.0.0.1:{free_port()}") as c, pytest.raises(httpx.ConnectError):
+        c.get("ns", ids(0, 10))
+
+
+def test_error_answers_are_the_ones_httpx_gives(cache):
+    limited = ServerSettings(max_kv_bytes=TOKENS * LAYOUT.bytes_per_token // 2)
+    with serve_in_thread(cache, limited) as u, serve_in_thread(cache, ServerSettings(tokens={"alpha-token-1": "a"})) as v:
+        for transport in (None, httpx.HTTPTransport()):  # direct, then httpx's own
+            with KVTierClient(u, transport=transport) as c:
+                assert (c._direct is None) == (transport is not None)
+                with pytest.raises(RemoteError) as too_big:
+                    c.get("ns", ids(10**6))
+                assert too_big.value.status == 413 and too_big.value.error == "PayloadTooLarge"
+                assert c.get("ns", ids(10**6, 4 * BT))[1] == 4 * BT  # the connection still serves
+            with KVTierClient(v, "wrong-token-9", transport=transport) as bad, \
+                    pytest.raises(RemoteError) as denied:
+                bad.get("ns", ids(10**6))
+            assert denied.value.status == 401
+
+
+def test_direct_only_where_httpx_would_send_the_request_as_it_is(monkeypatch):
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert DirectAnswers.for_client("http://127.0.0.1:8400", None, 5, 0) is not None
+    assert DirectAnswers.for_client("https://127.0.0.1:8400", None, 5, 0) is None
+    assert DirectAnswers.for_client("http://127.0.0.1:8400", httpx.HTTPTransport(), 5, 0) is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    assert DirectAnswers.for_client("http://sidecar.invalid:8400", None, 5, 0) is None
+    monkeypatch.setenv("NO_PROXY", "sidecar.invalid")
+    assert DirectAnswers.for_client("http://sidecar.invalid:8400", None, 5, 0) is not None
