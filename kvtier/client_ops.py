@@ -10,11 +10,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import msgpack
 import torch
 
 from kvtier.blocks import BlockHits, bytes_tensor, engine_keys, page_rows
-from kvtier.client_calls import Call, Op, RemoteError, keys_call, tokens_call
+from kvtier.client_calls import Call, Op, RemoteError, keys_call, msgpack_call, tokens_call
 from kvtier.client_shm import ShmPlane
 from kvtier.errors import InvalidType, KVTierError
 from kvtier.keys import TokenIds, as_token_array
@@ -188,16 +187,15 @@ class Ops:
             packed: Any = pages[:len(keys)].numpy().data.cast("B")  # no copy before msgpack
         else:
             packed = b"".join(r.cpu().numpy().data for r in rows)
-        resp = yield Call("PUT", "/v1/blocks", headers={"content-type": MSGPACK}, content=msgpack.packb(
-            {"namespace": namespace, "keys": keys, "pages": packed}))
+        resp = yield msgpack_call("PUT", "/v1/blocks", {"namespace": namespace, "keys": keys, "pages": packed})
         return resp.json()["stored"]
 
     def get_blocks_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> Op:
         keys = engine_keys(keys)
         page = yield from self._page_size(namespace)
         rows = page_rows(out, len(keys), page, writable=True)
-        resp = yield keys_call("POST", "/v1/blocks/get", namespace, keys, accept=MSGPACK)
-        d = msgpack.unpackb(resp.content)
+        resp = yield keys_call("POST", "/v1/blocks/get", namespace, keys, accept=MSGPACK, bulk=True)
+        d = unpack_views(resp.content)  # the pages view the answer (pooled memory): copied once, below
         n, raw = d["count"], d["pages"]
         if d["page_bytes"] != page or len(raw) != n * page:
             raise KVTierError(f"the server answered {len(raw)} bytes for {n} pages of {d['page_bytes']}")

@@ -7,13 +7,16 @@ the ones httpx's path gives."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import torch
+from fastapi import FastAPI
 
 from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.bufpool import MAPPED_BYTES
@@ -22,6 +25,7 @@ from kvtier.client_answers import DirectAnswers
 from kvtier.config import HostTierConfig
 from kvtier.server.testing import free_port, serve_in_thread
 from kvtier.settings import ServerSettings
+from tests.conftest import random_bytes
 
 BT = 64
 LAYOUT = KVLayout(2, ((8, 64), (8, 64)), "float32")  # 8 KiB a token
@@ -106,6 +110,39 @@ def test_async_client_reads_the_same_way(url):
             assert_kv(got, rand_kv(1))
 
     asyncio.run(run())
+
+
+def test_engine_pages_come_back_bit_exact_through_pooled_memory_on_both_sides(cache, url):
+    page = 1 << 20
+    n = MAPPED_BYTES // page + 2
+    keys = [i.to_bytes(32, "big") for i in range(n)]
+    pages = random_bytes(n * page, 7).view(n, page)
+    app_pool = _answer_pool(cache, url)
+    with KVTierClient(url) as c:
+        c.register_block_namespace("pages", page_bytes=page, fingerprint={"model": "answers-test"})
+        assert c.put_blocks("pages", keys, pages) == n
+        was = gc.isenabled()
+        gc.disable()  # the server's answer memory must come back by reference counting alone
+        try:
+            for _ in range(2):
+                out = torch.zeros(n, page, dtype=torch.uint8)
+                assert c.get_blocks_into("pages", keys, out) == n and torch.equal(out, pages)
+                deadline = time.monotonic() + 30  # the server lets go once the answer is sent
+                while app_pool.idle_bytes < n * page:
+                    assert time.monotonic() < deadline, "the server kept its answer's memory"
+                    time.sleep(0.01)
+        finally:
+            if was:
+                gc.enable()
+        assert c._direct is not None and c._direct.calls == 2
+
+
+def _answer_pool(cache, url):
+    """The running server's ``answer_buffers`` (found through the cache it serves)."""
+    for obj in gc.get_objects():
+        if isinstance(obj, FastAPI) and getattr(obj.state, "cache", None) is cache:
+            return obj.state.answer_buffers
+    raise AssertionError("no app serves this cache")
 
 
 def test_a_kept_alive_connection_the_server_dropped_is_retried_once(cache):

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import httpx
 import msgpack
+import numpy as np
 import pytest
 import torch
 
 from kvtier import BlockHits, CacheConfig, FingerprintMismatch, TieredCache, UnknownNamespace
 from kvtier.client import AsyncKVTierClient, KVTierClient, RemoteError
+from kvtier.client_calls import Pieces
 from kvtier.config import HostTierConfig, SSDTierConfig
 from kvtier.errors import InvalidRequest, InvalidType
 from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
-from kvtier.wire import MSGPACK
+from kvtier.wire import MSGPACK, PIECE_BYTES
 from tests.conftest import random_bytes
 
 PAGE = 4096
@@ -139,3 +141,23 @@ def test_tenants_never_see_each_others_blocks(cache):
             b.block_exists("alpha/eng", keys(2))
         assert e.value.status == 403
         assert a.block_exists("alpha/eng", keys(2)).leading == 2
+
+
+def test_pages_over_a_mebibyte(cache):
+    """An engine page is often over 1 MiB (Llama-3-8B bf16, 16 tokens a block: 2 MiB); the
+    namespace's answer once failed its own response model there (a 500 for every call)."""
+    page = 2 << 20
+    p = random_bytes(2 * page, 5).view(2, page)
+    with serve_in_thread(cache) as url, KVTierClient(url) as client:
+        ns = client.register_block_namespace("big", page_bytes=page, fingerprint=FP)
+        assert ns.page_bytes == page and client.get_namespace("big").page_bytes == page
+        assert [n.page_bytes for n in client.namespaces() if n.name == "big"] == [page]
+        op = client._ops.put_blocks("big", keys(2), p)  # the pages go out as they lie, in pieces
+        call = next(op)
+        op.close()
+        assert isinstance(call.content, Pieces) and max(map(len, call.content)) <= PIECE_BYTES
+        assert any(np.shares_memory(np.frombuffer(x, np.uint8), p.numpy())
+                   for x in call.content if isinstance(x, memoryview))
+        assert client.put_blocks("big", keys(2), p) == 2
+        out = torch.zeros(2, page, dtype=torch.uint8)
+        assert client.get_blocks_into("big", keys(2), out) == 2 and torch.equal(out, p)
