@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 import kvtier
-from kvtier.bufpool import BufferPool
+from kvtier.bufpool import BufferPool, MappedPool
 from kvtier.manager import TieredCache
 from kvtier.metrics import anonymous_registry, make_registry
 from kvtier.server import errors
@@ -64,6 +64,7 @@ def create_app(cache: TieredCache, settings: ServerSettings | None = None) -> Fa
     app.state.shm_socket = None
     # Big request bodies (``kvtier.server.body``): at most one put's worth kept idle.
     app.state.body_buffers = BufferPool(max_idle_bytes=settings.max_kv_bytes)
+    app.state.answer_buffers = MappedPool(settings.max_kv_bytes)  # big answers' KV (engine pages)
     app.state.registry, http_histogram = make_registry(cache.stats)
     app.state.anonymous_registry = anonymous_registry(cache.stats, http_histogram)
     errors.install(app)

@@ -47,12 +47,21 @@ class BlockNamespaceCreate(Strict):
     ttl_s: Annotated[float, Field(gt=0, le=10 * 365 * 86400)] | None = None
 
 
+class LayoutOut(BaseModel):
+    """A namespace's layout as the server answers it: no input bounds (a block namespace's
+    layout is one tensor of ``page_bytes``, up to 1 GiB, past ``Dim``'s bound)."""
+
+    num_layers: int
+    tensor_shapes: list[list[int]]
+    dtype: str
+
+
 class NamespaceOut(BaseModel):
     name: str
     model_id: str
     block_tokens: int
     codec: str
-    layout: Layout | None
+    layout: LayoutOut | None
     ttl_s: float | None
     tenant: str
     kind: Literal["kv", "pages"] = "kv"
@@ -155,7 +164,7 @@ class ShmGetRequest(TokensRequest):
 class ShmGetOut(BaseModel):
     tokens: int = Field(description="valid tokens: the first rows of each tensor slot")
     slot_tokens: int = Field(description="rows per tensor in the packed region (>= tokens)")
-    layout: Layout | None
+    layout: LayoutOut | None
     nbytes: int
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
 import torch
 from fastapi import APIRouter, Request, Response
 
 from kvtier.blocks import bytes_tensor
 from kvtier.errors import InvalidRequest, InvalidType
-from kvtier.server.body import decode
+from kvtier.server.body import answer_buffer, decode, decode_views, streamed
 from kvtier.server.deps import Ctx, CtxDep
 from kvtier.server.errors import PayloadTooLarge
 from kvtier.server.schemas import (
@@ -27,7 +26,7 @@ from kvtier.server.schemas import (
     CountOut,
     NamespaceOut,
 )
-from kvtier.wire import MSGPACK
+from kvtier.wire import MSGPACK, pack_pieces
 
 router = APIRouter(tags=["blocks"])
 
@@ -58,8 +57,11 @@ async def register(body: BlockNamespaceCreate, ctx: Ctx = CtxDep) -> dict:
     return ctx.out(ns)
 
 
-async def _namespace_and_keys(request: Request, ctx: Ctx, *, json_ok: bool, fields: set[str]) -> tuple:
-    d = await decode(request, json_ok=json_ok)
+async def _namespace_and_keys(request: Request, ctx: Ctx, *, json_ok: bool, fields: set[str],
+                              views: bool = False) -> tuple:
+    """``views``: a msgpack body received straight into one buffer, binary fields viewing it
+    (``decode_views``: a put's pages are copied once, by the cache)."""
+    d = await (decode_views(request) if views else decode(request, json_ok=json_ok))
     extra = set(d) - fields
     if extra:
         raise InvalidRequest(f"unknown body fields {sorted(extra)}")
@@ -76,8 +78,8 @@ async def _namespace_and_keys(request: Request, ctx: Ctx, *, json_ok: bool, fiel
 
 
 def _key(k: Any, i: int) -> bytes:
-    if isinstance(k, bytes):
-        return k
+    if isinstance(k, (bytes, memoryview)):
+        return bytes(k)
     if isinstance(k, str):
         try:
             return bytes.fromhex(k)
@@ -97,9 +99,9 @@ async def exists(request: Request, ctx: Ctx = CtxDep) -> dict:
 async def put(request: Request, ctx: Ctx = CtxDep) -> dict:
     """Store pages (msgpack); a key already stored keeps its first page."""
     ns, keys, d = await _namespace_and_keys(request, ctx, json_ok=False,
-                                            fields={"namespace", "keys", "pages"})
+                                            fields={"namespace", "keys", "pages"}, views=True)
     raw = d.get("pages")
-    if not isinstance(raw, bytes):
+    if not isinstance(raw, (bytes, memoryview)):
         raise InvalidType(f"field 'pages' must be binary, got {type(raw).__name__}")
     page = ns.page_bytes
     if len(raw) != len(keys) * page:
@@ -118,13 +120,12 @@ async def get(request: Request, ctx: Ctx = CtxDep) -> Response:
         raise PayloadTooLarge(f"{len(keys)} pages of {page} bytes exceed the data-plane limit "
                               f"{ctx.settings.max_kv_bytes}")
 
-    def work() -> bytes:
-        out = torch.empty(len(keys), page, dtype=torch.uint8)
+    def work() -> tuple[int, list[bytes | memoryview]]:
+        out = torch.from_numpy(answer_buffer(request, len(keys) * page)).view(len(keys), page)
         n = ctx.cache.get_blocks_into(ns.name, keys, out)
-        return msgpack.packb({"count": n, "page_bytes": page,
-                              "pages": out[:n].numpy().data.cast("B")})
+        return pack_pieces({"count": n, "page_bytes": page, "pages": out[:n].numpy().data.cast("B")})
 
-    return Response(await ctx.call(work), media_type=MSGPACK)
+    return streamed(*await ctx.call(work))
 
 
 @router.delete("/v1/blocks", response_model=CountOut, openapi_extra=_KEYS_BODY)

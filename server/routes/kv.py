@@ -10,13 +10,11 @@ packed token ids) crosses HTTP. Regions are bound to the tenant that handed them
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
 import torch
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 
 from kvtier.errors import InvalidRequest, InvalidType, LayoutMismatch
 from kvtier.layout import KVLayout
@@ -25,6 +23,7 @@ from kvtier.server.body import (
     decode_views,
     listed_token_ids,
     openapi_body,
+    streamed,
     tokens_body,
     unpack_token_ids,
     with_packed,
@@ -129,16 +128,7 @@ async def get(request: Request, ctx: Ctx = CtxDep) -> Response:
             raise PayloadTooLarge(f"the answer would carry {n} tokens, over the data-plane limit")
         return pack_pieces({"tokens": n, "kv": kv_to_wire(kv) if kv is not None else None})
 
-    # Sent as it is in memory: the msgpack framing around the tensors' own bytes. Packing a
-    # 1 GiB answer into one bytes object first took 2 s of the call (copies while the packer
-    # grew, the faults of fresh memory); the pieces keep the tensors alive until sent.
-    nbytes, pieces = await ctx.call(work)
-    return StreamingResponse(_each(pieces), media_type=MSGPACK, headers={"content-length": str(nbytes)})
-
-
-async def _each(pieces: list[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
-    for piece in pieces:
-        yield piece
+    return streamed(*await ctx.call(work))
 
 
 def _shm_on(ctx: Ctx) -> None:
