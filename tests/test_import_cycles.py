@@ -97,7 +97,7 @@ LAYERS = [
               "shared_namespaces prefetcher prefetch engine_blocks"),
     ("loader", "loader loader_job loader_ranged loader_whole loader_promote loadstream staging costmodel sidecar_loader"),
     ("facade", "manager"),
-    ("adapters", "integrations client client_async client_calls client_ops client_shm shm_pool metrics"),
+    ("adapters", "integrations client client_async client_calls client_answers client_ops client_shm shm_pool metrics"),
     ("entry points", "server bench commands cli __main__"),
 ]
 
