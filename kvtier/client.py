@@ -32,7 +32,7 @@ import torch
 from kvtier.blocks import BlockHits
 from kvtier.client_answers import RELOAD_POOL_BYTES, Answer, DirectAnswers
 from kvtier.client_async import AsyncKVTierClient, AsyncRemotePrefetch
-from kvtier.client_calls import Op, Pieces, RemoteError, headers_for, raise_for, whole_body
+from kvtier.client_calls import Op, Pieces, RemoteError, bulk_request, headers_for, raise_for
 from kvtier.client_ops import Ops, RemotePrefetch, stats_from_dict
 from kvtier.index import Lease
 from kvtier.keys import TokenIds, as_token_array
@@ -75,9 +75,7 @@ class KVTierClient:
             while True:
                 resp: httpx.Response | Answer
                 if call.bulk and self._direct is not None:
-                    resp = self._direct.fetch(self._http.build_request(
-                        call.method, call.path, json=call.json, content=whole_body(call), headers=call.headers,
-                        params=call.params))
+                    resp = self._direct.fetch(bulk_request(self._http, call))
                 else:
                     content: Any = iter(call.content) if isinstance(call.content, Pieces) else call.content
                     resp = self._http.request(call.method, call.path, json=call.json, content=content,

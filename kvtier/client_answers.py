@@ -82,31 +82,31 @@ class DirectAnswers:
         headers = {**request.headers, "accept-encoding": "identity"}  # the body as it lies
         body = request.read()
         target = request.url.raw_path.decode("ascii")
-        for attempt in (0, 1):
-            conn, reused = self._take()
+        conn, reused = self._take()
+        try:
             try:
-                try:
-                    conn.request(request.method, target, body=body, headers=headers)
-                    resp = conn.getresponse()
-                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                    conn.close()
-                    if reused and attempt == 0:
-                        continue  # the server had closed it while idle: nothing was answered
+                conn.request(request.method, target, body=body, headers=headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                if not reused:
                     raise
-                answer = self._read(resp, request)
-            except BaseException as e:
-                conn.close()
-                err = _as_httpx(e, request)
-                if err is e:
-                    raise
-                raise err from e
-            if resp.will_close:
-                conn.close()
-            else:
-                self._give(conn)
-            self.calls += 1
-            return answer
-        raise AssertionError("unreachable: the second attempt returns or raises")
+                conn.close()  # the server had closed it while idle, so nothing was answered: once more
+                conn = self._connection()
+                conn.request(request.method, target, body=body, headers=headers)
+                resp = conn.getresponse()
+            answer = self._read(resp, request)
+        except BaseException as e:
+            conn.close()
+            err = _as_httpx(e, request)
+            if err is e:
+                raise
+            raise err from e
+        if resp.will_close:
+            conn.close()
+        else:
+            self._give(conn)
+        self.calls += 1
+        return answer
 
     def _read(self, resp: http.client.HTTPResponse, request: httpx.Request) -> Answer:
         encoding = resp.getheader("content-encoding", "identity").lower()
@@ -131,7 +131,10 @@ class DirectAnswers:
                 raise RuntimeError("the client is closed")
             if self._idle:
                 return self._idle.pop(), True
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout), False
+        return self._connection(), False
+
+    def _connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
     def _give(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ import torch
 
 from kvtier.blocks import BlockHits
 from kvtier.client_answers import RELOAD_POOL_BYTES, Answer, DirectAnswers
-from kvtier.client_calls import Op, Pieces, headers_for, raise_for, whole_body
+from kvtier.client_calls import Op, Pieces, bulk_request, headers_for, raise_for
 from kvtier.client_ops import Ops, RemotePrefetch
 from kvtier.keys import TokenIds
 from kvtier.layout import KV, KVLayout
@@ -62,9 +62,7 @@ class AsyncKVTierClient:
             while True:
                 resp: httpx.Response | Answer
                 if call.bulk and self._direct is not None:  # a blocking read into memory: off the loop
-                    resp = await asyncio.to_thread(self._direct.fetch, self._http.build_request(
-                        call.method, call.path, json=call.json, content=whole_body(call), headers=call.headers,
-                        params=call.params))
+                    resp = await asyncio.to_thread(self._direct.fetch, bulk_request(self._http, call))
                 else:
                     content: Any = aiter(call.content) if isinstance(call.content, Pieces) else call.content
                     resp = await self._http.request(call.method, call.path, json=call.json, content=content,

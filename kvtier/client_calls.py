@@ -37,9 +37,12 @@ class Call:
         self.bulk = bulk
 
 
-def whole_body(call: Call) -> bytes | None:
-    """``call``'s body in one piece (a ``bulk`` call's body is small: token ids)."""
-    return b"".join(call.content) if isinstance(call.content, Pieces) else call.content
+def bulk_request(http: httpx.Client | httpx.AsyncClient, call: Call) -> httpx.Request:
+    """``call`` built by ``http`` (its URL, auth and headers) for ``DirectAnswers.fetch``, the
+    body in one piece (a ``bulk`` call's body is small: token ids or keys)."""
+    body = b"".join(call.content) if isinstance(call.content, Pieces) else call.content
+    return http.build_request(call.method, call.path, json=call.json, content=body, headers=call.headers,
+                              params=call.params)
 
 
 class RemoteError(KVTierError):
