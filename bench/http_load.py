@@ -2,8 +2,8 @@
 
     python -m kvtier.bench.http_load --kv-bytes 1GiB --rounds 5 --busy 1
 
-Starts ``kvtier serve`` in a subprocess on a free loopback port (memory tier only; its own GIL)
-and a ``TieredCache`` in this process with the same host capacity, then moves the same KV
+Starts ``kvtier serve`` in a subprocess on a free loopback port and a Unix socket (memory tier
+only; its own GIL) and a ``TieredCache`` in this process with the same host capacity, then moves the same KV
 (``--kv-bytes`` of an 8-layer, 8x128 K/V, float16 layout by default) every way, interleaved:
 each round runs every variant once, in a rotated order, so a noisy neighbour hits all of them
 alike. Reported per variant: median and p99 seconds over the rounds, GB/s (KV bytes / median),
@@ -12,17 +12,18 @@ and the ratio to in-process (in-process median seconds / the variant's: above 1 
 Variants:
 
 - put: ``in_process`` (``TieredCache.put``), ``msgpack`` (``PUT /v1/kv``, the body streamed
-  from the tensors), ``shm`` (the caller's own tensors, packed into a pooled region by the
+  from the tensors), ``msgpack_uds`` (the same over the server's ``--uds`` socket), ``shm`` (the caller's own tensors, packed into a pooled region by the
   client), ``shm_kv_buffer`` (KV already in a ``kv_buffer``: only a control message crosses
   HTTP). Each put stores fresh token ids (every block new), evicted untimed after it.
 - get: ``in_process`` (``TieredCache.get``: its output in the memory the last get returned,
   ``CacheConfig.reload_pool_bytes``), ``in_process_into``
-  (``get_into`` pre-allocated tensors), ``msgpack`` (``POST /v1/kv/get``), ``shm`` (decoded into
+  (``get_into`` pre-allocated tensors), ``msgpack`` (``POST /v1/kv/get``), ``msgpack_uds`` (the
+  same over ``--uds``), ``shm`` (decoded into
   a pooled region; the caller gets views). Results are dropped before the next call.
 - floors: ``socket`` (the same bytes over a bare loopback TCP connection into a reused buffer
-  in another process: the transport alone) and ``memcpy`` (one copy of the same bytes into
-  pre-faulted memory). ``msgpack`` put is also compared to in-process put + socket: the least a
-  put that crosses a socket can cost.
+  in another process: the transport alone), ``socket_uds`` (the same over a Unix socket) and ``memcpy`` (one copy of the same bytes into
+  pre-faulted memory). ``msgpack`` puts are also compared to in-process put + their socket:
+  the least a put that crosses a socket can cost.
 
 ``--busy N`` keeps N cores busy for the whole run (``stress-ng --cpu N`` if installed, else
 spinning Python processes), started and stopped here. ``--seconds S`` adds the lookup load:
@@ -66,10 +67,10 @@ PIECE = 1 << 20
 
 
 # ---- processes --------------------------------------------------------------------------------
-def start_server(port: int, capacity: int, max_kv: int, data_dir: str) -> subprocess.Popen:
+def start_server(port: int, capacity: int, max_kv: int, data_dir: str, uds: str = "") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "kvtier.commands.serve", "--port", str(port), "--ssd", "false",
            "--host-capacity", str(capacity), "--block-tokens", str(BT), "--log-level", "warning",
-           "--max-kv-bytes", str(max_kv), "--data-dir", data_dir]
+           "--max-kv-bytes", str(max_kv), "--data-dir", data_dir, *(["--uds", uds] if uds else [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -104,9 +105,17 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def sink(port_file: str) -> None:
     """The socket floor's receiving end: messages of ``<length:8><bytes>``, each received into
-    one reused buffer (faulted in once) and answered with one byte."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    Path(port_file).write_text(str(srv.getsockname()[1]))
+    one reused buffer (faulted in once) and answered with one byte. Listens on loopback TCP
+    (its port written to ``port_file``), or on the Unix socket ``port_file.sock`` when
+    ``port_file`` already holds ``unix``."""
+    if os.path.exists(port_file) and Path(port_file).read_text() == "unix":
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(port_file + ".sock")
+        srv.listen(1)
+        Path(port_file).write_text(port_file + ".sock")
+    else:
+        srv = socket.create_server(("127.0.0.1", 0))
+        Path(port_file).write_text(str(srv.getsockname()[1]))
     conn, _ = srv.accept()
     buf = np.zeros(0, np.uint8).data
     while True:
@@ -126,21 +135,29 @@ def sink(port_file: str) -> None:
 
 
 class SocketFloor:
-    """Sends bytes to a ``sink`` subprocess over loopback TCP, in the client's piece size."""
+    """Sends bytes to a ``sink`` subprocess over loopback TCP (or a Unix socket), in the
+    client's piece size."""
 
-    def __init__(self) -> None:
+    def __init__(self, unix: bool = False) -> None:
         fd, self._port_file = tempfile.mkstemp(prefix="kvtier-sink-")
+        os.write(fd, b"unix" if unix else b"")
         os.close(fd)
-        os.unlink(self._port_file)
+        if not unix:
+            os.unlink(self._port_file)
         self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.bench.http_load", "--sink", self._port_file],
                                      cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         deadline = time.monotonic() + 30
-        while not os.path.exists(self._port_file) or not Path(self._port_file).read_text():
+        while not os.path.exists(self._port_file) or Path(self._port_file).read_text() in ("", "unix"):
             if time.monotonic() > deadline:
                 raise RuntimeError("the socket sink did not start")
             time.sleep(0.02)
-        self.sock = socket.create_connection(("127.0.0.1", int(Path(self._port_file).read_text())))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        where = Path(self._port_file).read_text()
+        if unix:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(where)
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", int(where)))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def send(self, views: list[memoryview]) -> None:
         self.sock.sendall(struct.pack("<Q", sum(len(v) for v in views)))
@@ -153,7 +170,8 @@ class SocketFloor:
     def close(self) -> None:
         self.sock.close()
         self.proc.wait(30)
-        os.unlink(self._port_file)
+        for path in (self._port_file, self._port_file + ".sock"):
+            Path(path).unlink(missing_ok=True)
 
 
 # ---- lookups ----------------------------------------------------------------------------------
@@ -188,7 +206,7 @@ def make_kv(layout: KVLayout, tokens: int) -> list[tuple[torch.Tensor, ...]]:
             for _ in range(layout.num_layers)]
 
 
-def data_plane(url: str, layout: KVLayout, tokens: int, rounds: int, capacity: int) -> dict[str, Any]:
+def data_plane(url: str, uds_url: str, layout: KVLayout, tokens: int, rounds: int, capacity: int) -> dict[str, Any]:
     """Seconds per call of every variant (see the module docstring), ``rounds`` interleaved
     rounds after one untimed warm-up round (regions created, pages faulted in)."""
     kv = make_kv(layout, tokens)
@@ -201,8 +219,8 @@ def data_plane(url: str, layout: KVLayout, tokens: int, rounds: int, capacity: i
         return [base + t for t in ids]
 
     local = TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=capacity)))
-    msg, shm = KVTierClient(url), KVTierClient(url, use_shm=True)
-    floor = SocketFloor()
+    msg, shm, uds = KVTierClient(url), KVTierClient(url, use_shm=True), KVTierClient(uds_url)
+    floor, uds_floor = SocketFloor(), SocketFloor(unix=True)
     dest = layout.empty(tokens)
     views = [t.reshape(-1).view(torch.uint8).numpy().data for layer in kv for t in layer]
     for c in (local, msg):  # msg and shm talk to the same server
@@ -247,11 +265,12 @@ def data_plane(url: str, layout: KVLayout, tokens: int, rounds: int, capacity: i
                 copy_bytes(d, s)
 
     variants: dict[str, Callable[[], object]] = {
-        "put/in_process": put(local, kv), "put/msgpack": put(msg, kv), "put/shm": put(shm, kv),
-        "put/shm_kv_buffer": put(shm, buf),
+        "put/in_process": put(local, kv), "put/msgpack": put(msg, kv), "put/msgpack_uds": put(uds, kv),
+        "put/shm": put(shm, kv), "put/shm_kv_buffer": put(shm, buf),
         "get/in_process": get(local), "get/in_process_into": timed(lambda: local.get_into("dp", ids, dest)),
-        "get/msgpack": get(msg), "get/shm": get(shm),
+        "get/msgpack": get(msg), "get/msgpack_uds": get(uds), "get/shm": get(shm),
         "floor/socket": timed(lambda: floor.send(views)),
+        "floor/socket_uds": timed(lambda: uds_floor.send(views)),
         "floor/memcpy": timed(memcpy),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -268,9 +287,10 @@ def data_plane(url: str, layout: KVLayout, tokens: int, rounds: int, capacity: i
         del buf
     finally:
         floor.close()
+        uds_floor.close()
         local.close()
-        msg.close()
-        shm.close()
+        for c in (msg, shm, uds):
+            c.close()
     return summarize(times, nbytes, tokens, layout, rounds)
 
 
@@ -292,6 +312,8 @@ def summarize(times: dict[str, list[float]], nbytes: int, tokens: int, layout: K
         out["variants"][name] = row
     floor = med["put/in_process"] + med["floor/socket"]
     out["variants"]["put/msgpack"]["vs_in_process_plus_socket"] = round(floor / med["put/msgpack"], 3)
+    floor = med["put/in_process"] + med["floor/socket_uds"]
+    out["variants"]["put/msgpack_uds"]["vs_in_process_plus_socket"] = round(floor / med["put/msgpack_uds"], 3)
     out["variants"]["put/shm"]["vs_in_process_plus_memcpy"] = round(
         (med["put/in_process"] + med["floor/memcpy"]) / med["put/shm"], 3)
     return out
@@ -333,7 +355,8 @@ def main() -> int:
     spinners = busy(args.busy)
     data_dir = tempfile.mkdtemp(prefix="kvtier-bench-")
     try:
-        proc = start_server(port, capacity, 2 * nbytes + (64 << 20), data_dir)
+        uds = os.path.join(data_dir, "http.sock")
+        proc = start_server(port, capacity, 2 * nbytes + (64 << 20), data_dir, uds)
         url = f"http://127.0.0.1:{port}"
         result: dict[str, Any] = {"busy_cores": args.busy, "cpus": os.cpu_count()}
         try:
@@ -343,7 +366,7 @@ def main() -> int:
                     ids = list(range(args.prefix_tokens))
                     c.put("lk", ids, [(torch.zeros(args.prefix_tokens, 1, 8, dtype=torch.float16),)])
                 result["lookup"] = asyncio.run(lookup_load(url, args.clients, args.seconds, ids))
-            result["data_plane"] = data_plane(url, layout, tokens, args.rounds, capacity)
+            result["data_plane"] = data_plane(url, "unix://" + uds, layout, tokens, args.rounds, capacity)
         finally:
             stop([proc])
     finally:

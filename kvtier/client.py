@@ -4,6 +4,7 @@ Switching an engine between in-process and sidecar is one line::
 
     cache = TieredCache(config)                      # in-process
     cache = KVTierClient("http://127.0.0.1:8400")    # sidecar (AsyncKVTierClient for asyncio)
+    cache = KVTierClient("unix:///run/kvtier/http.sock")  # its Unix socket (kvtier serve --uds)
 
 KV travels as msgpack with raw tensor bytes, or with ``use_shm=True`` (same host only) through
 shared-memory regions the client creates and reuses and hands to the server once as file
@@ -30,7 +31,7 @@ import httpx
 import torch
 
 from kvtier.blocks import BlockHits
-from kvtier.client_answers import RELOAD_POOL_BYTES, Answer, DirectAnswers
+from kvtier.client_answers import RELOAD_POOL_BYTES, Answer, DirectAnswers, split_url
 from kvtier.client_async import AsyncKVTierClient, AsyncRemotePrefetch
 from kvtier.client_calls import Op, Pieces, RemoteError, bulk_request, headers_for, raise_for
 from kvtier.client_ops import Ops, RemotePrefetch, stats_from_dict
@@ -65,8 +66,11 @@ class KVTierClient:
                  reload_pool_bytes: int = RELOAD_POOL_BYTES) -> None:
         """``reload_pool_bytes``: memory kept from msgpack ``get`` answers the caller dropped, for
         the next ones to be read into (``kvtier.client_answers``; 0 keeps none)."""
-        self._http = httpx.Client(base_url=base_url, headers=headers_for(token), timeout=timeout, transport=transport)
+        url, uds = split_url(base_url)
         self._direct = DirectAnswers.for_client(base_url, transport, timeout, reload_pool_bytes)
+        if uds is not None and transport is None:
+            transport = httpx.HTTPTransport(uds=uds)
+        self._http = httpx.Client(base_url=url, headers=headers_for(token), timeout=timeout, transport=transport)
         self._ops = Ops(use_shm, token, timeout)
 
     def _run(self, op: Op) -> Any:
@@ -74,8 +78,8 @@ class KVTierClient:
             call = next(op)
             while True:
                 resp: httpx.Response | Answer
-                if call.bulk and self._direct is not None:
-                    resp = self._direct.fetch(bulk_request(self._http, call))
+                if call.direct and self._direct is not None:
+                    resp = self._direct.fetch(*bulk_request(self._http, call))
                 else:
                     content: Any = iter(call.content) if isinstance(call.content, Pieces) else call.content
                     resp = self._http.request(call.method, call.path, json=call.json, content=content,

@@ -1,14 +1,18 @@
-"""Large answers of the sidecar (a msgpack ``get``'s KV) read straight into pooled memory.
+"""Large answers of the sidecar (a msgpack ``get``'s KV) read straight into pooled memory, and
+large request bodies (a msgpack ``put``'s KV) sent as they lie.
 
 Why: httpx receives a body in 64 KiB reads, each through h11's buffer, and ``Response.content``
 joins them into fresh memory: a 1 GiB msgpack ``get`` took 8-16 s on the development VM. The
 standard library's ``http.client`` reads a body of known length with ``recv_into`` straight into
 the caller's buffer (the kernel's copy only), and ``MappedPool`` hands out memory an earlier
-answer used and its caller dropped, already faulted in: 0.7 s for the same ``get``.
+answer used and its caller dropped, already faulted in: 0.7 s for the same ``get``. On the way
+out, h11 joins every piece of a body into a new ``bytes`` and httpcore re-slices (copies) what
+each partial send left over; ``http.client`` hands each piece to ``sendall`` as it is.
 
-Used where httpx would send the request as it is, over plain TCP: an ``http://`` URL, httpx's
-own transport, no proxy for the host. Anything else (a transport passed in, TLS, a proxy) goes
-through httpx as before. Failures raise httpx's exceptions (``ConnectError``, ``ReadTimeout``,
+Used where httpx would send the request as it is, over plain TCP or the sidecar's Unix socket
+(``unix:///path/to/http.sock``, ``kvtier serve --uds``): an ``http://`` or ``unix://`` URL,
+httpx's own transport, no proxy for the host. Anything else (a transport passed in, TLS, a
+proxy) goes through httpx as before. Failures raise httpx's exceptions (``ConnectError``, ``ReadTimeout``,
 ``RemoteProtocolError``...), so callers catch one set of errors whichever way the answer came.
 """
 
@@ -20,6 +24,7 @@ import logging
 import socket
 import threading
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +36,20 @@ log = logging.getLogger(__name__)
 
 IDLE_CONNECTIONS = 4  # kept-alive connections kept per client; more concurrent calls open more
 RELOAD_POOL_BYTES = 4 * 1024**3  # a client's default: as ``CacheConfig.reload_pool_bytes``
+UNIX_SCHEME = "unix://"
+UNIX_HOST = "http://localhost"  # the base URL requests over a Unix socket are built for
+
+
+def split_url(base_url: str) -> tuple[str, str | None]:
+    """(the HTTP base URL requests are built for, the Unix socket they go to or None).
+    ``unix:///run/kvtier/http.sock`` is the sidecar's ``--uds`` socket: an absolute path."""
+    if not base_url.startswith(UNIX_SCHEME):
+        return base_url, None
+    path = base_url[len(UNIX_SCHEME):]
+    if not path.startswith("/"):
+        raise ValueError(f"a unix:// sidecar URL names the socket by its absolute path, as "
+                         f"unix:///run/kvtier/http.sock; got {base_url!r}")
+    return UNIX_HOST, path
 
 
 @dataclass(slots=True)
@@ -48,16 +67,35 @@ class Answer:
         return bytes(self.content).decode("utf-8", errors="replace")
 
 
+class UnixConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix stream socket (the sidecar's ``--uds``)."""
+
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class DirectAnswers:
     """Sends a request over a kept-alive ``http.client`` connection and reads its answer with
     ``recv_into`` into pooled memory. Thread-safe: a call takes an idle connection or opens one.
 
     A kept-alive connection the server closed while idle (uvicorn closes them after 5 s) fails
     the next request before any answer arrives; that request is sent again once, on a fresh
-    connection (the calls that come here, ``POST /v1/kv/get``, only read)."""
+    connection. The calls that come here may be sent twice: ``POST /v1/kv/get`` and
+    ``/v1/blocks/get`` only read, and a put stores the same bytes under the same keys again."""
 
-    def __init__(self, host: str, port: int, timeout: float, pool_bytes: int) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
+    def __init__(self, host: str, port: int, timeout: float, pool_bytes: int, *, uds: str | None = None) -> None:
+        self.host, self.port, self.timeout, self.uds = host, port, timeout, uds
         self.pool = MappedPool(pool_bytes)
         self.calls = 0  # answers read this way (tests and benchmarks count them)
         self._idle: list[http.client.HTTPConnection] = []
@@ -68,6 +106,8 @@ class DirectAnswers:
     def for_client(cls, base_url: str, transport: object, timeout: float, pool_bytes: int) -> DirectAnswers | None:
         """The reader for a client of ``base_url``, or None where httpx must send the requests
         itself (a transport passed in, TLS, a proxy set for the host)."""
+        if transport is None and base_url.startswith(UNIX_SCHEME):
+            return cls("localhost", 0, timeout, pool_bytes, uds=split_url(base_url)[1])
         url = httpx.URL(base_url)
         if transport is not None or url.scheme != "http" or not url.host:
             return None
@@ -76,24 +116,23 @@ class DirectAnswers:
             return None
         return cls(url.host, url.port or 80, timeout, pool_bytes)
 
-    def fetch(self, request: httpx.Request) -> Answer:
-        """Send ``request`` (built by the client's ``httpx.Client``: its URL, headers and body)
-        and read the whole answer."""
+    def fetch(self, request: httpx.Request, pieces: Iterable[bytes | memoryview] | None = None) -> Answer:
+        """Send ``request`` (built by the client's ``httpx.Client``: its URL, headers and body;
+        or, given ``pieces``, the body in those, its length in the request's headers) and read
+        the whole answer."""
         headers = {**request.headers, "accept-encoding": "identity"}  # the body as it lies
-        body = request.read()
+        body: Any = request.read() if pieces is None else pieces
         target = request.url.raw_path.decode("ascii")
         conn, reused = self._take()
         try:
             try:
-                conn.request(request.method, target, body=body, headers=headers)
-                resp = conn.getresponse()
+                resp = _exchange(conn, request.method, target, body, headers)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 if not reused:
                     raise
                 conn.close()  # the server had closed it while idle, so nothing was answered: once more
                 conn = self._connection()
-                conn.request(request.method, target, body=body, headers=headers)
-                resp = conn.getresponse()
+                resp = _exchange(conn, request.method, target, body, headers)
             answer = self._read(resp, request)
         except BaseException as e:
             conn.close()
@@ -134,6 +173,8 @@ class DirectAnswers:
         return self._connection(), False
 
     def _connection(self) -> http.client.HTTPConnection:
+        if self.uds is not None:
+            return UnixConnection(self.uds, self.timeout)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
     def _give(self, conn: http.client.HTTPConnection) -> None:
@@ -151,6 +192,20 @@ class DirectAnswers:
         for conn in idle:
             conn.close()
         self.pool.clear()
+
+
+def _exchange(conn: http.client.HTTPConnection, method: str, target: str, body: Any,
+              headers: dict[str, str]) -> http.client.HTTPResponse:
+    """Send the request and take its answer's head. A server may answer before it read the
+    whole body (a 413 for a body over its limit) and close: that answer is the answer."""
+    try:
+        conn.request(method, target, body=body, headers=headers)
+    except (BrokenPipeError, ConnectionResetError) as e:
+        try:
+            return conn.getresponse()
+        except (http.client.HTTPException, OSError):
+            raise e from None
+    return conn.getresponse()
 
 
 def _as_httpx(e: BaseException, request: httpx.Request) -> BaseException:

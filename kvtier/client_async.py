@@ -12,7 +12,7 @@ import httpx
 import torch
 
 from kvtier.blocks import BlockHits
-from kvtier.client_answers import RELOAD_POOL_BYTES, Answer, DirectAnswers
+from kvtier.client_answers import RELOAD_POOL_BYTES, Answer, DirectAnswers, split_url
 from kvtier.client_calls import Op, Pieces, bulk_request, headers_for, raise_for
 from kvtier.client_ops import Ops, RemotePrefetch
 from kvtier.keys import TokenIds
@@ -51,9 +51,12 @@ class AsyncKVTierClient:
                  use_shm: bool = False, timeout: float = 120.0,
                  transport: httpx.AsyncBaseTransport | None = None,
                  reload_pool_bytes: int = RELOAD_POOL_BYTES) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers_for(token), timeout=timeout,
-                                       transport=transport)
+        url, uds = split_url(base_url)
         self._direct = DirectAnswers.for_client(base_url, transport, timeout, reload_pool_bytes)
+        if uds is not None and transport is None:
+            transport = httpx.AsyncHTTPTransport(uds=uds)
+        self._http = httpx.AsyncClient(base_url=url, headers=headers_for(token), timeout=timeout,
+                                       transport=transport)
         self._ops = Ops(use_shm, token, timeout)
 
     async def _run(self, op: Op) -> Any:
@@ -61,8 +64,8 @@ class AsyncKVTierClient:
             call = next(op)
             while True:
                 resp: httpx.Response | Answer
-                if call.bulk and self._direct is not None:  # a blocking read into memory: off the loop
-                    resp = await asyncio.to_thread(self._direct.fetch, bulk_request(self._http, call))
+                if call.direct and self._direct is not None:  # a blocking read into memory: off the loop
+                    resp = await asyncio.to_thread(self._direct.fetch, *bulk_request(self._http, call))
                 else:
                     content: Any = aiter(call.content) if isinstance(call.content, Pieces) else call.content
                     resp = await self._http.request(call.method, call.path, json=call.json, content=content,

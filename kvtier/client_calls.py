@@ -26,7 +26,7 @@ Op = Generator["Call", "httpx.Response | Answer", Any]
 class Call:
     """One HTTP request of an operation (what ``httpx``'s ``request`` takes). ``bulk``: its
     answer may be large (KV), so the client reads it straight into pooled memory where it can
-    (``kvtier.client_answers``)."""
+    (``kvtier.client_answers``). A body in ``Pieces`` (KV) goes the same way, sent as it lies."""
 
     __slots__ = ("method", "path", "json", "content", "headers", "params", "bulk")
 
@@ -36,13 +36,23 @@ class Call:
         self.content, self.headers, self.params = content, headers, params
         self.bulk = bulk
 
+    @property
+    def direct(self) -> bool:
+        """Sent by ``DirectAnswers`` where the client has one: a large answer or a large body."""
+        return self.bulk or isinstance(self.content, Pieces)
 
-def bulk_request(http: httpx.Client | httpx.AsyncClient, call: Call) -> httpx.Request:
-    """``call`` built by ``http`` (its URL, auth and headers) for ``DirectAnswers.fetch``, the
-    body in one piece (a ``bulk`` call's body is small: token ids or keys)."""
-    body = b"".join(call.content) if isinstance(call.content, Pieces) else call.content
-    return http.build_request(call.method, call.path, json=call.json, content=body, headers=call.headers,
-                              params=call.params)
+
+def bulk_request(http: httpx.Client | httpx.AsyncClient, call: Call) -> tuple[httpx.Request, Pieces | None]:
+    """``call`` built by ``http`` (its URL, auth and headers) for ``DirectAnswers.fetch``, and
+    its body's pieces: a body in ``Pieces`` is left out of the request (``fetch`` sends the
+    pieces as they lie; its length is a header)."""
+    if isinstance(call.content, Pieces):
+        pieces, body = call.content, None
+    else:
+        pieces, body = None, call.content
+    request = http.build_request(call.method, call.path, json=call.json, content=body, headers=call.headers,
+                                 params=call.params)
+    return request, pieces
 
 
 class RemoteError(KVTierError):

@@ -42,6 +42,7 @@ class ServerSettings:
     max_tokens: int = 1_048_576  # longest token list one request may carry
     shm: bool = True  # allow the shared-memory data path
     shm_socket: str = ""  # Unix socket clients hand regions over on; empty: a fresh private temp dir
+    uds: str = ""  # also serve HTTP on this Unix socket (same-host clients: unix:///PATH); empty: TCP only
     graceful_timeout_s: float = 30.0
     log_level: LogLevel = "info"
     access_log: bool = False  # a line per request costs the event loop; /metrics has per-route latency
@@ -192,6 +193,9 @@ OPTIONS: tuple[Option, ...] = (
     _o("server.shm_socket", "--shm-socket", str,
        "Unix socket same-host clients hand their shared memory over on (created 0600); "
        "unset: a fresh 0700 directory under the temp dir; clients learn it from GET /v1/kv/shm/socket"),
+    _o("server.uds", "--uds", str,
+       "also serve the HTTP API on this Unix socket (created 0600) beside the TCP port: same-host "
+       "clients reach it as unix:///PATH, with less per-byte cost than loopback TCP", "PATH"),
     _o("server.graceful_timeout_s", "--graceful-timeout-s", _float,
        "seconds requests in flight get to finish on SIGTERM or SIGINT"),
     _o("server.log_level", "--log-level", parse_log_level, "debug, info, warning, error or critical"),

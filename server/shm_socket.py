@@ -12,7 +12,7 @@ a msgpack map; the server answers every message with one map, in order:
 
 Closing the connection releases every region registered over it. HTTP requests then name a
 region by its id (``kvtier.server.shm``). The socket file is created mode 0600 (by default in a fresh
-0700 directory): the bearer token is what binds a region to a tenant, the mode keeps other users
+0700 directory; ``kvtier.server.unix_socket``): the bearer token is what binds a region to a tenant, the mode keeps other users
 of the host from even trying.
 """
 
@@ -21,10 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import selectors
 import socket
-import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -36,6 +34,7 @@ from kvtier.errors import InvalidRequest, InvalidType, KVTierError
 from kvtier.server.auth import tenant_of
 from kvtier.server.errors import status_of
 from kvtier.server.shm import RegionTable
+from kvtier.server.unix_socket import listen_unix, unlink_if_ours
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 4096
@@ -66,29 +65,10 @@ class RegionSocket:
         """Bind and listen; returns the socket's absolute path."""
         if self._want:
             path = Path(self._want).absolute()
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _remove_stale(path)
         else:
             self._own_dir = Path(tempfile.mkdtemp(prefix="kvtier-shm-"))  # 0700, unique
             path = self._own_dir / "regions.sock"
-        # Bound under a temporary name and renamed once its mode is 0600: never reachable wider.
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}")
-        if len(os.fsencode(tmp)) > 107:
-            raise InvalidRequest(f"shared-memory socket path {str(path)!r} is too long for a Unix "
-                                 "socket (about 95 bytes at most): set a shorter --shm-socket")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            listener.bind(str(tmp))
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-            self._inode = os.lstat(path).st_ino
-            listener.listen(64)
-        except OSError as e:
-            listener.close()
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise InvalidRequest(f"cannot listen on shared-memory socket {str(path)!r}: "
-                                 f"{e.strerror}") from None
+        listener, self._inode = listen_unix(path, socket.SOCK_SEQPACKET, "shared-memory socket", "--shm-socket")
         listener.setblocking(False)
         self._listener, self.path = listener, str(path)
         self._sel.register(listener, selectors.EVENT_READ)
@@ -113,9 +93,7 @@ class RegionSocket:
                 s.close()
         self._sel.close()
         if self.path:
-            with contextlib.suppress(OSError):
-                if os.lstat(self.path).st_ino == self._inode:  # ours, not a successor's
-                    os.unlink(self.path)
+            unlink_if_ours(self.path, self._inode)
         if self._own_dir is not None:
             with contextlib.suppress(OSError):
                 self._own_dir.rmdir()
@@ -213,22 +191,3 @@ class RegionSocket:
 
 def _error(e: KVTierError) -> dict[str, Any]:
     return {"ok": False, "status": status_of(e), "error": type(e).__name__, "message": str(e)}
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove a socket file nobody listens on (left by a server that died); refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise InvalidRequest(f"shared-memory socket path {str(path)!r} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise InvalidRequest(f"shared-memory socket {str(path)!r} is in use by another server")

@@ -78,6 +78,7 @@ def serve(settings: Settings) -> int:
     from kvtier.manager import TieredCache
     from kvtier.server.app import create_app, start_region_socket
     from kvtier.server.protocol import uvicorn_http
+    from kvtier.server.unix_socket import http_sockets
 
     _Server = _server_class()
     srv = settings.server
@@ -100,7 +101,8 @@ def serve(settings: Settings) -> int:
                                 # uvicorn says int, waits with asyncio.wait_for: seconds as a float work
                                 timeout_graceful_shutdown=srv.graceful_timeout_s)  # type: ignore[arg-type]
         server = _Server(config)
-        server.run()  # returns after SIGTERM/SIGINT once in-flight requests are done
+        with http_sockets(config, srv.uds) as sockets:  # a bad --uds is one line too
+            server.run(sockets=sockets)  # returns after SIGTERM/SIGINT once in-flight requests are done
         return 0 if server.started else 1
     finally:
         if app is not None and app.state.shm_socket is not None:  # lifespan did not get to it
