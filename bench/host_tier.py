@@ -26,7 +26,10 @@ pre-allocated by ``KVLayout.empty``, as a reload allocates it.
   cache (fresh token ids, evicted after) and ``TieredCache.get_into`` the destination, each
   also without ``kvtier._fastcopy``, against one memcpy of the whole prefix's bytes (and one
   with streaming stores); and the put with one block per copy (``kvtier.writes``'
-  ``SLOTS_WINDOW_BYTES`` at 1: a new read stream per tensor and block, placed one by one).
+  ``SLOTS_WINDOW_BYTES`` at 1: a new read stream per tensor and block, placed one by one);
+  and the same bytes as engine pages of the block's size (what the vLLM and SGLang connectors
+  store): ``TieredCache.put_blocks`` of fresh keys (evicted after) and ``get_blocks_into`` a
+  pre-allocated ``[pages, page_bytes]`` tensor.
 
 Paths are interleaved block by block (in each round, every path moves block i before any moves
 block i+1) so machine noise hits all alike; GB/s and its ratio to plain are medians over rounds
@@ -209,7 +212,7 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
             Path("memcpy with streaming stores (get)", streamed_get),
             Path("plain memcpy (get)", plain_get)]
     assert target._strided is not None  # KVLayout.empty: the strided reload applies
-    cache = TieredCache(CacheConfig(block_tokens=bt, host=HostTierConfig(capacity_bytes=2 * n * nbytes + (64 << 20))))
+    cache = TieredCache(CacheConfig(block_tokens=bt, host=HostTierConfig(capacity_bytes=4 * n * nbytes + (64 << 20))))
     fresh = iter(range(1, 1 << 30))
 
     def cache_put():
@@ -239,12 +242,35 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
         with numpy_only():
             return cache_get_into()
 
+    pages = torch.from_numpy(src_plain).view(n, kv_bytes)  # engine pages of the block's size
+    page_out = torch.from_numpy(dst_plain).view(n, kv_bytes)
+    cache.register_block_namespace("pages", page_bytes=kv_bytes, fingerprint={"bench": "host_tier"})
+    page_keys = [i.to_bytes(8, "big") for i in range(n)]
+
+    def cache_put_blocks():
+        base = next(fresh) * 10**7
+        keys = [(base + i).to_bytes(8, "big") for i in range(n)]
+        t0 = time.perf_counter()
+        cache.put_blocks("pages", keys, pages)
+        dt = time.perf_counter() - t0
+        cache.evict_blocks("pages", keys)
+        return dt
+
+    def cache_get_blocks_into():
+        t0 = time.perf_counter()
+        got = cache.get_blocks_into("pages", page_keys, page_out)
+        dt = time.perf_counter() - t0
+        assert got == n, got
+        return dt
+
     prefix_ids = list(range(n * bt))
     whole = {"TieredCache.put of the prefix": cache_put,
              "TieredCache.put, numpy's two passes": cache_put_two_passes,
              "TieredCache.put, one block per copy": cache_put_one_by_one,
              "TieredCache.get_into the prefix": cache_get_into,
              "TieredCache.get_into, numpy's copies": cache_get_into_numpy,
+             "TieredCache.put_blocks, engine pages of the block's size": cache_put_blocks,
+             "TieredCache.get_blocks_into the same pages": cache_get_blocks_into,
              "memcpy of the prefix with streaming stores": lambda: _timed(lambda: streamed_copy(dst_plain, src_plain)),
              "plain memcpy of the prefix": lambda: _timed(lambda: np.copyto(dst_plain, src_plain))}
     spinners = busy_cores(busy)
@@ -252,6 +278,7 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
         interleaved(puts, n, rounds, clear)
         interleaved(gets, n, rounds, lambda: None)
         cache.put("bench", prefix_ids, src)
+        cache.put_blocks("pages", page_keys, pages)
         calls: dict[str, list[float]] = {k: [] for k in whole}
         for r in range(rounds + 1):
             for k, f in whole.items():

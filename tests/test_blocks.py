@@ -3,6 +3,8 @@ ordinary blocks (checksums, warm restart, eviction, TTL, metrics), and bad input
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,12 +21,15 @@ from kvtier import (
     SSDTierConfig,
     TieredCache,
     UnknownNamespace,
+    engine_blocks,
 )
 from kvtier.errors import InvalidType
 from kvtier.keys import namespace_digest
 from kvtier.namespaces import Namespace
+from kvtier.reload import Reloads
 from tests.conftest import random_bytes
 
+ROOT = Path(__file__).resolve().parents[1]
 PAGE = 8192
 FP = {"model": "tiny", "kv_dtype": "float16", "block_tokens": 16, "tp_rank": 0, "layout": "LBNHC"}
 
@@ -127,6 +132,125 @@ def test_a_corrupt_page_is_a_counted_miss_never_served(tmp_path):
         assert torch.equal(out[0], p[0]) and not out[1].any()
         assert c.stats().tiers["ssd"].corrupt_blocks == 1
         assert c.block_exists("e", keys(3)).present == [True, False, True]
+
+
+def test_pages_in_host_memory_are_copied_in_one_pass_the_rest_block_by_block(tmp_path, monkeypatch):
+    """``get_blocks_into`` copies the leading pages the host tier holds in one call
+    (``Reloads.copy_pages``), into a 2-D ``out`` whose rows are wider than a page (its row
+    stride) or into separate rows; pages only on the SSD come the block-by-block way after
+    them. Bit-exact either way, the bytes around each row untouched."""
+    loads = []
+    real = Reloads.load_block
+    monkeypatch.setattr(Reloads, "load_block", lambda self, key, outs: loads.append(key) or real(self, key, outs))
+    with ssd_cache(tmp_path, host="1MiB", capacity="8MiB") as c:
+        c.register_block_namespace("e", page_bytes=PAGE, fingerprint=FP)
+        p = pages(100)
+        assert c.put_blocks("e", keys(100), p) == 100  # the host tier holds the last ~80 only
+        host = c._placement.tiers[0]
+        _, ikeys = c._engine._keys("e", keys(100))
+        in_host = [i for i, k in enumerate(ikeys) if host.slot(k) is not None]
+        on_ssd = [i for i in range(100) if i not in in_host]
+        assert len(in_host) >= 40 and on_ssd
+        order = in_host[:40] + on_ssd[:5]
+        wide = torch.full((45, PAGE + 100), 0xAB, dtype=torch.uint8)
+        assert c.get_blocks_into("e", [keys(1, i)[0] for i in order], wide[:, :PAGE]) == 45
+        assert torch.equal(wide[:, :PAGE], p[order]) and bool((wide[:, PAGE:] == 0xAB).all())
+        assert len(loads) == 5  # the SSD pages only
+        rows = [bytearray(PAGE) for _ in range(3)]
+        assert c.get_blocks_into("e", [keys(1, i)[0] for i in in_host[:3]], rows) == 3
+        assert [bytes(r) for r in rows] == [p[i].numpy().tobytes() for i in in_host[:3]]
+        assert len(loads) == 5
+
+
+def test_a_damaged_header_in_host_memory_stops_the_one_pass_copy_and_is_never_served():
+    """A page whose header in the host tier was overwritten (its checksum fails) is not copied:
+    the block-by-block path finds it corrupt, drops it and counts it; the count returned stops
+    before it (only a leading run is served)."""
+    with host_cache() as c:
+        c.register_block_namespace("e", page_bytes=PAGE, fingerprint=FP)
+        p = pages(4)
+        c.put_blocks("e", keys(4), p)
+        host = c._placement.tiers[0]
+        offset, _ = host.slot(c._engine._keys("e", keys(4))[1][2])
+        host.buffer[offset + 20] ^= 0xFF  # inside the header of page 2
+        out = torch.zeros(4, PAGE, dtype=torch.uint8)
+        assert c.get_blocks_into("e", keys(4), out) == 2
+        assert torch.equal(out[:2], p[:2]) and not out[2].any()  # rows past the count: undefined
+        assert c.stats().tiers["host"].corrupt_blocks == 1
+        assert c.block_exists("e", keys(4)).present == [True, True, False, True]
+
+
+def test_compressed_pages_come_back_the_block_by_block_way():
+    with host_cache() as c:
+        c.register_block_namespace("z", page_bytes=PAGE, fingerprint=FP, codec="zstd")
+        p = torch.zeros(4, PAGE, dtype=torch.uint8)
+        p[:, ::7] = torch.arange(4, dtype=torch.uint8)[:, None] + 1  # compressible, distinct
+        assert c.put_blocks("z", keys(4), p) == 4
+        out = torch.zeros(4, PAGE, dtype=torch.uint8)
+        assert c.get_blocks_into("z", keys(4), out) == 4 and torch.equal(out, p)
+
+
+def test_contiguous_pages_go_straight_into_host_slots_and_are_durable_when_acknowledged(tmp_path):
+    """A contiguous ``[n, page]`` tensor is written into the host tier's slots with no page
+    encoded on its own (``_put_in_slots``); the SSD write-through reads those slots, and the put
+    returns only once it is durable: a process SIGKILLed right after the put returned loses none
+    of its pages."""
+    ack = tmp_path / "acked"
+    child = f"""
+import sys, time, torch
+sys.path.insert(0, {str(ROOT)!r})
+import kvtier.engine_blocks as eb
+from tests.test_blocks import FP, keys, pages, ssd_cache
+from pathlib import Path
+encoded = []
+real = eb.encode_block_for_put
+eb.encode_block_for_put = lambda *a, **k: encoded.append(1) or real(*a, **k)
+c = ssd_cache(Path({str(tmp_path)!r}) / "ssd", host="1MiB")
+c.register_block_namespace("e", page_bytes={PAGE}, fingerprint=FP)
+n = c.put_blocks("e", keys(40), pages(40, seed=3))
+Path({str(ack)!r}).write_text(f"{{n}} {{len(encoded)}}")
+time.sleep(600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ack.exists() or not ack.read_text():
+            assert proc.poll() is None, "the child died before its put returned"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.kill()  # no close, no flush: what the put acknowledged must be on the SSD already
+    finally:
+        proc.kill()
+        proc.wait(60)
+    assert ack.read_text() == "40 0"  # all stored, none encoded one by one
+    with ssd_cache(tmp_path / "ssd") as c:  # SSD only now
+        out = torch.zeros(40, PAGE, dtype=torch.uint8)
+        assert c.get_blocks_into("e", keys(40), out) == 40 and torch.equal(out, pages(40, seed=3))
+
+
+def test_pages_written_into_slots_keep_first_writer_wins_and_overflow_by_lru(monkeypatch):
+    encoded = []
+    real = engine_blocks.encode_block_for_put
+    monkeypatch.setattr(engine_blocks, "encode_block_for_put", lambda *a, **k: encoded.append(1) or real(*a, **k))
+    with host_cache("1MiB") as c:  # about 80 page slots
+        c.register_block_namespace("e", page_bytes=PAGE, fingerprint=FP)
+        first = pages(8, seed=1)
+        assert c.put_blocks("e", [keys(1, 2)[0], keys(1, 5)[0]], first[[2, 5]]) == 2
+        p = pages(8, seed=2)
+        assert c.put_blocks("e", keys(8), p) == 6  # 2 and 5 were there: first writer wins
+        assert encoded == [] and len(c.block_exists("e", keys(8)).present) == 8
+        out = torch.zeros(8, PAGE, dtype=torch.uint8)
+        assert c.get_blocks_into("e", keys(8), out) == 8
+        want = p.clone()
+        want[[2, 5]] = first[[2, 5]]
+        assert torch.equal(out, want)
+        big = pages(300, seed=4)  # more than the tier holds: the oldest go, the put stores all
+        assert c.put_blocks("e", keys(300, 1000), big) == 300
+        present = c.block_exists("e", keys(300, 1000)).present
+        assert present[-1] and not present[0]
+        assert c.get_blocks_into("e", keys(1, 1299), out[:1]) == 1 and torch.equal(out[0], big[299])
+        assert c.put_blocks("e", keys(3, 5000), [bytes(PAGE)] * 3) == 3  # rows, not one tensor
+        assert len(encoded) == 3
 
 
 def test_capacity_evicts_least_recently_used_pages(tmp_path):

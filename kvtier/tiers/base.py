@@ -96,6 +96,14 @@ class MemoryTier(Tier, Protocol):
 
     def view(self, key: bytes) -> torch.Tensor: ...
 
+    def slot(self, key: bytes) -> tuple[int, int] | None:
+        """(offset into the tier's memory, nbytes) of a stored block, or None."""
+
+    @property
+    def host_bytes(self) -> np.ndarray | None:
+        """The tier's memory as one numpy byte array where it is host memory (None on a
+        device): with ``slot``, many blocks are gathered by one copy call."""
+
 
 @runtime_checkable
 class WritesInPlace(Protocol):

@@ -10,9 +10,11 @@ device memory are queued with ``copy_(non_blocking=True)``.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from kvtier.bufpool import aligned_empty, block_buffers, prefault
@@ -148,6 +150,16 @@ class MemoryTier:
     def size(self, key: bytes) -> int | None:
         slot = self._slots.get(key)
         return slot[1] if slot else None
+
+    def slot(self, key: bytes) -> tuple[int, int] | None:
+        """(offset into ``buffer``, nbytes) of a stored block, or None."""
+        return self._slots.get(key)
+
+    @functools.cached_property
+    def host_bytes(self) -> np.ndarray | None:
+        """``buffer`` as a numpy byte array where it is host memory (None on a device): blocks
+        at their ``slot`` offsets, for copies that gather many of them in one call."""
+        return self.buffer.numpy() if self.buffer.device.type == "cpu" else None
 
     def view(self, key: bytes) -> torch.Tensor:
         """Zero-copy view of a stored block; valid while the manager holds it pinned."""
