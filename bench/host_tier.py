@@ -215,14 +215,19 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
     cache = TieredCache(CacheConfig(block_tokens=bt, host=HostTierConfig(capacity_bytes=4 * n * nbytes + (64 << 20))))
     fresh = iter(range(1, 1 << 30))
 
-    def cache_put():
-        base = next(fresh) * 10**7
-        ids = list(range(base, base + n * bt))
+    def fresh_put(put: Callable[[list], object], evict: Callable[[list], object],
+                  ids_from: Callable[[int], list]) -> float:
+        """Seconds ``put`` takes for ids never stored before (evicted, untimed, after)."""
+        ids = ids_from(next(fresh) * 10**7)
         t0 = time.perf_counter()
-        cache.put("bench", ids, src)
+        put(ids)
         dt = time.perf_counter() - t0
-        cache.evict("bench", ids)
+        evict(ids)
         return dt
+
+    def cache_put():
+        return fresh_put(lambda ids: cache.put("bench", ids, src), lambda ids: cache.evict("bench", ids),
+                         lambda base: list(range(base, base + n * bt)))
 
     def cache_put_two_passes():
         with numpy_only():
@@ -248,13 +253,9 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
     page_keys = [i.to_bytes(8, "big") for i in range(n)]
 
     def cache_put_blocks():
-        base = next(fresh) * 10**7
-        keys = [(base + i).to_bytes(8, "big") for i in range(n)]
-        t0 = time.perf_counter()
-        cache.put_blocks("pages", keys, pages)
-        dt = time.perf_counter() - t0
-        cache.evict_blocks("pages", keys)
-        return dt
+        return fresh_put(lambda keys: cache.put_blocks("pages", keys, pages),
+                         lambda keys: cache.evict_blocks("pages", keys),
+                         lambda base: [(base + i).to_bytes(8, "big") for i in range(n)])
 
     def cache_get_blocks_into():
         t0 = time.perf_counter()

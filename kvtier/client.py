@@ -79,7 +79,7 @@ class KVTierClient:
             while True:
                 resp: httpx.Response | Answer
                 if call.direct and self._direct is not None:
-                    resp = self._direct.fetch(*bulk_request(self._http, call))
+                    resp = self._direct.fetch(*bulk_request(self._http, call), resend=call.resend)
                 else:
                     content: Any = iter(call.content) if isinstance(call.content, Pieces) else call.content
                     resp = self._http.request(call.method, call.path, json=call.json, content=content,

@@ -21,10 +21,11 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import select
 import socket
 import threading
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,10 +90,11 @@ class DirectAnswers:
     """Sends a request over a kept-alive ``http.client`` connection and reads its answer with
     ``recv_into`` into pooled memory. Thread-safe: a call takes an idle connection or opens one.
 
-    A kept-alive connection the server closed while idle (uvicorn closes them after 5 s) fails
-    the next request before any answer arrives; that request is sent again once, on a fresh
-    connection. The calls that come here may be sent twice: ``POST /v1/kv/get`` and
-    ``/v1/blocks/get`` only read, and a put stores the same bytes under the same keys again."""
+    A kept-alive connection the server closed while idle (uvicorn closes them after 5 s) is
+    dropped when next taken. One it closes just then fails the request before any answer
+    arrives; a request that may be sent twice (``resend``: reads, and puts, which store the same
+    bytes under the same keys again) is sent again once, on a fresh connection; others (a
+    prefetch) raise."""
 
     def __init__(self, host: str, port: int, timeout: float, pool_bytes: int, *, uds: str | None = None) -> None:
         self.host, self.port, self.timeout, self.uds = host, port, timeout, uds
@@ -116,19 +118,21 @@ class DirectAnswers:
             return None
         return cls(url.host, url.port or 80, timeout, pool_bytes)
 
-    def fetch(self, request: httpx.Request, pieces: Iterable[bytes | memoryview] | None = None) -> Answer:
+    def fetch(self, request: httpx.Request, pieces: Iterable[bytes | memoryview] | None = None, *,
+              resend: bool = False, stop: threading.Event | None = None) -> Answer:
         """Send ``request`` (built by the client's ``httpx.Client``: its URL, headers and body;
         or, given ``pieces``, the body in those, its length in the request's headers) and read
-        the whole answer."""
+        the whole answer. ``resend``: the request may be sent twice (see the class). ``stop``
+        set: no further piece is sent (the request fails, the server stores nothing)."""
         headers = {**request.headers, "accept-encoding": "identity"}  # the body as it lies
-        body: Any = request.read() if pieces is None else pieces
+        body: Any = request.read() if pieces is None else pieces if stop is None else _Stoppable(pieces, stop)
         target = request.url.raw_path.decode("ascii")
         conn, reused = self._take()
         try:
             try:
                 resp = _exchange(conn, request.method, target, body, headers)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                if not reused:
+                if not reused or not resend:
                     raise
                 conn.close()  # the server had closed it while idle, so nothing was answered: once more
                 conn = self._connection()
@@ -165,12 +169,19 @@ class DirectAnswers:
         return Answer(resp.status, buf)
 
     def _take(self) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the client is closed")
-            if self._idle:
-                return self._idle.pop(), True
-        return self._connection(), False
+        """An idle connection the server has not closed, else a new one. An idle connection
+        with something to read has been closed by the server (or is out of step): dropped
+        before it carries a request, so only a close racing this check costs a resend."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the client is closed")
+                if not self._idle:
+                    return self._connection(), False
+                conn = self._idle.pop()
+            if conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
+                return conn, True
+            conn.close()
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.uds is not None:
@@ -192,6 +203,23 @@ class DirectAnswers:
         for conn in idle:
             conn.close()
         self.pool.clear()
+
+
+class Abandoned(Exception):
+    """The caller gave up on a request whose body was still being sent (``fetch``'s ``stop``)."""
+
+
+class _Stoppable:
+    """``pieces`` (iterable again, for a resend), ending in ``Abandoned`` once ``stop`` is set."""
+
+    def __init__(self, pieces: Iterable[bytes | memoryview], stop: threading.Event) -> None:
+        self.pieces, self.stop = pieces, stop
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        for piece in self.pieces:
+            if self.stop.is_set():
+                raise Abandoned("the request was cancelled while its body was being sent")
+            yield piece
 
 
 def _exchange(conn: http.client.HTTPConnection, method: str, target: str, body: Any,

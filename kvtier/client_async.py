@@ -4,6 +4,7 @@ same operations (``kvtier.client_ops``) over an ``httpx.AsyncClient``."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 
 from kvtier.blocks import BlockHits
 from kvtier.client_answers import RELOAD_POOL_BYTES, Answer, DirectAnswers, split_url
-from kvtier.client_calls import Op, Pieces, bulk_request, headers_for, raise_for
+from kvtier.client_calls import Call, Op, Pieces, bulk_request, headers_for, raise_for
 from kvtier.client_ops import Ops, RemotePrefetch
 from kvtier.keys import TokenIds
 from kvtier.layout import KV, KVLayout
@@ -65,7 +66,7 @@ class AsyncKVTierClient:
             while True:
                 resp: httpx.Response | Answer
                 if call.direct and self._direct is not None:  # a blocking read into memory: off the loop
-                    resp = await asyncio.to_thread(self._direct.fetch, *bulk_request(self._http, call))
+                    resp = await self._fetch(call, self._direct)
                 else:
                     content: Any = aiter(call.content) if isinstance(call.content, Pieces) else call.content
                     resp = await self._http.request(call.method, call.path, json=call.json, content=content,
@@ -78,6 +79,23 @@ class AsyncKVTierClient:
                 call = op.send(resp)
         except StopIteration as stop:
             return stop.value
+
+    async def _fetch(self, call: Call, direct: DirectAnswers) -> Answer:
+        """``DirectAnswers.fetch`` in a worker thread. Cancelled, it stops sending the body
+        (the server stores nothing) and returns only once the thread is done with it: no byte of
+        the caller's tensors is read after a cancelled put returns, even if they are reused."""
+        request, pieces = bulk_request(self._http, call)
+        stop = threading.Event()
+        task = asyncio.ensure_future(asyncio.to_thread(direct.fetch, request, pieces, resend=call.resend,
+                                                       stop=stop))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # retrieved: the caller gets the cancellation, not this
+            raise
 
     async def register_namespace(self, name: str, **kw: Any) -> Namespace:
         return await self._run(self._ops.register_namespace(name, **kw))

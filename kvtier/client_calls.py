@@ -41,6 +41,11 @@ class Call:
         """Sent by ``DirectAnswers`` where the client has one: a large answer or a large body."""
         return self.bulk or isinstance(self.content, Pieces)
 
+    @property
+    def resend(self) -> bool:
+        """Whether sending it twice does no harm: a read (a bulk answer), or a PUT or DELETE."""
+        return self.bulk or self.method in ("GET", "PUT", "DELETE")
+
 
 def bulk_request(http: httpx.Client | httpx.AsyncClient, call: Call) -> tuple[httpx.Request, Pieces | None]:
     """``call`` built by ``http`` (its URL, auth and headers) for ``DirectAnswers.fetch``, and

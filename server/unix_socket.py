@@ -3,8 +3,8 @@ region socket (``--shm-socket``), created alike.
 
 Each is bound under a temporary name in its directory and renamed into place once its mode is
 0600: never reachable by other users of the host, not even for an instant. A socket file left by
-a server that died is replaced; one another server still listens on, or a path that is not a
-socket, is refused. On close the file is removed only if it is still the one this server made
+a server that died (a probe's connect is refused) is replaced; one another server still listens
+on, one of another kind or owner, or a path that is not a socket, is refused. On close the file is removed only if it is still the one this server made
 (a successor may have replaced it).
 """
 
@@ -25,6 +25,7 @@ from kvtier.errors import InvalidRequest
 log = logging.getLogger(__name__)
 
 MAX_PATH_BYTES = 107  # sun_path holds 108 bytes with its NUL
+PROBE_TIMEOUT_S = 5.0  # a listener that does not accept a probe by then is not taken over
 
 
 def listen_unix(path: Path, kind: int, what: str, flag: str, backlog: int = 64) -> tuple[socket.socket, int]:
@@ -60,11 +61,15 @@ def remove_stale(path: Path, kind: int, what: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise InvalidRequest(f"{what} path {str(path)!r} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, kind)
+    probe.settimeout(PROBE_TIMEOUT_S)
     try:
         probe.connect(str(path))
-    except OSError:
+    except ConnectionRefusedError:  # nobody listens: left by a server that died
         path.unlink(missing_ok=True)
         return
+    except OSError as e:  # another kind of socket, another user's, a full backlog: not ours to take
+        raise InvalidRequest(f"{what} path {str(path)!r} is a socket this server cannot take over "
+                             f"({e.strerror or e}): remove it or choose another path") from None
     finally:
         probe.close()
     raise InvalidRequest(f"{what} {str(path)!r} is in use by another server")
@@ -89,8 +94,8 @@ def http_sockets(config: Any, uds: str) -> Iterator[list[socket.socket] | None]:
     path = Path(uds).absolute()
     unix, inode = listen_unix(path, socket.SOCK_STREAM, "HTTP socket", "--uds", config.backlog)
     sockets = [unix]
-    try:
-        sockets.append(config.bind_socket())  # uvicorn logs and exits on a port in use
+    try:  # the TCP socket first: uvicorn's startup line reads the first one's port
+        sockets.insert(0, config.bind_socket())  # uvicorn logs and exits on a port in use
         log.info("HTTP API also on unix://%s", path)
         yield sockets
     finally:

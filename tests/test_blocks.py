@@ -145,7 +145,8 @@ def test_pages_in_host_memory_are_copied_in_one_pass_the_rest_block_by_block(tmp
     with ssd_cache(tmp_path, host="1MiB", capacity="8MiB") as c:
         c.register_block_namespace("e", page_bytes=PAGE, fingerprint=FP)
         p = pages(100)
-        assert c.put_blocks("e", keys(100), p) == 100  # the host tier holds the last ~80 only
+        assert c.put_blocks("e", keys(100), p) == 100  # the host tier holds the first ~80 (pinned
+        # while written through to the SSD: the rest go straight to the SSD)
         host = c._placement.tiers[0]
         _, ikeys = c._engine._keys("e", keys(100))
         in_host = [i for i, k in enumerate(ikeys) if host.slot(k) is not None]

@@ -145,6 +145,72 @@ def _answer_pool(cache, url):
     raise AssertionError("no app serves this cache")
 
 
+class _AnswersOncePerConnection:
+    """A loopback server that answers the first request on each connection and closes the
+    connection after reading the second (a keep-alive close racing a request): requests
+    counted as they arrive."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            for n in range(2):
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                while len(data) < length:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                data = data[length:]
+                self.requests += 1
+                if n == 0:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+
+
+def test_only_a_request_safe_to_repeat_is_sent_again_after_a_racing_close():
+    """The server closes a kept-alive connection just as a request goes out on it (after the
+    client's check that it is still open): a read or a put is sent again on a fresh connection;
+    a POST that is neither (a prefetch) fails instead of running twice."""
+    server = _AnswersOncePerConnection()
+    direct = DirectAnswers("127.0.0.1", server.port, 30.0, 0)
+    url = f"http://127.0.0.1:{server.port}/v1/x"
+
+    def request(method: str) -> httpx.Request:
+        return httpx.Request(method, url, content=b"body", headers={"content-length": "4"})
+
+    try:
+        assert direct.fetch(request("POST")).status_code == 200  # first on its connection
+        with pytest.raises(httpx.RemoteProtocolError):
+            direct.fetch(request("POST"))  # second: closed after reading it; not sent again
+        assert server.requests == 2
+        assert direct.fetch(request("PUT"), resend=True).status_code == 200  # a fresh connection
+        assert direct.fetch(request("PUT"), resend=True).status_code == 200  # closed, sent again
+        assert server.requests == 5
+    finally:
+        direct.close()
+        server.sock.close()
+
+
 def test_a_kept_alive_connection_the_server_dropped_is_retried_once(cache):
     port = free_port()
     with KVTierClient(f"http://127.0.0.1:{port}") as c:

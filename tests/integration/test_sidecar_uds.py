@@ -123,6 +123,12 @@ def test_a_socket_path_in_use_or_not_a_socket_is_refused_and_a_dead_ones_taken_o
     assert path.exists()
     listener, _ = listen_unix(path, socket.SOCK_STREAM, "HTTP socket", "--uds")
     listener.close()
+    regions = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # e.g. --uds set to --shm-socket's path
+    regions.bind(str(tmp_path / "regions.sock"))
+    regions.listen(1)
+    with regions, pytest.raises(InvalidRequest, match="cannot take over"):
+        listen_unix(tmp_path / "regions.sock", socket.SOCK_STREAM, "HTTP socket", "--uds")
+    assert (tmp_path / "regions.sock").exists()  # another server's socket is left alone
     other = tmp_path / "data.txt"
     other.write_text("kept")
     with pytest.raises(InvalidRequest, match="exists and is not a socket"):
@@ -171,8 +177,12 @@ def test_an_answer_sent_before_the_body_was_read_is_the_answer():
             with conn:
                 got = b""
                 while b"\r\n\r\n" not in got:
-                    got += conn.recv(65536)
-                conn.sendall(head + body)  # and close with the body unread: a reset
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                else:
+                    conn.sendall(head + body)  # and close with the body unread: a reset
 
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=answer_early, args=(listener,), daemon=True).start()
@@ -182,6 +192,45 @@ def test_an_answer_sent_before_the_body_was_read_is_the_answer():
                 with pytest.raises(RemoteError) as e:
                     client.put("early", list(range(8 * TOKENS)), rand_kv(7, 8 * TOKENS))  # 32 MiB
                 assert e.value.status == 413 and e.value.message == "body over the proxy's limit"
+    finally:
+        listener.close()
+
+
+def test_a_cancelled_async_put_stops_sending_before_the_cancellation_returns():
+    """An ``AsyncKVTierClient.put`` cancelled mid-body: the rest of the body is not sent (the
+    server sees the connection end short of the length, so stores nothing), and by the time
+    the cancellation reaches the caller nothing reads the caller's tensors any more."""
+    total = 64 * 2**20
+    received = [0]
+    started, ended = threading.Event(), threading.Event()
+
+    def slow_reader(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                received[0] += len(chunk)
+                if received[0] >= 2**20:
+                    started.set()
+                time.sleep(0.002)  # a slow server: the body takes seconds to arrive
+        ended.set()  # the client closed the connection
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=slow_reader, args=(listener,), daemon=True).start()
+    tokens = total // LAYOUT.bytes_per_token
+
+    async def run() -> None:
+        async with AsyncKVTierClient(f"http://127.0.0.1:{listener.getsockname()[1]}") as client:
+            put = asyncio.ensure_future(client.put("c", list(range(tokens)), rand_kv(8, tokens)))
+            assert await asyncio.to_thread(started.wait, 60), "the put never started sending"
+            put.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await put
+            at_cancel = received[0]
+            assert ended.wait(60), "the client kept the connection open after the cancellation"
+            assert received[0] < total and received[0] - at_cancel <= 8 * 2**20  # socket buffers
+
+    try:
+        asyncio.run(run())
     finally:
         listener.close()
 
