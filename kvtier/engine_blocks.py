@@ -109,7 +109,7 @@ class EngineBlocks:
         p = self.placement
         with p.lock:
             new = [i for i, key in enumerate(ikeys) if p.live(key, ns.ttl_s) is None]
-        in_slots, held = self._put_in_slots(ns, ikeys, pages, new)
+        in_slots, held = self._put_in_slots(ns, ikeys, pages, rows, new)
         stored = len(in_slots)
         failed: KVTierError | None = None
         try:
@@ -142,24 +142,32 @@ class EngineBlocks:
             raise failed
         return stored
 
-    def _put_in_slots(self, ns: Namespace, ikeys: list[bytes], pages: Any, new: list[int]
-                      ) -> tuple[set[int], dict[int, BlockEntry]]:
+    def _put_in_slots(self, ns: Namespace, ikeys: list[bytes], pages: Any, rows: list[torch.Tensor],
+                      new: list[int]) -> tuple[set[int], dict[int, BlockEntry]]:
         """Pages ``new`` (indices) written straight into a memory tier's slots, windows of
-        consecutive ones at a time, each window by one copy-and-checksum pass over the pages
-        (``write_blocks``, as a KV put). Returns the indices placed, and of those the ones a
-        write-through below is still to read from their slots (index -> entry, pinned; the
-        rest are unpinned at once, so a later window may evict them as a put one by one
-        would). Only for a contiguous host ``[n, page_bytes]`` tensor of codec ``none``
-        pages, where the put waits for every write-through; the caller encodes the others one
-        by one. Why: that way each page was copied twice, with ~130 us of Python around it
-        (4.4 s a GiB of 128 KiB pages on the development VM)."""
-        if (ns.codec != "none" or not new or not isinstance(pages, torch.Tensor) or pages.device.type != "cpu"
-                or not pages.is_contiguous() or not self.writes.all_awaited):
+        consecutive ones at a time (``write_blocks``, as a KV put: a contiguous ``[n,
+        page_bytes]`` tensor's window in one copy-and-checksum pass, separate rows, as the
+        connectors hand them over, one such call each). Returns the indices placed, and of
+        those the ones a write-through below is still to read from their slots (index ->
+        entry, pinned; the rest are unpinned at once, so a later window may evict them as a
+        put one by one would). Only for host pages of codec ``none``, where the put waits for
+        every write-through; the caller encodes the others one by one. Why: that way each page
+        was copied twice, with ~130 us of Python around it (4.4 s a GiB of 128 KiB pages on the
+        development VM)."""
+        if (ns.codec != "none" or not new or not self.writes.all_awaited
+                or any(rows[i].device.type != "cpu" for i in new)):
             return set(), {}
         p = self.placement
         version, offsets, total = block_layout("none", [ns.page_bytes])
-        payloads = [[pages.numpy()[:len(ikeys)]]]  # block i is row i: no view made per page
         lengths = [ns.page_bytes]
+        if isinstance(pages, torch.Tensor) and pages.is_contiguous():
+            whole = [[pages.numpy()[:len(ikeys)]]]  # block i is row i: no view made per page
+
+            def prepared(i: int) -> PreparedBlock:
+                return PreparedBlock("none", version, 1, total, offsets, lengths, whole, row=i)
+        else:
+            def prepared(i: int) -> PreparedBlock:
+                return PreparedBlock("none", version, 1, total, offsets, lengths, [[rows[i].numpy()]])
         window = max(1, SLOTS_WINDOW_BYTES // total)
         runs: list[list[int]] = []
         for i in new:
@@ -172,8 +180,8 @@ class EngineBlocks:
         try:
             while runs:
                 run = runs.pop(0)
-                blocks = [(BlockEntry(ikeys[i], ns.name, None, 0, 1, total, time.time(), ns.codec),
-                           PreparedBlock("none", version, 1, total, offsets, lengths, payloads, row=i)) for i in run]
+                blocks = [(BlockEntry(ikeys[i], ns.name, None, 0, 1, total, time.time(), ns.codec), prepared(i))
+                          for i in run]
                 done = p.fill_chain_in_place(blocks, lambda: self.catalog.check_live(ns))
                 placed.update(run[:len(done)])
                 keep = {i: e for i, e in zip(run, done, strict=False) if self.writes.writes_below(min(e.tiers))}

@@ -192,8 +192,8 @@ def test_compressed_pages_come_back_the_block_by_block_way():
 
 
 def test_contiguous_pages_go_straight_into_host_slots_and_are_durable_when_acknowledged(tmp_path):
-    """A contiguous ``[n, page]`` tensor is written into the host tier's slots with no page
-    encoded on its own (``_put_in_slots``); the SSD write-through reads those slots, and the put
+    """A contiguous ``[n, page]`` tensor, and separate rows, are written into the host tier's
+    slots with no page encoded on its own (``_put_in_slots``); the SSD write-through reads those slots, and the put
     returns only once it is durable: a process SIGKILLed right after the put returned loses none
     of its pages."""
     ack = tmp_path / "acked"
@@ -209,6 +209,7 @@ eb.encode_block_for_put = lambda *a, **k: encoded.append(1) or real(*a, **k)
 c = ssd_cache(Path({str(tmp_path)!r}) / "ssd", host="1MiB")
 c.register_block_namespace("e", page_bytes={PAGE}, fingerprint=FP)
 n = c.put_blocks("e", keys(40), pages(40, seed=3))
+n += c.put_blocks("e", keys(20, 40), list(pages(20, seed=5)))  # separate rows, as the connectors pass them
 Path({str(ack)!r}).write_text(f"{{n}} {{len(encoded)}}")
 time.sleep(600)
 """
@@ -223,10 +224,11 @@ time.sleep(600)
     finally:
         proc.kill()
         proc.wait(60)
-    assert ack.read_text() == "40 0"  # all stored, none encoded one by one
+    assert ack.read_text() == "60 0"  # all stored, none encoded one by one
     with ssd_cache(tmp_path / "ssd") as c:  # SSD only now
-        out = torch.zeros(40, PAGE, dtype=torch.uint8)
-        assert c.get_blocks_into("e", keys(40), out) == 40 and torch.equal(out, pages(40, seed=3))
+        out = torch.zeros(60, PAGE, dtype=torch.uint8)
+        assert c.get_blocks_into("e", keys(60), out) == 60
+        assert torch.equal(out[:40], pages(40, seed=3)) and torch.equal(out[40:], pages(20, seed=5))
 
 
 def test_pages_written_into_slots_keep_first_writer_wins_and_overflow_by_lru(monkeypatch):
@@ -250,8 +252,13 @@ def test_pages_written_into_slots_keep_first_writer_wins_and_overflow_by_lru(mon
         present = c.block_exists("e", keys(300, 1000)).present
         assert present[-1] and not present[0]
         assert c.get_blocks_into("e", keys(1, 1299), out[:1]) == 1 and torch.equal(out[0], big[299])
-        assert c.put_blocks("e", keys(3, 5000), [bytes(PAGE)] * 3) == 3  # rows, not one tensor
-        assert len(encoded) == 3
+        rows = [bytes([k]) * PAGE for k in (7, 8, 9)]  # separate rows, as the connectors pass them
+        assert c.put_blocks("e", keys(3, 5000), rows) == 3 and encoded == []
+        assert c.get_blocks_into("e", keys(3, 5000), out[:3]) == 3
+        assert [bytes(r.numpy()) for r in out[:3]] == rows
+        c.register_block_namespace("z", page_bytes=PAGE, fingerprint=FP, codec="zstd")
+        assert c.put_blocks("z", keys(3), pages(3)) == 3
+        assert len(encoded) == 3  # compressed pages are encoded one by one
 
 
 def test_capacity_evicts_least_recently_used_pages(tmp_path):
