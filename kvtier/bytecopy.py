@@ -104,6 +104,17 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
         byte_view(dst).copy_(byte_view(src), non_blocking=True)
 
 
+def copy_plan(dsts: Sequence[np.ndarray], src: np.ndarray, plan: np.ndarray) -> None:
+    """Copy runs of ``src`` into ``dsts`` as ``copy_runs`` does (``plan``: int64 rows of
+    destination index, destination offset, source offset, length); one numpy copy per run
+    where ``kvtier._fastcopy`` is not built."""
+    if copy_runs is not None:
+        copy_runs(dsts, src, plan)
+        return
+    for d, to, at, n in plan.tolist():
+        dsts[d][to: to + n] = src[at: at + n]
+
+
 def _check_contiguous(t: torch.Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(f"expected a contiguous tensor, got shape {tuple(t.shape)} strides {t.stride()}")

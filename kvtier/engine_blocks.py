@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -115,10 +116,10 @@ class EngineBlocks:
         try:
             todo: list[tuple[BlockEntry, Block]] = []
             in_pieces = p.takes_pieces(ns.page_bytes)
-            for i in new:
+            for i in (i for i in new if i not in in_slots):
                 key, row = ikeys[i], rows[i]
                 with p.lock:
-                    if i in in_slots or p.live(key, ns.ttl_s) is not None:
+                    if p.live(key, ns.ttl_s) is not None:  # a concurrent put stored it meanwhile
                         continue
                 data = encode_block_for_put(codec, [[row.view(1, -1)]], pieces=in_pieces)
                 todo.append((BlockEntry(key, ns.name, None, 0, 1, len(data), time.time(), ns.codec), data))
@@ -169,7 +170,7 @@ class EngineBlocks:
             def prepared(i: int) -> PreparedBlock:
                 return PreparedBlock("none", version, 1, total, offsets, lengths, [[rows[i].numpy()]])
         window = max(1, SLOTS_WINDOW_BYTES // total)
-        runs: list[list[int]] = []
+        runs: deque[list[int]] = deque()
         for i in new:
             if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < window:
                 runs[-1].append(i)
@@ -179,7 +180,7 @@ class EngineBlocks:
         held: dict[int, BlockEntry] = {}
         try:
             while runs:
-                run = runs.pop(0)
+                run = runs.popleft()
                 blocks = [(BlockEntry(ikeys[i], ns.name, None, 0, 1, total, time.time(), ns.codec), prepared(i))
                           for i in run]
                 done = p.fill_chain_in_place(blocks, lambda: self.catalog.check_live(ns))
@@ -190,7 +191,7 @@ class EngineBlocks:
                 if not done:
                     break  # no room (what is there is pinned), or a concurrent put: one by one
                 if len(done) < len(run):  # the tier filled up: the next window evicts to go on
-                    runs.insert(0, run[len(done):])
+                    runs.appendleft(run[len(done):])
         except BaseException:
             p.release(held.values())
             raise

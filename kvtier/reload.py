@@ -16,7 +16,7 @@ import torch
 
 from kvtier.block import decode_block_into, parse_header, parse_table
 from kvtier.bufpool import block_buffers
-from kvtier.bytecopy import byte_view, copy_runs
+from kvtier.bytecopy import byte_view, copy_plan
 from kvtier.errors import CorruptBlock, StorageFull
 from kvtier.index import BlockEntry
 from kvtier.placement import Placement
@@ -86,8 +86,9 @@ class Reloads:
         ``load_block``: a page elsewhere, compressed, or whose header does not parse).
 
         Why: through ``load_block`` (a pool hand-off, tensors and records per page) 1 GiB of
-        32 KiB pages took 10 s on the development VM; each copies in ~3 us. Not verified again, as ``load_block`` does not for memory tiers: they
-        hold bytes verified on their way in. Each header is parsed (its own checksum checked)."""
+        32 KiB pages took 10 s on the development VM; each copies in ~3 us. Not verified again,
+        as ``load_block`` does not for memory tiers: they hold bytes verified on their way in.
+        Each header is parsed (its own checksum checked)."""
         p = self.placement
         if not p.tiers or not entries or not isinstance(tier := p.tiers[0], MemoryTier):
             return 0
@@ -111,12 +112,7 @@ class Reloads:
             plan.append((d, o, offset + table[0][0], page_bytes))
             nbytes += n
         if plan:
-            runs = np.array(plan, dtype=np.int64)
-            if copy_runs is not None:
-                copy_runs(dsts, src, runs)
-            else:
-                for d, o, from_, length in plan:
-                    dsts[d][o: o + length] = src[from_: from_ + length]
+            copy_plan(dsts, src, np.array(plan, dtype=np.int64))
             per_page = (time.perf_counter() - start) / len(plan)
             with p.lock:
                 s = p.stats.tiers[tier.name]

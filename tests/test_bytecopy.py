@@ -1,5 +1,6 @@
 """Bulk byte copies: exact, never into a silent temporary, never through torch's thread pool."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,16 @@ def test_address_is_the_first_byte_of_any_array():
     }
     for name, arr in cases.items():
         assert address(arr) == arr.ctypes.data, name
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_copy_plan_copies_each_run_with_or_without_the_c_module(monkeypatch, built):
+    if not built:
+        monkeypatch.setattr(bytecopy, "copy_runs", None)
+    elif bytecopy.copy_runs is None:
+        pytest.skip("kvtier._fastcopy is not built here")
+    src = np.arange(1000, dtype=np.int64).astype(np.uint8)
+    dsts = [np.zeros(64, np.uint8), np.zeros(64, np.uint8)]
+    bytecopy.copy_plan(dsts, src, np.array([(0, 8, 100, 16), (1, 0, 500, 64), (0, 40, 0, 4)], np.int64))
+    assert dsts[0][8:24].tolist() == src[100:116].tolist() and dsts[0][40:44].tolist() == [0, 1, 2, 3]
+    assert dsts[1].tolist() == src[500:564].tolist() and not dsts[0][:8].any() and not dsts[0][24:40].any()

@@ -25,7 +25,7 @@ from kvtier.client_answers import DirectAnswers
 from kvtier.config import HostTierConfig
 from kvtier.server.testing import free_port, serve_in_thread
 from kvtier.settings import ServerSettings
-from tests.conftest import random_bytes
+from tests.conftest import random_bytes, random_kv
 
 BT = 64
 LAYOUT = KVLayout(2, ((8, 64), (8, 64)), "float32")  # 8 KiB a token
@@ -33,9 +33,7 @@ TOKENS = MAPPED_BYTES // LAYOUT.bytes_per_token + BT  # an answer just over the 
 
 
 def rand_kv(seed: int, tokens: int = TOKENS) -> list[tuple[torch.Tensor, ...]]:
-    g = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randn(tokens, *s, generator=g) for s in LAYOUT.tensor_shapes)
-            for _ in range(LAYOUT.num_layers)]
+    return random_kv(tokens, LAYOUT.num_layers, 8, 64, seed=seed)  # LAYOUT's shapes
 
 
 def ids(start: int, n: int = TOKENS) -> list[int]:
@@ -145,16 +143,16 @@ def _answer_pool(cache, url):
     raise AssertionError("no app serves this cache")
 
 
-class _AnswersOncePerConnection:
-    """A loopback server that answers the first request on each connection and closes the
-    connection after reading the second (a keep-alive close racing a request): requests
-    counted as they arrive."""
+class _LoopbackServer:
+    """A raw HTTP server on a free loopback port: each connection it accepts goes to ``handle``
+    (on the accepting thread)."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.requests = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
 
     def _serve(self) -> None:
         while True:
@@ -162,26 +160,49 @@ class _AnswersOncePerConnection:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+def _read_request(conn: socket.socket, data: bytes = b"") -> bytes | None:
+    """Read one request with a ``Content-Length`` body (``data``: bytes already received), all of
+    it: closing with bytes unread would be a reset. Returns what followed it; None at the end
+    of the stream."""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, data = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(data) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data[length:]
+
+
+class _AnswersOncePerConnection(_LoopbackServer):
+    """Answers the first request on each connection and closes the connection after reading
+    the second (a keep-alive close racing a request): requests counted as they arrive."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
 
     def _connection(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
+            data: bytes | None = b""
             for n in range(2):
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head, _, data = data.partition(b"\r\n\r\n")
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
-                while len(data) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                data = data[length:]
+                data = _read_request(conn, data or b"")
+                if data is None:
+                    return
                 self.requests += 1
                 if n == 0:
                     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
@@ -224,37 +245,22 @@ def test_a_kept_alive_connection_the_server_dropped_is_retried_once(cache):
         assert c._direct.calls == 2
 
 
-class _DyingServer:
-    """A loopback server that answers every request with a 200 announcing ``length`` bytes,
-    sends ``sent`` of them and then closes (``sent`` None: sends nothing and never closes)."""
+class _DyingServer(_LoopbackServer):
+    """Answers every request with a 200 announcing ``length`` bytes, sends ``sent`` of them and
+    then closes (``sent`` None: sends nothing and never closes)."""
 
     def __init__(self, length: int, sent: int | None) -> None:
         self.length, self.sent = length, sent
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(body) < length:  # all of it: closing with bytes unread would be a reset
-                body += conn.recv(65536)
-            if self.sent is None:
-                continue  # stall: the client's timeout has to end it
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/msgpack\r\n"
-                         b"content-length: %d\r\n\r\n" % self.length + b"\x00" * self.sent)
-            conn.close()
+    def handle(self, conn: socket.socket) -> None:
+        self.conns.append(conn)
+        if _read_request(conn) is None or self.sent is None:
+            return  # sent None: stall, the client's timeout has to end it
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/msgpack\r\n"
+                     b"content-length: %d\r\n\r\n" % self.length + b"\x00" * self.sent)
+        conn.close()
 
     def close(self) -> None:
         self.sock.close()

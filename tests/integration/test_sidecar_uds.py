@@ -32,6 +32,7 @@ from kvtier.server.testing import free_port, serve_in_thread
 from kvtier.server.unix_socket import listen_unix
 from kvtier.settings import ServerSettings
 from kvtier.wire import MSGPACK, PIECE_BYTES
+from tests.conftest import random_kv
 
 ROOT = Path(__file__).resolve().parents[2]
 BT = 64
@@ -40,9 +41,7 @@ TOKENS = 4 * PIECE_BYTES // LAYOUT.bytes_per_token  # a body of several pieces: 
 
 
 def rand_kv(seed: int, tokens: int = TOKENS) -> list[tuple[torch.Tensor, ...]]:
-    g = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randn(tokens, *s, generator=g) for s in LAYOUT.tensor_shapes)
-            for _ in range(LAYOUT.num_layers)]
+    return random_kv(tokens, LAYOUT.num_layers, 8, 64, seed=seed)  # LAYOUT's shapes
 
 
 def same(got, want) -> bool:
