@@ -24,7 +24,8 @@ pre-allocated by ``KVLayout.empty``, as a reload allocates it.
   (``copy_runs``), the machine's limit for a copy;
 - the calls a user makes, per round on the whole prefix: ``TieredCache.put`` into a host-only
   cache (fresh token ids, evicted after) and ``TieredCache.get_into`` the destination, each
-  also without ``kvtier._fastcopy``, against one memcpy of the whole prefix's bytes (and one
+  also without ``kvtier._fastcopy``, and ``get_into`` KV that is a tensor per layer and K/V, each
+  its own allocation (a model's own cache), against one memcpy of the whole prefix's bytes (and one
   with streaming stores); and the put with one block per copy (``kvtier.writes``'
   ``SLOTS_WINDOW_BYTES`` at 1: a new read stream per tensor and block, placed one by one);
   and the same bytes as engine pages of the block's size (what the vLLM and SGLang connectors
@@ -247,6 +248,11 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
         with numpy_only():
             return cache_get_into()
 
+    apart = [tuple(torch.empty_like(t) for t in layer) for layer in src]  # a tensor each, as a model's cache
+
+    def cache_get_into_apart():
+        return _timed(lambda: cache.get_into("bench", prefix_ids, apart))
+
     pages = torch.from_numpy(src_plain).view(n, kv_bytes)  # engine pages of the block's size
     page_out = torch.from_numpy(dst_plain).view(n, kv_bytes)
     cache.register_block_namespace("pages", page_bytes=kv_bytes, fingerprint={"bench": "host_tier"})
@@ -270,6 +276,7 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
              "TieredCache.put, one block per copy": cache_put_one_by_one,
              "TieredCache.get_into the prefix": cache_get_into,
              "TieredCache.get_into, numpy's copies": cache_get_into_numpy,
+             "TieredCache.get_into a tensor per layer and K/V": cache_get_into_apart,
              "TieredCache.put_blocks, engine pages of the block's size": cache_put_blocks,
              "TieredCache.get_blocks_into the same pages": cache_get_blocks_into,
              "memcpy of the prefix with streaming stores": lambda: _timed(lambda: streamed_copy(dst_plain, src_plain)),

@@ -17,11 +17,11 @@ from kvtier.errors import InvalidRequest
 
 PERCENTILES = (1.0, 5.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.99)
 DATASET_DIR = "kvtier-bench-io"
-# --path get|loader|sidecar: a Llama-3-8B-shaped namespace (32 layers, K and V of 8 heads x 128,
+# --path get|get_into|loader|sidecar: a Llama-3-8B-shaped namespace (32 layers, K and V of 8 heads x 128,
 # bf16), 128 KiB a token (``kvtier.bench.io_paths``)
 LAYERS, HEADS, HEAD_DIM = 32, 8, 128
 TOKEN_BYTES = LAYERS * 2 * HEADS * HEAD_DIM * 2
-PATHS = ("raw", "get", "loader", "sidecar")
+PATHS = ("raw", "get", "get_into", "loader", "sidecar")
 
 
 @dataclass(frozen=True, slots=True)

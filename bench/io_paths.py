@@ -1,4 +1,4 @@
-"""``kvtier bench io --path get|loader``: the reload paths a user calls, timed like a fio job.
+"""``kvtier bench io --path get|get_into|loader|sidecar``: the reload paths a user calls, timed like a fio job.
 
 ``--path raw`` (``kvtier.bench.io``) times the SSD tier's ``read_into``; these paths time what
 an application calls on a ``TieredCache`` whose only tier is the SSD (no host tier, no
@@ -6,6 +6,9 @@ promotion, so every round reads the disk):
 
 - ``get``: ``TieredCache.get`` of the whole prefix (``--size`` bytes of KV): the cache
   allocates the output and reloads it through the loader, every block verified.
+- ``get_into``: ``TieredCache.get_into`` of the prefix into preallocated KV that is a tensor
+  per layer and K/V, each its own allocation (a model's own cache, not page-aligned: every
+  range is staged, verified and copied), faulted in before the first call.
 - ``loader``: ``Loader.load`` of the leased prefix into preallocated KV, layer by layer, then
   ``wait_all`` (what an engine connector does). The KV is faulted in before the first call, as
   an engine's KV memory is long before a load writes into it.
@@ -52,7 +55,7 @@ NAMESPACE = "bench-io"
 
 
 def data_root(p) -> Path:
-    """The SSD tier's data directory of the ``get``/``loader``/``sidecar`` data set of job ``p``
+    """The SSD tier's data directory of the product paths' data set of job ``p``
     (kept and reused: its segment files are also what ``fio@kvtier`` reads)."""
     return dataset_dir(p).with_name(f"path-{p.bs}")
 
@@ -115,6 +118,7 @@ class _Session:
     cache: Any
     loader: Any = None
     dest: Any = None
+    kv: Any = None  # get_into's destination: a tensor per layer and K/V
     client: Any = None
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
@@ -153,6 +157,8 @@ def kept_open():
 def _session(p, root: Path, tokens: list[int], progress) -> _Session:
     """The open session on ``root`` (one cache per data directory: it is locked), readied for
     ``p.path``."""
+    import torch
+
     from kvtier.bufpool import prefault
     from kvtier.loader import Loader, LoaderConfig
 
@@ -170,6 +176,12 @@ def _session(p, root: Path, tokens: list[int], progress) -> _Session:
             for layer in s.dest:
                 for t in layer:
                     prefault(t)
+        elif p.path == "get_into" and s.kv is None:
+            s.kv = [tuple(torch.empty(len(tokens), HEADS, HEAD_DIM, dtype=torch.bfloat16) for _ in range(2))
+                    for _ in range(LAYERS)]
+            for layer in s.kv:
+                for t in layer:
+                    prefault(t)
         elif p.path == "sidecar" and s.client is None:
             s.client = _sidecar(s.stack, s.cache)
     except BaseException:
@@ -182,7 +194,8 @@ def _session(p, root: Path, tokens: list[int], progress) -> _Session:
 
 
 def run_path(p, progress=None):
-    """Run job ``p`` on ``p.path`` (``get``, ``loader`` or ``sidecar``); returns an ``IOResult``."""
+    """Run job ``p`` on ``p.path`` (``get``, ``get_into``, ``loader`` or ``sidecar``); returns an
+    ``IOResult``."""
     check_path(p)
     blocks = p.size // p.bs
     tokens = list(range(1, blocks * (p.bs // TOKEN_BYTES) + 1))
@@ -211,6 +224,8 @@ def run_path(p, progress=None):
                     cache.release(lease)
             elif client is not None:
                 _, n = client.get(NAMESPACE, tokens)
+            elif p.path == "get_into":
+                n = cache.get_into(NAMESPACE, tokens, s.kv)
             else:
                 _, n = cache.get(NAMESPACE, tokens)
             lat.append(time.perf_counter_ns() - t)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import itertools
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -453,6 +453,17 @@ def _head_bytes(buf: bytes | bytearray | memoryview | torch.Tensor) -> memoryvie
         return fixed
     _, _, clen, _, n_layers, _, _ = _FIXED.unpack_from(fixed)
     return buf[: _FIXED.size + _pad8(clen) + n_layers * _ENTRY.size].cpu().numpy().data
+
+
+def verify_layers(table: Sequence[tuple[int, int, int]], layers: Iterable[int], arr: np.ndarray, base: int = 0) -> None:
+    """Check the payload crc32c of ``layers`` of a block whose (offset, length, crc) ``table``
+    is given (``parse_table``'s, or a ``BlockHeader``'s ``layers``); ``arr`` (host bytes) holds
+    the block from byte ``base``. Raises CorruptBlock on the first layer that is short or wrong."""
+    for layer in layers:
+        offset, length, crc = table[layer][:3]
+        start = offset - base
+        if start < 0 or start + length > arr.size or checksum(arr[start: start + length]) != crc:
+            raise CorruptBlock(f"layer {layer} payload checksum mismatch")
 
 
 def decode_layer_into(

@@ -33,6 +33,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from kvtier.block import decode_layer_into, header_of, header_size, parse_table
@@ -44,7 +45,6 @@ from kvtier.loader_promote import Assembly, Promoter
 from kvtier.loader_ranged import RangedReads
 from kvtier.loader_whole import WholeReads
 from kvtier.loadstream import LoadStream, PrefixTruncated
-from kvtier.prefixkv import PrefixKV
 from kvtier.recorder import LoadResult
 from kvtier.staging import StagingRing
 from kvtier.tiers.base import MemoryTier, RegisteredBatchReads, Tier, kind_check
@@ -205,16 +205,19 @@ class Loader:
         group (groups of ``min_read_bytes`` of a block, as the I/O path reads them), or each
         block whole where the caller waits for the whole prefix (``layerwise=False``).
 
-        Into a host prefix that ``PrefixKV`` can copy strided (``KVLayout.empty``), a group of a
-        ``none`` block is one ``copy_runs`` call (numpy: one copy per tensor of a layer); else
-        ``decode_layer_into`` per layer and tensor, as for device destinations. Why: the
-        per-tensor way costs about 1 ms of Python per 2 MiB block, four times its copy
-        (``python -m kvtier.bench.host_tier``)."""
+        Into host KV (``KVLayout.empty``'s, or a tensor per layer and K/V) a group of the
+        ``none`` blocks a host tier holds is one ``copy_runs`` call for all of them
+        (``PrefixKV.decode_many``; numpy: a copy per tensor of a block); other blocks are
+        decoded one by one (``decode_layer_into`` per layer and tensor where the destination
+        is a device's). Why: the per-tensor way costs about 1 ms of Python per 2 MiB block,
+        four times its copy, and a call per block still 60 us (``python -m
+        kvtier.bench.host_tier``)."""
         if not items:
             return
         start = time.perf_counter()
-        prefix = PrefixKV(job.dest, job.block_tokens) if job.codec == "none" else None
-        ready = []
+        prefix = job.prefix
+        ready = []  # decoded one by one
+        together: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]] = {}  # by arena and step
         for i, b, tier in items:
             try:
                 view = tier.view(b.key)
@@ -223,21 +226,31 @@ class Loader:
                 if len(table) != job.n_layers:
                     raise CorruptBlock(f"block has {len(table)} layers, expected {job.n_layers}")
                 step = prefix.strided_step(codec, table) if prefix is not None and view.device.type == "cpu" else 0
+                arena, slot = (tier.host_bytes, tier.slot(b.key)) if step else (None, None)
+                if arena is not None and slot is not None:
+                    together.setdefault((id(arena), step), (arena, []))[1].append((i, slot[0] + table[0][0]))
+                    continue
                 header = None if step else header_of(*parsed)
             except (KeyError, CorruptBlock) as e:
                 log.warning("block %d in %s unusable (%s); reading it whole", i, tier.name, e)
                 self._fallback(job, i, b)
                 continue
             ready.append((i, view, header, step, table))
-        lengths = [n for _, n, _ in ready[0][4]] if ready else []
+        n_layers = job.n_layers
+        lengths = [n for _, n, _ in ready[0][4]] if ready else [prefix._layer_bytes if prefix else 0] * n_layers
         groups = layer_groups(lengths, self.config.min_read_bytes if layerwise else sum(lengths))
+        landing = sorted([i for i, *_ in ready] + [i for _, rows in together.values() for i, _ in rows])
         with self._on_load_stream():
             for group in groups:
                 if job.stream.cancelled:
                     break
-                landed = [i for i, _, _, _, _ in ready if i < job.stream.valid_blocks]
+                valid = job.stream.valid_blocks
+                landed = [i for i in landing if i < valid]
+                for (_, step), (arena, rows) in together.items():
+                    assert prefix is not None
+                    prefix.decode_many(arena, [r for r in rows if r[0] < valid], step, group)
                 for i, view, header, step, table in ready:
-                    if i >= job.stream.valid_blocks:
+                    if i >= valid:
                         continue
                     if step:
                         assert prefix is not None

@@ -15,6 +15,7 @@ from kvtier.index import LeasedBlock
 from kvtier.layout import block_slice
 from kvtier.loader_promote import Assembly
 from kvtier.loadstream import LoadStream
+from kvtier.prefixkv import PrefixKV
 from kvtier.recorder import LoadResult, TierReads
 from kvtier.tiers.base import Tier
 
@@ -37,13 +38,20 @@ class LoadJob:
     keep: frozenset[bytes] = frozenset()  # this load's blocks: its promotions never evict them
     promote: bool = False  # the cache promotes blocks read from slower tiers
     result: LoadResult = field(default_factory=LoadResult)  # reported once the load is done
+    # ``dest`` in blocks, for the paths' copies of ``none`` blocks into host KV (None: other codecs)
+    prefix: PrefixKV | None = None
     _outs: dict[int, list[list[torch.Tensor]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.codec == "none" and self.prefix is None:
+            self.prefix = PrefixKV(self.dest, self.block_tokens)
 
     def finish(self) -> None:
         """Let go of the destination once the load is done (before its waiters wake). Why: a
         worker thread holds its task's arguments, this job among them, until it takes its next
         task, and ``get``'s KV must be free to return to its pool as soon as the caller drops it."""
         self.dest = ()
+        self.prefix = None
         self._outs.clear()
 
     def outs(self, i: int) -> list[list[torch.Tensor]]:

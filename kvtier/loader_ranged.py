@@ -50,6 +50,7 @@ from kvtier.block import (
     header_size,
     layout,
     parse_table,
+    verify_layers,
 )
 from kvtier.bufpool import ALIGN, align_up, aligned_empty
 from kvtier.bytecopy import copy_bytes
@@ -333,12 +334,20 @@ class RangedReads:
             got = tier.read_into(b.key, buf, lo)
             if got != hi - lo:
                 raise CorruptBlock(f"short read: {got} of {hi - lo} bytes")
-            views = job.outs(i)
-            with self._on_stream():
-                for layer in g:
-                    decode_layer_into(h, layer, buf, views[layer], verify=True, base=lo)
-                if self._cuda is not None:
-                    self._cuda.synchronize()  # the slot is reused once its copies are done
+            prefix = job.prefix
+            step = prefix.strided_step(h.codec, h.layers) if prefix is not None and buf.is_cpu else 0
+            if step:  # host KV: the group's layers verified, then one copy call (PrefixKV)
+                assert prefix is not None
+                arr = buf.numpy()
+                verify_layers(h.layers, g, arr, lo)
+                prefix.decode_layers(i, arr, h.layers[0].offset - lo, step, g)
+            else:
+                views = job.outs(i)
+                with self._on_stream():
+                    for layer in g:
+                        decode_layer_into(h, layer, buf, views[layer], verify=True, base=lo)
+                    if self._cuda is not None:
+                        self._cuda.synchronize()  # the slot is reused once its copies are done
             job.stream._land(g, [i])
             self._promoter.gather(job, i, buf, lo, hi)
         except (KeyError, KVTierError, OSError) as e:

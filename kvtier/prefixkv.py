@@ -5,11 +5,13 @@ slice and a copy: 64 of them for a Llama-3-8B block. Done with torch views per b
 tens of microseconds of Python per tensor, more than the copy itself for 2 MiB blocks (a
 16-token page: 32 KiB per tensor). ``PrefixKV`` takes the tensors' numpy views once; then:
 
-- ``decode(i, data)`` of a ``none`` block into a host prefix whose tensors share one allocation
-  at a regular stride (``KVLayout.empty`` allocates them so) is one ``copy_runs`` call for the
-  whole block (``kvtier._fastcopy``: a run per layer and tensor, streaming stores), or one
-  strided numpy copy per tensor of a layer where that is not built; other codecs, device
-  destinations and scattered tensors take ``decode_block_into`` on ``views(i)``;
+- ``decode(i, data)`` of a ``none`` block into host KV is one ``copy_runs`` call for the whole
+  block (``kvtier._fastcopy``: a run per layer and tensor, streaming stores): into tensors that
+  share one allocation at a regular stride (``KVLayout.empty`` allocates them so) or into a
+  tensor per layer and K/V, each its own allocation (a model's own cache). Where the C module is
+  not built, one strided numpy copy per tensor of a layer (a copy per tensor for the latter).
+  ``decode_many`` lands many blocks lying in one array (a host tier's memory) in one call.
+  Other codecs and device destinations take ``decode_block_into`` on ``views(i)``;
 - ``prepare(i, codec)`` hands a ``none`` block's parts to the encoder as row ``i`` of per-tensor
   ``[blocks, bytes]`` numpy views made once, without touching torch, and the encoder copies
   them into place with one call per block.
@@ -28,11 +30,11 @@ import torch
 
 from kvtier.block import (
     PreparedBlock,
-    checksum,
     decode_block_into,
     layout,
     parse_table,
     prepare_block,
+    verify_layers,
 )
 from kvtier.bytecopy import copy_runs
 from kvtier.codecs import Codec
@@ -75,11 +77,31 @@ class PrefixKV:
         return _strided_views(self.kv) if self._host else None
 
     @functools.cached_property
-    def _spans(self) -> list[np.ndarray]:
-        """For ``copy_runs``: per tensor of a layer, the bytes its strided view spans."""
-        assert self._strided is not None
-        return [np.lib.stride_tricks.as_strided(v, ((v.shape[0] - 1) * v.strides[0] + v.shape[1],), (1,))
-                for v in self._strided]
+    def _targets(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray] | None:
+        """For ``decode_layers`` (host tensors only): the byte spans a reload writes, and per
+        layer and tensor of a layer the span it lies in and block 0's offset there. A strided
+        prefix is one span per tensor of a layer (its rows a stride apart); scattered tensors
+        (one allocation each, as a model's own cache) a span per tensor. None where the layers'
+        tensors differ in size (the general decoder then says what is wrong)."""
+        if not self._host:
+            return None
+        count, width = len(self.kv), len(self._sizes)
+        rows = self.blocks * self.block_tokens
+        if any(len(layer) != width or any(t.shape[0] < rows or t[0].numel() * t.element_size() != r
+                                          for t, r in zip(layer, self._row, strict=True))
+               for layer in self.kv if rows):
+            return None
+        index = np.zeros((count, width), np.int64)
+        base = np.zeros((count, width), np.int64)
+        if self._strided is not None:
+            spans = [np.lib.stride_tricks.as_strided(v, ((v.shape[0] - 1) * v.strides[0] + v.shape[1],), (1,))
+                     for v in self._strided]
+            index[:] = np.arange(width, dtype=np.int64)
+            base[:] = np.outer(np.arange(count, dtype=np.int64), [v.strides[0] for v in self._strided])
+        else:
+            spans = [_bytes(t) for layer in self.kv for t in layer]
+            index[:] = np.arange(count * width, dtype=np.int64).reshape(count, width)
+        return spans, index, base
 
     def _plan(self, first: int, step: int, lo: int, hi: int) -> np.ndarray:
         """``copy_runs`` rows, [layers, tensors, 4], copying layers ``lo:hi`` of a block laid out
@@ -87,13 +109,12 @@ class PrefixKV:
         key = (first, step, lo, hi)
         plan = self._plans.get(key)
         if plan is None:
-            assert self._strided is not None
+            assert self._targets is not None  # a step is only found where there are targets
+            _, index, base = self._targets
             plan = np.zeros((hi - lo, len(self._sizes), 4), np.int64)
             at = first + np.arange(lo, hi, dtype=np.int64) * step
-            for j, (view, n) in enumerate(zip(self._strided, self._sizes, strict=True)):
-                plan[:, j, 0], plan[:, j, 3] = j, n
-                plan[:, j, 1] = np.arange(lo, hi, dtype=np.int64) * view.strides[0]
-                plan[:, j, 2] = at
+            for j, n in enumerate(self._sizes):
+                plan[:, j, 0], plan[:, j, 1], plan[:, j, 2], plan[:, j, 3] = index[lo:hi, j], base[lo:hi, j], at, n
                 at = at + n
             self._plans[key] = plan
         return plan
@@ -127,9 +148,7 @@ class PrefixKV:
             decode_block_into(data, self.views(i), verify=verify)
             return
         if verify:
-            for n, (offset, length, crc) in enumerate(table):
-                if offset + length > arr.size or checksum(arr[offset: offset + length]) != crc:
-                    raise CorruptBlock(f"layer {n} payload checksum mismatch")
+            verify_layers(table, range(len(table)), arr)
         self.decode_layers(i, arr, table[0][0], step, range(len(table)))
 
     def strided_step(self, codec: str, table: Sequence[tuple[int, int, int]]) -> int:
@@ -140,29 +159,68 @@ class PrefixKV:
 
     def decode_layers(self, i: int, arr: np.ndarray, first: int, step: int, layers: range) -> None:
         """Copy ``layers`` of a ``none`` block into block ``i``, unverified: one ``copy_runs``
-        call for all of them (numpy: one strided copy per tensor of a layer). ``arr`` is the
-        block's bytes, layer 0 at ``first`` and each next one ``step`` further
-        (``strided_step``). A loader landing layers in groups calls this per group. Raises
-        CorruptBlock if ``arr`` is too short."""
+        call for all of them (numpy: one copy per tensor of a layer, strided where the prefix
+        is). ``arr`` holds the block's bytes with layer 0 at ``first`` and each next one ``step``
+        further (``strided_step``); ``arr`` may be a range of the block holding just ``layers``
+        (``first`` then negative past layer 0). A loader landing layers in groups calls this per
+        group. Raises CorruptBlock if ``arr`` does not hold them."""
         self._check(i)
-        count = len(self.kv)
-        if arr.size < first + (count - 1) * step + self._layer_bytes:
-            raise CorruptBlock(f"block truncated: {arr.size} bytes")
         lo, hi = layers.start, layers.stop
+        if not 0 <= lo < hi <= len(self.kv):
+            raise IndexError(f"layers {lo}..{hi} of a prefix of {len(self.kv)} layers")
+        if first + lo * step < 0 or arr.size < first + (hi - 1) * step + self._layer_bytes:
+            raise CorruptBlock(f"block truncated: {arr.size} bytes hold no layers {lo}..{hi - 1}")
         if copy_runs is not None:
             runs = self._plan(first, step, lo, hi).copy()
             runs[:, :, 1] += i * self._block_bytes  # destination: block i of each tensor
-            copy_runs(self._spans, arr, runs)
+            assert self._targets is not None
+            copy_runs(self._targets[0], arr, runs)
             return
-        if first + count * step <= arr.size:  # the usual case: a plain reshape, no as_strided
-            src = arr[first: first + count * step].reshape(count, step)
+        start, count = first + lo * step, hi - lo
+        if start + count * step <= arr.size:  # the usual case: a plain reshape, no as_strided
+            src = arr[start: start + count * step].reshape(count, step)
         else:
-            src = np.lib.stride_tricks.as_strided(arr[first:], (count, self._layer_bytes), (step, 1))
+            src = np.lib.stride_tricks.as_strided(arr[start:], (count, self._layer_bytes), (step, 1))
+        if self._strided is None:  # scattered tensors: a copy per tensor
+            assert self._targets is not None
+            spans, index, base = self._targets
+            for k, layer in enumerate(layers):
+                at = 0
+                for j, n in enumerate(self._sizes):
+                    to = int(base[layer, j]) + i * n
+                    np.copyto(spans[index[layer, j]][to:to + n], src[k, at:at + n])
+                    at += n
+            return
         at = 0
-        assert self._strided is not None  # a step is only found for a strided prefix
         for view, n in zip(self._strided, self._sizes, strict=True):
-            np.copyto(view[lo:hi, i * n:(i + 1) * n], src[lo:hi, at:at + n])
+            np.copyto(view[lo:hi, i * n:(i + 1) * n], src[:, at:at + n])
             at += n
+
+    def decode_many(self, arr: np.ndarray, blocks: Sequence[tuple[int, int]], step: int, layers: range) -> None:
+        """``decode_layers`` for many ``none`` blocks that lie in one array (a memory tier's
+        ``host_bytes``): block ``i``'s layer 0 at ``arr[first]`` for each ``(i, first)``, all
+        with the same ``step``. One ``copy_runs`` call for them all. Why: a call per block of
+        a host prefix cost ~60 us of Python per 2 MiB block, a third of its copy. Unverified,
+        as ``decode_layers``; raises CorruptBlock (nothing copied) if a block is out of ``arr``."""
+        if not blocks:
+            return
+        count = len(self.kv)
+        if not 0 <= layers.start < layers.stop <= count:
+            raise IndexError(f"layers {layers.start}..{layers.stop} of a prefix of {count} layers")
+        for i, first in blocks:
+            self._check(i)
+            if first < 0 or arr.size < first + (count - 1) * step + self._layer_bytes:
+                raise CorruptBlock(f"block {i} at {first} is out of its tier's memory")
+        if copy_runs is None:
+            for i, first in blocks:
+                self.decode_layers(i, arr, first, step, layers)
+            return
+        assert self._targets is not None  # a step is only found where there are targets
+        rows = np.array(blocks, dtype=np.int64)
+        runs = np.repeat(self._plan(0, step, layers.start, layers.stop)[None], len(blocks), axis=0)
+        runs[..., 1] += (rows[:, :1] * self._block_bytes)[:, None, :]  # block i of each tensor
+        runs[..., 2] += rows[:, 1, None, None]
+        copy_runs(self._targets[0], arr, runs.reshape(-1, 4))
 
     def _check(self, i: int) -> None:
         if not 0 <= i < self.blocks:
@@ -173,7 +231,7 @@ class PrefixKV:
         of a layer decodes the block exactly (codec ``none``, every layer the size this prefix
         expects, at one stride, into a strided host destination); else 0."""
         length = self._layer_bytes
-        if self._strided is None or codec != "none" or len(table) != len(self.kv):
+        if self._targets is None or codec != "none" or len(table) != len(self.kv):
             return 0
         step = table[1][0] - table[0][0] if len(table) > 1 else length
         at = table[0][0]

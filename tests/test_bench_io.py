@@ -220,7 +220,7 @@ def test_verify_ceiling_reports_every_path(tmp_path: Path) -> None:
 
 
 @needs_fio
-@pytest.mark.parametrize("path", ["get", "loader", "sidecar"])
+@pytest.mark.parametrize("path", ["get", "get_into", "loader", "sidecar"])
 def test_product_paths_report_direct_reads_next_to_fio(tmp_path: Path, path: str) -> None:
     """``--path get`` (the default for ssd reads) times ``TieredCache.get`` itself, and its
     counters show every read went O_DIRECT."""

@@ -105,15 +105,22 @@ def test_split_prefix_loads_exactly_over_both_paths(tmp_path):
         loader.close()
 
 
-def test_memory_blocks_land_in_a_host_prefix_by_strided_copies_in_layer_groups(monkeypatch):
-    """Host-tier blocks reloaded into a ``KVLayout.empty`` prefix: a numpy copy per tensor of a
-    layer for a whole group of layers (no per-layer, per-tensor decode), groups landing in order,
-    exact bytes; into tensors that do not share one allocation, the per-layer decode, exact too."""
+@pytest.mark.parametrize("dest_kind", ["layout_empty", "a_tensor_each"])
+def test_host_blocks_land_in_host_kv_by_one_copy_per_layer_group(monkeypatch, dest_kind):
+    """Host-tier blocks reloaded into host KV (``KVLayout.empty``'s, or a tensor per layer and
+    K/V as a model's own cache): one ``decode_many`` call per group of layers for all blocks
+    (no per-layer, per-tensor decode), groups landing in order, exact bytes; int8 blocks take
+    the per-layer decode, exact too (their scales)."""
     import kvtier.loader as loader_mod
+    import kvtier.prefixkv as prefixkv_mod
 
-    decodes = []
+    decodes, many = [], []
     real = loader_mod.decode_layer_into
     monkeypatch.setattr(loader_mod, "decode_layer_into", lambda *a, **k: decodes.append(a[1]) or real(*a, **k))
+    real_many = prefixkv_mod.PrefixKV.decode_many
+    monkeypatch.setattr(prefixkv_mod.PrefixKV, "decode_many",
+                        lambda self, arr, blocks, step, layers: many.append((len(blocks), list(layers)))
+                        or real_many(self, arr, blocks, step, layers))
     landed: list[int] = []
     real_land = LoadStream._land
     monkeypatch.setattr(LoadStream, "_land", lambda self, layers, blocks: landed.extend(layers) or real_land(self, layers, blocks))
@@ -123,22 +130,46 @@ def test_memory_blocks_land_in_a_host_prefix_by_strided_copies_in_layer_groups(m
         toks = list(range(6 * BT))
         assert cache.put("m", toks, kv) == 6 * BT
         block = cache.acquire("m", toks)
-        layer_bytes = block.blocks[0].nbytes // LAYERS
+        layout = block.namespace.layout
         cache.release(block)
+        layer_bytes = BT * sum(t[0].numel() * t.element_size() for t in kv[0])  # a layer's payload
         loader = Loader(cache, LoaderConfig(min_read_bytes=2 * layer_bytes))  # groups of 2 layers
-        stream, dest = load(cache, loader, toks)
+
+        def into(dest):
+            lease = cache.acquire("m", toks)
+            try:
+                stream = loader.load(lease, dest)
+                stream.wait_all(10)
+            finally:
+                cache.release(lease)
+            return stream
+
+        def fresh():
+            if dest_kind == "layout_empty":
+                return layout.empty(6 * BT)
+            return [tuple(torch.full_like(t, 7.0) for t in layer) for layer in kv]  # separate allocations
+
+        dest = fresh()
+        stream = into(dest)
         assert stream.tokens == 6 * BT and stream.error is None and same(kv, dest, 6 * BT)
         assert decodes == [] and landed == [0, 1, 2, 3]
+        assert many == [(6, [0, 1]), (6, [2, 3])]
 
-        lease = cache.acquire("m", toks)
+        q = [list(range(50_000, 50_000 + 6 * BT))]
+        cache.register_namespace("q", layout=layout, codec="int8")
+        assert cache.put("q", q[0], kv) == 6 * BT
+        many.clear()
+        lease = cache.acquire("q", q[0])
         try:
-            apart = [tuple(torch.empty_like(t) for t in layer) for layer in kv]  # separate allocations
-            s2 = loader.load(lease, apart)
+            out = fresh()
+            s2 = loader.load(lease, out)
             s2.wait_all(10)
         finally:
             cache.release(lease)
-        assert s2.tokens == 6 * BT and same(kv, apart, 6 * BT)
+        assert s2.tokens == 6 * BT and many == []
         assert sorted(set(decodes)) == list(range(LAYERS))
+        assert all((a[:6 * BT].float() - b[:6 * BT].float()).abs().max() < 0.1 * b.abs().max()
+                   for la, lb in zip(out, kv, strict=True) for a, b in zip(la, lb, strict=True))
         loader.close()
 
 

@@ -142,3 +142,45 @@ def test_scatter_read_into_unaligned_buffers_goes_through_the_page_cache(tmp_pat
         after = ssd.stats()
         assert after["buffered_reads"] == before["buffered_reads"] + 1
         assert after["direct_reads"] == before["direct_reads"]
+
+
+def test_staged_ranges_land_in_a_tensor_per_layer_verified_in_one_copy_call_each(tmp_path, monkeypatch):
+    """Destination KV a tensor per layer and K/V (a model's own cache: not page-aligned, so each
+    range is staged): every range's layers are verified in the slot, then land in one copy call
+    (``PrefixKV.decode_layers``), not a decode per layer and tensor; a corrupt layer is refused
+    before it is copied and the prefix ends before its block."""
+    import kvtier.loader_ranged as ranged_mod
+    import kvtier.prefixkv as prefixkv_mod
+
+    per_tensor, grouped = [0], [0]
+    real_layer, real_layers = ranged_mod.decode_layer_into, prefixkv_mod.PrefixKV.decode_layers
+    monkeypatch.setattr(ranged_mod, "decode_layer_into",
+                        lambda *a, **k: per_tensor.__setitem__(0, per_tensor[0] + 1) or real_layer(*a, **k))
+    monkeypatch.setattr(prefixkv_mod.PrefixKV, "decode_layers",
+                        lambda *a, **k: grouped.__setitem__(0, grouped[0] + 1) or real_layers(*a, **k))
+    with ssd_cache(tmp_path) as cache:
+        toks, kv = fill(cache, 6)
+        loader = Loader(cache, LoaderConfig(min_read_bytes=1))  # a range per layer
+
+        def load_into():
+            out = [tuple(torch.full((t.shape[0] + 3, *t.shape[1:]), 7.0)[3:] for t in layer) for layer in kv]
+            assert any(t.data_ptr() % 4096 for layer in out for t in layer)  # staged, not direct
+            lease = cache.acquire("m", toks)
+            try:
+                n = loader.load(lease, out).wait_all(10)
+            finally:
+                cache.release(lease)
+            return out, n
+
+        out, n = load_into()
+        assert n == 6 * BT and same(kv, out, n)
+        assert per_tensor[0] == 0 and grouped[0] == 6 * LAYERS
+        lease = cache.acquire("m", toks)
+        victim = lease.blocks[3].key
+        cache.release(lease)
+        corrupt(cache, victim, from_end=100)  # in the last layer's V
+        out, n = load_into()
+        assert n == 3 * BT and same(kv, out, n)
+        assert bool((out[-1][1][3 * BT:4 * BT] == 7.0).all())  # the corrupt range never landed
+        assert cache.stats().tiers["ssd"].corrupt_blocks == 1
+        loader.close()

@@ -147,21 +147,83 @@ def test_fast_and_general_decodes_agree_on_aligned_and_compact_blocks(strided_co
     assert same(dest.kv, small)
 
 
-def test_scattered_destinations_and_other_codecs_take_the_general_decoder(copies):
+def test_scattered_destinations_take_the_fast_copy_and_other_codecs_the_general_decoder(strided_copy, copies):
+    """A tensor per layer and K/V (a model's own cache, one allocation each): one ``copy_runs``
+    call per block (numpy: a copy per tensor), exact; int8 blocks decode as ``decode_block_into``."""
     src = filled(GQA, 2)
-    scattered = [tuple(torch.empty_like(t) for t in layer) for layer in src]  # one allocation each
+    scattered = [tuple(torch.full_like(t, 3.0) for t in layer) for layer in src]  # one allocation each
     dest = PrefixKV(scattered, BT)
     copies.update(numpy=0, memmove=0, torch=0, runs=0)
     dest.decode(1, blocks_of(src, 2)[1])
-    assert copies == {"numpy": 0, "memmove": 2 * GQA.num_layers, "torch": 0, "runs": 0}  # one per tensor
-    assert all(torch.equal(a[BT:], b[BT:]) for la, lb in zip(src, scattered, strict=True)
-               for a, b in zip(la, lb, strict=True))
+    if strided_copy == "copy_runs":
+        assert copies == {"numpy": 0, "memmove": 0, "torch": 0, "runs": 1}
+    else:
+        assert copies == {"numpy": 2 * GQA.num_layers, "memmove": 0, "torch": 0, "runs": 0}
+    assert all(torch.equal(a[BT:], b[BT:]) and bool((b[:BT] == 3.0).all())
+               for la, lb in zip(src, scattered, strict=True) for a, b in zip(la, lb, strict=True))
     quantized = blocks_of(src, 2, "int8")
     target = PrefixKV(GQA.empty(2 * BT), BT)
     target.decode(0, quantized[0])
     ref = [[torch.empty(BT, 8, 64, dtype=torch.bfloat16) for _ in range(2)] for _ in range(4)]
     decode_block_into(quantized[0], ref)
     assert same([[t[:BT] for t in layer] for layer in target.kv], ref)
+
+
+def test_tensors_of_another_size_take_the_general_decoder_which_refuses_them(copies):
+    """A destination whose later layers are shorter, or of another row size, than layer 0 is not
+    copied into blindly: the general decoder says what does not fit."""
+    src = filled(GQA, 2)
+    block = blocks_of(src, 2)[1]
+    h = parse_header(block)
+    short = [tuple(torch.empty_like(t) for t in layer) for layer in src]
+    short[2] = (short[2][0][:BT], short[2][1])  # layer 2's K covers one block of two
+    wide = [tuple(torch.empty_like(t) for t in layer) for layer in src]
+    wide[3] = (torch.empty(2 * BT, 8, 32, dtype=torch.bfloat16), wide[3][1])
+    for kv in (short, wide):
+        dest = PrefixKV(kv, BT)
+        assert dest.strided_step(h.codec, h.layers) == 0
+        with pytest.raises((CorruptBlock, ValueError, RuntimeError)):
+            dest.decode(1, block)
+
+
+@pytest.mark.parametrize("dest_kind", ["layout_empty", "a_tensor_each"])
+def test_many_blocks_of_one_arena_land_in_one_call_each_in_its_place(strided_copy, copies, dest_kind):
+    """``decode_many``: blocks lying anywhere in one array (a host tier's memory), in any order,
+    land each in its own block of the destination, for the layers asked, in one ``copy_runs``
+    call; one out of the array refuses the call before a byte lands."""
+    src = filled(GQA, 4)
+    blocks = blocks_of(src, 4)
+    h = parse_header(blocks[0])
+    size = blocks[0].numel()
+    arena = np.zeros(8 * size + 4096, np.uint8)
+    at = {0: 5 * size, 1: 4096, 2: 2 * size + 4096, 3: 7 * size}  # scattered, not in block order
+    for i, o in at.items():
+        arena[o: o + size] = blocks[i].numpy()
+    kv = GQA.empty(4 * BT) if dest_kind == "layout_empty" else [tuple(torch.empty_like(t) for t in layer) for layer in src]
+    for layer in kv:
+        for t in layer:
+            t.view(torch.uint8).fill_(0x77)
+    dest = PrefixKV(kv, BT)
+    step = dest.strided_step(h.codec, h.layers)
+    assert step
+    first = h.layers[0].offset
+    copies.update(numpy=0, memmove=0, torch=0, runs=0)
+    dest.decode_many(arena, [(3, at[3] + first), (0, at[0] + first), (2, at[2] + first)], step, range(1, 4))
+    assert copies["runs"] == (1 if strided_copy == "copy_runs" else 0) and copies["torch"] == 0
+    for n, (got, want) in enumerate(zip(kv, src, strict=True)):
+        for t, w in zip(got, want, strict=True):
+            for i in range(4):
+                rows = t[i * BT:(i + 1) * BT]
+                if n >= 1 and i != 1:
+                    assert torch.equal(rows, w[i * BT:(i + 1) * BT])
+                else:
+                    assert bool((rows.view(torch.uint8) == 0x77).all())
+    before = [t.clone() for layer in kv for t in layer]
+    with pytest.raises(CorruptBlock, match="out of"):
+        dest.decode_many(arena, [(1, at[1] + first), (0, arena.size - 100)], step, range(4))
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for layer in kv for t in layer], strict=True))
+    with pytest.raises(IndexError):
+        dest.decode_many(arena, [(4, at[1] + first)], step, range(4))
 
 
 def test_a_corrupt_block_is_refused_before_any_byte_lands(strided_copy):

@@ -306,9 +306,10 @@ def configure_io(p: argparse.ArgumentParser) -> None:
     g.add_argument("--filename", metavar="FILE", help="fio's data file (default: DIRECTORY/kvtier-bench-io/fio-data.bin)")
     t = p.add_argument_group("kvtier")
     t.add_argument("--tier", default="ssd", metavar="TIER", help=f"tier to benchmark: {', '.join(TIERS)}")
-    t.add_argument("--path", metavar="raw|get|loader|sidecar",
+    t.add_argument("--path", metavar="raw|get|get_into|loader|sidecar",
                    help="get: TieredCache.get of the whole data set (the default for ssd reads, "
-                        "codec none); loader: Loader.load of it; sidecar: a shared-memory get "
+                        "codec none); get_into: TieredCache.get_into it, into a tensor per layer "
+                        "and K/V; loader: Loader.load of it; sidecar: a shared-memory get "
                         "from the sidecar; raw: the tier's read_into")
     t.add_argument("--codec", metavar="CODEC", default="none", help="store blocks encoded with this codec; reads decode")
     t.add_argument("--engine", default="sync", metavar="|".join(ENGINES),
