@@ -26,7 +26,9 @@ pre-allocated by ``KVLayout.empty``, as a reload allocates it.
   cache (fresh token ids, evicted after) and ``TieredCache.get_into`` the destination, each
   also without ``kvtier._fastcopy``, and ``get_into`` KV that is a tensor per layer and K/V, each
   its own allocation (a model's own cache), against one memcpy of the whole prefix's bytes (and one
-  with streaming stores); and the put with one block per copy (``kvtier.writes``'
+  with streaming stores); the put of ``[tokens, heads, dim]`` views of ``[heads, tokens, dim]``
+  tensors (what ``save_kv`` hands over from a transformers DynamicCache); and the put with one
+  block per copy (``kvtier.writes``'
   ``SLOTS_WINDOW_BYTES`` at 1: a new read stream per tensor and block, placed one by one);
   and the same bytes as engine pages of the block's size (what the vLLM and SGLang connectors
   store): ``TieredCache.put_blocks`` of fresh keys (evicted after) and ``get_blocks_into`` a
@@ -234,6 +236,13 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
         with numpy_only():
             return cache_put()
 
+    heads_first = [tuple(t.transpose(0, 1).contiguous() for t in layer) for layer in src]
+    transposed = [tuple(t.transpose(0, 1) for t in layer) for layer in heads_first]  # as save_kv hands them
+
+    def cache_put_transposed():
+        return fresh_put(lambda ids: cache.put("bench", ids, transposed), lambda ids: cache.evict("bench", ids),
+                         lambda base: list(range(base, base + n * bt)))
+
     def cache_put_one_by_one():
         window, writes_mod.SLOTS_WINDOW_BYTES = writes_mod.SLOTS_WINDOW_BYTES, 1
         try:
@@ -274,6 +283,7 @@ def run(block: int, prefix: int, rounds: int, busy: int) -> str:
     whole = {"TieredCache.put of the prefix": cache_put,
              "TieredCache.put, numpy's two passes": cache_put_two_passes,
              "TieredCache.put, one block per copy": cache_put_one_by_one,
+             "TieredCache.put of transposed views (save_kv's)": cache_put_transposed,
              "TieredCache.get_into the prefix": cache_get_into,
              "TieredCache.get_into, numpy's copies": cache_get_into_numpy,
              "TieredCache.get_into a tensor per layer and K/V": cache_get_into_apart,

@@ -115,6 +115,18 @@ def copy_plan(dsts: Sequence[np.ndarray], src: np.ndarray, plan: np.ndarray) -> 
         dsts[d][to: to + n] = src[at: at + n]
 
 
+ELEMENT_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a dtype's bits, any strides
+
+
+def host_elements(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of host tensor ``t``'s elements, its shape and strides kept, as integers of
+    the element's size (numpy has no bfloat16): for copies of strided tensors without torch.
+    Raises ValueError for a device tensor or an element size numpy has no integer for."""
+    if t.device.type != "cpu" or t.element_size() not in ELEMENT_INTS:
+        raise ValueError(f"no host integer view of a {t.dtype} tensor on {t.device}")
+    return t.detach().view(ELEMENT_INTS[t.element_size()]).numpy()
+
+
 def _check_contiguous(t: torch.Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(f"expected a contiguous tensor, got shape {tuple(t.shape)} strides {t.stride()}")

@@ -23,6 +23,7 @@ corrupt bytes are refused is exactly ``kvtier.block``'s.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,9 +37,12 @@ from kvtier.block import (
     prepare_block,
     verify_layers,
 )
-from kvtier.bytecopy import copy_runs
+from kvtier.bufpool import block_buffers
+from kvtier.bytecopy import ELEMENT_INTS, copy_runs, host_elements
 from kvtier.codecs import Codec
 from kvtier.errors import CorruptBlock
+
+GATHER_BYTES = 16 << 20  # KV a put of non-contiguous host tensors makes contiguous at a time (pooled)
 
 
 class PrefixKV:
@@ -57,6 +61,12 @@ class PrefixKV:
         self._layer_bytes = sum(self._sizes)
         self._lengths = [self._layer_bytes] * len(kv)
         self._none = layout("none", self._lengths)  # every none block's layout
+        # Host tensors not all contiguous (a model's cache seen token-first: transposed views):
+        # a put gathers GATHER_BYTES of them at a time into contiguous memory (``_gathered``).
+        self._gather = not self._host and all(
+            t.device.type == "cpu" and t.element_size() in ELEMENT_INTS for layer in kv for t in layer)
+        self._chunks: dict[int, list[list[np.ndarray]]] = {}
+        self._chunks_lock = threading.Lock()
 
     # Made on first use: each takes ~0.3 ms for a 32-layer prefix, and a put that finds all its
     # blocks stored, or a load of device KV, needs neither.
@@ -127,12 +137,48 @@ class PrefixKV:
 
     def prepare(self, i: int, codec: Codec) -> PreparedBlock:
         """Block ``i`` encoded and laid out (``kvtier.block.prepare_block``)."""
-        if codec.name != "none" or self._blocked is None:
+        if codec.name != "none" or (self._blocked is None and not self._gather):
             return prepare_block(codec, self.views(i))
         self._check(i)
+        payloads, row = (self._blocked, i) if self._blocked is not None else self._gathered(i)
         version, offsets, total = self._none
         return PreparedBlock("none", version, self.block_tokens, total, offsets, self._lengths,
-                             self._blocked, row=i)
+                             payloads, row=row)
+
+    def _gathered(self, i: int) -> tuple[list[list[np.ndarray]], int]:
+        """Block ``i`` of host tensors that are not contiguous, as ``_blocked`` would hold it:
+        the blocks around it (``GATHER_BYTES`` of KV) copied by numpy into one recycled buffer
+        (``block_buffers``), the last two such chunks kept. Why: a block at a time, each of its
+        64 tensor slices went through torch views and a ``contiguous`` copy: a put of a
+        transformers DynamicCache (``save_kv``) ran at a seventh of a contiguous put's speed.
+        A chunk's buffer goes back to the pool once no prepared block of it is held."""
+        per = max(1, GATHER_BYTES // (self._layer_bytes * len(self.kv) or 1))
+        c = i // per
+        with self._chunks_lock:
+            chunk = self._chunks.get(c)
+            if chunk is None:
+                chunk = self._chunks[c] = self._gather_chunk(c * per, min(self.blocks, (c + 1) * per))
+                while len(self._chunks) > 2:
+                    del self._chunks[next(iter(self._chunks))]
+        return chunk, i - c * per
+
+    def _gather_chunk(self, lo: int, hi: int) -> list[list[np.ndarray]]:
+        """Blocks ``lo:hi``, per tensor with bytes a contiguous ``[blocks, bytes]`` array."""
+        count, bt = hi - lo, self.block_tokens
+        buf = block_buffers.take(count * self._layer_bytes * len(self.kv)).numpy()
+        out, at = [], 0
+        for layer in self.kv:
+            parts = []
+            for t, n in zip(layer, self._sizes, strict=True):
+                if not n:
+                    continue
+                src = host_elements(t[lo * bt: hi * bt])
+                dst = buf[at: at + count * n]
+                np.copyto(dst.view(src.dtype).reshape(src.shape), src)
+                parts.append(dst.reshape(count, n))
+                at += count * n
+            out.append(parts)
+        return out
 
     def decode(self, i: int, data: torch.Tensor, *, verify: bool = True) -> None:
         """Decode the block ``data`` (1-D uint8) into block ``i``: the fastest exact way the

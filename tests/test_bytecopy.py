@@ -138,3 +138,22 @@ def test_copy_plan_copies_each_run_with_or_without_the_c_module(monkeypatch, bui
     bytecopy.copy_plan(dsts, src, np.array([(0, 8, 100, 16), (1, 0, 500, 64), (0, 40, 0, 4)], np.int64))
     assert dsts[0][8:24].tolist() == src[100:116].tolist() and dsts[0][40:44].tolist() == [0, 1, 2, 3]
     assert dsts[1].tolist() == src[500:564].tolist() and not dsts[0][:8].any() and not dsts[0][24:40].any()
+
+
+def test_host_elements_is_a_view_with_the_tensors_strides_and_bits():
+    """``host_elements``: a transposed bfloat16 view read through numpy gives the same bits in
+    the same places, and writing through it writes the tensor; a dtype numpy has no integer of
+    its size for, or a tensor off the host, is refused."""
+    from kvtier.bytecopy import host_elements
+
+    t = torch.randn(8, 4, 16).to(torch.bfloat16)
+    view = t.transpose(0, 1)
+    arr = host_elements(view)
+    assert arr.shape == tuple(view.shape) and arr.dtype == np.int16
+    assert torch.equal(torch.from_numpy(arr.copy()).view(torch.bfloat16), view.contiguous())
+    arr[1, 2, 3] = 0
+    assert t[2, 1, 3].item() == 0.0
+    with pytest.raises(ValueError, match="no host integer view"):
+        host_elements(torch.zeros(2, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="no host integer view"):
+        host_elements(torch.zeros(2, device="meta"))

@@ -336,3 +336,48 @@ def test_block_indices_are_bounded():
             prefix.views(bad)
         with pytest.raises(IndexError):
             prefix.prepare(bad, get_codec("none"))
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_non_contiguous_host_kv_is_gathered_a_chunk_at_a_time_into_the_same_blocks(monkeypatch, one_pass):
+    """KV seen token-first through transposed views (a transformers DynamicCache's
+    ``[1, heads, tokens, dim]``): ``prepare`` copies a chunk of blocks at a time into one pooled
+    buffer and hands out rows of it, in any order of blocks, each block exactly what
+    ``prepare_block`` makes of its views; a window spanning two chunks is written as two runs;
+    at most two chunks are held."""
+    import kvtier.block as block_mod
+
+    if one_pass and not block_mod.ONE_PASS_COPY:
+        pytest.skip("kvtier._fastcopy is not built here, or this CPU lacks AVX2 + VPCLMULQDQ")
+    monkeypatch.setattr(block_mod, "ONE_PASS_COPY", one_pass)
+    calls = []
+    if one_pass:
+        copy_blocks = block_mod.copy_blocks
+        monkeypatch.setattr(block_mod, "copy_blocks", lambda *a: calls.append(a[3]) or copy_blocks(*a))
+    g = torch.Generator().manual_seed(3)
+    heads_first = [tuple(torch.randn(8, 5 * BT, 64, generator=g).to(torch.bfloat16) for _ in range(2)) for _ in range(4)]
+    kv = [tuple(t.transpose(0, 1) for t in layer) for layer in heads_first]  # [tokens, heads, dim] views
+    assert not kv[0][0].is_contiguous()
+    block_kv = 4 * 2 * BT * 8 * 64 * 2
+    monkeypatch.setattr(prefixkv_mod, "GATHER_BYTES", 2 * block_kv)  # chunks of two blocks
+    prefix = PrefixKV(kv, BT)
+    codec = get_codec("none")
+    for i in (3, 0, 4, 1, 2):
+        ours, ref = prefix.prepare(i, codec), prepare_block(codec, prefix.views(i))
+        assert ours.row == i % 2 and len(prefix._chunks) <= 2
+        a, b = torch.empty(ours.nbytes, dtype=torch.uint8), torch.empty(ref.nbytes, dtype=torch.uint8)
+        ours.write_into(a)
+        ref.write_into(b)
+        assert torch.equal(a, b), i
+    blocks = [prefix.prepare(i, codec) for i in (1, 2, 3)]  # chunk 0's last, chunk 1 whole
+    outs = [torch.full((blk.nbytes,), 0xAB, dtype=torch.uint8) for blk in blocks]
+    calls.clear()
+    block_mod.write_blocks(blocks, outs)
+    assert calls == ([[0, 1]] if one_pass else [])  # block 1 alone, blocks 2 and 3 together
+    for i, out in zip((1, 2, 3), outs, strict=True):
+        expect = torch.empty(out.numel(), dtype=torch.uint8)
+        prepare_block(codec, prefix.views(i)).write_into(expect)
+        assert torch.equal(out, expect)
+    # other codecs take the general encoder, the same as before
+    fp8 = prefix.prepare(2, get_codec("fp8"))
+    assert fp8.row < 0

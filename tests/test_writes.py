@@ -69,6 +69,35 @@ def test_every_full_block_is_stored_once_bit_exact_and_counted():
         writes.close()
 
 
+@pytest.mark.parametrize("gather_blocks", [1, 3])
+def test_a_put_of_transposed_views_stores_the_same_blocks_in_every_tier(tmp_path, monkeypatch, gather_blocks):
+    """KV handed over as non-contiguous views (a model's ``[heads, tokens, dim]`` cache seen
+    token-first) is gathered a chunk at a time (``PrefixKV._gathered``; chunks of 1 and of 3
+    blocks, so windows span chunks): each block lands in the host tier and, written through,
+    on the SSD tier, bit-exact, as from contiguous tensors."""
+    import kvtier.prefixkv as prefixkv_mod
+
+    block_kv = sum(t[0].numel() * t.element_size() for layer in KV for t in layer) * BT
+    monkeypatch.setattr(prefixkv_mod, "GATHER_BYTES", gather_blocks * block_kv)
+    views = [tuple(t.transpose(0, 1).contiguous().transpose(0, 1) for t in layer) for layer in KV]
+    assert not views[0][0].is_contiguous() and all(torch.equal(a, b) for la, lb in zip(views, KV, strict=True)
+                                                   for a, b in zip(la, lb, strict=True))
+    p = placement([host(16 * BLOCK), ssd(tmp_path / "ssd", inline_threshold=0)])
+    puts, writes, catalog = puts_over(p)
+    try:
+        assert puts.put("m", TOKENS, views, create=True) == 4 * BT
+        ks = keys(catalog)
+        for i, k in enumerate(ks):
+            assert p.index[k].tiers == {0, 1}
+            want = block_slice(KV, i, BT)
+            for tier in p.tiers:
+                got = decoded(tier, k, p.index[k].nbytes)
+                assert all(torch.equal(a, b) for la, lb in zip(got, want, strict=True)
+                           for a, b in zip(la, lb, strict=True)), (i, tier.name)
+    finally:
+        writes.close()
+
+
 def test_a_put_is_acknowledged_only_once_the_ssd_tier_holds_every_block(tmp_path, monkeypatch):
     p = placement([host(16 * BLOCK), ssd(tmp_path / "ssd", inline_threshold=0)])
     puts, writes, catalog = puts_over(p)
