@@ -227,6 +227,8 @@ class Loader:
                     raise CorruptBlock(f"block has {len(table)} layers, expected {job.n_layers}")
                 step = prefix.strided_step(codec, table) if prefix is not None and view.device.type == "cpu" else 0
                 arena, slot = (tier.host_bytes, tier.slot(b.key)) if step else (None, None)
+                if slot is not None and table[-1][0] + table[-1][1] > slot[1]:
+                    raise CorruptBlock(f"block's layers end past its {slot[1]} bytes")
                 if arena is not None and slot is not None:
                     together.setdefault((id(arena), step), (arena, []))[1].append((i, slot[0] + table[0][0]))
                     continue

@@ -361,3 +361,40 @@ def test_cuda_events_and_pinned_staging_bandwidth(tmp_path):
         assert same([tuple(t.cuda() for t in layer) for layer in kv], dest, 8 * BT)
         cache.release(lease)
         loader.close()
+
+
+def test_a_host_block_whose_layers_run_past_its_slot_is_not_copied_from_its_neighbour():
+    """A host-tier block whose (checksummed) header places its layers past the end of its slot:
+    the batched copy would read the next block's bytes unverified. It is refused, read whole
+    (which refuses it too), and the prefix ends before it; its place in ``dest`` stays as it was."""
+    from kvtier.block import _header, parse_table
+
+    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))
+    with TieredCache(cfg) as cache:
+        kv = random_kv(4 * BT, layers=LAYERS)
+        toks = list(range(4 * BT))
+        assert cache.put("m", toks, kv) == 4 * BT
+        lease = cache.acquire("m", toks)
+        key, layout = lease.blocks[2].key, lease.namespace.layout
+        cache.release(lease)
+        host = cache.tier("host")
+        view = host.view(key).numpy()
+        codec, version, tokens, hsize, table = parse_table(view.data)
+        shift = 8 if version == 1 else 4096
+        forged = _header(codec, version, tokens, [(o + shift, n, c) for o, n, c in table])
+        assert len(forged) <= hsize
+        view[:len(forged)] = list(forged)
+        assert table[-1][0] + table[-1][1] + shift > host.slot(key)[1]
+        dest = layout.empty(4 * BT)
+        for layer in dest:
+            for t in layer:
+                t.view(torch.uint8).fill_(0x77)
+        loader = Loader(cache)
+        lease = cache.acquire("m", toks)
+        try:
+            n = loader.load(lease, dest, layerwise=False).wait_all(10)
+        finally:
+            cache.release(lease)
+            loader.close()
+        assert n == 2 * BT and same(kv, dest, 2 * BT)
+        assert all(bool((t[2 * BT:3 * BT].view(torch.uint8) == 0x77).all()) for layer in dest for t in layer)

@@ -381,3 +381,69 @@ def test_non_contiguous_host_kv_is_gathered_a_chunk_at_a_time_into_the_same_bloc
     # other codecs take the general encoder, the same as before
     fp8 = prefix.prepare(2, get_codec("fp8"))
     assert fp8.row < 0
+
+
+@pytest.mark.parametrize("dest_kind", ["layout_empty", "a_tensor_each"])
+def test_a_range_holding_some_layers_lands_them_from_a_negative_first(strided_copy, dest_kind):
+    """What the loader's staged SSD reads hand over: bytes ``lo..hi`` of a block holding layers
+    1 and 2 only, so layer 0 lies before the array (``first`` negative). Those layers land
+    exactly; a range too short for them, or layers past the prefix's, is refused unwritten."""
+    src = filled(GQA, 2)
+    block = blocks_of(src, 2)[1]
+    h = parse_header(block)
+    kv = GQA.empty(2 * BT) if dest_kind == "layout_empty" else [tuple(torch.empty_like(t) for t in layer) for layer in src]
+    for layer in kv:
+        for t in layer:
+            t.view(torch.uint8).fill_(0x77)
+    dest = PrefixKV(kv, BT)
+    step = dest.strided_step(h.codec, h.layers)
+    lo, hi = h.layers[1].offset, h.layers[2].offset + h.layers[2].length
+    part = block.numpy()[lo:hi].copy()
+    first = h.layers[0].offset - lo
+    assert first < 0
+    dest.decode_layers(1, part, first, step, range(1, 3))
+    for n, (got, want) in enumerate(zip(kv, src, strict=True)):
+        for t, w in zip(got, want, strict=True):
+            if n in (1, 2):
+                assert torch.equal(t[BT:], w[BT:])
+            else:
+                assert bool((t.view(torch.uint8) == 0x77).all())
+            assert bool((t[:BT].view(torch.uint8) == 0x77).all())
+    before = [t.clone() for layer in kv for t in layer]
+    with pytest.raises(CorruptBlock, match="truncated"):
+        dest.decode_layers(1, part[:-1], first, step, range(1, 3))
+    with pytest.raises(CorruptBlock, match="truncated"):
+        dest.decode_layers(1, part, first, step, range(0, 3))  # layer 0 is not in the range
+    with pytest.raises(IndexError):
+        dest.decode_layers(1, part, first, step, range(3, 5))
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for layer in kv for t in layer], strict=True))
+
+
+def test_a_gathered_block_outlives_its_chunk_and_the_pools_reuse_of_memory(monkeypatch):
+    """A prepared block keeps its chunk's pooled buffer: after the chunk left the cache of two and
+    the pool handed buffers of that size out again (filled with garbage), it still writes the
+    block's bytes."""
+    import gc
+
+    from kvtier.bufpool import block_buffers
+
+    g = torch.Generator().manual_seed(5)
+    heads_first = [tuple(torch.randn(8, 5 * BT, 64, generator=g).to(torch.bfloat16) for _ in range(2)) for _ in range(4)]
+    kv = [tuple(t.transpose(0, 1) for t in layer) for layer in heads_first]
+    block_kv = 4 * 2 * BT * 8 * 64 * 2
+    monkeypatch.setattr(prefixkv_mod, "GATHER_BYTES", block_kv)  # a chunk per block
+    prefix = PrefixKV(kv, BT)
+    codec = get_codec("none")
+    kept = prefix.prepare(0, codec)
+    for i in (1, 2, 3, 4):
+        prefix.prepare(i, codec)
+    assert 0 not in prefix._chunks
+    gc.collect()
+    others = [block_buffers.take(block_kv) for _ in range(4)]
+    for o in others:
+        o.fill_(0xEE)
+    out = torch.empty(kept.nbytes, dtype=torch.uint8)
+    kept.write_into(out)
+    expect = torch.empty(kept.nbytes, dtype=torch.uint8)
+    prepare_block(codec, prefix.views(0)).write_into(expect)
+    assert torch.equal(out, expect)
