@@ -321,12 +321,19 @@ class PreparedBlock:
     def _zero_gaps(self, arr: np.ndarray) -> int:
         """Zero the padding before each payload (after the header, between layers); returns
         where the last payload ends."""
-        end = header_size(len(self.lengths), self.codec)
+        gaps, end = self._gaps()
+        for lo, hi in gaps:
+            arr[lo:hi] = 0
+        return end
+
+    def _gaps(self) -> tuple[list[tuple[int, int]], int]:
+        """The padding before each payload (ranges), and where the last payload ends."""
+        gaps, end = [], header_size(len(self.lengths), self.codec)
         for start, n in zip(self.offsets, self.lengths, strict=True):
             if start != end:
-                arr[end:start] = 0
+                gaps.append((end, start))
             end = start + n
-        return end
+        return gaps, end
 
     def _finish(self, arr: np.ndarray, end: int, entries: list[tuple[int, int, int]]) -> None:
         """Zero the padding after the last payload (from ``end``) and write the header."""
@@ -359,11 +366,32 @@ def write_blocks(blocks: Sequence[PreparedBlock], outs: Sequence[torch.Tensor]) 
         else:
             run = blocks[start:end]
             arrs = [b._host_bytes(out) for b, out in zip(run, outs[start:end], strict=True)]
-            ends = [b._zero_gaps(arr) for b, arr in zip(run, arrs, strict=True)]
+            gaps, stop = first._gaps()  # the run's blocks share their layout
+            for arr in arrs:
+                for lo, hi in gaps:
+                    arr[lo:hi] = 0
             crcs = copy_blocks(arrs, first.offsets, first.payloads, [b.row for b in run])
-            for b, arr, stop, layer_crcs in zip(run, arrs, ends, crcs, strict=True):
-                b._finish(arr, stop, list(zip(b.offsets, b.lengths, layer_crcs, strict=True)))
+            for arr, head in zip(arrs, _headers(first, crcs), strict=True):
+                arr[stop:] = 0
+                arr[:head.size] = head
         start = end
+
+
+def _headers(block: PreparedBlock, crcs: Sequence[Sequence[int]]) -> np.ndarray:
+    """The headers (``_header``'s bytes, one row each) of blocks laid out as ``block`` whose
+    layers have these crc32c: the table filled in by numpy, one checksum call per header. Why:
+    ``_header`` per block (a pack of 96 values, two checksums) was 17 us of a 2 MiB block's
+    ~60 us of Python in a put."""
+    entries = [(o, n, 0) for o, n in zip(block.offsets, block.lengths, strict=True)]
+    template = np.frombuffer(_header(block.codec, block.version, block.tokens, entries), np.uint8)
+    fixed, at = _FIXED.size, _FIXED.size + _pad8(len(block.codec.encode()))
+    heads = np.tile(template, (len(crcs), 1))
+    table = heads[:, at:].view("<u4").reshape(len(crcs), len(entries), _ENTRY.size // 4)
+    table[:, :, 3] = crcs  # (offset: 2 words, length, crc) per layer
+    base = checksum(_FIXED.pack(MAGIC, block.version, len(block.codec.encode()), 0, len(entries), block.tokens, 0))
+    for row in heads:
+        row[fixed - 4: fixed] = np.frombuffer(struct.pack("<I", checksum(row[fixed:], base)), np.uint8)
+    return heads
 
 
 def _concat(parts: list[np.ndarray], arr: np.ndarray, start: int, end: int) -> None:
