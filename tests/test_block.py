@@ -300,3 +300,42 @@ def test_checksum_is_crc32c_of_the_bytes_whatever_holds_them(nbytes):
         assert checksum(held) == want
     half = nbytes // 2
     assert checksum(arr[half:], checksum(arr[:half])) == want  # incremental, across the GIL threshold
+
+
+def test_headers_like_accepts_the_same_layout_with_other_crcs_and_nothing_else():
+    """``headers_like`` (the loader's one check of many host blocks' headers): blocks laid out as
+    the model, whatever their layer crcs, pass; a changed offset (header checksum made right
+    again), a wrong header checksum, a layer crc changed without it, another codec's block, and
+    a header past the array's end do not."""
+    import numpy as np
+
+    from kvtier.block import _header, headers_like, parse_table
+
+    blocks = [encode_block(get_codec("none"), [[t] for t in random_kv(8, layers=4, seed=s)[0]])
+              for s in range(4)]
+    size = len(blocks[0])
+    arena = np.zeros(8 * size + 4096, dtype=np.uint8)
+    starts = [s * size + (s % 3) * 8 for s in range(7)]
+
+    def place(k, data):
+        arena[starts[k]: starts[k] + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+    for k, b in enumerate(blocks):
+        place(k, b)
+    codec, version, tokens, hsize, table = parse_table(blocks[1])
+    shifted = bytearray(blocks[1])
+    shifted[:hsize] = _header(codec, version, tokens, [(o + 8, n, c) for o, n, c in table]).ljust(hsize, b"\0")
+    place(4, bytes(shifted))
+    bad_crc = bytearray(blocks[2])
+    bad_crc[17] ^= 1  # the header's own checksum
+    place(5, bytes(bad_crc))
+    layer_crc = bytearray(blocks[3])
+    layer_crc[hsize - 1] ^= 1  # the last layer's crc, the header checksum left as it was
+    place(6, bytes(layer_crc))
+    ok = headers_like(arena, np.array([*starts, arena.size - 10]), starts[0])
+    assert ok.tolist() == [True, True, True, True, False, False, False, False]
+    other = encode_block(get_codec("int8"), [[t] for t in random_kv(8, layers=4)[0]])
+    arena[starts[1]: starts[1] + len(other)] = np.frombuffer(other, dtype=np.uint8)
+    assert headers_like(arena, np.array(starts[:2]), starts[0]).tolist() == [True, False]
+    with pytest.raises(CorruptBlock):
+        headers_like(arena, np.array(starts[:1]), starts[5])  # a model that fails its own check

@@ -109,12 +109,14 @@ def test_split_prefix_loads_exactly_over_both_paths(tmp_path):
 def test_host_blocks_land_in_host_kv_by_one_copy_per_layer_group(monkeypatch, dest_kind):
     """Host-tier blocks reloaded into host KV (``KVLayout.empty``'s, or a tensor per layer and
     K/V as a model's own cache): one ``decode_many`` call per group of layers for all blocks
-    (no per-layer, per-tensor decode), groups landing in order, exact bytes; int8 blocks take
-    the per-layer decode, exact too (their scales)."""
+    (no per-layer, per-tensor decode, one header parsed), groups landing in order, exact bytes;
+    int8 blocks take the per-layer decode, exact too (their scales)."""
     import kvtier.loader as loader_mod
     import kvtier.prefixkv as prefixkv_mod
 
-    decodes, many = [], []
+    decodes, many, parses = [], [], [0]
+    real_parse = loader_mod.parse_table
+    monkeypatch.setattr(loader_mod, "parse_table", lambda *a: parses.__setitem__(0, parses[0] + 1) or real_parse(*a))
     real = loader_mod.decode_layer_into
     monkeypatch.setattr(loader_mod, "decode_layer_into", lambda *a, **k: decodes.append(a[1]) or real(*a, **k))
     real_many = prefixkv_mod.PrefixKV.decode_many
@@ -154,6 +156,7 @@ def test_host_blocks_land_in_host_kv_by_one_copy_per_layer_group(monkeypatch, de
         assert stream.tokens == 6 * BT and stream.error is None and same(kv, dest, 6 * BT)
         assert decodes == [] and landed == [0, 1, 2, 3]
         assert many == [(6, [0, 1]), (6, [2, 3])]
+        assert parses == [1]  # block 0's header; the others are checked against it at once
 
         q = [list(range(50_000, 50_000 + 6 * BT))]
         cache.register_namespace("q", layout=layout, codec="int8")
@@ -363,10 +366,12 @@ def test_cuda_events_and_pinned_staging_bandwidth(tmp_path):
         loader.close()
 
 
-def test_a_host_block_whose_layers_run_past_its_slot_is_not_copied_from_its_neighbour():
+@pytest.mark.parametrize("victim", [0, 2])
+def test_a_host_block_whose_layers_run_past_its_slot_is_not_copied_from_its_neighbour(victim):
     """A host-tier block whose (checksummed) header places its layers past the end of its slot:
     the batched copy would read the next block's bytes unverified. It is refused, read whole
-    (which refuses it too), and the prefix ends before it; its place in ``dest`` stays as it was."""
+    (which refuses it too), and the prefix ends before it; its place in ``dest`` stays as it was.
+    Block 0 is the one the others' headers are compared with (``headers_like``)."""
     from kvtier.block import _header, parse_table
 
     cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))
@@ -375,7 +380,7 @@ def test_a_host_block_whose_layers_run_past_its_slot_is_not_copied_from_its_neig
         toks = list(range(4 * BT))
         assert cache.put("m", toks, kv) == 4 * BT
         lease = cache.acquire("m", toks)
-        key, layout = lease.blocks[2].key, lease.namespace.layout
+        key, layout = lease.blocks[victim].key, lease.namespace.layout
         cache.release(lease)
         host = cache.tier("host")
         view = host.view(key).numpy()
@@ -396,5 +401,5 @@ def test_a_host_block_whose_layers_run_past_its_slot_is_not_copied_from_its_neig
         finally:
             cache.release(lease)
             loader.close()
-        assert n == 2 * BT and same(kv, dest, 2 * BT)
-        assert all(bool((t[2 * BT:3 * BT].view(torch.uint8) == 0x77).all()) for layer in dest for t in layer)
+        assert n == victim * BT and same(kv, dest, victim * BT)
+        assert all(bool((t[victim * BT:(victim + 1) * BT].view(torch.uint8) == 0x77).all()) for layer in dest for t in layer)
