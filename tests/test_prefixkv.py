@@ -66,6 +66,21 @@ def copies(monkeypatch):
     return calls
 
 
+def copy_blocks_calls(monkeypatch, one_pass: bool) -> list:
+    """``kvtier.block.ONE_PASS_COPY`` set to ``one_pass`` (skipped where the C module cannot do
+    it); the rows of each ``copy_blocks`` call made from then on."""
+    import kvtier.block as block_mod
+
+    if one_pass and not block_mod.ONE_PASS_COPY:
+        pytest.skip("kvtier._fastcopy is not built here, or this CPU lacks AVX2 + VPCLMULQDQ")
+    monkeypatch.setattr(block_mod, "ONE_PASS_COPY", one_pass)
+    calls: list = []
+    if one_pass:
+        copy_blocks = block_mod.copy_blocks
+        monkeypatch.setattr(block_mod, "copy_blocks", lambda *a: calls.append(a[3]) or copy_blocks(*a))
+    return calls
+
+
 @pytest.fixture(params=["copy_runs", "numpy"])
 def strided_copy(request, monkeypatch):
     """Both ways of the strided copy: ``copy_runs`` (kvtier._fastcopy) where built, numpy else."""
@@ -302,13 +317,7 @@ def test_blocks_written_together_are_each_block_written_alone(monkeypatch, one_p
     (another codec, mixed prefixes) are written one by one, the same bytes."""
     import kvtier.block as block_mod
 
-    if one_pass and not block_mod.ONE_PASS_COPY:
-        pytest.skip("kvtier._fastcopy is not built here, or this CPU lacks AVX2 + VPCLMULQDQ")
-    monkeypatch.setattr(block_mod, "ONE_PASS_COPY", one_pass)
-    calls = []
-    if one_pass:
-        copy_blocks = block_mod.copy_blocks
-        monkeypatch.setattr(block_mod, "copy_blocks", lambda *a: calls.append(a[3]) or copy_blocks(*a))
+    calls = copy_blocks_calls(monkeypatch, one_pass)
     codec = get_codec(spec)
     a, b = PrefixKV(filled(GQA, 4), BT), PrefixKV(filled(ODD, 2), BT)
     for blocks in ([a.prepare(i, codec) for i in (2, 0, 3)],
@@ -347,13 +356,7 @@ def test_non_contiguous_host_kv_is_gathered_a_chunk_at_a_time_into_the_same_bloc
     at most two chunks are held."""
     import kvtier.block as block_mod
 
-    if one_pass and not block_mod.ONE_PASS_COPY:
-        pytest.skip("kvtier._fastcopy is not built here, or this CPU lacks AVX2 + VPCLMULQDQ")
-    monkeypatch.setattr(block_mod, "ONE_PASS_COPY", one_pass)
-    calls = []
-    if one_pass:
-        copy_blocks = block_mod.copy_blocks
-        monkeypatch.setattr(block_mod, "copy_blocks", lambda *a: calls.append(a[3]) or copy_blocks(*a))
+    calls = copy_blocks_calls(monkeypatch, one_pass)
     g = torch.Generator().manual_seed(3)
     heads_first = [tuple(torch.randn(8, 5 * BT, 64, generator=g).to(torch.bfloat16) for _ in range(2)) for _ in range(4)]
     kv = [tuple(t.transpose(0, 1) for t in layer) for layer in heads_first]  # [tokens, heads, dim] views
