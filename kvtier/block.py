@@ -388,7 +388,7 @@ def _headers(block: PreparedBlock, crcs: Sequence[Sequence[int]]) -> np.ndarray:
     heads = np.tile(template, (len(crcs), 1))
     table = heads[:, at:].view("<u4").reshape(len(crcs), len(entries), _ENTRY.size // 4)
     table[:, :, 3] = crcs  # (offset: 2 words, length, crc) per layer
-    base = checksum(_FIXED.pack(MAGIC, block.version, len(block.codec.encode()), 0, len(entries), block.tokens, 0))
+    base = _header_seed(block.version, len(block.codec.encode()), len(entries), block.tokens)
     for row in heads:
         row[fixed - 4: fixed] = np.frombuffer(struct.pack("<I", checksum(row[fixed:], base)), np.uint8)
     return heads
@@ -417,13 +417,18 @@ def _payload_parts(codec: Codec, layers: Sequence[Sequence[torch.Tensor]]) -> li
             for layer in layers]
 
 
+def _header_seed(version: int, name_bytes: int, n_layers: int, tokens: int) -> int:
+    """The crc32c a header's checksum starts from: its fixed part with the checksum zeroed (the
+    checksum then runs over the codec name and the table)."""
+    return checksum(_FIXED.pack(MAGIC, version, name_bytes, 0, n_layers, tokens, 0))
+
+
 def _header(codec: str, version: int, tokens: int, entries: Sequence[tuple[int, int, int]]) -> bytes:
     """The header of a block whose layers are at these (offset, length, crc32c)."""
     name = codec.encode()
     table = _table(len(entries)).pack(*itertools.chain.from_iterable(entries))
     body = name.ljust(_pad8(len(name)), b"\0") + table
-    fixed = _FIXED.pack(MAGIC, version, len(name), 0, len(entries), tokens, 0)
-    crc = checksum(body, checksum(fixed))
+    crc = checksum(body, _header_seed(version, len(name), len(entries), tokens))
     return _FIXED.pack(MAGIC, version, len(name), 0, len(entries), tokens, crc) + body
 
 
@@ -458,8 +463,7 @@ def parse_table(buf: bytes | bytearray | memoryview | torch.Tensor) -> tuple[str
     hsize = _FIXED.size + _pad8(clen) + n_layers * _ENTRY.size
     if len(mv) < hsize or n_layers == 0:
         raise CorruptBlock(f"block header truncated ({len(mv)} < {hsize} bytes)")
-    zeroed = _FIXED.pack(magic, version, clen, 0, n_layers, tokens, 0)
-    if checksum(mv[_FIXED.size: hsize], checksum(zeroed)) != crc:
+    if checksum(mv[_FIXED.size: hsize], _header_seed(version, clen, n_layers, tokens)) != crc:
         raise CorruptBlock("block header checksum mismatch")
     codec = bytes(mv[_FIXED.size: _FIXED.size + clen]).decode()
     table = list(_ENTRY.iter_unpack(mv[_FIXED.size + _pad8(clen): hsize]))
@@ -488,8 +492,7 @@ def headers_like(arr: np.ndarray, starts: np.ndarray, model: int) -> np.ndarray:
     at = _FIXED.size + _pad8(len(codec.encode()))
     free[at:].reshape(len(table), _ENTRY.size)[:, _ENTRY.size - 4:] = True
     ok &= (heads[:, ~free] == arr[model: model + hsize][~free]).all(axis=1)
-    name = codec.encode()
-    base = checksum(_FIXED.pack(MAGIC, version, len(name), 0, len(table), tokens, 0))
+    base = _header_seed(version, len(codec.encode()), len(table), tokens)
     stored = heads[:, _FIXED.size - 4: _FIXED.size].copy().view("<u4")[:, 0]
     for r in np.flatnonzero(ok):
         ok[r] = checksum(heads[r, _FIXED.size:], base) == stored[r]

@@ -242,8 +242,10 @@ class Loader:
                 self._fallback(job, i, b)
                 continue
             ready.append((i, view, header, step, table))
-        n_layers = job.n_layers
-        lengths = [n for _, n, _ in ready[0][4]] if ready else [prefix._layer_bytes if prefix else 0] * n_layers
+        if ready:
+            lengths = [n for _, n, _ in ready[0][4]]
+        else:  # blocks copied together (a prefix's none layout), or none left to copy
+            lengths = prefix.layer_lengths if together and prefix is not None else []
         groups = layer_groups(lengths, self.config.min_read_bytes if layerwise else sum(lengths))
         landing = sorted([i for i, *_ in ready] + [i for _, rows in together.values() for i, _ in rows])
         with self._on_load_stream():

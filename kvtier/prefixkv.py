@@ -68,6 +68,11 @@ class PrefixKV:
         self._chunks: dict[int, list[list[np.ndarray]]] = {}
         self._chunks_lock = threading.Lock()
 
+    @property
+    def layer_lengths(self) -> list[int]:
+        """Each layer's payload bytes in a ``none`` block of this prefix."""
+        return self._lengths
+
     # Made on first use: each takes ~0.3 ms for a 32-layer prefix, and a put that finds all its
     # blocks stored, or a load of device KV, needs neither.
     @functools.cached_property

@@ -36,6 +36,19 @@ def same(a, b):
     return all(torch.equal(x, y) for la, lb in zip(a, b, strict=True) for x, y in zip(la, lb, strict=True))
 
 
+def dirty(kv):
+    """``kv`` with every byte 0x77: what a copy did not write stays so."""
+    for layer in kv:
+        for t in layer:
+            t.view(torch.uint8).fill_(0x77)
+    return kv
+
+
+def dirty_dest(kind: str, src, tokens: int):
+    """Destination KV, dirty: ``KVLayout.empty``'s (strided) or a tensor per layer and K/V."""
+    return dirty(GQA.empty(tokens) if kind == "layout_empty" else [tuple(torch.empty_like(t) for t in layer) for layer in src])
+
+
 @pytest.fixture
 def copies(monkeypatch):
     """Counts numpy copies, memmoves, torch copy_ calls and ``copy_runs`` calls (kvtier._fastcopy)."""
@@ -105,10 +118,7 @@ def test_layout_empty_is_one_aligned_allocation_of_contiguous_tensors():
 def test_decode_into_a_layout_empty_prefix_is_one_copy_per_tensor_of_a_layer(layout, strided_copy, copies):
     src = filled(layout, 3)
     blocks = blocks_of(src, 3)
-    kv = layout.empty(3 * BT)
-    for layer in kv:
-        for t in layer:
-            t.view(torch.uint8).fill_(0x77)
+    kv = dirty(layout.empty(3 * BT))
     dest = PrefixKV(kv, BT)
     copies.update(numpy=0, memmove=0, torch=0, runs=0)
     for i in (2, 0, 1):
@@ -127,10 +137,7 @@ def test_a_layer_group_lands_those_layers_only(strided_copy):
     block i, nothing of other layers or blocks."""
     src = filled(GQA, 3)
     block = blocks_of(src, 3)[1]
-    kv = GQA.empty(3 * BT)
-    for layer in kv:
-        for t in layer:
-            t.view(torch.uint8).fill_(0x77)
+    kv = dirty(GQA.empty(3 * BT))
     dest = PrefixKV(kv, BT)
     h = parse_header(block)
     dest.decode_layers(1, block.numpy(), h.layers[0].offset, dest.strided_step(h.codec, h.layers), range(1, 3))
@@ -214,10 +221,7 @@ def test_many_blocks_of_one_arena_land_in_one_call_each_in_its_place(strided_cop
     at = {0: 5 * size, 1: 4096, 2: 2 * size + 4096, 3: 7 * size}  # scattered, not in block order
     for i, o in at.items():
         arena[o: o + size] = blocks[i].numpy()
-    kv = GQA.empty(4 * BT) if dest_kind == "layout_empty" else [tuple(torch.empty_like(t) for t in layer) for layer in src]
-    for layer in kv:
-        for t in layer:
-            t.view(torch.uint8).fill_(0x77)
+    kv = dirty_dest(dest_kind, src, 4 * BT)
     dest = PrefixKV(kv, BT)
     step = dest.strided_step(h.codec, h.layers)
     assert step
@@ -246,10 +250,7 @@ def test_a_corrupt_block_is_refused_before_any_byte_lands(strided_copy):
     block = blocks_of(src, 1)[0]
     h = parse_header(block)
     block[h.layers[3].offset + 100] ^= 1  # the last layer: a decoder copying first would have landed 3
-    dest = PrefixKV(GQA.empty(BT), BT)
-    for layer in dest.kv:
-        for t in layer:
-            t.view(torch.uint8).fill_(0x77)
+    dest = PrefixKV(dirty(GQA.empty(BT)), BT)
     with pytest.raises(CorruptBlock, match="layer 3"):
         dest.decode(0, block)
     assert all(bool((t.view(torch.uint8) == 0x77).all()) for layer in dest.kv for t in layer)
@@ -394,10 +395,7 @@ def test_a_range_holding_some_layers_lands_them_from_a_negative_first(strided_co
     src = filled(GQA, 2)
     block = blocks_of(src, 2)[1]
     h = parse_header(block)
-    kv = GQA.empty(2 * BT) if dest_kind == "layout_empty" else [tuple(torch.empty_like(t) for t in layer) for layer in src]
-    for layer in kv:
-        for t in layer:
-            t.view(torch.uint8).fill_(0x77)
+    kv = dirty_dest(dest_kind, src, 2 * BT)
     dest = PrefixKV(kv, BT)
     step = dest.strided_step(h.codec, h.layers)
     lo, hi = h.layers[1].offset, h.layers[2].offset + h.layers[2].length
