@@ -150,6 +150,12 @@ PANELS: tuple[PanelSpec, ...] = (
     PanelSpec("Request latency p99 by route", "p99 HTTP latency of each API route.", "s",
               (Target(q("kvtier_http_request_duration_seconds_bucket", 0.99, by="route"),
                       "{{route}}"),)),
+    PanelSpec("Garbage collector pauses", "p99 time Python's garbage collector held the sidecar "
+              "per collection, by generation (2: a full collection, which stalls every request "
+              "meanwhile), and seconds paused per second.", "s",
+              (Target(q("kvtier_gc_pause_seconds_bucket", 0.99, by="generation"), "p99 gen {{generation}}"),
+               Target(f"sum by (generation) ({rate('kvtier_gc_pause_seconds_sum')})",
+                      "paused per s, gen {{generation}}"))),
     PanelSpec("Lookups and puts", "Lookups and put calls served per second.", "reqps",
               (Target(f"sum({rate('kvtier_lookups_total')})", "lookups"),
                Target(f"sum({rate('kvtier_puts_total')})", "puts"))),

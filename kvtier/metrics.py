@@ -7,6 +7,7 @@ Every metric is listed with type, labels and meaning in the README ("Metrics").
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -19,6 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from kvtier.gcpauses import GCPauses, gc_pauses
 from kvtier.stats import CacheStats, TierStats
 from kvtier.stats import Histogram as StatsHistogram
 
@@ -74,6 +76,24 @@ def _buckets(h: StatsHistogram) -> list[tuple[str, float]]:
         out.append((repr(float(bound)), running))
     out.append(("+Inf", h.count))
     return out
+
+
+class GCCollector(Collector):
+    """The garbage collector's pauses by generation (``kvtier.gcpauses``) and how many objects
+    its collections skip (frozen at startup): process facts, no tenant's name in them."""
+
+    def __init__(self, pauses: GCPauses) -> None:
+        self.pauses = pauses
+
+    def collect(self) -> Iterator[Metric]:
+        pause = HistogramMetricFamily(
+            "kvtier_gc_pause_seconds", "Time Python's garbage collector held the process, per "
+            "collection, by generation (2: a full collection).", labels=["generation"])
+        for generation, h in enumerate(self.pauses.generations):
+            pause.add_metric([str(generation)], _buckets(h), h.total)
+        yield pause
+        yield GaugeMetricFamily("kvtier_gc_frozen_objects", "Objects frozen at startup, which "
+                                "collections skip (gc.freeze; 0 where not frozen).", value=gc.get_freeze_count())
 
 
 class CacheCollector(Collector):
@@ -159,6 +179,7 @@ def make_registry(stats: Callable[[], CacheStats]) -> tuple[CollectorRegistry, H
     """A registry with the cache collector, and the HTTP latency histogram the server feeds."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CacheCollector(stats))
+    registry.register(GCCollector(gc_pauses()))
     http = Histogram("kvtier_http_request_duration_seconds",
                      "HTTP request latency by route template, method and status.",
                      ["route", "method", "status"], registry=registry, buckets=HTTP_BUCKETS)
@@ -170,5 +191,6 @@ def anonymous_registry(stats: Callable[[], CacheStats], http: Histogram) -> Coll
     not learn the tenants' namespaces (auth on, no scrape token)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CacheCollector(stats, namespaces=False))
+    registry.register(GCCollector(gc_pauses()))
     registry.register(http)
     return registry

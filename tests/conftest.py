@@ -1,11 +1,21 @@
-"""Shared fixtures: a tiny real transformers decoder and small caches."""
+"""Shared fixtures: a tiny real transformers decoder, small caches, a real ``kvtier serve``."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
+
+from kvtier.server.testing import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,3 +77,43 @@ def random_bytes(n: int, seed: int = 0) -> torch.Tensor:
 def random_kv(tokens: int, layers: int = 2, heads: int = 2, dim: int = 8, dtype=torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [tuple(torch.randn(tokens, heads, dim, generator=g).to(dtype) for _ in range(2)) for _ in range(layers)]
+
+
+@pytest.fixture
+def kvtier_serve(tmp_path):
+    """A real ``kvtier serve`` subprocess on a free loopback port over an SSD data dir; yields its
+    URL and stops it with SIGTERM."""
+    port = free_port()
+    data, log = tmp_path / "serve-data", tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_HOST_CAPACITY": "32MiB"}
+    cmd = [sys.executable, "-m", "kvtier.commands.serve", "--port", str(port), "--data-dir", str(data),
+           "--ssd-capacity", "1GiB"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"kvtier serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("kvtier serve did not become ready")
+            time.sleep(0.05)
+        yield url
+    finally:
+        stop_serve(proc)
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """Stop a ``kvtier serve`` subprocess as an operator would (SIGTERM), killing it only if it
+    has not exited within a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from kvtier.server.testing import free_port, serve_in_thread
 from kvtier.tiers.base import ReportsHealth
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.remote.breaker import CircuitBreaker
+from tests.conftest import stop_serve
 from tests.integration.remote_servers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,9 +157,4 @@ def test_kvtier_serve_warns_and_readyz_says_degraded(tmp_path):
         wait_for(lambda: "unreachable at startup" in log.read_text(), 30, "the startup warning")
         assert "WARNING" in log.read_text() and "Traceback" not in log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_serve(proc)

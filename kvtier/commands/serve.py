@@ -75,6 +75,7 @@ def serve(settings: Settings) -> int:
 
     from kvtier.block import ONE_PASS_COPY
     from kvtier.bytecopy import copy_runs
+    from kvtier.gcpauses import freeze_startup_heap
     from kvtier.manager import TieredCache
     from kvtier.server.app import create_app, start_region_socket
     from kvtier.server.protocol import uvicorn_http
@@ -102,6 +103,8 @@ def serve(settings: Settings) -> int:
                                 timeout_graceful_shutdown=srv.graceful_timeout_s)  # type: ignore[arg-type]
         server = _Server(config)
         with http_sockets(config, srv.uds) as sockets:  # a bad --uds is one line too
+            frozen = freeze_startup_heap()  # startup is done: full collections skip what it left
+            log.debug("froze %d startup objects for the garbage collector", frozen)
             server.run(sockets=sockets)  # returns after SIGTERM/SIGINT once in-flight requests are done
         return 0 if server.started else 1
     finally:

@@ -1,5 +1,5 @@
-"""Fixtures for the engine tests (vLLM, SGLang): a real ``kvtier serve`` on loopback, and a
-stand-in for ``torchvision`` where the engines are installed.
+"""For the engine tests (vLLM, SGLang): a stand-in for ``torchvision`` where the engines are
+installed (``kvtier_serve``, a real sidecar on loopback, is in ``tests/conftest.py``).
 
 The engines are installed with ``--no-deps`` beside the CPU torch (see
 ``tests/engines/requirements.txt`` and ``.ci/run``); where they are not, their tests skip and say
@@ -14,18 +14,9 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import os
-import signal
-import subprocess
 import sys
-import time
 import types
 from pathlib import Path
-
-import httpx
-import pytest
-
-from kvtier.server.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,37 +64,3 @@ def _stand_in_for_torchvision() -> None:
 
 
 _stand_in_for_torchvision()
-
-
-@pytest.fixture
-def kvtier_serve(tmp_path):
-    """A real ``kvtier serve`` subprocess on a free loopback port over an SSD data dir; yields its
-    URL and stops it with SIGTERM."""
-    port = free_port()
-    data, log = tmp_path / "serve-data", tmp_path / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_HOST_CAPACITY": "32MiB"}
-    cmd = [sys.executable, "-m", "kvtier.commands.serve", "--port", str(port), "--data-dir", str(data),
-           "--ssd-capacity", "1GiB"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"kvtier serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("kvtier serve did not become ready")
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
