@@ -1,6 +1,6 @@
 """The manager's block index: one record per cached block, leases, and the warm-restart rebuild.
 
-A block's record says where its copies live (tier indices, fastest first when sorted), who its
+A block's record says where its copies live (tier indices, fastest first), who its
 parent and children are (a child is useless without its parent), and who is reading it (pins).
 The manager mutates these under its lock; nothing here locks.
 """
@@ -27,14 +27,36 @@ class BlockEntry:
     nbytes: int
     created: float
     codec: str = "none"  # the codec spec its bytes are encoded with
-    tiers: set[int] = field(default_factory=set)
-    children: set[bytes] = field(default_factory=set)
+    # Where its copies live, ascending (fastest first), and its children's keys (None until it
+    # has one). Why a tuple and no empty set: the garbage collector stops tracking a tuple of
+    # ints, never a set, and every object a stored block keeps alive makes full collections come
+    # sooner (each walks all of them: ``kvtier.gcpauses``); most blocks are leaves.
+    tiers: tuple[int, ...] = ()
+    children: set[bytes] | None = None
     pins: int = 0
     hits: int = 0
     doomed: bool = False  # dropped while pinned: freed when the last reader lets go
 
     def meta(self) -> BlockMeta:
         return BlockMeta(self.namespace, self.parent, self.tokens, self.codec, self.created)
+
+    def add_tier(self, t: int) -> None:
+        if t not in self.tiers:
+            self.tiers = tuple(sorted((*self.tiers, t)))
+
+    def discard_tier(self, t: int) -> None:
+        if t in self.tiers:
+            self.tiers = tuple(x for x in self.tiers if x != t)
+
+    def add_child(self, key: bytes) -> None:
+        if self.children is None:
+            self.children = {key}
+        else:
+            self.children.add(key)
+
+    def discard_child(self, key: bytes) -> None:
+        if self.children is not None:
+            self.children.discard(key)
 
 
 @dataclass(slots=True)
@@ -94,9 +116,9 @@ def rebuild_index(tiers: Sequence[Tier], policies: Sequence[EvictionPolicy]) -> 
         entry = BlockEntry(key, meta.namespace, meta.parent, depth, meta.tokens, size, meta.created,
                            meta.codec)
         index[key] = entry
-        entry.tiers.add(t)
+        entry.add_tier(t)
         policies[t].insert(key)
     for e in index.values():
         if e.parent is not None and e.parent in index:
-            index[e.parent].children.add(e.key)
+            index[e.parent].add_child(e.key)
     return index

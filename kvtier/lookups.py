@@ -76,10 +76,10 @@ class Lookups:
                     e = BlockEntry(key, ns.name, parent.key if parent else None, i, ns.block_tokens,
                                    0, now, ns.codec)
                     p.index[key] = e
-                    e.tiers.add(p.shared_idx)
+                    e.add_tier(p.shared_idx)
                     p.policies[p.shared_idx].insert(key)
                     if parent is not None:
-                        parent.children.add(key)
+                        parent.add_child(key)
                 e.hits += 1
                 if pin:
                     e.pins += 1
@@ -102,7 +102,7 @@ class Lookups:
                 if present and e is None:
                     e = BlockEntry(keys[i], ns.name, None, 0, 1, 0, now, ns.codec)
                     p.index[e.key] = e
-                    e.tiers.add(p.shared_idx)
+                    e.add_tier(p.shared_idx)
                     p.policies[p.shared_idx].insert(e.key)
                 if e is None or e.doomed:
                     if pin:

@@ -108,7 +108,7 @@ class Placement:
                 continue
             self.publish(entry, t, nbytes)
             if entry.parent is not None:
-                self.index[entry.parent].children.add(entry.key)  # pinned: still indexed
+                self.index[entry.parent].add_child(entry.key)  # pinned: still indexed
             return t
         if full is not None:
             raise full
@@ -164,7 +164,7 @@ class Placement:
         self.placed.notify_all()
         self.publish(entry, t, nbytes)
         if entry.parent is not None:
-            self.index[entry.parent].children.add(entry.key)
+            self.index[entry.parent].add_child(entry.key)
 
     def fill_chain_in_place(self, blocks: Sequence[tuple[BlockEntry, PreparedBlock]],
                             check: Callable[[], None]) -> list[BlockEntry]:
@@ -386,7 +386,7 @@ class Placement:
             for entry, nbytes in placed:
                 self.publish(entry, t, nbytes)
                 if entry.parent is not None:
-                    self.index[entry.parent].children.add(entry.key)
+                    self.index[entry.parent].add_child(entry.key)
                 entry.pins += 1
             return [entry for entry, _ in placed]
 
@@ -413,7 +413,7 @@ class Placement:
     def publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:
         """Record that tier ``t`` holds ``entry`` (lock held)."""
         self.index[entry.key] = entry
-        entry.tiers.add(t)
+        entry.add_tier(t)
         self.policies[t].insert(entry.key)
         s = self.stats.tiers[self.tiers[t].name]
         s.blocks_written += 1
@@ -481,7 +481,7 @@ class Placement:
         if below is not None and below not in entry.tiers and self.admission.admit_on_evict(entry.hits):
             self._copy_down(entry, t, below)
         self.tiers[t].delete(key)
-        entry.tiers.discard(t)
+        entry.discard_tier(t)
         stats.evictions["capacity"] += 1
         if entry.tiers:
             stats.demotions += 1
@@ -511,14 +511,14 @@ class Placement:
             k = stack.pop()
             if k in self.index:
                 order.append(k)
-                stack.extend(self.index[k].children)
+                stack.extend(self.index[k].children or ())
         explicit = reason in ("evicted", "namespace_dropped")
         for k in reversed(order):
             entry = self.index.pop(k)
             if explicit and self.shared_idx in entry.tiers:
                 self._remote_deletes.append(k)
             if entry.parent is not None and entry.parent in self.index:
-                self.index[entry.parent].children.discard(k)
+                self.index[entry.parent].discard_child(k)
             for t in entry.tiers:
                 self.policies[t].remove(k)
                 if k != key or reason != "capacity":
@@ -539,7 +539,7 @@ class Placement:
         for t in entry.tiers:
             if t != self.shared_idx:
                 self.tiers[t].delete(entry.key)
-        entry.tiers.clear()
+        entry.tiers = ()
 
     def flush_remote_deletes(self) -> None:
         """Delete explicitly evicted blocks from the shared tier (network calls, each bounded by

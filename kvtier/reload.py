@@ -132,7 +132,7 @@ class Reloads:
             if t != p.shared_idx:  # no network call under the lock
                 p.tiers[t].delete(entry.key)
             p.policies[t].remove(entry.key)
-            entry.tiers.discard(t)
+            entry.discard_tier(t)
             if not entry.tiers:
                 p.drop(entry.key, "corrupt" if isinstance(err, CorruptBlock) else "lost")
 

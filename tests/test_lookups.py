@@ -140,7 +140,7 @@ def test_the_shared_tier_is_asked_once_for_the_blocks_past_the_local_prefix(shar
     assert lease.tokens == 5 * BT and [b.tiers for b in lease.blocks[2:]] == [["remote"]] * 3
     found = [p.index[k] for k in keys[2:5]]
     assert [e.parent for e in found] == [local[1].key, keys[2], keys[3]]
-    assert keys[2] in local[1].children and all(e.tiers == {1} and e.nbytes == 0 for e in found)
+    assert keys[2] in local[1].children and all(e.tiers == (1,) and e.nbytes == 0 for e in found)
     assert all(e.pins == 1 for e in found)  # leased like the local blocks
     p.release(lease._entries)
     asked.clear()
@@ -159,7 +159,7 @@ def test_engine_pages_are_found_in_the_shared_tier_by_their_own_keys(shared):
     entries: list[BlockEntry | None] = [None] * 4
     lk.find_blocks(ns, keys, entries)
     assert [e is not None for e in entries] == [True, True, False, True]
-    assert all(e.parent is None and e.tiers == {1} and e.pins == 0 for e in entries if e)
+    assert all(e.parent is None and e.tiers == (1,) and e.pins == 0 for e in entries if e)
     run: list[BlockEntry | None] = [None] * 4
     lk.find_blocks(ns, keys, run, pin=True)  # the leading run only, pinned
     assert [e is not None for e in run] == [True, True, False, False]

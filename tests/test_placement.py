@@ -38,7 +38,7 @@ def test_a_new_block_lands_in_the_fastest_tier_that_can_ever_hold_it():
     small, big = entry("small"), entry("big", nbytes=2 * BLOCK)
     assert place(p, small) == 0  # the device tier's slot holds it
     assert place(p, big) == 1  # no device slot ever will: straight to the host tier
-    assert p.index[small.key].tiers == {0} and p.index[big.key].tiers == {1}
+    assert p.index[small.key].tiers == (0,) and p.index[big.key].tiers == (1,)
     assert p.stats.tiers["device"].blocks_written == 1 and p.stats.tiers["host"].blocks_written == 1
     assert p.stats.tiers["host"].bytes_written == 2 * BLOCK
 
@@ -51,9 +51,9 @@ def test_a_full_tier_demotes_its_victim_one_tier_down_bit_exact():
     place(p, a, payload)
     place(p, b)
     assert place(p, c) == 0  # room made by demoting the least recent block, a
-    assert a.tiers == {1} and not dev.contains(a.key) and hst.contains(a.key)
+    assert a.tiers == (1,) and not dev.contains(a.key) and hst.contains(a.key)
     assert torch.equal(read(hst, a), payload)
-    assert b.tiers == c.tiers == {0}
+    assert b.tiers == c.tiers == (0,)
     s = p.stats.tiers["device"]
     assert s.demotions == 1 and s.evictions["capacity"] == 1 and p.stats.blocks_dropped == 0
     assert dev.used_bytes <= dev.capacity_bytes
@@ -71,7 +71,7 @@ def test_selective_admission_copies_down_only_blocks_hit_often_enough():
     place(p, entry("x"))  # evicts cold: never hit, not admitted below, so dropped
     assert cold.key not in p.index and not hst.contains(cold.key) and p.stats.blocks_dropped == 1
     place(p, entry("y"))  # evicts hot: hit twice, admitted
-    assert hot.tiers == {1} and hst.contains(hot.key)
+    assert hot.tiers == (1,) and hst.contains(hot.key)
 
 
 def test_a_child_never_outlives_its_parent_under_pressure():
@@ -272,7 +272,7 @@ def test_a_drop_forgets_a_shared_copy_and_only_an_explicit_eviction_deletes_it(r
         place(p, b)  # a demoted to the shared tier
         place(p, c)  # b too
         assert rem.flush(30)
-        assert a.tiers == b.tiers == {1} and rem.contains_many([a.key, b.key]) == [True, True]
+        assert a.tiers == b.tiers == (1,) and rem.contains_many([a.key, b.key]) == [True, True]
         with p.lock:
             p.drop(a.key, "capacity")
             p.drop(b.key, "evicted")

@@ -43,7 +43,7 @@ def parts(tmp_path):
         with p.lock:
             p.publish(e, 1, BLOCK)
             if entries:
-                entries[-1].children.add(k)
+                entries[-1].add_child(k)
         entries.append(e)
     yield p, lookups, reloads, recorder, entries
 
@@ -59,7 +59,7 @@ def test_wait_complete_promotes_the_whole_prefix_and_releases_it(parts):
     try:
         h = pf.start("m", TOKENS, "host", policy="wait_complete", timeout_s=None)
         assert h.state == "done" and h.ready_tokens == len(TOKENS) and h.stopped_by is None
-        assert all(e.tiers == {0, 1} and e.pins == 0 for e in entries)
+        assert all(e.tiers == (0, 1) and e.pins == 0 for e in entries)
         assert p.stats.tiers["host"].promotions == 6 and p.stats.prefetch["done"] == 1
         assert pf.status(h.id) is h
         assert pf.budget("host").held_bytes == 6 * BLOCK
@@ -127,7 +127,7 @@ def test_a_timed_out_prefetch_reports_timeout_and_its_worker_stops(parts):
         done = [pf._pool.submit(both.wait) for _ in range(2)]
         assert all(f.result(30) is not None for f in done)  # the run found its handle finished
         assert h.state == "timeout" and h.ready_tokens == 0
-        assert all(e.tiers == {1} and e.pins == 0 for e in entries)
+        assert all(e.tiers == (1,) and e.pins == 0 for e in entries)
         assert dict(p.stats.prefetch) == {"timeout": 1} and p.stats.lookups == 0  # never walked
     finally:
         gate.set()
@@ -142,7 +142,7 @@ def test_a_bad_policy_or_tier_is_refused_before_anything_runs(parts):
             pf.start("m", TOKENS, "host", policy="eventually", timeout_s=None)
         with pytest.raises(InvalidRequest, match="unknown tier 'gpu'"):
             pf.start("m", TOKENS, "gpu", policy="best_effort", timeout_s=None)
-        assert not pf._handles and all(e.tiers == {1} for e in entries)
+        assert not pf._handles and all(e.tiers == (1,) for e in entries)
         with pytest.raises(KeyError):
             pf.status("no such id")
     finally:
@@ -160,7 +160,7 @@ def test_a_prefix_that_cannot_be_promoted_ends_early_and_unpins(parts):
     try:
         h = pf.start("m", TOKENS, "host", policy="wait_complete", timeout_s=None)
         assert h.state == "done" and h.ready_tokens == 0
-        assert all(e.tiers == {1} and e.pins == 0 for e in entries)
+        assert all(e.tiers == (1,) and e.pins == 0 for e in entries)
         assert pf._budgets[0].held_bytes == 0  # the failed promotion's reservation is undone
     finally:
         pf.close()

@@ -27,7 +27,7 @@ def test_a_hit_counts_in_the_fastest_tier_holding_it_and_a_miss_in_each_faster_o
     p = placement(three)
     r = StatsRecorder(p)
     in_host_and_ssd, in_ssd = entry("a"), entry("b")
-    in_host_and_ssd.tiers, in_ssd.tiers = {1, 2}, {2}
+    in_host_and_ssd.tiers, in_ssd.tiers = (1, 2), (2,)
     with p.lock:
         r.count_lookup([in_host_and_ssd, in_ssd], n_blocks=4, n_tokens=70, ns=NS)
     t = p.stats.tiers

@@ -72,7 +72,7 @@ def test_a_block_read_from_a_slower_tier_is_promoted_only_when_configured(tmp_pa
         out = empty_like(kv)
         assert Reloads(p, promote_on_get=promote).load_block(e.key, out) and equal(out, kv)
         assert p.stats.tiers["ssd"].blocks_read == 1
-        assert e.tiers == ({0, 1} if promote else {1})
+        assert e.tiers == ((0, 1) if promote else (1,))
         assert p.stats.tiers["host"].promotions == int(promote)
         assert p.tiers[0].contains(e.key) == promote
         if promote:  # the promoted copy is the verified bytes: read back from the host tier
@@ -103,7 +103,7 @@ def test_a_corrupt_copy_is_dropped_and_the_next_tier_read(tmp_path, redis_server
         flip_a_byte(disk, e)
         out = empty_like(kv)
         assert Reloads(p, promote_on_get=False).load_block(e.key, out) and equal(out, kv)
-        assert e.tiers == {1} and not disk.contains(e.key) and e.key in p.index
+        assert e.tiers == (1,) and not disk.contains(e.key) and e.key in p.index
         s = p.stats.tiers
         assert (s["ssd"].corrupt_blocks, s["ssd"].blocks_read, s["remote"].blocks_read) == (1, 0, 1)
     finally:
@@ -131,7 +131,7 @@ def test_a_lost_copy_falls_back_to_the_next_tier(tmp_path):
     r = Reloads(p, promote_on_get=False)
     out = empty_like(kv)
     assert r.load_block(e.key, out) and equal(out, kv)
-    assert e.tiers == {1} and p.stats.tiers["ssd"].blocks_read == 1
+    assert e.tiers == (1,) and p.stats.tiers["ssd"].blocks_read == 1
     assert p.stats.tiers["ssd"].corrupt_blocks == 0 == p.stats.tiers["host"].corrupt_blocks
 
 
@@ -142,9 +142,9 @@ def test_a_promotion_never_evicts_a_kept_key_and_a_doomed_block_is_never_promote
     e = put_in(p, 1, "a", payload)
     r = Reloads(p, promote_on_get=True)
     assert not r.promote(e, None, keep=[k.key for k in kept])  # no room without evicting them
-    assert e.tiers == {1} and all(k.tiers == {0} for k in kept)
+    assert e.tiers == (1,) and all(k.tiers == (0,) for k in kept)
     assert r.promote(e, None, keep=[kept[1].key])  # k1 may go: demoted to the SSD tier
-    assert e.tiers == {0, 1} and kept[0].tiers == {1} and kept[1].tiers == {0}
+    assert e.tiers == (0, 1) and kept[0].tiers == (1,) and kept[1].tiers == (0,)
     f = put_in(p, 1, "f", block(10)[1])
     with p.lock:
         p.touch([f], pin=True)
@@ -162,5 +162,5 @@ def test_promote_loaded_learns_an_unknown_size_and_refuses_after_close(tmp_path)
     g = put_in(p, 1, "g", block(6)[1])
     assert not r.promote_loaded(g.key, payload[:10].clone())  # not the block's size: refused
     r.closed = True
-    assert not r.promote_loaded(g.key, block(6)[1]) and g.tiers == {1}
+    assert not r.promote_loaded(g.key, block(6)[1]) and g.tiers == (1,)
     assert not Reloads(p, promote_on_get=True).promote_loaded(key("unknown"), payload)

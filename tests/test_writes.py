@@ -54,7 +54,7 @@ def test_every_full_block_is_stored_once_bit_exact_and_counted():
     try:
         assert puts.put("m", TOKENS, KV, create=True) == 4 * BT
         ks = keys(catalog)
-        assert len(ks) == 4 and all(p.index[k].tiers == {0} for k in ks)
+        assert len(ks) == 4 and all(p.index[k].tiers == (0,) for k in ks)
         assert [p.index[k].parent for k in ks] == [None] + ks[:3]
         for i, k in enumerate(ks):
             got = decoded(p.tiers[0], k, p.index[k].nbytes)
@@ -88,7 +88,7 @@ def test_a_put_of_transposed_views_stores_the_same_blocks_in_every_tier(tmp_path
         assert puts.put("m", TOKENS, views, create=True) == 4 * BT
         ks = keys(catalog)
         for i, k in enumerate(ks):
-            assert p.index[k].tiers == {0, 1}
+            assert p.index[k].tiers == (0, 1)
             want = block_slice(KV, i, BT)
             for tier in p.tiers:
                 got = decoded(tier, k, p.index[k].nbytes)
@@ -114,7 +114,7 @@ def test_a_put_is_acknowledged_only_once_the_ssd_tier_holds_every_block(tmp_path
         t.join(30)
         assert result == [4 * BT] and sizes == [4]
         ks = keys(catalog)  # no flush: the acknowledgement itself means durable
-        assert all(p.index[k].tiers == {0, 1} and p.tiers[1].contains(k) for k in ks)
+        assert all(p.index[k].tiers == (0, 1) and p.tiers[1].contains(k) for k in ks)
         assert p.stats.tiers["ssd"].blocks_written == 4
     finally:
         gate.open.set()
@@ -131,9 +131,9 @@ def test_a_block_missing_from_the_durable_tier_is_written_by_the_next_put(tmp_pa
         with p.lock:  # as if its write-through had failed
             p.tiers[1].delete(lost)
             p.policies[1].remove(lost)
-            p.index[lost].tiers.discard(1)
+            p.index[lost].discard_tier(1)
         assert puts.put("m", TOKENS, KV, create=True) == 0  # nothing new, but made durable
-        assert p.index[lost].tiers == {0, 1} and p.tiers[1].contains(lost)
+        assert p.index[lost].tiers == (0, 1) and p.tiers[1].contains(lost)
     finally:
         writes.close()
 
@@ -221,7 +221,7 @@ def test_a_put_to_the_ssd_tier_writes_its_blocks_together_outside_the_lock(tmp_p
         t.join(30)
         assert result == [4 * BT] and sizes == [2, 2]
         assert [p.index[k].parent for k in ks] == [None] + ks[:3]
-        assert all(p.index[k].tiers == {0} and p.index[k].pins == 0 for k in ks)
+        assert all(p.index[k].tiers == (0,) and p.index[k].pins == 0 for k in ks)
         for i, k in enumerate(ks):
             want = block_slice(KV, i, BT)
             assert all(torch.equal(a, b) for la, lb in zip(decoded(p.tiers[0], k, p.index[k].nbytes), want,

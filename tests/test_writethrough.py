@@ -87,7 +87,7 @@ def test_a_put_waits_for_its_durable_tier(tiers, gates):
         assert not acked.wait(0.2)  # the SSD has not taken it: not acknowledged
         gate.open.set()
         assert acked.wait(WAIT)
-        assert e.tiers == {0, 1} and disk.contains(e.key) and w.missing(e) == []
+        assert e.tiers == (0, 1) and disk.contains(e.key) and w.missing(e) == []
     finally:
         w.close()
 
@@ -104,10 +104,10 @@ def test_writes_to_a_tier_that_is_not_durable_run_in_the_background(tiers, gates
         gate = gates(disk)
         assert w.schedule([(e, data(), 0)]) == []  # nothing for the put to wait for
         gate.wait_reached()
-        assert w.backlog_bytes == BLOCK and e.tiers == {0}
+        assert w.backlog_bytes == BLOCK and e.tiers == (0,)
         gate.open.set()
         w.flush(WAIT)
-        assert e.tiers == {0, 1} and disk.contains(e.key) and w.backlog_bytes == 0
+        assert e.tiers == (0, 1) and disk.contains(e.key) and w.backlog_bytes == 0
     finally:
         w.close()
 
@@ -123,7 +123,7 @@ def test_a_put_fails_when_its_durable_tier_refuses_a_block(tiers, monkeypatch):
         writes = w.schedule([(e, data(), 0)])
         with pytest.raises(StorageFull, match="put not acknowledged: 1 of 1 blocks"):
             w.wait(writes)
-        assert e.tiers == {0} and not disk.contains(e.key)
+        assert e.tiers == (0,) and not disk.contains(e.key)
         assert p.stats.tiers["ssd"].put_failures == 1
     finally:
         w.close()
@@ -167,7 +167,7 @@ def test_a_second_write_of_a_block_joins_the_first(tiers, gates):
         assert first[0].future is second[0].future
         gate.open.set()
         w.wait(first + second)
-        assert gate.calls == 1 and e.tiers == {0, 1}
+        assert gate.calls == 1 and e.tiers == (0, 1)
     finally:
         w.close()
 
@@ -244,7 +244,7 @@ def test_without_write_through_admission_nothing_is_written_on_put(tiers):
         place(p, e)
         assert w.schedule([(e, data(), 0)]) == [] and w.missing(e) == []
         w.flush(WAIT)
-        assert not disk.contains(e.key) and e.tiers == {0}
+        assert not disk.contains(e.key) and e.tiers == (0,)
     finally:
         w.close()
 
@@ -289,7 +289,7 @@ def test_durable_writes_go_together_and_each_blocks_failure_is_its_own(tiers, mo
         with pytest.raises(StorageFull, match=r"1 of 3 blocks could not be made durable \(injected: a bad sector"):
             w.wait(writes)
         assert calls == [3]
-        assert [e.tiers for e in blocks] == [{0, 1}, {0}, {0, 1}]
+        assert [e.tiers for e in blocks] == [(0, 1), (0,), (0, 1)]
         assert [disk.contains(e.key) for e in blocks] == [True, False, True]
         assert p.stats.tiers["ssd"].put_failures == 1 and w.missing(bad) == [1]
     finally:
@@ -323,7 +323,7 @@ def test_a_child_is_not_written_through_where_its_parent_was_refused(tiers, monk
         writes = w.schedule([(e, data(seed=i), 0) for i, e in enumerate((a, b, c))])
         with pytest.raises(StorageFull, match="2 of 3 blocks"):
             w.wait(writes)
-        assert [e.tiers for e in (a, b, c)] == [{0, 1}, {0}, {0}]
+        assert [e.tiers for e in (a, b, c)] == [(0, 1), (0,), (0,)]
         assert [disk.contains(e.key) for e in (a, b, c)] == [True, False, False]
         assert w.missing(c) == [1]  # the next put of the prefix writes both again
     finally:
