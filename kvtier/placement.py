@@ -27,7 +27,16 @@ from kvtier.pieces import Block, contiguous
 from kvtier.policies import EvictionPolicy
 from kvtier.policies.admission import AdmissionPolicy
 from kvtier.stats import CacheStats
-from kvtier.tiers.base import BatchedPuts, DiskBound, MemoryTier, SharedIndex, Tier, WritesInPlace
+from kvtier.tiers.base import (
+    BatchedDeletes,
+    BatchedPuts,
+    DiskBound,
+    LazyDeletes,
+    MemoryTier,
+    SharedIndex,
+    Tier,
+    WritesInPlace,
+)
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +489,11 @@ class Placement:
         stats = self.stats.tiers[self.tiers[t].name]
         if below is not None and below not in entry.tiers and self.admission.admit_on_evict(entry.hits):
             self._copy_down(entry, t, below)
-        self.tiers[t].delete(key)
+        tier = self.tiers[t]
+        if isinstance(tier, LazyDeletes):  # its record goes with the next flush: no sync per victim
+            tier.delete_later(key)
+        else:
+            tier.delete(key)
         entry.discard_tier(t)
         stats.evictions["capacity"] += 1
         if entry.tiers:
@@ -513,6 +526,7 @@ class Placement:
                 order.append(k)
                 stack.extend(self.index[k].children or ())
         explicit = reason in ("evicted", "namespace_dropped")
+        deletes: dict[int, list[bytes]] = {}
         for k in reversed(order):
             entry = self.index.pop(k)
             if explicit and self.shared_idx in entry.tiers:
@@ -527,18 +541,31 @@ class Placement:
                 entry.doomed = True
                 self._held[k] = entry
             else:
-                self._free(entry)
+                self._free(entry, deletes)
             self.stats.blocks_dropped += 1
+        for t, keys in deletes.items():  # once the index is done: a tier sees whole batches
+            tier = self.tiers[t]
+            if isinstance(tier, BatchedDeletes) and len(keys) > 1:
+                tier.delete_many(keys)
+            else:
+                for k in keys:
+                    tier.delete(k)
         return len(order)
 
-    def _free(self, entry: BlockEntry) -> None:
-        """Delete a dropped block's copies. A shared tier's copy is only forgotten: the fleet may
-        still use it (explicit evictions delete it: ``flush_remote_deletes``)."""
+    def _free(self, entry: BlockEntry, deletes: dict[int, list[bytes]] | None = None) -> None:
+        """Delete a dropped block's copies, now or, with ``deletes``, by the caller (tier index
+        -> keys: a tier that deletes many at once does them together). A shared tier's copy is
+        only forgotten: the fleet may still use it (explicit evictions delete it:
+        ``flush_remote_deletes``)."""
         if self._held.get(entry.key) is entry:
             del self._held[entry.key]
         for t in entry.tiers:
-            if t != self.shared_idx:
+            if t == self.shared_idx:
+                continue
+            if deletes is None:
                 self.tiers[t].delete(entry.key)
+            else:
+                deletes.setdefault(t, []).append(entry.key)
         entry.tiers = ()
 
     def flush_remote_deletes(self) -> None:

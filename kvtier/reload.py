@@ -169,14 +169,17 @@ class Reloads:
         prefix). True if the block lives in the fastest tier now.
         """
         entry = self.placement.index.get(key)
-        if self.closed or entry is None or not entry.tiers:
+        if self.closed or entry is None:
             return False
         with self.placement.lock:
+            tiers = entry.tiers  # once: a concurrent drop (a close) may empty it after the lock
+            if not tiers:
+                return False
             if not entry.nbytes:  # found by a shared tier's existence query: now it is known
                 entry.nbytes = data.numel()
         if entry.nbytes != data.numel():
             return False
-        return min(entry.tiers) == 0 or self.promote(entry, data, keep=keep)
+        return tiers[0] == 0 or self.promote(entry, data, keep=keep)
 
 
 def read_in_place(tier: Tier, key: bytes, nbytes: int, outs: Sequence[Sequence[torch.Tensor]]) -> bool:

@@ -4,13 +4,18 @@ disk, and what a drop does to a shared tier's copy."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from kvtier.errors import StorageFull
+from kvtier.index import ancestry_depths
+from kvtier.placement import Placement
 from kvtier.tiers.memory import MemoryTier
+from kvtier.tiers.ssd import SSDTier
 from tests.parts import (
     BLOCK,
     chain,
@@ -19,12 +24,25 @@ from tests.parts import (
     entry,
     held,
     host,
+    key,
     parents_indexed,
     place,
     placement,
     remote,
     ssd,
 )
+
+
+@contextlib.contextmanager
+def reopened(path, **kw) -> Iterator[tuple[Placement, SSDTier]]:
+    """The SSD tier at ``path`` opened again and indexed by a fresh placement: a restart."""
+    disk = ssd(path, **kw)
+    try:
+        p = placement([disk])
+        p.warm_start()
+        yield p, disk
+    finally:
+        disk.close()
 
 
 def read(tier, e) -> torch.Tensor:
@@ -180,20 +198,6 @@ def test_a_disk_bound_tier_short_of_disk_is_never_emptied_by_eviction(tmp_path, 
         disk.close()
 
 
-def test_a_disk_bound_tier_over_its_budget_does_evict(tmp_path):
-    disk = ssd(tmp_path / "ssd", capacity_bytes=3 * BLOCK)
-    try:
-        p = placement([disk])
-        stored = [entry(i) for i in range(3)]
-        for e in stored:
-            place(p, e)
-        new = entry("new")
-        assert place(p, new) == 0  # over the byte budget, deleting does make room
-        assert held(disk, [*stored, new]) == [False, True, True, True]
-    finally:
-        disk.close()
-
-
 def test_a_persistent_copy_is_written_outside_the_lock_by_one_writer(tmp_path, monkeypatch):
     disk = ssd(tmp_path / "ssd")
     try:
@@ -236,15 +240,53 @@ def test_warm_start_indexes_what_persistent_tiers_hold_and_deletes_orphans(tmp_p
     orphan = entry("orphan", parent=entry("never stored"))
     disk.put(orphan.key, data(), orphan.meta())
     disk.close()
-    disk = ssd(tmp_path / "ssd")
-    try:
-        p = placement([disk])
-        p.warm_start()
+    with reopened(tmp_path / "ssd") as (p, disk):
         assert set(p.index) == {a.key, b.key, c.key}
         assert p.index[a.key].children == {b.key} and p.index[c.key].index == 2
         assert not disk.contains(orphan.key) and parents_indexed(p)
-    finally:
-        disk.close()
+
+
+def test_a_damaged_catalog_whose_parents_loop_is_deleted_not_walked_forever(tmp_path):
+    disk = ssd(tmp_path / "ssd")
+    a = entry("a")
+    x, y = entry("x", parent=a), entry("y")  # y's parent is set to x below: x -> y -> x
+    y.parent = x.key
+    x.parent = y.key
+    z = entry("z", parent=x)  # below the loop: unreachable too
+    loop = entry("self")
+    loop.parent = loop.key
+    for e in (a, x, y, z, loop):
+        disk.put(e.key, data(), e.meta())
+    disk.close()
+    with reopened(tmp_path / "ssd") as (p, disk):
+        assert set(p.index) == {a.key} and p.index[a.key].children is None
+        assert [disk.contains(e.key) for e in (a, x, y, z, loop)] == [True, False, False, False, False]
+
+
+class CountedParents(dict):
+    """Parents by key, counting how often one is looked up."""
+
+    lookups = 0
+
+    def __getitem__(self, k):
+        self.lookups += 1
+        return super().__getitem__(k)
+
+
+def test_depths_walk_each_chain_once():
+    """A 5,000-block chain listed leaf first: walking every block up to its root looked parents
+    up 12.5 million times; remembering depths on the way back, once per block."""
+    keys = [key(i) for i in range(5000)]
+    parents = CountedParents({k: (keys[i - 1] if i else None) for i, k in enumerate(keys)})
+    parents = CountedParents(reversed(list(parents.items())))
+    parents[key("branch")] = keys[2500]
+    parents[key("orphan")] = key("never stored")
+    parents[key("below orphan")] = key("orphan")
+    depths = ancestry_depths(parents)
+    assert [depths[k] for k in keys] == list(range(5000))
+    assert depths[key("branch")] == 2501
+    assert depths[key("orphan")] is None and depths[key("below orphan")] is None
+    assert parents.lookups <= len(parents)
 
 
 def test_expired_blocks_are_dropped_and_never_live():
@@ -282,3 +324,55 @@ def test_a_drop_forgets_a_shared_copy_and_only_an_explicit_eviction_deletes_it(r
         assert not p.index.keys() & {a.key, b.key}
     finally:
         rem.close()
+
+
+def test_dropping_a_prefix_removes_its_ssd_records_in_one_transaction(tmp_path):
+    """Each block's delete had committed (and synced) an index transaction of its own: 1.4 s
+    to evict a prefix of 4,000 blocks. One now, and the records are really gone: a reopened
+    tier holds none of them."""
+    disk = ssd(tmp_path / "ssd")
+    p = placement([disk])
+    blocks = chain(p, range(40))
+    keep = chain(p, ["other"])
+    transactions = spy_transactions(disk)
+    with p.lock:
+        assert p.drop(blocks[5].key, "evicted") == 35
+    assert len(transactions) == 1 and len(transactions[0]) == 35
+    assert [disk.contains(e.key) for e in blocks] == [True] * 5 + [False] * 35
+    disk.close()
+    with reopened(tmp_path / "ssd") as (p, disk):
+        assert set(p.index) == {e.key for e in blocks[:5]} | {keep[0].key}
+
+
+def spy_transactions(disk) -> list[list]:
+    """Every index delete transaction the SSD tier commits from now on (items removed)."""
+    transactions: list[list] = []
+    delete_if = disk.store.index.delete_if
+    disk.store.index.delete_if = lambda items: transactions.append(list(items)) or delete_if(transactions[-1])
+    return transactions
+
+
+def test_a_disk_bound_tier_over_its_budget_evicts_and_leaves_records_to_the_next_flush(tmp_path):
+    """A full SSD tier evicts for every put; each eviction had committed and synced its own
+    index transaction (a full tier's puts of 2 MiB blocks 1.5x slower than a tier with room)."""
+    disk = ssd(tmp_path / "ssd", capacity_bytes=3 * BLOCK)
+    try:
+        p = placement([disk])
+        old = [entry(i) for i in range(3)]
+        for e in old:
+            place(p, e)
+        transactions = spy_transactions(disk)
+        new = [entry(f"new {i}") for i in range(3)]
+        for e in new:
+            assert place(p, e) == 0  # over the byte budget, deleting does make room
+        assert held(disk, old + new) == [False] * 3 + [True] * 3
+        assert transactions == []  # evicted from memory at once, the records not yet
+        reborn = entry(0)  # evicted, then stored again before the flush: a new record
+        assert place(p, reborn, data(seed=7)) == 0
+        disk.flush()
+        assert len(transactions) == 1 and {k for k, _ in transactions[0]} == {e.key for e in old} | {new[0].key}
+    finally:
+        disk.close()
+    with reopened(tmp_path / "ssd", capacity_bytes=3 * BLOCK) as (p, disk):  # only what was stored last is back: the deferred deletes were durable
+        assert set(p.index) == {new[1].key, new[2].key, reborn.key}
+        assert torch.equal(read(disk, reborn), data(seed=7))  # the new record, not deleted

@@ -213,6 +213,28 @@ class SharedIndex(Tier, Protocol):
 
 
 @runtime_checkable
+class BatchedDeletes(Protocol):
+    """A tier that removes many blocks in one call for what ``delete`` pays per block (the SSD
+    tier: one index transaction, where each ``delete`` commits, and syncs, its own).
+
+    ``delete_many(keys)`` is ``delete`` of each key, all done when it returns; returns how many
+    were stored. Never raises for the index, as ``delete``."""
+
+    def delete_many(self, keys: Sequence[bytes]) -> int: ...
+
+
+@runtime_checkable
+class LazyDeletes(Protocol):
+    """A tier whose ``delete`` pays for durability (the SSD tier: an index transaction and its
+    sync) and can leave that to a later batch: ``delete_later(key)`` removes the block from
+    this process at once, as ``delete``, and its durable record with the tier's next flush.
+    A crash before then brings the block back, intact: for evictions that make room, never
+    for deletes a caller asked for."""
+
+    def delete_later(self, key: bytes) -> bool: ...
+
+
+@runtime_checkable
 class BatchedPuts(Protocol):
     """A tier that stores many blocks in one call, their writes in flight together and made
     durable together (the SSD tier: one fdatasync per segment file written, one index

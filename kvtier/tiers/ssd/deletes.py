@@ -1,10 +1,13 @@
-"""Index deletes that could not commit (a full disk, a damaged index), kept to retry.
+"""Index deletes that could not commit (a full disk, a damaged index), kept to retry; and
+capacity evictions' deletes, deferred to the next flush on purpose.
 
 A deleted, expired or corrupt block leaves the tier's memory at once; its index record goes now
 or, when the index refuses the transaction, at a later flush. Why that is safe to defer: a record
 left behind is only dead space (its key-bound checksum keeps it from vouching for other bytes),
-and the next open drops records its segments cannot back. The retry list is bounded
-(``MAX_UNREMOVED``) for the same reason. Thread-safe.
+and the next open drops records its segments cannot back (a record whose bytes are still there
+brings its block back, intact: why only evictions for capacity are deferred, never an evict or a
+namespace drop a caller asked for). The retry list is bounded (``MAX_UNREMOVED``) for the same
+reason. Thread-safe.
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ class RecordDeleter:
             self._keep(items)
             return e
         return None
+
+    def defer(self, items: list[tuple[bytes, Location]]) -> None:
+        """Remove these records with the next ``retry`` (the tier's next flush), together with
+        whatever else waits, in one transaction: for capacity evictions, where a transaction
+        (and its sync) per evicted block made a full tier's puts 1.6x slower."""
+        self._keep(items)
 
     def retry(self) -> None:
         """Try the kept deletes again; what still fails stays kept (not reported again)."""

@@ -339,15 +339,18 @@ class Store:
         self.space.refused(nbytes)
 
     # ---- deletes -----------------------------------------------------------------------------
-    def delete(self, key: bytes) -> bool:
-        """Forget ``key`` and remove its record (now, or by a later ``retry_deletes``)."""
+    def delete(self, key: bytes, *, later: bool = False) -> bool:
+        """Forget ``key`` and remove its record (now, or by a later ``retry_deletes``; with
+        ``later``, by the next one: ``RecordDeleter.defer``)."""
         with self.commit_lock:
             with self.lock:
                 committed = not self.blocks.is_pending(key)
                 loc = self._forget(key)
             if loc is None:
                 return False
-            if committed:
+            if committed and later:
+                self.deleter.defer([(key, loc)])
+            elif committed:
                 self._remove_records([(key, loc)], "deleting a block")
         return True
 
