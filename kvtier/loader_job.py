@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import torch
 
-from kvtier.block import BlockHeader, parse_header
+from kvtier.block import BlockHeader, HeaderTemplate, parse_header
 from kvtier.errors import CorruptBlock
 from kvtier.index import LeasedBlock
 from kvtier.layout import block_slice
@@ -40,6 +40,8 @@ class LoadJob:
     result: LoadResult = field(default_factory=LoadResult)  # reported once the load is done
     # ``dest`` in blocks, for the paths' copies of ``none`` blocks into host KV (None: other codecs)
     prefix: PrefixKV | None = None
+    # The first header a whole-block read parsed: the others are compared with it (block.py)
+    template: HeaderTemplate | None = None
     _outs: dict[int, list[list[torch.Tensor]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

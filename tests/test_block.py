@@ -3,12 +3,14 @@ import hashlib
 import struct
 
 import crc32c
+import numpy as np
 import pytest
 import torch
 
 from kvtier.block import (
     ALIGNED,
     COMPACT,
+    HeaderTemplate,
     LayerEntry,
     _header,
     decode_block_into,
@@ -339,3 +341,24 @@ def test_headers_like_accepts_the_same_layout_with_other_crcs_and_nothing_else()
     assert headers_like(arena, np.array(starts[:2]), starts[0]).tolist() == [True, False]
     with pytest.raises(CorruptBlock):
         headers_like(arena, np.array(starts[:1]), starts[5])  # a model that fails its own check
+
+
+def test_a_header_template_recognizes_its_layout_and_nothing_else():
+    """Blocks of one layout differ only in their crcs; any other header byte (a layout, a
+    codec, a version, damage) makes the block parsed as itself."""
+
+    def block(seed, tokens=16, codec="none"):
+        kv = random_kv(tokens, layers=3, seed=seed)
+        return np.frombuffer(encode_block(get_codec(codec), kv), dtype=np.uint8).copy()
+
+    first, second = block(1), block(2)
+    template = HeaderTemplate(first)
+    assert template.header == parse_header(first.tobytes())
+    assert template.matches(second) and template.matches(first)
+    assert [e[:2] for e in template.header.layers] == [e[:2] for e in parse_header(second.tobytes()).layers]
+    assert not template.matches(block(3, tokens=8))  # other layer lengths
+    assert not template.matches(block(4, codec="int8"))  # another codec
+    damaged = second.copy()
+    damaged[4] ^= 0x03  # the version byte
+    assert not template.matches(damaged)
+    assert not template.matches(second[:template.header.header_bytes - 1])  # too short to hold it

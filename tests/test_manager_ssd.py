@@ -264,3 +264,18 @@ def test_a_dropped_get_from_ssd_is_back_in_the_pool_before_the_next_get(tmp_path
             del out
             assert c._get_buffers.idle_bytes == 64 * 1024**2
         assert len(ptrs) == 1  # every get wrote into the same memory
+
+
+def test_a_get_reads_each_small_block_once(tmp_path):
+    """A get waits for the whole prefix: a block of at most ``min_read_bytes`` is one read
+    (header and layers together), not a header read and then the layers' (two: 128 KiB blocks
+    reloaded at 0.22x fio). A damaged one is still never served (the corruption test above)."""
+    toks, kv = prompt(5, blocks=6)
+    with cache(tmp_path, host="0") as c:
+        c.put("m", toks, kv)
+        c.flush(30)
+        ssd = c.tier("ssd")
+        before = ssd.stats()["blocks_read"]
+        out, n = c.get("m", toks)
+        assert n == 6 * BT and same(kv, out, n)
+        assert ssd.stats()["blocks_read"] - before == 6
