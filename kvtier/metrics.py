@@ -74,7 +74,7 @@ def _buckets(h: StatsHistogram) -> list[tuple[str, float]]:
     for bound, c in zip(h.buckets, h.counts, strict=False):
         running += c
         out.append((repr(float(bound)), running))
-    out.append(("+Inf", h.count))
+    out.append(("+Inf", sum(h.counts)))  # not ``count``: a scrape between two updates stays monotonic
     return out
 
 

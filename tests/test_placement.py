@@ -370,9 +370,96 @@ def test_a_disk_bound_tier_over_its_budget_evicts_and_leaves_records_to_the_next
         reborn = entry(0)  # evicted, then stored again before the flush: a new record
         assert place(p, reborn, data(seed=7)) == 0
         disk.flush()
-        assert len(transactions) == 1 and {k for k, _ in transactions[0]} == {e.key for e in old} | {new[0].key}
+        # One transaction; not the reborn block's old record: its new one replaced it
+        assert len(transactions) == 1 and {k for k, _ in transactions[0]} == {e.key for e in old[1:]} | {new[0].key}
     finally:
         disk.close()
     with reopened(tmp_path / "ssd", capacity_bytes=3 * BLOCK) as (p, disk):  # only what was stored last is back: the deferred deletes were durable
         assert set(p.index) == {new[1].key, new[2].key, reborn.key}
         assert torch.equal(read(disk, reborn), data(seed=7))  # the new record, not deleted
+
+
+def test_an_inline_block_evicted_then_stored_again_keeps_its_new_record(tmp_path):
+    """An inline block stored again with the same bytes has the same location as the one a
+    capacity eviction left for the next flush: that deferred delete must not take the new
+    record (it did: the block was then lost, a put acknowledged as durable gone at a restart)."""
+    disk = ssd(tmp_path / "ssd", capacity_bytes=2 * BLOCK, inline_threshold=4 * BLOCK)
+    try:
+        p = placement([disk])
+        first, second, third = entry(1), entry(2), entry(3)
+        place(p, first)
+        place(p, second)
+        assert place(p, third) == 0 and not disk.contains(first.key)  # first evicted, lazily
+        again = entry(1)
+        assert place(p, again) == 0  # the same bytes again, under the same key
+        disk.flush()
+        payload = data(BLOCK, int.from_bytes(again.key[:4], "little"))  # what place() stores
+        assert torch.equal(read(disk, again), payload) and disk.store.index.get(again.key) is not None
+    finally:
+        disk.close()
+    with reopened(tmp_path / "ssd", capacity_bytes=2 * BLOCK, inline_threshold=4 * BLOCK) as (p, disk):
+        assert again.key in p.index and torch.equal(read(disk, again), payload)
+
+
+def test_compaction_never_moves_the_record_of_a_block_evicted_while_it_copied(tmp_path):
+    """A capacity eviction during compaction leaves its record for the next flush; moving that
+    record to the block's new place kept it past its delete (the block came back at every
+    restart, and the copy was never counted as live)."""
+    disk = ssd(tmp_path / "ssd", compaction_live_fraction=0.9, inline_threshold=0)
+    try:
+        blocks = [entry(i) for i in range(300)]  # 1.2 MiB: the first 1 MiB segment fills up
+        for e in blocks:
+            disk.put(e.key, data(seed=1), e.meta())
+        victim, survivor = blocks[0], blocks[1]
+        for e in blocks[2:200]:
+            disk.delete(e.key)  # the first segment mostly dead: compaction takes it
+        real = disk.store.blocks_in
+
+        def then_evict(seg):
+            found = real(seg)
+            disk.delete_later(victim.key)  # lands while compaction copies what it found
+            return found
+
+        disk.store.blocks_in = then_evict
+        assert disk.compact() >= 1
+        disk.flush()
+        assert disk.store.index.get(victim.key) is None and not disk.contains(victim.key)
+        assert torch.equal(read(disk, survivor), data(seed=1))
+    finally:
+        disk.close()
+    with reopened(tmp_path / "ssd", inline_threshold=0) as (p, _):
+        assert victim.key not in p.index and survivor.key in p.index
+
+
+def test_deferred_evictions_never_push_out_a_failed_delete_a_caller_asked_for(tmp_path):
+    """The retry list is bounded; capacity evictions waiting for the flush are kept apart and,
+    past the bound, removed at once instead of displacing an explicit delete kept to retry."""
+    from kvtier.errors import KVTierError
+    from kvtier.tiers.ssd.deletes import RecordDeleter
+
+    disk = ssd(tmp_path / "ssd", inline_threshold=0)
+    try:
+        blocks = [entry(i) for i in range(5)]
+        for e in blocks:
+            disk.put(e.key, data(), e.meta())
+        locs = {e.key: disk.store.location(e.key) for e in blocks}
+        index = disk.store.index
+        deleter = RecordDeleter(index, limit=2)
+        real, failing = index.delete_if, [True]
+
+        def delete_if(items):
+            if failing[0]:
+                raise KVTierError("index full")
+            return real(items)
+
+        index.delete_if = delete_if
+        explicit = (blocks[0].key, locs[blocks[0].key])
+        assert deleter.remove([explicit]) is not None  # kept to retry
+        assert deleter.defer([(e.key, locs[e.key]) for e in blocks[1:3]]) is None  # waiting
+        assert deleter.defer([(blocks[3].key, locs[blocks[3].key])]) is not None  # over: now, failed
+        failing[0] = False
+        deleter.retry()
+        assert all(index.get(e.key) is None for e in blocks[:4]) and index.get(blocks[4].key) is not None
+        assert len(deleter) == 0
+    finally:
+        disk.close()

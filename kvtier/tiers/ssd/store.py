@@ -262,6 +262,7 @@ class Store:
         """Commit records (payloads written, and synced as durability asks) in one index
         transaction, then serve their blocks. Raises KVTierError from the index."""
         with self.commit_lock:
+            self.deleter.discard(res.key for res, _, _ in puts)
             self.index.commit([(res.key, rec, blob) for res, rec, blob in puts])
             with self.lock:
                 for res, rec, _ in puts:
@@ -269,6 +270,7 @@ class Store:
 
     def stage(self, res: Reservation, rec: Record, blob: bytes | None) -> None:
         """Serve a written block now; its record commits with the next batch (``take_batch``)."""
+        self.deleter.discard([res.key])
         with self.lock:
             self.blocks.stage(Pending(res.key, rec, blob, res.segment))
             self._inserted(rec.loc)
@@ -349,7 +351,9 @@ class Store:
             if loc is None:
                 return False
             if committed and later:
-                self.deleter.defer([(key, loc)])
+                error = self.deleter.defer([(key, loc)])
+                if error is not None:
+                    self.index_failed(error, "deleting a block")
             elif committed:
                 self._remove_records([(key, loc)], "deleting a block")
         return True
@@ -417,6 +421,11 @@ class Store:
         serve them there, and retire ``src`` if nothing live is left in it; whether it was.
         Raises KVTierError from the index."""
         with self.commit_lock:
+            # Only blocks still served from where they were copied: one deleted meanwhile may
+            # have its record still there (a capacity eviction's goes with the next flush), and
+            # moving that record would keep it past its delete.
+            with self.lock:
+                moves = [m for m in moves if self.locations.get(m[0]) == m[1]]
             moved = self.index.relocate([(k, old, new) for k, old, new, _ in moves])
             with self.lock:
                 for key, old, new, dst in moves:
