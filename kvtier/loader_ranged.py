@@ -340,12 +340,17 @@ class RangedReads:
             job.stream._land(g, [i])
             self._promoter.gather(job, i, buf, lo, hi)
         except (KeyError, KVTierError, OSError) as e:
-            job.note_failure(tier.name, e)
-            log.warning("layers %s of block %d in %s unreadable (%s); reading it whole", list(g), i, tier.name, e)
-            self._promoter.abandon(job, i)  # the whole-block read promotes it, if it can
-            self._fallback(job, i, b)
+            self._unreadable(job, i, b, tier, e, f"layers {list(g)} of block {i}")
         finally:
             ring.release(slot)
+
+    def _unreadable(self, job: LoadJob, i: int, b: LeasedBlock, tier: Tier, e: BaseException, what: str) -> None:
+        """A read of block ``i`` failed: counted, and the block read whole through the cache
+        (which promotes it, if it can; this load will not)."""
+        job.note_failure(tier.name, e)
+        log.warning("%s in %s unreadable (%s); reading it whole", what, tier.name, e)
+        self._promoter.abandon(job, i)
+        self._fallback(job, i, b)
 
     def _decode(self, job: LoadJob, i: int, h: BlockHeader, buf: torch.Tensor, lo: int, g: range,
                 verify: bool = True) -> None:
@@ -393,13 +398,13 @@ class RangedReads:
             got = tier.read_into(b.key, buf)  # a whole block: the tier verified every byte
             if got != b.nbytes:
                 raise CorruptBlock(f"short read: {got} of {b.nbytes} bytes")
-            t = job.template
-            if t is not None and t.matches(buf.numpy()):
+            arr, t = buf.numpy(), job.template
+            if t is not None and t.matches(arr):
                 h = t.header  # the same layout: its layers where the template's are
             else:
                 h = checked_header(buf, job.n_layers)
                 if t is None:
-                    job.template = HeaderTemplate(buf.numpy())
+                    job.template = HeaderTemplate(arr)
             if h.total_bytes != b.nbytes:
                 raise CorruptBlock(f"block header says {h.total_bytes} bytes, the tier holds {b.nbytes}")
             g = range(job.n_layers)
@@ -407,10 +412,7 @@ class RangedReads:
             job.stream._land(g, [i])
             self._promoter.gather_whole(job, i, buf)
         except (KeyError, KVTierError, OSError) as e:
-            job.note_failure(tier.name, e)
-            log.warning("block %d in %s unreadable (%s); reading it whole through the cache", i, tier.name, e)
-            self._promoter.abandon(job, i)
-            self._fallback(job, i, b)
+            self._unreadable(job, i, b, tier, e, f"block {i}")
         finally:
             ring.release(slot)
 

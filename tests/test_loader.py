@@ -105,6 +105,14 @@ def test_split_prefix_loads_exactly_over_both_paths(tmp_path):
         loader.close()
 
 
+def stored_prefix(cache: TieredCache, blocks: int) -> tuple[list, list[int]]:
+    """A prefix of ``blocks`` blocks of random KV put under namespace ``m``: its KV and tokens."""
+    kv = random_kv(blocks * BT, layers=LAYERS)
+    toks = list(range(blocks * BT))
+    assert cache.put("m", toks, kv) == blocks * BT
+    return kv, toks
+
+
 @pytest.mark.parametrize("dest_kind", ["layout_empty", "a_tensor_each"])
 def test_host_blocks_land_in_host_kv_by_one_copy_per_layer_group(monkeypatch, dest_kind):
     """Host-tier blocks reloaded into host KV (``KVLayout.empty``'s, or a tensor per layer and
@@ -126,11 +134,8 @@ def test_host_blocks_land_in_host_kv_by_one_copy_per_layer_group(monkeypatch, de
     landed: list[int] = []
     real_land = LoadStream._land
     monkeypatch.setattr(LoadStream, "_land", lambda self, layers, blocks: landed.extend(layers) or real_land(self, layers, blocks))
-    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))
-    with TieredCache(cfg) as cache:
-        kv = random_kv(6 * BT, layers=LAYERS)
-        toks = list(range(6 * BT))
-        assert cache.put("m", toks, kv) == 6 * BT
+    with TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))) as cache:
+        kv, toks = stored_prefix(cache, 6)
         block = cache.acquire("m", toks)
         layout = block.namespace.layout
         cache.release(block)
@@ -374,11 +379,8 @@ def test_a_host_block_whose_layers_run_past_its_slot_is_not_copied_from_its_neig
     Block 0 is the one the others' headers are compared with (``headers_like``)."""
     from kvtier.block import _header, parse_table
 
-    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))
-    with TieredCache(cfg) as cache:
-        kv = random_kv(4 * BT, layers=LAYERS)
-        toks = list(range(4 * BT))
-        assert cache.put("m", toks, kv) == 4 * BT
+    with TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))) as cache:
+        kv, toks = stored_prefix(cache, 4)
         lease = cache.acquire("m", toks)
         key, layout = lease.blocks[victim].key, lease.namespace.layout
         cache.release(lease)

@@ -350,12 +350,8 @@ class Store:
                 loc = self._forget(key)
             if loc is None:
                 return False
-            if committed and later:
-                error = self.deleter.defer([(key, loc)])
-                if error is not None:
-                    self.index_failed(error, "deleting a block")
-            elif committed:
-                self._remove_records([(key, loc)], "deleting a block")
+            if committed:
+                self._remove_records([(key, loc)], "deleting a block", later=later)
         return True
 
     def delete_many(self, keys: Iterable[bytes], what: str) -> int:
@@ -371,8 +367,8 @@ class Store:
         """Retry index deletes that could not commit before (caller holds ``commit_lock``)."""
         self.deleter.retry()
 
-    def _remove_records(self, items: list[tuple[bytes, Location]], what: str) -> None:
-        error = self.deleter.remove(items)
+    def _remove_records(self, items: list[tuple[bytes, Location]], what: str, *, later: bool = False) -> None:
+        error = self.deleter.defer(items) if later else self.deleter.remove(items)
         if error is not None:
             self.index_failed(error, what)
 
