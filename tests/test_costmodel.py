@@ -60,6 +60,9 @@ def test_slow_ssd_hits_are_declined_and_ttft_stays_near_recompute(tmp_path):
             full.append(time.perf_counter() - start)
             loader.cost.observe_prefill(prompt.shape[1], full[-1])
         recompute = min(full)
+        # A known-fast SSD estimate: the accept path must not hinge on how fast this (shared,
+        # busy) machine's first probe read happens to be; the slow path below is what's measured.
+        loader.cost.observe_latency("ssd", 0.0)
         fast = prefill(model, cache, "m", prompt[0])
         assert fast.decision.verdict == "accepted" and fast.cached_tokens == 2048
         ssd = cache.tier("ssd")
