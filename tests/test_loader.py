@@ -26,6 +26,7 @@ class SlowTier:
         self._inner = inner
         self.delay = delay
         self.gate: threading.Semaphore | None = None  # if set, each range read takes a permit
+        self.broken: bytes | None = None  # if set, reading this key raises what no tier raises
         self.reads = 0
         self._lock = threading.Lock()
 
@@ -42,6 +43,8 @@ class SlowTier:
         if self.gate is not None:
             assert self.gate.acquire(timeout=10), "test gate never opened"
         self._count(1)
+        if key == self.broken:
+            raise RuntimeError("injected: a bug in a tier, not an I/O error")
         return self._inner.read_into(key, out, offset)
 
     def read_many_into(self, requests):
@@ -276,6 +279,23 @@ def test_corrupt_ssd_block_truncates_to_a_correct_prefix(tmp_path):
         assert cache.stats().tiers["ssd"].corrupt_blocks >= 1
         assert cache.lookup("m", toks).tokens == 3 * BT  # the corrupt block is gone
         loader.close()
+
+
+def test_an_unexpected_read_error_in_a_get_fails_the_path_not_the_caller(tmp_path):
+    """A get's whole-block readers: an error no tier should raise ends the prefix before its
+    block; the get neither hangs nor raises, serves no unread block, and drops nothing."""
+    with split_cache(tmp_path, host_blocks=0) as cache:
+        toks, kv = fill(cache, 6 * BT)
+        slow = cache.tiers[-1]
+        lease = cache.acquire("m", toks)
+        slow.broken = lease.blocks[3].key
+        cache.release(lease)
+        out, n = cache.get("m", toks)
+        assert n == 3 * BT and same(kv, out, n)
+        assert slow.reads >= 4  # the readers got as far as the broken block
+        slow.broken = None
+        out, n = cache.get("m", toks)  # nothing was dropped for it: a bug is not corruption
+        assert n == 6 * BT and same(kv, out, n)
 
 
 def test_cancel_ends_with_contiguous_prefix(tmp_path):
