@@ -8,7 +8,7 @@ import functools
 import json
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,6 +34,7 @@ from kvtier.lookups import Lookups
 from kvtier.namespaces import Namespace, validate_name
 from kvtier.pieces import Block
 from kvtier.placement import Placement
+from kvtier.readers import shared_readers
 from kvtier.recorder import StatsRecorder
 from kvtier.reload import Reloads
 from kvtier.writes import SLOTS_WINDOW_BYTES
@@ -221,10 +222,16 @@ class EngineBlocks:
             copied = self.reloads.copy_pages(pinned, ns.page_bytes, *targets) if targets else 0
             pairs = list(zip(pinned[copied:], rows[copied:], strict=False))  # rows may be more
 
-            def load(pair: tuple[BlockEntry, torch.Tensor]) -> bool:
-                return self.reloads.load_block(pair[0].key, [[pair[1].view(1, -1)]])
+            done = [False] * len(pairs)
 
-            done = list(_page_readers().map(load, pairs)) if len(pairs) > 1 else [load(x) for x in pairs]
+            def load(todo: Iterator[tuple[int, tuple[BlockEntry, torch.Tensor]]]) -> None:
+                for j, (e, row) in todo:
+                    done[j] = self.reloads.load_block(e.key, [[row.view(1, -1)]])
+
+            if len(pairs) > 1:
+                shared_readers(_page_readers(), min(PAGE_READERS, len(pairs)), enumerate(pairs), load)
+            else:
+                load(iter(enumerate(pairs)))
         finally:
             p.release(pinned)
         return copied + (done.index(False) if False in done else len(done))

@@ -60,6 +60,7 @@ from kvtier.errors import CorruptBlock, KVTierError
 from kvtier.index import LeasedBlock
 from kvtier.loader_job import Fallback, Item, LoadJob, checked_header, layer_groups
 from kvtier.loader_promote import Promoter
+from kvtier.readers import shared_readers
 from kvtier.staging import StagingRing, StagingSlot
 from kvtier.tiers.base import RangedBatchReads, ScatterReads, Tier, kind_check
 
@@ -378,15 +379,12 @@ class RangedReads:
         """Blocks of at most ``min_read_bytes`` that the caller waits for whole (``get``): one
         read each, header and layers together, where ``_staged`` reads the header first and
         then the layers (two reads a block: 128 KiB blocks reloaded at 0.22x fio's random reads
-        of the same size). ``io_threads`` readers each hold one ring slot and take the next
-        block until none is left: no task, future or slot hand-off per block (a fifth of the
-        GIL's time at 128 KiB blocks). An error no tier should raise ends the prefix at its
-        block; the readers go on with the others. Returns the reads made."""
+        of the same size). ``io_threads`` readers (``shared_readers``) each hold one ring slot
+        and take the next block until none is left. An error no tier should raise ends the
+        prefix at its block; the readers go on with the others. Returns the reads made."""
         ring = self._ring_for(max(b.nbytes for _, b, _ in items))
-        todo = iter(items)  # shared: ``next`` on a list iterator is one step under the GIL
         readers = min(self._io_threads, ring.slots, len(items))
-        futures = [self._io.submit(self._read_whole_loop, job, ring, todo) for _ in range(readers)]
-        return sum(f.result() for f in futures)
+        return sum(shared_readers(self._io, readers, items, lambda todo: self._read_whole_loop(job, ring, todo)))
 
     def _read_whole_loop(self, job: LoadJob, ring: StagingRing, todo: Iterator[Item[Tier]]) -> int:
         """One reader of ``_staged_whole``: blocks from ``todo`` through one slot; the reads made."""

@@ -90,7 +90,7 @@ def test_command_exits_1_and_names_the_lines(tmp_path):
 # The layers of docs/architecture.md, bottom first: a module imports its own layer and those
 # below, never one above (``kvtier`` itself, the public API, sits with the facade).
 LAYERS = [
-    ("foundation", "errors config keys layout records stats gcpauses wire settings calc bytecopy bufpool pieces _fastcopy"),
+    ("foundation", "errors config keys layout records stats gcpauses readers wire settings calc bytecopy bufpool pieces _fastcopy"),
     ("block format", "codecs block blocks namespaces policies prefixkv"),
     ("tiers", "tiers"),
     ("parts", "index placement writethrough writes lookups reload recorder catalog "
