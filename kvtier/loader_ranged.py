@@ -27,6 +27,7 @@ block, one of two ways:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -67,6 +68,8 @@ from kvtier.tiers.base import RangedBatchReads, ScatterReads, Tier, kind_check
 log = logging.getLogger(__name__)
 
 Read = tuple[bytes, torch.Tensor, int]
+# A read through the staging ring: the block's index, its tier's name, and the read (given a slot).
+SlotRead = tuple[int, str, Callable[[StagingSlot], None]]
 
 
 class DestPages:
@@ -316,21 +319,40 @@ class RangedReads:
         # A slot holds a range at its offset's place in a page, so every read is congruent.
         widest = max(hi - lo + lo % ALIGN for _, _, _, h in headers for lo, hi in map(h.span, groups))
         ring = self._ring_for(widest)
-        futures: list[Future] = []
-        for g in groups:
-            for i, b, tier, h in headers:
+        # Group-major: every block's first layers land before any block's next ones.
+        reads = [(i, tier.name, functools.partial(self._read_group, job, i, b, tier, h, g))
+                 for g in groups for i, b, tier, h in headers]
+        return len(items) + self._through_ring(job, ring, reads)
+
+    def _through_ring(self, job: LoadJob, ring: StagingRing, reads: Sequence[SlotRead]) -> int:
+        """Make ``reads`` with ``io_threads`` readers (``shared_readers``), each through one ring
+        slot; returns the reads made."""
+        n = min(self._io_threads, ring.slots, len(reads))
+        return sum(shared_readers(self._io, n, reads, lambda todo: self._slot_reader(job, ring, todo)))
+
+    def _slot_reader(self, job: LoadJob, ring: StagingRing, todo: Iterator[SlotRead]) -> int:
+        """One reader: holds one slot (back-pressure: at most ``ring.slots`` reads staged at
+        once) and makes each read of ``todo`` the stream still wants. An error no tier should
+        raise ends the prefix at its block (logged); the readers go on. Returns the reads made."""
+        made = 0
+        slot = ring.acquire()
+        try:
+            for i, tier, read in todo:
                 if job.stream.cancelled or i >= job.stream.valid_blocks:
                     continue
-                slot = ring.acquire()  # back-pressure: at most ring.slots ranges staged at once
-                futures.append(self._io.submit(self._read_group, job, ring, slot, i, b, tier, h, g))
-        wait_futures(futures)
-        return len(items) + len(futures)
+                made += 1
+                try:
+                    read(slot)
+                except Exception as e:  # noqa: BLE001  a bug, not bad bytes: the prefix ends here
+                    log.exception("reading block %d from %s failed", i, tier)
+                    job.stream._truncate(i, f"block {i}: {e}")
+        finally:
+            ring.release(slot)
+        return made
 
-    def _read_group(self, job: LoadJob, ring: StagingRing, slot: StagingSlot, i: int, b: LeasedBlock,
-                    tier: Tier, h: BlockHeader, g: range) -> None:
+    def _read_group(self, job: LoadJob, i: int, b: LeasedBlock, tier: Tier, h: BlockHeader, g: range,
+                    slot: StagingSlot) -> None:
         try:
-            if job.stream.cancelled or i >= job.stream.valid_blocks:
-                return
             lo, hi = h.span(g)
             pad = lo % ALIGN
             buf = slot.tensor[pad: pad + hi - lo]
@@ -342,8 +364,6 @@ class RangedReads:
             self._promoter.gather(job, i, buf, lo, hi)
         except (KeyError, KVTierError, OSError) as e:
             self._unreadable(job, i, b, tier, e, f"layers {list(g)} of block {i}")
-        finally:
-            ring.release(slot)
 
     def _unreadable(self, job: LoadJob, i: int, b: LeasedBlock, tier: Tier, e: BaseException, what: str) -> None:
         """A read of block ``i`` failed: counted, and the block read whole through the cache
@@ -379,32 +399,12 @@ class RangedReads:
         """Blocks of at most ``min_read_bytes`` that the caller waits for whole (``get``): one
         read each, header and layers together, where ``_staged`` reads the header first and
         then the layers (two reads a block: 128 KiB blocks reloaded at 0.22x fio's random reads
-        of the same size). ``io_threads`` readers (``shared_readers``) each hold one ring slot
-        and take the next block until none is left. An error no tier should raise ends the
-        prefix at its block; the readers go on with the others. Returns the reads made."""
+        of the same size). Returns the reads made."""
         ring = self._ring_for(max(b.nbytes for _, b, _ in items))
-        readers = min(self._io_threads, ring.slots, len(items))
-        return sum(shared_readers(self._io, readers, items, lambda todo: self._read_whole_loop(job, ring, todo)))
+        reads = [(i, tier.name, functools.partial(self._read_whole, job, i, b, tier)) for i, b, tier in items]
+        return self._through_ring(job, ring, reads)
 
-    def _read_whole_loop(self, job: LoadJob, ring: StagingRing, todo: Iterator[Item[Tier]]) -> int:
-        """One reader of ``_staged_whole``: blocks from ``todo`` through one slot; the reads made."""
-        reads = 0
-        slot = ring.acquire()  # back-pressure: at most ring.slots blocks staged at once
-        try:
-            for i, b, tier in todo:
-                if job.stream.cancelled or i >= job.stream.valid_blocks:
-                    continue
-                reads += 1
-                try:
-                    self._read_whole(job, slot, i, b, tier)
-                except Exception as e:  # noqa: BLE001  a bug, not bad bytes: the prefix ends here
-                    log.exception("reading block %d from %s failed", i, tier.name)
-                    job.stream._truncate(i, f"block {i}: {e}")
-        finally:
-            ring.release(slot)
-        return reads
-
-    def _read_whole(self, job: LoadJob, slot: StagingSlot, i: int, b: LeasedBlock, tier: Tier) -> None:
+    def _read_whole(self, job: LoadJob, i: int, b: LeasedBlock, tier: Tier, slot: StagingSlot) -> None:
         try:
             buf = slot.tensor[:b.nbytes]
             got = tier.read_into(b.key, buf)  # a whole block: the tier verified every byte

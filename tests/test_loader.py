@@ -281,21 +281,30 @@ def test_corrupt_ssd_block_truncates_to_a_correct_prefix(tmp_path):
         loader.close()
 
 
-def test_an_unexpected_read_error_in_a_get_fails_the_path_not_the_caller(tmp_path):
-    """A get's whole-block readers: an error no tier should raise ends the prefix before its
-    block; the get neither hangs nor raises, serves no unread block, and drops nothing."""
+@pytest.mark.parametrize("how", ["get", "layerwise"])
+def test_an_unexpected_read_error_ends_the_prefix_and_never_hangs(tmp_path, how):
+    """The ring's readers (a get's whole blocks; a layerwise load's layer ranges): an error no
+    tier should raise ends the prefix before its block; the load neither hangs nor raises,
+    serves no unread block, and drops nothing."""
     with split_cache(tmp_path, host_blocks=0) as cache:
         toks, kv = fill(cache, 6 * BT)
         slow = cache.tiers[-1]
         lease = cache.acquire("m", toks)
         slow.broken = lease.blocks[3].key
         cache.release(lease)
-        out, n = cache.get("m", toks)
+        loader = Loader(cache)
+        if how == "get":
+            out, n = cache.get("m", toks)
+        else:
+            stream, out = load(cache, loader, toks)
+            n = stream.tokens
+            assert "block 3" in stream.error
         assert n == 3 * BT and same(kv, out, n)
         assert slow.reads >= 4  # the readers got as far as the broken block
         slow.broken = None
         out, n = cache.get("m", toks)  # nothing was dropped for it: a bug is not corruption
         assert n == 6 * BT and same(kv, out, n)
+        loader.close()
 
 
 def test_cancel_ends_with_contiguous_prefix(tmp_path):
