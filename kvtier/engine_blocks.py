@@ -228,10 +228,7 @@ class EngineBlocks:
                 for j, (e, row) in todo:
                     done[j] = self.reloads.load_block(e.key, [[row.view(1, -1)]])
 
-            if len(pairs) > 1:
-                shared_readers(_page_readers(), min(PAGE_READERS, len(pairs)), enumerate(pairs), load)
-            else:
-                load(iter(enumerate(pairs)))
+            shared_readers(_page_readers(), min(PAGE_READERS, len(pairs)), enumerate(pairs), load)
         finally:
             p.release(pinned)
         return copied + (done.index(False) if False in done else len(done))

@@ -22,8 +22,11 @@ def shared_readers(pool: Executor, n: int, items: Iterable[T], work: Callable[[I
     """Run ``work`` as ``n`` tasks of ``pool`` that share one iterator over ``items`` (each
     ``work`` loops over it; ``next`` on a list's iterator is one step under the GIL); returns
     each task's result. Waits for every task, then raises the first error any of them raised
-    (so a caller's cleanup never runs under a read still in flight)."""
+    (so a caller's cleanup never runs under a read still in flight). One reader (``n <= 1``)
+    runs on the caller's thread: no hand-off at all."""
     todo = iter(items)
-    futures = [pool.submit(work, todo) for _ in range(max(1, n))]
+    if n <= 1:
+        return [work(todo)]
+    futures = [pool.submit(work, todo) for _ in range(n)]
     wait_futures(futures)
     return [f.result() for f in futures]

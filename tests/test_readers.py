@@ -49,6 +49,12 @@ def test_an_error_is_raised_only_after_every_reader_is_done():
     assert sorted(done) == list(range(1, 200))  # the other reader finished every other item
 
 
+def test_one_reader_runs_on_the_callers_thread():
+    with ThreadPoolExecutor(2) as pool:
+        assert shared_readers(pool, 1, range(3), lambda todo: [threading.get_ident() for _ in todo]) \
+            == [[threading.get_ident()] * 3]
+
+
 def test_no_items_still_returns_each_readers_result():
     with ThreadPoolExecutor(2) as pool:
         assert shared_readers(pool, 2, [], lambda todo: sum(1 for _ in todo)) == [0, 0]
