@@ -328,3 +328,55 @@ def test_full_disk_gets_back_the_space_of_deleted_blocks(tmp_path):
         stored[key] = data
         assert all(read(tier, k) == d for k, d in stored.items())
         assert tier.check() == []
+
+
+def test_dead_space_starts_compaction_before_its_interval(tmp_path):
+    """A tier that evicts for every put turns disk into dead space at the put rate: once deleted
+    blocks hold capacity/8 (at least two segments), background compaction runs without waiting
+    for its interval (an hour here), so the disk is not filled before the first pass."""
+    cap = 16 << 20  # dead-space budget: max(2 segments, 16 MiB / 8) = 2 MiB
+    with SSDTier(config(tmp_path / "kv", segment_bytes=1 << 20, capacity_bytes=cap, direct_io=False),
+                 compact_interval_s=3600) as tier:
+        stored = {}
+        for i in range(40):  # ~8 MB over ~8 segments
+            key, data = block_key(41, i), make_block(41, i, 150_000, 250_000)
+            tier.put(key, data, meta_for(i))
+            stored[key] = data
+        before = tier.stats()["disk_bytes"]
+        dead = list(stored)[:30]  # the oldest segments become wholly dead: ~6 MB
+        for key in dead:
+            tier.delete(key)
+            del stored[key]
+        assert tier.store.dead_bytes() >= tier._dead_budget
+        deadline = time.monotonic() + 60
+        while tier.stats()["compactions"] < 1:
+            assert time.monotonic() < deadline, "dead space never started a compaction"
+            time.sleep(0.05)
+        assert tier.stats()["disk_bytes"] < before
+        assert tier.store.dead_bytes() < tier._dead_budget
+        assert all(read(tier, k) == d for k, d in stored.items())
+        assert all(not tier.contains(k) for k in dead)
+        assert tier.check() == []
+
+
+def test_dead_space_under_its_budget_waits_for_the_interval(tmp_path):
+    """Below the budget nothing is compacted early (a few deletes do not cost a pass each), over
+    it at most once a second; without background compaction (no interval) never."""
+    cfg = config(tmp_path / "kv", segment_bytes=1 << 20, capacity_bytes=64 << 20, direct_io=False)
+    with SSDTier(cfg, compact_interval_s=3600) as tier:  # budget: 64 MiB / 8 = 8 MiB
+        keys = []
+        for i in range(60):  # ~12 MB
+            key = block_key(42, i)
+            tier.put(key, make_block(42, i, 150_000, 250_000), meta_for(i))
+            keys.append(key)
+        for key in keys[:4]:
+            tier.delete(key)
+        assert 0 < tier.store.dead_bytes() < tier._dead_budget
+        assert not tier._compaction_due(5.0)
+        assert tier._compaction_due(3600.0)  # the interval itself
+        for key in keys[4:50]:
+            tier.delete(key)
+        assert tier.store.dead_bytes() >= tier._dead_budget
+        assert tier._compaction_due(1.0) and not tier._compaction_due(0.5)
+        tier._compact_interval_s = None
+        assert not tier._compaction_due(1.0) and not tier._compaction_due(1e9)

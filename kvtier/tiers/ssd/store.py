@@ -392,6 +392,13 @@ class Store:
                 s.readers += 1
         return found
 
+    def dead_bytes(self) -> int:
+        """Bytes of segments puts no longer write that hold no live block (deleted or evicted
+        blocks, and record padding): what compaction could give back to the file system."""
+        with self.lock:
+            segs = self.segments
+            return sum(s.head - s.live for s in segs.by_id.values() if not segs.is_active(s))
+
     def blocks_in(self, seg: Segment) -> list[tuple[bytes, Location]]:
         with self.lock:
             return self.blocks.in_segment(seg)

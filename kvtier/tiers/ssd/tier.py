@@ -52,6 +52,9 @@ DURABILITY = ("sync", "batch", "none")
 # Segments appended to at once (at most ``io_threads``), so concurrent puts write different
 # files; measured on ext4 / virtio: 4 concurrent writers went 1.4-1.8x faster than into one file.
 WRITE_STREAMS = 4
+# Dead space (bytes of deleted blocks) that starts background compaction before its interval:
+# capacity_bytes / this, at least two segments.
+DEAD_SPACE_DIVISOR = 8
 _COUNTERS = ("corrupt_blocks", "index_errors", "put_failures", "disk_full", "bytes_read",
              "bytes_written", "blocks_read", "blocks_written", "direct_reads", "buffered_reads",
              "coalesced_reads", "compactions", "compacted_segments", "compacted_bytes", "expired")
@@ -87,6 +90,10 @@ class SSDTier:
         self._writer = Writer(self.store, config.inline_threshold, self._pool)
         self._stop = threading.Event()
         self._compact_interval_s = compact_interval_s
+        # Background compaction also starts early once deleted blocks hold this much disk (checked
+        # at most every second): a full tier evicts for every put, and at the disk's write rate
+        # one interval's dead space alone could fill the disk (then puts are refused until a pass).
+        self._dead_budget = max(2 * config.segment_bytes, config.capacity_bytes // DEAD_SPACE_DIVISOR)
         self._flusher = threading.Thread(target=self._flush_loop, name="kvtier-ssd-flush",
                                          daemon=True)
         self._flusher.start()
@@ -345,12 +352,19 @@ class SSDTier:
                 if now - last_touch >= 1.0:
                     self._flush_touches()
                     last_touch = now
-                due = self._compact_interval_s and now - last_compact >= self._compact_interval_s
-                if self.space.take_compact_request() or due:
+                if self.space.take_compact_request() or self._compaction_due(now - last_compact):
                     self.compact()
                     last_compact = now
             except Exception:
                 log.exception("ssd background flush failed")
+
+    def _compaction_due(self, since: float) -> bool:
+        """Whether background compaction runs now, ``since`` seconds after the last pass: every
+        interval, and early (at most every second) once dead space is over its budget."""
+        if not self._compact_interval_s:
+            return False
+        return since >= self._compact_interval_s or (
+            since >= 1.0 and self.store.dead_bytes() >= self._dead_budget)
 
     def close(self) -> None:
         """Commit what is pending, mark the directory cleanly closed and release it."""
