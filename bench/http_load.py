@@ -57,7 +57,7 @@ from kvtier import CacheConfig, KVLayout, TieredCache
 from kvtier.bench.common import median, p99, table
 from kvtier.bytecopy import copy_bytes
 from kvtier.client import AsyncKVTierClient, KVTierClient
-from kvtier.config import HostTierConfig, parse_size
+from kvtier.config import HostTierConfig, SSDTierConfig, parse_size
 from kvtier.server.testing import free_port
 
 log = logging.getLogger("kvtier.bench.http_load")
@@ -67,8 +67,12 @@ PIECE = 1 << 20
 
 
 # ---- processes --------------------------------------------------------------------------------
-def start_server(port: int, capacity: int, max_kv: int, data_dir: str, uds: str = "") -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "kvtier.commands.serve", "--port", str(port), "--ssd", "false",
+def start_server(port: int, capacity: int, max_kv: int, data_dir: str, uds: str = "",
+                 ssd_capacity: int = 0) -> subprocess.Popen:
+    """``kvtier serve`` on ``port`` (and ``uds``): memory tier only, or with its default SSD tier
+    (``DATA_DIR/ssd``, write-through, durability ``batch``) of ``ssd_capacity`` bytes."""
+    ssd = ["--ssd-capacity", str(ssd_capacity)] if ssd_capacity else ["--ssd", "false"]
+    cmd = [sys.executable, "-m", "kvtier.commands.serve", "--port", str(port), *ssd,
            "--host-capacity", str(capacity), "--block-tokens", str(BT), "--log-level", "warning",
            "--max-kv-bytes", str(max_kv), "--data-dir", data_dir, *(["--uds", uds] if uds else [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -206,9 +210,11 @@ def make_kv(layout: KVLayout, tokens: int) -> list[tuple[torch.Tensor, ...]]:
             for _ in range(layout.num_layers)]
 
 
-def data_plane(url: str, uds_url: str, layout: KVLayout, tokens: int, rounds: int, capacity: int) -> dict[str, Any]:
+def data_plane(url: str, uds_url: str, layout: KVLayout, tokens: int, rounds: int, capacity: int,
+               ssd: SSDTierConfig | None = None) -> dict[str, Any]:
     """Seconds per call of every variant (see the module docstring), ``rounds`` interleaved
-    rounds after one untimed warm-up round (regions created, pages faulted in)."""
+    rounds after one untimed warm-up round (regions created, pages faulted in). ``ssd``: the
+    in-process cache's SSD tier, configured as the server's."""
     kv = make_kv(layout, tokens)
     nbytes = tokens * layout.bytes_per_token
     ids = list(range(tokens))
@@ -218,7 +224,8 @@ def data_plane(url: str, uds_url: str, layout: KVLayout, tokens: int, rounds: in
         base = next(counter) * 10_000_000
         return [base + t for t in ids]
 
-    local = TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=capacity)))
+    local = TieredCache(CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes=capacity),
+                                    ssd=ssd or SSDTierConfig()))
     msg, shm, uds = KVTierClient(url), KVTierClient(url, use_shm=True), KVTierClient(uds_url)
     floor, uds_floor = SocketFloor(), SocketFloor(unix=True)
     dest = layout.empty(tokens)
@@ -336,6 +343,14 @@ def main() -> int:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=5)
     p.add_argument("--busy", type=int, default=0, help="cores to keep busy for the whole run")
+    p.add_argument("--ssd", action="store_true",
+                   help="give the server its default SSD tier (write-through, durability batch) and the "
+                        "in-process cache the same, on the same file system (--data-dir): puts are "
+                        "then acknowledged once on disk, as `kvtier serve` does by default")
+    p.add_argument("--ssd-capacity", type=parse_size, default=parse_size("8GiB"),
+                   help="SSD capacity of each cache with --ssd")
+    p.add_argument("--data-dir", default=None,
+                   help="where the server's and the in-process SSD tiers go (default: a temp dir)")
     p.add_argument("--clients", type=int, default=8, help="lookup clients")
     p.add_argument("--seconds", type=float, default=0.0, help="lookup load seconds (0: no lookups)")
     p.add_argument("--prefix-tokens", type=int, default=8192, help="prefix each lookup finds")
@@ -353,12 +368,16 @@ def main() -> int:
     capacity = 2 * nbytes + (256 << 20)  # the KV gets read + one put's fresh blocks
     port = free_port()
     spinners = busy(args.busy)
-    data_dir = tempfile.mkdtemp(prefix="kvtier-bench-")
+    data_dir = tempfile.mkdtemp(prefix="kvtier-bench-", dir=args.data_dir)
+    ssd_capacity = args.ssd_capacity if args.ssd else 0
+    local_ssd = SSDTierConfig(path=os.path.join(data_dir, "in-process"), capacity_bytes=ssd_capacity) \
+        if args.ssd else None
     try:
         uds = os.path.join(data_dir, "http.sock")
-        proc = start_server(port, capacity, 2 * nbytes + (64 << 20), data_dir, uds)
+        proc = start_server(port, capacity, 2 * nbytes + (64 << 20), data_dir, uds, ssd_capacity)
         url = f"http://127.0.0.1:{port}"
-        result: dict[str, Any] = {"busy_cores": args.busy, "cpus": os.cpu_count()}
+        result: dict[str, Any] = {"busy_cores": args.busy, "cpus": os.cpu_count(),
+                                  "tiers": "host+ssd (write-through, batch)" if args.ssd else "host"}
         try:
             if args.seconds > 0:
                 with KVTierClient(url) as c:
@@ -366,7 +385,8 @@ def main() -> int:
                     ids = list(range(args.prefix_tokens))
                     c.put("lk", ids, [(torch.zeros(args.prefix_tokens, 1, 8, dtype=torch.float16),)])
                 result["lookup"] = asyncio.run(lookup_load(url, args.clients, args.seconds, ids))
-            result["data_plane"] = data_plane(url, "unix://" + uds, layout, tokens, args.rounds, capacity)
+            result["data_plane"] = data_plane(url, "unix://" + uds, layout, tokens, args.rounds, capacity,
+                                              local_ssd)
         finally:
             stop([proc])
     finally:

@@ -9,6 +9,14 @@ alone and the compute alone, measured in the same run:
     python -m kvtier.bench.ttft --prompts 2048 8192 16384 --runs 3
 
 Medians of ``--runs`` runs; a Markdown table on stdout and a PNG in bench/out/.
+
+``--turns N`` runs an agentic session instead: a ``--prompts[0]``-token context that grows by
+``--turn-tokens`` each turn, every turn prefilled through the cost model from the host tier and
+saved back, and timed against a full recompute of the same context. Reported: the cached/recompute
+TTFT ratio per turn (median, p99, worst), the least share of a turn's context reloaded, and the
+cost model's decisions.
+
+    python -m kvtier.bench.ttft --turns 20 --prompts 8192 --turn-tokens 200
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from pathlib import Path
 import torch
 
 from kvtier import CacheConfig, HostTierConfig, TieredCache
-from kvtier.bench.common import table
+from kvtier.bench.common import p99, table
 from kvtier.config import SSDTierConfig, parse_size
 from kvtier.integrations.transformers import kv_to_dynamic_cache, loader_for, prefill, save_kv
 from kvtier.keys import TokenIds
@@ -109,6 +117,30 @@ def bench_prompt(model, n: int, runs: int, root: Path) -> dict:
     return res
 
 
+def bench_turns(model, context: int, turns: int, turn_tokens: int) -> dict:
+    """One agentic session of ``turns`` turns after a first, uncached one (see the module docstring)."""
+    gen = torch.Generator().manual_seed(context)
+    ids = torch.randint(0, 32000, (context - turn_tokens,), generator=gen)
+    ratios, reused = [], []
+    cfg = CacheConfig(block_tokens=BLOCK, host=HostTierConfig(capacity_bytes=parse_size("4GiB")))
+    with TieredCache(cfg) as cache, torch.no_grad():
+        for turn in range(turns + 1):
+            ids = torch.cat([ids, torch.randint(0, 32000, (turn_tokens,), generator=gen)])
+            res = prefill(model, cache, "agent", ids, logits_to_keep=1)
+            if turn:
+                t0 = time.perf_counter()
+                model(ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
+                ratios.append(res.seconds / (time.perf_counter() - t0))
+                reused.append(res.cached_tokens / (len(ids) - 1))
+                log.info("turn %d: %d tokens, %.0f%% reloaded, cached/recompute %.3f",
+                         turn, len(ids), 100 * reused[-1], ratios[-1])
+            save_kv(cache, "agent", ids, res.past_key_values)
+        decisions = dict(cache.stats().cost_decisions)
+    return {"turns": turns, "first_tokens": context, "last_tokens": len(ids),
+            "ratio_median": statistics.median(ratios), "ratio_p99": p99(ratios), "ratio_worst": max(ratios),
+            "least_reloaded": min(reused), "decisions": decisions}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, nargs="+", default=[2048, 8192, 16384])
@@ -119,9 +151,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--out", default=str(Path(__file__).parent / "out"))
     p.add_argument("--data-dir", default=None, help="where the SSD tier lives (default: a temp dir)")
+    p.add_argument("--turns", type=int, default=0,
+                   help="run an agentic session of this many turns instead (context: the first --prompts)")
+    p.add_argument("--turn-tokens", type=int, default=200, help="tokens each turn appends (with --turns)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = make_model(args.hidden, args.layers, args.heads, args.kv_heads)
+    if args.turns > 0:
+        r = bench_turns(model, args.prompts[0], args.turns, args.turn_tokens)
+        print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads; "
+              f"{r['turns']} turns of {args.turn_tokens} tokens, {r['first_tokens']} -> {r['last_tokens']} tokens; "
+              f"cost model decisions {r['decisions']}")
+        cols = ["ratio_median", "ratio_p99", "ratio_worst", "least_reloaded"]
+        print(table(["TTFT cached/recompute, median", "p99", "worst", "least share reloaded"],
+                    [[round(r[c], 3) for c in cols]]))
+        return
     rows = []
     with tempfile.TemporaryDirectory(dir=args.data_dir) as tmp:
         for n in args.prompts:
