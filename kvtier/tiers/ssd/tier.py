@@ -349,10 +349,12 @@ class SSDTier:
             try:
                 self.flush()
                 now = time.monotonic()
-                if now - last_touch >= 1.0:
+                due = False
+                if now - last_touch >= 1.0:  # once a second: access times, and whether to compact
                     self._flush_touches()
                     last_touch = now
-                if self.space.take_compact_request() or self._compaction_due(now - last_compact):
+                    due = self._compaction_due(now - last_compact)  # scans segments under the lock
+                if self.space.take_compact_request() or due:
                     self.compact()
                     last_compact = now
             except Exception:
