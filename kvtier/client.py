@@ -114,8 +114,10 @@ class KVTierClient:
         message: no pack copy. ``buf`` may be put whole or as its first ``n`` rows
         (``[tuple(t[:n] for t in layer) for layer in buf]``). Contents start undefined (like
         ``torch.empty``); the server reads them during ``put`` only, so the buffer may be
-        refilled as soon as ``put`` returns. The region stays the caller's until the last tensor
-        viewing it is freed, then returns to the client's pool. ``layout`` is needed before the
+        refilled as soon as ``put`` returns. A ``put`` that raised without the server's answer (a
+        timeout, a lost connection) may still be read by the server: do not refill that buffer,
+        take a new one (its region is not lent again). The region stays the caller's until the
+        last tensor viewing it is freed, then returns to the client's pool. ``layout`` is needed before the
         namespace's first put; otherwise it is fetched once from the server.
         """
         return self._run(self._ops.kv_buffer(namespace, tokens, layout=layout))

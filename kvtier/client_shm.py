@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.client_calls import Call, Op, RemoteError, error_for, tokens_call
-from kvtier.errors import InvalidRequest, LayoutMismatch, UnknownNamespace
+from kvtier.errors import InvalidRequest, KVTierError, LayoutMismatch, UnknownNamespace
 from kvtier.layout import KV, KVLayout
 from kvtier.shm_pool import Region, RegionError, ShmPool
 from kvtier.wire import pack_into, packed_nbytes
@@ -48,22 +48,33 @@ class ShmPlane:
         loan = self._shm.find_loan(kv)
         if loan is not None:  # the KV already lies in shared memory as the server reads it
             loan.layout.validate(kv, len(ids))
-            resp = yield from self._shm_call("PUT", "/v1/kv/shm", {
-                "namespace": namespace, "layout": loan.layout.to_dict(),
-                "slot_tokens": loan.slot_tokens}, ids,
-                loan.region, packed_nbytes(loan.layout, loan.slot_tokens))
+            try:
+                resp = yield from self._shm_call("PUT", "/v1/kv/shm", {
+                    "namespace": namespace, "layout": loan.layout.to_dict(),
+                    "slot_tokens": loan.slot_tokens}, ids,
+                    loan.region, packed_nbytes(loan.layout, loan.slot_tokens))
+            except KVTierError:
+                raise
+            except BaseException:  # no answer: the server may still read it (see _give_back)
+                loan.spoiled = True
+                raise
             return resp.json()["tokens"]
         layout = KVLayout.from_kv(kv)
         layout.validate(kv, len(ids))
         nbytes = packed_nbytes(layout, len(ids))
         region = self._shm.acquire(nbytes)
+        answered = False
         try:
             pack_into(kv, memoryview(region.mm)[:nbytes])
             resp = yield from self._shm_call("PUT", "/v1/kv/shm", {
                 "namespace": namespace, "layout": layout.to_dict()}, ids, region, nbytes)
+            answered = True
             return resp.json()["tokens"]
+        except KVTierError:  # an error answer (or refused before sending): the server is done with it
+            answered = True
+            raise
         finally:
-            self._shm.release(region)
+            self._give_back(region, answered)
 
     def get(self, namespace: str, ids: np.ndarray) -> Op:
         """The longest cached prefix of ``ids`` (already checked) as views of a region."""
@@ -78,19 +89,31 @@ class ShmPlane:
         # returned tensors alias it: no copy on either side. The region goes back to the pool
         # when the last tensor viewing it is freed.
         region = self._shm.acquire(nbytes)
-        loaned = False
+        loaned = answered = False
         try:
             resp = yield from self._shm_call("POST", "/v1/kv/shm/get", {"namespace": namespace},
                                              ids, region, max(nbytes, 1))
+            answered = True
             d = resp.json()
             if d["tokens"] == 0:
                 return None, 0
             views = self._shm.loan(region, KVLayout.from_dict(d["layout"]), d["slot_tokens"])
             loaned = True
             return [tuple(t[:d["tokens"]] for t in layer) for layer in views], d["tokens"]
+        except KVTierError:
+            answered = True
+            raise
         finally:
             if not loaned:
-                self._shm.release(region)
+                self._give_back(region, answered)
+
+    def _give_back(self, region: Region, answered: bool) -> None:
+        """A pooled region back to the pool once the server answered the request naming it;
+        discarded where it did not (``ShmPool.discard``: it may still be in use there)."""
+        if answered:
+            self._shm.release(region)
+        else:
+            self._shm.discard(region)
 
     def _region_id(self, region: Region) -> Op:
         """``region``'s id at the server, handing it over first if the server does not hold it."""

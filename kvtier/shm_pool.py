@@ -144,6 +144,7 @@ class Loan:
     base: int
     layout: KVLayout
     slot_tokens: int
+    spoiled: bool = False  # a put of it went unanswered: discarded, not pooled, once freed
 
 
 class ShmPool:
@@ -182,6 +183,21 @@ class ShmPool:
                 self._free.append(region)
                 return
         region.close()  # the pool closed while it was lent out
+
+    def discard(self, region: Region) -> None:
+        """Never lend ``region`` again: a request naming it got no answer (a timeout, a broken
+        connection, a cancelled call), so the server may still be reading or writing it, and a
+        later request's KV packed into it could be stored under the earlier one's token ids
+        (or overwritten by its decode). The server is asked to drop it (its mapping stays until
+        that request ends); this side closes it."""
+        with self._lock:
+            self._all = [r for r in self._all if r is not region]
+            self._free = [r for r in self._free if r is not region]
+            link = self._link if region.link == self._generation else None
+        if link is not None and region.id is not None:
+            with contextlib.suppress(ConnectionError, RegionError):
+                link.release(region.id)
+        region.close()
 
     def registered_id(self, region: Region) -> str | None:
         """``region``'s id at the server, if the current link registered it."""
@@ -222,7 +238,10 @@ class ShmPool:
         with self._lock:
             if self._loans.get(loan.base) is loan:
                 del self._loans[loan.base]
-        self.release(loan.region)
+        if loan.spoiled:
+            self.discard(loan.region)
+        else:
+            self.release(loan.region)
 
     def find_loan(self, kv: KV) -> Loan | None:
         """The loaned region ``kv`` lies in, in the packed layout (each tensor's first rows);

@@ -6,10 +6,12 @@ stored changed."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -448,3 +450,57 @@ def test_region_table_never_unmaps_under_a_user_and_hides_other_tenants():
     finally:
         for fd in fds:
             os.close(fd)
+
+
+@pytest.mark.parametrize("slow", ["put", "put_kv_buffer", "get_into"])
+def test_a_region_whose_request_went_unanswered_is_never_lent_again(slow):
+    """The client gives up on a request (its timeout) while the server still reads or writes
+    the region it named. Were that region back in the pool, the next request would use it: the
+    abandoned put would store the next put's KV under its own token ids, or the abandoned get
+    would decode over the KV a later get handed the caller: wrong KV, silently."""
+    first, second = rand_kv(64, 16), rand_kv(64, 17)
+    cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))
+    entered, go, finished = threading.Event(), threading.Event(), threading.Event()
+    with TieredCache(cfg) as cache:
+        cache.register_namespace("kv", layout=LAYOUT, block_tokens=BT)
+        cache.put("kv", ids(16_000, 64), first)  # what the abandoned get decodes
+        held = "get_into" if slow == "get_into" else "put"
+        real = getattr(cache, held)
+        calls = []
+
+        def held_once(*args, **kwargs):  # the server's first such call waits until told to go on
+            calls.append(1)
+            if len(calls) > 1:
+                return real(*args, **kwargs)
+            entered.set()
+            assert go.wait(120)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                finished.set()
+
+        setattr(cache, held, held_once)
+        with serve_in_thread(cache) as u, KVTierClient(u, use_shm=True, timeout=5) as client:
+            with pytest.raises(httpx.TimeoutException):
+                if slow == "put":
+                    client.put("kv", ids(17_000, 64), first)
+                elif slow == "put_kv_buffer":
+                    buf = client.kv_buffer("kv", 64)
+                    fill(buf, first)
+                    client.put("kv", ids(17_000, 64), buf)
+                else:
+                    client.get("kv", ids(16_000, 64))
+            assert entered.is_set()
+            if slow == "put_kv_buffer":
+                del buf  # the caller lets the buffer go: its region must not come back to the pool
+                gc.collect()
+            assert client.put("kv", ids(18_000, 64), second) == 64
+            got, n = client.get("kv", ids(18_000, 64))  # views of a region, held
+            go.set()  # the abandoned request now reads (or writes) the region it named
+            assert finished.wait(60)
+            assert n == 64
+            assert_kv_equal(got, second)
+            if slow != "get_into":
+                got, n = client.get("kv", ids(17_000, 64))
+                assert n == 64
+                assert_kv_equal(got, first)
