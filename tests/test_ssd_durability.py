@@ -234,6 +234,33 @@ def test_batch_commits_by_itself_every_interval(tmp_path, monkeypatch):
         assert disk.violations == []
 
 
+def test_a_background_compaction_pass_never_holds_up_the_batch_commit(tmp_path, monkeypatch):
+    """A pass copies whole segments. Run on the flush thread, it held every batch commit, and
+    with it every put waiting to be durable, until it was done."""
+    entered, go = threading.Event(), threading.Event()
+    real = tier_mod.compaction.compact
+
+    def held(store, live_fraction):
+        entered.set()
+        assert go.wait(120)
+        return real(store, live_fraction)
+
+    monkeypatch.setattr(tier_mod.compaction, "compact", held)
+    with SSDTier(config(tmp_path / "kv", "batch", batch_interval_ms=20)) as tier:
+        try:
+            disk = Disk(monkeypatch, tier)
+            tier.space.compact_soon = True  # what a put the disk refused asks for
+            assert entered.wait(60), "the background pass never started"
+            key, _ = put(tier, 65, 0)
+            deadline = time.monotonic() + 60
+            while key not in disk.committed:  # committed by the flush thread while the pass runs
+                assert time.monotonic() < deadline, "the batch waited for the compaction pass"
+                time.sleep(0.01)
+            assert not go.is_set() and disk.violations == []
+        finally:
+            go.set()
+
+
 def test_none_claims_no_durability_and_recovery_drops_what_a_cut_lost(tmp_path, monkeypatch):
     with SSDTier(config(tmp_path / "kv", "none")) as tier:
         disk = Disk(monkeypatch, tier)

@@ -96,7 +96,13 @@ class SSDTier:
         self._dead_budget = max(2 * config.segment_bytes, config.capacity_bytes // DEAD_SPACE_DIVISOR)
         self._flusher = threading.Thread(target=self._flush_loop, name="kvtier-ssd-flush",
                                          daemon=True)
+        # Background passes run on their own thread: a pass copies whole segments, and on the
+        # flush thread it held up every batch commit (and so every put waiting to be durable).
+        self._compact_wake = threading.Event()
+        self._compactor = threading.Thread(target=self._compact_loop, name="kvtier-ssd-compact",
+                                           daemon=True)
         self._flusher.start()
+        self._compactor.start()
         log.info("ssd tier at %s: %d blocks (%s), direct_io=%s, durability=%s", self.root,
                  len(found.locations), format_size(self.store.used_bytes), self.direct_io,
                  self.durability)
@@ -355,10 +361,21 @@ class SSDTier:
                     last_touch = now
                     due = self._compaction_due(now - last_compact)  # scans segments under the lock
                 if self.space.take_compact_request() or due:
-                    self.compact()
+                    self._compact_wake.set()  # a pass already running takes it as the next
                     last_compact = now
             except Exception:
                 log.exception("ssd background flush failed")
+
+    def _compact_loop(self) -> None:
+        while True:
+            self._compact_wake.wait()
+            if self._stop.is_set():
+                return
+            self._compact_wake.clear()
+            try:
+                self.compact()
+            except Exception:
+                log.exception("ssd background compaction failed")
 
     def _compaction_due(self, since: float) -> bool:
         """Whether background compaction runs now, ``since`` seconds after the last pass: every
@@ -373,6 +390,8 @@ class SSDTier:
         if not self.store.mark_closed():
             return
         self._stop.set()
+        self._compact_wake.set()
+        self._compactor.join()  # a pass in progress finishes first (its copies are committed)
         self._flusher.join()
         self.flush()
         self._flush_touches()
