@@ -62,6 +62,12 @@ class Placement:
         # tiers under that key, so a new block of the key is not placed until they are freed
         # (it would find the slot taken, first writer wins, and lose it when they are).
         self._held: dict[bytes, BlockEntry] = {}
+        # Bytes room was made for in each tier that are being written there outside the lock
+        # and may not be reserved by the tier yet: ``make_room`` counts them as taken. Without
+        # this, a write-through batch that made room and then wrote outside the lock lost that
+        # room to a block placed meanwhile, and a put into a full SSD tier failed (StorageFull)
+        # where evicting would have made room for both.
+        self._promised = [0] * len(self.tiers)
         # tiers that store a batch in one call (group commit): checked once, here
         self.batched = [isinstance(tier, BatchedPuts) for tier in self.tiers]
         self._in_place = [tier if isinstance(tier, WritesInPlace) else None for tier in self.tiers]
@@ -239,6 +245,7 @@ class Placement:
             if not tier.persistent:  # a memory copy: cheap enough under the lock
                 return self.place_new(entry, data)
             self._placing.add(entry.key)  # one writer per key while it is not indexed yet
+            self.promise(t, len(data))
         try:
             try:
                 tier.put(entry.key, data, entry.meta())  # not indexed yet: nothing evicts it
@@ -252,6 +259,7 @@ class Placement:
                 return t
         finally:
             with self.lock:
+                self.settle(t, len(data))
                 self._placing.discard(entry.key)
                 self.placed.notify_all()
 
@@ -300,6 +308,8 @@ class Placement:
                 room[t] = room.get(t, 0) + n
                 batches.setdefault(t, []).append(i)
                 self._placing.add(entry.key)  # one writer per key while it is not indexed yet
+            for t, n in room.items():
+                self.promise(t, n)
         for i in alone:
             try:
                 out[i] = self.place_unlocked(blocks[i][0], contiguous(blocks[i][1]))
@@ -326,6 +336,7 @@ class Placement:
                                 out[i] = e
             finally:
                 with self.lock:
+                    self.settle(t, room[t])
                     self._placing.difference_update(blocks[i][0].key for i in idx)
                     self.placed.notify_all()
         return out
@@ -366,6 +377,7 @@ class Placement:
                 room += len(data)
                 self._placing.add(key)  # one writer per key while it is not indexed yet
                 claimed.append((entry, data))
+            self.promise(t, room)
         if not claimed:
             return []
         assert isinstance(tier, BatchedPuts)  # _landing says so
@@ -378,7 +390,7 @@ class Placement:
             out = self._publish_chain(t, [(e, len(data)) for e, data in claimed[:ok]], check)
             return out
         finally:
-            self._end_claims(t, [e.key for e, _ in claimed], written, out)
+            self._end_claims(t, [e.key for e, _ in claimed], written, out, promised=room)
 
     def _publish_chain(self, t: int, placed: Sequence[tuple[BlockEntry, int]], check: Callable[[], None]
                        ) -> list[BlockEntry]:
@@ -400,10 +412,12 @@ class Placement:
             return [entry for entry, _ in placed]
 
     def _end_claims(self, t: int, claimed: Iterable[bytes], written: Iterable[bytes],
-                    published: Iterable[BlockEntry]) -> None:
+                    published: Iterable[BlockEntry], promised: int = 0) -> None:
         """Give up the claims of a run placed outside the lock, deleting the copies written to
-        tier ``t`` that were not published (takes the lock)."""
+        tier ``t`` that were not published, and settle the room ``promised`` for it (takes the
+        lock)."""
         with self.lock:
+            self.settle(t, promised)
             kept = {e.key for e in published}
             for key in written:
                 if key not in kept:
@@ -473,6 +487,7 @@ class Placement:
             return tier.can_fit(nbytes)
         protected = PinnedKeys(self.index, keep) if keep else self._protected
         disk = self._disk_bound[t]
+        nbytes += self._promised[t]
         while not tier.can_fit(nbytes):
             if disk is not None and disk.short_of_disk(nbytes):
                 return True
@@ -481,6 +496,15 @@ class Placement:
                 return False
             self._demote(victim, t)
         return True
+
+    def promise(self, t: int, nbytes: int) -> None:
+        """Room made in tier ``t`` for ``nbytes`` that a caller writes outside the lock (lock
+        held): ``make_room`` keeps it taken until ``settle``."""
+        self._promised[t] += nbytes
+
+    def settle(self, t: int, nbytes: int) -> None:
+        """The write ``promise`` made room for is done, or failed (lock held)."""
+        self._promised[t] -= nbytes
 
     def _demote(self, key: bytes, t: int) -> None:
         """Move a victim of tier ``t`` one tier down (or drop it if it leaves its last tier)."""

@@ -171,13 +171,17 @@ class WriteThrough:
             if no_room is not None:
                 raise no_room
             meta = entry.meta()
+            p.promise(t, len(data))
         try:
             tier.put(key, data, meta)  # I/O outside the lock
-        except KVTierError as e:
+        except BaseException as e:
             with p.lock:
-                self._count_failure(t, e)
+                p.settle(t, len(data))
+                if isinstance(e, KVTierError):
+                    self._count_failure(t, e)
             raise
         with p.lock:
+            p.settle(t, len(data))
             self._publish(key, t, len(data))
 
     def _make_room(self, t: int, nbytes: int, promised: int) -> StorageFull | None:
@@ -255,7 +259,12 @@ class WriteThrough:
                     continue
                 room += len(data)
                 go.append((e, data))
-        results = tier.put_many([(e.key, data, e.meta()) for e, data in go]) if go else []
+            p.promise(t, room)
+        try:
+            results = tier.put_many([(e.key, data, e.meta()) for e, data in go]) if go else []
+        finally:
+            with p.lock:
+                p.settle(t, room)
         with p.lock:
             for (entry, data), err in zip(go, results, strict=True):
                 if err is not None:

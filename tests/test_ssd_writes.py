@@ -112,6 +112,32 @@ def test_put_many_over_the_budget_refuses_only_what_does_not_fit(tmp_path):
         assert tier.check() == []
 
 
+@pytest.mark.parametrize("durability", ["sync", "batch"])
+def test_a_block_being_served_is_counted_once_against_the_budget(tmp_path, monkeypatch, durability):
+    """Between serving a batch's blocks and ending their reservations, they counted as used
+    *and* reserved: another put into a tier with room for exactly one more block was refused
+    (a sidecar with its default tiers failed puts into its full SSD tier this way)."""
+    items = [(b"k%d" % i, os.urandom(300_000), meta_for(i)) for i in range(3)]
+    extra = (b"extra", os.urandom(300_000), meta_for(9))
+    with SSDTier(config(tmp_path, durability=durability, capacity_bytes=4 * 300_000)) as tier:
+        store = tier.store
+        real, during = store.release, []
+
+        def release(res, ok):  # the batch's first reservation to end: its blocks are served
+            if not during:
+                during.append(tier.can_fit(300_000))
+                tier.put(*extra)  # room for exactly this one: it must be taken, not refused
+            real(res, ok)
+
+        monkeypatch.setattr(store, "release", release)
+        assert tier.put_many(items) == [None] * 3
+        assert during == [True]
+        assert read(tier, extra[0]) == extra[1]
+        assert tier.stats()["used_bytes"] == 4 * 300_000 and store.blocks.reserved == 0
+        assert not tier.can_fit(1)
+        assert tier.check() == []
+
+
 def test_put_many_write_error_fails_its_segment_blocks_only(tmp_path, monkeypatch):
     with SSDTier(config(tmp_path)) as tier:
         good = {b"good": os.urandom(100_000)}

@@ -328,3 +328,43 @@ def test_a_child_is_not_written_through_where_its_parent_was_refused(tiers, monk
         assert w.missing(c) == [1]  # the next put of the prefix writes both again
     finally:
         w.close()
+
+
+def test_room_made_for_a_batch_in_flight_is_not_given_to_the_next(tmp_path, monkeypatch):
+    """A write-through batch makes room under the lock and writes outside it. Room it made but
+    had not reserved yet looked free: the next batch took it without evicting, and the first
+    then found the SSD full (StorageFull: a put into a full SSD tier failed where evicting
+    would have made room for both)."""
+    hst, disk = host(16 * BLOCK), ssd(tmp_path / "ssd", capacity_bytes=4 * BLOCK)
+    p = placement([hst, disk])
+    w = writer(p)
+    try:
+        old = [entry(i) for i in range(4)]
+        for e in old:
+            place(p, e)
+        w.wait(w.schedule([(e, data(), 0) for e in old]))  # the SSD is full: 4 of 4 blocks
+        assert not disk.can_fit(BLOCK)
+        real, held, go = disk.put_many, threading.Event(), threading.Event()
+
+        def first_held(*args, **kw):  # the first batch's writes wait until told to go on
+            if not held.is_set():
+                held.set()
+                assert go.wait(WAIT)
+            return real(*args, **kw)
+
+        monkeypatch.setattr(disk, "put_many", first_held)
+        first, second = entry("first"), entry("second")
+        place(p, first)
+        place(p, second)
+        writes = w.schedule([(first, data(), 0)])
+        assert held.wait(WAIT)  # room made for it (one block evicted), not yet written
+        w.wait(w.schedule([(second, data(), 0)]))  # must evict for itself
+        go.set()
+        w.wait(writes)
+        assert 1 in first.tiers and 1 in second.tiers
+        assert disk.stats()["used_bytes"] == 4 * BLOCK
+        assert sum(1 in e.tiers for e in old) == 2
+    finally:
+        go.set()
+        w.close()
+        disk.close()

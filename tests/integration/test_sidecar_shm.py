@@ -6,6 +6,8 @@ stored changed."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import os
 import subprocess
@@ -13,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -452,23 +455,20 @@ def test_region_table_never_unmaps_under_a_user_and_hides_other_tenants():
             os.close(fd)
 
 
-@pytest.mark.parametrize("slow", ["put", "put_kv_buffer", "get_into"])
-def test_a_region_whose_request_went_unanswered_is_never_lent_again(slow):
-    """The client gives up on a request (its timeout) while the server still reads or writes
-    the region it named. Were that region back in the pool, the next request would use it: the
-    abandoned put would store the next put's KV under its own token ids, or the abandoned get
-    would decode over the KV a later get handed the caller: wrong KV, silently."""
-    first, second = rand_kv(64, 16), rand_kv(64, 17)
+@contextlib.contextmanager
+def held_first(held: str, cached: list) -> Iterator[tuple[str, threading.Event, threading.Event, threading.Event]]:
+    """A sidecar whose first ``held`` call (``put`` or ``get_into``) waits until ``go`` is set;
+    ``cached`` is put into namespace "kv" at ids 16_000.. first. Yields (url, entered, go,
+    finished)."""
     cfg = CacheConfig(block_tokens=BT, host=HostTierConfig(capacity_bytes="8MiB"))
     entered, go, finished = threading.Event(), threading.Event(), threading.Event()
     with TieredCache(cfg) as cache:
         cache.register_namespace("kv", layout=LAYOUT, block_tokens=BT)
-        cache.put("kv", ids(16_000, 64), first)  # what the abandoned get decodes
-        held = "get_into" if slow == "get_into" else "put"
+        cache.put("kv", ids(16_000, 64), cached)
         real = getattr(cache, held)
         calls = []
 
-        def held_once(*args, **kwargs):  # the server's first such call waits until told to go on
+        def held_once(*args, **kwargs):
             calls.append(1)
             if len(calls) > 1:
                 return real(*args, **kwargs)
@@ -480,27 +480,60 @@ def test_a_region_whose_request_went_unanswered_is_never_lent_again(slow):
                 finished.set()
 
         setattr(cache, held, held_once)
-        with serve_in_thread(cache) as u, KVTierClient(u, use_shm=True, timeout=5) as client:
-            with pytest.raises(httpx.TimeoutException):
-                if slow == "put":
-                    client.put("kv", ids(17_000, 64), first)
-                elif slow == "put_kv_buffer":
-                    buf = client.kv_buffer("kv", 64)
-                    fill(buf, first)
-                    client.put("kv", ids(17_000, 64), buf)
-                else:
-                    client.get("kv", ids(16_000, 64))
-            assert entered.is_set()
-            if slow == "put_kv_buffer":
-                del buf  # the caller lets the buffer go: its region must not come back to the pool
-                gc.collect()
-            assert client.put("kv", ids(18_000, 64), second) == 64
-            got, n = client.get("kv", ids(18_000, 64))  # views of a region, held
-            go.set()  # the abandoned request now reads (or writes) the region it named
-            assert finished.wait(60)
+        try:
+            with serve_in_thread(cache) as u:
+                yield u, entered, go, finished
+        finally:
+            go.set()
+
+
+@pytest.mark.parametrize("slow", ["put", "put_kv_buffer", "get_into"])
+def test_a_region_whose_request_went_unanswered_is_never_lent_again(slow):
+    """The client gives up on a request (its timeout) while the server still reads or writes
+    the region it named. Were that region back in the pool, the next request would use it: the
+    abandoned put would store the next put's KV under its own token ids, or the abandoned get
+    would decode over the KV a later get handed the caller: wrong KV, silently."""
+    first, second = rand_kv(64, 16), rand_kv(64, 17)
+    held = "get_into" if slow == "get_into" else "put"
+    with held_first(held, first) as (u, entered, go, finished), KVTierClient(u, use_shm=True, timeout=5) as client:
+        with pytest.raises(httpx.TimeoutException):
+            if slow == "put":
+                client.put("kv", ids(17_000, 64), first)
+            elif slow == "put_kv_buffer":
+                buf = client.kv_buffer("kv", 64)
+                fill(buf, first)
+                client.put("kv", ids(17_000, 64), buf)
+            else:
+                client.get("kv", ids(16_000, 64))
+        assert entered.is_set()
+        if slow == "put_kv_buffer":
+            del buf  # the caller lets the buffer go: its region must not come back to the pool
+            gc.collect()
+        assert client.put("kv", ids(18_000, 64), second) == 64
+        got, n = client.get("kv", ids(18_000, 64))  # views of a region, held
+        go.set()  # the abandoned request now reads (or writes) the region it named
+        assert finished.wait(60)
+        assert n == 64
+        assert_kv_equal(got, second)
+        if slow != "get_into":
+            got, n = client.get("kv", ids(17_000, 64))
             assert n == 64
-            assert_kv_equal(got, second)
-            if slow != "get_into":
-                got, n = client.get("kv", ids(17_000, 64))
+            assert_kv_equal(got, first)
+
+
+async def test_a_cancelled_async_put_never_lends_its_region_again():
+    """The same for ``AsyncKVTierClient``: a put cancelled (``asyncio.wait_for``) while the
+    server still reads its region."""
+    first, second = rand_kv(64, 18), rand_kv(64, 19)
+    with held_first("put", first) as (u, entered, go, finished):
+        async with AsyncKVTierClient(u, use_shm=True) as client:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.put("kv", ids(17_000, 64), first), 5)
+            assert entered.is_set()
+            assert await client.put("kv", ids(18_000, 64), second) == 64
+            go.set()
+            assert await asyncio.to_thread(finished.wait, 60)
+            for start, want in ((17_000, first), (18_000, second)):
+                got, n = await client.get("kv", ids(start, 64))
                 assert n == 64
-                assert_kv_equal(got, first)
+                assert_kv_equal(got, want)

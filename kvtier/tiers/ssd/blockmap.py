@@ -31,7 +31,10 @@ class BlockMap:
         self.segments = segments
         self.used = sum(loc.length for loc in locations.values())  # live payload bytes
         self.reserved = 0  # bytes of puts in flight
-        self._inflight: set[bytes] = set()  # keys being written, not yet served
+        # Keys being written, with the bytes each holds in ``reserved`` until it is served
+        # (``insert`` moves them to ``used`` at once: counted twice, a put's staged blocks
+        # made a concurrent put into a full tier fail for room that was there).
+        self._inflight: dict[bytes, int] = {}
         self._pending: dict[bytes, Pending] = {}
         self._pending_inline: dict[bytes, bytes] = {}  # until its batch commit has ended
         self._touches: dict[bytes, tuple[float, int]] = {}
@@ -41,17 +44,21 @@ class BlockMap:
         return key in self.locations or key in self._inflight
 
     def begin_put(self, key: bytes, nbytes: int) -> None:
-        self._inflight.add(key)
+        self._inflight[key] = nbytes
         self.reserved += nbytes
 
-    def end_put(self, key: bytes, nbytes: int) -> None:
-        self._inflight.discard(key)
-        self.reserved -= nbytes
+    def end_put(self, key: bytes) -> None:
+        """The put of ``key`` is over (its block served, or given up)."""
+        self.reserved -= self._inflight.pop(key, 0)
 
     def insert(self, key: bytes, loc: Location, seg: Segment | None) -> None:
-        """Serve ``key`` from ``loc`` (its payload is written)."""
+        """Serve ``key`` from ``loc`` (its payload is written); its reservation, if a put holds
+        one, becomes used bytes in the same step."""
         self.locations[key] = loc
         self.used += loc.length
+        if key in self._inflight:
+            self.reserved -= self._inflight[key]
+            self._inflight[key] = 0  # still being written (taken) until end_put
         if seg is not None:
             seg.live += loc.length
 

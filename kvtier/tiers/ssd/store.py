@@ -251,7 +251,7 @@ class Store:
     def release(self, res: Reservation, ok: bool) -> None:
         """End a put's reservation: its block written and served (``ok``), or given back."""
         with self.lock:
-            self.blocks.end_put(res.key, res.nbytes)
+            self.blocks.end_put(res.key)
             if res.segment is not None:
                 if ok:
                     res.segment.writers -= 1
