@@ -279,3 +279,28 @@ def test_a_get_reads_each_small_block_once(tmp_path):
         out, n = c.get("m", toks)
         assert n == 6 * BT and same(kv, out, n)
         assert ssd.stats()["blocks_read"] - before == 6
+
+
+def test_a_full_ssd_tier_under_a_host_tier_keeps_taking_puts(tmp_path, monkeypatch):
+    """The sidecar's default shape (a host tier over an SSD tier, write-through, ``batch``) once
+    its SSD tier is full: every put must evict its way in. Before, puts failed with StorageFull
+    for room that was there (a batch's served blocks also counted as reserved; room made for a
+    write-through batch went to the next placement): 8-16 of these 40 puts did. Write-through
+    windows of a few blocks make batches overlap the puts' own placements, as 16 MiB windows of
+    8 MiB blocks do at full size."""
+    import kvtier.writes
+
+    monkeypatch.setattr(kvtier.writes, "WINDOW_BYTES", 256 << 10)
+    bt, n = 32, 32 * 32  # 64 KiB blocks, 2 MiB prefixes
+    cfg = CacheConfig(block_tokens=bt, host=HostTierConfig(capacity_bytes="512KiB"),
+                      ssd=SSDTierConfig(path=str(tmp_path / "ssd"), capacity_bytes="8MiB", segment_bytes="1MiB",
+                                        compaction_interval_s=None, min_free_bytes=0, durability="batch"))
+    kv = random_kv(n, layers=4, heads=2, dim=64, dtype=torch.float16)
+    with TieredCache(cfg) as c:
+        for i in range(40):
+            assert c.put("kv", list(range(i * 10**6, i * 10**6 + n)), kv) == n, i
+        ssd = c.stats().tiers["ssd"]
+        assert ssd.put_failures == 0 and ssd.used_bytes <= 8 << 20
+        last = list(range(39 * 10**6, 39 * 10**6 + n))
+        got, hit = c.get("kv", last)
+        assert hit == n and same(got, kv, n)
