@@ -310,15 +310,15 @@ class Placement:
                 self._placing.add(entry.key)  # one writer per key while it is not indexed yet
             for t, n in room.items():
                 self.promise(t, n)
-        for i in alone:
-            try:
-                out[i] = self.place_unlocked(blocks[i][0], contiguous(blocks[i][1]))
-            except KVTierError as e:
-                out[i] = e
-        for t, idx in batches.items():
-            tier = self.tiers[t]
-            assert isinstance(tier, BatchedPuts)
-            try:
+        try:
+            for i in alone:
+                try:
+                    out[i] = self.place_unlocked(blocks[i][0], contiguous(blocks[i][1]))
+                except KVTierError as e:
+                    out[i] = e
+            for t, idx in batches.items():
+                tier = self.tiers[t]
+                assert isinstance(tier, BatchedPuts)
                 results = tier.put_many([(blocks[i][0].key, blocks[i][1], blocks[i][0].meta())
                                          for i in idx])
                 with self.lock:
@@ -334,11 +334,12 @@ class Placement:
                                 out[i] = self.place_new(entry, contiguous(data))
                             except KVTierError as e:
                                 out[i] = e
-            finally:
-                with self.lock:
+        finally:  # whatever raised: no claim and no promised room outlives the call
+            with self.lock:
+                for t, idx in batches.items():
                     self.settle(t, room[t])
                     self._placing.difference_update(blocks[i][0].key for i in idx)
-                    self.placed.notify_all()
+                self.placed.notify_all()
         return out
 
     def place_chain_unlocked(self, blocks: Sequence[tuple[BlockEntry, Block]],
