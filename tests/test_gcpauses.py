@@ -46,7 +46,10 @@ def test_freezing_leaves_a_full_collection_little_to_walk():
     assert len(gc.get_objects()) > 10_000  # torch and kvtier imported: the startup heap
     try:
         frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 10_000
+        # Threads earlier tests left running may free a few frozen objects meanwhile (each
+        # leaves the count): never more, and never many.
+        assert frozen - frozen // 100 <= gc.get_freeze_count() <= frozen
+        assert frozen > 10_000
         assert len(gc.get_objects()) < frozen / 10  # what a full collection still walks
     finally:
         gc.unfreeze()
