@@ -94,7 +94,11 @@ class RegionLink:
     """One connection to the server's region socket; registrations live as long as it does.
 
     Thread-safe: a lock pairs each message with its answer. Blocking, but local and short (the
-    server maps a descriptor and answers).
+    server maps a descriptor and answers). The server answers every message in order, so an
+    answer not read (a release sent without waiting, ``release_nowait``) is read and dropped
+    before the next message's; a link that timed out or failed mid-message is ``broken`` for
+    good (its late answer would be read as the next message's: a region filed under another's
+    id) and the pool replaces it.
     """
 
     def __init__(self, path: str, token: str | None, timeout: float) -> None:
@@ -109,27 +113,46 @@ class RegionLink:
                                  f"({e.strerror}): the shared-memory path needs the same host "
                                  "and file system as the server (see --shm-socket)") from None
         self._lock = threading.Lock()
+        self._owed = 0  # answers to messages sent without waiting, still to be read
+        self.broken = False
 
-    def _ask(self, msg: dict, fds: list[int]) -> dict:
+    def _ask(self, msg: dict, fds: list[int], *, wait: bool = True) -> dict:
         msg = {**msg, "token": self.token}
         with self._lock:
+            if self.broken:
+                raise ConnectionError(f"region socket {self.path!r}: link broken by an earlier failure")
             try:
                 socket.send_fds(self._sock, [msgpack.packb(msg)], fds)
-                reply = self._sock.recv(4096)
-            except OSError as e:
+                if not wait:
+                    self._owed += 1
+                    return {}
+                while self._owed:
+                    self._recv()
+                    self._owed -= 1
+                reply = self._recv()
+            except OSError as e:  # ConnectionError too
+                self.broken = True
+                self._sock.close()
                 raise ConnectionError(f"region socket {self.path!r}: {e}") from e
-        if not reply:
-            raise ConnectionError(f"region socket {self.path!r} closed by the server")
         d = msgpack.unpackb(reply, raw=False)
         if not d.get("ok"):
             raise RegionError(d.get("status", 500), d.get("error", "Error"), d.get("message", ""))
         return d
 
+    def _recv(self) -> bytes:
+        reply = self._sock.recv(4096)
+        if not reply:
+            raise ConnectionError("closed by the server")
+        return reply
+
     def register(self, region: Region) -> str:
         return self._ask({"op": "register"}, [region.fd])["id"]
 
-    def release(self, region_id: str) -> None:
-        self._ask({"op": "release", "id": region_id}, [])
+    def release_nowait(self, region_id: str) -> None:
+        """Ask the server to drop ``region_id`` without waiting for its answer (read, and
+        dropped, before the next message's): a caller that gave up on a stalled server must not
+        wait for it a second time."""
+        self._ask({"op": "release", "id": region_id}, [], wait=False)
 
     def close(self) -> None:
         self._sock.close()
@@ -195,17 +218,21 @@ class ShmPool:
             self._free = [r for r in self._free if r is not region]
             link = self._link if region.link == self._generation else None
         if link is not None and region.id is not None:
-            with contextlib.suppress(ConnectionError, RegionError):
-                link.release(region.id)
+            with contextlib.suppress(ConnectionError):
+                link.release_nowait(region.id)
         region.close()
 
     def registered_id(self, region: Region) -> str | None:
         """``region``'s id at the server, if the current link registered it."""
-        return region.id if region.link == self._generation and self._link is not None else None
+        link = self._link
+        return region.id if region.link == self._generation and link is not None and not link.broken else None
 
     def register(self, region: Region) -> str:
         """Hand ``region`` to the server (once per link); needs ``socket_path``."""
         with self._lock:
+            if self._link is not None and self._link.broken:  # its registrations went with it
+                self._link.close()
+                self._link = None
             if self._link is None:
                 if self.socket_path is None:
                     raise InvalidRequest("the region socket's path is not known yet")

@@ -537,3 +537,33 @@ async def test_a_cancelled_async_put_never_lends_its_region_again():
                 got, n = await client.get("kv", ids(start, 64))
                 assert n == 64
                 assert_kv_equal(got, want)
+
+
+def test_a_late_answer_on_the_region_socket_is_never_taken_for_the_next_one(monkeypatch):
+    """The region socket answers every message in order. A client that gave up waiting for
+    one answer (a server stalled past its timeout) and then sent the next message would read
+    the late answer as the new one's: a region filed under another region's id, so a put
+    would store what lies in that other region. Here the release the client sends for a region
+    whose put went unanswered is answered only after the client gave up; the next put needs a
+    fresh region registered, and must store and return exactly its own KV."""
+    first, second = rand_kv(64, 20), rand_kv(64, 21)
+    release_entered, release_go = threading.Event(), threading.Event()
+    real_release = RegionTable.release
+
+    def held_release(self, tenant, region_id):
+        release_entered.set()
+        assert release_go.wait(120)
+        return real_release(self, tenant, region_id)
+
+    monkeypatch.setattr(RegionTable, "release", held_release)
+    with held_first("put", first) as (u, entered, go, finished), KVTierClient(u, use_shm=True, timeout=5) as client:
+        with pytest.raises(httpx.TimeoutException):
+            client.put("kv", ids(17_000, 64), first)  # unanswered: its region is discarded
+        assert release_entered.wait(60)  # the server holds the release's answer back
+        go.set()
+        assert finished.wait(60)
+        release_go.set()  # the answer arrives late, after the client moved on
+        assert client.put("kv", ids(18_000, 64), second) == 64  # a new region, registered
+        got, n = client.get("kv", ids(18_000, 64))
+        assert n == 64
+        assert_kv_equal(got, second)
