@@ -14,6 +14,7 @@ Loaned tensors outlive ``close()``: the mapping goes when the last of them does.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import mmap
 import os
@@ -185,10 +186,12 @@ class ShmPool:
         self._free: list[Region] = []
         self._all: list[Region] = []
         self._loans: dict[int, Loan] = {}
+        self._returned: collections.deque[Loan] = collections.deque()  # freed, not yet returned
         self._lock = threading.Lock()
         self._closed = False
 
     def acquire(self, nbytes: int) -> Region:
+        self._take_returns()
         with self._lock:
             fits = [r for r in self._free if r.size >= nbytes]
             if fits:
@@ -262,13 +265,29 @@ class ShmPool:
         return packed_views(flat, layout, slot_tokens)
 
     def _return(self, loan: Loan) -> None:
-        with self._lock:
-            if self._loans.get(loan.base) is loan:
-                del self._loans[loan.base]
-        if loan.spoiled:
-            self.discard(loan.region)
-        else:
-            self.release(loan.region)
+        """The last view of a loan was freed. A finalizer: it runs wherever a garbage collection
+        does, which may be inside this pool's (or its link's) own locked code on this thread,
+        so it takes no lock and only queues the loan; the pool's next call (or ``close``)
+        returns it. Taking the lock here hung a client whose earlier ``get`` views were freed
+        by a collection while it picked a region."""
+        self._returned.append(loan)
+        if self._closed:  # no next call: return it now (close set the flag, then drained)
+            self._take_returns()
+
+    def _take_returns(self) -> None:
+        """Return the loans whose views were freed since the last call (``_return``)."""
+        while True:
+            try:
+                loan = self._returned.popleft()
+            except IndexError:
+                return
+            with self._lock:
+                if self._loans.get(loan.base) is loan:
+                    del self._loans[loan.base]
+            if loan.spoiled:
+                self.discard(loan.region)
+            else:
+                self.release(loan.region)
 
     def find_loan(self, kv: KV) -> Loan | None:
         """The loaned region ``kv`` lies in, in the packed layout (each tensor's first rows);
@@ -304,6 +323,8 @@ class ShmPool:
         """
         with self._lock:
             self._closed = True
+        self._take_returns()
+        with self._lock:
             link, self._link = self._link, None
             lent = {id(loan.region) for loan in self._loans.values()}
             regions, self._all, self._free = self._all, [], []

@@ -567,3 +567,41 @@ def test_a_late_answer_on_the_region_socket_is_never_taken_for_the_next_one(monk
         got, n = client.get("kv", ids(18_000, 64))
         assert n == 64
         assert_kv_equal(got, second)
+
+
+class CollectingList(list):
+    """A list whose iteration first runs a garbage collection: Python collects at whatever
+    allocation crosses its threshold, so a collection can run at any point of the pool's code."""
+
+    def __iter__(self):
+        gc.collect()
+        return super().__iter__()
+
+
+def test_a_collection_inside_the_pool_never_hangs_the_client_on_its_own_views(url):
+    """``get`` views freed by a garbage collection (they sat in a reference cycle) return their
+    region through a finalizer, which runs on whatever thread the collection happens on: here,
+    inside the pool's own locked choice of a region for the next ``get``. A finalizer that took
+    the pool's lock there hung that thread for good."""
+    client = KVTierClient(url, use_shm=True)
+    kv = rand_kv(64, 22)
+    assert client.put("kv-gc", ids(19_000, 64), kv) == 64
+    got, n = client.get("kv-gc", ids(19_000, 64))
+    cycle: list = [got]
+    cycle.append(cycle)
+    del got, cycle  # only a collection frees the views now
+    pool = client._ops._shm
+    pool._free = CollectingList(pool._free)
+    answer: list = []
+    worker = threading.Thread(target=lambda: answer.append(client.get("kv-gc", ids(19_000, 64))), daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # hung holding the pool's lock: closing the client would hang too
+        pytest.fail("the client hung: a finalizer waited for the lock its own thread held")
+    got, n = answer[0]
+    assert n == 64
+    assert_kv_equal(got, kv)
+    answer.clear()
+    del got
+    gc.collect()
+    client.close()
