@@ -32,13 +32,13 @@ from kvtier.index import BlockEntry
 from kvtier.keys import block_key
 from kvtier.lookups import Lookups
 from kvtier.namespaces import Namespace, validate_name
-from kvtier.pieces import Block
+from kvtier.pieces import Block, contiguous
 from kvtier.placement import Placement
 from kvtier.readers import shared_readers
 from kvtier.recorder import StatsRecorder
 from kvtier.reload import Reloads
 from kvtier.writes import SLOTS_WINDOW_BYTES
-from kvtier.writethrough import WriteThrough
+from kvtier.writethrough import DurableWrite, WriteThrough
 
 PAGE_READERS = 8  # engine pages read at once (each a read of its own), across every caller
 @functools.cache
@@ -109,21 +109,28 @@ class EngineBlocks:
         rows = page_rows(pages, len(ikeys), ns.page_bytes)
         codec = get_codec(ns.codec)
         p = self.placement
+        stored_already: list[int] = []
         with p.lock:
             new = [i for i, key in enumerate(ikeys) if p.live(key, ns.ttl_s) is None]
         in_slots, held = self._put_in_slots(ns, ikeys, pages, rows, new)
         stored = len(in_slots)
         failed: KVTierError | None = None
+        durable: list[DurableWrite] = []
+        pinned: list[BlockEntry] = []
         try:
             todo: list[tuple[BlockEntry, Block]] = []
             in_pieces = p.takes_pieces(ns.page_bytes)
+            fresh = set(new)
             for i in (i for i in new if i not in in_slots):
                 key, row = ikeys[i], rows[i]
                 with p.lock:
                     if p.live(key, ns.ttl_s) is not None:  # a concurrent put stored it meanwhile
+                        fresh.discard(i)
                         continue
                 data = encode_block_for_put(codec, [[row.view(1, -1)]], pieces=in_pieces)
                 todo.append((BlockEntry(key, ns.name, None, 0, 1, len(data), time.time(), ns.codec), data))
+            stored_already = [i for i in range(len(ikeys)) if i not in fresh]
+            durable += self._make_durable(ns, ikeys, rows, stored_already, pinned)
             through: list[tuple[BlockEntry, Block, int]] = []
             for (entry, data), placed in zip(todo, p.place_many_unlocked(todo), strict=True):
                 if isinstance(placed, KVTierError):
@@ -136,13 +143,38 @@ class EngineBlocks:
                 view = p.host_view(t, entry.key)
                 through.append((entry, view if view is not None else
                                 encode_block_for_put(codec, [[rows[i].view(1, -1)]], pieces=False), t))
-            self.writes.wait(self.writes.schedule(through))
+            self.writes.wait(durable + self.writes.schedule(through))
         finally:
-            p.release(held.values())
+            p.release([*held.values(), *pinned])
         self.recorder.count_put(ns, stored)
         if failed is not None:
             raise failed
         return stored
+
+    def _make_durable(self, ns: Namespace, ikeys: list[bytes], rows: list[torch.Tensor],
+                      stored: list[int], pinned: list[BlockEntry]) -> list[DurableWrite]:
+        """The writes that make pages ``stored`` (indices: stored before this put, or by a
+        concurrent one) durable where a durable tier lacks them, as ``put`` does for KV: an
+        earlier write-through that failed (a full disk) is written again from this put's page,
+        one still in flight is joined. Without this a page kept only in the host tier was
+        acknowledged as durable, and lost with the process. Each entry written is pinned (added
+        to ``pinned``: the caller unpins them once the put ends)."""
+        p = self.placement
+        todo: list[tuple[int, BlockEntry, list[int]]] = []
+        with p.lock:
+            for i in stored:
+                entry = p.live(ikeys[i], ns.ttl_s)
+                missing = self.writes.missing(entry) if entry is not None else []
+                if entry is not None and missing:
+                    entry.pins += 1
+                    pinned.append(entry)
+                    todo.append((i, entry, missing))
+        codec = get_codec(ns.codec)
+        waits: list[DurableWrite] = []
+        for i, entry, missing in todo:
+            data = encode_block_for_put(codec, [[rows[i].view(1, -1)]], pieces=False)
+            waits += self.writes.write(entry, contiguous(data), missing)
+        return waits
 
     def _put_in_slots(self, ns: Namespace, ikeys: list[bytes], pages: Any, rows: list[torch.Tensor],
                       new: list[int]) -> tuple[set[int], dict[int, BlockEntry]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from kvtier.errors import InvalidType
 from kvtier.keys import namespace_digest
 from kvtier.namespaces import Namespace
 from kvtier.reload import Reloads
+from kvtier.tiers.ssd import segments
 from tests.conftest import random_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,6 +231,46 @@ time.sleep(600)
         out = torch.zeros(60, PAGE, dtype=torch.uint8)
         assert c.get_blocks_into("e", keys(60), out) == 60
         assert torch.equal(out[:40], pages(40, seed=3)) and torch.equal(out[40:], pages(20, seed=5))
+
+
+def test_a_page_put_while_another_put_of_it_is_still_written_waits_for_that_write(tmp_path, monkeypatch):
+    """Two engine workers put the same page (durability ``sync``). The second finds it stored
+    (in the host tier) while the first's SSD write is not durable yet: it must not be
+    acknowledged before that write is. It used to return at once, so a crash right after lost a
+    page acknowledged as durable. The first write's ``fdatasync`` is held here until the second
+    put had its chance. (Under ``batch`` a put returns before its interval's fsync by design.)"""
+    events: list[str] = []
+    entered, go = threading.Event(), threading.Event()
+    real_sync = segments._fdatasync
+
+    def held_sync(fd):
+        if not entered.is_set():
+            entered.set()
+            assert go.wait(120)
+        real_sync(fd)
+        events.append("durable")
+
+    monkeypatch.setattr(segments, "_fdatasync", held_sync)
+    page = pages(1, seed=9)
+    with ssd_cache(tmp_path / "ssd", host="1MiB", durability="sync") as c:
+        c.register_block_namespace("e", page_bytes=PAGE, fingerprint=FP)
+
+        def put(name: str) -> None:
+            c.put_blocks("e", keys(1), page)
+            events.append(name)
+
+        first = threading.Thread(target=put, args=("first",), daemon=True)
+        first.start()
+        assert entered.wait(60)  # the first put's write is in flight, not durable
+        second = threading.Thread(target=put, args=("second",), daemon=True)
+        second.start()
+        second.join(5)  # room for a wrong early return (none is expected)
+        go.set()
+        first.join(60)
+        second.join(60)
+        assert not first.is_alive() and not second.is_alive()
+        assert events.index("durable") < events.index("second"), events
+        assert events.index("durable") < events.index("first"), events
 
 
 def test_pages_written_into_slots_keep_first_writer_wins_and_overflow_by_lru(monkeypatch):
