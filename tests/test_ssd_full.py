@@ -179,8 +179,8 @@ def served(c: TieredCache, i: int) -> bool:
                                   for a, b in zip(la, lb, strict=True))
 
 
-def ballast(where, nbytes: int):
-    path = where / "ballast"
+def ballast(where, nbytes: int, name: str = "ballast"):
+    path = where / name
     with open(path, "wb") as f:
         f.write(b"\0" * nbytes)
     return path
@@ -380,3 +380,114 @@ def test_dead_space_under_its_budget_waits_for_the_interval(tmp_path):
         assert tier._compaction_due(1.0) and not tier._compaction_due(0.5)
         tier._compact_interval_s = None
         assert not tier._compaction_due(1.0) and not tier._compaction_due(1e9)
+
+
+PAGE = 256 << 10
+
+
+def pages_of(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, PAGE), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("durability", ["sync", "batch"])
+def test_engine_pages_refused_by_a_full_disk_are_written_when_put_again(tmp_path, durability):
+    """``put_blocks`` on a full disk raises, and the pages stay in the host tier only. The engine
+    puts them again once space is back: that put must write them to the SSD tier before it is
+    acknowledged. It used to find them stored (in the host tier), return 0 and write nothing,
+    so they were gone after a restart."""
+    keys = [bytes([i]) * 16 for i in range(4)]
+    pages = pages_of(4, 5)
+    with mounted_tmpfs(tmp_path, "8m") as fs:
+        room = ballast(fs, 1 << 20)
+        with disk_cache(fs / "kv", host="64MiB", durability=durability, min_free_bytes=0) as c:
+            c.register_block_namespace("eng", page_bytes=PAGE, fingerprint={"model": "m"})
+            c.put_blocks("eng", keys[:2], pages[:2])
+            filler = ballast(fs, 0, "filler")
+            with open(filler, "ab") as f, contextlib.suppress(OSError):
+                while True:  # another program takes every byte left
+                    f.write(b"\0" * (64 << 10))
+                    f.flush()
+            with pytest.raises(StorageFull):
+                c.put_blocks("eng", keys[2:], pages[2:])
+            room.unlink()
+            filler.unlink()  # space is back
+            c.put_blocks("eng", keys[2:], pages[2:])  # acknowledged: so it must be durable
+        with disk_cache(fs / "kv", host="64MiB", durability=durability, min_free_bytes=0) as c:
+            c.register_block_namespace("eng", page_bytes=PAGE, fingerprint={"model": "m"})
+            out = torch.zeros(4, PAGE, dtype=torch.uint8)
+            assert c.get_blocks_into("eng", keys, out) == 4
+            assert torch.equal(out, pages)
+
+
+def small_kv(i: int):
+    """One 2 KiB block: stored inside the index (inline), so only the index commit needs disk."""
+    g = torch.Generator().manual_seed(i)
+    return [i * 7919 + j for j in range(BT)], [tuple(torch.randn(BT, 1, 32, generator=g).half() for _ in range(2))]
+
+
+def fill_leaving(fs, leave: int):
+    """Another program fills the file system ``fs``, leaving ``leave`` bytes free."""
+    filler = fs / "filler"
+    with open(filler, "ab") as f:
+        while (free := os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize) > leave:
+            try:
+                f.write(b"\0" * min(free - leave, 1 << 20))
+                f.flush()
+            except OSError:
+                break
+    return filler
+
+
+def test_an_index_commit_cut_short_by_a_full_disk_is_storage_full_not_damage(tmp_path):
+    """LMDB reports a page write the full disk cut short as EIO. A ``sync`` put of an inline
+    block then failed as index damage (HTTP 500, ``health`` saying the index is damaged); it is
+    the disk refusing: ``StorageFull`` (507), and the tier works again once space is back."""
+    with mounted_tmpfs(tmp_path, "16m") as fs:
+        with disk_cache(fs / "kv", durability="sync", min_free_bytes=0, inline_threshold=4096) as c:
+            assert c.put("m", *small_kv(0)) == BT
+            filler = fill_leaving(fs, 4096)
+            refused = 0
+            for i in range(1, 40):
+                try:
+                    c.put("m", *small_kv(i))
+                except StorageFull:
+                    refused += 1
+            assert refused >= 1
+            assert not any("index damaged" in p for p in c.health()), c.health()
+            assert c.tier("ssd").stats()["index_errors"] == 0
+            filler.unlink()
+            assert c.put("m", *small_kv(1000)) == BT
+            assert c.health() == []
+
+
+def test_a_batch_commit_refused_by_a_full_disk_keeps_its_acknowledged_puts(tmp_path):
+    """Under ``batch`` a put is acknowledged once written; its record commits with the next
+    batch. When the disk is full at that commit (LMDB cannot write its pages: EIO), the puts
+    must stay stored and commit later. They used to be dropped: a clean close and reopen, no
+    crash anywhere, lost every put acknowledged while the disk was full."""
+    with mounted_tmpfs(tmp_path, "16m") as fs:
+        acked = []
+        with disk_cache(fs / "kv", host="16MiB", durability="batch", min_free_bytes=0,
+                        inline_threshold=4096) as c:
+            assert c.put("m", *small_kv(0)) == BT
+            acked.append(0)
+            c.tier("ssd").flush()
+            filler = fill_leaving(fs, 4096)  # one page left: an inline put passes the free-space check
+            for i in range(1, 40):
+                try:
+                    c.put("m", *small_kv(i))
+                    acked.append(i)
+                except StorageFull:
+                    pass
+            c.tier("ssd").flush()  # the commit the full disk refuses
+            assert len(acked) >= 2, "no put was acknowledged while the disk was full"
+            filler.unlink()  # space is back
+            assert c.put("m", *small_kv(1000)) == BT
+            acked.append(1000)
+        with disk_cache(fs / "kv", host="16MiB", durability="batch", min_free_bytes=0,
+                        inline_threshold=4096) as c:  # a clean restart
+            for i in acked:
+                toks, kv = small_kv(i)
+                got, n = c.get("m", toks)
+                assert n == BT, f"acknowledged put {i} lost ({len(acked)} acknowledged)"
+                assert all(torch.equal(a, b) for a, b in zip(got[0], kv[0], strict=True))

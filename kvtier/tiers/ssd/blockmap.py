@@ -71,6 +71,11 @@ class BlockMap:
             p.segment.uncommitted += 1  # compaction leaves the segment alone meanwhile
         self.insert(p.key, p.record.loc, p.segment)
 
+    @property
+    def pending(self) -> int:
+        """Blocks served whose records wait for a batch commit."""
+        return len(self._pending)
+
     def is_pending(self, key: bytes) -> bool:
         return key in self._pending
 
@@ -82,6 +87,18 @@ class BlockMap:
         batch = list(self._pending.values())
         self._pending.clear()
         return batch
+
+    def restage(self, batch: list[Pending]) -> list[Pending]:
+        """Stage again the blocks of a batch whose commit the disk refused and that are still
+        served from the same place (deleted or replaced ones are not); returns the others,
+        whose batch is over (``batch_ended``)."""
+        ended = []
+        for p in batch:
+            if self.locations.get(p.key) == p.record.loc and p.key not in self._pending:
+                self._pending[p.key] = p  # its inline payload and segment count stay held
+            else:
+                ended.append(p)
+        return ended
 
     def batch_ended(self, batch: list[Pending]) -> None:
         """The batch's commit is over: its inline payloads are in the index (or dropped)."""

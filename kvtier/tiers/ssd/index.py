@@ -15,6 +15,7 @@ stale after a crash, or left behind by a bug — fails its check and is a miss. 
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from kvtier.block import checksum, checksum_combine
 from kvtier.errors import KVTierError, StorageFull
 from kvtier.pieces import BlockPieces
 from kvtier.tiers.base import BlockMeta
+from kvtier.tiers.ssd.space import free_bytes
 
 HEAD_BYTES = 32  # a read from byte 0 this long is checked too (a block header's own crc is in it)
 # bytes, a memoryview or a 1-D uint8 numpy array: numpy declares no buffer protocol to type
@@ -118,6 +120,9 @@ class Record:
                       BlockMeta(ns, parent, tokens, codec, created), last, hits)
 
 
+COMMIT_SLACK = 1 << 20  # free disk under the bytes a commit writes plus this: an EIO is the disk full
+RECORD_BYTES = 256  # a record and its share of LMDB's pages, generously
+
 def lmdb_error(e: lmdb.Error, what: str) -> KVTierError:
     """Map an LMDB failure to our hierarchy: full map or disk -> StorageFull."""
     if isinstance(e, lmdb.MapFullError) or "No space left" in str(e) or (
@@ -181,15 +186,33 @@ class Index:
 
     def commit(self, puts: Iterable[tuple[bytes, Record, bytes | None]] = (),
                deletes: Iterable[bytes] = ()) -> None:
-        """Add records (with inline payloads) and remove keys in one atomic transaction."""
-        with _guard("committing"), self.env.begin(write=True) as txn:
-            for key, rec, inline in puts:
-                if inline is not None:
-                    txn.put(key, inline, db=self.inline)
-                txn.put(key, rec.pack(), db=self.blocks)
-            for key in deletes:
-                txn.delete(key, db=self.blocks)
-                txn.delete(key, db=self.inline)
+        """Add records (with inline payloads) and remove keys in one atomic transaction.
+
+        LMDB reports a page write the full disk cut short as EIO, not ENOSPC: with less free
+        disk than the commit writes (and a margin), that is ``StorageFull``, so the caller
+        keeps the records for a later commit and says 507, not index damage."""
+        puts = list(puts)
+        try:
+            with _guard("committing"), self.env.begin(write=True) as txn:
+                for key, rec, inline in puts:
+                    if inline is not None:
+                        txn.put(key, inline, db=self.inline)
+                    txn.put(key, rec.pack(), db=self.blocks)
+                for key in deletes:
+                    txn.delete(key, db=self.blocks)
+                    txn.delete(key, db=self.inline)
+        except StorageFull:
+            raise
+        except KVTierError as e:
+            if os.strerror(errno.EIO) not in str(e):
+                raise
+            need = COMMIT_SLACK + sum(len(i) + RECORD_BYTES if i is not None else RECORD_BYTES
+                                      for _, _, i in puts)
+            free = free_bytes(Path(self.env.path()))
+            if free >= need:
+                raise
+            raise StorageFull(f"ssd index: the disk under {self.env.path()} is full ({free} bytes "
+                              f"free) while committing: {e}") from None
 
     def delete_if(self, items: Iterable[tuple[bytes, Location]]) -> int:
         """Delete each key only if its record still points at its location; returns how many."""

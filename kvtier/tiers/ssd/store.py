@@ -293,6 +293,18 @@ class Store:
         if isinstance(e, KVTierError):
             self.index_failed(e, "committing a batch")
 
+    def keep_batch(self, batch: list[Pending], e: KVTierError) -> list[Pending]:
+        """A batch whose payloads are synced but whose records did not commit: its blocks stay
+        served and wait for the next commit, as acknowledged puts must; returns those not kept
+        (deleted meanwhile), whose batch is over. Counted as the disk refusing, or as index
+        damage."""
+        with self.lock:
+            ended = self.blocks.restage(batch)
+            if isinstance(e, StorageFull):
+                self._refused_for_disk(max(p.record.loc.length for p in batch))
+        self.index_failed(e, "committing a batch (kept for the next commit)")
+        return ended
+
     def batch_done(self, batch: list[Pending]) -> None:
         with self.lock:
             self.blocks.batch_ended(batch)

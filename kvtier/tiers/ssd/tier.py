@@ -394,6 +394,10 @@ class SSDTier:
         self._compactor.join()  # a pass in progress finishes first (its copies are committed)
         self._flusher.join()
         self.flush()
+        if self.store.blocks.pending:  # a full disk (or damage) refused the last commit too
+            log.error("ssd tier under %s closes with %d acknowledged blocks whose records could "
+                      "not commit (see the errors above): they are not kept", self.root,
+                      self.store.blocks.pending)
         self._flush_touches()
         self._pool.shutdown(wait=True)
         close_cleanly(self.store.segments, self.store.index, self._lock_fd, self.root,

@@ -63,6 +63,7 @@ class Writer:
     def __init__(self, store: Store, inline_threshold: int, pool: Executor | None = None) -> None:
         self.store = store
         self.inline_threshold = inline_threshold
+        self._refusals = 0  # batch commits the full disk refused in a row (logged once)
         self.pool = pool  # where several segments are fdatasync'd at once
 
     def put(self, key: bytes, block: BlockPieces, meta: BlockMeta, free: int) -> None:
@@ -218,14 +219,31 @@ class Writer:
             store.retry_deletes()
             if not batch:
                 return
+            ended = batch
+            synced = False
             try:
                 sync_all({p.segment for p in batch if p.segment is not None}, self.pool)
+                synced = True
                 store.index.commit((p.key, p.record, p.inline) for p in batch)
+                self._refusals = 0
             except (OSError, KVTierError) as e:
-                log.error("ssd batch commit of %d blocks failed, dropping them: %s", len(batch), e)
-                store.batch_failed(batch, e)
+                if synced and isinstance(e, KVTierError):
+                    # The payloads are synced; only the records did not commit (a full disk:
+                    # LMDB says EIO for a page write it cut short, which may show as free space
+                    # again by now). Those puts were acknowledged: keep them served and commit
+                    # them with the next batch (dropping them lost acknowledged puts, no crash).
+                    ended = store.keep_batch(batch, e)
+                    self._refusals += 1
+                    log.log(logging.ERROR if self._refusals == 1 else logging.DEBUG,
+                            "ssd batch commit of %d blocks failed; kept for the next commit: %s",
+                            len(batch), e)
+                else:
+                    # A failed fdatasync may leave the pages marked clean: the payloads may not
+                    # be on the disk, and a retry could not tell. Not served again.
+                    log.error("ssd batch commit of %d blocks failed, dropping them: %s", len(batch), e)
+                    store.batch_failed(batch, e)
             finally:
-                store.batch_done(batch)
+                store.batch_done(ended)
 
 
 def _write_runs(seg: Segment, records: list[tuple[Sequence[np.ndarray], int]]) -> None:
