@@ -442,22 +442,22 @@ def test_an_index_commit_cut_short_by_a_full_disk_is_storage_full_not_damage(tmp
     """LMDB reports a page write the full disk cut short as EIO. A ``sync`` put of an inline
     block then failed as index damage (HTTP 500, ``health`` saying the index is damaged); it is
     the disk refusing: ``StorageFull`` (507), and the tier works again once space is back."""
-    with mounted_tmpfs(tmp_path, "16m") as fs:
-        with disk_cache(fs / "kv", durability="sync", min_free_bytes=0, inline_threshold=4096) as c:
-            assert c.put("m", *small_kv(0)) == BT
-            filler = fill_leaving(fs, 4096)
-            refused = 0
-            for i in range(1, 40):
-                try:
-                    c.put("m", *small_kv(i))
-                except StorageFull:
-                    refused += 1
-            assert refused >= 1
-            assert not any("index damaged" in p for p in c.health()), c.health()
-            assert c.tier("ssd").stats()["index_errors"] == 0
-            filler.unlink()
-            assert c.put("m", *small_kv(1000)) == BT
-            assert c.health() == []
+    with mounted_tmpfs(tmp_path, "16m") as fs, disk_cache(fs / "kv", durability="sync", min_free_bytes=0,
+                                                          inline_threshold=4096) as c:
+        assert c.put("m", *small_kv(0)) == BT
+        filler = fill_leaving(fs, 4096)
+        refused = 0
+        for i in range(1, 40):
+            try:
+                c.put("m", *small_kv(i))
+            except StorageFull:
+                refused += 1
+        assert refused >= 1
+        assert not any("index damaged" in p for p in c.health()), c.health()
+        assert c.tier("ssd").stats()["index_errors"] == 0
+        filler.unlink()
+        assert c.put("m", *small_kv(1000)) == BT
+        assert c.health() == []
 
 
 def test_a_batch_commit_refused_by_a_full_disk_keeps_its_acknowledged_puts(tmp_path):
@@ -491,3 +491,37 @@ def test_a_batch_commit_refused_by_a_full_disk_keeps_its_acknowledged_puts(tmp_p
                 got, n = c.get("m", toks)
                 assert n == BT, f"acknowledged put {i} lost ({len(acked)} acknowledged)"
                 assert all(torch.equal(a, b) for a, b in zip(got[0], kv[0], strict=True))
+
+
+def test_a_disk_inline_blocks_filled_takes_puts_again_once_they_are_deleted(tmp_path):
+    """Blocks under ``inline_threshold`` live inside the index file, which never shrinks:
+    deleting them frees pages only inside it, and compaction (which rewrites segments) returns
+    nothing. The tier used to refuse every put for good, even emptied and restarted; an inline
+    block now counts the index's reusable pages as room."""
+    def prompt8(i: int):
+        g = torch.Generator().manual_seed(i)
+        return [i, i >> 16, *range(2, 8 * BT)], [tuple(torch.randn(8 * BT, 1, 32, generator=g).half()
+                                                        for _ in range(2))]
+
+    with mounted_tmpfs(tmp_path, "8m") as fs:  # the floor keeps room for the index's deletes
+        cache = lambda: disk_cache(fs / "kv", durability="sync", min_free_bytes="2MiB",  # noqa: E731
+                                   inline_threshold=4096)
+        with cache() as c:
+            stored = []
+            for i in range(10_000):
+                try:
+                    c.put("m", *prompt8(i))
+                except StorageFull:
+                    break
+                stored.append(i)
+            assert 100 < len(stored) < 10_000, len(stored)
+            for i in stored:
+                c.evict("m", prompt8(i)[0])
+            c.tier("ssd").compact()
+            assert c.put("m", *prompt8(20_000)) == 8 * BT
+        with cache() as c:
+            assert c.put("m", *prompt8(20_001)) == 8 * BT
+            for i in (20_000, 20_001):
+                toks, kv = prompt8(i)
+                got, n = c.get("m", toks)
+                assert n == 8 * BT and torch.equal(got[0][0], kv[0][0])

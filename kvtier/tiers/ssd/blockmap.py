@@ -76,6 +76,11 @@ class BlockMap:
         """Blocks served whose records wait for a batch commit."""
         return len(self._pending)
 
+    @property
+    def pending_inline_bytes(self) -> int:
+        """Inline payloads waiting for a batch commit (they will take index pages)."""
+        return sum(len(b) for b in self._pending_inline.values())
+
     def is_pending(self, key: bytes) -> bool:
         return key in self._pending
 

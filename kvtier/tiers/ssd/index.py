@@ -162,6 +162,18 @@ class Index:
         self.inline = self.env.open_db(b"inline")
         self.meta = self.env.open_db(b"meta")
 
+    def reusable_bytes(self) -> int:
+        """Bytes of pages LMDB freed (deleted records and inline payloads) and writes again
+        before it grows its file: room for inline blocks that free disk does not show, since
+        the file never shrinks. The pages of the file less those every database uses (the free
+        list's own few pages count as reusable)."""
+        with _guard("measuring free pages"), self.env.begin() as txn:
+            psize = self.env.stat()["psize"]
+            used = 2 + sum(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+                           for st in [txn.stat(self.env.open_db(None, txn=txn))]
+                           + [txn.stat(db) for db in (self.blocks, self.inline, self.meta)])
+        return max(0, self.env.info()["last_pgno"] + 1 - used) * psize
+
     def records(self, bad: list[bytes] | None = None) -> Iterator[tuple[bytes, Record]]:
         """Every record (a snapshot: materialised inside one read transaction).
 

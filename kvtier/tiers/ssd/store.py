@@ -234,6 +234,9 @@ class Store:
                 return None
             problem = self.space.room_problem(self.blocks.used + self.blocks.reserved, nbytes,
                                               free)
+            if problem and inline and self.space.disk_problem(nbytes, free):
+                problem = self.space.room_problem(self.blocks.used + self.blocks.reserved, nbytes,
+                                                  free + self._index_room())
             if problem:
                 self.counters["put_failures"] += 1
                 if self.space.disk_problem(nbytes, free):
@@ -267,6 +270,17 @@ class Store:
             with self.lock:
                 for res, rec, _ in puts:
                     self._insert(res.key, rec.loc, res.segment)
+
+    def _index_room(self) -> int:
+        """Disk an inline block can use that free space does not show (lock held): pages the
+        index freed and reuses, less the inline payloads waiting to commit. Without it a disk
+        that inline blocks filled refused every put for good: deleting them frees pages only
+        inside the index file, which never shrinks."""
+        try:
+            reusable = self.index.reusable_bytes()
+        except KVTierError:
+            return 0
+        return max(0, reusable - self.blocks.pending_inline_bytes)
 
     def stage(self, res: Reservation, rec: Record, blob: bytes | None) -> None:
         """Serve a written block now; its record commits with the next batch (``take_batch``)."""
