@@ -123,7 +123,8 @@ async def get(request: Request, ctx: Ctx = CtxDep) -> Response:
     def work() -> tuple[int, list[bytes | memoryview]]:
         out = torch.from_numpy(answer_buffer(request, len(keys) * page)).view(len(keys), page)
         n = ctx.cache.get_blocks_into(ns.name, keys, out)
-        return pack_pieces({"count": n, "page_bytes": page, "pages": out[:n].numpy().data.cast("B")})
+        # flat first: a (0, page) view cannot be cast to bytes (every miss answered 500)
+        return pack_pieces({"count": n, "page_bytes": page, "pages": out[:n].reshape(-1).numpy().data})
 
     return streamed(*await ctx.call(work))
 

@@ -61,6 +61,23 @@ def test_blocks_round_trip_through_the_client(cache):
         assert s.lookups == 2 and s.tokens_put == 5
 
 
+def test_a_miss_is_a_count_of_zero_never_an_error(cache):
+    """No stored page at the head of the keys (a cold cache, an evicted first page): the answer
+    is 0 rows, on both clients. Every such call used to answer 500 (an empty run of pages could
+    not be sent), and a miss is what the engines' connectors meet most."""
+    p = pages(3, seed=11)
+    with serve_in_thread(cache) as url, KVTierClient(url) as client:
+        client.register_block_namespace("eng", page_bytes=PAGE, fingerprint=FP)
+        out = torch.full((3, PAGE), 7, dtype=torch.uint8)
+        assert client.get_blocks_into("eng", keys(3), out) == 0  # nothing stored yet
+        assert client.put_blocks("eng", keys(3), p) == 3
+        assert client.evict_blocks("eng", keys(1)) == 1
+        assert client.get_blocks_into("eng", keys(3), out) == 0  # the first page is gone
+        assert client.get_blocks_into("eng", [], torch.empty(0, PAGE, dtype=torch.uint8)) == 0
+        assert client.get_blocks_into("eng", keys(2, 1), out) == 2
+        assert torch.equal(out[:2], p[1:])
+
+
 async def test_async_client_round_trip(cache):
     p = pages(3, seed=3)
     with serve_in_thread(cache) as url:
