@@ -29,7 +29,7 @@ import numpy as np
 from kvtier.errors import CorruptBlock, InvalidRequest, KVTierError, StorageFull
 from kvtier.tiers.ssd.blockmap import BlockMap, Pending
 from kvtier.tiers.ssd.deletes import RecordDeleter
-from kvtier.tiers.ssd.index import Index, Location, Record
+from kvtier.tiers.ssd.index import COMMIT_SLACK, Index, Location, Record
 from kvtier.tiers.ssd.segments import Segment, SegmentSet
 from kvtier.tiers.ssd.space import DiskSpace
 
@@ -273,14 +273,15 @@ class Store:
 
     def _index_room(self) -> int:
         """Disk an inline block can use that free space does not show (lock held): pages the
-        index freed and reuses, less the inline payloads waiting to commit. Without it a disk
+        index freed and reuses, less the inline payloads waiting to commit and the margin a
+        commit needs for its own new pages (``COMMIT_SLACK``). Without it a disk
         that inline blocks filled refused every put for good: deleting them frees pages only
         inside the index file, which never shrinks."""
         try:
             reusable = self.index.reusable_bytes()
         except KVTierError:
             return 0
-        return max(0, reusable - self.blocks.pending_inline_bytes)
+        return max(0, reusable - self.blocks.pending_inline_bytes - COMMIT_SLACK)
 
     def stage(self, res: Reservation, rec: Record, blob: bytes | None) -> None:
         """Serve a written block now; its record commits with the next batch (``take_batch``)."""
