@@ -67,6 +67,7 @@ class LeasedBlock:
     key: bytes
     nbytes: int
     tiers: list[str]
+    created: float = 0.0  # its entry's: tells a block of a namespace registered again apart (0: unknown)
 
 
 @dataclass(slots=True)

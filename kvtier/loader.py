@@ -72,8 +72,9 @@ class LoadSource(Protocol):
     - ``load_block(key, outs)``: the whole-block fallback for a block the loader could not
       stream: reads it verified from its fastest good copy into ``outs`` (dropping corrupt
       copies); False if no copy is left.
-    - ``promote_loaded(key, data, keep=...)``: keep a block's verified bytes, read from a
-      slower tier, in the fastest one (never evicting a key in ``keep``).
+    - ``promote_loaded(key, data, keep=..., created=...)``: keep a block's verified bytes, read
+      from a slower tier, in the fastest one (never evicting a key in ``keep``), if its entry is
+      still the one leased (``created``: a namespace registered again reuses the keys).
     - ``promote_on_get``: whether blocks read from slower tiers are promoted.
     - ``finish_load(result)``: told once per load (and per cost decision) what it did.
     """
@@ -85,7 +86,8 @@ class LoadSource(Protocol):
 
     def load_block(self, key: bytes, outs: Sequence[Sequence[torch.Tensor]]) -> bool: ...
 
-    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Collection[bytes] = ()) -> bool: ...
+    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Collection[bytes] = (),
+                       created: float = 0.0) -> bool: ...
 
     def finish_load(self, result: LoadResult) -> None: ...
 
@@ -326,7 +328,7 @@ class Loader:
         ranged = [it for it in items if not batch(it[2])]
         with self._promoter.lock:  # placeholders first: promotions go in prefix order across both
             if job.promote:
-                job.promos.update({i: Assembly(b.key, None, left=1) for i, b, _ in items})
+                job.promos.update({i: Assembly(b.key, None, left=1, created=b.created) for i, b, _ in items})
             job.promo_order = sorted(job.promos)
             job.keep = frozenset(b.key for _, b, _ in items)
         futures = self._whole.submit(job, whole) if whole else []

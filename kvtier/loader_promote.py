@@ -31,6 +31,7 @@ class Assembly:
     key: bytes
     data: torch.Tensor | None  # None until a whole-read block lands
     left: int = 0  # ranges still to land
+    created: float = 0.0  # the leased entry's (``promote_loaded`` promotes only that entry)
 
 
 class PromotedLoad(Protocol):
@@ -44,7 +45,8 @@ class PromotedLoad(Protocol):
 
 
 class PromotesLoaded(Protocol):
-    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Collection[bytes] = ()) -> bool: ...
+    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Collection[bytes] = (),
+                       created: float = 0.0) -> bool: ...
 
 
 class Promoter:
@@ -112,7 +114,7 @@ class Promoter:
             return  # the tier had no room for an earlier block: later ones would only evict it
         assert a.data is not None  # submitted once whole
         try:
-            ok = self.cache.promote_loaded(a.key, a.data, keep=job.keep)
+            ok = self.cache.promote_loaded(a.key, a.data, keep=job.keep, created=a.created)
         except Exception:  # noqa: BLE001  a failed promotion costs a later slow read, nothing more
             log.exception("promoting block %s failed", a.key.hex())
             ok = False

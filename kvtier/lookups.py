@@ -116,7 +116,7 @@ class Lookups:
         """Pin the longest cached prefix for a reader (see ``TieredCache.acquire``)."""
         ns, entries, n = self.walk(namespace, token_ids, pin=True)
         tiers = self.placement.tiers
-        blocks = [LeasedBlock(e.index, e.key, e.nbytes, [tiers[t].name for t in sorted(e.tiers)])
+        blocks = [LeasedBlock(e.index, e.key, e.nbytes, [tiers[t].name for t in sorted(e.tiers)], e.created)
                   for e in entries]
         return Lease(ns, blocks, n, entries)
 

@@ -118,6 +118,7 @@ class TieredCache:
             self._catalog.remove(name)
             self._recorder.forget_namespace(name)
         p.flush_remote_deletes()
+        self._writes.wait_dropped(name)
         self._catalog.unpublish(name)
         return dropped
 
@@ -239,9 +240,9 @@ class TieredCache:
         return self._reloads.load_block(key, outs)
 
     def promote_loaded(self, key: bytes, data: torch.Tensor, codec: str | None = None, *,
-                       keep: Collection[bytes] = ()) -> bool:
+                       keep: Collection[bytes] = (), created: float = 0.0) -> bool:
         """Keep a block a loader read (verified) from a slower tier in the fastest one."""
-        return self._reloads.promote_loaded(key, data, keep=keep)
+        return self._reloads.promote_loaded(key, data, keep=keep, created=created)
 
     def finish_load(self, result: LoadResult) -> None:
         """Count what a load (or a cost decision) did."""

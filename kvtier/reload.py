@@ -161,15 +161,19 @@ class Reloads:
             p.stats.tiers[tier.name].promotions += 1
             return True
 
-    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Collection[bytes] = ()) -> bool:
+    def promote_loaded(self, key: bytes, data: torch.Tensor, *, keep: Collection[bytes] = (),
+                       created: float = 0.0) -> bool:
         """Promote a block whose verified bytes a loader just read from a slower tier.
 
         Called after the fact (the lease may be released): a block dropped or already promoted
         meanwhile is left alone, and making room never evicts a key in ``keep`` (the rest of the
-        prefix). True if the block lives in the fastest tier now.
+        prefix). ``created`` (the leased entry's, 0 if unknown) leaves alone another entry under
+        the same key: a namespace dropped and registered again reuses its keys for other bytes,
+        and promoting the old ones under the new entry served the dropped namespace's KV. True
+        if the block lives in the fastest tier now.
         """
         entry = self.placement.index.get(key)
-        if self.closed or entry is None:
+        if self.closed or entry is None or (created and entry.created != created):
             return False
         with self.placement.lock:
             tiers = entry.tiers  # once: a concurrent drop (a close) may empty it after the lock

@@ -6,6 +6,12 @@ a small pool so one put's blocks are written in parallel. Writes to other persis
 under ``none``, a shared remote tier) run in the background, their queued bytes bounded by
 ``backlog_bytes`` (a put waits for room: back-pressure rather than memory growth). One write per
 block and tier is in flight at a time: a second put of the same block waits on the first's.
+
+A write belongs to its block's entry, not to its key: a namespace dropped and registered again
+with the same name and layout gives its blocks the same keys and other bytes. A write of the
+dropped entry still in flight is never joined by the new one (the new one waits for it to end,
+then writes its own bytes), and never publishes its bytes as the new entry's copy (it deletes
+them instead). Both happened: a get returned the dropped namespace's KV, checksums valid.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ class WriteThrough:
         self._below = [admit_on_put and any(tier.persistent for tier in placement.tiers[t + 1:])
                        for t in range(len(placement.tiers))]
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="kvtier-writer")
-        self._inflight: dict[tuple[bytes, int], Future] = {}  # guarded by the placement lock
+        # (key, tier) -> (the entry being written, its write); guarded by the placement lock
+        self._inflight: dict[tuple[bytes, int], tuple[BlockEntry, Future]] = {}
         self._pending: set[Future] = set()
         self._backlog = threading.Condition()
         self._backlog_bytes = 0
@@ -122,16 +129,20 @@ class WriteThrough:
             background = t not in self.durable
             if background:
                 self._reserve(len(data))
-            with self.placement.lock:  # check and submit at once: one write per block and tier
-                fut = self._inflight.get((entry.key, t))
-                if fut is None:
-                    fut = self._pool.submit(self._write, entry.key, data, t)
-                    self._inflight[(entry.key, t)] = fut
-                    self._pending.add(fut)
-                    fut.add_done_callback(
-                        functools.partial(self._done, entry.key, t, len(data) if background else 0))
-                elif background:
-                    self._unreserve(len(data))
+            while True:
+                with self.placement.lock:  # check and submit at once: one write per block and tier
+                    writing, fut = self._inflight.get((entry.key, t), (None, None))
+                    if fut is None:
+                        fut = self._pool.submit(self._write, entry, data, t)
+                        self._inflight[(entry.key, t)] = (entry, fut)
+                        self._pending.add(fut)
+                        fut.add_done_callback(
+                            functools.partial(self._done, entry.key, t, len(data) if background else 0))
+                    elif writing is entry and background:
+                        self._unreserve(len(data))
+                if writing is None or writing is entry:
+                    break
+                _ended(fut)  # a dropped entry's write of this key: ours goes after it
             if not background:
                 waits.append(DurableWrite(entry, t, fut))
         return waits
@@ -158,14 +169,14 @@ class WriteThrough:
             raise type(first)(f"put not acknowledged: {len(errors)} of {len(writes)} blocks could "
                               f"not be made durable ({first})")
 
-    def _write(self, key: bytes, data: torch.Tensor, t: int) -> None:
-        """Copy a block into tier ``t``; raises StorageFull/KVTierError if the tier cannot take
-        it (counted; a put waiting on a durable tier reports it to its caller)."""
+    def _write(self, entry: BlockEntry, data: torch.Tensor, t: int) -> None:
+        """Copy ``entry``'s block into tier ``t``; raises StorageFull/KVTierError if the tier
+        cannot take it (counted; a put waiting on a durable tier reports it to its caller)."""
         p = self.placement
         tier = p.tiers[t]
+        key = entry.key
         with p.lock:
-            entry = p.index.get(key)
-            if entry is None or entry.doomed or t in entry.tiers:
+            if p.index.get(key) is not entry or entry.doomed or t in entry.tiers:
                 return
             no_room = self._make_room(t, len(data), 0)
             if no_room is not None:
@@ -182,7 +193,7 @@ class WriteThrough:
             raise
         with p.lock:
             p.settle(t, len(data))
-            self._publish(key, t, len(data))
+            self._publish(entry, t, len(data))
 
     def _make_room(self, t: int, nbytes: int, promised: int) -> StorageFull | None:
         """Make room in tier ``t`` for ``nbytes`` more than the ``promised`` bytes (lock held);
@@ -202,36 +213,42 @@ class WriteThrough:
         log.log(logging.DEBUG if isinstance(e, StorageFull) else logging.WARNING,
                 "write-through to %s failed: %s", tier.name, e)
 
-    def _publish(self, key: bytes, t: int, nbytes: int) -> None:
-        """Record a copy written into tier ``t`` (lock held), or delete it if its block was
-        dropped meanwhile."""
+    def _publish(self, entry: BlockEntry, t: int, nbytes: int) -> None:
+        """Record ``entry``'s copy written into tier ``t`` (lock held), or delete it if the
+        entry was dropped meanwhile (its key may name another entry's bytes by now)."""
         p = self.placement
-        entry = p.index.get(key)
-        if entry is None or entry.doomed:
-            p.tiers[t].delete(key)
+        if p.index.get(entry.key) is not entry or entry.doomed:
+            p.tiers[t].delete(entry.key)
         elif t not in entry.tiers:
             p.publish(entry, t, nbytes)
 
     def _write_batch(self, blocks: Sequence[tuple[BlockEntry, Block]], t: int) -> list[DurableWrite]:
         """Submit one ``put_many`` of ``blocks`` into durable tier ``t`` (joining the writes of
         any already in flight); returns the writes to wait for."""
-        waits: list[DurableWrite] = []
-        todo: list[tuple[BlockEntry, Block]] = []
-        with self.placement.lock:  # check and submit at once: one write per block and tier
-            for entry, data in blocks:
-                fut = self._inflight.get((entry.key, t))
-                if fut is None:
-                    todo.append((entry, data))
-                else:
-                    waits.append(DurableWrite(entry, t, fut))
-            if todo:
-                fut = self._pool.submit(self._write_many, todo, t)
-                self._pending.add(fut)
-                for entry, _ in todo:
-                    self._inflight[(entry.key, t)] = fut
-                    waits.append(DurableWrite(entry, t, fut))
-                fut.add_done_callback(functools.partial(self._done_many, [e.key for e, _ in todo], t))
-        return waits
+        while True:
+            waits: list[DurableWrite] = []
+            todo: list[tuple[BlockEntry, Block]] = []
+            stale: list[Future] = []
+            with self.placement.lock:  # check and submit at once: one write per block and tier
+                for entry, data in blocks:
+                    writing, fut = self._inflight.get((entry.key, t), (None, None))
+                    if fut is None:
+                        todo.append((entry, data))
+                    elif writing is entry:  # joined: the write of this very block
+                        waits.append(DurableWrite(entry, t, fut))
+                    else:  # a dropped entry's write of this key
+                        stale.append(fut)
+                if not stale:
+                    if todo:
+                        fut = self._pool.submit(self._write_many, todo, t)
+                        self._pending.add(fut)
+                        for entry, _ in todo:
+                            self._inflight[(entry.key, t)] = (entry, fut)
+                            waits.append(DurableWrite(entry, t, fut))
+                        fut.add_done_callback(functools.partial(self._done_many, [e.key for e, _ in todo], t))
+                    return waits
+            for fut in stale:  # ours go after them (outside the lock: they need it to end)
+                _ended(fut)
 
     def _write_many(self, blocks: Sequence[tuple[BlockEntry, Block]], t: int) -> dict[bytes, KVTierError]:
         """``_write`` for many blocks into batching tier ``t``: room made for all under the lock,
@@ -247,8 +264,8 @@ class WriteThrough:
         with p.lock:
             room = 0
             for entry, data in blocks:
-                e = p.index.get(entry.key)
-                if e is None or e.doomed or t in e.tiers:
+                e = entry
+                if p.index.get(e.key) is not e or e.doomed or t in e.tiers:
                     continue
                 if e.parent in failed:  # its copy there would be an orphan once the parent leaves
                     failed[e.key] = failed[e.parent]
@@ -274,14 +291,14 @@ class WriteThrough:
                     tier.delete(entry.key)
                     failed[entry.key] = failed[entry.parent]
                 else:
-                    self._publish(entry.key, t, len(data))
+                    self._publish(entry, t, len(data))
         return failed
 
     def _done_many(self, keys: Sequence[bytes], t: int, fut: Future) -> None:
         with self.placement.lock:
             self._pending.discard(fut)
             for key in keys:
-                if self._inflight.get((key, t)) is fut:
+                if self._inflight.get((key, t), (None, None))[1] is fut:
                     del self._inflight[(key, t)]
 
     def _reserve(self, nbytes: int) -> None:
@@ -298,10 +315,19 @@ class WriteThrough:
     def _done(self, key: bytes, t: int, backlog: int, fut: Future) -> None:
         with self.placement.lock:
             self._pending.discard(fut)
-            if self._inflight.get((key, t)) is fut:
+            if self._inflight.get((key, t), (None, None))[1] is fut:
                 del self._inflight[(key, t)]
         if backlog:
             self._unreserve(backlog)
+
+    def wait_dropped(self, namespace: str) -> None:
+        """Wait for the writes of ``namespace``'s blocks still in flight (it was just dropped:
+        each ends by deleting the copy it wrote), so none of them is still writing once the
+        drop returns and the name is registered again."""
+        with self.placement.lock:
+            futs = {fut for entry, fut in self._inflight.values() if entry.namespace == namespace}
+        for fut in futs:
+            _ended(fut)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the write-throughs queued so far are done."""
@@ -316,3 +342,9 @@ class WriteThrough:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _ended(fut: Future) -> None:
+    """Wait for a write to end, whatever its outcome (it was counted where it failed)."""
+    with contextlib.suppress(Exception):
+        fut.result()

@@ -1,12 +1,13 @@
 """The manager over a real SSD tier: warm restart, corruption, admission modes, retention."""
 
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from kvtier import CacheConfig, HostTierConfig, SSDTierConfig, TieredCache
+from kvtier import CacheConfig, HostTierConfig, SSDTierConfig, TieredCache, loader_promote
 from kvtier.block import encode_block
 from kvtier.codecs import get_codec
 from tests.conftest import random_kv
@@ -304,3 +305,87 @@ def test_a_full_ssd_tier_under_a_host_tier_keeps_taking_puts(tmp_path, monkeypat
         last = list(range(39 * 10**6, 39 * 10**6 + n))
         got, hit = c.get("kv", last)
         assert hit == n and same(got, kv, n)
+
+
+def wait_until(cond, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def test_a_namespace_registered_again_never_gets_a_dropped_write_in_flight(tmp_path, monkeypatch):
+    """Dropped and registered again with the same name and layout, a namespace's blocks have the
+    same keys and other bytes. The dropped block's background write to the SSD tier, still
+    queued, used to be joined by the new block's (writes were tracked by key), then wrote the
+    old bytes and filed them as the new block's SSD copy: after a restart, a get returned the
+    dropped KV, checksums valid. Here the old write is held until the new put had its chance."""
+    toks, old = prompt(1)
+    _, new = prompt(2)  # other bytes under the same token ids
+    entered, go = threading.Event(), threading.Event()
+    with cache(tmp_path / "ssd", host="1MiB", durability="none") as c:
+        ssd = c.tier("ssd")
+        real_put = ssd.put
+
+        def held_put(key, data, meta):
+            if not entered.is_set():
+                entered.set()
+                assert go.wait(120)
+            return real_put(key, data, meta)
+
+        monkeypatch.setattr(ssd, "put", held_put)
+        assert c.put("kv", toks, old) == len(toks)  # acknowledged; its SSD write is held
+        assert entered.wait(60)
+        dropper = threading.Thread(target=c.drop_namespace, args=("kv",), daemon=True)
+        dropper.start()
+        wait_until(lambda: "kv" not in {ns.name for ns in c.namespaces()})
+        putter = threading.Thread(target=c.put, args=("kv", toks, new), daemon=True)
+        putter.start()
+        putter.join(5)  # room for it to join the held write (none is expected)
+        go.set()
+        dropper.join(60)
+        putter.join(60)
+        assert not dropper.is_alive() and not putter.is_alive()
+        c.flush()
+    with cache(tmp_path / "ssd", host="1MiB", durability="none") as c:  # the SSD copies only
+        got, n = c.get("kv", toks)
+        assert n == len(toks)
+        assert same(got, new, n), "the dropped namespace's KV came back"
+
+
+def test_a_late_promotion_of_a_dropped_block_never_lands_under_its_successor(tmp_path, monkeypatch):
+    """A get read the dropped namespace's blocks from the SSD tier; their promotion into the
+    host tier runs after the load, on the promoter thread. Meanwhile the namespace was dropped,
+    registered again, and its new blocks (same keys) pushed out of the host tier. The late
+    promotion used to copy the old bytes into the host tier as the new block's copy."""
+    toks, old = prompt(3)
+    _, new = prompt(4)
+    entered, go = threading.Event(), threading.Event()
+    real = loader_promote.Promoter._promote
+
+    def held(self, job, a):
+        if not entered.is_set():
+            entered.set()
+            assert go.wait(120)
+        return real(self, job, a)
+
+    monkeypatch.setattr(loader_promote.Promoter, "_promote", held)
+    with cache(tmp_path / "ssd", host="64KiB") as c:
+        def push_out_of_host(seed):
+            for i in range(3):
+                c.put("filler", *prompt(1000 * seed + i, blocks=8))
+            assert all(b.tier == "ssd" for b in c.lookup("kv", toks).blocks)
+
+        c.put("kv", toks, old)
+        push_out_of_host(1)
+        got, n = c.get("kv", toks)  # read from the SSD tier: its promotions queued, held
+        assert n == len(toks) and same(got, old, n)
+        assert entered.wait(60)
+        c.drop_namespace("kv")
+        c.put("kv", toks, new)
+        push_out_of_host(2)
+        go.set()
+        c._loader._promoter.flush(60)
+        got, n = c.get("kv", toks)
+        assert n == len(toks)
+        assert same(got, new, n), "the dropped namespace's KV came back"
