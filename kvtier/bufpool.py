@@ -25,6 +25,7 @@ mapped, so arenas are only for sizes that recur (a namespace's blocks), at most
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -245,17 +246,21 @@ class MappedPool:
         self._idle: list[_Idle] = []  # the most recently returned last
         self._idle_bytes = 0
         self._closed = False
-        self._lock = threading.RLock()  # a finalizer (``_give_back``) may run inside ``take``
+        self._returned: collections.deque[tuple[np.ndarray, int, float]] = collections.deque()
+        self._lock = threading.Lock()
 
     @property
     def idle_bytes(self) -> int:
         """Faulted-in bytes of the idle mappings kept."""
-        return self._idle_bytes
+        with self._lock:
+            self._take_returns()
+            return self._idle_bytes
 
     def take(self, nbytes: int) -> np.ndarray:
         """A uint8 array of ``nbytes`` (contents undefined) starting on a page boundary, from a
         mapping of its own that comes back here when the last view of it is freed."""
         with self._lock:
+            self._take_returns()
             self._trim(self._clock())
             best = min((m for m in self._idle if m.base.nbytes >= nbytes), key=lambda m: m.base.nbytes,
                        default=None)
@@ -271,14 +276,20 @@ class MappedPool:
         return view
 
     def _give_back(self, base: np.ndarray, resident: int) -> None:
-        with self._lock:
-            if self._closed or resident > self.max_idle_bytes:
-                return
-            self._idle.append(_Idle(base, resident, self._clock()))
-            self._idle_bytes += resident
-            while self._idle_bytes > self.max_idle_bytes:
-                self._idle_bytes -= self._idle.pop(0).resident
-            self._trim(self._clock())
+        """The last view of ``base`` was freed. A finalizer: it runs wherever a garbage
+        collection does, even inside ``take`` on this thread (picking from the idle list it
+        would change: the mapping picked could be trimmed away under it), so it only queues
+        the mapping; the next ``take`` keeps it."""
+        if not self._closed and resident <= self.max_idle_bytes:
+            self._returned.append((base, resident, self._clock()))
+
+    def _take_returns(self) -> None:
+        """Keep the mappings returned since the last call (lock held)."""
+        while self._returned:
+            self._idle.append(_Idle(*self._returned.popleft()))
+            self._idle_bytes += self._idle[-1].resident
+        while self._idle_bytes > self.max_idle_bytes:
+            self._idle_bytes -= self._idle.pop(0).resident
 
     def _trim(self, now: float) -> None:
         """Unmap idle mappings past ``idle_seconds`` (lock held)."""
@@ -290,4 +301,5 @@ class MappedPool:
         with self._lock:
             self._closed = True
             self._idle.clear()
+            self._returned.clear()
             self._idle_bytes = 0

@@ -267,3 +267,33 @@ def test_a_cleared_pool_keeps_nothing_returned_later():
     del b
     gc.collect()
     assert pool.idle_bytes == 0
+
+
+class _CollectingList(list):
+    """An idle list whose iteration runs a garbage collection after its first item: Python
+    collects at whatever allocation crosses its threshold, so one can run mid-choice."""
+
+    def __iter__(self):
+        for i, item in enumerate(super().__iter__()):
+            yield item
+            if i == 0:
+                gc.collect()
+
+
+def test_a_mapping_freed_by_a_collection_while_a_take_chooses_never_breaks_it():
+    """A take was choosing among the idle mappings when a collection freed a view whose
+    mapping then came back: its finalizer appended it and, over the byte limit, trimmed the
+    oldest, which was the one being chosen. The take then failed (ValueError) on a mapping
+    no longer there. A finalizer now only queues the mapping; the next take keeps it."""
+    pool = _mapped_pool(max_idle_bytes=6 << 20)
+    a, b = torch.from_numpy(pool.take(4 << 20)), torch.from_numpy(pool.take(4 << 20))
+    a_ptr = a.data_ptr()
+    del a
+    gc.collect()
+    cycle: list = [b]
+    cycle.append(cycle)
+    del b, cycle  # only a collection frees it now
+    pool._idle = _CollectingList(pool._idle)
+    c = torch.from_numpy(pool.take(4 << 20))
+    assert c.data_ptr() == a_ptr  # the one it chose
+    assert pool.idle_bytes == 4 << 20  # the freed one came back (within the limit)
