@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import torch
 
@@ -57,6 +58,14 @@ def _hit(d: dict) -> Hit:
     return Hit(d["namespace"], d["tokens"], d["block_tokens"], d["requested_tokens"], blocks)
 
 
+def path_segment(name: str) -> str:
+    """``name`` as one path segment of a URL, every character it could be read as syntax by
+    escaped: ``/`` (a namespace may be ``tenant/name``), ``?``, ``#``, ``%``, and dots, since
+    a URL library removes ``.`` and ``..`` segments: ``drop_namespace("zz/../victim")`` sent
+    ``DELETE /v1/namespaces/victim`` and dropped another namespace. The server decodes it."""
+    return quote(name, safe="").replace(".", "%2E")
+
+
 class Ops:
     """Builds each operation as a generator yielding HTTP calls and returning the result."""
 
@@ -76,7 +85,7 @@ class Ops:
         return Namespace.from_dict(resp.json())
 
     def get_namespace(self, name: str) -> Op:
-        resp = yield Call("GET", f"/v1/namespaces/{name}")
+        resp = yield Call("GET", f"/v1/namespaces/{path_segment(name)}")
         return Namespace.from_dict(resp.json())
 
     def namespaces(self) -> Op:
@@ -84,7 +93,7 @@ class Ops:
         return [Namespace.from_dict(d) for d in resp.json()]
 
     def drop_namespace(self, name: str) -> Op:
-        resp = yield Call("DELETE", f"/v1/namespaces/{name}")
+        resp = yield Call("DELETE", f"/v1/namespaces/{path_segment(name)}")
         self._layouts.pop(name, None)
         self._page_bytes.pop(name, None)
         return resp.json()["blocks"]
@@ -117,7 +126,7 @@ class Ops:
 
     def prefetch_status(self, prefetch_id: str, wait_s: float = 0.0) -> Op:
         try:
-            resp = yield Call("GET", f"/v1/prefetch/{prefetch_id}", params={"wait_s": wait_s} if wait_s else None)
+            resp = yield Call("GET", f"/v1/prefetch/{path_segment(prefetch_id)}", params={"wait_s": wait_s} if wait_s else None)
         except RemoteError as e:
             if e.status == 404:
                 raise KeyError(prefetch_id) from None
@@ -125,7 +134,7 @@ class Ops:
         return resp.json()
 
     def cancel_prefetch(self, prefetch_id: str) -> Op:
-        resp = yield Call("DELETE", f"/v1/prefetch/{prefetch_id}")
+        resp = yield Call("DELETE", f"/v1/prefetch/{path_segment(prefetch_id)}")
         return resp.json()
 
     def _layout(self, namespace: str) -> Op:

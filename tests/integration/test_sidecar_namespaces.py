@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
 
 from kvtier import CacheConfig, HostTierConfig, TieredCache
 from kvtier.client import KVTierClient
-from kvtier.errors import UnknownNamespace
+from kvtier.errors import KVTierError, UnknownNamespace
 from kvtier.server.testing import serve_in_thread
 from kvtier.settings import ServerSettings
 from tests.conftest import random_kv
@@ -89,3 +90,24 @@ def test_two_sidecars_sharing_redis_find_a_prefix_with_no_registration_call(tmp_
         assert n == 768 and all(torch.equal(x, y) for la, lb in zip(out, kv, strict=True)
                                 for x, y in zip(la, lb, strict=True))
         assert [ns.name for ns in client_b.namespaces()] == ["chat"]
+
+
+def test_a_name_or_id_with_dot_segments_never_reaches_another_namespace():
+    """The client put a namespace name (and a prefetch id) into the URL as it was, and the URL
+    library removes ``.``/``..`` segments: ``drop_namespace("zz/../victim")`` sent ``DELETE
+    /v1/namespaces/victim`` and dropped another namespace with all its blocks; a crafted
+    prefetch id could do the same. Each is now one escaped path segment."""
+    toks, kv = list(range(32)), random_kv(32, seed=5)
+    with TieredCache(CacheConfig(block_tokens=16, host=HostTierConfig(capacity_bytes="4MiB"))) as cache, \
+            serve_in_thread(cache) as url, KVTierClient(url) as client:
+        assert client.put("victim", toks, kv) == 32
+        for call in (lambda: client.drop_namespace("zz/../victim"),
+                     lambda: client.drop_namespace("../victim"),
+                     lambda: client.get_namespace("."),
+                     lambda: client.get_namespace(".."),
+                     lambda: client._run(client._ops.cancel_prefetch("../namespaces/victim")),
+                     lambda: client._run(client._ops.prefetch_status("../namespaces/victim"))):
+            with contextlib.suppress(KVTierError, KeyError):  # refused, each in its own words
+                call()
+        assert client.get_namespace("victim").name == "victim"
+        assert client.get("victim", toks)[1] == 32
