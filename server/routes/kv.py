@@ -225,6 +225,9 @@ async def get_shm(request: Request, ctx: Ctx = CtxDep) -> dict:
         return {"tokens": 0, "slot_tokens": 0, "layout": None, "nbytes": 0}
     layout, bt = ns.layout, ns.block_tokens
     slot = len(body.token_ids) // bt * bt  # rows per tensor: room for a hit on every block
+    if slot == 0:  # not one whole block: a miss, counted as in-process (an empty window answered 500)
+        await ctx.call(ctx.cache.get_into, ns.name, body.token_ids, [])
+        return {"tokens": 0, "slot_tokens": 0, "layout": None, "nbytes": 0}
     need = packed_nbytes(layout, slot)
     if need > ctx.settings.max_kv_bytes:
         raise PayloadTooLarge(f"{need} bytes of KV exceed the data-plane limit {ctx.settings.max_kv_bytes}")

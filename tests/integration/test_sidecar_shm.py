@@ -605,3 +605,18 @@ def test_a_collection_inside_the_pool_never_hangs_the_client_on_its_own_views(ur
     del got
     gc.collect()
     client.close()
+
+
+async def test_a_get_of_less_than_one_block_is_a_miss_never_an_error(url, client):
+    """Fewer token ids than a block can hit nothing: a miss, as in-process and over msgpack.
+    The shared-memory route answered 500 (its window was empty) for every such get."""
+    def lookups() -> int:
+        s = client.stats().namespaces.get("kv")
+        return s.lookups if s is not None else 0
+
+    before = lookups()
+    for n in (1, BT - 1):
+        assert client.get("kv", ids(30_000, n)) == (None, 0)
+    async with AsyncKVTierClient(url, use_shm=True) as aclient:
+        assert await aclient.get("kv", ids(30_000, BT - 1)) == (None, 0)
+    assert lookups() == before + 3  # each counted as a lookup, as in-process
