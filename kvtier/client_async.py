@@ -31,9 +31,9 @@ class AsyncRemotePrefetch(RemotePrefetch):
         return self
 
     async def cancel(self) -> bool:  # type: ignore[override]
-        was_running = self.state not in self.TERMINAL
-        self._update(await self._client._run(self._client._ops.cancel_prefetch(self.id)))
-        return was_running
+        d = await self._client._run(self._client._ops.cancel_prefetch(self.id))
+        self._update(d)
+        return bool(d.get("cancelled"))
 
     async def wait(self, timeout: float | None = None) -> bool:  # type: ignore[override]
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -193,7 +193,7 @@ class Ops:
         page = yield from self._page_size(namespace)
         rows = page_rows(pages, len(keys), page)
         if isinstance(pages, torch.Tensor) and pages.is_contiguous() and pages.device.type == "cpu":
-            packed: Any = pages[:len(keys)].numpy().data.cast("B")  # no copy before msgpack
+            packed: Any = pages[:len(keys)].reshape(-1).numpy().data  # no copy before msgpack
         else:
             packed = b"".join(r.cpu().numpy().data for r in rows)
         resp = yield msgpack_call("PUT", "/v1/blocks", {"namespace": namespace, "keys": keys, "pages": packed})
@@ -254,9 +254,11 @@ class RemotePrefetch:
         return self
 
     def cancel(self) -> bool:
-        was_running = self.state not in self.TERMINAL
-        self._update(self._client._run(self._client._ops.cancel_prefetch(self.id)))
-        return was_running
+        """Ask the prefetch to stop; False if it had already finished (the server says which:
+        this handle's last state may be stale)."""
+        d = self._client._run(self._client._ops.cancel_prefetch(self.id))
+        self._update(d)
+        return bool(d.get("cancelled"))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Long-poll the server until the prefetch finishes; True if it did within ``timeout``."""

@@ -117,6 +117,8 @@ class PrefetchOut(BaseModel):
     policy: str = "best_effort"
     stopped_by: str | None = None
     error: str | None = None
+    cancelled: bool | None = Field(None, description="DELETE only: whether this call stopped a "
+                                                      "prefetch still running (false: it had finished)")
 
 
 class CountOut(BaseModel):

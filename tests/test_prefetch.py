@@ -109,3 +109,24 @@ def test_cancel_and_bad_policy(tmp_path):
         assert not h.cancel()
         with pytest.raises(ValueError, match="policy"):
             cache.prefetch("m", toks, "host", policy="eventually")
+
+
+def test_a_sidecar_prefetch_says_whether_cancel_stopped_it(tmp_path):
+    """``RemotePrefetch.cancel()`` answers as ``PrefetchHandle.cancel()``: True only if this call
+    stopped a prefetch still running. It used to answer from the handle's own last state, so
+    a prefetch that had finished on the server since was reported stopped."""
+    from kvtier.client import KVTierClient
+    from kvtier.server.testing import serve_in_thread
+
+    with split_cache(tmp_path, host_blocks=16, delay=0.05) as cache, serve_in_thread(cache) as url, \
+            KVTierClient(url) as client:
+        first, second = ssd_only_prefixes(cache, 2)
+        running = client.prefetch("m", first, "host")
+        assert running.cancel()
+        assert running.wait(10) and running.state == "cancelled"
+        assert not running.cancel()
+        finished = client.prefetch("m", second, "host")
+        assert client.prefetch_status(finished.id).wait(30)  # done on the server; this handle
+        assert finished.state != "done"                      # has not looked since
+        assert not finished.cancel()
+        assert finished.state == "done"

@@ -62,5 +62,5 @@ async def status(prefetch_id: str, ctx: Ctx = CtxDep,
 async def cancel(prefetch_id: str, ctx: Ctx = CtxDep) -> dict:
     """Cancel a prefetch; blocks already promoted stay."""
     h = _handle(ctx, prefetch_id)
-    h.cancel()
-    return _out(ctx, h)
+    stopped = h.cancel()
+    return {**_out(ctx, h), "cancelled": stopped}

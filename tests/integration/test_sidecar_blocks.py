@@ -74,6 +74,7 @@ def test_a_miss_is_a_count_of_zero_never_an_error(cache):
         assert client.evict_blocks("eng", keys(1)) == 1
         assert client.get_blocks_into("eng", keys(3), out) == 0  # the first page is gone
         assert client.get_blocks_into("eng", [], torch.empty(0, PAGE, dtype=torch.uint8)) == 0
+        assert client.put_blocks("eng", [], torch.empty(0, PAGE, dtype=torch.uint8)) == 0  # raised TypeError
         assert client.get_blocks_into("eng", keys(2, 1), out) == 2
         assert torch.equal(out[:2], p[1:])
 
