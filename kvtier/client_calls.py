@@ -8,7 +8,7 @@ name the server gives it, else ``RemoteError``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import httpx
@@ -16,7 +16,7 @@ import msgpack
 
 from kvtier import errors as kerrors
 from kvtier.client_answers import Answer
-from kvtier.errors import KVTierError
+from kvtier.errors import InvalidRequest, KVTierError
 from kvtier.keys import as_token_array
 from kvtier.wire import MSGPACK, pack_pieces
 
@@ -72,6 +72,18 @@ _ERRORS: dict[str, type[KVTierError]] = {
     name: cls for name, cls in vars(kerrors).items()
     if isinstance(cls, type) and issubclass(cls, KVTierError)
 }
+
+
+def with_fresh_namespace(make: Callable[[], Op], forget: Callable[[], None]) -> Op:
+    """Run the operation ``make()`` builds; refused as malformed (``InvalidRequest``: 400/422,
+    or the client's own check), run it once more after ``forget()`` drops what the client keeps
+    of the namespace (a layout, a page size). Why: another client may drop the namespace and
+    register it again with another shape, and the kept one then sizes every call wrong."""
+    try:
+        return (yield from make())
+    except InvalidRequest:
+        forget()
+    return (yield from make())
 
 
 def error_for(status: int, error: str, message: str) -> KVTierError:

@@ -14,7 +14,15 @@ from urllib.parse import quote
 import torch
 
 from kvtier.blocks import BlockHits, bytes_tensor, engine_keys, page_rows
-from kvtier.client_calls import Call, Op, RemoteError, keys_call, msgpack_call, tokens_call
+from kvtier.client_calls import (
+    Call,
+    Op,
+    RemoteError,
+    keys_call,
+    msgpack_call,
+    tokens_call,
+    with_fresh_namespace,
+)
 from kvtier.client_shm import ShmPlane
 from kvtier.errors import InvalidType, KVTierError
 from kvtier.keys import TokenIds, as_token_array
@@ -72,7 +80,7 @@ class Ops:
     def __init__(self, use_shm: bool, token: str | None = None, timeout: float = 120.0) -> None:
         self.use_shm = use_shm
         self._shm = ShmPool(token, timeout)
-        self._plane = ShmPlane(self._shm, self._layout)
+        self._plane = ShmPlane(self._shm, self._layout, self._forget)
         self._layouts: dict[str, KVLayout] = {}
         self._page_bytes: dict[str, int] = {}
 
@@ -94,9 +102,15 @@ class Ops:
 
     def drop_namespace(self, name: str) -> Op:
         resp = yield Call("DELETE", f"/v1/namespaces/{path_segment(name)}")
+        self._forget(name)
+        return resp.json()["blocks"]
+
+    def _forget(self, name: str) -> None:
+        """Forget what this client keeps of namespace ``name`` (its layout, its page size):
+        learned again on next use. Why: another client may drop it and register it again with
+        another layout, and the server then refuses sizes taken from the old one."""
         self._layouts.pop(name, None)
         self._page_bytes.pop(name, None)
-        return resp.json()["blocks"]
 
     def lookup(self, namespace: str, token_ids: TokenIds) -> Op:
         resp = yield tokens_call("POST", "/v1/lookup", {"namespace": namespace}, token_ids)
@@ -190,6 +204,10 @@ class Ops:
 
     def put_blocks(self, namespace: str, keys: Sequence[bytes], pages: Any) -> Op:
         keys = engine_keys(keys)
+        return (yield from with_fresh_namespace(lambda: self._put_blocks(namespace, keys, pages),
+                                                lambda: self._forget(namespace)))
+
+    def _put_blocks(self, namespace: str, keys: list[bytes], pages: Any) -> Op:
         page = yield from self._page_size(namespace)
         rows = page_rows(pages, len(keys), page)
         if isinstance(pages, torch.Tensor) and pages.is_contiguous() and pages.device.type == "cpu":
@@ -201,13 +219,20 @@ class Ops:
 
     def get_blocks_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> Op:
         keys = engine_keys(keys)
+        return (yield from with_fresh_namespace(lambda: self._get_blocks_into(namespace, keys, out),
+                                                lambda: self._forget(namespace)))
+
+    def _get_blocks_into(self, namespace: str, keys: list[bytes], out: Any) -> Op:
         page = yield from self._page_size(namespace)
         rows = page_rows(out, len(keys), page, writable=True)
         resp = yield keys_call("POST", "/v1/blocks/get", namespace, keys, accept=MSGPACK, bulk=True)
         d = unpack_views(resp.content)  # the pages view the answer (pooled memory): copied once, below
         n, raw = d["count"], d["pages"]
-        if d["page_bytes"] != page or len(raw) != n * page:
-            raise KVTierError(f"the server answered {len(raw)} bytes for {n} pages of {d['page_bytes']}")
+        if d["page_bytes"] != page:  # registered again with another page size: the answer's holds
+            page = self._page_bytes[namespace] = d["page_bytes"]
+            rows = page_rows(out, len(keys), page, writable=True)
+        if len(raw) != n * page:
+            raise KVTierError(f"the server answered {len(raw)} bytes for {n} pages of {page}")
         if n:
             src = bytes_tensor(raw).view(n, page)
             for i in range(n):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.client_calls import Call, Op, RemoteError, error_for, tokens_call
+from kvtier.client_calls import Call, Op, RemoteError, error_for, tokens_call, with_fresh_namespace
 from kvtier.errors import InvalidRequest, KVTierError, LayoutMismatch, UnknownNamespace
 from kvtier.layout import KV, KVLayout
 from kvtier.shm_pool import Region, RegionError, ShmPool
@@ -27,9 +27,11 @@ class ShmPlane:
     """put, get and kv_buffer through shared-memory regions; ``layout(namespace)`` is the
     client's (cached) operation answering a namespace's layout, or None before its first put."""
 
-    def __init__(self, pool: ShmPool, layout: Callable[[str], Op]) -> None:
+    def __init__(self, pool: ShmPool, layout: Callable[[str], Op],
+                 forget_layout: Callable[[str], None] = lambda namespace: None) -> None:
         self._shm = pool
         self._layout = layout
+        self._forget_layout = forget_layout
 
     def kv_buffer(self, namespace: str, tokens: int, *, layout: KVLayout | None = None) -> Op:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
@@ -77,7 +79,15 @@ class ShmPlane:
             self._give_back(region, answered)
 
     def get(self, namespace: str, ids: np.ndarray) -> Op:
-        """The longest cached prefix of ``ids`` (already checked) as views of a region."""
+        """The longest cached prefix of ``ids`` (already checked) as views of a region.
+
+        The region is sized from the namespace's layout, which the client keeps; a namespace
+        dropped and registered again (by another client) with another layout makes the server
+        refuse that size (400): the layout is learned again and the get asked once more."""
+        return (yield from with_fresh_namespace(lambda: self._get(namespace, ids),
+                                                lambda: self._forget_layout(namespace)))
+
+    def _get(self, namespace: str, ids: np.ndarray) -> Op:
         try:
             layout = yield from self._layout(namespace)
         except UnknownNamespace:  # never stored into: a miss, as in-process

@@ -111,3 +111,30 @@ def test_a_name_or_id_with_dot_segments_never_reaches_another_namespace():
                 call()
         assert client.get_namespace("victim").name == "victim"
         assert client.get("victim", toks)[1] == 32
+
+
+def test_a_client_follows_a_namespace_another_client_registered_again():
+    """A client keeps a namespace's layout and page size. Another client dropped the namespace
+    and registered it again with another shape: every shared-memory get of the first client
+    was refused for good (its region sized from the old layout), and its engine-page calls
+    too. A call the server refuses now learns the namespace again and is asked once more."""
+    toks = list(range(32))
+    with TieredCache(CacheConfig(block_tokens=16, host=HostTierConfig(capacity_bytes="4MiB"))) as cache, \
+            serve_in_thread(cache) as url, KVTierClient(url, use_shm=True) as a, KVTierClient(url) as b:
+        a.put("x", toks, [(torch.ones(32, 2, 4),)] * 2)
+        assert a.get("x", toks)[1] == 32  # a keeps x's layout now
+        b.drop_namespace("x")
+        wide = [(torch.full((32, 8, 4), 3.0),)] * 2
+        b.put("x", toks, wide)
+        got, n = a.get("x", toks)
+        assert n == 32 and torch.equal(got[0][0], wide[0][0])
+        assert tuple(a.kv_buffer("x", 16)[0][0].shape) == (16, 8, 4)
+
+        a.register_block_namespace("p", page_bytes=64, fingerprint="f")
+        a.put_blocks("p", [b"k"], torch.ones(1, 64, dtype=torch.uint8))
+        b.drop_namespace("p")
+        b.register_block_namespace("p", page_bytes=128, fingerprint="g")
+        page = torch.full((1, 128), 5, dtype=torch.uint8)
+        out = torch.zeros(1, 128, dtype=torch.uint8)
+        assert a.put_blocks("p", [b"q"], page) == 1
+        assert a.get_blocks_into("p", [b"q"], out) == 1 and torch.equal(out, page)
