@@ -204,8 +204,20 @@ class Ops:
 
     def put_blocks(self, namespace: str, keys: Sequence[bytes], pages: Any) -> Op:
         keys = engine_keys(keys)
-        return (yield from with_fresh_namespace(lambda: self._put_blocks(namespace, keys, pages),
+        return (yield from with_fresh_namespace(lambda: self._put_blocks_split(namespace, keys, pages),
                                                 lambda: self._forget(namespace)))
+
+    def _put_blocks_split(self, namespace: str, keys: list[bytes], pages: Any) -> Op:
+        """``_put_blocks``, in halves where the server refuses the whole as over its data-plane
+        limit (413): an engine's job of many pages used to fail whole, every time."""
+        try:
+            return (yield from self._put_blocks(namespace, keys, pages))
+        except RemoteError as e:
+            if e.status != 413 or len(keys) < 2:
+                raise
+        half = len(keys) // 2
+        stored = yield from self._put_blocks_split(namespace, keys[:half], pages[:half])
+        return stored + (yield from self._put_blocks_split(namespace, keys[half:], pages[half:len(keys)]))
 
     def _put_blocks(self, namespace: str, keys: list[bytes], pages: Any) -> Op:
         page = yield from self._page_size(namespace)
@@ -219,8 +231,22 @@ class Ops:
 
     def get_blocks_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> Op:
         keys = engine_keys(keys)
-        return (yield from with_fresh_namespace(lambda: self._get_blocks_into(namespace, keys, out),
+        return (yield from with_fresh_namespace(lambda: self._get_blocks_into_split(namespace, keys, out),
                                                 lambda: self._forget(namespace)))
+
+    def _get_blocks_into_split(self, namespace: str, keys: list[bytes], out: Any) -> Op:
+        """``_get_blocks_into``, in halves where the server refuses the whole as over its limit
+        (413); the second half only if the first came back whole (the leading run)."""
+        try:
+            return (yield from self._get_blocks_into(namespace, keys, out))
+        except RemoteError as e:
+            if e.status != 413 or len(keys) < 2:
+                raise
+        half = len(keys) // 2
+        n = yield from self._get_blocks_into_split(namespace, keys[:half], out[:half])
+        if n < half:
+            return n
+        return n + (yield from self._get_blocks_into_split(namespace, keys[half:], out[half:len(keys)]))
 
     def _get_blocks_into(self, namespace: str, keys: list[bytes], out: Any) -> Op:
         page = yield from self._page_size(namespace)

@@ -39,6 +39,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 from kvtier.blocks import MAX_KEY_BYTES
 from kvtier.config import CacheConfig, HostTierConfig, SSDTierConfig
 from kvtier.errors import InvalidRequest
+from kvtier.integrations.backend import BackendUnavailable, EngineBackend
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _open_backend(cfg: dict) -> Any:
     if url is not None:
         from kvtier.client import KVTierClient
 
-        return KVTierClient(url, cfg.get("token"))
+        return KVTierClient(url, cfg.get("token"), timeout=float(cfg.get("timeout_s", 10.0)))
     from kvtier.manager import TieredCache
 
     return TieredCache(CacheConfig(
@@ -79,17 +80,20 @@ def _open_backend(cfg: dict) -> Any:
 class KVTierHiCacheStorage(HiCacheStorage):
     """SGLang HiCache storage backed by kvtier; see the module docstring for its config keys:
     ``data_dir`` or ``url`` (+ ``token``), ``capacity``, ``durability``, ``direct_io``,
-    ``min_free``, ``codec`` (``none``/``zstd``), ``salt``, ``namespace``, ``ttl_s``."""
+    ``min_free``, ``codec`` (``none``/``zstd``), ``salt``, ``namespace``, ``ttl_s``,
+    ``timeout_s`` (a sidecar call; default 10: after one times out, calls fail at once for a
+    back-off, ``kvtier.integrations.backend``)."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None) -> None:
         self.storage_config = storage_config
         self._cfg = dict(storage_config.extra_config or {})
         unknown = set(self._cfg) - _BACKEND_KEYS - {
             "data_dir", "url", "token", "capacity", "durability", "direct_io", "min_free", "codec",
-            "salt", "namespace", "ttl_s"}
+            "salt", "namespace", "ttl_s", "timeout_s"}
         if unknown:
             raise InvalidRequest(f"unknown kvtier HiCache config keys {sorted(unknown)}")
         self.backend = _open_backend(self._cfg)
+        self.calls = EngineBackend(self.backend)
         self.mem_pool_host: Any = None  # SGLang's host pool, once registered
         self.namespace: str | None = None
         self._parts = 1  # blocks per page (K and V for MHA)
@@ -119,9 +123,8 @@ class KVTierHiCacheStorage(HiCacheStorage):
         }
         digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
         self.namespace = self._cfg.get("namespace") or f"sglang-{digest}"
-        self.backend.register_block_namespace(self.namespace, page_bytes=part_bytes, fingerprint=fp,
-                                              codec=self._cfg.get("codec", "none"),
-                                              ttl_s=self._cfg.get("ttl_s"))
+        self.calls.register(self.namespace, page_bytes=part_bytes, fingerprint=fp,
+                            codec=self._cfg.get("codec", "none"), ttl_s=self._cfg.get("ttl_s"))
         self._parts, self._part_bytes = parts, part_bytes
 
     def _part_views(self, host_indices: torch.Tensor, n_pages: int) -> list[torch.Tensor]:
@@ -140,7 +143,10 @@ class KVTierHiCacheStorage(HiCacheStorage):
         """How many pages from the first one on are stored (every part of each)."""
         if not keys or self.namespace is None:
             return 0
-        present = self.backend.block_exists(self.namespace, self._keys(keys, range(self._parts))).present
+        try:
+            present = self.calls.block_exists(self._keys(keys, range(self._parts))).present
+        except BackendUnavailable:  # a sidecar that did not answer lately: a miss, at once
+            return 0
         for i in range(len(keys)):
             if not all(present[i * self._parts:(i + 1) * self._parts]):
                 return i
@@ -153,7 +159,7 @@ class KVTierHiCacheStorage(HiCacheStorage):
             return []
         views = self._part_views(host_indices, len(keys))
         try:
-            n = self.backend.get_blocks_into(self.namespace, self._keys(keys, range(self._parts)), views)
+            n = self.calls.get_blocks_into(self._keys(keys, range(self._parts)), views)
         except Exception as e:  # noqa: BLE001  a failed read is a miss for SGLang, never a crash
             log.warning("kvtier HiCache read of %d pages failed: %s", len(keys), e)
             n = 0
@@ -167,7 +173,7 @@ class KVTierHiCacheStorage(HiCacheStorage):
             return [True] * len(keys)
         views = self._part_views(host_indices, len(keys))
         try:
-            self.backend.put_blocks(self.namespace, self._keys(keys, range(self._parts)), views)
+            self.calls.put_blocks(self._keys(keys, range(self._parts)), views)
         except Exception as e:  # noqa: BLE001
             log.warning("kvtier HiCache write of %d pages failed: %s", len(keys), e)
             return [False] * len(keys)
@@ -193,8 +199,8 @@ class KVTierHiCacheStorage(HiCacheStorage):
             for key, value in zip(keys, values, strict=True):
                 raw = value.detach().contiguous().cpu().view(-1).view(torch.uint8)
                 parts = self._flat_parts(raw.numel())
-                self.backend.put_blocks(self.namespace, self._keys([key], parts),
-                                        raw.view(len(parts), self._part_bytes))
+                self.calls.put_blocks(self._keys([key], parts),
+                                      raw.view(len(parts), self._part_bytes))
         except Exception as e:  # noqa: BLE001
             log.warning("kvtier HiCache generic write failed: %s", e)
             return False
@@ -217,8 +223,8 @@ class KVTierHiCacheStorage(HiCacheStorage):
             parts = range(0)
             try:
                 parts = self._flat_parts(raw.numel())
-                n = self.backend.get_blocks_into(self.namespace, self._keys([key], parts),
-                                                 raw.view(len(parts), self._part_bytes))
+                n = self.calls.get_blocks_into(self._keys([key], parts),
+                                               raw.view(len(parts), self._part_bytes))
             except Exception as e:  # noqa: BLE001
                 log.warning("kvtier HiCache generic read of %s failed: %s", key, e)
                 n = -1
@@ -232,12 +238,15 @@ class KVTierHiCacheStorage(HiCacheStorage):
         if self.batch_exists([key]) == 1:
             return True
         flat = self._keys([key], range(_GENERIC, _GENERIC + self._parts))
-        return self.backend.block_exists(self.namespace, flat).leading == len(flat)
+        try:
+            return self.calls.block_exists(flat).leading == len(flat)
+        except BackendUnavailable:
+            return False
 
     def clear(self) -> None:
         """Drop every page of this backend's namespace."""
         if self.namespace is not None:
-            self.backend.drop_namespace(self.namespace)
+            self.calls.drop_namespace()
             self._register(self._parts, self._part_bytes, self.mem_pool_host)
 
     def close(self) -> None:

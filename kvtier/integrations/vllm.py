@@ -52,6 +52,7 @@ from vllm.v1.kv_offload.tiering.base import JobId, JobResult, SecondaryTierManag
 from kvtier.blocks import bytes_tensor
 from kvtier.config import CacheConfig, HostTierConfig, SSDTierConfig
 from kvtier.errors import InvalidRequest, KVTierError
+from kvtier.integrations.backend import BackendUnavailable, EngineBackend
 
 if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec
@@ -79,7 +80,7 @@ def vllm_fingerprint(spec: OffloadingSpec, page_bytes: int, salt: str = "") -> d
 
 def _open_backend(*, data_dir: str | None, url: str | None, token: str | None, capacity: Any,
                   durability: Any, batch_interval_ms: int, io_threads: int, direct_io: bool,
-                  min_free: Any) -> Any:
+                  min_free: Any, timeout_s: float) -> Any:
     """A ``TieredCache`` over ``data_dir``, or a client of the sidecar at ``url``: both offer the
     block methods with the same signatures. Sizes and durability as the user wrote them
     (``"64GiB"``): ``SSDTierConfig`` checks them."""
@@ -89,7 +90,7 @@ def _open_backend(*, data_dir: str | None, url: str | None, token: str | None, c
     if url is not None:
         from kvtier.client import KVTierClient
 
-        return KVTierClient(url, token)
+        return KVTierClient(url, token, timeout=timeout_s)
     from kvtier.manager import TieredCache
 
     return TieredCache(CacheConfig(
@@ -107,7 +108,10 @@ class _Lookups(AsyncLookupManager):
         self._tier = tier
 
     def batch_lookup(self, keys: list[OffloadKey], req_context: ReqContext) -> Iterable[bool]:
-        return self._tier.backend.block_exists(self._tier.namespace, list(keys)).present
+        try:
+            return self._tier.calls.block_exists(list(keys)).present
+        except BackendUnavailable:  # a sidecar that did not answer lately: misses, at once
+            return [False] * len(keys)
 
 
 class KVTierSecondaryTier(SecondaryTierManager):
@@ -119,7 +123,8 @@ class KVTierSecondaryTier(SecondaryTierManager):
     default: an engine cache of recomputable KV, like every engine tier, and every read is
     verified, so a machine crash loses recent pages but never serves a wrong one; ``batch``;
     ``sync``), ``batch_interval_ms`` (``batch``: the commit window), ``io_threads``, ``direct_io``, ``min_free``, ``n_threads`` (concurrent jobs),
-    ``ttl_s``.
+    ``ttl_s``, ``timeout_s`` (a sidecar call; default 10: after one times out, calls fail at
+    once for a back-off, ``kvtier.integrations.backend``).
     """
 
     medium: ClassVar[Medium] = Medium.STORAGE
@@ -143,6 +148,7 @@ class KVTierSecondaryTier(SecondaryTierManager):
         min_free: str | int = "1GiB",
         n_threads: int = 4,
         ttl_s: float | None = None,
+        timeout_s: float = 10.0,
         locality: str | None = None,
         backpressure_detector: BackpressureDetector | None = None,
     ) -> None:
@@ -161,10 +167,11 @@ class KVTierSecondaryTier(SecondaryTierManager):
         self.backend = _open_backend(data_dir=data_dir, url=url, token=token, capacity=capacity,
                                      durability=durability, batch_interval_ms=batch_interval_ms,
                                      io_threads=io_threads,
-                                     direct_io=direct_io, min_free=min_free)
+                                     direct_io=direct_io, min_free=min_free, timeout_s=timeout_s)
+        self.calls = EngineBackend(self.backend)
         try:
-            self.backend.register_block_namespace(self.namespace, page_bytes=page,
-                                                  fingerprint=fingerprint, codec=codec, ttl_s=ttl_s)
+            self.calls.register(self.namespace, page_bytes=page, fingerprint=fingerprint,
+                                codec=codec, ttl_s=ttl_s)
         except Exception:
             self.backend.close()
             raise
@@ -258,8 +265,8 @@ class KVTierSecondaryTier(SecondaryTierManager):
             self._idle.notify_all()
 
     def _store(self, keys: list[OffloadKey], rows: list[torch.Tensor]) -> int:
-        self.backend.put_blocks(self.namespace, keys, rows)
+        self.calls.put_blocks(keys, rows)
         return len(keys)  # a page already stored counts as stored (first writer wins)
 
     def _load(self, keys: list[OffloadKey], rows: list[torch.Tensor]) -> int:
-        return self.backend.get_blocks_into(self.namespace, keys, rows)
+        return self.calls.get_blocks_into(keys, rows)

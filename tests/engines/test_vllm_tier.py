@@ -251,3 +251,61 @@ def test_fingerprint_follows_the_engine_configuration():
     assert vllm_fingerprint(offloading_spec(), PAGE * 2) != base
     assert np.all([k in base for k in ("model", "kv_dtype", "tokens_per_hash", "tp", "pp", "rank",
                                        "kv_cache_layout")])
+
+
+def test_the_tier_keeps_caching_after_the_sidecar_lost_its_namespace(tmp_path, kvtier_serve):
+    """The tier registered its namespace once, at start: after another client dropped it (or
+    the sidecar restarted without its data dir) every store failed and every lookup missed
+    until the engine restarted. The tier now registers it again."""
+    from kvtier.client import KVTierClient
+
+    m, rows = tiering_manager(tier_config(url=kvtier_serve), f"kvtier-lost-{time.monotonic_ns()}")
+    try:
+        ctx = ReqContext("r")
+        with m.lock:
+            m.on_new_request(ctx)
+        tier = m.secondary_tiers[0]
+        with KVTierClient(kvtier_serve) as other:
+            assert other.drop_namespace(tier.namespace) == 0
+        store(m, rows, ctx, [key(500 + i) for i in range(CHUNKS)])
+        with KVTierClient(kvtier_serve) as other:
+            assert other.block_exists(tier.namespace, [key(500)]).present == [True]
+    finally:
+        del rows
+        m.shutdown()
+
+
+def test_a_sidecar_that_never_answers_costs_the_scheduler_one_timeout(tmp_path):
+    """A stuck sidecar (connections accepted, nothing answered) held each request's lookup for
+    the client's 120 s, one request after another on vLLM's lookup thread. With ``timeout_s``
+    the first lookup misses after it, and the others of the back-off miss at once, asking
+    nothing: the sidecar's ``block_exists`` is entered once for two requests."""
+    import threading
+
+    from kvtier import CacheConfig, HostTierConfig, TieredCache
+    from kvtier.server.testing import serve_in_thread
+
+    entered, go = [], threading.Event()
+    with TieredCache(CacheConfig(host=HostTierConfig(capacity_bytes="8MiB"))) as cache, \
+            serve_in_thread(cache) as url:
+        real = cache.block_exists
+
+        def stuck(*args, **kw):
+            entered.append(1)
+            go.wait(60)
+            return real(*args, **kw)
+
+        m, rows = tiering_manager(tier_config(url=url, timeout_s=0.5), f"kvtier-stuck-{time.monotonic_ns()}")
+        cache.block_exists = stuck
+        try:
+            a, b = ReqContext("a"), ReqContext("b")
+            with m.lock:
+                m.on_new_request(a)
+                m.on_new_request(b)
+            assert lookup(m, a, key(1)) is LookupResult.MISS
+            assert lookup(m, b, key(2)) is LookupResult.MISS
+            assert len(entered) == 1
+        finally:
+            go.set()
+            del rows
+            m.shutdown()

@@ -179,3 +179,23 @@ def test_pages_over_a_mebibyte(cache):
         assert client.put_blocks("big", keys(2), p) == 2
         out = torch.zeros(2, page, dtype=torch.uint8)
         assert client.get_blocks_into("big", keys(2), out) == 2 and torch.equal(out, p)
+
+
+def test_pages_over_the_data_plane_limit_go_in_parts(cache):
+    """An engine job of more pages than the sidecar's ``--max-kv-bytes`` was refused whole (413)
+    every time, stores and loads alike; the client now halves a refused call until each part
+    fits, and a load stops at the first part that came back short (the leading run)."""
+    p = pages(20, seed=13)
+    with serve_in_thread(cache, ServerSettings(max_kv_bytes=6 * PAGE)) as url, KVTierClient(url) as client:
+        client.register_block_namespace("eng", page_bytes=PAGE, fingerprint=FP)
+        assert client.put_blocks("eng", keys(20), p) == 20
+        out = torch.zeros(20, PAGE, dtype=torch.uint8)
+        assert client.get_blocks_into("eng", keys(20), out) == 20 and torch.equal(out, p)
+        assert client.evict_blocks("eng", keys(1, 12)) == 1  # the run ends before page 12
+        out.zero_()
+        assert client.get_blocks_into("eng", keys(20), list(out)) == 12
+        assert torch.equal(out[:12], p[:12])
+        with pytest.raises(RemoteError) as e:  # one page over the limit cannot be split
+            client.register_block_namespace("big", page_bytes=8 * PAGE, fingerprint=FP)
+            client.put_blocks("big", keys(1), torch.zeros(1, 8 * PAGE, dtype=torch.uint8))
+        assert e.value.status == 413
