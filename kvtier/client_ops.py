@@ -6,8 +6,9 @@ result. ``put``, ``get`` and ``kv_buffer`` take the shared-memory data plane
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -204,20 +205,25 @@ class Ops:
 
     def put_blocks(self, namespace: str, keys: Sequence[bytes], pages: Any) -> Op:
         keys = engine_keys(keys)
-        return (yield from with_fresh_namespace(lambda: self._put_blocks_split(namespace, keys, pages),
-                                                lambda: self._forget(namespace)))
+        return (yield from with_fresh_namespace(
+            lambda: self._in_parts(functools.partial(self._put_blocks, namespace), keys, pages, False),
+            lambda: self._forget(namespace)))
 
-    def _put_blocks_split(self, namespace: str, keys: list[bytes], pages: Any) -> Op:
-        """``_put_blocks``, in halves where the server refuses the whole as over its data-plane
-        limit (413): an engine's job of many pages used to fail whole, every time."""
+    def _in_parts(self, call: Callable[[list[bytes], Any], Op], keys: list[bytes], data: Any,
+                  leading: bool) -> Op:
+        """``call(keys, data)``, in halves where the server refuses the whole as over its
+        data-plane limit (413): an engine's job of many pages used to fail whole, every time.
+        ``leading``: the answer is a leading run, so a short first half ends it."""
         try:
-            return (yield from self._put_blocks(namespace, keys, pages))
+            return (yield from call(keys, data))
         except RemoteError as e:
             if e.status != 413 or len(keys) < 2:
                 raise
         half = len(keys) // 2
-        stored = yield from self._put_blocks_split(namespace, keys[:half], pages[:half])
-        return stored + (yield from self._put_blocks_split(namespace, keys[half:], pages[half:len(keys)]))
+        n = yield from self._in_parts(call, keys[:half], data[:half], leading)
+        if leading and n < half:
+            return n
+        return n + (yield from self._in_parts(call, keys[half:], data[half:len(keys)], leading))
 
     def _put_blocks(self, namespace: str, keys: list[bytes], pages: Any) -> Op:
         page = yield from self._page_size(namespace)
@@ -231,22 +237,9 @@ class Ops:
 
     def get_blocks_into(self, namespace: str, keys: Sequence[bytes], out: Any) -> Op:
         keys = engine_keys(keys)
-        return (yield from with_fresh_namespace(lambda: self._get_blocks_into_split(namespace, keys, out),
-                                                lambda: self._forget(namespace)))
-
-    def _get_blocks_into_split(self, namespace: str, keys: list[bytes], out: Any) -> Op:
-        """``_get_blocks_into``, in halves where the server refuses the whole as over its limit
-        (413); the second half only if the first came back whole (the leading run)."""
-        try:
-            return (yield from self._get_blocks_into(namespace, keys, out))
-        except RemoteError as e:
-            if e.status != 413 or len(keys) < 2:
-                raise
-        half = len(keys) // 2
-        n = yield from self._get_blocks_into_split(namespace, keys[:half], out[:half])
-        if n < half:
-            return n
-        return n + (yield from self._get_blocks_into_split(namespace, keys[half:], out[half:len(keys)]))
+        return (yield from with_fresh_namespace(
+            lambda: self._in_parts(functools.partial(self._get_blocks_into, namespace), keys, out, True),
+            lambda: self._forget(namespace)))
 
     def _get_blocks_into(self, namespace: str, keys: list[bytes], out: Any) -> Op:
         page = yield from self._page_size(namespace)
