@@ -142,3 +142,21 @@ def test_bad_config_is_refused(tmp_path):
         backend(extra_config(data_dir=str(tmp_path), bogus=1), pool)
     with pytest.raises(InvalidRequest, match="lossless"):
         backend(extra_config(data_dir=str(tmp_path / "kv"), codec="fp8"), pool)
+
+
+def test_the_backend_keeps_caching_after_the_sidecar_lost_its_namespace(kvtier_serve):
+    """Registered once, with the host pool: after another client dropped the namespace (or the
+    sidecar restarted without its data dir) every write failed and every lookup missed until
+    SGLang restarted. The backend now registers it again."""
+    from kvtier.client import KVTierClient
+
+    pool = host_pool()
+    b = backend(extra_config(url=kvtier_serve), pool)
+    try:
+        fill(pool, seed=4)
+        with KVTierClient(kvtier_serve) as other:
+            other.drop_namespace(b.namespace)
+        assert b.batch_set_v1(KEYS[:2], pages(0, 2)) == [True, True]
+        assert b.batch_exists(KEYS[:2]) == 2
+    finally:
+        b.close()
