@@ -25,7 +25,7 @@ from kvtier.client_calls import (
     with_fresh_namespace,
 )
 from kvtier.client_shm import ShmPlane
-from kvtier.errors import InvalidType, KVTierError
+from kvtier.errors import InvalidRequest, InvalidType, KVTierError
 from kvtier.keys import TokenIds, as_token_array
 from kvtier.layout import KV, KVLayout
 from kvtier.namespaces import Namespace
@@ -247,9 +247,8 @@ class Ops:
         resp = yield keys_call("POST", "/v1/blocks/get", namespace, keys, accept=MSGPACK, bulk=True)
         d = unpack_views(resp.content)  # the pages view the answer (pooled memory): copied once, below
         n, raw = d["count"], d["pages"]
-        if d["page_bytes"] != page:  # registered again with another page size: the answer's holds
-            page = self._page_bytes[namespace] = d["page_bytes"]
-            rows = page_rows(out, len(keys), page, writable=True)
+        if d["page_bytes"] != page:  # registered again with another page size: learned again
+            raise InvalidRequest(f"the namespace's pages are {d['page_bytes']} bytes now, not {page}")
         if len(raw) != n * page:
             raise KVTierError(f"the server answered {len(raw)} bytes for {n} pages of {page}")
         if n:

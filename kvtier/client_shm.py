@@ -25,10 +25,11 @@ from kvtier.wire import pack_into, packed_nbytes
 
 class ShmPlane:
     """put, get and kv_buffer through shared-memory regions; ``layout(namespace)`` is the
-    client's (cached) operation answering a namespace's layout, or None before its first put."""
+    client's (cached) operation answering a namespace's layout, or None before its first put;
+    ``forget_layout(namespace)`` drops the cached one."""
 
     def __init__(self, pool: ShmPool, layout: Callable[[str], Op],
-                 forget_layout: Callable[[str], None] = lambda namespace: None) -> None:
+                 forget_layout: Callable[[str], None]) -> None:
         self._shm = pool
         self._layout = layout
         self._forget_layout = forget_layout

@@ -26,7 +26,7 @@ from kvtier.blocks import (
     pages_layout,
 )
 from kvtier.catalog import NamespaceCatalog
-from kvtier.codecs import get_codec
+from kvtier.codecs import Codec, get_codec
 from kvtier.errors import InvalidRequest, KVTierError
 from kvtier.index import BlockEntry
 from kvtier.keys import block_key
@@ -109,7 +109,6 @@ class EngineBlocks:
         rows = page_rows(pages, len(ikeys), ns.page_bytes)
         codec = get_codec(ns.codec)
         p = self.placement
-        stored_already: list[int] = []
         with p.lock:
             new = [i for i, key in enumerate(ikeys) if p.live(key, ns.ttl_s) is None]
         in_slots, held = self._put_in_slots(ns, ikeys, pages, rows, new)
@@ -130,7 +129,7 @@ class EngineBlocks:
                 data = encode_block_for_put(codec, [[row.view(1, -1)]], pieces=in_pieces)
                 todo.append((BlockEntry(key, ns.name, None, 0, 1, len(data), time.time(), ns.codec), data))
             stored_already = [i for i in range(len(ikeys)) if i not in fresh]
-            durable += self._make_durable(ns, ikeys, rows, stored_already, pinned)
+            durable += self._make_durable(ns, codec, ikeys, rows, stored_already, pinned)
             through: list[tuple[BlockEntry, Block, int]] = []
             for (entry, data), placed in zip(todo, p.place_many_unlocked(todo), strict=True):
                 if isinstance(placed, KVTierError):
@@ -151,7 +150,7 @@ class EngineBlocks:
             raise failed
         return stored
 
-    def _make_durable(self, ns: Namespace, ikeys: list[bytes], rows: list[torch.Tensor],
+    def _make_durable(self, ns: Namespace, codec: Codec, ikeys: list[bytes], rows: list[torch.Tensor],
                       stored: list[int], pinned: list[BlockEntry]) -> list[DurableWrite]:
         """The writes that make pages ``stored`` (indices: stored before this put, or by a
         concurrent one) durable where a durable tier lacks them, as ``put`` does for KV: an
@@ -169,7 +168,6 @@ class EngineBlocks:
                     entry.pins += 1
                     pinned.append(entry)
                     todo.append((i, entry, missing))
-        codec = get_codec(ns.codec)
         waits: list[DurableWrite] = []
         for i, entry, missing in todo:
             data = encode_block_for_put(codec, [[rows[i].view(1, -1)]], pieces=False)

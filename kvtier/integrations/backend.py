@@ -67,9 +67,6 @@ class EngineBackend:
     def drop_namespace(self) -> int:
         return self._call(self.backend.drop_namespace, again=False)
 
-    def close(self) -> None:
-        self.backend.close()
-
     def _call(self, fn: Callable[..., Any], *args: Any, again: bool = True) -> Any:
         reg = self._registration
         if reg is None:

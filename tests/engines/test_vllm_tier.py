@@ -299,9 +299,12 @@ def test_a_sidecar_that_never_answers_costs_the_scheduler_one_timeout(tmp_path):
         cache.block_exists = stuck
         try:
             a, b = ReqContext("a"), ReqContext("b")
-            with m.lock:
+            with m.lock:  # two requests' lookups in one step: vLLM asks for them back to back
                 m.on_new_request(a)
                 m.on_new_request(b)
+                assert m.lookup(key(1), a) is LookupResult.RETRY
+                assert m.lookup(key(2), b) is LookupResult.RETRY
+                m.on_schedule_end(STEP)
             assert lookup(m, a, key(1)) is LookupResult.MISS
             assert lookup(m, b, key(2)) is LookupResult.MISS
             assert len(entered) == 1

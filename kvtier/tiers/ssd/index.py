@@ -123,6 +123,7 @@ class Record:
 COMMIT_SLACK = 1 << 20  # free disk under the bytes a commit writes plus this: an EIO is the disk full
 RECORD_BYTES = 256  # a record and its share of LMDB's pages, generously
 
+
 def lmdb_error(e: lmdb.Error, what: str) -> KVTierError:
     """Map an LMDB failure to our hierarchy: full map or disk -> StorageFull."""
     if isinstance(e, lmdb.MapFullError) or "No space left" in str(e) or (
